@@ -1,0 +1,122 @@
+"""Calibration samples: (image, text) pairs read from an index file or an image folder.
+
+Every sample is checked here, before any model is loaded, so a bad calibration set fails in seconds with the file
+at fault named rather than hours into a run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from dist_quant.errors import CalibrationError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+INDEX_SUFFIXES = {".json", ".jsonl"}
+
+
+@dataclass(frozen=True)
+class CalibSample:
+    """One calibration prompt: an image (absolute path) and the user text asked about it."""
+
+    image: Path
+    text: str
+
+
+def check_image(where: str, image: Path) -> None:
+    """Open and verify the image now, so an unreadable file is reported before the model loads."""
+    if not image.is_file():
+        raise CalibrationError(f"{where}: calibration image {image} does not exist")
+    try:
+        with Image.open(image) as opened:
+            opened.verify()
+    except (OSError, SyntaxError, ValueError) as e:
+        raise CalibrationError(f"{where}: calibration image {image} cannot be read as an image: {e}") from e
+
+
+def read_index_entries(index: Path) -> list[tuple[str, object]]:
+    """Raw entries of an index.json (a JSON list) or index.jsonl (one object a line), each with where it came from."""
+    try:
+        content = index.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise CalibrationError(f"cannot read calibration index {index}: {e}") from e
+    if index.suffix == ".jsonl":
+        entries = []
+        for line_number, line in enumerate(content.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                entries.append((f"{index} line {line_number}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise CalibrationError(f"{index} line {line_number} is not valid JSON: {e.msg}") from e
+        return entries
+    try:
+        data = json.loads(content)
+    except json.JSONDecodeError as e:
+        raise CalibrationError(f"{index} line {e.lineno} is not valid JSON: {e.msg}") from e
+    if not isinstance(data, list):
+        raise CalibrationError(f"{index} must hold a JSON list of {{\"image\": ..., \"text\": ...}} objects")
+    return [(f"{index} entry {i}", entry) for i, entry in enumerate(data)]
+
+
+def sample_from_entry(where: str, entry: object, folder: Path, default_text: str | None) -> CalibSample:
+    """Resolve one index entry; image paths must stay inside the index's folder so a dataset is self-contained."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("image"), str):
+        raise CalibrationError(f"{where}: expected an object with an \"image\" path, got {entry!r}")
+    text = entry.get("text", default_text)
+    if not isinstance(text, str):
+        raise CalibrationError(f"{where}: no \"text\" string for {entry['image']!r}; add one or pass a default text")
+    folder = folder.absolute()
+    image = Path(os.path.normpath(folder / entry["image"]))
+    if not image.is_relative_to(folder):
+        raise CalibrationError(f"{where}: image path {entry['image']!r} leaves the dataset folder {folder}")
+    check_image(where, image)
+    return CalibSample(image=image, text=text)
+
+
+def samples_from_index(index: Path, default_text: str | None) -> list[CalibSample]:
+    """Samples of an index file, in the file's order."""
+    return [sample_from_entry(where, entry, index.parent, default_text) for where, entry in read_index_entries(index)]
+
+
+def samples_from_image_folder(folder: Path, default_text: str | None) -> list[CalibSample]:
+    """Every image of the folder, sorted by name, all with the same text."""
+    images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if images and default_text is None:
+        raise CalibrationError(
+            f"image folder {folder} has no index file giving texts; pass a default text or add an index.jsonl"
+        )
+    for image in images:
+        check_image(f"image folder {folder}", image)
+    return [CalibSample(image=image.absolute(), text=default_text) for image in images]
+
+
+def load_samples(dataset: str | Path, default_text: str | None = None) -> list[CalibSample]:
+    """Load a calibration set in any of the three accepted forms, checking every image.
+
+    `dataset` is an index.json/index.jsonl file, an image folder (every image gets `default_text`), or an image
+    folder holding exactly one .json/.jsonl index (entries without text get `default_text`).
+    """
+    path = Path(dataset)
+    if not path.exists():
+        raise CalibrationError(f"calibration dataset {path} does not exist")
+    if path.is_file():
+        if path.suffix not in INDEX_SUFFIXES:
+            raise CalibrationError(f"calibration index {path} must be a .json or .jsonl file")
+        samples = samples_from_index(path, default_text)
+    else:
+        indexes = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in INDEX_SUFFIXES)
+        if len(indexes) > 1:
+            names = ", ".join(p.name for p in indexes)
+            raise CalibrationError(f"calibration folder {path} holds several index files ({names}); keep one")
+        if indexes:
+            samples = samples_from_index(indexes[0], default_text)
+        else:
+            samples = samples_from_image_folder(path, default_text)
+    if not samples:
+        raise CalibrationError(f"calibration dataset {path} holds no samples")
+    return samples

@@ -1,0 +1,239 @@
+"""Read tensors from a Hugging Face safetensors checkpoint one tensor (or one slice of experts) at a time.
+
+Only file headers are parsed up front; tensor data is read on demand, so a worker holding a few experts of a
+235B model never reads the rest.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Collection
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from dist_quant.errors import CheckpointError
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+# safetensors header dtype names -> torch dtypes
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+ExpertLayout = Literal["hub", "transposed"]
+
+
+def detect_expert_layout(
+    gate_up_shape: tuple[int, ...],
+    down_shape: tuple[int, ...],
+    num_experts: int,
+    hidden: int,
+    intermediate: int,
+) -> ExpertLayout:
+    """Tell the transformers 4.57 / Hub layout from the transformers 5.x one, which share tensor names.
+
+    hub: gate_up (E, hidden, 2I), down (E, I, hidden); transposed: gate_up (E, 2I, hidden), down (E, hidden, I).
+    """
+    gate_up_shape, down_shape = tuple(gate_up_shape), tuple(down_shape)
+    expected = {
+        "hub": ((num_experts, hidden, 2 * intermediate), (num_experts, intermediate, hidden)),
+        "transposed": ((num_experts, 2 * intermediate, hidden), (num_experts, hidden, intermediate)),
+    }
+    fitting = [layout for layout, shapes in expected.items() if shapes == (gate_up_shape, down_shape)]
+    if not fitting:
+        raise CheckpointError(
+            f"expert tensors have shapes gate_up_proj {gate_up_shape} and down_proj {down_shape}, but the config "
+            f"(num_experts={num_experts}, hidden_size={hidden}, moe_intermediate_size={intermediate}) expects "
+            f"either {expected['hub'][0]} and {expected['hub'][1]} (transformers 4.57 / Hub layout) or "
+            f"{expected['transposed'][0]} and {expected['transposed'][1]} (transformers 5.x layout); "
+            "check that config.json belongs to these weights"
+        )
+    if 2 * intermediate == hidden or intermediate == hidden:
+        raise CheckpointError(
+            f"cannot tell the expert layout: with hidden_size={hidden} and moe_intermediate_size={intermediate} "
+            f"(2*I == hidden or I == hidden) one of gate_up_proj {gate_up_shape} / down_proj {down_shape} has the "
+            "same shape in the transformers 4.57 (Hub) and 5.x (transposed) layouts, so its orientation would be a "
+            "guess; use a model whose sizes differ, or convert it to the Hub layout with transformers 4.57"
+        )
+    return fitting[0]
+
+
+def read_config(path: Path) -> dict:
+    """A model's config.json as a dict; every failure names the file, since configs are often hand-edited."""
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} not found: pass the Hugging Face model directory that holds config.json")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"cannot read {path}: {error}; restore the file from the original model")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} does not hold a JSON object; restore the file from the original model")
+    return config
+
+
+class CheckpointReader:
+    """Random access to the tensors of `model.safetensors` or of the shards listed in `model.safetensors.index.json`."""
+
+    def __init__(self, model_dir: str | Path):
+        self.model_dir = Path(model_dir)
+        self.config = read_config(self.model_dir / "config.json")
+        self.bytes_read = 0
+        self._handles: dict[Path, object] = {}
+        self._file_of_key = self._map_keys()
+
+    def _map_keys(self) -> dict[str, Path]:
+        index_path = self.model_dir / INDEX_FILE
+        if not index_path.exists():
+            single = self.model_dir / SINGLE_FILE
+            if not single.exists():
+                raise CheckpointError(
+                    f"{self.model_dir} holds neither {SINGLE_FILE} nor {INDEX_FILE}: pass a Hugging Face model "
+                    "directory with safetensors weights"
+                )
+            return {key: single for key in self._open(single).keys()}
+
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
+            raise CheckpointError(f"cannot read the weight_map of {index_path}: {error!r}; restore the index file")
+        keys_of_shard: dict[Path, set[str]] = {}
+        for key, shard_name in weight_map.items():
+            keys_of_shard.setdefault(self.model_dir / shard_name, set()).add(key)
+        for shard, keys in keys_of_shard.items():
+            if not shard.exists():
+                raise CheckpointError(f"{index_path} names shard {shard.name}, which is missing; download it again")
+            missing = keys - set(self._open(shard).keys())
+            if missing:
+                raise CheckpointError(
+                    f"{index_path} places {sorted(missing)[:3]} ({len(missing)} tensors) in {shard.name}, which "
+                    "does not hold them; download the shard and the index again"
+                )
+        return {key: self.model_dir / shard_name for key, shard_name in weight_map.items()}
+
+    def _open(self, path: Path):
+        if path not in self._handles:
+            try:
+                self._handles[path] = safe_open(str(path), framework="pt")
+            except (SafetensorError, OSError) as error:
+                raise CheckpointError(f"{path} is not a readable safetensors file ({error}); download it again")
+        return self._handles[path]
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def keys(self) -> list[str]:
+        return list(self._file_of_key)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._file_of_key
+
+    def file_of(self, key: str) -> Path:
+        if key not in self._file_of_key:
+            raise CheckpointError(f"tensor {key} is not in the checkpoint at {self.model_dir}")
+        return self._file_of_key[key]
+
+    def _lazy(self, key: str):
+        return self._open(self.file_of(key)).get_slice(key)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._lazy(key).get_shape())
+
+    def dtype(self, key: str) -> torch.dtype:
+        name = self._lazy(key).get_dtype()
+        if name not in _DTYPES:
+            raise CheckpointError(f"tensor {key} in {self.file_of(key)} has unsupported dtype {name}")
+        return _DTYPES[name]
+
+    def check(
+        self,
+        key: str,
+        shape: tuple[int, ...] | None = None,
+        dtype_in: torch.dtype | Collection[torch.dtype] | None = None,
+    ) -> None:
+        """Fail early, naming the file, when a tensor is not what the model config says it should be.
+
+        dtype_in: the accepted source dtype(s); by default the floating dtypes quantization supports.
+        """
+        if dtype_in is None:
+            dtype_in = SUPPORTED_DTYPES
+        elif isinstance(dtype_in, torch.dtype):
+            dtype_in = (dtype_in,)
+        actual_shape, actual_dtype = self.shape(key), self.dtype(key)
+        if shape is not None and actual_shape != tuple(shape):
+            raise CheckpointError(
+                f"tensor {key} in {self.file_of(key)} has shape {actual_shape}, expected {tuple(shape)} from "
+                "config.json; check that the config belongs to these weights"
+            )
+        if actual_dtype not in dtype_in:
+            raise CheckpointError(
+                f"tensor {key} in {self.file_of(key)} has dtype {actual_dtype}, expected one of {tuple(dtype_in)}: "
+                "quantize from the original floating-point checkpoint"
+            )
+
+    def get(self, key: str, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self._finish(key, self._open(self.file_of(key)).get_tensor(key), dtype)
+
+    def get_slice(self, key: str, start: int, stop: int, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Rows start:stop along dim 0, read without touching the other rows (e.g. a few experts of a fused tensor)."""
+        rows = self.shape(key)[0]
+        if not 0 <= start < stop <= rows:
+            raise ValueError(f"slice {start}:{stop} is outside the {rows} rows of tensor {key}")
+        return self._finish(key, self._lazy(key)[start:stop], dtype)
+
+    def _finish(self, key: str, tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+        self.bytes_read += tensor.numel() * tensor.element_size()
+        if not torch.isfinite(tensor).all():
+            raise CheckpointError(
+                f"tensor {key} in {self.file_of(key)} holds NaN or Inf values; the checkpoint is corrupt, "
+                "download the file again"
+            )
+        return tensor if dtype is None else tensor.to(dtype)
+
+    def read_experts(
+        self,
+        layer_prefix: str,
+        start: int,
+        stop: int,
+        *,
+        num_experts: int,
+        hidden: int,
+        intermediate: int,
+        dtype: torch.dtype = torch.float32,
+    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(gate, up, down) nn.Linear weights [out, in] of experts start..stop-1 of one MoE layer.
+
+        gate and up are the first and second halves of the fused 2I dimension of `gate_up_proj`.
+        """
+        gate_up_key = f"{layer_prefix}.mlp.experts.gate_up_proj"
+        down_key = f"{layer_prefix}.mlp.experts.down_proj"
+        layout = detect_expert_layout(self.shape(gate_up_key), self.shape(down_key), num_experts, hidden, intermediate)
+        gate_up = self.get_slice(gate_up_key, start, stop, dtype=dtype)
+        down = self.get_slice(down_key, start, stop, dtype=dtype)
+        if layout == "hub":  # applied as x @ W: transpose to [out, in]
+            gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
+        return [
+            (g_u[:intermediate].contiguous(), g_u[intermediate:].contiguous(), d.contiguous())
+            for g_u, d in zip(gate_up, down)
+        ]

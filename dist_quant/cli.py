@@ -1,0 +1,93 @@
+"""``dist-quant``: the command line, with msModelSlim's flag names for ``quant``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Optional, Sequence
+
+from dist_quant.errors import DistQuantError
+from dist_quant.recipe import DEFAULT_RECIPE, load_recipe
+
+MODEL_TYPES = ("Qwen3-VL-235B-A22B", "Qwen3-VL-30B-A3B")
+QUANT_TYPES = ("w8a8",)
+
+QUANT_EXAMPLE = """example:
+  dist-quant quant --model_path /models/Qwen3-VL-235B-A22B-Instruct --save_path /models/Qwen3-VL-235B-w8a8 \\
+      --device npu --model_type Qwen3-VL-235B-A22B --quant_type w8a8 --trust_remote_code True
+"""
+
+
+def _bool(text: str) -> bool:
+    """msModelSlim passes booleans as words (``--trust_remote_code True``)."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+
+
+def _quant_parser(sub) -> None:
+    p = sub.add_parser("quant", help="quantize a Qwen3-VL-MoE checkpoint to W8A8 (ascendv1 format)",
+                       description="Quantize a Qwen3-VL-MoE checkpoint with a recipe and write a checkpoint that "
+                                   "vLLM Ascend and MindIE load.",
+                       epilog=QUANT_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_path", required=True, help="float Hugging Face model directory")
+    p.add_argument("--save_path", required=True, help="output directory (created; must not be inside model_path)")
+    p.add_argument("--device", default="npu", choices=["cpu", "cuda", "npu"], help="device to compute on (default npu)")
+    p.add_argument("--model_type", default="Qwen3-VL-235B-A22B", choices=MODEL_TYPES,
+                   help="selects the bundled recipe (with --quant_type)")
+    p.add_argument("--quant_type", default="w8a8", choices=QUANT_TYPES, help="quantization scheme")
+    p.add_argument("--config_path", default=None, help="recipe YAML (msModelSlim format); overrides the preset")
+    p.add_argument("--dataset", default=None,
+                   help="calibration images: an index.json[l], an image folder, or a folder with one json[l]; "
+                        "overrides the recipe's dataset")
+    p.add_argument("--trust_remote_code", type=_bool, default=False, help="True to allow the model dir's own code")
+    p.add_argument("--overwrite", action="store_true", help="replace the content of a non-empty save_path")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return str(n)
+
+
+def _cmd_quant(args) -> int:
+    from dist_quant.runtime.local import quantize_single_card
+
+    recipe = load_recipe(args.config_path or DEFAULT_RECIPE)
+    summary = quantize_single_card(args.model_path, args.save_path, recipe, dataset=args.dataset, device=args.device,
+                                   overwrite=args.overwrite, progress=not args.quiet,
+                                   trust_remote_code=args.trust_remote_code)
+    counts = ", ".join(f"{k}: {v}" for k, v in sorted(summary.counts.items()))
+    print(f"quantized {args.model_path} -> {summary.save_path}")
+    print(f"  time {summary.seconds:.1f} s, {summary.units} units, {summary.tensors} tensors ({counts}), "
+          f"{_human_bytes(summary.bytes_written)} written")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dist-quant", description="Distributed W8A8 quantization of Qwen3-VL-MoE "
+                                     "for Ascend NPUs (msModelSlim-compatible output).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _quant_parser(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return {"quant": _cmd_quant}[args.command](args)
+    except DistQuantError as exc:
+        print(f"dist-quant: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""Qwen3-VL-MoE in pieces, built from transformers' own modules, one piece at a time.
+
+The quantizer never builds the whole model: it builds the vision tower, or one decoder layer without its experts,
+on the meta device and materialises only the tensors it reads from the checkpoint. Experts are unfused into
+per-expert ``(gate, up, down)`` weights in nn.Linear orientation and run only on the tokens routed to them.
+Chained, the pieces compute exactly what ``Qwen3VLMoeForConditionalGeneration.forward`` computes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+from transformers.activations import ACT2FN
+from transformers.models.qwen3_vl_moe import modeling_qwen3_vl_moe as hf
+from transformers.models.qwen3_vl_moe.configuration_qwen3_vl_moe import Qwen3VLMoeConfig
+
+from dist_quant.errors import CheckpointError
+
+MODEL_TYPE = "qwen3_vl_moe"
+TEXT = "model.language_model"
+VISUAL = "model.visual"
+EMBED_KEY = f"{TEXT}.embed_tokens.weight"
+NORM_KEY = f"{TEXT}.norm.weight"
+LM_HEAD_KEY = "lm_head.weight"
+
+ExpertWeights = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # gate [I, H], up [I, H], down [H, I]
+
+
+def load_config(raw: dict, source: str = "config.json") -> Qwen3VLMoeConfig:
+    """The transformers config of a ``qwen3_vl_moe`` checkpoint, with SDPA attention (what HF uses on every device)."""
+    model_type = raw.get("model_type")
+    if model_type != MODEL_TYPE:
+        raise CheckpointError(
+            f"{source}: model_type is {model_type!r}; dist-quant supports {MODEL_TYPE!r} (Qwen3-VL-MoE) checkpoints"
+        )
+    config = Qwen3VLMoeConfig.from_dict(raw)
+    for cfg in (config, config.text_config, config.vision_config):
+        cfg._attn_implementation = "sdpa"
+    return config
+
+
+def layer_prefix(layer_idx: int) -> str:
+    return f"{TEXT}.layers.{layer_idx}"
+
+
+def is_moe_layer(text_config, layer_idx: int) -> bool:
+    """The same rule the HF decoder layer applies to choose between a sparse MoE block and a dense MLP."""
+    return (
+        layer_idx not in text_config.mlp_only_layers
+        and text_config.num_experts > 0
+        and (layer_idx + 1) % text_config.decoder_sparse_step == 0
+    )
+
+
+def expert_key(layer_idx: int, expert: int, proj: str) -> str:
+    """The per-expert module name the output checkpoint uses (FORMAT.md), e.g. ``...mlp.experts.7.down_proj``."""
+    return f"{layer_prefix(layer_idx)}.mlp.experts.{expert}.{proj}"
+
+
+# --- building pieces ------------------------------------------------------------------------------------------------
+
+def materialize(module: nn.Module, read: Callable[[str], torch.Tensor], prefix: str, dtype: torch.dtype) -> nn.Module:
+    """Load every parameter of a module built on the meta device from the checkpoint (``prefix`` + its name)."""
+    names = list(module.state_dict().keys())
+    state = {name: read(f"{prefix}.{name}").to(dtype) for name in names}
+    module.load_state_dict(state, strict=True, assign=True)
+    return module.eval()
+
+
+def build_attention_block(config: Qwen3VLMoeConfig, layer_idx: int, read, dtype: torch.dtype) -> nn.Module:
+    """Decoder layer ``layer_idx`` with everything but its experts (norms, attention, router or dense MLP)."""
+    with torch.device("meta"):
+        layer = hf.Qwen3VLMoeTextDecoderLayer(config.text_config, layer_idx)
+    if is_moe_layer(config.text_config, layer_idx):
+        layer.mlp.experts = None
+    return materialize(layer, read, layer_prefix(layer_idx), dtype)
+
+
+def build_vision(config: Qwen3VLMoeConfig, read, dtype: torch.dtype) -> nn.Module:
+    """The vision tower (patch/pos embeddings, blocks, merger and deepstack mergers)."""
+    vision_config = config.vision_config
+    with torch.device("meta"):
+        visual = hf.Qwen3VLMoeVisionModel._from_config(vision_config)
+    visual.rotary_pos_emb = None  # a non-persistent buffer: rebuilt on the real device below
+    materialize(visual, read, VISUAL, dtype)
+    head_dim = vision_config.hidden_size // vision_config.num_heads
+    visual.rotary_pos_emb = hf.Qwen3VLMoeVisionRotaryEmbedding(head_dim // 2)
+    return visual
+
+
+def build_text_rotary(config: Qwen3VLMoeConfig) -> nn.Module:
+    return hf.Qwen3VLMoeTextRotaryEmbedding(config=config.text_config)
+
+
+# --- forward pieces -------------------------------------------------------------------------------------------------
+
+@dataclass
+class SampleContext:
+    """What every text layer needs about one calibration sample, computed once."""
+
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    attention_mask: torch.Tensor
+    visual_pos_mask: Optional[torch.Tensor]  # (1, S) bool, True at image tokens
+    deepstack: list[torch.Tensor]  # k-th entry is added at image tokens after text layer k
+
+
+def vision_forward(visual: nn.Module, pixel_values: torch.Tensor, grid_thw: torch.Tensor):
+    """Image embeddings and deepstack features (the vision model returns a tuple in 4.57, an object in 5.x)."""
+    param = next(visual.parameters())
+    out = visual(pixel_values.to(param.device, param.dtype), grid_thw=grid_thw.to(param.device))
+    if isinstance(out, tuple):
+        return out[0], list(out[1])
+    return out.pooler_output, list(out.deepstack_features)
+
+
+def text_position_ids(config: Qwen3VLMoeConfig, input_ids, image_grid_thw, attention_mask) -> torch.Tensor:
+    """3-D mRoPE position ids (3, B, S) by transformers' own ``get_rope_index`` (which reads only the config)."""
+    holder = SimpleNamespace(config=config)
+    position_ids, _ = hf.Qwen3VLMoeModel.get_rope_index(holder, input_ids, image_grid_thw, None, attention_mask)
+    return position_ids
+
+
+def causal_mask(seq_len: int, dtype: torch.dtype, device=None) -> torch.Tensor:
+    """Additive causal mask (1, 1, S, S) for one unpadded sample."""
+    blocked = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).triu(1)
+    mask = torch.zeros(seq_len, seq_len, dtype=dtype, device=device).masked_fill(blocked, torch.finfo(dtype).min)
+    return mask[None, None]
+
+
+def embed_inputs(embed_weight: torch.Tensor, input_ids: torch.Tensor, image_token_id: int,
+                 image_embeds: Optional[torch.Tensor]) -> torch.Tensor:
+    """Token embeddings with the image features scattered at the image tokens, as the HF model does."""
+    embeds = nn.functional.embedding(input_ids, embed_weight)
+    if image_embeds is None:
+        return embeds
+    mask = input_ids == image_token_id
+    if int(mask.sum()) != image_embeds.shape[0]:
+        raise ValueError(f"{int(mask.sum())} image tokens but {image_embeds.shape[0]} image features")
+    return embeds.masked_scatter(mask[..., None].expand_as(embeds), image_embeds.to(embeds.dtype))
+
+
+def sample_context(config: Qwen3VLMoeConfig, rotary: nn.Module, input_ids, attention_mask, image_grid_thw,
+                   deepstack: list[torch.Tensor], dtype: torch.dtype) -> SampleContext:
+    position_ids = text_position_ids(config, input_ids, image_grid_thw, attention_mask)
+    probe = torch.empty(0, dtype=dtype)
+    cos, sin = rotary(probe, position_ids)
+    visual_pos_mask = (input_ids == config.image_token_id) if image_grid_thw is not None else None
+    return SampleContext((cos, sin), causal_mask(input_ids.shape[1], dtype), visual_pos_mask, deepstack)
+
+
+def attention_forward(block: nn.Module, hidden: torch.Tensor, ctx: SampleContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """First half of a decoder layer: returns the post-attention residual stream and the normalised MLP input."""
+    attn_out, _ = block.self_attn(
+        hidden_states=block.input_layernorm(hidden),
+        position_embeddings=ctx.position_embeddings,
+        attention_mask=ctx.attention_mask,
+    )
+    stream = hidden + attn_out
+    return stream, block.post_attention_layernorm(stream)
+
+
+def route(router_logits: torch.Tensor, top_k: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax in float32, top-k, renormalised over the top-k (always, as the 4.57 code does)."""
+    probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    weights = weights / weights.sum(dim=-1, keepdim=True)
+    return ids, weights.to(dtype)
+
+
+def expert_group_forward(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    experts: list[ExpertWeights],
+    first_expert: int,
+    act_fn: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """Weighted sum of the outputs of experts ``first_expert ..`` over the tokens routed to each (x: [T, H]).
+
+    Each expert runs only on its own tokens: the sparse computation, not msModelSlim's every-expert-on-every-token.
+    """
+    out = torch.zeros_like(x)
+    for offset, (gate, up, down) in enumerate(experts):
+        tokens, slot = torch.nonzero(topk_ids == first_expert + offset, as_tuple=True)
+        if tokens.numel() == 0:
+            continue
+        xe = x[tokens]
+        ye = (act_fn(xe @ gate.T) * (xe @ up.T)) @ down.T
+        out.index_add_(0, tokens, ye * topk_weights[tokens, slot, None])
+    return out
+
+
+def add_deepstack(hidden: torch.Tensor, ctx: SampleContext, layer_idx: int) -> torch.Tensor:
+    """After text layer k < len(deepstack), the k-th deepstack feature is added at the image positions."""
+    if ctx.visual_pos_mask is None or layer_idx >= len(ctx.deepstack):
+        return hidden
+    hidden = hidden.clone()
+    hidden[ctx.visual_pos_mask] = hidden[ctx.visual_pos_mask] + ctx.deepstack[layer_idx].to(hidden.dtype)
+    return hidden
+
+
+def activation(config: Qwen3VLMoeConfig) -> Callable[[torch.Tensor], torch.Tensor]:
+    return ACT2FN[config.text_config.hidden_act]
+
+
+def rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The text RMSNorm (computed in float32, weight applied in the input dtype), for the final norm."""
+    norm = hf.Qwen3VLMoeTextRMSNorm(weight.shape[0], eps=eps)
+    norm.weight = nn.Parameter(weight, requires_grad=False)
+    return norm(hidden)

@@ -1,0 +1,30 @@
+"""Devices by the names msModelSlim uses: ``cpu``, ``cuda``, ``npu`` (torch_npu is imported only when asked for)."""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from dist_quant.errors import DistQuantError
+
+DEVICES = ("cpu", "cuda", "npu")
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device for ``--device``, with an actionable error when its runtime is missing."""
+    if name not in DEVICES:
+        raise DistQuantError(f"--device {name!r} is not supported; choose one of {list(DEVICES)}")
+    if name == "npu":
+        try:
+            importlib.import_module("torch_npu")
+        except ImportError:
+            raise DistQuantError(
+                "--device npu needs torch_npu: install it with `pip install 'dist-quant[npu]'` (a torch_npu matching "
+                "your torch and CANN version) and source CANN's set_env.sh, or use --device cpu"
+            ) from None
+        if not torch.npu.is_available():  # type: ignore[attr-defined]
+            raise DistQuantError("--device npu: torch_npu is installed but sees no NPU (check npu-smi info)")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DistQuantError("--device cuda: this torch build sees no CUDA device; use --device cpu or npu")
+    return torch.device(name)

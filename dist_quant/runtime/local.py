@@ -1,0 +1,83 @@
+"""Single-card quantization (the fallback mode): one worker runs every unit, no Ray needed."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from tqdm import tqdm
+
+from dist_quant.calib.dataset import load_samples
+from dist_quant.calib.inputs import build_model_inputs
+from dist_quant.checkpoint.writer import CheckpointWriter
+from dist_quant.errors import CalibrationError
+from dist_quant.recipe import Recipe
+from dist_quant.runtime.device import resolve_device
+from dist_quant.runtime.plan import make_plan
+from dist_quant.runtime.sweep import run_sweep
+from dist_quant.runtime.worker import Worker
+
+log = logging.getLogger("dist_quant")
+
+BUNDLED_DATASETS = Path(__file__).resolve().parent.parent / "calib_data"
+
+
+def resolve_dataset(dataset: Optional[str], recipe: Recipe) -> Path:
+    """The calibration set: ``--dataset`` if given, else the recipe's ``dataset`` resolved against the recipe's
+    folder, then the working directory, then the bundled calibration sets."""
+    if dataset is not None:
+        path = Path(dataset)
+        if not path.exists():
+            raise CalibrationError(f"calibration dataset {path} does not exist")
+        return path
+    if recipe.dataset is None:
+        raise CalibrationError(f"recipe {recipe.path} names no dataset: pass --dataset DIR_OR_INDEX")
+    candidates = [recipe.path.parent / recipe.dataset, Path.cwd() / recipe.dataset, BUNDLED_DATASETS / recipe.dataset]
+    for candidate in candidates:
+        if candidate.exists():
+            return candidate
+    raise CalibrationError(
+        f"recipe {recipe.path}: dataset {recipe.dataset!r} not found (looked in {[str(c) for c in candidates]}); "
+        "pass --dataset DIR_OR_INDEX"
+    )
+
+
+@dataclass
+class QuantSummary:
+    seconds: float
+    units: int
+    tensors: int
+    bytes_written: int
+    counts: dict[str, int] = field(default_factory=dict)
+    save_path: str = ""
+
+
+def quantize_single_card(model_path: str, save_path: str, recipe: Recipe, *, dataset: Optional[str] = None,
+                         device: str = "cpu", overwrite: bool = False, progress: bool = True,
+                         trust_remote_code: bool = False) -> QuantSummary:
+    """Quantize a checkpoint on one device and publish it to ``save_path``; nothing finished-looking on failure."""
+    start = time.perf_counter()
+    torch_device = resolve_device(device)
+    samples = load_samples(resolve_dataset(dataset, recipe), recipe.default_text)
+    inputs = build_model_inputs(model_path, samples, trust_remote_code=trust_remote_code)
+    writer = CheckpointWriter(save_path, part_file_size_gb=recipe.part_file_size_gb, overwrite=overwrite,
+                              model_path=model_path)
+    try:
+        worker = Worker(model_path, recipe, writer, torch_device)
+        worker.check_source_keys()
+        plan = make_plan(worker.config)
+        with tqdm(total=len(plan), desc="quantizing", unit="unit", disable=not progress) as bar:
+            def advance(unit):
+                bar.set_postfix_str(unit.name)
+                bar.update()
+            run_sweep(worker, inputs, plan, on_unit_done=advance)
+        summary = writer.publish(model_path, recipe_path=recipe.path)
+    except BaseException:
+        writer.abort()
+        raise
+    return QuantSummary(time.perf_counter() - start, len(plan), summary["tensors"], summary["bytes"],
+                        dict(summary["counts"]), str(save_path))

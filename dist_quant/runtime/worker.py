@@ -1,0 +1,226 @@
+"""The worker: executes units of work (read, calibrate, quantize, write) on one device.
+
+Plain Python with no Ray import: the single-card mode calls it directly and the Ray actor is a thin shell around it,
+so the two modes cannot drift. A worker holds the weights of one unit at a time; its outputs are the float
+activations the next unit needs, and its quantized tensors go straight to the sink.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Protocol
+
+import torch
+from torch import nn
+
+from dist_quant.algorithms.quantize import quantize_dynamic_linear, quantize_static_linear
+from dist_quant.calib.inputs import ModelInputs
+from dist_quant.calib.ranges import InputRanges
+from dist_quant.checkpoint.reader import CheckpointReader
+from dist_quant.errors import CheckpointError, RecipeError
+from dist_quant.models import qwen3_vl_moe as qvl
+from dist_quant.recipe import FLOAT, W8A8, W8A8_DYNAMIC, Recipe
+
+EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
+
+
+class TensorSink(Protocol):
+    def add(self, key: str, tensor: torch.Tensor, quant_type: str) -> None: ...
+
+
+@dataclass
+class VisionOutput:
+    image_embeds: torch.Tensor
+    deepstack: list[torch.Tensor]
+
+
+@dataclass
+class MoeInput:
+    """The normalised MLP input of all calibration tokens (samples concatenated) and their routing."""
+
+    x: torch.Tensor  # [T, H]
+    topk_ids: torch.Tensor  # [T, k]
+    topk_weights: torch.Tensor  # [T, k]
+
+
+@dataclass
+class AttentionOutput:
+    stream: list[torch.Tensor]  # post-attention residual stream per sample, (1, S, H); for a dense layer the output
+    moe: Optional[MoeInput]  # None for a dense-MLP layer
+
+
+def check_recipe_for_model(recipe: Recipe, config) -> None:
+    """Refuse recipes that vLLM Ascend could not serve: static experts, or one fused projection split across types."""
+    expert_type = recipe.quant_type(qvl.expert_key(0, 0, "gate_proj"))
+    if expert_type == W8A8:
+        raise RecipeError(f"recipe {recipe.path}: experts must be W8A8_DYNAMIC or FLOAT: vLLM Ascend has no static "
+                          "W8A8 MoE scheme (exclude '*experts*' from the static linear_quant)")
+    groups = [("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj")]
+    for layer_idx in range(config.text_config.num_hidden_layers):
+        for group in groups + [tuple(f"mlp.experts.0.{p}" for p in EXPERT_PROJS)]:
+            types = {recipe.quant_type(f"{qvl.layer_prefix(layer_idx)}.{name}") for name in group}
+            if len(types) > 1:
+                raise RecipeError(f"recipe {recipe.path}: {', '.join(group)} of layer {layer_idx} get different "
+                                  f"quant types {sorted(types)}; vLLM Ascend fuses them, so they must share one")
+
+
+class Worker:
+    """Executes units on one device, reading only the source tensors each unit needs."""
+
+    def __init__(self, model_path, recipe: Recipe, sink: TensorSink, device: torch.device = torch.device("cpu"),
+                 compute_dtype: torch.dtype = torch.float32):
+        self.reader = CheckpointReader(model_path)
+        self.config = qvl.load_config(self.reader.config, f"{model_path}/config.json")
+        check_recipe_for_model(recipe, self.config)
+        self.recipe = recipe
+        self.sink = sink
+        self.device = device
+        self.compute_dtype = compute_dtype
+        self.model_dtype = self.reader.dtype(qvl.EMBED_KEY)
+        self._rotary = qvl.build_text_rotary(self.config).to(device)
+
+    def check_source_keys(self) -> None:
+        """Every source tensor belongs to a unit: the vision tower, a text layer, the embeddings or the head."""
+        known = (qvl.VISUAL + ".", f"{qvl.TEXT}.layers.")
+        stray = sorted(k for k in self.reader.keys()
+                       if not k.startswith(known) and k not in (qvl.EMBED_KEY, qvl.NORM_KEY, qvl.LM_HEAD_KEY))
+        missing = [k for k in (qvl.EMBED_KEY, qvl.NORM_KEY, qvl.LM_HEAD_KEY) if k not in self.reader]
+        if stray or missing:
+            raise CheckpointError(f"{self.reader.model_dir}: not a Qwen3-VL-MoE checkpoint in the Hugging Face layout: "
+                                  f"unexpected tensors {stray[:5]}, missing tensors {missing}")
+
+    # --- helpers ----------------------------------------------------------------------------------------------------
+
+    def _read(self, key: str) -> torch.Tensor:
+        return self.reader.get(key, dtype=self.compute_dtype).to(self.device)
+
+    def _check_keys(self, prefix: str, module: nn.Module, ignore: tuple[str, ...] = ()) -> None:
+        """Every source tensor under ``prefix`` must be a parameter of the module built for it: none left behind."""
+        expected = {f"{prefix}.{name}" for name in module.state_dict()}
+        found = {k for k in self.reader.keys() if k.startswith(prefix + ".") and not k.endswith(ignore)}
+        unexpected = sorted(found - expected)
+        if unexpected:
+            raise CheckpointError(f"{self.reader.model_dir}: unexpected tensor(s) {unexpected[:5]} for this "
+                                  "qwen3_vl_moe config; is config.json the one that goes with these weights?")
+
+    def _float(self, key: str, tensor: torch.Tensor) -> None:
+        self.sink.add(key, tensor.detach().to("cpu", self.model_dtype), FLOAT)
+
+    def _emit_linear(self, name: str, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                     ranges: Optional[InputRanges]) -> str:
+        quant_type = self.recipe.quant_type(name)
+        weight, bias = weight.detach().cpu(), None if bias is None else bias.detach().cpu()
+        if quant_type == FLOAT:
+            self._float(f"{name}.weight", weight)
+            if bias is not None:
+                self._float(f"{name}.bias", bias)
+            return quant_type
+        if quant_type == W8A8:
+            x_min, x_max = ranges.tensor_range(name)
+            tensors = quantize_static_linear(weight, bias, x_min, x_max, self.model_dtype)
+        else:
+            tensors = quantize_dynamic_linear(weight)
+            if bias is not None:
+                tensors["bias"] = bias.to(torch.float32)
+        for suffix, tensor in tensors.items():
+            self.sink.add(f"{name}.{suffix}", tensor, FLOAT if suffix == "bias" else quant_type)
+        return quant_type
+
+    def _static_linears(self, prefix: str, module: nn.Module) -> dict[str, nn.Module]:
+        return {f"{prefix}.{name}": m for name, m in module.named_modules()
+                if isinstance(m, nn.Linear) and self.recipe.quant_type(f"{prefix}.{name}") == W8A8}
+
+    def _emit_module(self, prefix: str, module: nn.Module, ranges: Optional[InputRanges]) -> None:
+        """Write every parameter of a piece: its linears per the recipe, everything else (norms, embeddings) FLOAT."""
+        written = set()
+        for name, m in module.named_modules():
+            if isinstance(m, nn.Linear):
+                self._emit_linear(f"{prefix}.{name}", m.weight, m.bias, ranges)
+                written |= {f"{name}.weight", f"{name}.bias"}
+        for name, tensor in module.state_dict().items():
+            if name not in written:
+                self._float(f"{prefix}.{name}", tensor)
+
+    # --- units ------------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def vision(self, inputs: list[ModelInputs]) -> list[Optional[VisionOutput]]:
+        """Vision forward on every image, static-quantize the blocks' linears from its input ranges, write the tower."""
+        visual = qvl.build_vision(self.config, self._read, self.compute_dtype)
+        self._check_keys(qvl.VISUAL, visual)
+        outputs: list[Optional[VisionOutput]] = []
+        with InputRanges(self._static_linears(qvl.VISUAL, visual)) as ranges:
+            for sample in inputs:
+                if sample.pixel_values is None:
+                    outputs.append(None)
+                    continue
+                embeds, deepstack = qvl.vision_forward(visual, sample.pixel_values, sample.image_grid_thw)
+                outputs.append(VisionOutput(embeds, deepstack))
+        self._emit_module(qvl.VISUAL, visual, ranges)
+        return outputs
+
+    @torch.no_grad()
+    def contexts(self, inputs: list[ModelInputs], vision: list[Optional[VisionOutput]]) -> list[qvl.SampleContext]:
+        return [
+            qvl.sample_context(self.config, self._rotary, s.input_ids.to(self.device), s.attention_mask.to(self.device),
+                               s.image_grid_thw, v.deepstack if v is not None else [], self.compute_dtype)
+            for s, v in zip(inputs, vision)
+        ]
+
+    @torch.no_grad()
+    def embed(self, inputs: list[ModelInputs], vision: list[Optional[VisionOutput]]) -> list[torch.Tensor]:
+        """Input embeddings of every sample (image features scattered in); writes embed_tokens."""
+        weight = self._read(qvl.EMBED_KEY)
+        hidden = [
+            qvl.embed_inputs(weight, s.input_ids.to(self.device), self.config.image_token_id,
+                             v.image_embeds if v is not None else None)
+            for s, v in zip(inputs, vision)
+        ]
+        self._float(qvl.EMBED_KEY, weight)
+        return hidden
+
+    @torch.no_grad()
+    def attention(self, layer_idx: int, hidden: list[torch.Tensor],
+                  contexts: list[qvl.SampleContext]) -> AttentionOutput:
+        """Attention (and router or dense MLP) of one layer: calibrate, quantize, write; returns the MoE input."""
+        block = qvl.build_attention_block(self.config, layer_idx, self._read, self.compute_dtype)
+        prefix = qvl.layer_prefix(layer_idx)
+        self._check_keys(prefix, block, ignore=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"))
+        moe = qvl.is_moe_layer(self.config.text_config, layer_idx)
+        streams, moe_inputs = [], []
+        with InputRanges(self._static_linears(prefix, block)) as ranges:
+            for h, ctx in zip(hidden, contexts):
+                stream, mlp_in = qvl.attention_forward(block, h, ctx)
+                if moe:
+                    streams.append(stream)
+                    moe_inputs.append(mlp_in.reshape(-1, mlp_in.shape[-1]))
+                else:
+                    streams.append(stream + block.mlp(mlp_in))
+        moe_input = None
+        if moe:
+            x = torch.cat(moe_inputs)
+            ids, weights = qvl.route(block.mlp.gate(x), self.config.text_config.num_experts_per_tok, x.dtype)
+            moe_input = MoeInput(x, ids, weights)
+        self._emit_module(prefix, block, ranges)
+        return AttentionOutput(streams, moe_input)
+
+    @torch.no_grad()
+    def experts(self, layer_idx: int, first: int, stop: int, moe: MoeInput) -> torch.Tensor:
+        """Experts ``first..stop-1`` of a layer: partial MoE output on their routed tokens, then quantize and write."""
+        tc = self.config.text_config
+        experts = self.reader.read_experts(qvl.layer_prefix(layer_idx), first, stop, num_experts=tc.num_experts,
+                                           hidden=tc.hidden_size, intermediate=tc.moe_intermediate_size,
+                                           dtype=self.compute_dtype)
+        experts = [tuple(w.to(self.device) for w in e) for e in experts]
+        partial = qvl.expert_group_forward(moe.x, moe.topk_ids, moe.topk_weights, experts, first,
+                                           qvl.activation(self.config))
+        for expert, weights in zip(range(first, stop), experts):
+            for proj, weight in zip(EXPERT_PROJS, weights):
+                self._emit_linear(qvl.expert_key(layer_idx, expert, proj), weight, None, None)
+        return partial
+
+    @torch.no_grad()
+    def head(self) -> None:
+        """Final norm and lm_head: never quantized (vLLM Ascend serves them in float)."""
+        self._float(qvl.NORM_KEY, self._read(qvl.NORM_KEY))
+        self._float(qvl.LM_HEAD_KEY, self._read(qvl.LM_HEAD_KEY))
