@@ -258,9 +258,7 @@ def make_tiny_model(
         deepstack_visual_indexes=[i for i in deepstack if i < vision_depth],
         initializer_range=0.05,
     )
-    config = Qwen3VLMoeConfig(
-        text_config=text_config, vision_config=vision_config, **special_token_ids(tokenizer)
-    )
+    config = Qwen3VLMoeConfig(text_config=text_config, vision_config=vision_config, **special_token_ids(tokenizer))
     torch.manual_seed(seed)
     model = Qwen3VLMoeForConditionalGeneration(config)
     randomize_vectors(model)
