@@ -9,6 +9,7 @@ from typing import Optional, Sequence
 
 from dist_quant.errors import DistQuantError
 from dist_quant.recipe import DEFAULT_RECIPE, load_recipe
+from dist_quant.runtime.plan import DEFAULT_CALIB_TOKENS, DEFAULT_EXPERT_GROUP_SIZE
 
 MODEL_TYPES = ("Qwen3-VL-235B-A22B", "Qwen3-VL-30B-A3B")
 QUANT_TYPES = ("w8a8",)
@@ -49,6 +50,47 @@ def _quant_parser(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+PLAN_EXAMPLE = """example:
+  dist-quant plan --model_path /models/Qwen3-VL-235B-A22B-Instruct --workers 16
+"""
+
+
+def _plan_parser(sub) -> None:
+    p = sub.add_parser("plan", help="print the units, their actors and a memory estimate (reads no weights)",
+                       description="Plan a distributed quantization from config.json alone: units of work, their "
+                                   "assignment to actors, bytes each actor reads, its peak memory estimate and "
+                                   "whether it fits one card.",
+                       epilog=PLAN_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_path", required=True, help="model directory (only config.json is read)")
+    p.add_argument("--workers", type=int, default=1, help="number of actors (one per card)")
+    p.add_argument("--config_path", default=None, help="recipe YAML (for part_file_size)")
+    p.add_argument("--expert_group_size", type=int, default=DEFAULT_EXPERT_GROUP_SIZE, help="experts per unit")
+    p.add_argument("--calib_tokens", type=int, default=DEFAULT_CALIB_TOKENS,
+                   help="calibration tokens assumed for the activation memory estimate")
+    p.add_argument("--card_memory_gb", type=float, default=64, help="memory of one card (Atlas 800I A2: 64)")
+
+
+def _cmd_plan(args) -> int:
+    from pathlib import Path
+
+    from dist_quant.checkpoint.reader import read_config
+    from dist_quant.models.qwen3_vl_moe import load_config
+    from dist_quant.runtime.plan import build_plan, format_plan
+
+    config_file = Path(args.model_path) / "config.json"
+    raw = read_config(config_file)
+    config = load_config(raw, str(config_file))
+    recipe = load_recipe(args.config_path or DEFAULT_RECIPE)
+    plan = build_plan(config, raw, args.workers, group_size=args.expert_group_size,
+                      part_file_size_gb=recipe.part_file_size_gb, calib_tokens=args.calib_tokens,
+                      card_memory_gb=args.card_memory_gb)
+    tc = config.text_config
+    title = (f"{args.model_path}: {tc.num_hidden_layers} layers, {tc.num_experts} experts (top-{tc.num_experts_per_tok}),"
+             f" hidden {tc.hidden_size}; {args.workers} worker(s), expert groups of {args.expert_group_size}")
+    print(format_plan(plan, title))
+    return 0 if all(plan.fits(a) for a in plan.actors) else 1
+
+
 def _human_bytes(n: int) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1024 or unit == "TB":
@@ -76,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "for Ascend NPUs (msModelSlim-compatible output).")
     sub = parser.add_subparsers(dest="command", required=True)
     _quant_parser(sub)
+    _plan_parser(sub)
     return parser
 
 
@@ -83,7 +126,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        return {"quant": _cmd_quant}[args.command](args)
+        return {"quant": _cmd_quant, "plan": _cmd_plan}[args.command](args)
     except DistQuantError as exc:
         print(f"dist-quant: error: {exc}", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from dist_quant.checkpoint import writer as writer_module
 from dist_quant.checkpoint.writer import CheckpointWriter, model_quant_type
 from dist_quant.errors import OutputError
 
@@ -129,11 +130,12 @@ def test_publish_writes_exactly_the_format_file_set(tmp_path, source):
     assert set(summary["files"]) == expected
 
 
-def test_small_part_size_splits_into_numbered_parts(tmp_path, source):
+@pytest.mark.parametrize("spill_bytes", [256 * 1024**2, 300])  # one spill file for all parts; spills across parts
+def test_small_part_size_splits_into_numbered_parts(tmp_path, source, spill_bytes):
     entries = tensors_of_a_layer()
     part_bytes = 1024
     save_path = tmp_path / "out"
-    write(save_path, source, entries, part_file_size_gb=part_bytes / 1024**3).publish(source)
+    write(save_path, source, entries, part_file_size_gb=part_bytes / 1024**3, spill_bytes=spill_bytes).publish(source)
 
     weight_files, _ = check_format(save_path, entries)
     count = len(weight_files)
@@ -279,9 +281,9 @@ def test_refuses_a_file_as_save_path(tmp_path):
 
 def test_nothing_finished_looking_before_publish_or_after_abort(tmp_path, source):
     save_path = tmp_path / "out"
-    writer = write(save_path, source, tensors_of_a_layer(), part_file_size_gb=1024 / 1024**3)
+    writer = write(save_path, source, tensors_of_a_layer(), spill_bytes=1024)
     assert [p.name for p in save_path.iterdir()] == [".dist_quant_staging"]  # a crash here leaves only staging
-    assert any((save_path / ".dist_quant_staging").glob("*.safetensors"))  # parts were flushed as they filled
+    assert any((save_path / ".dist_quant_staging" / "spill").glob("*.safetensors"))  # the buffer spilled as it filled
     writer.abort()
     assert list(save_path.iterdir()) == []
 
@@ -291,3 +293,51 @@ def test_publish_without_tensors_is_refused(tmp_path, source):
     with pytest.raises(OutputError, match="no tensors"):
         writer.publish(source)
     writer.abort()
+
+
+def test_memory_holds_at_most_one_spill_between_flushes(tmp_path, source, monkeypatch):
+    """add() spills past spill_bytes and flush() empties the buffer, so memory never holds a part; publish() streams
+    the parts out of the spill files and deletes each spill file once every tensor in it is copied."""
+    spill_bytes = 1024
+    save_path = tmp_path / "out"
+    spill_dir = save_path / ".dist_quant_staging" / "spill"
+    writer = CheckpointWriter(save_path, model_path=source, part_file_size_gb=1500 / 1024**3, spill_bytes=spill_bytes)
+    layers = [tensors_of_a_layer() for _ in range(3)]
+    entries = [(f"layers.{n}.{key}", tensor, kind) for n, layer in enumerate(layers) for key, tensor, kind in layer]
+    spills = 0
+    for n, layer in enumerate(layers):
+        for key, tensor, quant_type in layer:
+            writer.add(f"layers.{n}.{key}", tensor, quant_type)
+            assert writer._sink.pending_bytes <= spill_bytes
+        writer.flush()  # the end of a unit of work
+        assert len(writer._sink) == 0 and writer._sink.pending_bytes == 0
+        assert len(list(spill_dir.iterdir())) > spills
+        spills = len(list(spill_dir.iterdir()))
+    writer.flush()
+    assert len(list(spill_dir.iterdir())) == spills  # flushing an empty buffer writes nothing
+
+    spill_names = sorted(p.name for p in spill_dir.iterdir())
+    assert spill_names == [f"{k:06d}.safetensors" for k in range(1, spills + 1)]
+    left_before_each_part = []
+    write_concatenated = writer_module.write_concatenated
+
+    def recording_write(out_path, part):
+        left_before_each_part.append(sorted(p.name for p in spill_dir.iterdir()))
+        assert all(tensor.source.exists() for tensor in part)
+        write_concatenated(out_path, part)
+
+    monkeypatch.setattr(writer_module, "write_concatenated", recording_write)
+    writer.publish(source)
+
+    weight_files, _ = check_format(save_path, entries)
+    assert len(weight_files) == len(left_before_each_part) > 2
+    assert left_before_each_part[0] == spill_names
+    for before, after in zip(left_before_each_part, left_before_each_part[1:]):
+        assert set(after) < set(before)  # each part consumed at least one spill file, which went at once
+    assert all((save_path / name).stat().st_mode & 0o777 == 0o644 for name in weight_files)
+    index = json.loads((save_path / INDEX).read_text())
+    assert list(index["weight_map"]) == [key for key, _, _ in entries]  # insertion order across parts
+    for name in weight_files:
+        with safe_open(str(save_path / name), framework="pt") as part:
+            keys = [key for key in index["weight_map"] if index["weight_map"][key] == name]
+            assert list(part.offset_keys()) == keys

@@ -1,8 +1,9 @@
 """Write an msModelSlim "ascendv1" checkpoint (see docs/FORMAT.md) that vLLM Ascend loads with --quantization ascend.
 
-Tensors stream into numbered part files inside a staging folder, so memory holds at most one part. Nothing lands in
-save_path until publish(), and quant_model_description.json lands last: a crashed run never leaves a folder that
-looks like a finished checkpoint.
+Tensors spill into small numbered files inside a staging folder, so memory holds a few layers, never a whole part;
+publish() then assembles the parts by copying byte ranges out of the spill files. Nothing lands in save_path until
+publish(), and quant_model_description.json lands last: a crashed run never leaves a folder that looks like a
+finished checkpoint.
 """
 
 from __future__ import annotations
@@ -12,25 +13,29 @@ import logging
 import os
 import shutil
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from dist_quant.checkpoint.reader import read_config
+from dist_quant.checkpoint.safetensors_stream import TensorSlice, tensor_slices, write_concatenated
+from dist_quant.checkpoint.unit_file import UnitRecord, UnitSink
 from dist_quant.errors import OutputError
 
 logger = logging.getLogger(__name__)
 
 QUANT_TYPE_PRIORITY = ("FLOAT", "W8A8_DYNAMIC", "W8A8")  # lowest first
 STAGING_DIR = ".dist_quant_staging"
+SPILL_DIR = "spill"
 WEIGHTS_PREFIX = "quant_model_weights"
 SINGLE_WEIGHTS_FILE = f"{WEIGHTS_PREFIX}.safetensors"
 INDEX_FILE = f"{WEIGHTS_PREFIX}.safetensors.index.json"
 DESCRIPTION_FILE = "quant_model_description.json"
 COPIED_SUFFIXES = (".json", ".py", ".txt", ".jinja")
 GB = 1024**3  # msModelSlim's part_file_size unit
+MiB = 1024**2
 
 
 def model_quant_type(types: Iterable[str]) -> str:
@@ -52,9 +57,31 @@ def _write_json(path: Path, content: dict) -> None:
     path.write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n")
 
 
+def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """save_file creates files readable by the owner only; a served checkpoint is read by other users too."""
+    save_file(tensors, str(path))
+    path.chmod(0o644)
+
+
 def _cpu_copy(tensor: torch.Tensor) -> torch.Tensor:
     """A private contiguous CPU copy: safetensors refuses tensors that share storage (q/k/v passing one input_scale)."""
     return tensor.detach().to("cpu", copy=True, memory_format=torch.contiguous_format)
+
+
+def _layout_parts(slices: list[TensorSlice], part_bytes: int) -> Iterator[list[TensorSlice]]:
+    """Consecutive runs of slices; a new part starts when the next tensor would push the current one past part_bytes
+    (0: everything in one part), so only a single tensor larger than part_bytes makes a part exceed it."""
+    part: list[TensorSlice] = []
+    size = 0
+    for tensor in slices:
+        nbytes = tensor.end - tensor.begin
+        if part_bytes and part and size + nbytes > part_bytes:
+            yield part
+            part, size = [], 0
+        part.append(tensor)
+        size += nbytes
+    if part:
+        yield part
 
 
 class CheckpointWriter:
@@ -65,9 +92,11 @@ class CheckpointWriter:
         save_path: str | Path,
         *,
         part_file_size_gb: float = 4,
+        spill_bytes: int = 256 * MiB,
         overwrite: bool = False,
         model_path: str | Path | None = None,
     ):
+        """spill_bytes bounds the tensors held in memory: past it, add() writes them to a spill file in staging."""
         self.save_path = Path(save_path)
         if part_file_size_gb < 0:
             raise ValueError(f"part_file_size_gb must be >= 0 (0 writes a single file), got {part_file_size_gb}")
@@ -90,40 +119,49 @@ class CheckpointWriter:
                 )
         self.overwrite = overwrite
         shutil.rmtree(self.staging, ignore_errors=True)  # left over by a run that crashed
-        self.staging.mkdir(parents=True)
+        self.spill_dir = self.staging / SPILL_DIR
+        self.spill_dir.mkdir(parents=True)
 
         self._part_bytes = int(part_file_size_gb * GB)
+        self._spill_bytes = spill_bytes
         self._quant_types: dict[str, str] = {}
-        self._buffer: dict[str, torch.Tensor] = {}
-        self._buffer_bytes = 0
-        self._part_keys: list[list[str]] = []  # keys of each part written to staging, in order
+        self._sink = UnitSink(self.spill_dir)
+        self._spill_count = 0
+        self._spilled: list[TensorSlice] = []  # every tensor written to a spill file, in insertion order
         self._total_bytes = 0
         self._optional_files: list[str] = []
         self._optional_description: dict | None = None
 
+    def add_unit(self, record: UnitRecord) -> None:
+        """Register a unit file written by a worker; the parts list units in the order they are added."""
+        path = self.spill_dir / record.file
+        if record.payload is not None:  # the worker's disk is not ours: its file came through the object store
+            path.write_bytes(record.payload)
+        if not path.is_file():
+            raise OutputError(f"unit file {path} of unit {record.unit_id} is missing; is save_path on a filesystem "
+                              "every worker node shares?")
+        clash = [key for key in record.keys if key in self._quant_types]
+        if clash:
+            raise ValueError(f"unit {record.unit_id} repeats tensors already added: {clash[:5]}")
+        slices = tensor_slices(path)
+        self._spilled.extend(slices[key] for key in record.keys)  # the file's own data order sorts by dtype
+        self._quant_types.update(zip(record.keys, record.quant_types))
+        self._total_bytes += record.nbytes
+
     def add(self, key: str, tensor: torch.Tensor, quant_type: str) -> None:
-        if quant_type not in QUANT_TYPE_PRIORITY:
-            raise ValueError(f"quant type {quant_type!r} of {key} is not one of {QUANT_TYPE_PRIORITY}")
+        """Add one tensor; past spill_bytes the buffered tensors go to a spill file."""
         if key in self._quant_types:
             raise ValueError(f"tensor {key} was already added")
-        tensor = _cpu_copy(tensor)
-        nbytes = tensor.numel() * tensor.element_size()
-        if self._part_bytes and self._buffer and self._buffer_bytes + nbytes > self._part_bytes:
-            self._flush()
-        self._buffer[key] = tensor
-        self._buffer_bytes += nbytes
-        self._total_bytes += nbytes
-        self._quant_types[key] = quant_type
+        self._sink.add(key, tensor, quant_type)
+        if self._sink.pending_bytes > self._spill_bytes:
+            self.flush()
 
-    def _flush(self) -> None:
-        if not self._buffer:
+    def flush(self) -> None:
+        """Write the buffered tensors to the next spill file (bounds memory by what was added since the last flush)."""
+        if not len(self._sink):
             return
-        path = self.staging / f"part-{len(self._part_keys) + 1:05d}.safetensors"
-        save_file(self._buffer, str(path))
-        logger.info("wrote %s (%.2f GB, %d tensors)", path.name, self._buffer_bytes / GB, len(self._buffer))
-        self._part_keys.append(list(self._buffer))
-        self._buffer = {}
-        self._buffer_bytes = 0
+        self._spill_count += 1
+        self.add_unit(self._sink.finish(f"{self._spill_count:06d}"))
 
     def add_optional(self, relpath: str, tensors: dict[str, torch.Tensor]) -> None:
         """A side file such as optional/quarot.safetensors; it is neither indexed nor described per tensor."""
@@ -131,7 +169,7 @@ class CheckpointWriter:
         if Path(relpath).is_absolute() or ".." in Path(relpath).parts or relpath in self._optional_files:
             raise ValueError(f"optional file {relpath} must be a new path relative to the save path")
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({name: _cpu_copy(tensor) for name, tensor in tensors.items()}, str(path))
+        _save({name: _cpu_copy(tensor) for name, tensor in tensors.items()}, path)
         self._optional_files.append(relpath)
 
     def set_optional_description(self, optional: dict) -> None:
@@ -146,11 +184,11 @@ class CheckpointWriter:
         metadata: dict | None = None,
     ) -> dict:
         """Finish every file in staging, then move them into save_path, the description last."""
+        self.flush()
         if not self._quant_types:
             raise OutputError(f"no tensors were added for {self.save_path}; nothing to publish")
         source = Path(source_model_dir)
-        self._flush()
-        self._name_parts()
+        self._write_parts()
         self._write_config(source)
         self._copy_source_files(source)
         if recipe_path is not None:
@@ -178,17 +216,28 @@ class CheckpointWriter:
             "files": files,
         }
 
-    def _name_parts(self) -> None:
-        """Give the staged parts their final names (HF shard style) and write the index that lists them."""
-        count = len(self._part_keys)
+    def _write_parts(self) -> None:
+        """Assemble the parts (HF shard names) from the spill files, deleting each spill file once all of it is
+        copied, so the disk holds little more than one part twice; then write the index that lists the parts."""
+        parts = list(_layout_parts(self._spilled, self._part_bytes))
+        count = len(parts)
         if self._part_bytes == 0:
             names = [SINGLE_WEIGHTS_FILE]
         else:
             names = [f"{WEIGHTS_PREFIX}-{k:05d}-of-{count:05d}.safetensors" for k in range(1, count + 1)]
+        uncopied = Counter(tensor.source for tensor in self._spilled)
         weight_map = {}
-        for number, (name, keys) in enumerate(zip(names, self._part_keys), start=1):
-            os.replace(self.staging / f"part-{number:05d}.safetensors", self.staging / name)
-            weight_map.update({key: name for key in keys})
+        for number, (name, part) in enumerate(zip(names, parts), start=1):
+            path = self.staging / name
+            write_concatenated(path, part)
+            path.chmod(0o644)
+            logger.info("wrote part %d/%d: %s (%.2f GB)", number, count, name, path.stat().st_size / GB)
+            weight_map.update({tensor.key: name for tensor in part})
+            uncopied.subtract(tensor.source for tensor in part)
+            for spill in [spill for spill, left in uncopied.items() if left == 0]:
+                spill.unlink()
+                del uncopied[spill]
+        self.spill_dir.rmdir()
         index = {"metadata": {"total_size": self._total_bytes}, "weight_map": weight_map}
         _write_json(self.staging / INDEX_FILE, index)
 
@@ -228,5 +277,5 @@ class CheckpointWriter:
 
     def abort(self) -> None:
         """Drop everything written so far; save_path keeps whatever it held before."""
-        self._buffer = {}
+        self._sink = UnitSink(self.spill_dir)
         shutil.rmtree(self.staging, ignore_errors=True)

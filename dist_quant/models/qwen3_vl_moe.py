@@ -212,3 +212,36 @@ def rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Te
     norm = hf.Qwen3VLMoeTextRMSNorm(weight.shape[0], eps=eps)
     norm.weight = nn.Parameter(weight, requires_grad=False)
     return norm(hidden)
+
+
+# --- sizes (no weights needed) --------------------------------------------------------------------------------------
+
+def _numel(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.state_dict().values())
+
+
+def vision_param_count(config: Qwen3VLMoeConfig) -> int:
+    with torch.device("meta"):
+        return _numel(hf.Qwen3VLMoeVisionModel._from_config(config.vision_config))
+
+
+def attention_param_count(config: Qwen3VLMoeConfig, layer_idx: int) -> int:
+    """Parameters of a decoder layer without its experts (attention, norms, router or dense MLP)."""
+    with torch.device("meta"):
+        layer = hf.Qwen3VLMoeTextDecoderLayer(config.text_config, layer_idx)
+        if is_moe_layer(config.text_config, layer_idx):
+            layer.mlp.experts = None
+        return _numel(layer)
+
+
+def expert_param_count(config: Qwen3VLMoeConfig) -> int:
+    """Parameters of one expert (gate, up and down)."""
+    tc = config.text_config
+    return 3 * tc.hidden_size * tc.moe_intermediate_size
+
+
+def source_dtype(raw_config: dict) -> torch.dtype:
+    """The checkpoint's float dtype as config.json states it (bf16 when it does not say)."""
+    text = raw_config.get("text_config", {})
+    name = text.get("dtype") or text.get("torch_dtype") or raw_config.get("dtype") or raw_config.get("torch_dtype")
+    return getattr(torch, name) if isinstance(name, str) and hasattr(torch, name) else torch.bfloat16

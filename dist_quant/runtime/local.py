@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from dist_quant.calib.dataset import load_samples
 from dist_quant.calib.inputs import build_model_inputs
+from dist_quant.checkpoint.unit_file import UnitSink
 from dist_quant.checkpoint.writer import CheckpointWriter
 from dist_quant.errors import CalibrationError
 from dist_quant.recipe import Recipe
@@ -67,11 +68,13 @@ def quantize_single_card(model_path: str, save_path: str, recipe: Recipe, *, dat
     writer = CheckpointWriter(save_path, part_file_size_gb=recipe.part_file_size_gb, overwrite=overwrite,
                               model_path=model_path)
     try:
-        worker = Worker(model_path, recipe, writer, torch_device)
+        sink = UnitSink(writer.spill_dir)
+        worker = Worker(model_path, recipe, sink, torch_device)
         worker.check_source_keys()
         plan = make_plan(worker.config)
         with tqdm(total=len(plan), desc="quantizing", unit="unit", disable=not progress) as bar:
             def advance(unit):
+                writer.add_unit(sink.finish(unit.id))
                 bar.set_postfix_str(unit.name)
                 bar.update()
             run_sweep(worker, inputs, plan, on_unit_done=advance)

@@ -1,16 +1,23 @@
-"""Units of work of one quantization, in the order the calibration sweep needs them.
+"""The plan of one quantization: units of work, their assignment to actors, output parts, a memory estimate.
 
-Expert groups have a fixed size that does not depend on the number of workers, and their partial sums are added in
-group order, so the checkpoint is the same whoever computes which group.
+Everything here comes from config.json alone (sizes are counted on the meta device), so a plan for a 235B model is
+printed in seconds without reading a weight. Expert groups have a fixed size that does not depend on the number of
+workers, and their partial sums are added in group order, so the checkpoint is the same whoever computes which group.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from dist_quant.models.qwen3_vl_moe import is_moe_layer
+import torch
+
+from dist_quant.models import qwen3_vl_moe as qvl
 
 DEFAULT_EXPERT_GROUP_SIZE = 16
+DEFAULT_CALIB_TOKENS = 16 * 1024  # e.g. 16 images of ~1000 tokens: the activations every text unit holds
+COMPUTE_BYTES = 4  # weights are computed on in float32
+RUNTIME_OVERHEAD = 2 * 1024**3  # framework and device context of one process
+GB = 1024**3
 
 
 @dataclass(frozen=True)
@@ -28,22 +35,139 @@ class Unit:
             return f"layer {self.layer} experts {self.first_expert}-{self.stop_expert - 1}"
         return self.kind
 
+    @property
+    def id(self) -> str:
+        """A file-name-safe identifier, stable across runs."""
+        if self.kind == "attention":
+            return f"L{self.layer:03d}-attn"
+        if self.kind == "experts":
+            return f"L{self.layer:03d}-experts-{self.first_expert:04d}-{self.stop_expert:04d}"
+        return self.kind
+
 
 def expert_groups(num_experts: int, group_size: int = DEFAULT_EXPERT_GROUP_SIZE) -> list[tuple[int, int]]:
     """``[(first, stop), ...]`` covering ``range(num_experts)`` in order."""
     return [(first, min(first + group_size, num_experts)) for first in range(0, num_experts, group_size)]
 
 
-def layer_units(text_config, layer_idx: int, group_size: int = DEFAULT_EXPERT_GROUP_SIZE) -> list[Unit]:
-    units = [Unit("attention", layer_idx)]
-    if is_moe_layer(text_config, layer_idx):
-        units += [Unit("experts", layer_idx, a, b) for a, b in expert_groups(text_config.num_experts, group_size)]
-    return units
-
-
 def make_plan(config, group_size: int = DEFAULT_EXPERT_GROUP_SIZE) -> list[Unit]:
-    """Every unit of a model: vision, embeddings, each layer's attention and expert groups, then the head."""
+    """Every unit of a model in sweep order: vision, embeddings, each layer's attention and expert groups, head."""
     units = [Unit("vision"), Unit("embed")]
-    for layer_idx in range(config.text_config.num_hidden_layers):
-        units += layer_units(config.text_config, layer_idx, group_size)
+    tc = config.text_config
+    for layer_idx in range(tc.num_hidden_layers):
+        units.append(Unit("attention", layer_idx))
+        if qvl.is_moe_layer(tc, layer_idx):
+            units += [Unit("experts", layer_idx, a, b) for a, b in expert_groups(tc.num_experts, group_size)]
     return units + [Unit("head")]
+
+
+def assign_units(plan: list[Unit], workers: int) -> list[int]:
+    """The actor of each unit. Attention of layer L goes to actor L mod N; the expert groups of layer L start on the
+    next actor and go round, so every actor gets an even share of the experts and the sequential attention chain
+    moves from actor to actor. Vision and embeddings go to actor 0, the head to the last layer's attention actor."""
+    assignment = []
+    for unit in plan:
+        if unit.kind in ("vision", "embed"):
+            assignment.append(0)
+        elif unit.kind == "attention":
+            assignment.append(unit.layer % workers)
+        elif unit.kind == "experts":
+            group = unit.first_expert // max(1, unit.stop_expert - unit.first_expert)
+            assignment.append((unit.layer + 1 + group) % workers)
+        else:
+            assignment.append(max(0, plan[-2].layer) % workers if len(plan) > 1 else 0)
+    return assignment
+
+
+# --- sizes and memory -----------------------------------------------------------------------------------------------
+
+def unit_params(config, unit: Unit) -> int:
+    tc = config.text_config
+    if unit.kind == "vision":
+        return qvl.vision_param_count(config)
+    if unit.kind == "embed":
+        return tc.vocab_size * tc.hidden_size
+    if unit.kind == "attention":
+        return qvl.attention_param_count(config, unit.layer)
+    if unit.kind == "experts":
+        return (unit.stop_expert - unit.first_expert) * qvl.expert_param_count(config)
+    return tc.vocab_size * tc.hidden_size + tc.hidden_size
+
+
+def unit_activation_bytes(config, unit: Unit, calib_tokens: int) -> int:
+    """Float32 activations a unit holds: a few copies of the token stream (input, stream, MLP input, partial sum)."""
+    tc, vc = config.text_config, config.vision_config
+    if unit.kind == "vision":  # patches before the 2x2 merge, a few copies, plus one image's attention scores
+        return 8 * calib_tokens * vc.hidden_size * COMPUTE_BYTES
+    if unit.kind == "head":
+        return 0
+    return 5 * calib_tokens * tc.hidden_size * COMPUTE_BYTES
+
+
+@dataclass
+class ActorPlan:
+    index: int
+    units: list[Unit] = field(default_factory=list)
+    read_bytes: int = 0
+    peak_bytes: int = 0
+
+
+@dataclass
+class QuantPlan:
+    units: list[Unit]
+    assignment: list[int]
+    actors: list[ActorPlan]
+    source_bytes: int
+    output_bytes: int
+    parts: int
+    card_bytes: int
+
+    def fits(self, actor: ActorPlan) -> bool:
+        return actor.peak_bytes <= self.card_bytes
+
+
+def build_plan(config, raw_config: dict, workers: int, *, group_size: int = DEFAULT_EXPERT_GROUP_SIZE,
+               part_file_size_gb: float = 4, calib_tokens: int = DEFAULT_CALIB_TOKENS,
+               card_memory_gb: float = 64) -> QuantPlan:
+    """Units, assignment, per-actor bytes read and peak memory estimate, output size and part count."""
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    units = make_plan(config, group_size)
+    assignment = assign_units(units, workers)
+    dtype_bytes = torch.finfo(qvl.source_dtype(raw_config)).bits // 8
+    params = [unit_params(config, u) for u in units]
+    actors = [ActorPlan(i) for i in range(workers)]
+    for unit, actor_idx, n in zip(units, assignment, params):
+        actors[actor_idx].units.append(unit)
+        actors[actor_idx].read_bytes += n * dtype_bytes
+    for actor in actors:
+        sizes = [unit_params(config, u) * COMPUTE_BYTES for u in actor.units]
+        # the unit being computed, the one being prefetched, and the int8 output of the unit being written
+        peak = max((sizes[i] + (sizes[i + 1] if i + 1 < len(sizes) else 0) + sizes[i] // 4
+                    + unit_activation_bytes(config, u, calib_tokens) for i, u in enumerate(actor.units)), default=0)
+        actor.peak_bytes = peak + RUNTIME_OVERHEAD
+    source = sum(params) * dtype_bytes
+    quantized = sum(n for u, n in zip(units, params) if u.kind in ("experts", "attention"))
+    output = source - quantized * (dtype_bytes - 1)  # int8 linears, float rest (scales are negligible)
+    part_bytes = part_file_size_gb * GB
+    parts = 1 if part_bytes <= 0 else max(1, -(-output // int(part_bytes)))
+    return QuantPlan(units, assignment, actors, source, output, parts, int(card_memory_gb * GB))
+
+
+def format_plan(plan: QuantPlan, title: str) -> str:
+    kinds = {}
+    for unit in plan.units:
+        kinds[unit.kind] = kinds.get(unit.kind, 0) + 1
+    lines = [
+        title,
+        f"  source {plan.source_bytes / GB:.1f} GB; units: " + ", ".join(f"{n} {k}" for k, n in kinds.items()),
+        f"  output ~{plan.output_bytes / GB:.1f} GB in {plan.parts} part file(s)",
+        "",
+        f"  {'actor':>5} {'units':>6} {'expert groups':>13} {'reads GB':>9} {'peak mem GB (est.)':>19}  fits card",
+    ]
+    for actor in plan.actors:
+        groups = sum(u.kind == "experts" for u in actor.units)
+        lines.append(f"  {actor.index:>5} {len(actor.units):>6} {groups:>13} {actor.read_bytes / GB:>9.1f} "
+                     f"{actor.peak_bytes / GB:>19.1f}  {'yes' if plan.fits(actor) else 'NO'}"
+                     f" ({plan.card_bytes / GB:.0f} GB)")
+    return "\n".join(lines)

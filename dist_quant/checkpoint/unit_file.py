@@ -1,0 +1,79 @@
+"""One unit of work's output tensors as one safetensors file in the staging folder's spill directory.
+
+Workers (in this process or in Ray actors on other nodes) write unit files; the checkpoint writer later assembles the
+parts from them in plan order, by byte ranges, so no process ever holds more than a unit's tensors. A record says
+what a file holds; when the driver cannot see the worker's disk, the record carries the file's bytes instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors.torch import save_file
+
+QUANT_TYPES = ("FLOAT", "W8A8_DYNAMIC", "W8A8")
+
+
+@dataclass(frozen=True)
+class UnitRecord:
+    unit_id: str
+    file: str  # name inside the spill directory
+    keys: tuple[str, ...]  # in the order the unit produced them
+    quant_types: tuple[str, ...]
+    nbytes: int  # tensor data bytes
+    sha256: str  # of the whole file
+    payload: Optional[bytes] = None  # the file itself, when it has to travel through the object store
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(16 * 1024**2), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class UnitSink:
+    """Collects the tensors of one unit at a time and writes them to ``spill_dir/<unit_id>.safetensors``."""
+
+    def __init__(self, spill_dir: str | Path, *, ship_payload: bool = False):
+        self.spill_dir = Path(spill_dir)
+        self.ship_payload = ship_payload
+        self._tensors: dict[str, torch.Tensor] = {}
+        self._types: dict[str, str] = {}
+        self.bytes_written = 0
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    @property
+    def pending_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._tensors.values())
+
+    def add(self, key: str, tensor: torch.Tensor, quant_type: str) -> None:
+        if quant_type not in QUANT_TYPES:
+            raise ValueError(f"quant type {quant_type!r} of {key} is not one of {QUANT_TYPES}")
+        if key in self._tensors:
+            raise ValueError(f"tensor {key} was already added")
+        # a private contiguous CPU copy: safetensors refuses tensors that share storage (q/k/v's one input_scale)
+        self._tensors[key] = tensor.detach().to("cpu", copy=True, memory_format=torch.contiguous_format)
+        self._types[key] = quant_type
+
+    def finish(self, unit_id: str) -> UnitRecord:
+        """Write the unit file (atomically: a half-written file never carries the final name) and start afresh."""
+        self.spill_dir.mkdir(parents=True, exist_ok=True)
+        name = f"{unit_id}.safetensors"
+        tmp = self.spill_dir / f".{name}.{os.getpid()}.tmp"
+        save_file(self._tensors, str(tmp))
+        os.replace(tmp, self.spill_dir / name)
+        path = self.spill_dir / name
+        record = UnitRecord(unit_id, name, tuple(self._tensors), tuple(self._types.values()), self.pending_bytes,
+                            file_sha256(path), path.read_bytes() if self.ship_payload else None)
+        self.bytes_written += path.stat().st_size
+        self._tensors, self._types = {}, {}
+        return record
