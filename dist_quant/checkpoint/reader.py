@@ -1,19 +1,20 @@
 """Read tensors from a Hugging Face safetensors checkpoint one tensor (or one slice of experts) at a time.
 
-Only file headers are parsed up front; tensor data is read on demand, so a worker holding a few experts of a
-235B model never reads the rest.
+Only file headers are parsed up front; tensor data is read on demand with plain positioned reads (no memory map),
+so a worker holding a few experts of a 235B model never reads, or keeps resident, anything else.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
 from collections.abc import Collection
 from pathlib import Path
 from typing import Literal
 
 import torch
-from safetensors import SafetensorError, safe_open
-
+from dist_quant.checkpoint.safetensors_stream import TensorSlice, tensor_slices
 from dist_quant.errors import CheckpointError
 
 SINGLE_FILE = "model.safetensors"
@@ -94,7 +95,8 @@ class CheckpointReader:
         self.model_dir = Path(model_dir)
         self.config = read_config(self.model_dir / "config.json")
         self.bytes_read = 0
-        self._handles: dict[Path, object] = {}
+        self._headers: dict[Path, dict[str, TensorSlice]] = {}
+        self._fds: dict[Path, int] = {}
         self._file_of_key = self._map_keys()
 
     def _map_keys(self) -> dict[str, Path]:
@@ -106,7 +108,7 @@ class CheckpointReader:
                     f"{self.model_dir} holds neither {SINGLE_FILE} nor {INDEX_FILE}: pass a Hugging Face model "
                     "directory with safetensors weights"
                 )
-            return {key: single for key in self._open(single).keys()}
+            return {key: single for key in self._header(single)}
 
         try:
             weight_map = json.loads(index_path.read_text())["weight_map"]
@@ -118,7 +120,7 @@ class CheckpointReader:
         for shard, keys in keys_of_shard.items():
             if not shard.exists():
                 raise CheckpointError(f"{index_path} names shard {shard.name}, which is missing; download it again")
-            missing = keys - set(self._open(shard).keys())
+            missing = keys - set(self._header(shard))
             if missing:
                 raise CheckpointError(
                     f"{index_path} places {sorted(missing)[:3]} ({len(missing)} tensors) in {shard.name}, which "
@@ -126,16 +128,39 @@ class CheckpointReader:
                 )
         return {key: self.model_dir / shard_name for key, shard_name in weight_map.items()}
 
-    def _open(self, path: Path):
-        if path not in self._handles:
+    def _header(self, path: Path) -> dict[str, TensorSlice]:
+        """Where each tensor of a file lies; a file whose header or size does not add up is reported as corrupt."""
+        if path not in self._headers:
             try:
-                self._handles[path] = safe_open(str(path), framework="pt")
-            except (SafetensorError, OSError) as error:
+                slices = tensor_slices(path)
+                size = path.stat().st_size
+            except (OSError, ValueError, UnicodeDecodeError) as error:
                 raise CheckpointError(f"{path} is not a readable safetensors file ({error}); download it again")
-        return self._handles[path]
+            end = max((t.end for t in slices.values()), default=0)
+            bad = [t.key for t in slices.values() if t.dtype not in _DTYPES or t.end - t.begin != math.prod(t.shape)
+                   * torch.empty((), dtype=_DTYPES[t.dtype]).element_size()] if end <= size else []
+            if end > size or bad:
+                raise CheckpointError(f"{path} is truncated or corrupt (its header describes {end} bytes, the file "
+                                      f"has {size}{'; bad entries ' + str(bad[:3]) if bad else ''}); download it again")
+            self._headers[path] = slices
+        return self._headers[path]
+
+    def _read_bytes(self, path: Path, begin: int, end: int) -> bytearray:
+        if path not in self._fds:
+            self._fds[path] = os.open(path, os.O_RDONLY)
+        buffer = bytearray(end - begin)
+        view, done = memoryview(buffer), 0
+        while done < len(buffer):
+            n = os.preadv(self._fds[path], [view[done:]], begin + done)
+            if n == 0:
+                raise CheckpointError(f"{path} ended early while reading bytes {begin}-{end}; download it again")
+            done += n
+        return buffer
 
     def close(self) -> None:
-        self._handles.clear()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
     def __enter__(self) -> CheckpointReader:
         return self
@@ -154,17 +179,14 @@ class CheckpointReader:
             raise CheckpointError(f"tensor {key} is not in the checkpoint at {self.model_dir}")
         return self._file_of_key[key]
 
-    def _lazy(self, key: str):
-        return self._open(self.file_of(key)).get_slice(key)
+    def _slice(self, key: str) -> TensorSlice:
+        return self._header(self.file_of(key))[key]
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._lazy(key).get_shape())
+        return tuple(self._slice(key).shape)
 
     def dtype(self, key: str) -> torch.dtype:
-        name = self._lazy(key).get_dtype()
-        if name not in _DTYPES:
-            raise CheckpointError(f"tensor {key} in {self.file_of(key)} has unsupported dtype {name}")
-        return _DTYPES[name]
+        return _DTYPES[self._slice(key).dtype]
 
     def check(
         self,
@@ -193,17 +215,26 @@ class CheckpointReader:
             )
 
     def get(self, key: str, *, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return self._finish(key, self._open(self.file_of(key)).get_tensor(key), dtype)
+        shape = self.shape(key)
+        return self._rows(key, 0, shape[0] if shape else 1, dtype)
 
     def get_slice(self, key: str, start: int, stop: int, *, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Rows start:stop along dim 0, read without touching the other rows (e.g. a few experts of a fused tensor)."""
         rows = self.shape(key)[0]
         if not 0 <= start < stop <= rows:
             raise ValueError(f"slice {start}:{stop} is outside the {rows} rows of tensor {key}")
-        return self._finish(key, self._lazy(key)[start:stop], dtype)
+        return self._rows(key, start, stop, dtype)
 
-    def _finish(self, key: str, tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-        self.bytes_read += tensor.numel() * tensor.element_size()
+    def _rows(self, key: str, start: int, stop: int, dtype: torch.dtype | None) -> torch.Tensor:
+        """Rows start:stop are one contiguous byte range of the file: read exactly that."""
+        info = self._slice(key)
+        rows = info.shape[0] if info.shape else 1
+        row_bytes = (info.end - info.begin) // rows if rows else 0
+        data = self._read_bytes(info.source, info.begin + start * row_bytes, info.begin + stop * row_bytes)
+        shape = (stop - start, *info.shape[1:]) if info.shape else ()
+        tensor = torch.frombuffer(data, dtype=_DTYPES[info.dtype]).reshape(shape) if data else \
+            torch.empty(shape, dtype=_DTYPES[info.dtype])
+        self.bytes_read += len(data)
         if not torch.isfinite(tensor).all():
             raise CheckpointError(
                 f"tensor {key} in {self.file_of(key)} holds NaN or Inf values; the checkpoint is corrupt, "
