@@ -47,6 +47,12 @@ def _quant_parser(sub) -> None:
                         "overrides the recipe's dataset")
     p.add_argument("--trust_remote_code", type=_bool, default=False, help="True to allow the model dir's own code")
     p.add_argument("--overwrite", action="store_true", help="replace the content of a non-empty save_path")
+    p.add_argument("--workers", type=int, default=1,
+                   help="Ray actors, one per card (1 without --ray_address: single-card mode, no Ray)")
+    p.add_argument("--ray_address", default=None,
+                   help="join a running Ray cluster: 'auto' or HOST:PORT (default: start a local runtime)")
+    p.add_argument("--expert_group_size", type=int, default=DEFAULT_EXPERT_GROUP_SIZE,
+                   help="experts per unit of work (does not change the checkpoint)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -100,16 +106,29 @@ def _human_bytes(n: int) -> str:
 
 
 def _cmd_quant(args) -> int:
-    from dist_quant.runtime.local import quantize_single_card
-
     recipe = load_recipe(args.config_path or DEFAULT_RECIPE)
-    summary = quantize_single_card(args.model_path, args.save_path, recipe, dataset=args.dataset, device=args.device,
-                                   overwrite=args.overwrite, progress=not args.quiet,
-                                   trust_remote_code=args.trust_remote_code)
+    if args.workers < 1:
+        raise DistQuantError(f"--workers must be at least 1, got {args.workers}")
+    common = dict(dataset=args.dataset, device=args.device, overwrite=args.overwrite, progress=not args.quiet,
+                  trust_remote_code=args.trust_remote_code, expert_group_size=args.expert_group_size)
+    if args.workers == 1 and args.ray_address is None:
+        from dist_quant.runtime.local import quantize_single_card
+
+        summary = quantize_single_card(args.model_path, args.save_path, recipe, **common)
+    else:
+        from dist_quant.runtime.ray_driver import quantize_distributed
+
+        summary = quantize_distributed(args.model_path, args.save_path, recipe, workers=args.workers,
+                                       ray_address=args.ray_address, **common)
     counts = ", ".join(f"{k}: {v}" for k, v in sorted(summary.counts.items()))
     print(f"quantized {args.model_path} -> {summary.save_path}")
     print(f"  time {summary.seconds:.1f} s, {summary.units} units, {summary.tensors} tensors ({counts}), "
           f"{_human_bytes(summary.bytes_written)} written")
+    for actor in getattr(summary, "actors", []):
+        print(f"  actor {actor.index} on {actor.host}: {actor.units} units, busy {actor.busy_seconds:.1f} s, "
+              f"read {_human_bytes(actor.bytes_read)}, wrote {_human_bytes(actor.bytes_written)}")
+    if hasattr(summary, "ray_start_seconds"):
+        print(f"  Ray start-up {summary.ray_start_seconds:.1f} s (included in the time above)")
     return 0
 
 

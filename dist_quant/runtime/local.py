@@ -18,7 +18,7 @@ from dist_quant.checkpoint.writer import CheckpointWriter
 from dist_quant.errors import CalibrationError
 from dist_quant.recipe import Recipe
 from dist_quant.runtime.device import resolve_device
-from dist_quant.runtime.plan import make_plan
+from dist_quant.runtime.plan import DEFAULT_EXPERT_GROUP_SIZE, make_plan
 from dist_quant.runtime.sweep import run_sweep
 from dist_quant.runtime.worker import Worker
 
@@ -59,7 +59,8 @@ class QuantSummary:
 
 def quantize_single_card(model_path: str, save_path: str, recipe: Recipe, *, dataset: Optional[str] = None,
                          device: str = "cpu", overwrite: bool = False, progress: bool = True,
-                         trust_remote_code: bool = False) -> QuantSummary:
+                         trust_remote_code: bool = False,
+                         expert_group_size: int = DEFAULT_EXPERT_GROUP_SIZE) -> QuantSummary:
     """Quantize a checkpoint on one device and publish it to ``save_path``; nothing finished-looking on failure."""
     start = time.perf_counter()
     torch_device = resolve_device(device)
@@ -71,7 +72,7 @@ def quantize_single_card(model_path: str, save_path: str, recipe: Recipe, *, dat
         sink = UnitSink(writer.spill_dir)
         worker = Worker(model_path, recipe, sink, torch_device)
         worker.check_source_keys()
-        plan = make_plan(worker.config)
+        plan = make_plan(worker.config, expert_group_size)
         with tqdm(total=len(plan), desc="quantizing", unit="unit", disable=not progress) as bar:
             def advance(unit):
                 writer.add_unit(sink.finish(unit.id))

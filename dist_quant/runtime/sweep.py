@@ -6,12 +6,12 @@ added in group order (so the result does not depend on who computed which group)
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
 from dist_quant.calib.inputs import ModelInputs
-from dist_quant.models.qwen3_vl_moe import add_deepstack
+from dist_quant.models.qwen3_vl_moe import SampleContext, add_deepstack
 from dist_quant.runtime.plan import Unit
 from dist_quant.runtime.worker import Worker
 
@@ -20,6 +20,23 @@ def split_tokens(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Ten
     """Undo the concatenation of samples' tokens: ``flat`` [T, H] back to one (1, S, H) tensor per sample."""
     sizes = [t.shape[1] for t in like]
     return [part.reshape(1, -1, flat.shape[-1]) for part in torch.split(flat, sizes)]
+
+
+def add_partials(partials: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Sum of the expert groups' partial outputs, always as ((p0 + p1) + p2) + ...: one order, one result."""
+    total = None
+    for partial in partials:
+        total = partial if total is None else total + partial
+    return total
+
+
+def finish_layer(layer_idx: int, stream: list[torch.Tensor], partial_sum: Optional[torch.Tensor],
+                 contexts: list[SampleContext]) -> list[torch.Tensor]:
+    """Output of a layer: its post-attention stream plus the expert sum, then the deepstack feature of that layer."""
+    hidden = stream
+    if partial_sum is not None:
+        hidden = [s + p for s, p in zip(stream, split_tokens(partial_sum, stream))]
+    return [add_deepstack(h, ctx, layer_idx) for h, ctx in zip(hidden, contexts)]
 
 
 def run_sweep(worker: Worker, inputs: list[ModelInputs], plan: list[Unit],
@@ -33,6 +50,9 @@ def run_sweep(worker: Worker, inputs: list[ModelInputs], plan: list[Unit],
     vision = contexts = hidden = attention = None
     partial_sum = None
     for i, unit in enumerate(plan):
+        upcoming = plan[i + 1] if i + 1 < len(plan) else None
+        if upcoming is not None and upcoming.kind == "experts":  # read the next group while this unit computes
+            worker.prefetch_experts(upcoming.layer, upcoming.first_expert, upcoming.stop_expert)
         if unit.kind == "vision":
             vision = worker.vision(inputs)
             contexts = worker.contexts(inputs, vision)
@@ -43,19 +63,13 @@ def run_sweep(worker: Worker, inputs: list[ModelInputs], plan: list[Unit],
             partial_sum = None
         elif unit.kind == "experts":
             partial = worker.experts(unit.layer, unit.first_expert, unit.stop_expert, attention.moe)
-            partial_sum = partial if partial_sum is None else partial_sum + partial
+            partial_sum = add_partials([partial] if partial_sum is None else [partial_sum, partial])
         elif unit.kind == "head":
             worker.head()
         else:
             raise ValueError(f"unknown unit kind {unit.kind!r}")
-        layer_ends = unit.kind in ("attention", "experts") and (
-            i + 1 == len(plan) or plan[i + 1].layer != unit.layer
-        )
-        if layer_ends:
-            hidden = attention.stream
-            if partial_sum is not None:
-                hidden = [s + p for s, p in zip(hidden, split_tokens(partial_sum, hidden))]
-            hidden = [add_deepstack(h, ctx, unit.layer) for h, ctx in zip(hidden, contexts)]
+        if unit.kind in ("attention", "experts") and (i + 1 == len(plan) or plan[i + 1].layer != unit.layer):
+            hidden = finish_layer(unit.layer, attention.stream, partial_sum, contexts)
             if on_layer_done is not None:
                 on_layer_done(unit.layer, hidden)
         done(unit)

@@ -7,6 +7,7 @@ activations the next unit needs, and its quantized tensors go straight to the si
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Optional, Protocol
 
@@ -78,6 +79,8 @@ class Worker:
         self.compute_dtype = compute_dtype
         self.model_dtype = self.reader.dtype(qvl.EMBED_KEY)
         self._rotary = qvl.build_text_rotary(self.config).to(device)
+        self._reader_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
+        self._prefetched: dict[tuple[int, int, int], Future] = {}
 
     def check_source_keys(self) -> None:
         """Every source tensor belongs to a unit: the vision tower, a text layer, the embeddings or the head."""
@@ -204,14 +207,24 @@ class Worker:
         self._emit_module(prefix, block, ranges)
         return AttentionOutput(streams, moe_input)
 
-    @torch.no_grad()
-    def experts(self, layer_idx: int, first: int, stop: int, moe: MoeInput) -> torch.Tensor:
-        """Experts ``first..stop-1`` of a layer: partial MoE output on their routed tokens, then quantize and write."""
+    def _read_experts(self, layer_idx: int, first: int, stop: int) -> list[qvl.ExpertWeights]:
         tc = self.config.text_config
         experts = self.reader.read_experts(qvl.layer_prefix(layer_idx), first, stop, num_experts=tc.num_experts,
                                            hidden=tc.hidden_size, intermediate=tc.moe_intermediate_size,
                                            dtype=self.compute_dtype)
-        experts = [tuple(w.to(self.device) for w in e) for e in experts]
+        return [tuple(w.to(self.device) for w in e) for e in experts]
+
+    def prefetch_experts(self, layer_idx: int, first: int, stop: int) -> None:
+        """Start reading an expert group's weights in the background, so the read overlaps the current unit."""
+        key = (layer_idx, first, stop)
+        if key not in self._prefetched:
+            self._prefetched[key] = self._reader_thread.submit(self._read_experts, *key)
+
+    @torch.no_grad()
+    def experts(self, layer_idx: int, first: int, stop: int, moe: MoeInput) -> torch.Tensor:
+        """Experts ``first..stop-1`` of a layer: partial MoE output on their routed tokens, then quantize and write."""
+        pending = self._prefetched.pop((layer_idx, first, stop), None)
+        experts = pending.result() if pending is not None else self._read_experts(layer_idx, first, stop)
         partial = qvl.expert_group_forward(moe.x, moe.topk_ids, moe.topk_weights, experts, first,
                                            qvl.activation(self.config))
         for expert, weights in zip(range(first, stop), experts):

@@ -1,0 +1,122 @@
+"""The body of a Ray actor: a Worker plus what the driver needs around it (unit files, reports, prefetching).
+
+Plain Python, testable without Ray; ``ray_driver`` wraps it with ``ray.remote``. Every unit method returns its
+outputs followed by a UnitReport, which carries the unit file's record (and its bytes when the driver cannot see this
+node's disk), so the driver can assemble the checkpoint and show per-actor progress.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from dist_quant.calib.inputs import ModelInputs
+from dist_quant.checkpoint.unit_file import UnitRecord, UnitSink
+from dist_quant.recipe import Recipe
+from dist_quant.runtime.device import resolve_device
+from dist_quant.runtime.plan import Unit
+from dist_quant.runtime.sweep import add_partials, finish_layer
+from dist_quant.runtime.worker import Worker
+
+
+@dataclass(frozen=True)
+class UnitReport:
+    actor: int
+    unit: Unit
+    record: UnitRecord
+    seconds: float
+    bytes_read: int
+    host: str
+    pid: int
+    node_id: str
+
+
+def ray_node_id() -> str:
+    """The Ray node this process runs on ('' outside Ray): reports use it to show where units ran."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    except ImportError:
+        return ""
+
+
+def can_see(probe: str, token: str) -> bool:
+    """True when this process reads the probe file the driver wrote into save_path: a shared filesystem."""
+    try:
+        return Path(probe).read_text() == token
+    except OSError:
+        return False
+
+
+class ActorBody:
+    """Runs the units the plan gave this actor, in plan order, prefetching the next expert group's weights."""
+
+    def __init__(self, index: int, model_path: str, recipe: Recipe, spill_dir: str, device: str,
+                 schedule: list[Unit], probe: str, token: str, threads: Optional[int] = None,
+                 ship_results: Optional[bool] = None):
+        if threads:
+            torch.set_num_threads(threads)
+        self.index = index
+        self.shared_fs = can_see(probe, token) if ship_results is None else not ship_results
+        self.sink = UnitSink(spill_dir, ship_payload=not self.shared_fs)
+        self.worker = Worker(model_path, recipe, self.sink, resolve_device(device))
+        self.schedule = schedule
+        self.host = socket.gethostname()
+        self.node_id = ray_node_id()
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def node(self) -> dict:
+        return {"pid": os.getpid(), "host": self.host, "node_id": self.node_id, "shared_fs": self.shared_fs}
+
+    def _start(self, unit: Unit) -> tuple[float, int]:
+        """Prefetch the next expert group of this actor's schedule, then start the clock of this unit."""
+        if unit in self.schedule:
+            later = self.schedule[self.schedule.index(unit) + 1:]
+            upcoming = next((u for u in later if u.kind == "experts"), None)
+            if upcoming is not None:
+                self.worker.prefetch_experts(upcoming.layer, upcoming.first_expert, upcoming.stop_expert)
+        return time.perf_counter(), self.worker.reader.bytes_read
+
+    def _report(self, unit: Unit, started: tuple[float, int]) -> UnitReport:
+        seconds, bytes_read = time.perf_counter() - started[0], self.worker.reader.bytes_read - started[1]
+        return UnitReport(self.index, unit, self.sink.finish(unit.id), seconds, bytes_read, self.host, os.getpid(),
+                          self.node_id)
+
+    def vision(self, inputs: list[ModelInputs]):
+        unit = Unit("vision")
+        started = self._start(unit)
+        vision = self.worker.vision(inputs)
+        return vision, self.worker.contexts(inputs, vision), self._report(unit, started)
+
+    def embed(self, inputs: list[ModelInputs], vision):
+        unit = Unit("embed")
+        started = self._start(unit)
+        return self.worker.embed(inputs, vision), self._report(unit, started)
+
+    def attention(self, layer_idx: int, contexts, stream: list[torch.Tensor], *partials: torch.Tensor):
+        """Finish the previous layer (stream + its expert groups' partial sums, in group order), then run this one."""
+        unit = Unit("attention", layer_idx)
+        started = self._start(unit)
+        hidden = stream if layer_idx == 0 else finish_layer(layer_idx - 1, stream, add_partials(partials), contexts)
+        out = self.worker.attention(layer_idx, hidden, contexts)
+        return out.stream, out.moe, self._report(unit, started)
+
+    def experts(self, layer_idx: int, first: int, stop: int, moe):
+        unit = Unit("experts", layer_idx, first, stop)
+        started = self._start(unit)
+        return self.worker.experts(layer_idx, first, stop, moe), self._report(unit, started)
+
+    def head(self):
+        unit = Unit("head")
+        started = self._start(unit)
+        self.worker.head()
+        return self._report(unit, started)

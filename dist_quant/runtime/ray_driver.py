@@ -1,0 +1,213 @@
+"""Distributed quantization: a Ray driver hands the plan's units to actors, one per card, on one or many nodes.
+
+The driver submits the whole unit graph up front in plan order (each actor runs its tasks in submission order, so the
+graph cannot deadlock); hidden states move between actors as object refs and never through the driver. Actors write
+their unit files into the staging folder when they share its filesystem, or return them through the object store
+when they do not (probed, not assumed). The driver assembles and publishes the checkpoint; the checkpoint is the same
+whatever the number of workers. An actor that dies is restarted by Ray and its unfinished units run again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from tqdm import tqdm
+
+from dist_quant.calib.dataset import load_samples
+from dist_quant.calib.inputs import build_model_inputs
+from dist_quant.checkpoint.reader import CheckpointReader
+from dist_quant.checkpoint.writer import CheckpointWriter
+from dist_quant.errors import DistQuantError
+from dist_quant.models.qwen3_vl_moe import load_config
+from dist_quant.recipe import Recipe
+from dist_quant.runtime.actor import ActorBody, UnitReport
+from dist_quant.runtime.device import DEVICES
+from dist_quant.runtime.local import QuantSummary, resolve_dataset
+from dist_quant.runtime.plan import DEFAULT_EXPERT_GROUP_SIZE, Unit, assign_units, make_plan
+
+log = logging.getLogger("dist_quant")
+
+MAX_RESTARTS = 3  # per actor: a killed process or a lost node is retried this many times
+
+
+@dataclass
+class ActorSummary:
+    index: int
+    host: str = ""
+    node_ids: set = field(default_factory=set)
+    pids: set = field(default_factory=set)
+    units: int = 0
+    busy_seconds: float = 0.0
+    bytes_read: int = 0
+    bytes_written: int = 0
+
+
+@dataclass
+class DistributedSummary(QuantSummary):
+    actors: list[ActorSummary] = field(default_factory=list)
+    ray_start_seconds: float = 0.0
+
+
+def actor_resources(device: str) -> dict:
+    """One card per actor: Ray's Ascend support schedules the ``NPU`` resource and sets ASCEND_RT_VISIBLE_DEVICES."""
+    if device not in DEVICES:
+        raise DistQuantError(f"--device {device!r} is not supported; choose one of {list(DEVICES)}")
+    return {"npu": {"resources": {"NPU": 1}}, "cuda": {"num_gpus": 1}, "cpu": {"num_cpus": 1}}[device]
+
+
+def start_ray(ray_address: Optional[str], workers: int, device: str):
+    """Join a cluster (``auto`` or HOST:PORT), or start a local runtime sized for the workers; returns
+    (ray, whether this call started it). A runtime that is already initialised in this process is used as it is."""
+    import ray
+
+    if ray.is_initialized():
+        return ray, False
+    if ray_address:
+        try:
+            ray.init(address=ray_address, logging_level=logging.WARNING, log_to_driver=True)
+        except (ConnectionError, RuntimeError, ValueError) as error:
+            raise DistQuantError(f"cannot join the Ray cluster at {ray_address!r} ({error}); start it with "
+                                 "launch/start_head.sh or check the address") from None
+        return ray, True
+    num_cpus = max(os.cpu_count() or 1, workers) if device == "cpu" else None
+    ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+    return ray, True
+
+
+def check_capacity(ray, workers: int, device: str) -> None:
+    resources = ray.cluster_resources()
+    need = {"npu": ("NPU", workers), "cuda": ("GPU", workers), "cpu": ("CPU", workers)}[device]
+    have = resources.get(need[0], 0)
+    if have < need[1]:
+        raise DistQuantError(f"--workers {workers} needs {need[1]} {need[0]} in the Ray cluster, which has {have:g}; "
+                             "lower --workers or add nodes (launch/start_worker.sh)")
+
+
+def _progress_text(actors: dict[int, ActorSummary]) -> str:
+    return " | ".join(f"a{a.index} {a.units}u {a.units / a.busy_seconds:.1f}u/s" if a.busy_seconds else f"a{a.index} 0u"
+                      for a in sorted(actors.values(), key=lambda a: a.index))
+
+
+def submit_graph(ray, actors: list, plan: list[Unit], assignment: list[int], inputs_ref) -> dict[Unit, object]:
+    """Submit every unit in plan order; returns the report ref of each unit."""
+    owner = dict(zip(plan, assignment))
+    reports = {}
+    vision = contexts = hidden = None
+    partials: list = []
+    for unit in plan:
+        actor = actors[owner[unit]]
+        if unit.kind == "vision":
+            vision, contexts, reports[unit] = actor.vision.options(num_returns=3).remote(inputs_ref)
+        elif unit.kind == "embed":
+            hidden, reports[unit] = actor.embed.options(num_returns=2).remote(inputs_ref, vision)
+        elif unit.kind == "attention":
+            hidden, moe, reports[unit] = actor.attention.options(num_returns=3).remote(
+                unit.layer, contexts, hidden, *partials)
+            partials = []
+        elif unit.kind == "experts":
+            partial, reports[unit] = actor.experts.options(num_returns=2).remote(
+                unit.layer, unit.first_expert, unit.stop_expert, moe)
+            partials.append(partial)
+        else:
+            reports[unit] = actor.head.remote()
+    return reports
+
+
+def quantize_distributed(model_path: str, save_path: str, recipe: Recipe, *, workers: int,
+                         ray_address: Optional[str] = None, dataset: Optional[str] = None, device: str = "cpu",
+                         overwrite: bool = False, progress: bool = True, trust_remote_code: bool = False,
+                         expert_group_size: int = DEFAULT_EXPERT_GROUP_SIZE, threads_per_actor: Optional[int] = None,
+                         max_restarts: int = MAX_RESTARTS, ship_results: Optional[bool] = None,
+                         on_unit_done: Optional[Callable[[UnitReport], None]] = None) -> DistributedSummary:
+    """Quantize with ``workers`` Ray actors and publish one checkpoint to ``save_path``.
+
+    ``ship_results`` forces unit files through the object store (True) or the shared filesystem (False); by default
+    each actor probes whether it sees save_path. ``on_unit_done(report)`` is called in the driver after each
+    finished unit (tests use it to kill actor processes mid-run).
+    """
+    start = time.perf_counter()
+    config = load_config(CheckpointReader(model_path).config, f"{model_path}/config.json")
+    samples = load_samples(resolve_dataset(dataset, recipe), recipe.default_text)
+    inputs = build_model_inputs(model_path, samples, trust_remote_code=trust_remote_code)
+    plan = make_plan(config, expert_group_size)
+    assignment = assign_units(plan, workers)
+    writer = CheckpointWriter(save_path, part_file_size_gb=recipe.part_file_size_gb, overwrite=overwrite,
+                              model_path=model_path)
+    probe, token = writer.staging / "probe", secrets.token_hex(16)
+    probe.write_text(token)
+    actors, we_started = [], False
+    import ray
+
+    try:
+        ray_started = time.perf_counter()
+        ray, we_started = start_ray(ray_address, workers, device)
+        ray_seconds = time.perf_counter() - ray_started
+        check_capacity(ray, workers, device)
+        remote = ray.remote(max_restarts=max_restarts, max_task_retries=max_restarts)(ActorBody)
+        actors = [remote.options(**actor_resources(device), scheduling_strategy="SPREAD").remote(
+                      i, str(model_path), recipe, str(writer.spill_dir), device,
+                      [u for u, a in zip(plan, assignment) if a == i], str(probe), token, threads_per_actor,
+                      ship_results)
+                  for i in range(workers)]
+        reports = submit_graph(ray, actors, plan, assignment, ray.put(inputs))
+        done = collect_reports(ray, reports, progress, on_unit_done)
+        for unit in plan:  # plan order, whoever finished first: the same checkpoint for any number of workers
+            writer.add_unit(done[unit].record)
+        probe.unlink()
+        summary = writer.publish(model_path, recipe_path=recipe.path)
+    except BaseException as error:
+        writer.abort()
+        if isinstance(error, ray.exceptions.RayError):
+            raise DistQuantError(f"distributed quantization failed, nothing was published: {error}") from error
+        raise
+    finally:
+        for actor in actors:
+            ray.kill(actor, no_restart=True)
+        if we_started:
+            ray.shutdown()
+    per_actor = summarize_actors(done.values(), workers)
+    return DistributedSummary(time.perf_counter() - start, len(plan), summary["tensors"], summary["bytes"],
+                              dict(summary["counts"]), str(save_path), per_actor, ray_seconds)
+
+
+def collect_reports(ray, reports: dict[Unit, object], progress: bool,
+                    on_unit_done: Optional[Callable[[UnitReport], None]]) -> dict[Unit, UnitReport]:
+    """Wait for every unit, showing progress with per-actor throughput and an ETA."""
+    pending = {ref: unit for unit, ref in reports.items()}
+    done: dict[Unit, UnitReport] = {}
+    live: dict[int, ActorSummary] = defaultdict(lambda: ActorSummary(-1))
+    with tqdm(total=len(reports), desc="quantizing", unit="unit", disable=not progress) as bar:
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                pending.pop(ref)
+                report: UnitReport = ray.get(ref)
+                done[report.unit] = report
+                actor = live[report.actor]
+                actor.index, actor.units = report.actor, actor.units + 1
+                actor.busy_seconds += report.seconds
+                bar.set_postfix_str(_progress_text(live))
+                bar.update()
+                if on_unit_done is not None:
+                    on_unit_done(report)
+    return done
+
+
+def summarize_actors(reports, workers: int) -> list[ActorSummary]:
+    actors = [ActorSummary(i) for i in range(workers)]
+    for report in reports:
+        actor = actors[report.actor]
+        actor.host = report.host
+        actor.node_ids.add(report.node_id)
+        actor.pids.add(report.pid)
+        actor.units += 1
+        actor.busy_seconds += report.seconds
+        actor.bytes_read += report.bytes_read
+        actor.bytes_written += report.record.nbytes
+    return actors

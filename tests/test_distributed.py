@@ -1,0 +1,121 @@
+"""Distributed quantization on real Ray runtimes: the checkpoint is identical tensor by tensor to the single-card one
+for 2 and 3 workers, on a two-node cluster, through the object store, and after actor processes are killed."""
+
+import json
+import os
+import signal
+
+import pytest
+import ray
+import torch
+from ray.cluster_utils import Cluster
+from safetensors import safe_open
+
+from dist_quant.errors import DistQuantError
+from dist_quant.recipe import load_recipe
+from dist_quant.runtime.local import quantize_single_card
+from dist_quant.runtime.ray_driver import quantize_distributed
+from dist_quant.synthetic import make_tiny_model
+
+pytestmark = pytest.mark.ray
+GROUP = 3  # 8 experts -> groups 0-2, 3-5, 6-7: several units per layer to spread
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """Wide enough that each unit takes a little while, so an actor can be killed while it still has work."""
+    return make_tiny_model(tmp_path_factory.mktemp("dist") / "model", num_layers=6, hidden_size=128,
+                           moe_intermediate_size=96, num_heads=4, num_kv_heads=2, head_dim=32)
+
+
+@pytest.fixture(scope="module")
+def reference(model, calib_index, tmp_path_factory):
+    save = tmp_path_factory.mktemp("ref") / "quant"
+    quantize_single_card(str(model), str(save), load_recipe(), dataset=str(calib_index), progress=False,
+                         expert_group_size=GROUP)
+    return read_checkpoint(save)
+
+
+@pytest.fixture
+def local_ray():
+    ray.init(num_cpus=3, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def read_checkpoint(save):
+    index = json.loads((save / "quant_model_weights.safetensors.index.json").read_text())
+    tensors = {}
+    for part in sorted(set(index["weight_map"].values())):
+        with safe_open(save / part, "pt") as f:
+            tensors.update({k: f.get_tensor(k) for k in f.keys()})
+    return tensors, json.loads((save / "quant_model_description.json").read_text()), index
+
+
+def assert_same_checkpoint(save, reference):
+    tensors, description, index = read_checkpoint(save)
+    ref_tensors, ref_description, ref_index = reference
+    assert description == ref_description
+    assert index == ref_index
+    assert tensors.keys() == ref_tensors.keys()
+    different = [k for k in tensors if not torch.equal(tensors[k], ref_tensors[k])]
+    assert not different, different[:5]
+
+
+def run(model, calib_index, save, workers, **kwargs):
+    return quantize_distributed(str(model), str(save), load_recipe(), workers=workers, dataset=str(calib_index),
+                                progress=False, expert_group_size=GROUP, **kwargs)
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_same_checkpoint_with_2_and_3_workers(local_ray, model, calib_index, reference, tmp_path, workers):
+    summary = run(model, calib_index, tmp_path / "out", workers)
+    assert_same_checkpoint(tmp_path / "out", reference)
+    assert [a.units > 0 for a in summary.actors] == [True] * workers
+    assert sum(a.units for a in summary.actors) == summary.units
+    assert sum(a.bytes_written for a in summary.actors) == summary.bytes_written
+
+
+def test_results_through_the_object_store(local_ray, model, calib_index, reference, tmp_path):
+    run(model, calib_index, tmp_path / "out", 2, ship_results=True)
+    assert_same_checkpoint(tmp_path / "out", reference)
+
+
+def test_two_node_cluster(model, calib_index, reference, tmp_path):
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    try:
+        summary = run(model, calib_index, tmp_path / "out", 2, ray_address=cluster.address)
+        nodes = {node for actor in summary.actors for node in actor.node_ids}
+        assert len(nodes) == 2, "actors were not placed on both nodes"
+        assert_same_checkpoint(tmp_path / "out", reference)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def test_killed_actor_is_restarted_and_the_checkpoint_is_the_same(local_ray, model, calib_index, reference,
+                                                                      tmp_path):
+    killed = []
+
+    def kill_actor_1_once(report):
+        if report.actor == 1 and not killed:
+            killed.append(report.pid)
+            os.kill(report.pid, signal.SIGKILL)
+
+    summary = run(model, calib_index, tmp_path / "out", 2, on_unit_done=kill_actor_1_once)
+    assert killed
+    assert len(summary.actors[1].pids) == 2, "no unit ran on the restarted actor"
+    assert_same_checkpoint(tmp_path / "out", reference)
+
+
+def test_actor_that_keeps_dying_gives_a_clear_error_and_no_checkpoint(local_ray, model, calib_index, tmp_path):
+    def kill_actor_1(report):
+        if report.actor == 1:
+            os.kill(report.pid, signal.SIGKILL)
+
+    with pytest.raises(DistQuantError, match="nothing was published"):
+        run(model, calib_index, tmp_path / "out", 2, max_restarts=1, on_unit_done=kill_actor_1)
+    assert not (tmp_path / "out" / "quant_model_description.json").exists()
+    assert not list((tmp_path / "out").glob("*.safetensors"))
