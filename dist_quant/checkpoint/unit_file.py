@@ -7,7 +7,6 @@ what a file holds; when the driver cannot see the worker's disk, the record carr
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,26 +25,22 @@ class UnitRecord:
     keys: tuple[str, ...]  # in the order the unit produced them
     quant_types: tuple[str, ...]
     nbytes: int  # tensor data bytes
-    sha256: str  # of the whole file
+    file_bytes: int  # size of the file
     payload: Optional[bytes] = None  # the file itself, when it has to travel through the object store
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(16 * 1024**2), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 class UnitSink:
-    """Collects the tensors of one unit at a time and writes them to ``spill_dir/<unit_id>.safetensors``."""
+    """Collects the tensors of one unit at a time and writes them to ``spill_dir/<unit_id>.safetensors``.
+
+    The sink takes the tensors it is given as they are (no copy, they are large): callers must not change them later.
+    """
 
     def __init__(self, spill_dir: str | Path, *, ship_payload: bool = False):
         self.spill_dir = Path(spill_dir)
         self.ship_payload = ship_payload
         self._tensors: dict[str, torch.Tensor] = {}
         self._types: dict[str, str] = {}
+        self._storages: set[int] = set()
         self.bytes_written = 0
 
     def __len__(self) -> int:
@@ -60,8 +55,12 @@ class UnitSink:
             raise ValueError(f"quant type {quant_type!r} of {key} is not one of {QUANT_TYPES}")
         if key in self._tensors:
             raise ValueError(f"tensor {key} was already added")
-        # a private contiguous CPU copy: safetensors refuses tensors that share storage (q/k/v's one input_scale)
-        self._tensors[key] = tensor.detach().to("cpu", copy=True, memory_format=torch.contiguous_format)
+        tensor = tensor.detach().to("cpu").contiguous()
+        storage = tensor.untyped_storage()
+        if storage.nbytes() != tensor.numel() * tensor.element_size() or storage.data_ptr() in self._storages:
+            tensor = tensor.clone()  # a view, or a tensor given twice: safetensors refuses storage shared by keys
+        self._storages.add(tensor.untyped_storage().data_ptr())
+        self._tensors[key] = tensor
         self._types[key] = quant_type
 
     def finish(self, unit_id: str) -> UnitRecord:
@@ -72,8 +71,9 @@ class UnitSink:
         save_file(self._tensors, str(tmp))
         os.replace(tmp, self.spill_dir / name)
         path = self.spill_dir / name
+        size = path.stat().st_size
         record = UnitRecord(unit_id, name, tuple(self._tensors), tuple(self._types.values()), self.pending_bytes,
-                            file_sha256(path), path.read_bytes() if self.ship_payload else None)
-        self.bytes_written += path.stat().st_size
-        self._tensors, self._types = {}, {}
+                            size, path.read_bytes() if self.ship_payload else None)
+        self.bytes_written += size
+        self._tensors, self._types, self._storages = {}, {}, set()
         return record

@@ -13,7 +13,8 @@ import logging
 import os
 import shutil
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Optional
 from pathlib import Path
 
 import torch
@@ -54,7 +55,10 @@ def _is_within(path: Path, folder: Path) -> bool:
 
 
 def _write_json(path: Path, content: dict) -> None:
-    path.write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(json.dumps(content, indent=2, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -82,6 +86,14 @@ def _layout_parts(slices: list[TensorSlice], part_bytes: int) -> Iterator[list[T
         size += nbytes
     if part:
         yield part
+
+
+PartWriter = Callable[[list[tuple[Path, list[TensorSlice]]]], None]
+
+
+def _write_parts_here(batch: list[tuple[Path, list[TensorSlice]]]) -> None:
+    for path, part in batch:
+        write_concatenated(path, part)
 
 
 class CheckpointWriter:
@@ -137,9 +149,9 @@ class CheckpointWriter:
         path = self.spill_dir / record.file
         if record.payload is not None:  # the worker's disk is not ours: its file came through the object store
             path.write_bytes(record.payload)
-        if not path.is_file():
-            raise OutputError(f"unit file {path} of unit {record.unit_id} is missing; is save_path on a filesystem "
-                              "every worker node shares?")
+        if not path.is_file() or path.stat().st_size != record.file_bytes:
+            raise OutputError(f"unit file {path} of unit {record.unit_id} is missing or incomplete; is save_path on a "
+                              "filesystem every worker node shares?")
         clash = [key for key in record.keys if key in self._quant_types]
         if clash:
             raise ValueError(f"unit {record.unit_id} repeats tensors already added: {clash[:5]}")
@@ -152,7 +164,7 @@ class CheckpointWriter:
         """Add one tensor; past spill_bytes the buffered tensors go to a spill file."""
         if key in self._quant_types:
             raise ValueError(f"tensor {key} was already added")
-        self._sink.add(key, tensor, quant_type)
+        self._sink.add(key, tensor.detach().clone(), quant_type)  # the caller may change its tensor afterwards
         if self._sink.pending_bytes > self._spill_bytes:
             self.flush()
 
@@ -182,13 +194,19 @@ class CheckpointWriter:
         *,
         recipe_path: str | Path | None = None,
         metadata: dict | None = None,
+        write_parts: Optional[PartWriter] = None,
+        parallel_parts: int = 1,
     ) -> dict:
-        """Finish every file in staging, then move them into save_path, the description last."""
+        """Finish every file in staging, then move them into save_path, the description last.
+
+        ``write_parts`` writes a batch of ``parallel_parts`` parts at once (the Ray driver hands them to its actors);
+        by default this process writes them one by one.
+        """
         self.flush()
         if not self._quant_types:
             raise OutputError(f"no tensors were added for {self.save_path}; nothing to publish")
         source = Path(source_model_dir)
-        self._write_parts()
+        self._write_parts(write_parts or _write_parts_here, max(1, parallel_parts))
         self._write_config(source)
         self._copy_source_files(source)
         if recipe_path is not None:
@@ -216,9 +234,9 @@ class CheckpointWriter:
             "files": files,
         }
 
-    def _write_parts(self) -> None:
-        """Assemble the parts (HF shard names) from the spill files, deleting each spill file once all of it is
-        copied, so the disk holds little more than one part twice; then write the index that lists the parts."""
+    def _write_parts(self, write_batch: PartWriter, batch_size: int) -> None:
+        """Assemble the parts (HF shard names) from the spill files, a batch at a time, deleting each spill file once
+        all of it is copied, so the disk holds little more than one batch of parts twice; then write the index."""
         parts = list(_layout_parts(self._spilled, self._part_bytes))
         count = len(parts)
         if self._part_bytes == 0:
@@ -227,13 +245,15 @@ class CheckpointWriter:
             names = [f"{WEIGHTS_PREFIX}-{k:05d}-of-{count:05d}.safetensors" for k in range(1, count + 1)]
         uncopied = Counter(tensor.source for tensor in self._spilled)
         weight_map = {}
-        for number, (name, part) in enumerate(zip(names, parts), start=1):
-            path = self.staging / name
-            write_concatenated(path, part)
-            path.chmod(0o644)
-            logger.info("wrote part %d/%d: %s (%.2f GB)", number, count, name, path.stat().st_size / GB)
-            weight_map.update({tensor.key: name for tensor in part})
-            uncopied.subtract(tensor.source for tensor in part)
+        jobs = [(self.staging / name, part) for name, part in zip(names, parts)]
+        for first in range(0, count, batch_size):
+            batch = jobs[first:first + batch_size]
+            write_batch(batch)
+            for path, part in batch:
+                path.chmod(0o644)
+                logger.info("wrote part %s (%.2f GB)", path.name, path.stat().st_size / GB)
+                weight_map.update({tensor.key: path.name for tensor in part})
+                uncopied.subtract(tensor.source for tensor in part)
             for spill in [spill for spill, left in uncopied.items() if left == 0]:
                 spill.unlink()
                 del uncopied[spill]

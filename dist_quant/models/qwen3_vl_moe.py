@@ -184,13 +184,19 @@ def expert_group_forward(
     Each expert runs only on its own tokens: the sparse computation, not msModelSlim's every-expert-on-every-token.
     """
     out = torch.zeros_like(x)
-    for offset, (gate, up, down) in enumerate(experts):
-        tokens, slot = torch.nonzero(topk_ids == first_expert + offset, as_tuple=True)
-        if tokens.numel() == 0:
+    # group the (token, slot) pairs by expert once, instead of scanning all routes for every expert
+    flat = topk_ids.reshape(-1) - first_expert
+    mine = torch.nonzero((flat >= 0) & (flat < len(experts)), as_tuple=True)[0]
+    order = mine[torch.argsort(flat[mine], stable=True)]
+    counts = torch.bincount(flat[order], minlength=len(experts)).tolist()
+    top_k = topk_ids.shape[1]
+    for (gate, up, down), routes in zip(experts, torch.split(order, counts)):
+        if routes.numel() == 0:
             continue
+        tokens = routes // top_k
         xe = x[tokens]
         ye = (act_fn(xe @ gate.T) * (xe @ up.T)) @ down.T
-        out.index_add_(0, tokens, ye * topk_weights[tokens, slot, None])
+        out.index_add_(0, tokens, ye * topk_weights.reshape(-1)[routes, None])
     return out
 
 

@@ -8,6 +8,7 @@ node's disk), so the driver can assemble the checkpoint and show per-actor progr
 from __future__ import annotations
 
 import os
+import resource
 import socket
 import time
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from typing import Optional
 import torch
 
 from dist_quant.calib.inputs import ModelInputs
+from dist_quant.checkpoint.safetensors_stream import write_concatenated
 from dist_quant.checkpoint.unit_file import UnitRecord, UnitSink
 from dist_quant.recipe import Recipe
 from dist_quant.runtime.device import resolve_device
@@ -35,6 +37,7 @@ class UnitReport:
     host: str
     pid: int
     node_id: str
+    peak_rss: int  # bytes, of this actor process so far
 
 
 def ray_node_id() -> str:
@@ -45,6 +48,17 @@ def ray_node_id() -> str:
         return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
     except ImportError:
         return ""
+
+
+def pin_to_cpu_share(index: int, cpus: int) -> set[int]:
+    """Keep a CPU-device actor on the ``cpus`` cores Ray allotted it (actor i takes the i-th share of this node's
+    cores), so that its reading thread and its compute share them as they would share one card's host cores,
+    instead of spilling onto the cores of the other actors."""
+    cores = sorted(os.sched_getaffinity(0))
+    share = {cores[(index * cpus + k) % len(cores)] for k in range(cpus)}
+    os.sched_setaffinity(0, share)
+    torch.set_num_threads(len(share))
+    return share
 
 
 def can_see(probe: str, token: str) -> bool:
@@ -61,8 +75,8 @@ class ActorBody:
     def __init__(self, index: int, model_path: str, recipe: Recipe, spill_dir: str, device: str,
                  schedule: list[Unit], probe: str, token: str, threads: Optional[int] = None,
                  ship_results: Optional[bool] = None):
-        if threads:
-            torch.set_num_threads(threads)
+        if device == "cpu" and threads:
+            pin_to_cpu_share(index, threads)
         self.index = index
         self.shared_fs = can_see(probe, token) if ship_results is None else not ship_results
         self.sink = UnitSink(spill_dir, ship_payload=not self.shared_fs)
@@ -70,6 +84,7 @@ class ActorBody:
         self.schedule = schedule
         self.host = socket.gethostname()
         self.node_id = ray_node_id()
+        self._bytes_reported = 0
 
     def pid(self) -> int:
         return os.getpid()
@@ -77,19 +92,22 @@ class ActorBody:
     def node(self) -> dict:
         return {"pid": os.getpid(), "host": self.host, "node_id": self.node_id, "shared_fs": self.shared_fs}
 
-    def _start(self, unit: Unit) -> tuple[float, int]:
+    def _start(self, unit: Unit) -> float:
         """Prefetch the next expert group of this actor's schedule, then start the clock of this unit."""
         if unit in self.schedule:
             later = self.schedule[self.schedule.index(unit) + 1:]
             upcoming = next((u for u in later if u.kind == "experts"), None)
             if upcoming is not None:
                 self.worker.prefetch_experts(upcoming.layer, upcoming.first_expert, upcoming.stop_expert)
-        return time.perf_counter(), self.worker.reader.bytes_read
+        return time.perf_counter()
 
-    def _report(self, unit: Unit, started: tuple[float, int]) -> UnitReport:
-        seconds, bytes_read = time.perf_counter() - started[0], self.worker.reader.bytes_read - started[1]
+    def _report(self, unit: Unit, started: float) -> UnitReport:
+        """Bytes read since the previous report (prefetches included), so the reports add up to every byte read."""
+        seconds = time.perf_counter() - started
+        bytes_read, self._bytes_reported = self.worker.reader.bytes_read - self._bytes_reported, \
+            self.worker.reader.bytes_read
         return UnitReport(self.index, unit, self.sink.finish(unit.id), seconds, bytes_read, self.host, os.getpid(),
-                          self.node_id)
+                          self.node_id, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
     def vision(self, inputs: list[ModelInputs]):
         unit = Unit("vision")
@@ -114,6 +132,10 @@ class ActorBody:
         unit = Unit("experts", layer_idx, first, stop)
         started = self._start(unit)
         return self.worker.experts(layer_idx, first, stop, moe), self._report(unit, started)
+
+    def write_part(self, path: str, slices: list) -> None:
+        """Assemble one part file of the checkpoint from unit files (on the shared filesystem)."""
+        write_concatenated(path, slices)
 
     def head(self):
         unit = Unit("head")

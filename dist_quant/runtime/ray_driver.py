@@ -46,12 +46,16 @@ class ActorSummary:
     busy_seconds: float = 0.0
     bytes_read: int = 0
     bytes_written: int = 0
+    peak_rss: int = 0
 
 
 @dataclass
 class DistributedSummary(QuantSummary):
     actors: list[ActorSummary] = field(default_factory=list)
-    ray_start_seconds: float = 0.0
+    ray_start_seconds: float = 0.0  # joining or starting the Ray runtime
+    actor_start_seconds: float = 0.0  # actor processes up, each with torch and the model config loaded
+    sweep_seconds: float = 0.0  # first unit submitted to last unit finished
+    assemble_seconds: float = 0.0  # part files, index, description, publish
 
 
 def actor_resources(device: str) -> dict:
@@ -119,6 +123,20 @@ def submit_graph(ray, actors: list, plan: list[Unit], assignment: list[int], inp
     return reports
 
 
+def start_actors(ray, workers: int, device: str, model_path: str, recipe: Recipe, writer: CheckpointWriter,
+                 plan: list[Unit], assignment: list[int], threads_per_actor: Optional[int], max_restarts: int,
+                 ship_results: Optional[bool]) -> list:
+    """One actor per card, spread over the nodes; each is told its units so it can prefetch the next one.
+    A probe file in the staging folder tells each actor whether it shares save_path's filesystem."""
+    probe, token = writer.staging / "probe", secrets.token_hex(16)
+    probe.write_text(token)
+    remote = ray.remote(max_restarts=max_restarts, max_task_retries=max_restarts)(ActorBody)
+    return [remote.options(**actor_resources(device), scheduling_strategy="SPREAD").remote(
+                i, str(model_path), recipe, str(writer.spill_dir), device,
+                [u for u, a in zip(plan, assignment) if a == i], str(probe), token, threads_per_actor, ship_results)
+            for i in range(workers)]
+
+
 def quantize_distributed(model_path: str, save_path: str, recipe: Recipe, *, workers: int,
                          ray_address: Optional[str] = None, dataset: Optional[str] = None, device: str = "cpu",
                          overwrite: bool = False, progress: bool = True, trust_remote_code: bool = False,
@@ -127,40 +145,40 @@ def quantize_distributed(model_path: str, save_path: str, recipe: Recipe, *, wor
                          on_unit_done: Optional[Callable[[UnitReport], None]] = None) -> DistributedSummary:
     """Quantize with ``workers`` Ray actors and publish one checkpoint to ``save_path``.
 
-    ``ship_results`` forces unit files through the object store (True) or the shared filesystem (False); by default
-    each actor probes whether it sees save_path. ``on_unit_done(report)`` is called in the driver after each
-    finished unit (tests use it to kill actor processes mid-run).
+    ``threads_per_actor``: on the cpu device, each actor is pinned to that many cores of its node (its "card");
+    by default actors are not pinned. ``ship_results`` forces unit files through the object store (True) or the
+    shared filesystem (False); by default each actor probes whether it sees save_path. ``on_unit_done(report)`` is
+    called in the driver after each finished unit (tests use it to kill actor processes mid-run).
     """
+    import ray
+
     start = time.perf_counter()
     config = load_config(CheckpointReader(model_path).config, f"{model_path}/config.json")
     samples = load_samples(resolve_dataset(dataset, recipe), recipe.default_text)
-    inputs = build_model_inputs(model_path, samples, trust_remote_code=trust_remote_code)
     plan = make_plan(config, expert_group_size)
     assignment = assign_units(plan, workers)
     writer = CheckpointWriter(save_path, part_file_size_gb=recipe.part_file_size_gb, overwrite=overwrite,
                               model_path=model_path)
-    probe, token = writer.staging / "probe", secrets.token_hex(16)
-    probe.write_text(token)
     actors, we_started = [], False
-    import ray
-
     try:
         ray_started = time.perf_counter()
         ray, we_started = start_ray(ray_address, workers, device)
         ray_seconds = time.perf_counter() - ray_started
         check_capacity(ray, workers, device)
-        remote = ray.remote(max_restarts=max_restarts, max_task_retries=max_restarts)(ActorBody)
-        actors = [remote.options(**actor_resources(device), scheduling_strategy="SPREAD").remote(
-                      i, str(model_path), recipe, str(writer.spill_dir), device,
-                      [u for u, a in zip(plan, assignment) if a == i], str(probe), token, threads_per_actor,
-                      ship_results)
-                  for i in range(workers)]
+        actors_started = time.perf_counter()
+        actors = start_actors(ray, workers, device, model_path, recipe, writer, plan, assignment, threads_per_actor,
+                              max_restarts, ship_results)
+        inputs = build_model_inputs(model_path, samples, trust_remote_code=trust_remote_code)  # while actors start
+        ray.get([actor.node.remote() for actor in actors])
+        sweep_started = time.perf_counter()
         reports = submit_graph(ray, actors, plan, assignment, ray.put(inputs))
         done = collect_reports(ray, reports, progress, on_unit_done)
+        assemble_started = time.perf_counter()
         for unit in plan:  # plan order, whoever finished first: the same checkpoint for any number of workers
             writer.add_unit(done[unit].record)
-        probe.unlink()
-        summary = writer.publish(model_path, recipe_path=recipe.path)
+        (writer.staging / "probe").unlink()
+        summary = writer.publish(model_path, recipe_path=recipe.path, **part_writing(ray, actors, done.values()))
+        finished = time.perf_counter()
     except BaseException as error:
         writer.abort()
         if isinstance(error, ray.exceptions.RayError):
@@ -171,9 +189,22 @@ def quantize_distributed(model_path: str, save_path: str, recipe: Recipe, *, wor
             ray.kill(actor, no_restart=True)
         if we_started:
             ray.shutdown()
-    per_actor = summarize_actors(done.values(), workers)
-    return DistributedSummary(time.perf_counter() - start, len(plan), summary["tensors"], summary["bytes"],
-                              dict(summary["counts"]), str(save_path), per_actor, ray_seconds)
+    return DistributedSummary(finished - start, len(plan), summary["tensors"], summary["bytes"],
+                              dict(summary["counts"]), str(save_path), summarize_actors(done.values(), workers),
+                              ray_seconds, sweep_started - actors_started, assemble_started - sweep_started,
+                              finished - assemble_started)
+
+
+def part_writing(ray, actors: list, reports) -> dict:
+    """Actors that share save_path's filesystem assemble the part files in parallel, one part each at a time;
+    otherwise the unit files came through the object store and the driver writes the parts itself."""
+    if not all(report.record.payload is None for report in reports):
+        return {}
+
+    def write_batch(batch):
+        ray.get([actors[i % len(actors)].write_part.remote(str(path), part) for i, (path, part) in enumerate(batch)])
+
+    return {"write_parts": write_batch, "parallel_parts": len(actors)}
 
 
 def collect_reports(ray, reports: dict[Unit, object], progress: bool,
@@ -210,4 +241,5 @@ def summarize_actors(reports, workers: int) -> list[ActorSummary]:
         actor.busy_seconds += report.seconds
         actor.bytes_read += report.bytes_read
         actor.bytes_written += report.record.nbytes
+        actor.peak_rss = max(actor.peak_rss, report.peak_rss)
     return actors

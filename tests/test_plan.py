@@ -1,0 +1,68 @@
+"""The plan from config.json alone, on the real 235B and 30B configs (no weights exist in these tests)."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from dist_quant.cli import main
+from dist_quant.models.qwen3_vl_moe import load_config
+from dist_quant.runtime.actor import can_see
+from dist_quant.runtime.plan import GB, assign_units, build_plan, make_plan
+
+DATA = Path(__file__).parent / "data"
+PARAMS = {"Qwen3-VL-235B-A22B": 235.67e9, "Qwen3-VL-30B-A3B": 31.07e9}  # public parameter counts
+
+
+def config_of(name):
+    raw = json.loads((DATA / f"{name}.config.json").read_text())
+    return load_config(raw), raw
+
+
+@pytest.mark.parametrize("name", sorted(PARAMS))
+@pytest.mark.parametrize("workers", [1, 3, 8])
+def test_plan_counts_every_byte_once(name, workers):
+    config, raw = config_of(name)
+    plan = build_plan(config, raw, workers)
+    tc = config.text_config
+    kinds = [u.kind for u in plan.units]
+    assert kinds.count("attention") == tc.num_hidden_layers
+    assert kinds.count("experts") == tc.num_hidden_layers * (tc.num_experts // 16)
+    assert kinds.count("vision") == kinds.count("embed") == kinds.count("head") == 1
+    assert sum(a.read_bytes for a in plan.actors) == plan.source_bytes
+    assert plan.source_bytes == pytest.approx(PARAMS[name] * 2, rel=0.005)  # bf16
+    assert all(plan.fits(a) for a in plan.actors)
+    groups = [sum(u.kind == "experts" for u in a.units) for a in plan.actors]
+    assert max(groups) - min(groups) <= 1 + tc.num_hidden_layers // 8  # balanced to within a few groups
+
+
+def test_expert_groups_of_each_layer_spread_over_all_actors():
+    config, _ = config_of("Qwen3-VL-235B-A22B")
+    units = make_plan(config)
+    owners = assign_units(units, 8)
+    for layer in range(3):
+        assert sorted(o for u, o in zip(units, owners) if u.kind == "experts" and u.layer == layer) == list(range(8))
+
+
+def test_plan_command_reads_only_the_config(tmp_path, capsys):
+    shutil.copy(DATA / "Qwen3-VL-235B-A22B.config.json", tmp_path / "config.json")
+    assert main(["plan", "--model_path", str(tmp_path), "--workers", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "94 layers, 128 experts (top-8)" in out and "752 experts" in out and out.count(" yes ") == 8
+    assert main(["plan", "--model_path", str(tmp_path), "--workers", "1", "--card_memory_gb", "4"]) == 1
+    assert " NO " in capsys.readouterr().out
+
+
+def test_memory_estimate_is_units_not_model():
+    config, raw = config_of("Qwen3-VL-235B-A22B")
+    plan = build_plan(config, raw, 1)
+    assert plan.actors[0].peak_bytes < 16 * GB < plan.source_bytes
+
+
+def test_shared_filesystem_probe(tmp_path):
+    probe = tmp_path / "probe"
+    probe.write_text("token")
+    assert can_see(str(probe), "token")
+    assert not can_see(str(probe), "other")
+    assert not can_see(str(tmp_path / "missing"), "token")
