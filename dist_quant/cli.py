@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
 from dist_quant.errors import DistQuantError
@@ -77,8 +78,6 @@ def _plan_parser(sub) -> None:
 
 
 def _cmd_plan(args) -> int:
-    from pathlib import Path
-
     from dist_quant.checkpoint.reader import read_config
     from dist_quant.models.qwen3_vl_moe import load_config
     from dist_quant.runtime.plan import build_plan, format_plan
@@ -95,6 +94,46 @@ def _cmd_plan(args) -> int:
              f" hidden {tc.hidden_size}; {args.workers} worker(s), expert groups of {args.expert_group_size}")
     print(format_plan(plan, title))
     return 0 if all(plan.fits(a) for a in plan.actors) else 1
+
+
+EVAL_EXAMPLE = """example:
+  dist-quant eval --model_path /models/Qwen3-VL-30B-A3B-Instruct --quant_path /models/Qwen3-VL-30B-A3B-w8a8 \\
+      --dataset /data/calib/index.jsonl --output report.json
+"""
+
+
+def _eval_parser(sub) -> None:
+    p = sub.add_parser("eval", help="compare a quantized checkpoint with its float model (vLLM Ascend's int8 math)",
+                       description="Run the quantized checkpoint with the integer math vLLM Ascend executes next to "
+                                   "the float model, layer by layer, and report per-layer cosine similarity and "
+                                   "relative error, the KL divergence of the final logits and the top-1 agreement.",
+                       epilog=EVAL_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_path", required=True, help="the float model directory")
+    p.add_argument("--quant_path", required=True, help="the quantized checkpoint directory")
+    p.add_argument("--dataset", default=None,
+                   help="image+text samples (same forms as for quant); default: the recipe's calibration set")
+    p.add_argument("--config_path", default=None, help="recipe whose dataset/default_text to use")
+    p.add_argument("--max_samples", type=int, default=None, help="evaluate on the first N samples only")
+    p.add_argument("--output", default=None, help="also write the report as JSON to this file")
+    p.add_argument("--trust_remote_code", type=_bool, default=False, help="True to allow the model dir's own code")
+
+
+def _cmd_eval(args) -> int:
+    from dist_quant.calib.dataset import load_samples
+    from dist_quant.calib.inputs import build_model_inputs
+    from dist_quant.evaluate import evaluate
+    from dist_quant.runtime.local import resolve_dataset
+
+    recipe = load_recipe(args.config_path or DEFAULT_RECIPE)
+    samples = load_samples(resolve_dataset(args.dataset, recipe), recipe.default_text)[:args.max_samples]
+    inputs = build_model_inputs(args.model_path, samples, trust_remote_code=args.trust_remote_code)
+    report = evaluate(args.model_path, args.quant_path, inputs,
+                      progress=lambda name: print(f"  compared {name}", file=sys.stderr, flush=True))
+    print(report.table())
+    if args.output:
+        Path(args.output).write_text(report.to_json())
+        print(f"report written to {args.output}")
+    return 0
 
 
 def _human_bytes(n: int) -> str:
@@ -138,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _quant_parser(sub)
     _plan_parser(sub)
+    _eval_parser(sub)
     return parser
 
 
@@ -145,7 +185,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        return {"quant": _cmd_quant, "plan": _cmd_plan}[args.command](args)
+        return {"quant": _cmd_quant, "plan": _cmd_plan, "eval": _cmd_eval}[args.command](args)
     except DistQuantError as exc:
         print(f"dist-quant: error: {exc}", file=sys.stderr)
         return 2

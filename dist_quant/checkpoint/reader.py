@@ -17,8 +17,6 @@ import torch
 from dist_quant.checkpoint.safetensors_stream import TensorSlice, tensor_slices
 from dist_quant.errors import CheckpointError
 
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 # safetensors header dtype names -> torch dtypes
@@ -99,8 +97,11 @@ def read_config(path: Path) -> dict:
 class CheckpointReader:
     """Random access to the tensors of `model.safetensors` or of the shards listed in `model.safetensors.index.json`."""
 
-    def __init__(self, model_dir: str | Path):
+    def __init__(self, model_dir: str | Path, *, weights_name: str = "model.safetensors"):
+        """``weights_name``: the single-file name; shards are listed in ``<weights_name>.index.json``
+        (``quant_model_weights.safetensors`` reads a quantized ascendv1 checkpoint)."""
         self.model_dir = Path(model_dir)
+        self._single_name, self._index_name = weights_name, f"{weights_name}.index.json"
         self.config = read_config(self.model_dir / "config.json")
         self.bytes_read = 0
         self._headers: dict[Path, dict[str, TensorSlice]] = {}
@@ -108,12 +109,12 @@ class CheckpointReader:
         self._file_of_key = self._map_keys()
 
     def _map_keys(self) -> dict[str, Path]:
-        index_path = self.model_dir / INDEX_FILE
+        index_path = self.model_dir / self._index_name
         if not index_path.exists():
-            single = self.model_dir / SINGLE_FILE
+            single = self.model_dir / self._single_name
             if not single.exists():
                 raise CheckpointError(
-                    f"{self.model_dir} holds neither {SINGLE_FILE} nor {INDEX_FILE}: pass a Hugging Face model "
+                    f"{self.model_dir} holds neither {self._single_name} nor {self._index_name}: pass a model "
                     "directory with safetensors weights"
                 )
             return {key: single for key in self._header(single)}

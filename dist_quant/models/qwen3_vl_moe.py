@@ -171,13 +171,18 @@ def route(router_logits: torch.Tensor, top_k: int, dtype: torch.dtype) -> tuple[
     return ids, weights.to(dtype)
 
 
+def float_expert(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
+                 act_fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """One expert of unfused nn.Linear-orientation weights, as the HF experts compute it: down(act(gate x) * up x)."""
+    return lambda x: (act_fn(x @ gate.T) * (x @ up.T)) @ down.T
+
+
 def expert_group_forward(
     x: torch.Tensor,
     topk_ids: torch.Tensor,
     topk_weights: torch.Tensor,
-    experts: list[ExpertWeights],
+    experts: list[Callable[[torch.Tensor], torch.Tensor]],
     first_expert: int,
-    act_fn: Callable[[torch.Tensor], torch.Tensor],
 ) -> torch.Tensor:
     """Weighted sum of the outputs of experts ``first_expert ..`` over the tokens routed to each (x: [T, H]).
 
@@ -190,13 +195,11 @@ def expert_group_forward(
     order = mine[torch.argsort(flat[mine], stable=True)]
     counts = torch.bincount(flat[order], minlength=len(experts)).tolist()
     top_k = topk_ids.shape[1]
-    for (gate, up, down), routes in zip(experts, torch.split(order, counts)):
+    for expert, routes in zip(experts, torch.split(order, counts)):
         if routes.numel() == 0:
             continue
         tokens = routes // top_k
-        xe = x[tokens]
-        ye = (act_fn(xe @ gate.T) * (xe @ up.T)) @ down.T
-        out.index_add_(0, tokens, ye * topk_weights.reshape(-1)[routes, None])
+        out.index_add_(0, tokens, expert(x[tokens]) * topk_weights.reshape(-1)[routes, None])
     return out
 
 

@@ -225,8 +225,9 @@ class Worker:
         """Experts ``first..stop-1`` of a layer: partial MoE output on their routed tokens, then quantize and write."""
         pending = self._prefetched.pop((layer_idx, first, stop), None)
         experts = pending.result() if pending is not None else self._read_experts(layer_idx, first, stop)
-        partial = qvl.expert_group_forward(moe.x, moe.topk_ids, moe.topk_weights, experts, first,
-                                           qvl.activation(self.config))
+        act_fn = qvl.activation(self.config)
+        partial = qvl.expert_group_forward(moe.x, moe.topk_ids, moe.topk_weights,
+                                           [qvl.float_expert(*e, act_fn) for e in experts], first)
         for expert, weights in zip(range(first, stop), experts):
             for proj, weight in zip(EXPERT_PROJS, weights):
                 self._emit_linear(qvl.expert_key(layer_idx, expert, proj), weight, None, None)

@@ -1,0 +1,298 @@
+"""``dist-quant eval``: run a quantized checkpoint with the integer math vLLM Ascend executes, next to the float model.
+
+Both models are built piece by piece from their own checkpoints (the quantized one is self-contained: its FLOAT
+tensors are the rotated/smoothed ones), layer by layer with bounded memory, on the same calibration-style inputs.
+Per layer it reports how far the quantized hidden states are from the float ones (cosine similarity, relative error;
+a QuaRot-rotated stream is rotated back first), and at the end the KL divergence of the final logits and the top-1
+agreement.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from dist_quant.algorithms.quantize import dynamic_w8a8_linear, static_w8a8_linear
+from dist_quant.calib.inputs import ModelInputs
+from dist_quant.checkpoint.reader import CheckpointReader
+from dist_quant.errors import CheckpointError
+from dist_quant.models import qwen3_vl_moe as qvl
+from dist_quant.recipe import FLOAT, W8A8, W8A8_DYNAMIC
+from dist_quant.runtime.sweep import add_partials, finish_layer
+
+QUANT_WEIGHTS = "quant_model_weights.safetensors"
+DESCRIPTION = "quant_model_description.json"
+
+
+# --- linears with the serving runtime's integer math ----------------------------------------------------------------
+
+class StaticW8A8Linear(nn.Module):
+    """Per-tensor asymmetric int8 activations, per-channel int8 weights (FORMAT.md runtime math)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        super().__init__()
+        for name in ("weight", "quant_bias", "deq_scale", "input_scale", "input_offset"):
+            self.register_buffer(name, tensors[name], persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = static_w8a8_linear(x.reshape(-1, x.shape[-1]), self.weight, self.quant_bias, self.deq_scale,
+                               self.input_scale, self.input_offset)
+        return y.reshape(*x.shape[:-1], -1).to(x.dtype)
+
+
+class DynamicW8A8Linear(nn.Module):
+    """Per-token symmetric int8 activations computed at run time, per-channel int8 weights."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        super().__init__()
+        self.register_buffer("weight", tensors["weight"], persistent=False)
+        self.register_buffer("weight_scale", tensors["weight_scale"], persistent=False)
+        self.register_buffer("bias", tensors.get("bias"), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = dynamic_w8a8_linear(x.reshape(-1, x.shape[-1]), self.weight, self.weight_scale)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], -1).to(x.dtype)
+
+
+class QuantizedCheckpoint:
+    """The tensors and description of an ascendv1 checkpoint, as modules."""
+
+    def __init__(self, path: str | Path, dtype: torch.dtype):
+        self.path = Path(path)
+        description_file = self.path / DESCRIPTION
+        try:
+            self.description = json.loads(description_file.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise CheckpointError(f"{description_file} is missing or unreadable ({error}); is {path} a finished "
+                                  "dist-quant / msModelSlim checkpoint?") from None
+        self.reader = CheckpointReader(self.path, weights_name=QUANT_WEIGHTS)
+        self.dtype = dtype
+        self.rotation = self._rotation()
+
+    def _rotation(self) -> Optional[torch.Tensor]:
+        rotation_map = self.description.get("optional", {}).get("quarot", {}).get("rotation_map", {})
+        if "global_rotation" not in rotation_map:
+            return None
+        from safetensors.torch import load_file
+
+        return load_file(self.path / rotation_map["global_rotation"])["global_rotation"].to(torch.float64)
+
+    def tensor(self, key: str) -> torch.Tensor:
+        return self.reader.get(key)
+
+    def float_tensor(self, key: str) -> torch.Tensor:
+        return self.reader.get(key, dtype=self.dtype)
+
+    def linear(self, name: str) -> nn.Module:
+        """The module vLLM Ascend would build for the linear ``name``, by its type in the description."""
+        quant_type = self.description.get(f"{name}.weight")
+        present = {s: f"{name}.{s}" for s in ("weight", "bias", "quant_bias", "deq_scale", "input_scale",
+                                              "input_offset", "weight_scale") if f"{name}.{s}" in self.reader}
+        if quant_type == W8A8:
+            return StaticW8A8Linear({s: self.tensor(k) for s, k in present.items()})
+        if quant_type == W8A8_DYNAMIC:
+            tensors = {s: self.tensor(k) for s, k in present.items()}
+            if "bias" in tensors:
+                tensors["bias"] = tensors["bias"].to(self.dtype)
+            return DynamicW8A8Linear(tensors)
+        if quant_type == FLOAT:
+            weight = self.float_tensor(present["weight"])
+            linear = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in present)
+            linear.weight = nn.Parameter(weight, requires_grad=False)
+            if "bias" in present:
+                linear.bias = nn.Parameter(self.float_tensor(present["bias"]), requires_grad=False)
+            return linear
+        raise CheckpointError(f"{self.path / DESCRIPTION} has no entry for {name}.weight")
+
+    def quantize_module(self, module: nn.Module, prefix: str) -> nn.Module:
+        """Replace every nn.Linear of a meta-device module by its served form, then load the rest (norms...)."""
+        for name, child in list(module.named_modules()):
+            if isinstance(child, nn.Linear):
+                module.set_submodule(name, self.linear(f"{prefix}.{name}"))
+        return qvl.materialize(module, self.float_tensor, prefix, self.dtype)
+
+
+# --- the two models, piece by piece ---------------------------------------------------------------------------------
+
+class FloatModel:
+    """The source model, built one piece at a time from its checkpoint."""
+
+    def __init__(self, reader: CheckpointReader, config, dtype: torch.dtype):
+        self.reader, self.config, self.dtype = reader, config, dtype
+
+    def read(self, key: str) -> torch.Tensor:
+        return self.reader.get(key, dtype=self.dtype)
+
+    def vision(self) -> nn.Module:
+        return qvl.build_vision(self.config, self.read, self.dtype)
+
+    def attention_block(self, layer_idx: int) -> nn.Module:
+        return qvl.build_attention_block(self.config, layer_idx, self.read, self.dtype)
+
+    def experts(self, layer_idx: int) -> list[Callable]:
+        tc = self.config.text_config
+        weights = self.reader.read_experts(qvl.layer_prefix(layer_idx), 0, tc.num_experts,
+                                           num_experts=tc.num_experts, hidden=tc.hidden_size,
+                                           intermediate=tc.moe_intermediate_size, dtype=self.dtype)
+        act_fn = qvl.activation(self.config)
+        return [qvl.float_expert(*w, act_fn) for w in weights]
+
+
+class ServedModel(FloatModel):
+    """The quantized checkpoint as vLLM Ascend serves it: integer math for W8A8 / W8A8_DYNAMIC linears."""
+
+    def __init__(self, checkpoint: QuantizedCheckpoint, config, dtype: torch.dtype):
+        super().__init__(checkpoint.reader, config, dtype)
+        self.checkpoint = checkpoint
+
+    def vision(self) -> nn.Module:
+        with torch.device("meta"):
+            visual = qvl.hf.Qwen3VLMoeVisionModel._from_config(self.config.vision_config)
+        visual.rotary_pos_emb = None
+        self.checkpoint.quantize_module(visual, qvl.VISUAL)
+        head_dim = self.config.vision_config.hidden_size // self.config.vision_config.num_heads
+        visual.rotary_pos_emb = qvl.hf.Qwen3VLMoeVisionRotaryEmbedding(head_dim // 2)
+        return visual
+
+    def attention_block(self, layer_idx: int) -> nn.Module:
+        with torch.device("meta"):
+            layer = qvl.hf.Qwen3VLMoeTextDecoderLayer(self.config.text_config, layer_idx)
+        if qvl.is_moe_layer(self.config.text_config, layer_idx):
+            layer.mlp.experts = None
+        return self.checkpoint.quantize_module(layer, qvl.layer_prefix(layer_idx)).eval()
+
+    def experts(self, layer_idx: int) -> list[Callable]:
+        act_fn = qvl.activation(self.config)
+        experts = []
+        for e in range(self.config.text_config.num_experts):
+            gate, up, down = (self.checkpoint.linear(qvl.expert_key(layer_idx, e, p)) for p in
+                              ("gate_proj", "up_proj", "down_proj"))
+            experts.append(lambda x, g=gate, u=up, d=down: d(act_fn(g(x)) * u(x)))
+        return experts
+
+
+# --- metrics --------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Comparison:
+    name: str
+    cosine: float  # mean over tokens of the cosine similarity of quantized and float vectors
+    rel_error: float  # ||quantized - float|| / ||float|| over all tokens
+
+
+@dataclass
+class EvalReport:
+    float_path: str
+    quant_path: str
+    samples: int
+    tokens: int
+    rows: list[Comparison] = field(default_factory=list)
+    kl_divergence: float = 0.0  # mean over tokens of KL(float || quantized) of the next-token distributions
+    top1_agreement: float = 0.0
+
+    def table(self) -> str:
+        lines = [f"{'piece':<18} {'cosine':>9} {'rel. error':>11}"]
+        lines += [f"{row.name:<18} {row.cosine:>9.5f} {row.rel_error:>11.5f}" for row in self.rows]
+        lines.append(f"final logits: KL(float || quantized) = {self.kl_divergence:.6f} nats/token, "
+                     f"top-1 agreement = {100 * self.top1_agreement:.2f}% over {self.tokens} tokens")
+        return "\n".join(lines)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+def compare(name: str, reference: list[torch.Tensor], other: list[torch.Tensor],
+            rotation: Optional[torch.Tensor] = None) -> Comparison:
+    """Compare token vectors; ``other`` lives in the rotated basis when a rotation is given (rotated back first)."""
+    ref = torch.cat([r.reshape(-1, r.shape[-1]) for r in reference]).to(torch.float64)
+    got = torch.cat([o.reshape(-1, o.shape[-1]) for o in other]).to(torch.float64)
+    if rotation is not None:
+        got = got @ rotation.T
+    cosine = torch.nn.functional.cosine_similarity(got, ref, dim=-1, eps=1e-12).mean()
+    return Comparison(name, float(cosine), float((got - ref).norm() / ref.norm().clamp_min(1e-30)))
+
+
+def logit_metrics(reference: torch.Tensor, other: torch.Tensor) -> tuple[float, float]:
+    """(mean KL(p_ref || p_other), top-1 agreement) over tokens."""
+    log_p = torch.log_softmax(reference.to(torch.float64), dim=-1)
+    log_q = torch.log_softmax(other.to(torch.float64), dim=-1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+    agree = (reference.argmax(-1) == other.argmax(-1)).to(torch.float64).mean()
+    return float(kl), float(agree)
+
+
+# --- the side-by-side run -------------------------------------------------------------------------------------------
+
+class _Side:
+    """Activations of one model through the layers."""
+
+    def __init__(self, model: FloatModel, rotary: nn.Module, inputs: list[ModelInputs]):
+        self.model, self.rotary, self.inputs = model, rotary, inputs
+        self.hidden: list[torch.Tensor] = []
+        self.contexts: list[qvl.SampleContext] = []
+
+    @torch.no_grad()
+    def start(self) -> list[torch.Tensor]:
+        """Vision tower, sample contexts, input embeddings; returns the image embeddings for comparison."""
+        config, dtype = self.model.config, self.model.dtype
+        visual = self.model.vision()
+        vision = [qvl.vision_forward(visual, s.pixel_values, s.image_grid_thw) if s.pixel_values is not None
+                  else None for s in self.inputs]
+        del visual
+        self.contexts = [qvl.sample_context(config, self.rotary, s.input_ids, s.attention_mask, s.image_grid_thw,
+                                            v[1] if v else [], dtype) for s, v in zip(self.inputs, vision)]
+        embed = self.model.read(qvl.EMBED_KEY)
+        self.hidden = [qvl.embed_inputs(embed, s.input_ids, config.image_token_id, v[0] if v else None)
+                       for s, v in zip(self.inputs, vision)]
+        return [v[0] for v in vision if v is not None]
+
+    @torch.no_grad()
+    def layer(self, layer_idx: int) -> list[torch.Tensor]:
+        block = self.model.attention_block(layer_idx)
+        outs = [qvl.attention_forward(block, h, ctx) for h, ctx in zip(self.hidden, self.contexts)]
+        streams = [stream for stream, _ in outs]
+        partial = None
+        if qvl.is_moe_layer(self.model.config.text_config, layer_idx):
+            x = torch.cat([mlp_in.reshape(-1, mlp_in.shape[-1]) for _, mlp_in in outs])
+            ids, weights = qvl.route(block.mlp.gate(x), self.model.config.text_config.num_experts_per_tok, x.dtype)
+            partial = add_partials([qvl.expert_group_forward(x, ids, weights, self.model.experts(layer_idx), 0)])
+        else:
+            streams = [stream + block.mlp(mlp_in) for stream, mlp_in in outs]
+        self.hidden = finish_layer(layer_idx, streams, partial, self.contexts)
+        return self.hidden
+
+    @torch.no_grad()
+    def logits(self) -> torch.Tensor:
+        norm, lm_head = self.model.read(qvl.NORM_KEY), self.model.read(qvl.LM_HEAD_KEY)
+        eps = self.model.config.text_config.rms_norm_eps
+        return torch.cat([(qvl.rms_norm(h, norm, eps) @ lm_head.T).reshape(-1, lm_head.shape[0])
+                          for h in self.hidden])
+
+
+def evaluate(float_path: str, quant_path: str, inputs: list[ModelInputs],
+             progress: Callable[[str], None] = lambda name: None) -> EvalReport:
+    """Run the float and the served quantized model side by side, layer by layer, and compare them."""
+    dtype = torch.float32
+    reader = CheckpointReader(float_path)
+    config = qvl.load_config(reader.config, f"{float_path}/config.json")
+    checkpoint = QuantizedCheckpoint(quant_path, dtype)
+    rotary = qvl.build_text_rotary(config)
+    reference, served = _Side(FloatModel(reader, config, dtype), rotary, inputs), \
+        _Side(ServedModel(checkpoint, config, dtype), rotary, inputs)
+    rotation = checkpoint.rotation
+    report = EvalReport(str(float_path), str(quant_path), len(inputs), sum(s.input_ids.shape[1] for s in inputs))
+    report.rows.append(compare("vision (merger)", reference.start(), served.start(), rotation))
+    progress("vision")
+    for layer_idx in range(config.text_config.num_hidden_layers):
+        report.rows.append(compare(f"layer {layer_idx}", reference.layer(layer_idx), served.layer(layer_idx),
+                                   rotation))
+        progress(f"layer {layer_idx}")
+    report.kl_divergence, report.top1_agreement = logit_metrics(reference.logits(), served.logits())
+    return report
