@@ -196,6 +196,7 @@ class EvalReport:
     rows: list[Comparison] = field(default_factory=list)
     kl_divergence: float = 0.0  # mean over tokens of KL(float || quantized) of the next-token distributions
     top1_agreement: float = 0.0
+    logits_rel_error: float = 0.0  # ||logits_q - logits_f|| / ||logits_f||
 
     def table(self) -> str:
         lines = [f"{'piece':<18} {'cosine':>9} {'rel. error':>11}"]
@@ -230,7 +231,7 @@ def logit_metrics(reference: torch.Tensor, other: torch.Tensor) -> tuple[float, 
 
 # --- the side-by-side run -------------------------------------------------------------------------------------------
 
-class _Side:
+class ModelRun:
     """Activations of one model through the layers."""
 
     def __init__(self, model: FloatModel, rotary: nn.Module, inputs: list[ModelInputs]):
@@ -284,15 +285,19 @@ def evaluate(float_path: str, quant_path: str, inputs: list[ModelInputs],
     config = qvl.load_config(reader.config, f"{float_path}/config.json")
     checkpoint = QuantizedCheckpoint(quant_path, dtype)
     rotary = qvl.build_text_rotary(config)
-    reference, served = _Side(FloatModel(reader, config, dtype), rotary, inputs), \
-        _Side(ServedModel(checkpoint, config, dtype), rotary, inputs)
+    reference, served = ModelRun(FloatModel(reader, config, dtype), rotary, inputs), \
+        ModelRun(ServedModel(checkpoint, config, dtype), rotary, inputs)
     rotation = checkpoint.rotation
     report = EvalReport(str(float_path), str(quant_path), len(inputs), sum(s.input_ids.shape[1] for s in inputs))
-    report.rows.append(compare("vision (merger)", reference.start(), served.start(), rotation))
+    reference_images, served_images = reference.start(), served.start()
+    if reference_images:  # text-only inputs have no image features to compare
+        report.rows.append(compare("vision (merger)", reference_images, served_images, rotation))
     progress("vision")
     for layer_idx in range(config.text_config.num_hidden_layers):
         report.rows.append(compare(f"layer {layer_idx}", reference.layer(layer_idx), served.layer(layer_idx),
                                    rotation))
         progress(f"layer {layer_idx}")
-    report.kl_divergence, report.top1_agreement = logit_metrics(reference.logits(), served.logits())
+    reference_logits, served_logits = reference.logits(), served.logits()
+    report.kl_divergence, report.top1_agreement = logit_metrics(reference_logits, served_logits)
+    report.logits_rel_error = compare("logits", [reference_logits], [served_logits]).rel_error
     return report

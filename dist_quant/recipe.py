@@ -26,7 +26,10 @@ DEFAULT_RECIPE = BUNDLED_CONFIGS / "qwen3_vl_moe_w8a8.yaml"
 _SPEC_KEYS = {"process", "save", "dataset", "default_text"}
 _LINEAR_QUANT_KEYS = {"type", "qconfig", "include", "exclude"}
 _QSPEC_KEYS = {"scope", "dtype", "symmetric", "method"}
-_NOT_YET = {"quarot", "iter_smooth"}
+_QUAROT_KEYS = {"type", "block_size", "seed"}
+_SMOOTH_KEYS = {"type", "alpha", "scale_min", "symmetric", "enable_subgraph_type", "include", "exclude"}
+SUBGRAPH_TYPES = ("norm-linear", "linear-linear", "ov", "up-down")
+PROCESSOR_TYPES = ("quarot", "iter_smooth", "linear_quant")
 
 
 @dataclass(frozen=True)
@@ -50,9 +53,34 @@ class LinearQuant:
     exclude: tuple[str, ...]
 
     def selects(self, module_name: str) -> bool:
-        return any(fnmatch.fnmatchcase(module_name, p) for p in self.include) and not any(
-            fnmatch.fnmatchcase(module_name, p) for p in self.exclude
-        )
+        return _selected(module_name, self.include, self.exclude)
+
+
+@dataclass(frozen=True)
+class QuaRot:
+    """Rotate the text residual stream with a block-diagonal random Hadamard matrix (msModelSlim's seed: 1234)."""
+
+    block_size: int = 32
+    seed: int = 1234
+
+
+@dataclass(frozen=True)
+class IterSmooth:
+    """SmoothQuant-style scales per subgraph: ``s = a^alpha / w^(1 - alpha)`` clamped to >= scale_min."""
+
+    alpha: float = 0.9
+    scale_min: float = 1e-5
+    subgraphs: tuple[str, ...] = ("norm-linear", "ov")
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = ()
+
+    def smooths(self, subgraph: str, module_name: str) -> bool:
+        """Whether the subgraph whose first linear is ``module_name`` is smoothed."""
+        return subgraph in self.subgraphs and _selected(module_name, self.include, self.exclude)
+
+
+def _selected(name: str, include: tuple[str, ...], exclude: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in include) and not any(fnmatch.fnmatchcase(name, p) for p in exclude)
 
 
 @dataclass(frozen=True)
@@ -62,6 +90,8 @@ class Recipe:
     part_file_size_gb: float
     dataset: str | None
     default_text: str | None
+    quarot: QuaRot | None = None
+    smooth: IterSmooth | None = None
 
     def quant_type(self, module_name: str) -> str:
         """The quant type of a linear module: the first ``linear_quant`` that selects it wins, FLOAT if none does."""
@@ -131,6 +161,44 @@ def _linear_quant(path: Path, where: str, raw: dict) -> LinearQuant:
                        _globs(path, f"{where}.exclude", raw.get("exclude")))
 
 
+def _number(path: Path, where: str, raw: Any, low: float, high: float, low_open: bool = True) -> float:
+    if isinstance(raw, str):  # YAML 1.1 reads msModelSlim's `scale_min: 1e-5` (no dot) as a string
+        try:
+            raw = float(raw)
+        except ValueError:
+            pass
+    ok = isinstance(raw, (int, float)) and not isinstance(raw, bool) and (raw > low if low_open else raw >= low) \
+        and raw <= high
+    if not ok:
+        bound = f"{'(' if low_open else '['}{low}, {high}]"
+        raise _fail(path, where, f"{raw!r} must be a number in {bound}")
+    return float(raw)
+
+
+def _quarot(path: Path, where: str, raw: dict) -> QuaRot:
+    _check_keys(path, where, raw, _QUAROT_KEYS)
+    block = raw.get("block_size", 32)
+    if not isinstance(block, int) or isinstance(block, bool) or block < 2 or block & (block - 1):
+        raise _fail(path, f"{where}.block_size", f"{block!r} must be a power of two >= 2 (a Hadamard block size)")
+    seed = raw.get("seed", 1234)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise _fail(path, f"{where}.seed", f"{seed!r} must be an integer")
+    return QuaRot(block, seed)
+
+
+def _iter_smooth(path: Path, where: str, raw: dict) -> IterSmooth:
+    _check_keys(path, where, raw, _SMOOTH_KEYS)
+    if raw.get("symmetric", True) is not True:
+        raise _fail(path, f"{where}.symmetric", "only symmetric smoothing (True) is supported (no shift)")
+    subgraphs = raw.get("enable_subgraph_type", ["norm-linear", "ov"])
+    if not isinstance(subgraphs, list) or not set(subgraphs) <= set(SUBGRAPH_TYPES):
+        raise _fail(path, f"{where}.enable_subgraph_type", f"{subgraphs!r}: allowed values {list(SUBGRAPH_TYPES)}")
+    return IterSmooth(_number(path, f"{where}.alpha", raw.get("alpha", 0.9), 0.0, 1.0),
+                      _number(path, f"{where}.scale_min", raw.get("scale_min", 1e-5), 0.0, 1.0),
+                      tuple(subgraphs), _globs(path, f"{where}.include", raw.get("include", ["*"])),
+                      _globs(path, f"{where}.exclude", raw.get("exclude")))
+
+
 def _part_file_size(path: Path, raw: Any) -> float:
     if raw is None:
         return 4.0
@@ -158,20 +226,30 @@ def parse_recipe(raw: Any, path: Path) -> Recipe:
     process = spec.get("process")
     if not isinstance(process, list) or not process:
         raise _fail(path, "spec.process", "must be a non-empty list of processors")
-    linear_quants = []
+    linear_quants, quarot, smooth = [], None, None
+    last = -1  # processors run in the order quarot -> iter_smooth -> linear_quant, as msModelSlim runs them
     for i, entry in enumerate(process):
         where = f"spec.process[{i}]"
         kind = entry.get("type") if isinstance(entry, dict) else None
-        if kind == "linear_quant":
-            linear_quants.append(_linear_quant(path, where, entry))
-        elif kind in _NOT_YET:
-            raise _fail(path, f"{where}.type", f"{kind!r} is not implemented in this version of dist-quant yet")
+        if kind not in PROCESSOR_TYPES:
+            raise _fail(path, f"{where}.type", f"unknown processor {kind!r}; allowed: {list(PROCESSOR_TYPES)}")
+        if PROCESSOR_TYPES.index(kind) < last or (kind != "linear_quant" and PROCESSOR_TYPES.index(kind) == last):
+            raise _fail(path, where, f"{kind!r} is out of place: use at most one quarot, then at most one "
+                                     "iter_smooth, then the linear_quant entries")
+        last = PROCESSOR_TYPES.index(kind)
+        if kind == "quarot":
+            quarot = _quarot(path, where, entry)
+        elif kind == "iter_smooth":
+            smooth = _iter_smooth(path, where, entry)
         else:
-            raise _fail(path, f"{where}.type", f"unknown processor {kind!r}; allowed: ['linear_quant']")
+            linear_quants.append(_linear_quant(path, where, entry))
+    if not linear_quants:
+        raise _fail(path, "spec.process", "needs at least one linear_quant processor")
     dataset = spec.get("dataset")
     default_text = spec.get("default_text")
     return Recipe(path, tuple(linear_quants), _part_file_size(path, spec.get("save")),
-                  None if dataset is None else str(dataset), None if default_text is None else str(default_text))
+                  None if dataset is None else str(dataset), None if default_text is None else str(default_text),
+                  quarot, smooth)
 
 
 def load_recipe(path: Union[str, Path, None] = None) -> Recipe:

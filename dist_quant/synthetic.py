@@ -154,6 +154,25 @@ def randomize_vectors(model: torch.nn.Module) -> None:
                 param.copy_(0.02 * torch.randn_like(param))
 
 
+OUTLIER_CHANNELS = 3  # real LLMs have a handful of "massive activation" channels in the residual stream
+
+
+def plant_outliers(model: torch.nn.Module, scale: float, seed: int) -> list[int]:
+    """Make a few hidden channels ``scale`` times larger, as real LLMs have them: in the token embeddings (the stream
+    carries them from the start) and in every input/post-attention norm weight (they survive normalisation).
+    Per-tensor int8 of the q/k/v and expert inputs then wastes almost all its levels on those channels, which is
+    exactly what QuaRot and smoothing exist to fix. Returns the outlier channels."""
+    text = model.model.language_model
+    generator = torch.Generator().manual_seed(seed + 7)
+    channels = torch.randperm(text.config.hidden_size, generator=generator)[:OUTLIER_CHANNELS].tolist()
+    with torch.no_grad():
+        text.embed_tokens.weight[:, channels] *= scale
+        for layer in text.layers:
+            layer.input_layernorm.weight[channels] *= scale
+            layer.post_attention_layernorm.weight[channels] *= scale
+    return channels
+
+
 def expert_shapes(num_experts: int, hidden_size: int, moe_intermediate_size: int, layout: str) -> dict[str, tuple]:
     """Shapes of the stacked expert tensors, keyed by the end of their name, in the given layout."""
     hub = {
@@ -214,11 +233,13 @@ def make_tiny_model(
     seed: int = 0,
     layout: str = "hub",
     shard_size: str | None = None,
+    outliers: float = 0.0,
 ) -> Path:
     """Write a random Qwen3-VL-MoE model directory (weights, config, tokenizer, processor) and return its path.
 
     The same arguments always give the same weights. `layout="transposed"` stores the experts as transformers 5.x
-    does, to test readers on both; `shard_size` (e.g. "200KB") writes a sharded checkpoint with an index.
+    does, to test readers on both; `shard_size` (e.g. "200KB") writes a sharded checkpoint with an index;
+    `outliers` (e.g. 30) plants activation outlier channels that large (see :func:`plant_outliers`).
     """
     if layout not in EXPERT_LAYOUTS:
         raise ValueError(f"layout must be one of {EXPERT_LAYOUTS}, got {layout!r}")
@@ -262,6 +283,8 @@ def make_tiny_model(
     torch.manual_seed(seed)
     model = Qwen3VLMoeForConditionalGeneration(config)
     randomize_vectors(model)
+    if outliers:
+        plant_outliers(model, outliers, seed)
     model.to(DTYPES[dtype]).save_pretrained(
         out_dir, safe_serialization=True, **({"max_shard_size": shard_size} if shard_size else {})
     )

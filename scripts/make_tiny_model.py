@@ -34,6 +34,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--layout", choices=EXPERT_LAYOUTS, default="hub", help="stacked expert tensor layout")
     parser.add_argument("--shard-size", help='write a sharded checkpoint, e.g. "200KB"')
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--outliers", type=float, default=0.0,
+                        help="plant a few activation outlier channels this many times larger (e.g. 30)")
     parser.add_argument("--calib-images", type=int, default=4, help="images written to OUT_DIR/calib (0: none)")
     return parser.parse_args(argv)
 
@@ -60,6 +62,7 @@ def main(argv: list[str] | None = None) -> None:
         seed=args.seed,
         layout=args.layout,
         shard_size=args.shard_size,
+        outliers=args.outliers,
     )
     print(f"model: {model_dir}")
     if args.calib_images:

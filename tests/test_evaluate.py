@@ -2,6 +2,7 @@
 as identical to the float model, and a W8A8 checkpoint is close but not identical."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +13,8 @@ from dist_quant.calib.dataset import load_samples
 from dist_quant.calib.inputs import build_model_inputs
 from dist_quant.cli import main
 from dist_quant.evaluate import DynamicW8A8Linear, StaticW8A8Linear, evaluate
-from dist_quant.recipe import DEFAULT_RECIPE
+
+PLAIN_RECIPE = Path(__file__).parent / "data" / "plain_w8a8.yaml"
 
 
 def test_static_linear_equals_integer_arithmetic_exactly():
@@ -55,12 +57,19 @@ def quantize(tiny_model, calib_index, save, recipe=None):
     return save
 
 
-def test_all_float_checkpoint_evaluates_as_the_float_model(tiny_model, calib_index, inputs, tmp_path):
-    recipe = yaml.safe_load(DEFAULT_RECIPE.read_text())
+def float_only(recipe_path, tmp_path):
+    """The recipe with its linear_quant processors selecting nothing: every tensor stays FLOAT."""
+    recipe = yaml.safe_load(Path(recipe_path).read_text())
     for processor in recipe["spec"]["process"]:
-        processor["include"] = []  # selects nothing: every tensor stays FLOAT
-    (tmp_path / "float.yaml").write_text(yaml.safe_dump(recipe))
-    save = quantize(tiny_model, calib_index, tmp_path / "q", tmp_path / "float.yaml")
+        if processor["type"] == "linear_quant":
+            processor["include"] = []
+    path = tmp_path / f"float_{Path(recipe_path).stem}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_all_float_checkpoint_evaluates_as_the_float_model(tiny_model, calib_index, inputs, tmp_path):
+    save = quantize(tiny_model, calib_index, tmp_path / "q", float_only(PLAIN_RECIPE, tmp_path))
     report = evaluate(str(tiny_model), str(save), inputs)
     assert report.kl_divergence == pytest.approx(0.0, abs=1e-12) and report.top1_agreement == 1.0
     assert all(row.rel_error == 0.0 for row in report.rows)

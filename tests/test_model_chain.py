@@ -1,5 +1,7 @@
 """Chaining dist-quant's per-layer pieces reproduces the HF model's per-layer hidden states and logits (fp32)."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from helpers import MemorySink, hf_kwargs, load_hf_model
@@ -13,6 +15,7 @@ from dist_quant.runtime.sweep import run_sweep
 from dist_quant.runtime.worker import Worker
 
 TOL = 1e-5
+PLAIN_RECIPE = Path(__file__).parent / "data" / "plain_w8a8.yaml"
 
 
 def hf_reference(model, sample):
@@ -30,7 +33,7 @@ def hf_reference(model, sample):
 
 
 def chain(model_dir, inputs, group_size):
-    worker = Worker(model_dir, load_recipe(), MemorySink())
+    worker = Worker(model_dir, load_recipe(PLAIN_RECIPE), MemorySink())  # untransformed: compare with plain HF
     per_layer = {}
     final = run_sweep(worker, inputs, make_plan(worker.config, group_size),
                       on_layer_done=lambda layer, hidden: per_layer.__setitem__(layer, hidden))

@@ -2,6 +2,7 @@
 reference quantizer, and an independent HF forward (calibration ranges, simulated outputs)."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from dist_quant.calib.inputs import build_model_inputs
 from dist_quant.cli import main
 
 STATIC_SUFFIXES = {"weight", "input_scale", "input_offset", "deq_scale", "quant_bias"}
+PLAIN_RECIPE = Path(__file__).parent / "data" / "plain_w8a8.yaml"  # no QuaRot/smoothing: compare with the plain HF model
 TOP_LEVEL = {"version", "model_quant_type", "metadata", "group_size", "optional"}
 
 
@@ -22,7 +24,7 @@ TOP_LEVEL = {"version", "model_quant_type", "metadata", "group_size", "optional"
 def quantized(tiny_model, calib_index, tmp_path_factory):
     save = tmp_path_factory.mktemp("out") / "quant"
     rc = main(["quant", "--model_path", str(tiny_model), "--save_path", str(save), "--device", "cpu",
-               "--dataset", str(calib_index), "--quiet"])
+               "--dataset", str(calib_index), "--quiet", "--config_path", str(PLAIN_RECIPE)])
     assert rc == 0
     return save
 
@@ -230,7 +232,7 @@ def test_float_tensors_are_the_source(checkpoint, hf_calibration):
 def test_output_files(quantized, tiny_model):
     names = {p.name for p in quantized.iterdir()}
     assert "config.json" in names and "tokenizer.json" in names and "chat_template.jinja" in names
-    assert "qwen3_vl_moe_w8a8.yaml" in names
+    assert "plain_w8a8.yaml" in names
     assert not [n for n in names if n.startswith("model") and n.endswith(".safetensors")]
     config = json.loads((quantized / "config.json").read_text())
     assert "quantization_config" not in config and "quantization_config" not in config["text_config"]

@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from dist_quant.errors import RecipeError
-from dist_quant.recipe import DEFAULT_RECIPE, FLOAT, W8A8, W8A8_DYNAMIC, load_recipe
+from dist_quant.recipe import DEFAULT_RECIPE, FLOAT, W8A8, W8A8_DYNAMIC, IterSmooth, QuaRot, load_recipe
 
 T = "model.language_model.layers.3"
 
@@ -12,6 +12,8 @@ T = "model.language_model.layers.3"
 def test_bundled_recipe_splits_like_the_seed():
     recipe = load_recipe()
     assert recipe.part_file_size_gb == 4 and recipe.dataset == "calibImages"
+    assert recipe.quarot == QuaRot(32, 1234)
+    assert recipe.smooth == IterSmooth(0.9, 1e-5, ("norm-linear", "ov", "up-down"), ("*",), ())
     expected = {
         f"{T}.self_attn.q_proj": W8A8, f"{T}.self_attn.o_proj": W8A8,
         "model.visual.blocks.0.attn.qkv": W8A8, "model.visual.blocks.26.attn.proj": W8A8,
@@ -35,10 +37,18 @@ def bundled():
 
 @pytest.mark.parametrize("mutate, message", [
     (lambda d: d["spec"]["process"].append({"type": "magic"}), "unknown processor 'magic'"),
-    (lambda d: d["spec"]["process"][0].update(exclude=["*experts[*"]), "bad glob"),
-    (lambda d: d["spec"]["process"][0].update(colour="red"), "unknown field(s) ['colour']"),
-    (lambda d: d["spec"]["process"][0]["qconfig"]["act"].update(scope="per_group"), "act"),
-    (lambda d: d["spec"]["process"][0]["qconfig"]["weight"].update(symmetric=False), "weight"),
+    (lambda d: d["spec"]["process"][2].update(exclude=["*experts[*"]), "bad glob"),
+    (lambda d: d["spec"]["process"][2].update(colour="red"), "unknown field(s) ['colour']"),
+    (lambda d: d["spec"]["process"][2]["qconfig"]["act"].update(scope="per_group"), "act"),
+    (lambda d: d["spec"]["process"][2]["qconfig"]["weight"].update(symmetric=False), "weight"),
+    (lambda d: d["spec"]["process"][1].update(alpha=1.5), "alpha: 1.5 must be a number in (0.0, 1.0]"),
+    (lambda d: d["spec"]["process"][1].update(alpha=0), "alpha"),
+    (lambda d: d["spec"]["process"][1].update(scale_min="small"), "scale_min"),
+    (lambda d: d["spec"]["process"][1].update(enable_subgraph_type=["qk"]), "enable_subgraph_type"),
+    (lambda d: d["spec"]["process"][1].update(symmetric=False), "symmetric"),
+    (lambda d: d["spec"]["process"][0].update(block_size=24), "block_size"),
+    (lambda d: d["spec"]["process"].reverse(), "out of place"),
+    (lambda d: d["spec"].update(process=d["spec"]["process"][:2]), "at least one linear_quant"),
     (lambda d: d["spec"]["save"][0].update(type="other_saver"), "ascendv1_saver"),
     (lambda d: d["spec"]["save"][0].update(part_file_size=-1), "part_file_size"),
     (lambda d: d.update(apiversion="v0"), "apiversion"),

@@ -20,7 +20,9 @@ def column_absmax(weights: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([weight.abs().amax(dim=0) for weight in weights]).amax(dim=0)
 
 
-def smooth_scales(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alpha: float, scale_min: float) -> torch.Tensor:
+def smooth_scales(
+    act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alpha: float, scale_min: float
+) -> torch.Tensor:
     """``s_j = clamp(a_j^alpha / max(w_j, 1e-5)^(1 - alpha), min=scale_min)``, in at least float32.
 
     ``alpha`` sets how much of the activation range moves into the weights. A channel that never fired (``a_j = 0``)

@@ -40,6 +40,13 @@ class InputRanges:
             handle.remove()
         self._handles.clear()
 
+    def rescale(self, name: str, divisor: torch.Tensor) -> None:
+        """The ranges a linear sees once its input channels are divided by ``divisor`` (> 0), e.g. by smoothing."""
+        if name in self.channel_min:
+            divisor = divisor.to(self.channel_min[name])
+            self.channel_min[name] = self.channel_min[name] / divisor
+            self.channel_max[name] = self.channel_max[name] / divisor
+
     def tensor_range(self, name: str) -> tuple[float, float]:
         """The per-tensor (min, max) of a module's input over everything observed."""
         if name not in self.channel_min:

@@ -20,7 +20,7 @@ from dist_quant.recipe import Recipe
 from dist_quant.runtime.device import resolve_device
 from dist_quant.runtime.plan import DEFAULT_EXPERT_GROUP_SIZE, make_plan
 from dist_quant.runtime.sweep import run_sweep
-from dist_quant.runtime.worker import Worker
+from dist_quant.runtime.worker import Worker, export_rotation
 
 log = logging.getLogger("dist_quant")
 
@@ -79,6 +79,7 @@ def quantize_single_card(model_path: str, save_path: str, recipe: Recipe, *, dat
                 bar.set_postfix_str(unit.name)
                 bar.update()
             run_sweep(worker, inputs, plan, on_unit_done=advance)
+        export_rotation(writer, recipe, worker.config)
         summary = writer.publish(model_path, recipe_path=recipe.path)
     except BaseException:
         writer.abort()

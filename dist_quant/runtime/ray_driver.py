@@ -30,6 +30,7 @@ from dist_quant.runtime.actor import ActorBody, UnitReport
 from dist_quant.runtime.device import DEVICES
 from dist_quant.runtime.local import QuantSummary, resolve_dataset
 from dist_quant.runtime.plan import DEFAULT_EXPERT_GROUP_SIZE, Unit, assign_units, make_plan
+from dist_quant.runtime.worker import export_rotation
 
 log = logging.getLogger("dist_quant")
 
@@ -177,6 +178,7 @@ def quantize_distributed(model_path: str, save_path: str, recipe: Recipe, *, wor
         for unit in plan:  # plan order, whoever finished first: the same checkpoint for any number of workers
             writer.add_unit(done[unit].record)
         (writer.staging / "probe").unlink()
+        export_rotation(writer, recipe, config)
         summary = writer.publish(model_path, recipe_path=recipe.path, **part_writing(ray, actors, done.values()))
         finished = time.perf_counter()
     except BaseException as error:

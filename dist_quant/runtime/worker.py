@@ -14,15 +14,39 @@ from typing import Optional, Protocol
 import torch
 from torch import nn
 
+from dist_quant.algorithms import hadamard, quarot
 from dist_quant.algorithms.quantize import quantize_dynamic_linear, quantize_static_linear
 from dist_quant.calib.inputs import ModelInputs
 from dist_quant.calib.ranges import InputRanges
 from dist_quant.checkpoint.reader import CheckpointReader
 from dist_quant.errors import CheckpointError, RecipeError
+from dist_quant.models import outliers
 from dist_quant.models import qwen3_vl_moe as qvl
 from dist_quant.recipe import FLOAT, W8A8, W8A8_DYNAMIC, Recipe
 
 EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
+QUAROT_FILE = "optional/quarot.safetensors"
+
+
+def stream_rotation(recipe: Recipe, config) -> Optional[quarot.BlockRotation]:
+    """The recipe's rotation of the text residual stream (None without a quarot processor), checked orthogonal."""
+    if recipe.quarot is None:
+        return None
+    hidden = config.text_config.hidden_size
+    if hidden % recipe.quarot.block_size:
+        raise RecipeError(f"recipe {recipe.path}: quarot block_size {recipe.quarot.block_size} does not divide the "
+                          f"hidden size {hidden}")
+    block = hadamard.random_hadamard(recipe.quarot.block_size, recipe.quarot.seed)
+    hadamard.check_orthogonal(block, "the QuaRot rotation block")
+    return quarot.BlockRotation(block, hidden)
+
+
+def export_rotation(writer, recipe: Recipe, config) -> None:
+    """QuaRot's rotation goes to optional/quarot.safetensors and the description points to it (FORMAT.md)."""
+    rotation = stream_rotation(recipe, config)
+    if rotation is not None:
+        writer.add_optional(QUAROT_FILE, {"global_rotation": rotation.dense().to(torch.float32)})
+        writer.set_optional_description({"quarot": {"rotation_map": {"global_rotation": QUAROT_FILE}}})
 
 
 class TensorSink(Protocol):
@@ -79,6 +103,13 @@ class Worker:
         self.compute_dtype = compute_dtype
         self.model_dtype = self.reader.dtype(qvl.EMBED_KEY)
         self._rotary = qvl.build_text_rotary(self.config).to(device)
+        self.rotation = stream_rotation(recipe, self.config)
+        if self.rotation is not None:
+            tc = self.config.text_config
+            head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+            self.head_rotation = hadamard.head_rotation(head_dim, recipe.quarot.block_size, recipe.quarot.seed)
+            hadamard.check_orthogonal(self.head_rotation, "the QuaRot head rotation")
+            self.rotation = self.rotation.to(device)
         self._reader_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
         self._prefetched: dict[tuple[int, int, int], Future] = {}
 
@@ -151,6 +182,8 @@ class Worker:
         """Vision forward on every image, static-quantize the blocks' linears from its input ranges, write the tower."""
         visual = qvl.build_vision(self.config, self._read, self.compute_dtype)
         self._check_keys(qvl.VISUAL, visual)
+        if self.rotation is not None:
+            outliers.rotate_vision_writers(visual, self.rotation)
         outputs: list[Optional[VisionOutput]] = []
         with InputRanges(self._static_linears(qvl.VISUAL, visual)) as ranges:
             for sample in inputs:
@@ -174,6 +207,8 @@ class Worker:
     def embed(self, inputs: list[ModelInputs], vision: list[Optional[VisionOutput]]) -> list[torch.Tensor]:
         """Input embeddings of every sample (image features scattered in); writes embed_tokens."""
         weight = self._read(qvl.EMBED_KEY)
+        if self.rotation is not None:
+            weight = quarot.rotate_embedding(weight, self.rotation)
         hidden = [
             qvl.embed_inputs(weight, s.input_ids.to(self.device), self.config.image_token_id,
                              v.image_embeds if v is not None else None)
@@ -190,8 +225,13 @@ class Worker:
         prefix = qvl.layer_prefix(layer_idx)
         self._check_keys(prefix, block, ignore=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"))
         moe = qvl.is_moe_layer(self.config.text_config, layer_idx)
+        if self.rotation is not None:
+            outliers.rotate_attention_block(block, self.rotation, self.head_rotation, self.config.text_config, moe)
+        observed = self._static_linears(prefix, block)
+        for name in outliers.smoothing_inputs(prefix, self.recipe.smooth, moe):
+            observed[name] = block.get_submodule(name[len(prefix) + 1:])
         streams, moe_inputs = [], []
-        with InputRanges(self._static_linears(prefix, block)) as ranges:
+        with InputRanges(observed) as ranges:
             for h, ctx in zip(hidden, contexts):
                 stream, mlp_in = qvl.attention_forward(block, h, ctx)
                 if moe:
@@ -199,6 +239,8 @@ class Worker:
                     moe_inputs.append(mlp_in.reshape(-1, mlp_in.shape[-1]))
                 else:
                     streams.append(stream + block.mlp(mlp_in))
+        if self.recipe.smooth is not None:
+            outliers.smooth_attention_block(block, prefix, ranges, self.recipe.smooth, self.config.text_config, moe)
         moe_input = None
         if moe:
             x = torch.cat(moe_inputs)
@@ -212,7 +254,11 @@ class Worker:
         experts = self.reader.read_experts(qvl.layer_prefix(layer_idx), first, stop, num_experts=tc.num_experts,
                                            hidden=tc.hidden_size, intermediate=tc.moe_intermediate_size,
                                            dtype=self.compute_dtype)
-        return [tuple(w.to(self.device) for w in e) for e in experts]
+        experts = [tuple(w.to(self.device) for w in e) for e in experts]
+        if self.rotation is not None:
+            post_norm = self._read(f"{qvl.layer_prefix(layer_idx)}.post_attention_layernorm.weight")
+            experts = outliers.rotate_experts(experts, post_norm, self.rotation)
+        return experts
 
     def prefetch_experts(self, layer_idx: int, first: int, stop: int) -> None:
         """Start reading an expert group's weights in the background, so the read overlaps the current unit."""
@@ -236,5 +282,8 @@ class Worker:
     @torch.no_grad()
     def head(self) -> None:
         """Final norm and lm_head: never quantized (vLLM Ascend serves them in float)."""
-        self._float(qvl.NORM_KEY, self._read(qvl.NORM_KEY))
-        self._float(qvl.LM_HEAD_KEY, self._read(qvl.LM_HEAD_KEY))
+        norm, lm_head = self._read(qvl.NORM_KEY), self._read(qvl.LM_HEAD_KEY)
+        if self.rotation is not None:
+            norm, lm_head = outliers.rotate_head(norm, lm_head, self.rotation)
+        self._float(qvl.NORM_KEY, norm)
+        self._float(qvl.LM_HEAD_KEY, lm_head)
