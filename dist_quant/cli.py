@@ -9,11 +9,10 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from dist_quant.errors import DistQuantError
+from dist_quant.presets import MODEL_TYPES, QUANT_TYPES, find_preset, format_presets
 from dist_quant.recipe import DEFAULT_RECIPE, load_recipe
 from dist_quant.runtime.plan import DEFAULT_CALIB_TOKENS, DEFAULT_EXPERT_GROUP_SIZE
 
-MODEL_TYPES = ("Qwen3-VL-235B-A22B", "Qwen3-VL-30B-A3B")
-QUANT_TYPES = ("w8a8",)
 
 QUANT_EXAMPLE = """example:
   dist-quant quant --model_path /models/Qwen3-VL-235B-A22B-Instruct --save_path /models/Qwen3-VL-235B-w8a8 \\
@@ -40,9 +39,10 @@ def _quant_parser(sub) -> None:
     p.add_argument("--save_path", required=True, help="output directory (created; must not be inside model_path)")
     p.add_argument("--device", default="npu", choices=["cpu", "cuda", "npu"], help="device to compute on (default npu)")
     p.add_argument("--model_type", default="Qwen3-VL-235B-A22B", choices=MODEL_TYPES,
-                   help="selects the bundled recipe (with --quant_type)")
+                   help="with --quant_type, selects a bundled recipe (see `dist-quant presets`)")
     p.add_argument("--quant_type", default="w8a8", choices=QUANT_TYPES, help="quantization scheme")
-    p.add_argument("--config_path", default=None, help="recipe YAML (msModelSlim format); overrides the preset")
+    p.add_argument("--config_path", default=None,
+                   help="your own recipe YAML (msModelSlim's multimodal_vlm_modelslim_v1 format); overrides the preset")
     p.add_argument("--dataset", default=None,
                    help="calibration images: an index.json[l], an image folder, or a folder with one json[l]; "
                         "overrides the recipe's dataset")
@@ -145,7 +145,7 @@ def _human_bytes(n: int) -> str:
 
 
 def _cmd_quant(args) -> int:
-    recipe = load_recipe(args.config_path or DEFAULT_RECIPE)
+    recipe = load_recipe(args.config_path or find_preset(args.model_type, args.quant_type).recipe)
     if args.workers < 1:
         raise DistQuantError(f"--workers must be at least 1, got {args.workers}")
     common = dict(dataset=args.dataset, device=args.device, overwrite=args.overwrite, progress=not args.quiet,
@@ -171,6 +171,17 @@ def _cmd_quant(args) -> int:
     return 0
 
 
+def _presets_parser(sub) -> None:
+    sub.add_parser("presets", help="list the bundled recipes that --model_type/--quant_type select",
+                   description="List the one-click presets: each --model_type/--quant_type pair and its recipe.",
+                   epilog="example:\n  dist-quant presets", formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def _cmd_presets(args) -> int:
+    print(format_presets())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dist-quant", description="Distributed W8A8 quantization of Qwen3-VL-MoE "
                                      "for Ascend NPUs (msModelSlim-compatible output).")
@@ -178,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     _quant_parser(sub)
     _plan_parser(sub)
     _eval_parser(sub)
+    _presets_parser(sub)
     return parser
 
 
@@ -185,7 +197,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        return {"quant": _cmd_quant, "plan": _cmd_plan, "eval": _cmd_eval}[args.command](args)
+        commands = {"quant": _cmd_quant, "plan": _cmd_plan, "eval": _cmd_eval, "presets": _cmd_presets}
+        return commands[args.command](args)
     except DistQuantError as exc:
         print(f"dist-quant: error: {exc}", file=sys.stderr)
         return 2

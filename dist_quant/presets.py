@@ -1,0 +1,46 @@
+"""One-click presets: ``--model_type`` + ``--quant_type`` pick a bundled recipe, as msModelSlim's quick quantization
+does (``msmodelslim quant --model_type Qwen3-VL-235B-A22B --quant_type w8a8``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from dist_quant.errors import RecipeError
+from dist_quant.recipe import BUNDLED_CONFIGS
+
+
+@dataclass(frozen=True)
+class Preset:
+    model_type: str
+    quant_type: str
+    recipe: Path
+    note: str
+
+
+PRESETS = (
+    Preset("Qwen3-VL-235B-A22B", "w8a8", BUNDLED_CONFIGS / "qwen3_vl_moe_w8a8.yaml",
+           "msModelSlim's verified recipe for this model: QuaRot, iterative smoothing, static W8A8 attention and "
+           "vision, dynamic W8A8 experts"),
+    Preset("Qwen3-VL-30B-A3B", "w8a8", BUNDLED_CONFIGS / "qwen3_vl_moe_w8a8.yaml",
+           "the same recipe; msModelSlim has not verified its accuracy on 30B-A3B: check with dist-quant eval"),
+)
+MODEL_TYPES = tuple(dict.fromkeys(p.model_type for p in PRESETS))
+QUANT_TYPES = tuple(dict.fromkeys(p.quant_type for p in PRESETS))
+
+
+def find_preset(model_type: str, quant_type: str) -> Preset:
+    for preset in PRESETS:
+        if preset.model_type == model_type and preset.quant_type == quant_type.lower():
+            return preset
+    available = ", ".join(f"{p.model_type}/{p.quant_type}" for p in PRESETS)
+    raise RecipeError(f"no preset for --model_type {model_type} --quant_type {quant_type}; available: {available} "
+                      "(or pass your own recipe with --config_path)")
+
+
+def format_presets() -> str:
+    lines = [f"{'model_type':<20} {'quant_type':<10} recipe"]
+    for preset in PRESETS:
+        lines.append(f"{preset.model_type:<20} {preset.quant_type:<10} {preset.recipe.name}")
+        lines.append(f"{'':<31} {preset.note}")
+    return "\n".join(lines)
