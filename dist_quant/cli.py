@@ -183,8 +183,16 @@ def _cmd_presets(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dist-quant", description="Distributed W8A8 quantization of Qwen3-VL-MoE "
-                                     "for Ascend NPUs (msModelSlim-compatible output).")
+    parser = argparse.ArgumentParser(
+        prog="dist-quant", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Distributed W8A8 quantization of Qwen3-VL-MoE for Ascend NPUs (msModelSlim-compatible output).",
+        epilog="examples:\n"
+               "  dist-quant presets\n"
+               "  dist-quant plan --model_path /models/Qwen3-VL-235B-A22B-Instruct --workers 16\n"
+               "  dist-quant quant --model_path M --save_path S --device npu --model_type Qwen3-VL-235B-A22B "
+               "--quant_type w8a8 --workers 8\n"
+               "  dist-quant eval --model_path M --quant_path S\n"
+               "Run `dist-quant COMMAND --help` for each command's options.")
     sub = parser.add_subparsers(dest="command", required=True)
     _quant_parser(sub)
     _plan_parser(sub)

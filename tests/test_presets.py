@@ -1,0 +1,64 @@
+"""One-click presets and msModelSlim-format recipes."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dist_quant.cli import main
+from dist_quant.errors import RecipeError
+from dist_quant.presets import PRESETS, find_preset
+from dist_quant.recipe import load_recipe
+
+MSMODELSLIM_STYLE = Path(__file__).parent / "data" / "msmodelslim_style.yaml"
+
+
+@pytest.mark.parametrize("model_type", ["Qwen3-VL-235B-A22B", "Qwen3-VL-30B-A3B"])
+def test_presets_resolve_to_a_valid_recipe(model_type):
+    preset = find_preset(model_type, "w8a8")
+    recipe = load_recipe(preset.recipe)
+    assert recipe.quarot is not None and recipe.smooth is not None and len(recipe.linear_quants) == 2
+    assert find_preset(model_type, "W8A8") == preset
+
+
+def test_unknown_preset_lists_the_available_ones():
+    with pytest.raises(RecipeError, match="Qwen3-VL-30B-A3B/w8a8"):
+        find_preset("Qwen3-VL-8B", "w8a8")
+
+
+def test_presets_command(capsys):
+    assert main(["presets"]) == 0
+    out = capsys.readouterr().out
+    assert all(p.model_type in out and p.recipe.name in out for p in PRESETS)
+
+
+def test_msmodelslim_style_recipe_loads_unchanged():
+    recipe = load_recipe(MSMODELSLIM_STYLE)
+    assert recipe.smooth.alpha == 0.8 and recipe.smooth.scale_min == 1e-5
+    assert recipe.quarot.block_size == 32 and recipe.dataset == "calibImages"
+
+
+def test_quantize_with_an_msmodelslim_recipe_and_its_bundled_dataset(tiny_model, tmp_path):
+    save = tmp_path / "q"
+    assert main(["quant", "--model_path", str(tiny_model), "--save_path", str(save), "--device", "cpu",
+                 "--config_path", str(MSMODELSLIM_STYLE), "--quiet"]) == 0  # dataset: calibImages -> bundled photos
+    assert (save / MSMODELSLIM_STYLE.name).read_text() == MSMODELSLIM_STYLE.read_text()  # the recipe used is kept
+    description = json.loads((save / "quant_model_description.json").read_text())
+    assert description["model.language_model.layers.0.mlp.experts.0.gate_proj.weight"] == "W8A8_DYNAMIC"
+
+
+def test_preset_recipe_is_saved_next_to_the_checkpoint(tiny_model, calib_index, tmp_path):
+    save = tmp_path / "q"
+    assert main(["quant", "--model_path", str(tiny_model), "--save_path", str(save), "--device", "cpu",
+                 "--model_type", "Qwen3-VL-30B-A3B", "--quant_type", "w8a8", "--dataset", str(calib_index),
+                 "--quiet"]) == 0
+    assert (save / "qwen3_vl_moe_w8a8.yaml").exists()
+
+
+@pytest.mark.parametrize("command", ["quant", "plan", "eval", "presets"])
+def test_every_command_has_help_with_an_example(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "example:" in out and f"dist-quant {command}" in out
