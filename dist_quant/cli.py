@@ -163,6 +163,8 @@ def _cmd_quant(args) -> int:
     print(f"quantized {args.model_path} -> {summary.save_path}")
     print(f"  time {summary.seconds:.1f} s, {summary.units} units, {summary.tensors} tensors ({counts}), "
           f"{_human_bytes(summary.bytes_written)} written")
+    print(f"  calibration coverage: {summary.experts_without_tokens} expert(s) received no calibration token "
+          "(details in calibration_coverage.json; log in quant_run.log)")
     for actor in getattr(summary, "actors", []):
         print(f"  actor {actor.index} on {actor.host}: {actor.units} units, busy {actor.busy_seconds:.1f} s, "
               f"read {_human_bytes(actor.bytes_read)}, wrote {_human_bytes(actor.bytes_written)}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,10 @@ from dist_quant.errors import CalibrationError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 INDEX_SUFFIXES = {".json", ".jsonl"}
+MAX_IMAGE_MEGAPIXELS = 64  # the image processor shrinks images to a few megapixels: larger ones only cost memory
+MAX_IMAGE_PIXELS = MAX_IMAGE_MEGAPIXELS * 10**6
+TOO_LARGE_HINT = (f"the {MAX_IMAGE_MEGAPIXELS} megapixels a calibration image may have; downscale it (the model's "
+                  "image processor resizes every image to at most max_pixels anyway)")
 
 
 @dataclass(frozen=True)
@@ -28,12 +33,23 @@ class CalibSample:
 
 
 def check_image(where: str, image: Path) -> None:
-    """Open and verify the image now, so an unreadable file is reported before the model loads."""
+    """Decode the image now, so an unreadable, truncated or oversized file is reported before the model loads.
+
+    verify() alone would pass a JPEG cut short; only decoding finds it. The pixel limit is checked before decoding.
+    """
     if not image.is_file():
         raise CalibrationError(f"{where}: calibration image {image} does not exist")
     try:
-        with Image.open(image) as opened:
-            opened.verify()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit is lower than PIL's
+            with Image.open(image) as opened:
+                width, height = opened.size
+                if width * height > MAX_IMAGE_PIXELS:
+                    raise CalibrationError(f"{where}: calibration image {image} is {width}x{height} pixels, "
+                                           f"larger than {TOO_LARGE_HINT}")
+                opened.load()
+    except Image.DecompressionBombError as e:
+        raise CalibrationError(f"{where}: calibration image {image} is larger than {TOO_LARGE_HINT} ({e})") from e
     except (OSError, SyntaxError, ValueError) as e:
         raise CalibrationError(f"{where}: calibration image {image} cannot be read as an image: {e}") from e
 

@@ -109,7 +109,7 @@ def open_image(sample: CalibSample) -> Image.Image:
     try:
         with Image.open(sample.image) as image:
             return image.convert("RGB")
-    except (OSError, SyntaxError, ValueError) as e:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise CalibrationError(f"calibration image {sample.image} (text {sample.text!r}) cannot be read: {e}") from e
 
 

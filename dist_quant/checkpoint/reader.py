@@ -143,8 +143,11 @@ class CheckpointReader:
             try:
                 slices = tensor_slices(path)
                 size = path.stat().st_size
-            except (OSError, ValueError, UnicodeDecodeError) as error:
-                raise CheckpointError(f"{path} is not a readable safetensors file ({error}); download it again")
+            except (OSError, ValueError, UnicodeDecodeError, KeyError, TypeError) as error:
+                raise CheckpointError(f"{path} is not a readable safetensors file ({error!r}); download it again")
+            except (OverflowError, MemoryError):  # the first 8 bytes claim a header larger than memory
+                raise CheckpointError(f"{path} is not a readable safetensors file (its first 8 bytes claim an "
+                                      "impossibly large header); download it again") from None
             end = max((t.end for t in slices.values()), default=0)
             bad = [t.key for t in slices.values() if t.dtype not in _DTYPES or t.end - t.begin != math.prod(t.shape)
                    * torch.empty((), dtype=_DTYPES[t.dtype]).element_size()] if end <= size else []
@@ -223,9 +226,16 @@ class CheckpointReader:
                 "quantize from the original floating-point checkpoint"
             )
 
-    def get(self, key: str, *, dtype: torch.dtype | None = None) -> torch.Tensor:
-        shape = self.shape(key)
-        return self._rows(key, 0, shape[0] if shape else 1, dtype)
+    def get(self, key: str, *, dtype: torch.dtype | None = None, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        """The whole tensor; ``shape``, when given, is the one the model config expects (checked before reading).
+
+        A floating ``dtype`` asks for a source weight, so an integer or fp8 tensor is refused rather than cast: cast,
+        it would be quantized as if its codes were weights. Without ``dtype`` any stored dtype is returned as is.
+        """
+        if shape is not None:
+            self.check(key, shape, dtype_in=_DTYPES.values())
+        stored = self.shape(key)
+        return self._rows(key, 0, stored[0] if stored else 1, dtype)
 
     def get_slice(self, key: str, start: int, stop: int, *, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Rows start:stop along dim 0, read without touching the other rows (e.g. a few experts of a fused tensor)."""
@@ -236,6 +246,8 @@ class CheckpointReader:
 
     def _rows(self, key: str, start: int, stop: int, dtype: torch.dtype | None) -> torch.Tensor:
         """Rows start:stop are one contiguous byte range of the file: read exactly that."""
+        if dtype is not None and dtype.is_floating_point:
+            self.check(key)
         info = self._slice(key)
         rows = info.shape[0] if info.shape else 1
         row_bytes = (info.end - info.begin) // rows if rows else 0

@@ -7,15 +7,49 @@ what a file holds; when the driver cannot see the worker's disk, the record carr
 
 from __future__ import annotations
 
+import errno
 import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
+from dist_quant.errors import OutputError
+
 QUANT_TYPES = ("FLOAT", "W8A8_DYNAMIC", "W8A8")
+OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+@contextmanager
+def writing(target: str | Path) -> Iterator[None]:
+    """A write that runs out of space becomes an OutputError naming ``target``, not a traceback hours into a run.
+
+    Python reports it as OSError; safetensors' Rust writer as a SafetensorError whose text ends in "(os error N)".
+    """
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in OUT_OF_SPACE:
+            raise
+        raise _out_of_space(target, error.errno) from error
+    except SafetensorError as error:
+        code = re.search(r"\(os error (\d+)\)", str(error))
+        if code is None or int(code[1]) not in OUT_OF_SPACE:
+            raise
+        raise _out_of_space(target, int(code[1])) from error
+
+
+def _out_of_space(target: str | Path, code: int) -> OutputError:
+    return OutputError(
+        f"cannot write {target}: {os.strerror(code)} (the disk, a quota or the file size limit is full); free "
+        "space there or choose a save_path on a filesystem with room for the quantized checkpoint"
+    )
 
 
 @dataclass(frozen=True)
@@ -65,12 +99,17 @@ class UnitSink:
 
     def finish(self, unit_id: str) -> UnitRecord:
         """Write the unit file (atomically: a half-written file never carries the final name) and start afresh."""
-        self.spill_dir.mkdir(parents=True, exist_ok=True)
         name = f"{unit_id}.safetensors"
-        tmp = self.spill_dir / f".{name}.{os.getpid()}.tmp"
-        save_file(self._tensors, str(tmp))
-        os.replace(tmp, self.spill_dir / name)
         path = self.spill_dir / name
+        tmp = self.spill_dir / f".{name}.{os.getpid()}.tmp"
+        with writing(path):
+            self.spill_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                save_file(self._tensors, str(tmp))
+            except BaseException:
+                tmp.unlink(missing_ok=True)  # a half-written file is of no use and holds the space that ran out
+                raise
+        os.replace(tmp, path)
         size = path.stat().st_size
         record = UnitRecord(unit_id, name, tuple(self._tensors), tuple(self._types.values()), self.pending_bytes,
                             size, path.read_bytes() if self.ship_payload else None)

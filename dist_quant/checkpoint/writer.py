@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from dist_quant.checkpoint.reader import read_config
 from dist_quant.checkpoint.safetensors_stream import TensorSlice, tensor_slices, write_concatenated
-from dist_quant.checkpoint.unit_file import UnitRecord, UnitSink
+from dist_quant.checkpoint.unit_file import UnitRecord, UnitSink, writing
 from dist_quant.errors import OutputError
 
 logger = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def _is_within(path: Path, folder: Path) -> bool:
 
 
 def _write_json(path: Path, content: dict) -> None:
-    with open(path, "w", encoding="utf-8") as f:
+    with writing(path), open(path, "w", encoding="utf-8") as f:
         f.write(json.dumps(content, indent=2, ensure_ascii=False) + "\n")
         f.flush()
         os.fsync(f.fileno())
@@ -63,7 +63,8 @@ def _write_json(path: Path, content: dict) -> None:
 
 def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """save_file creates files readable by the owner only; a served checkpoint is read by other users too."""
-    save_file(tensors, str(path))
+    with writing(path):
+        save_file(tensors, str(path))
     path.chmod(0o644)
 
 
@@ -93,7 +94,13 @@ PartWriter = Callable[[list[tuple[Path, list[TensorSlice]]]], None]
 
 def _write_parts_here(batch: list[tuple[Path, list[TensorSlice]]]) -> None:
     for path, part in batch:
-        write_concatenated(path, part)
+        with writing(path):
+            write_concatenated(path, part)
+
+
+def _copy(source: Path, target: Path) -> None:
+    with writing(target):
+        shutil.copy2(source, target)
 
 
 class CheckpointWriter:
@@ -132,7 +139,8 @@ class CheckpointWriter:
         self.overwrite = overwrite
         shutil.rmtree(self.staging, ignore_errors=True)  # left over by a run that crashed
         self.spill_dir = self.staging / SPILL_DIR
-        self.spill_dir.mkdir(parents=True)
+        with writing(self.spill_dir):
+            self.spill_dir.mkdir(parents=True)
 
         self._part_bytes = int(part_file_size_gb * GB)
         self._spill_bytes = spill_bytes
@@ -148,7 +156,8 @@ class CheckpointWriter:
         """Register a unit file written by a worker; the parts list units in the order they are added."""
         path = self.spill_dir / record.file
         if record.payload is not None:  # the worker's disk is not ours: its file came through the object store
-            path.write_bytes(record.payload)
+            with writing(path):
+                path.write_bytes(record.payload)
         if not path.is_file() or path.stat().st_size != record.file_bytes:
             raise OutputError(f"unit file {path} of unit {record.unit_id} is missing or incomplete; is save_path on a "
                               "filesystem every worker node shares?")
@@ -210,7 +219,7 @@ class CheckpointWriter:
         self._write_config(source)
         self._copy_source_files(source)
         if recipe_path is not None:
-            shutil.copy2(recipe_path, self.staging / Path(recipe_path).name)
+            _copy(Path(recipe_path), self.staging / Path(recipe_path).name)
         description = {
             **self._quant_types,
             "version": "1.0.0",
@@ -278,7 +287,7 @@ class CheckpointWriter:
                 and path.name != "config.json"
                 and not path.name.endswith("index.json")
             ):
-                shutil.copy2(path, self.staging / path.name)
+                _copy(path, self.staging / path.name)
 
     def _move_into_place(self) -> None:
         if self.overwrite:  # the old description goes first, so the old checkpoint stops looking finished

@@ -38,6 +38,7 @@ class UnitReport:
     pid: int
     node_id: str
     peak_rss: int  # bytes, of this actor process so far
+    expert_tokens: Optional[list[int]] = None  # attention units of MoE layers: calibration tokens per expert
 
 
 def ray_node_id() -> str:
@@ -101,13 +102,13 @@ class ActorBody:
                 self.worker.prefetch_experts(upcoming.layer, upcoming.first_expert, upcoming.stop_expert)
         return time.perf_counter()
 
-    def _report(self, unit: Unit, started: float) -> UnitReport:
+    def _report(self, unit: Unit, started: float, expert_tokens: Optional[list[int]] = None) -> UnitReport:
         """Bytes read since the previous report (prefetches included), so the reports add up to every byte read."""
         seconds = time.perf_counter() - started
         bytes_read, self._bytes_reported = self.worker.reader.bytes_read - self._bytes_reported, \
             self.worker.reader.bytes_read
         return UnitReport(self.index, unit, self.sink.finish(unit.id), seconds, bytes_read, self.host, os.getpid(),
-                          self.node_id, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+                          self.node_id, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, expert_tokens)
 
     def vision(self, inputs: list[ModelInputs]):
         unit = Unit("vision")
@@ -126,7 +127,7 @@ class ActorBody:
         started = self._start(unit)
         hidden = stream if layer_idx == 0 else finish_layer(layer_idx - 1, stream, add_partials(partials), contexts)
         out = self.worker.attention(layer_idx, hidden, contexts)
-        return out.stream, out.moe, self._report(unit, started)
+        return out.stream, out.moe, self._report(unit, started, self.worker.expert_tokens.pop(layer_idx, None))
 
     def experts(self, layer_idx: int, first: int, stop: int, moe):
         unit = Unit("experts", layer_idx, first, stop)

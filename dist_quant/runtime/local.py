@@ -19,6 +19,7 @@ from dist_quant.errors import CalibrationError
 from dist_quant.recipe import Recipe
 from dist_quant.runtime.device import resolve_device
 from dist_quant.runtime.plan import DEFAULT_EXPERT_GROUP_SIZE, make_plan
+from dist_quant.runtime.run_log import RunLog, write_coverage
 from dist_quant.runtime.sweep import run_sweep
 from dist_quant.runtime.worker import Worker, export_rotation
 
@@ -55,6 +56,8 @@ class QuantSummary:
     bytes_written: int
     counts: dict[str, int] = field(default_factory=dict)
     save_path: str = ""
+    experts_without_tokens: int = 0
+    warnings: list[str] = field(default_factory=list)
 
 
 def quantize_single_card(model_path: str, save_path: str, recipe: Recipe, *, dataset: Optional[str] = None,
@@ -69,20 +72,27 @@ def quantize_single_card(model_path: str, save_path: str, recipe: Recipe, *, dat
     writer = CheckpointWriter(save_path, part_file_size_gb=recipe.part_file_size_gb, overwrite=overwrite,
                               model_path=model_path)
     try:
+        run_log = RunLog(writer.staging, recipe.path)
         sink = UnitSink(writer.spill_dir)
         worker = Worker(model_path, recipe, sink, torch_device)
         worker.check_source_keys()
         plan = make_plan(worker.config, expert_group_size)
+        last = [time.perf_counter(), 0]
         with tqdm(total=len(plan), desc="quantizing", unit="unit", disable=not progress) as bar:
             def advance(unit):
                 writer.add_unit(sink.finish(unit.id))
+                now, read = time.perf_counter(), worker.reader.bytes_read
+                run_log.unit(unit.name, now - last[0], read - last[1])
+                last[:] = [now, read]
                 bar.set_postfix_str(unit.name)
                 bar.update()
             run_sweep(worker, inputs, plan, on_unit_done=advance)
+        coverage = write_coverage(writer.staging, worker.expert_tokens, run_log)
         export_rotation(writer, recipe, worker.config)
+        run_log.write(f"assembling {len(plan)} unit files into the checkpoint")
         summary = writer.publish(model_path, recipe_path=recipe.path)
     except BaseException:
         writer.abort()
         raise
     return QuantSummary(time.perf_counter() - start, len(plan), summary["tensors"], summary["bytes"],
-                        dict(summary["counts"]), str(save_path))
+                        dict(summary["counts"]), str(save_path), coverage["experts_without_tokens"], run_log.warnings)

@@ -30,6 +30,7 @@ from dist_quant.runtime.actor import ActorBody, UnitReport
 from dist_quant.runtime.device import DEVICES
 from dist_quant.runtime.local import QuantSummary, resolve_dataset
 from dist_quant.runtime.plan import DEFAULT_EXPERT_GROUP_SIZE, Unit, assign_units, make_plan
+from dist_quant.runtime.run_log import RunLog, write_coverage
 from dist_quant.runtime.worker import export_rotation
 
 log = logging.getLogger("dist_quant")
@@ -161,6 +162,7 @@ def quantize_distributed(model_path: str, save_path: str, recipe: Recipe, *, wor
     writer = CheckpointWriter(save_path, part_file_size_gb=recipe.part_file_size_gb, overwrite=overwrite,
                               model_path=model_path)
     actors, we_started = [], False
+    run_log = RunLog(writer.staging, recipe.path)
     try:
         ray_started = time.perf_counter()
         ray, we_started = start_ray(ray_address, workers, device)
@@ -173,8 +175,10 @@ def quantize_distributed(model_path: str, save_path: str, recipe: Recipe, *, wor
         ray.get([actor.node.remote() for actor in actors])
         sweep_started = time.perf_counter()
         reports = submit_graph(ray, actors, plan, assignment, ray.put(inputs))
-        done = collect_reports(ray, reports, progress, on_unit_done)
+        done = collect_reports(ray, reports, progress, on_unit_done, run_log)
         assemble_started = time.perf_counter()
+        coverage = write_coverage(writer.staging, {r.unit.layer: r.expert_tokens for r in done.values()
+                                                   if r.expert_tokens is not None}, run_log)
         for unit in plan:  # plan order, whoever finished first: the same checkpoint for any number of workers
             writer.add_unit(done[unit].record)
         (writer.staging / "probe").unlink()
@@ -192,7 +196,8 @@ def quantize_distributed(model_path: str, save_path: str, recipe: Recipe, *, wor
         if we_started:
             ray.shutdown()
     return DistributedSummary(finished - start, len(plan), summary["tensors"], summary["bytes"],
-                              dict(summary["counts"]), str(save_path), summarize_actors(done.values(), workers),
+                              dict(summary["counts"]), str(save_path), coverage["experts_without_tokens"],
+                              run_log.warnings, summarize_actors(done.values(), workers),
                               ray_seconds, sweep_started - actors_started, assemble_started - sweep_started,
                               finished - assemble_started)
 
@@ -210,7 +215,7 @@ def part_writing(ray, actors: list, reports) -> dict:
 
 
 def collect_reports(ray, reports: dict[Unit, object], progress: bool,
-                    on_unit_done: Optional[Callable[[UnitReport], None]]) -> dict[Unit, UnitReport]:
+                    on_unit_done: Optional[Callable[[UnitReport], None]], run_log: RunLog) -> dict[Unit, UnitReport]:
     """Wait for every unit, showing progress with per-actor throughput and an ETA."""
     pending = {ref: unit for unit, ref in reports.items()}
     done: dict[Unit, UnitReport] = {}
@@ -222,6 +227,8 @@ def collect_reports(ray, reports: dict[Unit, object], progress: bool,
                 pending.pop(ref)
                 report: UnitReport = ray.get(ref)
                 done[report.unit] = report
+                run_log.unit(report.unit.name, report.seconds, report.bytes_read,
+                             f"actor {report.actor} (pid {report.pid}, {report.host})")
                 actor = live[report.actor]
                 actor.index, actor.units = report.actor, actor.units + 1
                 actor.busy_seconds += report.seconds

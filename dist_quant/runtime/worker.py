@@ -110,6 +110,7 @@ class Worker:
             self.head_rotation = hadamard.head_rotation(head_dim, recipe.quarot.block_size, recipe.quarot.seed)
             hadamard.check_orthogonal(self.head_rotation, "the QuaRot head rotation")
             self.rotation = self.rotation.to(device)
+        self.expert_tokens: dict[int, list[int]] = {}  # calibration tokens routed to each expert, per MoE layer
         self._reader_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
         self._prefetched: dict[tuple[int, int, int], Future] = {}
 
@@ -246,6 +247,8 @@ class Worker:
             x = torch.cat(moe_inputs)
             ids, weights = qvl.route(block.mlp.gate(x), self.config.text_config.num_experts_per_tok, x.dtype)
             moe_input = MoeInput(x, ids, weights)
+            self.expert_tokens[layer_idx] = torch.bincount(
+                ids.reshape(-1), minlength=self.config.text_config.num_experts).tolist()
         self._emit_module(prefix, block, ranges)
         return AttentionOutput(streams, moe_input)
 
