@@ -87,8 +87,8 @@ class QuantizedCheckpoint:
     def tensor(self, key: str) -> torch.Tensor:
         return self.reader.get(key)
 
-    def float_tensor(self, key: str) -> torch.Tensor:
-        return self.reader.get(key, dtype=self.dtype)
+    def float_tensor(self, key: str, shape: Optional[tuple[int, ...]] = None) -> torch.Tensor:
+        return self.reader.get(key, dtype=self.dtype, shape=shape)
 
     def linear(self, name: str) -> nn.Module:
         """The module vLLM Ascend would build for the linear ``name``, by its type in the description."""
@@ -127,8 +127,8 @@ class FloatModel:
     def __init__(self, reader: CheckpointReader, config, dtype: torch.dtype):
         self.reader, self.config, self.dtype = reader, config, dtype
 
-    def read(self, key: str) -> torch.Tensor:
-        return self.reader.get(key, dtype=self.dtype)
+    def read(self, key: str, shape: Optional[tuple[int, ...]] = None) -> torch.Tensor:
+        return self.reader.get(key, dtype=self.dtype, shape=shape)
 
     def vision(self) -> nn.Module:
         return qvl.build_vision(self.config, self.read, self.dtype)

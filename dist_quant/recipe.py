@@ -8,6 +8,7 @@ Globs are fnmatch patterns matched against whole module names, where ``*`` also 
 from __future__ import annotations
 
 import fnmatch
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
@@ -116,7 +117,10 @@ def _qspec(path: Path, where: str, raw: Any) -> QSpec:
         raise _fail(path, where, "must be a mapping with scope, dtype, symmetric, method")
     _check_keys(path, where, raw, _QSPEC_KEYS)
     try:
-        return QSpec(str(raw["scope"]), str(raw["dtype"]), bool(raw["symmetric"]), str(raw.get("method", "minmax")))
+        symmetric = raw["symmetric"]
+        if not isinstance(symmetric, bool):  # bool("False") is True: a quoted value would flip the scheme silently
+            raise _fail(path, f"{where}.symmetric", f"{symmetric!r} must be True or False (unquoted)")
+        return QSpec(str(raw["scope"]), str(raw["dtype"]), symmetric, str(raw.get("method", "minmax")))
     except KeyError as missing:
         raise _fail(path, where, f"missing field {missing}") from None
 
@@ -209,7 +213,7 @@ def _part_file_size(path: Path, raw: Any) -> float:
     if saver.get("type") != "ascendv1_saver":
         raise _fail(path, "spec.save[0].type", f"{saver.get('type')!r} is not supported; allowed: ['ascendv1_saver']")
     size = saver.get("part_file_size", 4)
-    if not isinstance(size, (int, float)) or size < 0:
+    if isinstance(size, bool) or not isinstance(size, (int, float)) or not 0 <= size < math.inf:
         raise _fail(path, "spec.save[0].part_file_size", f"{size!r} must be a number of GB >= 0")
     return float(size)
 
@@ -259,6 +263,8 @@ def load_recipe(path: Union[str, Path, None] = None) -> Recipe:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise RecipeError(f"cannot read recipe {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"recipe {path} is not UTF-8 text ({exc}); save it as UTF-8") from None
     except yaml.YAMLError as exc:
         raise RecipeError(f"recipe {path} is not valid YAML: {exc}") from None
     return parse_recipe(raw, path)

@@ -20,8 +20,8 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 INDEX_SUFFIXES = {".json", ".jsonl"}
 MAX_IMAGE_MEGAPIXELS = 64  # the image processor shrinks images to a few megapixels: larger ones only cost memory
 MAX_IMAGE_PIXELS = MAX_IMAGE_MEGAPIXELS * 10**6
-TOO_LARGE_HINT = (f"the {MAX_IMAGE_MEGAPIXELS} megapixels a calibration image may have; downscale it (the model's "
-                  "image processor resizes every image to at most max_pixels anyway)")
+TOO_LARGE_HINT = (f"the {MAX_IMAGE_MEGAPIXELS} megapixels a calibration image may have; downscale it, since the "
+                  "model's image processor resizes every image to at most max_pixels anyway")
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ def check_image(where: str, image: Path) -> None:
                                            f"larger than {TOO_LARGE_HINT}")
                 opened.load()
     except Image.DecompressionBombError as e:
-        raise CalibrationError(f"{where}: calibration image {image} is larger than {TOO_LARGE_HINT} ({e})") from e
+        raise CalibrationError(f"{where}: calibration image {image} is larger than {TOO_LARGE_HINT}. PIL: {e}") from e
     except (OSError, SyntaxError, ValueError) as e:
         raise CalibrationError(f"{where}: calibration image {image} cannot be read as an image: {e}") from e
 

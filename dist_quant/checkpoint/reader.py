@@ -143,14 +143,17 @@ class CheckpointReader:
             try:
                 slices = tensor_slices(path)
                 size = path.stat().st_size
-            except (OSError, ValueError, UnicodeDecodeError, KeyError, TypeError) as error:
-                raise CheckpointError(f"{path} is not a readable safetensors file ({error!r}); download it again")
+                end = max((t.end for t in slices.values()), default=0)
+                bad = [t.key for t in slices.values() if t.dtype not in _DTYPES
+                       or t.end - t.begin != math.prod(t.shape) * _DTYPES[t.dtype].itemsize] if end <= size else []
+            except (OSError, ValueError) as error:  # unreadable, shorter than 8 bytes, or a header that is not JSON
+                raise CheckpointError(f"{path} is not a readable safetensors file ({error}); download it again")
+            except (KeyError, TypeError, AttributeError):
+                raise CheckpointError(f"{path} is not a readable safetensors file (its header does not describe "
+                                      "tensors as safetensors does); download it again") from None
             except (OverflowError, MemoryError):  # the first 8 bytes claim a header larger than memory
                 raise CheckpointError(f"{path} is not a readable safetensors file (its first 8 bytes claim an "
                                       "impossibly large header); download it again") from None
-            end = max((t.end for t in slices.values()), default=0)
-            bad = [t.key for t in slices.values() if t.dtype not in _DTYPES or t.end - t.begin != math.prod(t.shape)
-                   * torch.empty((), dtype=_DTYPES[t.dtype]).element_size()] if end <= size else []
             if end > size or bad:
                 raise CheckpointError(f"{path} is truncated or corrupt (its header describes {end} bytes, the file "
                                       f"has {size}{'; bad entries ' + str(bad[:3]) if bad else ''}); download it again")
@@ -280,7 +283,12 @@ class CheckpointReader:
         """
         gate_up_key = f"{layer_prefix}.mlp.experts.gate_up_proj"
         down_key = f"{layer_prefix}.mlp.experts.down_proj"
-        layout = detect_expert_layout(self.shape(gate_up_key), self.shape(down_key), num_experts, hidden, intermediate)
+        try:
+            layout = detect_expert_layout(self.shape(gate_up_key), self.shape(down_key), num_experts, hidden,
+                                          intermediate)
+        except CheckpointError as error:
+            files = " and ".join(sorted({str(self.file_of(gate_up_key)), str(self.file_of(down_key))}))
+            raise CheckpointError(f"{layer_prefix}.mlp.experts in {files}: {error}") from None
         gate_up = self.get_slice(gate_up_key, start, stop, dtype=dtype)
         down = self.get_slice(down_key, start, stop, dtype=dtype)
         if layout == "hub":  # applied as x @ W: transpose to [out, in]

@@ -7,6 +7,7 @@ the checkpoint writer build multi-GB parts out of small spill files while holdin
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import struct
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
 CHUNK_BYTES = 16 * 1024**2
+NO_COPY_FILE_RANGE = (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)
 HEADER_ALIGNMENT = 8  # safetensors pads the JSON header with spaces so the data starts 8-byte aligned
 METADATA_KEY = "__metadata__"
 
@@ -39,9 +41,10 @@ def read_header(path: str | Path) -> tuple[dict, int]:
         if len(prefix) < 8:
             raise ValueError(f"{path} is not a safetensors file: it holds fewer than 8 bytes")
         (length,) = struct.unpack("<Q", prefix)
+        if length > os.fstat(file.fileno()).st_size - 8:  # checked before reading: it may claim exabytes
+            raise ValueError(f"{path} is not a safetensors file: its header claims {length} bytes past the end "
+                             "of the file")
         header_bytes = file.read(length)
-    if len(header_bytes) < length:
-        raise ValueError(f"{path} is not a safetensors file: its header claims {length} bytes past the end of the file")
     return json.loads(header_bytes), 8 + length
 
 
@@ -89,7 +92,9 @@ def _copy_range(source: BinaryIO, out: BinaryIO, begin: int, end: int) -> None:
                 raise ValueError(f"{source.name} ends before byte {end}; it was truncated or changed since it was read")
             remaining -= copied
         return
-    except OSError:  # no copy_file_range between these filesystems: copy through a buffer
+    except OSError as error:  # no copy_file_range between these filesystems: copy through a buffer
+        if error.errno not in NO_COPY_FILE_RANGE:
+            raise  # out of space and the like are real errors
         out.seek(0, os.SEEK_END)
     source.seek(end - remaining)
     remaining = end - begin

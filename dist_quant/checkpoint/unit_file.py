@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from typing import Optional
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from dist_quant.errors import OutputError
 
@@ -60,6 +61,7 @@ class UnitRecord:
     quant_types: tuple[str, ...]
     nbytes: int  # tensor data bytes
     file_bytes: int  # size of the file
+    crc32: int  # of the whole file, checked when a run is resumed
     payload: Optional[bytes] = None  # the file itself, when it has to travel through the object store
 
 
@@ -102,17 +104,18 @@ class UnitSink:
         name = f"{unit_id}.safetensors"
         path = self.spill_dir / name
         tmp = self.spill_dir / f".{name}.{os.getpid()}.tmp"
+        data = save(self._tensors)  # serialised once, in memory: checksummed, written, shipped if need be
         with writing(path):
             self.spill_dir.mkdir(parents=True, exist_ok=True)
             try:
-                save_file(self._tensors, str(tmp))
+                with open(tmp, "wb") as f:
+                    f.write(data)
             except BaseException:
                 tmp.unlink(missing_ok=True)  # a half-written file is of no use and holds the space that ran out
                 raise
         os.replace(tmp, path)
-        size = path.stat().st_size
         record = UnitRecord(unit_id, name, tuple(self._tensors), tuple(self._types.values()), self.pending_bytes,
-                            size, path.read_bytes() if self.ship_payload else None)
-        self.bytes_written += size
+                            len(data), zlib.crc32(data), data if self.ship_payload else None)
+        self.bytes_written += len(data)
         self._tensors, self._types, self._storages = {}, {}, set()
         return record

@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 QUANT_TYPE_PRIORITY = ("FLOAT", "W8A8_DYNAMIC", "W8A8")  # lowest first
 STAGING_DIR = ".dist_quant_staging"
 SPILL_DIR = "spill"
+PRIVATE_DIR = "run"
 WEIGHTS_PREFIX = "quant_model_weights"
 SINGLE_WEIGHTS_FILE = f"{WEIGHTS_PREFIX}.safetensors"
 INDEX_FILE = f"{WEIGHTS_PREFIX}.safetensors.index.json"
@@ -114,8 +115,10 @@ class CheckpointWriter:
         spill_bytes: int = 256 * MiB,
         overwrite: bool = False,
         model_path: str | Path | None = None,
+        resume: bool = False,
     ):
-        """spill_bytes bounds the tensors held in memory: past it, add() writes them to a spill file in staging."""
+        """spill_bytes bounds the tensors held in memory: past it, add() writes them to a spill file in staging.
+        resume keeps the staging folder of an interrupted run (the caller adds its unit files again)."""
         self.save_path = Path(save_path)
         if part_file_size_gb < 0:
             raise ValueError(f"part_file_size_gb must be >= 0 (0 writes a single file), got {part_file_size_gb}")
@@ -134,13 +137,16 @@ class CheckpointWriter:
             if existing and not overwrite:
                 raise OutputError(
                     f"save path {self.save_path} is not empty (holds {existing[:5]}); choose an empty folder or "
-                    "pass overwrite to replace its content"
+                    "pass --overwrite to replace its content"
                 )
         self.overwrite = overwrite
-        shutil.rmtree(self.staging, ignore_errors=True)  # left over by a run that crashed
+        if not resume:
+            shutil.rmtree(self.staging, ignore_errors=True)  # left over by a run that crashed
         self.spill_dir = self.staging / SPILL_DIR
+        self.private_dir = self.staging / PRIVATE_DIR  # the run's own bookkeeping (resume journal...): never published
         with writing(self.spill_dir):
-            self.spill_dir.mkdir(parents=True)
+            self.spill_dir.mkdir(parents=True, exist_ok=resume)
+            self.private_dir.mkdir(exist_ok=resume)
 
         self._part_bytes = int(part_file_size_gb * GB)
         self._spill_bytes = spill_bytes
@@ -299,6 +305,7 @@ class CheckpointWriter:
                     shutil.rmtree(path)
                 else:
                     path.unlink()
+        shutil.rmtree(self.private_dir, ignore_errors=True)
         staged = sorted(self.staging.iterdir(), key=lambda p: p.name == DESCRIPTION_FILE)
         for path in staged:
             os.replace(path, self.save_path / path.name)

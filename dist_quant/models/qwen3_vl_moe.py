@@ -63,10 +63,11 @@ def expert_key(layer_idx: int, expert: int, proj: str) -> str:
 
 # --- building pieces ------------------------------------------------------------------------------------------------
 
-def materialize(module: nn.Module, read: Callable[[str], torch.Tensor], prefix: str, dtype: torch.dtype) -> nn.Module:
-    """Load every parameter of a module built on the meta device from the checkpoint (``prefix`` + its name)."""
-    names = list(module.state_dict().keys())
-    state = {name: read(f"{prefix}.{name}").to(dtype) for name in names}
+def materialize(module: nn.Module, read: Callable[..., torch.Tensor], prefix: str, dtype: torch.dtype) -> nn.Module:
+    """Load every parameter of a module built on the meta device from the checkpoint (``prefix`` + its name); ``read``
+    gets the shape the config gives each one, so a mismatch is reported with the tensor's file, not by torch."""
+    state = {name: read(f"{prefix}.{name}", shape=tuple(meta.shape)).to(dtype)
+             for name, meta in module.state_dict().items()}
     module.load_state_dict(state, strict=True, assign=True)
     return module.eval()
 

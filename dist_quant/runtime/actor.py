@@ -19,7 +19,7 @@ import torch
 
 from dist_quant.calib.inputs import ModelInputs
 from dist_quant.checkpoint.safetensors_stream import write_concatenated
-from dist_quant.checkpoint.unit_file import UnitRecord, UnitSink
+from dist_quant.checkpoint.unit_file import UnitRecord, UnitSink, writing
 from dist_quant.recipe import Recipe
 from dist_quant.runtime.device import resolve_device
 from dist_quant.runtime.plan import Unit
@@ -136,7 +136,8 @@ class ActorBody:
 
     def write_part(self, path: str, slices: list) -> None:
         """Assemble one part file of the checkpoint from unit files (on the shared filesystem)."""
-        write_concatenated(path, slices)
+        with writing(path):
+            write_concatenated(path, slices)
 
     def head(self):
         unit = Unit("head")

@@ -187,6 +187,8 @@ def quantize_distributed(model_path: str, save_path: str, recipe: Recipe, *, wor
         finished = time.perf_counter()
     except BaseException as error:
         writer.abort()
+        if isinstance(error, ray.exceptions.RayTaskError) and isinstance(error.cause, DistQuantError):
+            raise error.cause from None  # a clear error raised in an actor: show it as such, not as a remote trace
         if isinstance(error, ray.exceptions.RayError):
             raise DistQuantError(f"distributed quantization failed, nothing was published: {error}") from error
         raise

@@ -12,6 +12,8 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from dist_quant.checkpoint.unit_file import writing
+
 log = logging.getLogger("dist_quant")
 
 LOG_FILE = "quant_run.log"
@@ -41,10 +43,11 @@ class RunLog:
                  f"command: {' '.join(argv if argv is not None else sys.argv)}",
                  "versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()),
                  f"recipe {recipe_path}:", *("  " + line for line in recipe_path.read_text().splitlines()), ""]
-        self.path.write_text("\n".join(lines) + "\n")
+        with writing(self.path):
+            self.path.write_text("\n".join(lines) + "\n")
 
     def write(self, line: str) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
+        with writing(self.path), open(self.path, "a", encoding="utf-8") as f:
             f.write(f"[{time.perf_counter() - self.start:8.2f}s] {line}\n")
 
     def unit(self, name: str, seconds: float, bytes_read: int, where: str = "") -> None:

@@ -41,13 +41,20 @@ def finish_layer(layer_idx: int, stream: list[torch.Tensor], partial_sum: Option
 
 def run_sweep(worker: Worker, inputs: list[ModelInputs], plan: list[Unit],
               on_unit_done: Optional[Callable[[Unit], None]] = None,
-              on_layer_done: Optional[Callable[[int, list[torch.Tensor]], None]] = None) -> list[torch.Tensor]:
+              on_layer_done: Optional[Callable[[int, list[torch.Tensor]], None]] = None,
+              on_vision_done: Optional[Callable[[list], None]] = None,
+              start=None) -> list[torch.Tensor]:
     """Run every unit of the plan on one worker; returns the last layer's (pre-norm) hidden states per sample.
 
-    ``on_layer_done(layer, hidden)`` sees each layer's output (deepstack feature included), e.g. for evaluation.
+    ``on_layer_done(layer, hidden)`` sees each layer's output (deepstack feature included), ``on_vision_done(vision)``
+    the vision outputs (to save them for a resume). ``start`` (a resume point: ``.vision``, ``.hidden``) replaces the
+    vision and embedding units, which the plan then leaves out.
     """
     done = on_unit_done or (lambda unit: None)
     vision = contexts = hidden = attention = None
+    if start is not None:
+        vision, hidden = start.vision, start.hidden
+        contexts = worker.contexts(inputs, vision)
     partial_sum = None
     for i, unit in enumerate(plan):
         upcoming = plan[i + 1] if i + 1 < len(plan) else None
@@ -56,6 +63,8 @@ def run_sweep(worker: Worker, inputs: list[ModelInputs], plan: list[Unit],
         if unit.kind == "vision":
             vision = worker.vision(inputs)
             contexts = worker.contexts(inputs, vision)
+            if on_vision_done is not None:
+                on_vision_done(vision)
         elif unit.kind == "embed":
             hidden = worker.embed(inputs, vision)
         elif unit.kind == "attention":

@@ -126,8 +126,8 @@ class Worker:
 
     # --- helpers ----------------------------------------------------------------------------------------------------
 
-    def _read(self, key: str) -> torch.Tensor:
-        return self.reader.get(key, dtype=self.compute_dtype).to(self.device)
+    def _read(self, key: str, shape: Optional[tuple[int, ...]] = None) -> torch.Tensor:
+        return self.reader.get(key, dtype=self.compute_dtype, shape=shape).to(self.device)
 
     def _check_keys(self, prefix: str, module: nn.Module, ignore: tuple[str, ...] = ()) -> None:
         """Every source tensor under ``prefix`` must be a parameter of the module built for it: none left behind."""
