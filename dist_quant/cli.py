@@ -48,6 +48,8 @@ def _quant_parser(sub) -> None:
                         "overrides the recipe's dataset")
     p.add_argument("--trust_remote_code", type=_bool, default=False, help="True to allow the model dir's own code")
     p.add_argument("--overwrite", action="store_true", help="replace the content of a non-empty save_path")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run into the same save_path (same model, recipe and calibration set)")
     p.add_argument("--workers", type=int, default=1,
                    help="Ray actors, one per card (1 without --ray_address: single-card mode, no Ray)")
     p.add_argument("--ray_address", default=None,
@@ -149,7 +151,8 @@ def _cmd_quant(args) -> int:
     if args.workers < 1:
         raise DistQuantError(f"--workers must be at least 1, got {args.workers}")
     common = dict(dataset=args.dataset, device=args.device, overwrite=args.overwrite, progress=not args.quiet,
-                  trust_remote_code=args.trust_remote_code, expert_group_size=args.expert_group_size)
+                  trust_remote_code=args.trust_remote_code, expert_group_size=args.expert_group_size,
+                  resume=args.resume)
     if args.workers == 1 and args.ray_address is None:
         from dist_quant.runtime.local import quantize_single_card
 

@@ -23,6 +23,7 @@ from dist_quant.checkpoint.unit_file import UnitRecord, UnitSink, writing
 from dist_quant.recipe import Recipe
 from dist_quant.runtime.device import resolve_device
 from dist_quant.runtime.plan import Unit
+from dist_quant.runtime.resume import save_hidden, save_vision
 from dist_quant.runtime.sweep import add_partials, finish_layer
 from dist_quant.runtime.worker import Worker
 
@@ -73,7 +74,7 @@ def can_see(probe: str, token: str) -> bool:
 class ActorBody:
     """Runs the units the plan gave this actor, in plan order, prefetching the next expert group's weights."""
 
-    def __init__(self, index: int, model_path: str, recipe: Recipe, spill_dir: str, device: str,
+    def __init__(self, index: int, model_path: str, recipe: Recipe, spill_dir: str, private_dir: str, device: str,
                  schedule: list[Unit], probe: str, token: str, threads: Optional[int] = None,
                  ship_results: Optional[bool] = None):
         if device == "cpu" and threads:
@@ -81,6 +82,7 @@ class ActorBody:
         self.index = index
         self.shared_fs = can_see(probe, token) if ship_results is None else not ship_results
         self.sink = UnitSink(spill_dir, ship_payload=not self.shared_fs)
+        self.private_dir = Path(private_dir) if self.shared_fs else None  # layer-boundary saves, for --resume
         self.worker = Worker(model_path, recipe, self.sink, resolve_device(device))
         self.schedule = schedule
         self.host = socket.gethostname()
@@ -114,18 +116,30 @@ class ActorBody:
         unit = Unit("vision")
         started = self._start(unit)
         vision = self.worker.vision(inputs)
+        if self.private_dir is not None:
+            save_vision(self.private_dir, vision)
         return vision, self.worker.contexts(inputs, vision), self._report(unit, started)
+
+    def contexts(self, inputs: list[ModelInputs], vision):
+        """Sample contexts from saved vision outputs, when a resumed run skips the vision unit."""
+        return self.worker.contexts(inputs, vision)
 
     def embed(self, inputs: list[ModelInputs], vision):
         unit = Unit("embed")
         started = self._start(unit)
         return self.worker.embed(inputs, vision), self._report(unit, started)
 
-    def attention(self, layer_idx: int, contexts, stream: list[torch.Tensor], *partials: torch.Tensor):
-        """Finish the previous layer (stream + its expert groups' partial sums, in group order), then run this one."""
+    def attention(self, layer_idx: int, contexts, stream: list[torch.Tensor], *partials: torch.Tensor,
+                  combine: bool = True):
+        """Finish the previous layer (stream + its expert groups' partial sums, in group order; saved for a resume),
+        then run this one. ``combine=False``: ``stream`` already is this layer's input (layer 0, or a resume)."""
         unit = Unit("attention", layer_idx)
         started = self._start(unit)
-        hidden = stream if layer_idx == 0 else finish_layer(layer_idx - 1, stream, add_partials(partials), contexts)
+        hidden = stream
+        if combine:
+            hidden = finish_layer(layer_idx - 1, stream, add_partials(partials), contexts)
+            if self.private_dir is not None:
+                save_hidden(self.private_dir, layer_idx - 1, hidden)
         out = self.worker.attention(layer_idx, hidden, contexts)
         return out.stream, out.moe, self._report(unit, started, self.worker.expert_tokens.pop(layer_idx, None))
 

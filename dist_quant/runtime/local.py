@@ -116,16 +116,18 @@ def quantize_single_card(model_path: str, save_path: str, recipe: Recipe, *, dat
         run_log.write(f"assembling {len(plan)} unit files into the checkpoint")
         summary = writer.publish(model_path, recipe_path=recipe.path)
     except BaseException:
-        keep_or_abort(writer, journal)
+        keep_or_abort(writer, journal, resume)
         raise
     return QuantSummary(time.perf_counter() - start, len(plan), summary["tensors"], summary["bytes"],
                         dict(summary["counts"]), str(save_path), coverage["experts_without_tokens"], run_log.warnings)
 
 
-def keep_or_abort(writer: CheckpointWriter, journal: Optional[Journal]) -> None:
-    """After a failure: keep the staging folder when finished units can be resumed, else remove it. Either way the
-    save path holds nothing that looks like a finished checkpoint."""
-    if journal is not None and journal.finished:
+def keep_or_abort(writer: CheckpointWriter, journal: Optional[Journal], resume: bool) -> None:
+    """After a failure: keep the staging folder when finished units can be resumed (or when this was an attempt to
+    resume it), else remove it. Either way the save path holds nothing that looks like a finished checkpoint."""
+    if resume:
+        log.error("the interrupted run in %s is kept", writer.staging)
+    elif journal is not None and journal.finished:
         log.error("%d finished unit(s) are kept in %s: fix the problem and rerun the same command with --resume to "
                   "continue (or with --overwrite to start over)", len(journal.finished), writer.staging)
     else:

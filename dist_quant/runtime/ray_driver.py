@@ -28,10 +28,12 @@ from dist_quant.models.qwen3_vl_moe import load_config
 from dist_quant.recipe import Recipe
 from dist_quant.runtime.actor import ActorBody, UnitReport
 from dist_quant.runtime.device import DEVICES
-from dist_quant.runtime.local import QuantSummary, resolve_dataset
+from dist_quant.checkpoint.unit_file import UnitSink
+from dist_quant.runtime.local import QuantSummary, keep_or_abort, resolve_dataset
 from dist_quant.runtime.plan import DEFAULT_EXPERT_GROUP_SIZE, Unit, assign_units, make_plan
+from dist_quant.runtime.resume import Journal, ResumePoint, fingerprint, remaining_units, resume_point
 from dist_quant.runtime.run_log import RunLog, write_coverage
-from dist_quant.runtime.worker import export_rotation
+from dist_quant.runtime.worker import Worker, export_rotation
 
 log = logging.getLogger("dist_quant")
 
@@ -100,13 +102,19 @@ def _progress_text(actors: dict[int, ActorSummary]) -> str:
                       for a in sorted(actors.values(), key=lambda a: a.index))
 
 
-def submit_graph(ray, actors: list, plan: list[Unit], assignment: list[int], inputs_ref) -> dict[Unit, object]:
-    """Submit every unit in plan order; returns the report ref of each unit."""
+def submit_graph(ray, actors: list, plan: list[Unit], assignment: list[int], todo: list[Unit], inputs_ref,
+                 start: Optional[ResumePoint]) -> dict[Unit, object]:
+    """Submit the units still to run, in plan order; returns the report ref of each. A resume point replaces the
+    vision and embedding units: its saved vision outputs and hidden states are put in the object store."""
     owner = dict(zip(plan, assignment))
     reports = {}
     vision = contexts = hidden = None
+    if start is not None:
+        vision, hidden = ray.put(start.vision), ray.put(start.hidden)
+        contexts = actors[owner[todo[0]]].contexts.remote(inputs_ref, vision)
+    combine = start is None  # a saved layer output is complete: nothing to add to it
     partials: list = []
-    for unit in plan:
+    for unit in todo:
         actor = actors[owner[unit]]
         if unit.kind == "vision":
             vision, contexts, reports[unit] = actor.vision.options(num_returns=3).remote(inputs_ref)
@@ -114,8 +122,8 @@ def submit_graph(ray, actors: list, plan: list[Unit], assignment: list[int], inp
             hidden, reports[unit] = actor.embed.options(num_returns=2).remote(inputs_ref, vision)
         elif unit.kind == "attention":
             hidden, moe, reports[unit] = actor.attention.options(num_returns=3).remote(
-                unit.layer, contexts, hidden, *partials)
-            partials = []
+                unit.layer, contexts, hidden, *partials, combine=combine and unit.layer > 0)
+            partials, combine = [], True
         elif unit.kind == "experts":
             partial, reports[unit] = actor.experts.options(num_returns=2).remote(
                 unit.layer, unit.first_expert, unit.stop_expert, moe)
@@ -130,11 +138,11 @@ def start_actors(ray, workers: int, device: str, model_path: str, recipe: Recipe
                  ship_results: Optional[bool]) -> list:
     """One actor per card, spread over the nodes; each is told its units so it can prefetch the next one.
     A probe file in the staging folder tells each actor whether it shares save_path's filesystem."""
-    probe, token = writer.staging / "probe", secrets.token_hex(16)
+    probe, token = writer.private_dir / "probe", secrets.token_hex(16)
     probe.write_text(token)
     remote = ray.remote(max_restarts=max_restarts, max_task_retries=max_restarts)(ActorBody)
     return [remote.options(**actor_resources(device), scheduling_strategy="SPREAD").remote(
-                i, str(model_path), recipe, str(writer.spill_dir), device,
+                i, str(model_path), recipe, str(writer.spill_dir), str(writer.private_dir), device,
                 [u for u, a in zip(plan, assignment) if a == i], str(probe), token, threads_per_actor, ship_results)
             for i in range(workers)]
 
@@ -143,14 +151,15 @@ def quantize_distributed(model_path: str, save_path: str, recipe: Recipe, *, wor
                          ray_address: Optional[str] = None, dataset: Optional[str] = None, device: str = "cpu",
                          overwrite: bool = False, progress: bool = True, trust_remote_code: bool = False,
                          expert_group_size: int = DEFAULT_EXPERT_GROUP_SIZE, threads_per_actor: Optional[int] = None,
-                         max_restarts: int = MAX_RESTARTS, ship_results: Optional[bool] = None,
+                         max_restarts: int = MAX_RESTARTS, ship_results: Optional[bool] = None, resume: bool = False,
                          on_unit_done: Optional[Callable[[UnitReport], None]] = None) -> DistributedSummary:
     """Quantize with ``workers`` Ray actors and publish one checkpoint to ``save_path``.
 
     ``threads_per_actor``: on the cpu device, each actor is pinned to that many cores of its node (its "card");
     by default actors are not pinned. ``ship_results`` forces unit files through the object store (True) or the
     shared filesystem (False); by default each actor probes whether it sees save_path. ``on_unit_done(report)`` is
-    called in the driver after each finished unit (tests use it to kill actor processes mid-run).
+    called in the driver after each finished unit (tests use it to kill actor processes mid-run). ``resume``
+    continues an interrupted run (actors save the hidden states at layer boundaries when they share save_path).
     """
     import ray
 
@@ -160,10 +169,11 @@ def quantize_distributed(model_path: str, save_path: str, recipe: Recipe, *, wor
     plan = make_plan(config, expert_group_size)
     assignment = assign_units(plan, workers)
     writer = CheckpointWriter(save_path, part_file_size_gb=recipe.part_file_size_gb, overwrite=overwrite,
-                              model_path=model_path)
-    actors, we_started = [], False
-    run_log = RunLog(writer.staging, recipe.path)
+                              model_path=model_path, resume=resume)
+    actors, we_started, journal = [], False, None
     try:
+        run_log = RunLog(writer.staging, recipe.path)
+        Worker(model_path, recipe, UnitSink(writer.spill_dir)).check_source_keys()  # fail here, not in the actors
         ray_started = time.perf_counter()
         ray, we_started = start_ray(ray_address, workers, device)
         ray_seconds = time.perf_counter() - ray_started
@@ -172,21 +182,29 @@ def quantize_distributed(model_path: str, save_path: str, recipe: Recipe, *, wor
         actors = start_actors(ray, workers, device, model_path, recipe, writer, plan, assignment, threads_per_actor,
                               max_restarts, ship_results)
         inputs = build_model_inputs(model_path, samples, trust_remote_code=trust_remote_code)  # while actors start
+        journal = Journal(writer.private_dir, fingerprint(model_path, recipe.path, inputs, expert_group_size), resume)
+        kept = journal.intact(writer.spill_dir) if resume else {}
+        point = resume_point(writer.private_dir, plan, kept, len(inputs)) if resume else None
+        todo = remaining_units(plan, point, kept)
+        if resume:
+            run_log.write(f"resuming after layer {point.layer if point else 'none'}: {len(plan) - len(todo)} of "
+                          f"{len(plan)} units kept, {len(todo)} to run")
         ray.get([actor.node.remote() for actor in actors])
         sweep_started = time.perf_counter()
-        reports = submit_graph(ray, actors, plan, assignment, ray.put(inputs))
-        done = collect_reports(ray, reports, progress, on_unit_done, run_log)
+        reports = submit_graph(ray, actors, plan, assignment, todo, ray.put(inputs), point)
+        done = collect_reports(ray, reports, progress, on_unit_done, run_log, journal)
         assemble_started = time.perf_counter()
-        coverage = write_coverage(writer.staging, {r.unit.layer: r.expert_tokens for r in done.values()
-                                                   if r.expert_tokens is not None}, run_log)
+        tokens = {layer: t for layer, t in journal.expert_tokens.items() if point is not None and layer <= point.layer}
+        tokens.update({r.unit.layer: r.expert_tokens for r in done.values() if r.expert_tokens is not None})
+        coverage = write_coverage(writer.staging, tokens, run_log)
         for unit in plan:  # plan order, whoever finished first: the same checkpoint for any number of workers
-            writer.add_unit(done[unit].record)
-        (writer.staging / "probe").unlink()
+            writer.add_unit(done[unit].record if unit in done else kept[unit.id])
+        (writer.private_dir / "probe").unlink()
         export_rotation(writer, recipe, config)
         summary = writer.publish(model_path, recipe_path=recipe.path, **part_writing(ray, actors, done.values()))
         finished = time.perf_counter()
     except BaseException as error:
-        writer.abort()
+        keep_or_abort(writer, journal, resume)
         if isinstance(error, ray.exceptions.RayTaskError) and isinstance(error.cause, DistQuantError):
             raise error.cause from None  # a clear error raised in an actor: show it as such, not as a remote trace
         if isinstance(error, ray.exceptions.RayError):
@@ -217,7 +235,8 @@ def part_writing(ray, actors: list, reports) -> dict:
 
 
 def collect_reports(ray, reports: dict[Unit, object], progress: bool,
-                    on_unit_done: Optional[Callable[[UnitReport], None]], run_log: RunLog) -> dict[Unit, UnitReport]:
+                    on_unit_done: Optional[Callable[[UnitReport], None]], run_log: RunLog,
+                    journal: Journal) -> dict[Unit, UnitReport]:
     """Wait for every unit, showing progress with per-actor throughput and an ETA."""
     pending = {ref: unit for unit, ref in reports.items()}
     done: dict[Unit, UnitReport] = {}
@@ -229,6 +248,7 @@ def collect_reports(ray, reports: dict[Unit, object], progress: bool,
                 pending.pop(ref)
                 report: UnitReport = ray.get(ref)
                 done[report.unit] = report
+                journal.record(report.record, report.unit.layer, report.expert_tokens)
                 run_log.unit(report.unit.name, report.seconds, report.bytes_read,
                              f"actor {report.actor} (pid {report.pid}, {report.host})")
                 actor = live[report.actor]
