@@ -12,6 +12,8 @@ from dist_quant.errors import DistQuantError
 from dist_quant.presets import MODEL_TYPES, QUANT_TYPES, find_preset, format_presets
 from dist_quant.recipe import DEFAULT_RECIPE, load_recipe
 from dist_quant.runtime.plan import DEFAULT_CALIB_TOKENS, DEFAULT_EXPERT_GROUP_SIZE
+from dist_quant.runtime.cost import Hardware
+from dist_quant.runtime.timing import format_times
 
 
 QUANT_EXAMPLE = """example:
@@ -77,11 +79,20 @@ def _plan_parser(sub) -> None:
     p.add_argument("--calib_tokens", type=int, default=DEFAULT_CALIB_TOKENS,
                    help="calibration tokens assumed for the activation memory estimate")
     p.add_argument("--card_memory_gb", type=float, default=64, help="memory of one card (Atlas 800I A2: 64)")
+    hw = Hardware()
+    p.add_argument("--cards_per_node", type=int, default=hw.cards_per_node, help="cards per node (A2: 8, A3: 16)")
+    p.add_argument("--storage_read_gbps", type=float, default=hw.storage_read_gbps,
+                   help="GB/s one node reads the source checkpoint at (for the time projection)")
+    p.add_argument("--storage_write_gbps", type=float, default=hw.storage_write_gbps,
+                   help="GB/s one node writes the output at (for the time projection)")
+    p.add_argument("--matmul_tflops", type=float, default=hw.matmul_tflops,
+                   help="float32 matmul TFLOPS of one card (for the time projection)")
 
 
 def _cmd_plan(args) -> int:
     from dist_quant.checkpoint.reader import read_config
     from dist_quant.models.qwen3_vl_moe import load_config
+    from dist_quant.runtime.cost import project
     from dist_quant.runtime.plan import build_plan, format_plan
 
     config_file = Path(args.model_path) / "config.json"
@@ -95,6 +106,9 @@ def _cmd_plan(args) -> int:
     title = (f"{args.model_path}: {tc.num_hidden_layers} layers, {tc.num_experts} experts (top-{tc.num_experts_per_tok}),"
              f" hidden {tc.hidden_size}; {args.workers} worker(s), expert groups of {args.expert_group_size}")
     print(format_plan(plan, title))
+    hw = Hardware(cards_per_node=args.cards_per_node, storage_read_gbps=args.storage_read_gbps,
+                  storage_write_gbps=args.storage_write_gbps, matmul_tflops=args.matmul_tflops)
+    print(project(plan, config, raw, args.calib_tokens, hw).describe(args.workers))
     return 0 if all(plan.fits(a) for a in plan.actors) else 1
 
 
@@ -166,6 +180,7 @@ def _cmd_quant(args) -> int:
     print(f"quantized {args.model_path} -> {summary.save_path}")
     print(f"  time {summary.seconds:.1f} s, {summary.units} units, {summary.tensors} tensors ({counts}), "
           f"{_human_bytes(summary.bytes_written)} written")
+    print(f"  time by phase (summed over units, may overlap): {format_times(summary.phases)}")
     print(f"  calibration coverage: {summary.experts_without_tokens} expert(s) received no calibration token "
           "(details in calibration_coverage.json; log in quant_run.log)")
     for actor in getattr(summary, "actors", []):

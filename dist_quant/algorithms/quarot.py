@@ -16,7 +16,8 @@ class BlockRotation:
     """``R = blockdiag(B, ..., B)`` of size ``n``, applied block by block: O(n * b) per vector instead of O(n^2).
 
     msModelSlim's rotation repeats one random Hadamard block over the hidden size, so a 4096-wide model's
-    rotations cost 128x less than with a dense R. Products are computed in the block's dtype (float64 on CPU).
+    rotations cost 128x less than with a dense R. Products are computed in the operand's precision (at least
+    float32; float64 operands stay float64), so weights are never copied to a wider type just to be rotated.
     """
 
     def __init__(self, block: torch.Tensor, size: int):
@@ -32,16 +33,21 @@ class BlockRotation:
     def dense(self) -> torch.Tensor:
         return torch.block_diag(*[self.block] * (self.size // self.block.shape[0]))
 
+    def _block(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block.to(torch.promote_types(x.dtype, torch.float32))
+
     def right(self, x: torch.Tensor) -> torch.Tensor:
-        """``x @ R`` over the last dimension."""
-        b = self.block.shape[0]
-        y = x.to(self.block.dtype).reshape(*x.shape[:-1], self.size // b, b) @ self.block
+        """``x @ R`` over the last dimension (any leading dimensions)."""
+        block = self._block(x)
+        b = block.shape[0]
+        y = x.to(block.dtype).reshape(*x.shape[:-1], self.size // b, b) @ block
         return y.reshape(x.shape).to(x.dtype)
 
     def left_t(self, w: torch.Tensor) -> torch.Tensor:
         """``R^T @ w`` over the first dimension."""
-        b = self.block.shape[0]
-        y = self.block.T @ w.to(self.block.dtype).reshape(self.size // b, b, -1)
+        block = self._block(w)
+        b = block.shape[0]
+        y = block.T @ w.to(block.dtype).reshape(self.size // b, b, -1)
         return y.reshape(w.shape).to(w.dtype)
 
 

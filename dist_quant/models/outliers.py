@@ -68,13 +68,12 @@ def rotate_attention_block(block: nn.Module, rot: quarot.BlockRotation, head_rot
 
 def rotate_experts(experts: list[tuple[torch.Tensor, ...]], post_norm_weight: torch.Tensor,
                    rot: quarot.BlockRotation) -> list[tuple[torch.Tensor, ...]]:
-    """Every expert reads the post-attention norm (fused into gate/up, then right-rotated) and writes the stream."""
-    rotated = []
-    for gate, up, down in experts:
-        gate, up = quarot.fuse_norm_into_linears(post_norm_weight, [gate, up])
-        rotated.append((quarot.rotate_reader(gate, rot).to(down.dtype), quarot.rotate_reader(up, rot).to(down.dtype),
-                        quarot.rotate_writer(down, None, rot)[0].to(down.dtype)))
-    return rotated
+    """Every expert reads the post-attention norm (fused into gate/up, then right-rotated) and writes the stream.
+    The group's experts are stacked so each projection is rotated in one batched product."""
+    gates, ups, downs = (torch.stack(ws) for ws in zip(*experts))
+    gates, ups = (quarot.rotate_reader(w, rot) for w in quarot.fuse_norm_into_linears(post_norm_weight, [gates, ups]))
+    downs = quarot.rotate_reader(downs.transpose(1, 2), rot).transpose(1, 2)  # R^T @ W, as (W^T @ R)^T
+    return [(g, u, d.contiguous()) for g, u, d in zip(gates.unbind(), ups.unbind(), downs.unbind())]
 
 
 def rotate_head(norm_weight: torch.Tensor, lm_head: torch.Tensor,

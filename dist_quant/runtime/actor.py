@@ -40,6 +40,7 @@ class UnitReport:
     node_id: str
     peak_rss: int  # bytes, of this actor process so far
     expert_tokens: Optional[list[int]] = None  # attention units of MoE layers: calibration tokens per expert
+    phases: Optional[dict] = None  # seconds per phase since the previous report
 
 
 def ray_node_id() -> str:
@@ -109,8 +110,11 @@ class ActorBody:
         seconds = time.perf_counter() - started
         bytes_read, self._bytes_reported = self.worker.reader.bytes_read - self._bytes_reported, \
             self.worker.reader.bytes_read
-        return UnitReport(self.index, unit, self.sink.finish(unit.id), seconds, bytes_read, self.host, os.getpid(),
-                          self.node_id, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, expert_tokens)
+        with self.worker.times.phase("write"):
+            record = self.sink.finish(unit.id)
+        return UnitReport(self.index, unit, record, seconds, bytes_read, self.host, os.getpid(), self.node_id,
+                          resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, expert_tokens,
+                          self.worker.times.take())
 
     def vision(self, inputs: list[ModelInputs]):
         unit = Unit("vision")

@@ -60,6 +60,7 @@ class QuantSummary:
     save_path: str = ""
     experts_without_tokens: int = 0
     warnings: list[str] = field(default_factory=list)
+    phases: dict[str, float] = field(default_factory=dict)  # seconds per phase, summed over units
 
 
 def quantize_single_card(model_path: str, save_path: str, recipe: Recipe, *, dataset: Optional[str] = None,
@@ -98,7 +99,8 @@ def quantize_single_card(model_path: str, save_path: str, recipe: Recipe, *, dat
         with tqdm(total=len(plan), initial=len(plan) - len(todo), desc="quantizing", unit="unit",
                   disable=not progress) as bar:
             def advance(unit):
-                records[unit.id] = sink.finish(unit.id)
+                with worker.times.phase("write"):
+                    records[unit.id] = sink.finish(unit.id)
                 journal.record(records[unit.id], unit.layer,
                                worker.expert_tokens.get(unit.layer) if unit.kind == "attention" else None)
                 now, read = time.perf_counter(), worker.reader.bytes_read
@@ -114,12 +116,14 @@ def quantize_single_card(model_path: str, save_path: str, recipe: Recipe, *, dat
         coverage = write_coverage(writer.staging, worker.expert_tokens, run_log)
         export_rotation(writer, recipe, worker.config)
         run_log.write(f"assembling {len(plan)} unit files into the checkpoint")
-        summary = writer.publish(model_path, recipe_path=recipe.path)
+        with worker.times.phase("merge"):
+            summary = writer.publish(model_path, recipe_path=recipe.path)
     except BaseException:
         keep_or_abort(writer, journal, resume)
         raise
     return QuantSummary(time.perf_counter() - start, len(plan), summary["tensors"], summary["bytes"],
-                        dict(summary["counts"]), str(save_path), coverage["experts_without_tokens"], run_log.warnings)
+                        dict(summary["counts"]), str(save_path), coverage["experts_without_tokens"], run_log.warnings,
+                        dict(worker.times.totals))
 
 
 def keep_or_abort(writer: CheckpointWriter, journal: Optional[Journal], resume: bool) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 import secrets
 import time
 from collections import defaultdict
@@ -33,6 +34,7 @@ from dist_quant.runtime.local import QuantSummary, keep_or_abort, resolve_datase
 from dist_quant.runtime.plan import DEFAULT_EXPERT_GROUP_SIZE, Unit, assign_units, make_plan
 from dist_quant.runtime.resume import Journal, ResumePoint, fingerprint, remaining_units, resume_point
 from dist_quant.runtime.run_log import RunLog, write_coverage
+from dist_quant.runtime.timing import add_times
 from dist_quant.runtime.worker import Worker, export_rotation
 
 log = logging.getLogger("dist_quant")
@@ -77,11 +79,14 @@ def start_ray(ray_address: Optional[str], workers: int, device: str):
     if ray.is_initialized():
         return ray, False
     if ray_address:
+        if "RAY_AUTH_MODE" not in os.environ and (Path.home() / ".ray" / "auth_token").exists():
+            os.environ["RAY_AUTH_MODE"] = "token"  # clusters started by `ray start` with a token require it
         try:
             ray.init(address=ray_address, logging_level=logging.WARNING, log_to_driver=True)
         except (ConnectionError, RuntimeError, ValueError) as error:
             raise DistQuantError(f"cannot join the Ray cluster at {ray_address!r} ({error}); start it with "
-                                 "launch/start_head.sh or check the address") from None
+                                 "launch/start_head.sh, check the address, and check that this machine has the "
+                                 "cluster's auth token (~/.ray/auth_token or RAY_AUTH_TOKEN)") from None
         return ray, True
     num_cpus = max(os.cpu_count() or 1, workers) if device == "cpu" else None
     ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
@@ -203,6 +208,10 @@ def quantize_distributed(model_path: str, save_path: str, recipe: Recipe, *, wor
         export_rotation(writer, recipe, config)
         summary = writer.publish(model_path, recipe_path=recipe.path, **part_writing(ray, actors, done.values()))
         finished = time.perf_counter()
+        phases = {}
+        for report in done.values():
+            add_times(phases, report.phases or {})
+        phases["merge"] = finished - assemble_started
     except BaseException as error:
         keep_or_abort(writer, journal, resume)
         if isinstance(error, ray.exceptions.RayTaskError) and isinstance(error.cause, DistQuantError):
@@ -217,7 +226,7 @@ def quantize_distributed(model_path: str, save_path: str, recipe: Recipe, *, wor
             ray.shutdown()
     return DistributedSummary(finished - start, len(plan), summary["tensors"], summary["bytes"],
                               dict(summary["counts"]), str(save_path), coverage["experts_without_tokens"],
-                              run_log.warnings, summarize_actors(done.values(), workers),
+                              run_log.warnings, phases, summarize_actors(done.values(), workers),
                               ray_seconds, sweep_started - actors_started, assemble_started - sweep_started,
                               finished - assemble_started)
 

@@ -23,6 +23,7 @@ from dist_quant.errors import CheckpointError, RecipeError
 from dist_quant.models import outliers
 from dist_quant.models import qwen3_vl_moe as qvl
 from dist_quant.recipe import FLOAT, W8A8, W8A8_DYNAMIC, Recipe
+from dist_quant.runtime.timing import PhaseTimes
 
 EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
 QUAROT_FILE = "optional/quarot.safetensors"
@@ -110,6 +111,7 @@ class Worker:
             self.head_rotation = hadamard.head_rotation(head_dim, recipe.quarot.block_size, recipe.quarot.seed)
             hadamard.check_orthogonal(self.head_rotation, "the QuaRot head rotation")
             self.rotation = self.rotation.to(device)
+        self.times = PhaseTimes()  # seconds per phase (read, rotate, smooth, forward, quantize, write)
         self.expert_tokens: dict[int, list[int]] = {}  # calibration tokens routed to each expert, per MoE layer
         self._reader_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
         self._prefetched: dict[tuple[int, int, int], Future] = {}
@@ -127,7 +129,8 @@ class Worker:
     # --- helpers ----------------------------------------------------------------------------------------------------
 
     def _read(self, key: str, shape: Optional[tuple[int, ...]] = None) -> torch.Tensor:
-        return self.reader.get(key, dtype=self.compute_dtype, shape=shape).to(self.device)
+        with self.times.phase("read"):
+            return self.reader.get(key, dtype=self.compute_dtype, shape=shape).to(self.device)
 
     def _check_keys(self, prefix: str, module: nn.Module, ignore: tuple[str, ...] = ()) -> None:
         """Every source tensor under ``prefix`` must be a parameter of the module built for it: none left behind."""
@@ -150,13 +153,14 @@ class Worker:
             if bias is not None:
                 self._float(f"{name}.bias", bias)
             return quant_type
-        if quant_type == W8A8:
-            x_min, x_max = ranges.tensor_range(name)
-            tensors = quantize_static_linear(weight, bias, x_min, x_max, self.model_dtype)
-        else:
-            tensors = quantize_dynamic_linear(weight)
-            if bias is not None:
-                tensors["bias"] = bias.to(torch.float32)
+        with self.times.phase("quantize"):
+            if quant_type == W8A8:
+                x_min, x_max = ranges.tensor_range(name)
+                tensors = quantize_static_linear(weight, bias, x_min, x_max, self.model_dtype)
+            else:
+                tensors = quantize_dynamic_linear(weight)
+                if bias is not None:
+                    tensors["bias"] = bias.to(torch.float32)
         for suffix, tensor in tensors.items():
             self.sink.add(f"{name}.{suffix}", tensor, FLOAT if suffix == "bias" else quant_type)
         return quant_type
@@ -184,9 +188,10 @@ class Worker:
         visual = qvl.build_vision(self.config, self._read, self.compute_dtype)
         self._check_keys(qvl.VISUAL, visual)
         if self.rotation is not None:
-            outliers.rotate_vision_writers(visual, self.rotation)
+            with self.times.phase("rotate"):
+                outliers.rotate_vision_writers(visual, self.rotation)
         outputs: list[Optional[VisionOutput]] = []
-        with InputRanges(self._static_linears(qvl.VISUAL, visual)) as ranges:
+        with InputRanges(self._static_linears(qvl.VISUAL, visual)) as ranges, self.times.phase("forward"):
             for sample in inputs:
                 if sample.pixel_values is None:
                     outputs.append(None)
@@ -209,7 +214,8 @@ class Worker:
         """Input embeddings of every sample (image features scattered in); writes embed_tokens."""
         weight = self._read(qvl.EMBED_KEY)
         if self.rotation is not None:
-            weight = quarot.rotate_embedding(weight, self.rotation)
+            with self.times.phase("rotate"):
+                weight = quarot.rotate_embedding(weight, self.rotation)
         hidden = [
             qvl.embed_inputs(weight, s.input_ids.to(self.device), self.config.image_token_id,
                              v.image_embeds if v is not None else None)
@@ -227,12 +233,14 @@ class Worker:
         self._check_keys(prefix, block, ignore=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"))
         moe = qvl.is_moe_layer(self.config.text_config, layer_idx)
         if self.rotation is not None:
-            outliers.rotate_attention_block(block, self.rotation, self.head_rotation, self.config.text_config, moe)
+            with self.times.phase("rotate"):
+                outliers.rotate_attention_block(block, self.rotation, self.head_rotation, self.config.text_config,
+                                                moe)
         observed = self._static_linears(prefix, block)
         for name in outliers.smoothing_inputs(prefix, self.recipe.smooth, moe):
             observed[name] = block.get_submodule(name[len(prefix) + 1:])
         streams, moe_inputs = [], []
-        with InputRanges(observed) as ranges:
+        with InputRanges(observed) as ranges, self.times.phase("forward"):
             for h, ctx in zip(hidden, contexts):
                 stream, mlp_in = qvl.attention_forward(block, h, ctx)
                 if moe:
@@ -241,7 +249,9 @@ class Worker:
                 else:
                     streams.append(stream + block.mlp(mlp_in))
         if self.recipe.smooth is not None:
-            outliers.smooth_attention_block(block, prefix, ranges, self.recipe.smooth, self.config.text_config, moe)
+            with self.times.phase("smooth"):
+                outliers.smooth_attention_block(block, prefix, ranges, self.recipe.smooth, self.config.text_config,
+                                                moe)
         moe_input = None
         if moe:
             x = torch.cat(moe_inputs)
@@ -254,13 +264,15 @@ class Worker:
 
     def _read_experts(self, layer_idx: int, first: int, stop: int) -> list[qvl.ExpertWeights]:
         tc = self.config.text_config
-        experts = self.reader.read_experts(qvl.layer_prefix(layer_idx), first, stop, num_experts=tc.num_experts,
-                                           hidden=tc.hidden_size, intermediate=tc.moe_intermediate_size,
-                                           dtype=self.compute_dtype)
-        experts = [tuple(w.to(self.device) for w in e) for e in experts]
+        with self.times.phase("read"):
+            experts = self.reader.read_experts(qvl.layer_prefix(layer_idx), first, stop, num_experts=tc.num_experts,
+                                               hidden=tc.hidden_size, intermediate=tc.moe_intermediate_size,
+                                               dtype=self.compute_dtype)
+            experts = [tuple(w.to(self.device) for w in e) for e in experts]
         if self.rotation is not None:
             post_norm = self._read(f"{qvl.layer_prefix(layer_idx)}.post_attention_layernorm.weight")
-            experts = outliers.rotate_experts(experts, post_norm, self.rotation)
+            with self.times.phase("rotate"):
+                experts = outliers.rotate_experts(experts, post_norm, self.rotation)
         return experts
 
     def prefetch_experts(self, layer_idx: int, first: int, stop: int) -> None:
@@ -275,8 +287,9 @@ class Worker:
         pending = self._prefetched.pop((layer_idx, first, stop), None)
         experts = pending.result() if pending is not None else self._read_experts(layer_idx, first, stop)
         act_fn = qvl.activation(self.config)
-        partial = qvl.expert_group_forward(moe.x, moe.topk_ids, moe.topk_weights,
-                                           [qvl.float_expert(*e, act_fn) for e in experts], first)
+        with self.times.phase("forward"):
+            partial = qvl.expert_group_forward(moe.x, moe.topk_ids, moe.topk_weights,
+                                               [qvl.float_expert(*e, act_fn) for e in experts], first)
         for expert, weights in zip(range(first, stop), experts):
             for proj, weight in zip(EXPERT_PROJS, weights):
                 self._emit_linear(qvl.expert_key(layer_idx, expert, proj), weight, None, None)
@@ -287,6 +300,7 @@ class Worker:
         """Final norm and lm_head: never quantized (vLLM Ascend serves them in float)."""
         norm, lm_head = self._read(qvl.NORM_KEY), self._read(qvl.LM_HEAD_KEY)
         if self.rotation is not None:
-            norm, lm_head = outliers.rotate_head(norm, lm_head, self.rotation)
+            with self.times.phase("rotate"):
+                norm, lm_head = outliers.rotate_head(norm, lm_head, self.rotation)
         self._float(qvl.NORM_KEY, norm)
         self._float(qvl.LM_HEAD_KEY, lm_head)
