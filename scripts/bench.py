@@ -51,6 +51,45 @@ def io_floor(model: Path, scratch: Path) -> tuple[float, int]:
     return seconds, total
 
 
+def dense_vs_sparse(model: Path, tokens: int, repeats: int = 3) -> tuple[float, float]:
+    """Seconds for one MoE layer's calibration forward: each expert on its routed tokens only (dist-quant) against
+    every expert on every token (msModelSlim), same weights, same routing, ``tokens`` tokens."""
+    import torch
+
+    from dist_quant.checkpoint.reader import CheckpointReader
+    from dist_quant.models import qwen3_vl_moe as qvl
+
+    reader = CheckpointReader(model)
+    config = qvl.load_config(reader.config)
+    tc = config.text_config
+    experts = reader.read_experts(qvl.layer_prefix(0), 0, tc.num_experts, num_experts=tc.num_experts,
+                                  hidden=tc.hidden_size, intermediate=tc.moe_intermediate_size)
+    act = qvl.activation(config)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(tokens, tc.hidden_size, generator=generator)
+    ids, weights = qvl.route(torch.randn(tokens, tc.num_experts, generator=generator), tc.num_experts_per_tok,
+                             x.dtype)
+    dense_weights = torch.zeros(tokens, tc.num_experts).scatter_(1, ids, weights)
+
+    def sparse():
+        return qvl.expert_group_forward(x, ids, weights, [qvl.float_expert(*e, act) for e in experts], 0)
+
+    def dense():
+        out = torch.zeros_like(x)
+        for e, (gate, up, down) in enumerate(experts):
+            out += ((act(x @ gate.T) * (x @ up.T)) @ down.T) * dense_weights[:, e:e + 1]
+        return out
+
+    timings = []
+    for fn in (sparse, dense):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        timings.append((time.perf_counter() - start) / repeats)
+    torch.testing.assert_close(sparse(), dense(), rtol=1e-4, atol=1e-5)  # the same result, by both routes
+    return timings[0], timings[1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("/tmp/bench"))
@@ -61,6 +100,7 @@ def main() -> None:
                              "output does at the recipe's 4 GB)")
     parser.add_argument("--unpinned", action="store_true",
                         help="do not pin each actor to one core (by default each actor stands for one card: one core)")
+    parser.add_argument("--tokens", type=int, default=2048, help="tokens for the dense-vs-sparse comparison")
     parser.add_argument("--json", type=Path, help="also write the figures as JSON here")
     args = parser.parse_args()
     shutil.rmtree(args.out, ignore_errors=True)
@@ -75,6 +115,11 @@ def main() -> None:
     from dist_quant.runtime.ray_driver import quantize_distributed
 
     floor_seconds, source_bytes = io_floor(model, args.out / "floor.bin")
+    from dist_quant.runtime.local import quantize_single_card
+
+    single = quantize_single_card(str(model), str(args.out / "quant_single"), load_recipe(), progress=False,
+                                  dataset=str(BUNDLED_DATASETS / "calibImages"))
+    shutil.rmtree(args.out / "quant_single")
     start = time.perf_counter()
     ray.init(num_cpus=max(args.workers), include_dashboard=False, logging_level="warning")
     ray_seconds = time.perf_counter() - start
@@ -87,7 +132,7 @@ def main() -> None:
                                        threads_per_actor=None if args.unpinned else 1)
         results.append({"workers": workers, "seconds": summary.seconds, "bytes_written": summary.bytes_written,
                         "actor_start_s": summary.actor_start_seconds, "sweep_s": summary.sweep_seconds,
-                        "assemble_s": summary.assemble_seconds,
+                        "assemble_s": summary.assemble_seconds, "phases": summary.phases,
                         "actors": [{"units": a.units, "busy_s": round(a.busy_seconds, 2), "read_bytes": a.bytes_read,
                                     "peak_rss_mib": round(a.peak_rss / MiB)} for a in summary.actors]})
         shutil.rmtree(save)
@@ -95,6 +140,8 @@ def main() -> None:
     driver_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     print(f"model: {args.layers} layers x 128 experts, source {source_bytes / MiB:.0f} MiB bf16")
+    print(f"single card, no Ray (--workers 1): {single.seconds:.1f} s = {single.seconds / floor_seconds:.2f} x the I/O "
+          f"floor; phases (summed): " + ", ".join(f"{k} {v:.1f} s" for k, v in single.phases.items()))
     print(f"I/O floor (read source once + write as much): {floor_seconds:.1f} s; Ray start-up: {ray_seconds:.1f} s")
     print("| workers | wall time | actors start | sweep | assemble | speedup (wall / w/o actor start) "
           "| x I/O floor | read per worker (MiB) | peak RSS per actor (MiB) |")
@@ -108,11 +155,17 @@ def main() -> None:
               f"| {r['assemble_s']:.1f} s | {base['seconds'] / r['seconds']:.2f}x / "
               f"{(base['seconds'] - base['actor_start_s']) / warm:.2f}x | {r['seconds'] / floor_seconds:.1f} "
               f"| {reads} | {rss} |")
+        print("    phases (summed over actors): " + ", ".join(f"{k} {v:.1f} s" for k, v in r["phases"].items()))
         total_read = sum(a["read_bytes"] for a in r["actors"])
         print(f"    bytes read in total: {total_read / MiB:.0f} MiB ({total_read / source_bytes:.3f} x source)")
     print(f"driver peak RSS: {driver_rss:.0f} MiB")
+    for tokens in (args.tokens, 16384):
+        sparse_s, dense_s = dense_vs_sparse(model, tokens)
+        print(f"MoE layer calibration forward, {tokens} tokens, 128 experts top-8: routed tokens only {sparse_s:.2f} s, "
+              f"every expert on every token (msModelSlim) {dense_s:.2f} s: {dense_s / sparse_s:.1f}x")
     if args.json:
         args.json.write_text(json.dumps({"source_bytes": source_bytes, "floor_seconds": floor_seconds,
+                                         "single_card_seconds": single.seconds, "single_card_phases": single.phases,
                                          "ray_seconds": ray_seconds, "driver_rss_mib": driver_rss,
                                          "runs": results}, indent=2))
 

@@ -66,3 +66,22 @@ def test_shared_filesystem_probe(tmp_path):
     assert can_see(str(probe), "token")
     assert not can_see(str(probe), "other")
     assert not can_see(str(tmp_path / "missing"), "token")
+
+
+def test_time_projection_scales_with_cards_and_bandwidth():
+    from dist_quant.runtime.cost import Hardware, project
+
+    config, raw = config_of("Qwen3-VL-235B-A22B")
+    times = {n: project(build_plan(config, raw, n), config, raw, 16384).seconds for n in (1, 8, 32)}
+    assert times[1] > times[8] > times[32]
+    slow_disk = project(build_plan(config, raw, 8), config, raw, 16384, Hardware(storage_read_gbps=0.5))
+    assert slow_disk.seconds > times[8] and slow_disk.read_s > 4 * project(
+        build_plan(config, raw, 8), config, raw, 16384).read_s * 0.99
+    # reading 439 GiB once at 2 GB/s per node is a hard floor for one node
+    assert times[8] > 470e9 / 2e9
+
+
+def test_plan_prints_the_projection(tmp_path, capsys):
+    shutil.copy(DATA / "Qwen3-VL-30B-A3B.config.json", tmp_path / "config.json")
+    assert main(["plan", "--model_path", str(tmp_path), "--workers", "8", "--storage_read_gbps", "4"]) == 0
+    assert "projected wall time on 8 card(s) (1 node(s))" in capsys.readouterr().out
