@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
+from safetensors import safe_open
 from transformers import Qwen3VLMoeForConditionalGeneration
 
 
@@ -29,3 +33,22 @@ def hf_kwargs(sample) -> dict:
     if sample.pixel_values is not None:
         kwargs.update(pixel_values=sample.pixel_values, image_grid_thw=sample.image_grid_thw)
     return kwargs
+
+
+def read_checkpoint(save: Path) -> tuple[dict, dict, dict]:
+    """(tensors of every part, description, index) of a published checkpoint."""
+    index = json.loads((save / "quant_model_weights.safetensors.index.json").read_text())
+    tensors = {}
+    for part in sorted(set(index["weight_map"].values())):
+        with safe_open(save / part, "pt") as f:
+            tensors.update({k: f.get_tensor(k) for k in f.keys()})
+    return tensors, json.loads((save / "quant_model_description.json").read_text()), index
+
+
+def assert_same_checkpoint(save: Path, reference: tuple[dict, dict, dict]) -> None:
+    """Tensor by tensor (torch.equal), description for description, index for index."""
+    tensors, description, index = read_checkpoint(save)
+    assert description == reference[1] and index == reference[2]
+    assert tensors.keys() == reference[0].keys()
+    different = [k for k in tensors if not torch.equal(tensors[k], reference[0][k])]
+    assert not different, different[:5]

@@ -1,15 +1,14 @@
 """Distributed quantization on real Ray runtimes: the checkpoint is identical tensor by tensor to the single-card one
 for 2 and 3 workers, on a two-node cluster, through the object store, and after actor processes are killed."""
 
-import json
 import os
 import signal
 
 import pytest
 import ray
-import torch
 from ray.cluster_utils import Cluster
-from safetensors import safe_open
+
+from helpers import assert_same_checkpoint, read_checkpoint
 
 from dist_quant.errors import DistQuantError
 from dist_quant.recipe import load_recipe
@@ -41,25 +40,6 @@ def local_ray():
     ray.init(num_cpus=3, include_dashboard=False)
     yield
     ray.shutdown()
-
-
-def read_checkpoint(save):
-    index = json.loads((save / "quant_model_weights.safetensors.index.json").read_text())
-    tensors = {}
-    for part in sorted(set(index["weight_map"].values())):
-        with safe_open(save / part, "pt") as f:
-            tensors.update({k: f.get_tensor(k) for k in f.keys()})
-    return tensors, json.loads((save / "quant_model_description.json").read_text()), index
-
-
-def assert_same_checkpoint(save, reference):
-    tensors, description, index = read_checkpoint(save)
-    ref_tensors, ref_description, ref_index = reference
-    assert description == ref_description
-    assert index == ref_index
-    assert tensors.keys() == ref_tensors.keys()
-    different = [k for k in tensors if not torch.equal(tensors[k], ref_tensors[k])]
-    assert not different, different[:5]
 
 
 def run(model, calib_index, save, workers, **kwargs):

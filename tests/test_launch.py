@@ -8,7 +8,6 @@ other Ray runtimes on the machine are left alone; a finalizer stops them even wh
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
@@ -18,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from helpers import assert_same_checkpoint, read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch"
@@ -141,17 +141,6 @@ def tiny(tmp_path_factory) -> Path:
     return out
 
 
-def read_checkpoint(save: Path):
-    from safetensors import safe_open
-
-    index = json.loads((save / "quant_model_weights.safetensors.index.json").read_text())
-    tensors = {}
-    for part in sorted(set(index["weight_map"].values())):
-        with safe_open(str(save / part), "pt") as f:
-            tensors.update({k: f.get_tensor(k) for k in f.keys()})
-    return tensors, json.loads((save / "quant_model_description.json").read_text()), index
-
-
 def test_head_starts_with_the_fake_npus(cluster):
     out = cluster.start.stdout
     assert "Ray head is up: 2 CPU, 2 NPU" in out
@@ -170,7 +159,6 @@ def test_start_head_twice_is_harmless(cluster):
 
 
 def test_quant_cluster_matches_single_card(cluster, tiny, tmp_path):
-    import torch
 
     dataset = tiny / "calib" / "index.jsonl"
     single = tmp_path / "single"
@@ -189,13 +177,7 @@ def test_quant_cluster_matches_single_card(cluster, tiny, tmp_path):
     assert f"log: {log}" in result.stdout
     assert "--workers 2" in log.read_text() and "quantized" in log.read_text()
 
-    tensors, description, index = read_checkpoint(save)
-    ref_tensors, ref_description, ref_index = read_checkpoint(single)
-    assert description == ref_description
-    assert index == ref_index
-    assert tensors.keys() == ref_tensors.keys()
-    different = [k for k in tensors if not torch.equal(tensors[k], ref_tensors[k])]
-    assert not different, different[:5]
+    assert_same_checkpoint(save, read_checkpoint(single))
 
 
 def test_worker_joins_once(cluster):

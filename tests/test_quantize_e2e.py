@@ -7,8 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import hf_kwargs, load_hf_model
-from safetensors import safe_open
+from helpers import hf_kwargs, load_hf_model, read_checkpoint
 
 from dist_quant.algorithms.quantize import dynamic_w8a8_linear, static_w8a8_linear
 from dist_quant.calib.dataset import load_samples
@@ -30,12 +29,7 @@ def quantized(tiny_model, calib_index, tmp_path_factory):
 
 
 def load_checkpoint(save):
-    index = json.loads((save / "quant_model_weights.safetensors.index.json").read_text())
-    tensors = {}
-    for part in sorted(set(index["weight_map"].values())):
-        with safe_open(save / part, "pt") as f:
-            tensors.update({k: f.get_tensor(k) for k in f.keys()})
-    description = json.loads((save / "quant_model_description.json").read_text())
+    tensors, description, _ = read_checkpoint(save)
     return tensors, {k: v for k, v in description.items() if k not in TOP_LEVEL}, description
 
 

@@ -4,7 +4,8 @@ import json
 
 import pytest
 import torch
-from safetensors import safe_open
+
+from helpers import read_checkpoint
 
 from dist_quant.cli import main
 from dist_quant.synthetic import make_tiny_model
@@ -15,15 +16,6 @@ def quantize(model, calib_index, save, *extra):
                  "--dataset", str(calib_index), "--quiet", *extra])
 
 
-def read_all(save):
-    index = json.loads((save / "quant_model_weights.safetensors.index.json").read_text())
-    tensors = {}
-    for part in sorted(set(index["weight_map"].values())):
-        with safe_open(save / part, "pt") as f:
-            tensors.update({k: f.get_tensor(k) for k in f.keys()})
-    return tensors, json.loads((save / "quant_model_description.json").read_text())
-
-
 @pytest.mark.parametrize("shape", [
     dict(num_layers=2, num_experts=4, top_k=1, vision_depth=2, deepstack=(0,)),
     dict(num_layers=5, num_experts=12, top_k=3, num_heads=8, num_kv_heads=4, head_dim=8, vision_depth=6,
@@ -32,7 +24,7 @@ def read_all(save):
 def test_other_shapes_need_no_code_change(tmp_path, calib_index, shape):
     model = make_tiny_model(tmp_path / "model", **shape)
     assert quantize(model, calib_index, tmp_path / "out") == 0
-    tensors, description = read_all(tmp_path / "out")
+    tensors, description, _ = read_checkpoint(tmp_path / "out")
     layers, experts = shape["num_layers"], shape["num_experts"]
     assert len([k for k in tensors if k.endswith("experts.0.gate_proj.weight")]) == layers
     assert f"model.language_model.layers.{layers - 1}.mlp.experts.{experts - 1}.down_proj.weight_scale" in tensors
@@ -47,7 +39,7 @@ def test_transposed_and_sharded_sources_give_the_same_checkpoint(tmp_path, calib
     assert (other / "model.safetensors.index.json").exists()
     assert quantize(reference, calib_index, tmp_path / "q1") == 0
     assert quantize(other, calib_index, tmp_path / "q2") == 0
-    (a, da), (b, db) = read_all(tmp_path / "q1"), read_all(tmp_path / "q2")
+    (a, da, _), (b, db, _) = read_checkpoint(tmp_path / "q1"), read_checkpoint(tmp_path / "q2")
     assert da == db and a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -56,7 +48,7 @@ def test_transposed_and_sharded_sources_give_the_same_checkpoint(tmp_path, calib
 def test_half_precision_sources(tmp_path, calib_index, dtype, deq_dtype):
     model = make_tiny_model(tmp_path / "model", dtype=dtype)
     assert quantize(model, calib_index, tmp_path / "out") == 0
-    tensors, _ = read_all(tmp_path / "out")
+    tensors, _, _ = read_checkpoint(tmp_path / "out")
     float_dtype = getattr(torch, dtype)
     assert tensors["lm_head.weight"].dtype == float_dtype
     assert tensors["model.visual.blocks.0.mlp.linear_fc2.weight"].dtype == float_dtype

@@ -1,7 +1,6 @@
 """--resume: a run killed at a random unit continues and gives exactly the checkpoint of an uninterrupted run;
 resuming with another recipe or calibration set is refused."""
 
-import json
 import os
 import random
 import signal
@@ -11,8 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors import safe_open
+
+from helpers import assert_same_checkpoint, read_checkpoint
 
 from dist_quant.cli import main
 from dist_quant.synthetic import make_calibration_set, make_tiny_model
@@ -44,21 +43,6 @@ def clean(model, calib, tmp_path_factory):
     return read_checkpoint(save)
 
 
-def read_checkpoint(save):
-    index = json.loads((save / "quant_model_weights.safetensors.index.json").read_text())
-    tensors = {}
-    for part in sorted(set(index["weight_map"].values())):
-        with safe_open(save / part, "pt") as f:
-            tensors.update({k: f.get_tensor(k) for k in f.keys()})
-    return tensors, json.loads((save / "quant_model_description.json").read_text()), index
-
-
-def assert_same(save, reference):
-    tensors, description, index = read_checkpoint(save)
-    assert description == reference[1] and index == reference[2]
-    assert [k for k in tensors if not torch.equal(tensors[k], reference[0][k])] == []
-
-
 def kill_after_units(cmd: list[str], journal: Path, units: int) -> int:
     """Run the CLI in a child process and SIGKILL it once ``units`` units are journaled; returns how many were."""
     child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -80,7 +64,7 @@ def test_single_card_run_killed_at_a_random_unit_resumes_to_the_same_checkpoint(
     finished = kill_after_units(cmd, save / JOURNAL, units)
     assert finished >= units and not (save / "quant_model_description.json").exists()
     assert main(args(model, calib, save, "--resume")) == 0
-    assert_same(save, clean)
+    assert_same_checkpoint(save, clean)
     log = (save / "quant_run.log").read_text()
     assert "resuming after layer" in log and "resuming after layer none" not in log
     assert not (save / ".dist_quant_staging").exists()
@@ -117,7 +101,7 @@ def test_ray_run_killed_at_a_random_unit_resumes_to_the_same_checkpoint(model, c
                          save / JOURNAL, units)
         assert not (save / "quant_model_description.json").exists()
         assert main(args(model, calib, save, *ray_args, "--resume")) == 0
-        assert_same(save, clean)
+        assert_same_checkpoint(save, clean)
         log = (save / "quant_run.log").read_text()
         assert "resuming after layer" in log and "resuming after layer none" not in log
     finally:

@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import torch
 from tqdm import tqdm
 
 from dist_quant.calib.dataset import load_samples

@@ -22,7 +22,7 @@ from dist_quant.checkpoint.reader import CheckpointReader
 from dist_quant.errors import CheckpointError, RecipeError
 from dist_quant.models import outliers
 from dist_quant.models import qwen3_vl_moe as qvl
-from dist_quant.recipe import FLOAT, W8A8, W8A8_DYNAMIC, Recipe
+from dist_quant.recipe import FLOAT, W8A8, Recipe
 from dist_quant.runtime.timing import PhaseTimes
 
 EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
