@@ -62,3 +62,12 @@ def test_every_command_has_help_with_an_example(command, capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "example:" in out and f"dist-quant {command}" in out
+
+
+def test_a_recipe_without_dataset_uses_the_bundled_photos(tmp_path):
+    from dist_quant.runtime.local import BUNDLED_DATASETS, resolve_dataset
+
+    text = (Path(__file__).parent / "data" / "plain_w8a8.yaml").read_text()
+    assert "dataset" not in text
+    (tmp_path / "r.yaml").write_text(text)
+    assert resolve_dataset(None, load_recipe(tmp_path / "r.yaml")) == BUNDLED_DATASETS / "calibImages"

@@ -27,18 +27,20 @@ from dist_quant.runtime.worker import Worker, export_rotation
 log = logging.getLogger("dist_quant")
 
 BUNDLED_DATASETS = Path(__file__).resolve().parent.parent / "calib_data"
+DEFAULT_DATASET = "calibImages"  # msModelSlim's name for its default calibration images
 
 
 def resolve_dataset(dataset: Optional[str], recipe: Recipe) -> Path:
     """The calibration set: ``--dataset`` if given, else the recipe's ``dataset`` resolved against the recipe's
-    folder, then the working directory, then the bundled calibration sets."""
+    folder, then the working directory, then the bundled calibration sets; the bundled photos when neither names
+    one."""
     if dataset is not None:
         path = Path(dataset)
         if not path.exists():
             raise CalibrationError(f"calibration dataset {path} does not exist")
         return path
     if recipe.dataset is None:
-        raise CalibrationError(f"recipe {recipe.path} names no dataset: pass --dataset DIR_OR_INDEX")
+        return BUNDLED_DATASETS / DEFAULT_DATASET
     candidates = [recipe.path.parent / recipe.dataset, Path.cwd() / recipe.dataset, BUNDLED_DATASETS / recipe.dataset]
     for candidate in candidates:
         if candidate.exists():
