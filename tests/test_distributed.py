@@ -99,3 +99,27 @@ def test_actor_that_keeps_dying_gives_a_clear_error_and_no_checkpoint(local_ray,
         run(model, calib_index, tmp_path / "out", 2, max_restarts=1, on_unit_done=kill_actor_1)
     assert not (tmp_path / "out" / "quant_model_description.json").exists()
     assert not list((tmp_path / "out").glob("*.safetensors"))
+
+
+def test_lost_node_its_actor_moves_to_another_node_and_the_checkpoint_is_the_same(model, calib_index, reference,
+                                                                                  tmp_path):
+    small = 300 * 2**20
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": small})
+    nodes = [cluster.add_node(num_cpus=1, object_store_memory=small) for _ in range(3)]
+    cluster.wait_for_nodes()
+    lost = []
+
+    def lose_actor_1s_node(report):
+        if report.actor == 1 and not lost:
+            node = next(n for n in nodes if n.node_id == report.node_id)
+            lost.append(node.node_id)
+            cluster.remove_node(node)
+
+    try:
+        summary = run(model, calib_index, tmp_path / "out", 2, ray_address=cluster.address,
+                      on_unit_done=lose_actor_1s_node)
+        assert lost and lost[0] in summary.actors[1].node_ids and len(summary.actors[1].node_ids) == 2
+        assert_same_checkpoint(tmp_path / "out", reference)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()

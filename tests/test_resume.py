@@ -45,7 +45,8 @@ def clean(model, calib, tmp_path_factory):
 
 def kill_after_units(cmd: list[str], journal: Path, units: int) -> int:
     """Run the CLI in a child process and SIGKILL it once ``units`` units are journaled; returns how many were."""
-    child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = journal.parent.parent.parent.with_name("child.log")
+    child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(log, "wb"))
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and child.poll() is None:
         if journal.exists() and len(journal.read_text().splitlines()) - 1 >= units:
@@ -53,7 +54,7 @@ def kill_after_units(cmd: list[str], journal: Path, units: int) -> int:
             break
         time.sleep(0.001)
     child.wait()
-    assert child.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert child.returncode == -signal.SIGKILL, f"the run ended before it could be killed: {log.read_text()[-3000:]}"
     return len(journal.read_text().splitlines()) - 1
 
 

@@ -146,11 +146,15 @@ def embed_inputs(embed_weight: torch.Tensor, input_ids: torch.Tensor, image_toke
 
 def sample_context(config: Qwen3VLMoeConfig, rotary: nn.Module, input_ids, attention_mask, image_grid_thw,
                    deepstack: list[torch.Tensor], dtype: torch.dtype) -> SampleContext:
-    position_ids = text_position_ids(config, input_ids, image_grid_thw, attention_mask)
-    probe = torch.empty(0, dtype=dtype)
+    """Positions, mask and deepstack features of one sample, on the device of its ``input_ids``."""
+    device = input_ids.device
+    grid = image_grid_thw.to(device) if image_grid_thw is not None else None
+    position_ids = text_position_ids(config, input_ids, grid, attention_mask.to(device))
+    probe = torch.empty(0, dtype=dtype, device=device)
     cos, sin = rotary(probe, position_ids)
-    visual_pos_mask = (input_ids == config.image_token_id) if image_grid_thw is not None else None
-    return SampleContext((cos, sin), causal_mask(input_ids.shape[1], dtype), visual_pos_mask, deepstack)
+    visual_pos_mask = (input_ids == config.image_token_id) if grid is not None else None
+    return SampleContext((cos, sin), causal_mask(input_ids.shape[1], dtype, device), visual_pos_mask,
+                         [d.to(device) for d in deepstack])
 
 
 def attention_forward(block: nn.Module, hidden: torch.Tensor, ctx: SampleContext) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 import secrets
 import time
 from collections import defaultdict
@@ -79,14 +78,13 @@ def start_ray(ray_address: Optional[str], workers: int, device: str):
     if ray.is_initialized():
         return ray, False
     if ray_address:
-        if "RAY_AUTH_MODE" not in os.environ and (Path.home() / ".ray" / "auth_token").exists():
-            os.environ["RAY_AUTH_MODE"] = "token"  # clusters started by `ray start` with a token require it
         try:
             ray.init(address=ray_address, logging_level=logging.WARNING, log_to_driver=True)
         except (ConnectionError, RuntimeError, ValueError) as error:
             raise DistQuantError(f"cannot join the Ray cluster at {ray_address!r} ({error}); start it with "
-                                 "launch/start_head.sh, check the address, and check that this machine has the "
-                                 "cluster's auth token (~/.ray/auth_token or RAY_AUTH_TOKEN)") from None
+                                 "launch/start_head.sh, check the address, and, for a cluster with token "
+                                 "authentication, set RAY_AUTH_MODE=token with the cluster's token in "
+                                 "~/.ray/auth_token or RAY_AUTH_TOKEN (launch/quant_cluster.sh does)") from None
         return ray, True
     num_cpus = max(os.cpu_count() or 1, workers) if device == "cpu" else None
     ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)

@@ -218,7 +218,7 @@ class Worker:
                 weight = quarot.rotate_embedding(weight, self.rotation)
         hidden = [
             qvl.embed_inputs(weight, s.input_ids.to(self.device), self.config.image_token_id,
-                             v.image_embeds if v is not None else None)
+                             v.image_embeds.to(self.device) if v is not None else None)
             for s, v in zip(inputs, vision)
         ]
         self._float(qvl.EMBED_KEY, weight)
@@ -229,6 +229,7 @@ class Worker:
                   contexts: list[qvl.SampleContext]) -> AttentionOutput:
         """Attention (and router or dense MLP) of one layer: calibrate, quantize, write; returns the MoE input."""
         block = qvl.build_attention_block(self.config, layer_idx, self._read, self.compute_dtype)
+        hidden = [h.to(self.device) for h in hidden]  # from another actor or a saved stream: may be on the CPU
         prefix = qvl.layer_prefix(layer_idx)
         self._check_keys(prefix, block, ignore=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"))
         moe = qvl.is_moe_layer(self.config.text_config, layer_idx)
@@ -284,6 +285,7 @@ class Worker:
     @torch.no_grad()
     def experts(self, layer_idx: int, first: int, stop: int, moe: MoeInput) -> torch.Tensor:
         """Experts ``first..stop-1`` of a layer: partial MoE output on their routed tokens, then quantize and write."""
+        moe = MoeInput(moe.x.to(self.device), moe.topk_ids.to(self.device), moe.topk_weights.to(self.device))
         pending = self._prefetched.pop((layer_idx, first, stop), None)
         experts = pending.result() if pending is not None else self._read_experts(layer_idx, first, stop)
         act_fn = qvl.activation(self.config)
