@@ -153,13 +153,8 @@ class ServedModel(FloatModel):
         self.checkpoint = checkpoint
 
     def vision(self) -> nn.Module:
-        with torch.device("meta"):
-            visual = qvl.hf.Qwen3VLMoeVisionModel._from_config(self.config.vision_config)
-        visual.rotary_pos_emb = None
-        self.checkpoint.quantize_module(visual, qvl.VISUAL)
-        head_dim = self.config.vision_config.hidden_size // self.config.vision_config.num_heads
-        visual.rotary_pos_emb = qvl.hf.Qwen3VLMoeVisionRotaryEmbedding(head_dim // 2)
-        return visual
+        return qvl.build_vision(self.config, None, self.dtype,
+                                load=lambda visual: self.checkpoint.quantize_module(visual, qvl.VISUAL))
 
     def attention_block(self, layer_idx: int) -> nn.Module:
         with torch.device("meta"):
@@ -262,7 +257,7 @@ class ModelRun:
         partial = None
         if qvl.is_moe_layer(self.model.config.text_config, layer_idx):
             x = torch.cat([mlp_in.reshape(-1, mlp_in.shape[-1]) for _, mlp_in in outs])
-            ids, weights = qvl.route(block.mlp.gate(x), self.model.config.text_config.num_experts_per_tok, x.dtype)
+            ids, weights = qvl.route(qvl.router_logits(block, x), self.model.config.text_config.num_experts_per_tok, x.dtype)
             partial = add_partials([qvl.expert_group_forward(x, ids, weights, self.model.experts(layer_idx), 0)])
         else:
             streams = [stream + block.mlp(mlp_in) for stream, mlp_in in outs]

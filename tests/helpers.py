@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -28,10 +29,13 @@ def load_hf_model(model_dir) -> Qwen3VLMoeForConditionalGeneration:
     return model.eval()
 
 
-def hf_kwargs(sample) -> dict:
+def hf_kwargs(sample, model) -> dict:
+    """Keyword arguments of the HF forward for one of our samples (5.x also wants the image-token mask)."""
     kwargs = {"input_ids": sample.input_ids, "attention_mask": sample.attention_mask}
     if sample.pixel_values is not None:
         kwargs.update(pixel_values=sample.pixel_values, image_grid_thw=sample.image_grid_thw)
+        if "mm_token_type_ids" in inspect.signature(Qwen3VLMoeForConditionalGeneration.forward).parameters:
+            kwargs["mm_token_type_ids"] = (sample.input_ids == model.config.image_token_id).to(torch.int32)  # transformers 5.x
     return kwargs
 
 

@@ -8,7 +8,12 @@ import pytest
 import torch
 from PIL import Image
 from transformers import AutoTokenizer, Qwen3VLMoeForConditionalGeneration
-from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+try:
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+except ImportError:  # transformers 5.x without torchvision: the PIL processor's module has it
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+from helpers import hf_kwargs
 
 from dist_quant.calib.dataset import CalibSample, load_samples
 from dist_quant.calib.inputs import build_model_inputs, model_inputs_for_text
@@ -47,7 +52,8 @@ def copy_tokenizer(model_dir: Path, to: Path, preprocessor: dict | None = None) 
     """A directory with the tokenizer only (no chat template file), plus an optional preprocessor config."""
     to.mkdir()
     for name in TOKENIZER_FILES:
-        shutil.copy(model_dir / name, to / name)
+        if (model_dir / name).exists():  # transformers 5.x writes no special_tokens_map.json
+            shutil.copy(model_dir / name, to / name)
     if preprocessor is not None:
         (to / "preprocessor_config.json").write_text(json.dumps(preprocessor))
     return to
@@ -65,8 +71,9 @@ def test_one_entry_per_sample_with_batch_size_one(inputs, samples):
 def test_image_tokens_match_the_vision_tower_and_the_model_runs(inputs, model):
     for item in inputs:
         with torch.no_grad():
-            image_embeds, _ = model.model.get_image_features(item.pixel_values, item.image_grid_thw)
-            logits = model(**item.as_kwargs()).logits
+            features = model.model.get_image_features(item.pixel_values, item.image_grid_thw)
+            image_embeds = features[0] if isinstance(features, tuple) else features.pooler_output  # 4.57 / 5.x
+            logits = model(**hf_kwargs(item, model)).logits
         image_tokens = int((item.input_ids == model.config.image_token_id).sum())
         assert image_tokens == sum(len(e) for e in image_embeds) > 1
         assert logits.shape == (*item.input_ids.shape, model.config.text_config.vocab_size)

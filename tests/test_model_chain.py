@@ -19,13 +19,23 @@ PLAIN_RECIPE = Path(__file__).parent / "data" / "plain_w8a8.yaml"
 
 
 def hf_reference(model, sample):
-    """Per-layer outputs (deepstack included, as the layer output tensor is updated in place) and the logits."""
+    """Each layer's output with its deepstack feature added, taken as the next layer's input (version-independent:
+    4.57 adds deepstack in place on the layer output, 5.x does not), the last layer's output, and the logits."""
+    layers = model.model.language_model.layers
     outputs = {}
-    hooks = [layer.register_forward_hook(lambda m, a, out, i=i: outputs.__setitem__(i, out))
-             for i, layer in enumerate(model.model.language_model.layers)]
+
+    def next_input(index):
+        def hook(module, args, kwargs):
+            outputs[index] = (args[0] if args else kwargs["hidden_states"]).clone()
+        return hook
+
+    hooks = [layer.register_forward_pre_hook(next_input(i - 1), with_kwargs=True)
+             for i, layer in enumerate(layers) if i > 0]
+    hooks.append(layers[-1].register_forward_hook(
+        lambda m, a, out: outputs.__setitem__(len(layers) - 1, (out[0] if isinstance(out, tuple) else out).clone())))
     try:
         with torch.no_grad():
-            logits = model(**hf_kwargs(sample)).logits
+            logits = model(**hf_kwargs(sample, model)).logits
     finally:
         for h in hooks:
             h.remove()

@@ -52,7 +52,7 @@ def hf_calibration(tiny_model, calib_index):
                 lambda m, args, name=name: seen.setdefault(name, []).append(args[0].reshape(-1, args[0].shape[-1]))))
     with torch.no_grad():
         for sample in inputs:
-            model(**hf_kwargs(sample))
+            model(**hf_kwargs(sample, model))
     for h in hooks:
         h.remove()
     return model, {name: torch.cat(xs) for name, xs in seen.items()}
@@ -148,10 +148,11 @@ def source_weight(model, module):
     if ".experts." in module:
         prefix, expert, proj = module.rsplit(".", 2)
         experts = model.get_submodule(prefix)
-        inter = experts.down_proj.shape[1]
-        e = int(expert)
-        return {"gate_proj": experts.gate_up_proj[e][:, :inter].T, "up_proj": experts.gate_up_proj[e][:, inter:].T,
-                "down_proj": experts.down_proj[e].T}[proj].detach()
+        inter = model.config.text_config.moe_intermediate_size
+        gate_up, down = experts.gate_up_proj[int(expert)], experts.down_proj[int(expert)]
+        if gate_up.shape[-1] == 2 * inter:  # transformers 4.57 holds x @ W: (hidden, 2I), (I, hidden)
+            gate_up, down = gate_up.T, down.T  # now (2I, hidden), (hidden, I), as 5.x holds them
+        return {"gate_proj": gate_up[:inter], "up_proj": gate_up[inter:], "down_proj": down}[proj].detach()
     return model.get_submodule(module).weight.detach()
 
 

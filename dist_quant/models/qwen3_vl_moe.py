@@ -8,8 +8,8 @@ Chained, the pieces compute exactly what ``Qwen3VLMoeForConditionalGeneration.fo
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Callable, Optional
 
 import torch
@@ -81,15 +81,26 @@ def build_attention_block(config: Qwen3VLMoeConfig, layer_idx: int, read, dtype:
     return materialize(layer, read, layer_prefix(layer_idx), dtype)
 
 
-def build_vision(config: Qwen3VLMoeConfig, read, dtype: torch.dtype) -> nn.Module:
-    """The vision tower (patch/pos embeddings, blocks, merger and deepstack mergers)."""
-    vision_config = config.vision_config
+def vision_rotary(vision_config) -> nn.Module:
+    """The vision tower's rotary embedding: transformers 4.57 builds it from the rotary width, 5.x from the config."""
+    rotary = hf.Qwen3VLMoeVisionRotaryEmbedding
+    if "config" in inspect.signature(rotary.__init__).parameters:
+        return rotary(vision_config)
+    return rotary(vision_config.hidden_size // vision_config.num_heads // 2)
+
+
+def build_vision(config: Qwen3VLMoeConfig, read, dtype: torch.dtype,
+                 load: Optional[Callable[[nn.Module], nn.Module]] = None) -> nn.Module:
+    """The vision tower (patch/pos embeddings, blocks, merger and deepstack mergers), its parameters loaded by
+    ``load`` (default: from the float checkpoint through ``read``)."""
     with torch.device("meta"):
-        visual = hf.Qwen3VLMoeVisionModel._from_config(vision_config)
+        visual = hf.Qwen3VLMoeVisionModel._from_config(config.vision_config)
     visual.rotary_pos_emb = None  # a non-persistent buffer: rebuilt on the real device below
-    materialize(visual, read, VISUAL, dtype)
-    head_dim = vision_config.hidden_size // vision_config.num_heads
-    visual.rotary_pos_emb = hf.Qwen3VLMoeVisionRotaryEmbedding(head_dim // 2)
+    if load is None:
+        materialize(visual, read, VISUAL, dtype)
+    else:
+        load(visual)
+    visual.rotary_pos_emb = vision_rotary(config.vision_config)
     return visual
 
 
@@ -120,9 +131,27 @@ def vision_forward(visual: nn.Module, pixel_values: torch.Tensor, grid_thw: torc
 
 def text_position_ids(config: Qwen3VLMoeConfig, input_ids, image_grid_thw, attention_mask) -> torch.Tensor:
     """3-D mRoPE position ids (3, B, S) by transformers' own ``get_rope_index`` (which reads only the config)."""
-    holder = SimpleNamespace(config=config)
-    position_ids, _ = hf.Qwen3VLMoeModel.get_rope_index(holder, input_ids, image_grid_thw, None, attention_mask)
+    holder = _RopeIndex(config)
+    if "mm_token_type_ids" in inspect.signature(holder.get_rope_index).parameters:  # transformers 5.x
+        mm_token_type_ids = (input_ids == config.image_token_id).to(torch.int32)  # 1 = image token
+        position_ids, _ = holder.get_rope_index(input_ids, mm_token_type_ids, image_grid_thw=image_grid_thw,
+                                                attention_mask=attention_mask)
+    else:
+        position_ids, _ = holder.get_rope_index(input_ids, image_grid_thw, None, attention_mask)
     return position_ids
+
+
+class _RopeIndex:
+    """Just enough of ``Qwen3VLMoeModel`` to call its own ``get_rope_index``, which reads only the config and, in
+    transformers 5.x, a sibling helper: no model (and no weights) is built for it."""
+
+    def __init__(self, config: Qwen3VLMoeConfig):
+        self.config = config
+
+
+for _name in ("get_rope_index", "get_vision_position_ids"):
+    if hasattr(hf.Qwen3VLMoeModel, _name):
+        setattr(_RopeIndex, _name, getattr(hf.Qwen3VLMoeModel, _name))
 
 
 def causal_mask(seq_len: int, dtype: torch.dtype, device=None) -> torch.Tensor:
@@ -166,6 +195,12 @@ def attention_forward(block: nn.Module, hidden: torch.Tensor, ctx: SampleContext
     )
     stream = hidden + attn_out
     return stream, block.post_attention_layernorm(stream)
+
+
+def router_logits(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The router's logits: ``mlp.gate`` is an nn.Linear in transformers 4.57 and a top-k router module in 5.x; both
+    hold the (num_experts, hidden) weight."""
+    return nn.functional.linear(x, block.mlp.gate.weight)
 
 
 def route(router_logits: torch.Tensor, top_k: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,9 +12,11 @@ from tqdm import tqdm
 
 from dist_quant.calib.dataset import load_samples
 from dist_quant.calib.inputs import build_model_inputs
+from dist_quant.checkpoint.reader import read_config
 from dist_quant.checkpoint.unit_file import UnitSink
 from dist_quant.checkpoint.writer import CheckpointWriter
 from dist_quant.errors import CalibrationError
+from dist_quant.models.qwen3_vl_moe import load_config
 from dist_quant.recipe import Recipe
 from dist_quant.runtime.device import resolve_device
 from dist_quant.runtime.plan import DEFAULT_EXPERT_GROUP_SIZE, make_plan
@@ -75,6 +77,8 @@ def quantize_single_card(model_path: str, save_path: str, recipe: Recipe, *, dat
     """
     start = time.perf_counter()
     torch_device = resolve_device(device)
+    config_file = Path(model_path) / "config.json"
+    load_config(read_config(config_file), str(config_file))  # a clear error before the tokenizer trips over it
     samples = load_samples(resolve_dataset(dataset, recipe), recipe.default_text)
     inputs = build_model_inputs(model_path, samples, trust_remote_code=trust_remote_code)
     writer = CheckpointWriter(save_path, part_file_size_gb=recipe.part_file_size_gb, overwrite=overwrite,

@@ -256,7 +256,7 @@ class Worker:
         moe_input = None
         if moe:
             x = torch.cat(moe_inputs)
-            ids, weights = qvl.route(block.mlp.gate(x), self.config.text_config.num_experts_per_tok, x.dtype)
+            ids, weights = qvl.route(qvl.router_logits(block, x), self.config.text_config.num_experts_per_tok, x.dtype)
             moe_input = MoeInput(x, ids, weights)
             self.expert_tokens[layer_idx] = torch.bincount(
                 ids.reshape(-1), minlength=self.config.text_config.num_experts).tolist()
