@@ -23,7 +23,7 @@ from safetensors.torch import save
 
 from dist_quant.errors import OutputError
 
-QUANT_TYPES = ("FLOAT", "W8A8_DYNAMIC", "W8A8")
+QUANT_TYPES = ("FLOAT", "W8A8_DYNAMIC", "W8A8")  # lowest priority first (the description's model_quant_type)
 OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
@@ -77,7 +77,6 @@ class UnitSink:
         self._tensors: dict[str, torch.Tensor] = {}
         self._types: dict[str, str] = {}
         self._storages: set[int] = set()
-        self.bytes_written = 0
 
     def __len__(self) -> int:
         return len(self._tensors)
@@ -116,6 +115,5 @@ class UnitSink:
         os.replace(tmp, path)
         record = UnitRecord(unit_id, name, tuple(self._tensors), tuple(self._types.values()), self.pending_bytes,
                             len(data), zlib.crc32(data), data if self.ship_payload else None)
-        self.bytes_written += len(data)
         self._tensors, self._types, self._storages = {}, {}, set()
         return record

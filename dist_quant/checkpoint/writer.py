@@ -22,12 +22,12 @@ from safetensors.torch import save_file
 
 from dist_quant.checkpoint.reader import read_config
 from dist_quant.checkpoint.safetensors_stream import TensorSlice, tensor_slices, write_concatenated
+from dist_quant.checkpoint.unit_file import QUANT_TYPES as QUANT_TYPE_PRIORITY
 from dist_quant.checkpoint.unit_file import UnitRecord, UnitSink, writing
 from dist_quant.errors import OutputError
 
 logger = logging.getLogger(__name__)
 
-QUANT_TYPE_PRIORITY = ("FLOAT", "W8A8_DYNAMIC", "W8A8")  # lowest first
 STAGING_DIR = ".dist_quant_staging"
 SPILL_DIR = "spill"
 PRIVATE_DIR = "run"

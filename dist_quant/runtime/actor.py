@@ -90,9 +90,6 @@ class ActorBody:
         self.node_id = ray_node_id()
         self._bytes_reported = 0
 
-    def pid(self) -> int:
-        return os.getpid()
-
     def node(self) -> dict:
         return {"pid": os.getpid(), "host": self.host, "node_id": self.node_id, "shared_fs": self.shared_fs}
 
