@@ -96,10 +96,7 @@ class ActorBody:
     def _start(self, unit: Unit) -> float:
         """Prefetch the next expert group of this actor's schedule, then start the clock of this unit."""
         if unit in self.schedule:
-            later = self.schedule[self.schedule.index(unit) + 1:]
-            upcoming = next((u for u in later if u.kind == "experts"), None)
-            if upcoming is not None:
-                self.worker.prefetch_experts(upcoming.layer, upcoming.first_expert, upcoming.stop_expert)
+            self.worker.prefetch_next_experts(self.schedule, self.schedule.index(unit))
         return time.perf_counter()
 
     def _report(self, unit: Unit, started: float, expert_tokens: Optional[list[int]] = None) -> UnitReport:

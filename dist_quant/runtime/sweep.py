@@ -57,9 +57,7 @@ def run_sweep(worker: Worker, inputs: list[ModelInputs], plan: list[Unit],
         contexts = worker.contexts(inputs, vision)
     partial_sum = None
     for i, unit in enumerate(plan):
-        upcoming = plan[i + 1] if i + 1 < len(plan) else None
-        if upcoming is not None and upcoming.kind == "experts":  # read the next group while this unit computes
-            worker.prefetch_experts(upcoming.layer, upcoming.first_expert, upcoming.stop_expert)
+        worker.prefetch_next_experts(plan, i)
         if unit.kind == "vision":
             vision = worker.vision(inputs)
             contexts = worker.contexts(inputs, vision)

@@ -276,9 +276,13 @@ class Worker:
                 experts = outliers.rotate_experts(experts, post_norm, self.rotation)
         return experts
 
-    def prefetch_experts(self, layer_idx: int, first: int, stop: int) -> None:
-        """Start reading an expert group's weights in the background, so the read overlaps the current unit."""
-        key = (layer_idx, first, stop)
+    def prefetch_next_experts(self, units: list, position: int) -> None:
+        """Start reading the weights of the first expert group after ``units[position]`` in the background, so the
+        read overlaps the units before it (a worker holds the unit it computes plus this one)."""
+        upcoming = next((u for u in units[position + 1:] if u.kind == "experts"), None)
+        if upcoming is None:
+            return
+        key = (upcoming.layer, upcoming.first_expert, upcoming.stop_expert)
         if key not in self._prefetched:
             self._prefetched[key] = self._reader_thread.submit(self._read_experts, *key)
 
