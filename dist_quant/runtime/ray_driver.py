@@ -78,13 +78,9 @@ def start_ray(ray_address: Optional[str], workers: int, device: str):
     if ray.is_initialized():
         return ray, False
     if ray_address:
-        try:
-            ray.init(address=ray_address, logging_level=logging.WARNING, log_to_driver=True)
-        except (ConnectionError, RuntimeError, ValueError) as error:
-            raise DistQuantError(f"cannot join the Ray cluster at {ray_address!r} ({error}); start it with "
-                                 "launch/start_head.sh, check the address, and, for a cluster with token "
-                                 "authentication, set RAY_AUTH_MODE=token with the cluster's token in "
-                                 "~/.ray/auth_token or RAY_AUTH_TOKEN (launch/quant_cluster.sh does)") from None
+        from dist_quant.runtime.ray_connect import join_cluster
+
+        join_cluster(ray, ray_address, logging_level=logging.WARNING, log_to_driver=True)
         return ray, True
     num_cpus = max(os.cpu_count() or 1, workers) if device == "cpu" else None
     ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
