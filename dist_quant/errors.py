@@ -19,3 +19,23 @@ class RecipeError(DistQuantError):
 
 class OutputError(DistQuantError):
     """The output folder cannot be written as asked."""
+
+
+def reason(error: BaseException) -> str:
+    """What went wrong reading a file, in one line and without quoting the file: a parser's message can hold the
+    bytes it choked on (``repr`` of a UnicodeDecodeError holds the whole input), and the file may be anything the
+    user pointed at by mistake, a private key included."""
+    import json
+    import re
+
+    if isinstance(error, UnicodeDecodeError):
+        return f"not UTF-8 text (invalid byte at offset {error.start})"
+    if isinstance(error, json.JSONDecodeError):
+        return f"not valid JSON ({error.msg} at line {error.lineno} column {error.colno})"
+    if isinstance(error, RecursionError):
+        return "nested too deeply to parse"
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    text = re.sub(r"""b(['"]).*?(?<!\\)\1""", "<bytes>", str(error))  # bytes literals quote the file
+    text = " ".join(text.split())
+    return (text[:200] + "...") if len(text) > 200 else text or type(error).__name__

@@ -7,15 +7,16 @@ so a worker holding a few experts of a 235B model never reads, or keeps resident
 from __future__ import annotations
 
 import json
-import math
 import os
-from collections.abc import Collection
-from pathlib import Path
-from typing import Literal
+import re
+from collections.abc import Collection, Sequence
+from pathlib import Path, PurePosixPath
+from typing import Literal, Optional
 
 import torch
-from dist_quant.checkpoint.safetensors_stream import TensorSlice, tensor_slices
-from dist_quant.errors import CheckpointError
+from dist_quant.checkpoint.safetensors_stream import (DuplicateKeyError, HeaderError, TensorSlice, open_regular,
+                                                      parse_json, read_text, tensor_slices)
+from dist_quant.errors import CheckpointError, reason
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -46,16 +47,29 @@ def all_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(lo) and torch.isfinite(hi))
 
 
+def layout_written_by(transformers_version: object) -> Optional[ExpertLayout]:
+    """The expert layout the transformers that wrote a config.json saves (its ``transformers_version``): 4.x writes
+    the Hub layout, 5.x and later the transposed one; None when the field is absent or not a version number."""
+    match = re.match(r"\s*(\d+)\.\d+", transformers_version) if isinstance(transformers_version, str) else None
+    if match is None:
+        return None
+    return "hub" if int(match.group(1)) < 5 else "transposed"
+
+
 def detect_expert_layout(
     gate_up_shape: tuple[int, ...],
     down_shape: tuple[int, ...],
     num_experts: int,
     hidden: int,
     intermediate: int,
+    transformers_version: object = None,
 ) -> ExpertLayout:
     """Tell the transformers 4.57 / Hub layout from the transformers 5.x one, which share tensor names.
 
     hub: gate_up (E, hidden, 2I), down (E, I, hidden); transposed: gate_up (E, 2I, hidden), down (E, hidden, I).
+    When 2I == hidden (or I == hidden) one of the two tensors has the same shape in both layouts, so the shapes alone
+    would leave its orientation a guess: then the ``transformers_version`` config.json records decides, and the
+    other tensor's shape must agree with it.
     """
     gate_up_shape, down_shape = tuple(gate_up_shape), tuple(down_shape)
     expected = {
@@ -71,24 +85,87 @@ def detect_expert_layout(
             f"{expected['transposed'][0]} and {expected['transposed'][1]} (transformers 5.x layout); "
             "check that config.json belongs to these weights"
         )
-    if 2 * intermediate == hidden or intermediate == hidden:
+    if 2 * intermediate != hidden and intermediate != hidden:
+        return fitting[0]
+    written = layout_written_by(transformers_version)
+    if written is None:
         raise CheckpointError(
             f"cannot tell the expert layout: with hidden_size={hidden} and moe_intermediate_size={intermediate} "
             f"(2*I == hidden or I == hidden) one of gate_up_proj {gate_up_shape} / down_proj {down_shape} has the "
-            "same shape in the transformers 4.57 (Hub) and 5.x (transposed) layouts, so its orientation would be a "
-            "guess; use a model whose sizes differ, or convert it to the Hub layout with transformers 4.57"
+            "same shape in the transformers 4.57 (Hub) and 5.x (transposed) layouts, and config.json has no "
+            "transformers_version to tell which transformers wrote it; add the transformers_version that saved "
+            "these weights (e.g. \"4.57.1\") to config.json"
         )
-    return fitting[0]
+    if written not in fitting:
+        raise CheckpointError(
+            f"config.json says transformers {transformers_version} wrote these weights, which stores experts in the "
+            f"{written} layout {expected[written]}, but they have shapes gate_up_proj {gate_up_shape} and down_proj "
+            f"{down_shape} ({fitting[0]} layout); fix transformers_version in config.json or convert the weights"
+        )
+    return written
+
+
+# Hugging Face cache snapshots (.../models--org--name/snapshots/<revision>/) hold symlinks into ../../blobs/
+HF_CACHE_SNAPSHOTS, HF_CACHE_BLOBS = "snapshots", "blobs"
+
+
+def allowed_roots(folder: Path) -> tuple[Path, ...]:
+    """Where the files of a model folder may really lie (symlinks followed): inside the folder and, for a Hugging Face
+    cache snapshot, in its repository's blobs folder."""
+    root = folder.resolve()
+    blobs = root.parent.parent / HF_CACHE_BLOBS
+    if root.parent.name == HF_CACHE_SNAPSHOTS and blobs.is_dir():
+        return root, blobs.resolve()
+    return (root,)
+
+
+def lies_outside(path: Path, roots: Sequence[Path]) -> bool:
+    """Whether ``path``, every symlink followed, is outside all of ``roots`` (resolved folders)."""
+    real = path.resolve()
+    return not any(real.is_relative_to(root) for root in roots)
+
+
+def climbs_out(name: str) -> bool:
+    """A file name from a file (an index entry) that is absolute or uses '..': it would name a file outside its
+    folder, whatever that folder holds."""
+    pure = PurePosixPath(name)
+    return "\x00" in name or pure.is_absolute() or ".." in pure.parts or not pure.parts
+
+
+def model_file(model_dir: Path, name: str, what: str) -> Path:
+    """``model_dir/name`` once it is known to stay inside the model folder, symlinks followed (CheckpointError
+    naming ``what`` otherwise): a config or index must not make the tool read, or quote, any file of the machine."""
+    path = model_dir / name
+    if climbs_out(name):
+        raise CheckpointError(f"{what} names {name[:200]!r}, a path outside the model folder {model_dir}; only "
+                              "files inside the model folder are read")
+    if lies_outside(path, allowed_roots(model_dir)):
+        raise CheckpointError(f"{path} is a symlink to {path.resolve()}, outside the model folder {model_dir}; "
+                              "copy the file into the model folder")
+    return path
+
+
+def load_json_file(path: Path) -> object:
+    """A JSON file's content: OSError (NotARegularFile for a FIFO, device or directory), UnicodeDecodeError,
+    JSONDecodeError, DuplicateKeyError or RecursionError otherwise; report them with errors.reason()."""
+    return parse_json(read_text(path))
+
+
+JSON_FILE_ERRORS = (OSError, UnicodeDecodeError, json.JSONDecodeError, DuplicateKeyError, RecursionError)
 
 
 def read_config(path: Path) -> dict:
     """A model's config.json as a dict; every failure names the file, since configs are often hand-edited."""
+    path = Path(path)
+    model_file(path.parent, path.name, "the model folder")
     try:
-        config = json.loads(path.read_text())
+        config = load_json_file(path)
     except FileNotFoundError:
-        raise CheckpointError(f"{path} not found: pass the Hugging Face model directory that holds config.json")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"cannot read {path}: {error}; restore the file from the original model")
+        raise CheckpointError(f"{path} not found: pass the Hugging Face model directory that holds config.json") \
+            from None
+    except JSON_FILE_ERRORS as error:
+        raise CheckpointError(f"cannot read {path}: {reason(error)}; restore the file from the original model") \
+            from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{path} does not hold a JSON object; restore the file from the original model")
     return config
@@ -109,60 +186,77 @@ class CheckpointReader:
         self._file_of_key = self._map_keys()
 
     def _map_keys(self) -> dict[str, Path]:
-        index_path = self.model_dir / self._index_name
-        if not index_path.exists():
-            single = self.model_dir / self._single_name
-            if not single.exists():
+        index_path = model_file(self.model_dir, self._index_name, "the model folder")
+        if not os.path.lexists(index_path):
+            single = model_file(self.model_dir, self._single_name, "the model folder")
+            if not os.path.lexists(single):
                 raise CheckpointError(
                     f"{self.model_dir} holds neither {self._single_name} nor {self._index_name}: pass a model "
                     "directory with safetensors weights"
                 )
             return {key: single for key in self._header(single)}
-
-        try:
-            weight_map = json.loads(index_path.read_text())["weight_map"]
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
-            raise CheckpointError(f"cannot read the weight_map of {index_path}: {error!r}; restore the index file")
-        keys_of_shard: dict[Path, set[str]] = {}
-        for key, shard_name in weight_map.items():
-            keys_of_shard.setdefault(self.model_dir / shard_name, set()).add(key)
-        for shard, keys in keys_of_shard.items():
-            if not shard.exists():
+        shard_of_key = self._weight_map(index_path)
+        keys_of_shard: dict[str, set[str]] = {}
+        for key, shard_name in shard_of_key.items():
+            keys_of_shard.setdefault(shard_name, set()).add(key)
+        file_of_key = {}
+        for shard_name, keys in keys_of_shard.items():
+            shard = model_file(self.model_dir, shard_name, str(index_path))
+            if not os.path.lexists(shard):
                 raise CheckpointError(f"{index_path} names shard {shard.name}, which is missing; download it again")
-            missing = keys - set(self._header(shard))
+            held = set(self._header(shard))
+            missing, unlisted = keys - held, held - set(shard_of_key)
             if missing:
                 raise CheckpointError(
                     f"{index_path} places {sorted(missing)[:3]} ({len(missing)} tensors) in {shard.name}, which "
                     "does not hold them; download the shard and the index again"
                 )
-        return {key: self.model_dir / shard_name for key, shard_name in weight_map.items()}
+            if unlisted:  # every tensor is read from the file the index names, so these would silently be dropped
+                raise CheckpointError(
+                    f"{shard} holds {sorted(unlisted)[:3]} ({len(unlisted)} tensors) that {index_path} does not "
+                    "list anywhere; download the shard and the index again"
+                )
+            file_of_key.update({key: shard for key in keys})
+        return file_of_key
+
+    @staticmethod
+    def _weight_map(index_path: Path) -> dict[str, str]:
+        """The index's {tensor: shard file name}; the error never quotes the file, which may be anything."""
+        try:
+            index = load_json_file(index_path)
+        except JSON_FILE_ERRORS as error:
+            raise CheckpointError(f"cannot read {index_path}: {reason(error)}; restore the index file") from None
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index_path} has no \"weight_map\" object of tensor names to shard file names; "
+                                  "restore the index file")
+        return weight_map
 
     def _header(self, path: Path) -> dict[str, TensorSlice]:
-        """Where each tensor of a file lies; a file whose header or size does not add up is reported as corrupt."""
+        """Where each tensor of a file lies; a file the safetensors library would refuse is reported as corrupt."""
         if path not in self._headers:
             try:
-                slices = tensor_slices(path)
-                size = path.stat().st_size
-                end = max((t.end for t in slices.values()), default=0)
-                bad = [t.key for t in slices.values() if t.dtype not in _DTYPES
-                       or t.end - t.begin != math.prod(t.shape) * _DTYPES[t.dtype].itemsize] if end <= size else []
-            except (OSError, ValueError) as error:  # unreadable, shorter than 8 bytes, or a header that is not JSON
-                raise CheckpointError(f"{path} is not a readable safetensors file ({error}); download it again")
-            except (KeyError, TypeError, AttributeError):
-                raise CheckpointError(f"{path} is not a readable safetensors file (its header does not describe "
-                                      "tensors as safetensors does); download it again") from None
-            except (OverflowError, MemoryError):  # the first 8 bytes claim a header larger than memory
-                raise CheckpointError(f"{path} is not a readable safetensors file (its first 8 bytes claim an "
-                                      "impossibly large header); download it again") from None
-            if end > size or bad:
-                raise CheckpointError(f"{path} is truncated or corrupt (its header describes {end} bytes, the file "
-                                      f"has {size}{'; bad entries ' + str(bad[:3]) if bad else ''}); download it again")
-            self._headers[path] = slices
+                self._headers[path] = tensor_slices(path)
+            except HeaderError as error:
+                state = "is truncated or corrupt" if error.truncated else "is not a readable safetensors file"
+                raise CheckpointError(f"{path} {state} ({error.detail}); download it again") from None
+            except OSError as error:
+                raise CheckpointError(f"cannot read {path}: {reason(error)}; pass a model folder of safetensors "
+                                      "files") from None
+            unknown = [t.key for t in self._headers[path].values() if t.dtype not in _DTYPES]
+            if unknown:
+                del self._headers[path]
+                raise CheckpointError(f"{path} holds tensors of dtypes torch cannot read ({sorted(unknown)[:3]}); "
+                                      "quantize from the original floating-point checkpoint")
         return self._headers[path]
 
     def _read_bytes(self, path: Path, begin: int, end: int) -> bytearray:
         if path not in self._fds:
-            self._fds[path] = os.open(path, os.O_RDONLY)
+            try:
+                with open_regular(path) as file:
+                    self._fds[path] = os.dup(file.fileno())
+            except OSError as error:
+                raise CheckpointError(f"cannot read {path}: {reason(error)}") from None
         buffer = bytearray(end - begin)
         view, done = memoryview(buffer), 0
         while done < len(buffer):
@@ -266,6 +360,22 @@ class CheckpointReader:
             )
         return tensor if dtype is None else tensor.to(dtype)
 
+    @staticmethod
+    def expert_keys(layer_prefix: str) -> tuple[str, str]:
+        """The fused gate_up and down expert tensors of one MoE layer."""
+        return f"{layer_prefix}.mlp.experts.gate_up_proj", f"{layer_prefix}.mlp.experts.down_proj"
+
+    def expert_layout(self, layer_prefix: str, *, num_experts: int, hidden: int, intermediate: int) -> ExpertLayout:
+        """The layout of one MoE layer's fused expert tensors, from their header shapes (and, when the sizes make
+        the shapes ambiguous, config.json's transformers_version); errors name the layer and its files."""
+        gate_up_key, down_key = self.expert_keys(layer_prefix)
+        try:
+            return detect_expert_layout(self.shape(gate_up_key), self.shape(down_key), num_experts, hidden,
+                                        intermediate, self.config.get("transformers_version"))
+        except CheckpointError as error:
+            files = " and ".join(sorted({str(self.file_of(gate_up_key)), str(self.file_of(down_key))}))
+            raise CheckpointError(f"{layer_prefix}.mlp.experts in {files}: {error}") from None
+
     def read_experts(
         self,
         layer_prefix: str,
@@ -281,14 +391,8 @@ class CheckpointReader:
 
         gate and up are the first and second halves of the fused 2I dimension of `gate_up_proj`.
         """
-        gate_up_key = f"{layer_prefix}.mlp.experts.gate_up_proj"
-        down_key = f"{layer_prefix}.mlp.experts.down_proj"
-        try:
-            layout = detect_expert_layout(self.shape(gate_up_key), self.shape(down_key), num_experts, hidden,
-                                          intermediate)
-        except CheckpointError as error:
-            files = " and ".join(sorted({str(self.file_of(gate_up_key)), str(self.file_of(down_key))}))
-            raise CheckpointError(f"{layer_prefix}.mlp.experts in {files}: {error}") from None
+        gate_up_key, down_key = self.expert_keys(layer_prefix)
+        layout = self.expert_layout(layer_prefix, num_experts=num_experts, hidden=hidden, intermediate=intermediate)
         gate_up = self.get_slice(gate_up_key, start, stop, dtype=dtype)
         down = self.get_slice(down_key, start, stop, dtype=dtype)
         if layout == "hub":  # applied as x @ W: transpose to [out, in]

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
+import stat
 import struct
 from collections.abc import Sequence
 from itertools import groupby
@@ -21,6 +23,11 @@ CHUNK_BYTES = 16 * 1024**2
 NO_COPY_FILE_RANGE = (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)
 HEADER_ALIGNMENT = 8  # safetensors pads the JSON header with spaces so the data starts 8-byte aligned
 METADATA_KEY = "__metadata__"
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit (HeaderTooLarge)
+MAX_OFFSET = 2**64 - 1  # offsets and sizes are u64 in the format
+# bytes per element of every dtype the safetensors library knows (its Dtype::size)
+DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+               "I32": 4, "U32": 4, "F32": 4, "F64": 8, "I64": 8, "U64": 8}
 
 
 class TensorSlice(NamedTuple):
@@ -34,23 +41,168 @@ class TensorSlice(NamedTuple):
     end: int
 
 
+class HeaderError(ValueError):
+    """A safetensors file the safetensors library would refuse. ``detail`` never quotes the file's bytes (they can be
+    anything: a wrong path may point at a private key); ``truncated`` tells a short download from a corrupt one."""
+
+    def __init__(self, path: str | Path, detail: str, truncated: bool = False):
+        super().__init__(f"{path} is not a safetensors file: {detail}")
+        self.path, self.detail, self.truncated = path, detail, truncated
+
+
+class NotARegularFile(OSError):
+    """A FIFO, device, socket or directory where a file is expected: opening a FIFO blocks forever, a device reads
+    without end."""
+
+
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def open_regular(path: str | Path) -> BinaryIO:
+    """``path`` opened for binary reading, refused with NotARegularFile unless it is a regular file (after symlinks).
+
+    Opened non-blocking, so a FIFO cannot hang the open, then checked on the open descriptor, so nothing can be
+    swapped in between the check and the read."""
+    if os.path.exists(path):
+        _refuse_irregular(path, os.stat(path).st_mode)  # a socket cannot even be opened: say what it is
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        _refuse_irregular(path, os.fstat(fd).st_mode)
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _refuse_irregular(path: str | Path, mode: int) -> None:
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+        raise NotARegularFile(errno.EINVAL, f"is {kind}, not a regular file", str(path))
+
+
+def read_text(path: str | Path) -> str:
+    """A regular file's whole content as UTF-8 (UnicodeDecodeError otherwise)."""
+    with open_regular(path) as file:
+        return file.read().decode("utf-8")
+
+
+class DuplicateKeyError(ValueError):
+    """A JSON object that names a key twice: every parser keeps a different one (Python the last), so the file
+    means two things."""
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    result = {}
+    for key, value in pairs:
+        if key in result:
+            name = key if len(key) <= 80 else key[:80] + "..."
+            raise DuplicateKeyError(f"the key {name!r} appears twice in one object")
+        result[key] = value
+    return result
+
+
+def parse_json(text: str | bytes) -> object:
+    """JSON with duplicate keys refused (DuplicateKeyError); RecursionError for absurdly deep nesting."""
+    return json.loads(text, object_pairs_hook=_unique_keys)
+
+
 def read_header(path: str | Path) -> tuple[dict, int]:
-    """The parsed JSON header (with "__metadata__" when the file has one) and the byte position where data starts."""
-    with open(path, "rb") as file:
+    """The parsed JSON header (with "__metadata__" when the file has one) and the byte position where data starts.
+
+    Refuses (HeaderError), before reading it, a header length that the file cannot hold or the safetensors library
+    would not read, and a header that is not a JSON object with unique keys; the entries are checked by
+    :func:`tensor_slices`."""
+    with open_regular(path) as file:
+        size = os.fstat(file.fileno()).st_size
         prefix = file.read(8)
         if len(prefix) < 8:
-            raise ValueError(f"{path} is not a safetensors file: it holds fewer than 8 bytes")
+            raise HeaderError(path, "it holds fewer than 8 bytes", truncated=True)
         (length,) = struct.unpack("<Q", prefix)
-        if length > os.fstat(file.fileno()).st_size - 8:  # checked before reading: it may claim exabytes
-            raise ValueError(f"{path} is not a safetensors file: its header claims {length} bytes past the end "
-                             "of the file")
+        if length > size - 8:  # checked before reading: it may claim exabytes
+            raise HeaderError(path, f"its header claims {length} bytes past the end of the file")
+        if length > MAX_HEADER_BYTES:
+            raise HeaderError(path, f"its header claims {length} bytes, more than the {MAX_HEADER_BYTES} the "
+                                    "safetensors library reads")
         header_bytes = file.read(length)
-    return json.loads(header_bytes), 8 + length
+    if len(header_bytes) < length:
+        raise HeaderError(path, "it ended while its header was read", truncated=True)
+    if not header_bytes.startswith(b"{"):
+        raise HeaderError(path, "its header does not start with a JSON object")
+    try:
+        header = parse_json(header_bytes.decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise HeaderError(path, f"its header is not UTF-8 text (invalid byte at offset {8 + error.start})") from None
+    except json.JSONDecodeError as error:
+        raise HeaderError(path, f"its header is not valid JSON ({error.msg} at byte {8 + error.pos})") from None
+    except DuplicateKeyError as error:
+        raise HeaderError(path, f"its header is ambiguous: {error}") from None
+    except RecursionError:
+        raise HeaderError(path, "its header is nested too deeply to be a safetensors header") from None
+    if not isinstance(header, dict):
+        raise HeaderError(path, "its header is not a JSON object")
+    return header, 8 + length
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_OFFSET
+
+
+def _entry(path: str | Path, key: str, info: object) -> tuple[str, list[int], int, int]:
+    """(dtype, shape, begin, end) of one header entry, checked as the safetensors library checks its TensorInfo."""
+    name = key if len(key) <= 120 else key[:120] + "..."
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+        raise HeaderError(path, f"entry {name!r} is not an object with dtype, shape and data_offsets")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if dtype not in DTYPE_BYTES:
+        raise HeaderError(path, f"entry {name!r} has an unknown dtype (known: {sorted(DTYPE_BYTES)})")
+    if not isinstance(shape, list) or not all(_is_count(n) for n in shape):
+        raise HeaderError(path, f"entry {name!r} has a shape that is not a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(n) for n in offsets)):
+        raise HeaderError(path, f"entry {name!r} has data_offsets that are not two non-negative integers")
+    begin, end = offsets
+    if begin > end:
+        raise HeaderError(path, f"entry {name!r} ends (byte {end}) before it begins (byte {begin})")
+    nbytes = math.prod(shape) * DTYPE_BYTES[dtype]
+    if end - begin != nbytes:
+        raise HeaderError(path, f"entry {name!r} spans {end - begin} bytes, but {dtype} of shape {shape} takes "
+                                f"{nbytes}")
+    return dtype, shape, begin, end
+
+
+def validate_header(path: str | Path, header: dict, data_bytes: int) -> None:
+    """The rules of the safetensors library (``Metadata::validate`` and ``read_metadata``): every entry well formed
+    and sized by its dtype and shape, the entries sorted by offset tile the data buffer from byte 0 with no gap and
+    no overlap (so no two tensors share bytes and no byte is left unexplained), and the buffer ends where the file
+    does. ``data_bytes``: the file size minus 8 minus the header length."""
+    metadata = header.get(METADATA_KEY, {})
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                 for k, v in metadata.items()):
+        raise HeaderError(path, f"its {METADATA_KEY} is not a map of strings to strings")
+    spans = sorted((begin, end, key) for key, (_, _, begin, end) in
+                   ((key, _entry(path, key, info)) for key, info in header.items() if key != METADATA_KEY))
+    position = 0
+    for begin, end, key in spans:
+        name = key if len(key) <= 120 else key[:120] + "..."
+        if begin != position:
+            problem = "overlaps the tensor before it" if begin < position else "leaves a gap before it"
+            raise HeaderError(path, f"entry {name!r} starts at data byte {begin} but the tensors before it end at "
+                                    f"{position}: it {problem}")
+        position = end
+    if position > data_bytes:
+        raise HeaderError(path, f"its header describes {position} bytes of tensor data, the file holds "
+                                f"{data_bytes}", truncated=True)
+    if position < data_bytes:
+        raise HeaderError(path, f"it holds {data_bytes - position} bytes after its last tensor (the header "
+                                f"describes {position} bytes of data, the file holds {data_bytes})")
 
 
 def tensor_slices(path: str | Path) -> dict[str, TensorSlice]:
-    """Each tensor of a safetensors file by key, in the header's order."""
+    """Each tensor of a safetensors file by key, in the header's order, once the header passes
+    :func:`validate_header` (HeaderError otherwise)."""
     header, data_start = read_header(path)
+    validate_header(path, header, os.stat(path).st_size - data_start)
     source = Path(path)
     slices = {}
     for key, info in header.items():

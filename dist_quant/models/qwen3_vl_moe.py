@@ -9,7 +9,10 @@ Chained, the pieces compute exactly what ``Qwen3VLMoeForConditionalGeneration.fo
 from __future__ import annotations
 
 import inspect
+import math
+import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -18,7 +21,8 @@ from transformers.activations import ACT2FN
 from transformers.models.qwen3_vl_moe import modeling_qwen3_vl_moe as hf
 from transformers.models.qwen3_vl_moe.configuration_qwen3_vl_moe import Qwen3VLMoeConfig
 
-from dist_quant.errors import CheckpointError
+from dist_quant.checkpoint.reader import CheckpointReader
+from dist_quant.errors import CheckpointError, reason
 
 MODEL_TYPE = "qwen3_vl_moe"
 TEXT = "model.language_model"
@@ -30,17 +34,245 @@ LM_HEAD_KEY = "lm_head.weight"
 ExpertWeights = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # gate [I, H], up [I, H], down [H, I]
 
 
+# Sizes far beyond any real checkpoint (Qwen3-VL-235B: 94 layers, 128 experts, a 27-block vision tower), refused
+# from config.json alone: the plan lists units per layer and expert group, so a config claiming 10^12 layers would
+# hang it, and `dist-quant plan` reads no weights to compare the config with.
+MAX_LAYERS = 1024
+MAX_VISION_DEPTH = 1024
+MAX_EXPERTS = 16384
+MAX_WIDTH = 2**20  # hidden, intermediate and head sizes: a worker builds rotary tables from them before any weight
+
+
 def load_config(raw: dict, source: str = "config.json") -> Qwen3VLMoeConfig:
-    """The transformers config of a ``qwen3_vl_moe`` checkpoint, with SDPA attention (what HF uses on every device)."""
+    """The transformers config of a ``qwen3_vl_moe`` checkpoint, with SDPA attention (what HF uses on every device).
+
+    Checked as the model code needs it (see :func:`check_config`); a config that only the weights can refute (fewer
+    layers than they hold, another vocabulary) is caught by :func:`check_config_against_weights`.
+    """
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{source} does not hold a JSON object; restore the file from the original model")
     model_type = raw.get("model_type")
     if model_type != MODEL_TYPE:
         raise CheckpointError(
             f"{source}: model_type is {model_type!r}; dist-quant supports {MODEL_TYPE!r} (Qwen3-VL-MoE) checkpoints"
         )
-    config = Qwen3VLMoeConfig.from_dict(raw)
+    for section in ("text_config", "vision_config"):
+        if not isinstance(raw.get(section, {}), dict):
+            raise CheckpointError(f"{source}: {section} must be a JSON object; restore the file from the original "
+                                  "model")
+    try:
+        config = Qwen3VLMoeConfig.from_dict(raw)
+    except (TypeError, ValueError, KeyError, AttributeError, ArithmeticError, RecursionError) as error:
+        raise CheckpointError(f"{source}: transformers cannot build a Qwen3-VL-MoE config from it "
+                              f"({type(error).__name__}: {reason(error)}); restore the file from the original model") \
+            from None
+    check_config(config, raw, source)
     for cfg in (config, config.text_config, config.vision_config):
         cfg._attn_implementation = "sdpa"
     return config
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _config_errors(config: Qwen3VLMoeConfig, raw: dict) -> list[str]:
+    """Every way the config breaks what the transformers modules (and this tool) assume, as 'field: problem'."""
+    tc, vc = config.text_config, config.vision_config
+    errors = []
+
+    def positive(prefix, cfg, names, limit=None):
+        for name in names:
+            value = getattr(cfg, name, None)
+            if not _is_int(value) or value < 1:
+                errors.append(f"{prefix}{name} is {value!r}, not a positive integer")
+            elif limit is not None and value > limit:
+                errors.append(f"{prefix}{name} is {value}, more than the {limit} any real model has")
+
+    positive("text_config.", tc, ["vocab_size", "decoder_sparse_step", "max_position_embeddings"])
+    positive("text_config.", tc, ["hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+                                  "head_dim", "moe_intermediate_size"], MAX_WIDTH)
+    positive("text_config.", tc, ["num_hidden_layers"], MAX_LAYERS)
+    positive("text_config.", tc, ["num_experts"], MAX_EXPERTS)
+    positive("vision_config.", vc, ["hidden_size", "intermediate_size", "num_heads", "in_channels", "patch_size",
+                                    "temporal_patch_size", "spatial_merge_size", "out_hidden_size",
+                                    "num_position_embeddings"], MAX_WIDTH)
+    positive("vision_config.", vc, ["depth"], MAX_VISION_DEPTH)
+    if errors:  # the checks below compute with these
+        return errors
+    if not _is_int(tc.num_experts_per_tok) or not 1 <= tc.num_experts_per_tok <= tc.num_experts:
+        errors.append(f"text_config.num_experts_per_tok is {tc.num_experts_per_tok!r}; the router picks between 1 "
+                      f"and num_experts ({tc.num_experts}) experts per token")
+    if tc.num_attention_heads % tc.num_key_value_heads:
+        errors.append(f"text_config.num_attention_heads ({tc.num_attention_heads}) is not a multiple of "
+                      f"num_key_value_heads ({tc.num_key_value_heads})")
+    if raw.get("text_config", {}).get("head_dim") is None and tc.hidden_size % tc.num_attention_heads:
+        errors.append(f"text_config.hidden_size ({tc.hidden_size}) is not a multiple of num_attention_heads "
+                      f"({tc.num_attention_heads}) and no head_dim is given")
+    if tc.head_dim % 2:
+        errors.append(f"text_config.head_dim ({tc.head_dim}) is odd; rotary embeddings need an even head size")
+    rope = tc.rope_scaling
+    section = rope.get("mrope_section", [24, 20, 20]) if isinstance(rope, dict) else None
+    if not isinstance(rope, dict):
+        errors.append(f"text_config.rope_scaling is {rope!r}; Qwen3-VL needs an object with its mrope_section")
+    elif not (isinstance(section, list) and len(section) == 3 and all(_is_int(n) and n >= 0 for n in section)
+              and sum(section) == tc.head_dim // 2):
+        errors.append(f"text_config.rope_scaling.mrope_section is {section!r}; it must be 3 non-negative integers "
+                      f"that add up to head_dim / 2 = {tc.head_dim // 2}")
+    if not _is_number(tc.rope_theta) or tc.rope_theta <= 0:
+        errors.append(f"text_config.rope_theta is {tc.rope_theta!r}, not a positive number")
+    if not _is_number(tc.rms_norm_eps) or tc.rms_norm_eps <= 0:
+        errors.append(f"text_config.rms_norm_eps is {tc.rms_norm_eps!r}, not a positive number")
+    if not isinstance(tc.hidden_act, str) or tc.hidden_act not in ACT2FN:
+        errors.append(f"text_config.hidden_act is {str(tc.hidden_act)[:40]!r}, not an activation transformers knows")
+    if not isinstance(vc.hidden_act, str) or vc.hidden_act not in ACT2FN:
+        errors.append(f"vision_config.hidden_act is {str(vc.hidden_act)[:40]!r}, not an activation transformers knows")
+    layers = tc.mlp_only_layers
+    if not isinstance(layers, list) or not all(_is_int(i) and 0 <= i < tc.num_hidden_layers for i in layers):
+        errors.append(f"text_config.mlp_only_layers must list layer indices from 0 to num_hidden_layers - 1 "
+                      f"({tc.num_hidden_layers - 1})")
+    if vc.hidden_size % vc.num_heads or (vc.hidden_size // vc.num_heads) % 4:
+        errors.append(f"vision_config.hidden_size ({vc.hidden_size}) / num_heads ({vc.num_heads}) must be a whole "
+                      "head size divisible by 4 (2-D rotary embeddings)")
+    if math.isqrt(vc.num_position_embeddings) ** 2 != vc.num_position_embeddings:
+        errors.append(f"vision_config.num_position_embeddings ({vc.num_position_embeddings}) is not a square: the "
+                      "position table is a square grid")
+    if vc.out_hidden_size != tc.hidden_size:
+        errors.append(f"vision_config.out_hidden_size ({vc.out_hidden_size}) differs from text_config.hidden_size "
+                      f"({tc.hidden_size}): image features are placed in the text embeddings")
+    deepstack = vc.deepstack_visual_indexes
+    if not isinstance(deepstack, list) or not all(_is_int(i) and 0 <= i < vc.depth for i in deepstack) \
+            or len(set(deepstack)) != len(deepstack):
+        errors.append(f"vision_config.deepstack_visual_indexes must list distinct vision block indices from 0 to "
+                      f"depth - 1 ({vc.depth - 1})")
+    for name in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+        value = getattr(config, name, None)
+        if not _is_int(value) or not 0 <= value < tc.vocab_size:
+            errors.append(f"{name} is {value!r}, not a token id below vocab_size ({tc.vocab_size})")
+    return errors
+
+
+def check_config(config: Qwen3VLMoeConfig, raw: dict, source: str = "config.json") -> None:
+    """Refuse a config the model code would compute garbage from, crash on, or be swamped by; transformers itself
+    checks almost nothing (top-k 0, or heads that do not divide the width, build a model)."""
+    errors = _config_errors(config, raw)
+    if errors:
+        more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
+        raise CheckpointError(f"{source}: {'; '.join(errors[:3])}{more}; restore the config.json that came with "
+                              "the weights")
+
+
+_LAYER_KEY = re.compile(re.escape(TEXT) + r"\.layers\.(\d+)\.")
+_BLOCK_KEY = re.compile(re.escape(VISUAL) + r"\.blocks\.(\d+)\.")
+_DEEPSTACK_KEY = re.compile(re.escape(VISUAL) + r"\.deepstack_merger_list\.(\d+)\.")
+
+
+def _indices(keys: list[str], pattern: re.Pattern) -> dict[int, str]:
+    """The numbered modules the keys hold (``layers.N.``), each with one of its keys as an example."""
+    found = {}
+    for key in keys:
+        match = pattern.match(key)
+        if match:
+            found.setdefault(int(match.group(1)), key)
+    return found
+
+
+def _check_count(source: str, field: str, count: int, found: dict[int, str], what: str) -> None:
+    """The numbered modules in the weights are exactly 0..count-1: more would be dropped silently, fewer read as
+    missing hours into the run."""
+    extra = sorted(i for i in found if i >= count)
+    if extra:
+        raise CheckpointError(f"{source} says {field}={count}, but the weights hold {what} up to {extra[-1]} "
+                              f"(e.g. {found[extra[-1]]}); those would be left out of the quantized model: use the "
+                              "config.json that came with these weights")
+    missing = [i for i in range(count) if i not in found]
+    if missing:
+        raise CheckpointError(f"{source} says {field}={count}, but the weights hold no tensors of {what} "
+                              f"{missing[:5]}{' ...' if len(missing) > 5 else ''}; use the config.json that came "
+                              "with these weights, or download the missing shards")
+
+
+def _state_shapes(module: nn.Module, prefix: str) -> dict[str, tuple[int, ...]]:
+    return {f"{prefix}.{name}": tuple(t.shape) for name, t in module.state_dict().items()}
+
+
+def expected_tensors(config: Qwen3VLMoeConfig) -> dict[str, Optional[tuple[int, ...]]]:
+    """Every tensor a Hugging Face checkpoint of this config holds, with its shape (None for the fused expert
+    tensors, whose orientation depends on the transformers that wrote them), built on the meta device: no memory.
+    Call only once the layer and block counts are known to match the weights (they size the lists built here)."""
+    tc = config.text_config
+    with torch.device("meta"):
+        shapes = _state_shapes(hf.Qwen3VLMoeVisionModel._from_config(config.vision_config), VISUAL)
+        templates = {}
+        for moe in (True, False):
+            layer_idx = next((i for i in range(tc.num_hidden_layers) if is_moe_layer(tc, i) == moe), None)
+            if layer_idx is not None:
+                layer = hf.Qwen3VLMoeTextDecoderLayer(tc, layer_idx)
+                if moe:
+                    layer.mlp.experts = None
+                templates[moe] = {name: tuple(t.shape) for name, t in layer.state_dict().items()}
+    for layer_idx in range(tc.num_hidden_layers):
+        moe = is_moe_layer(tc, layer_idx)
+        prefix = layer_prefix(layer_idx)
+        shapes.update({f"{prefix}.{name}": shape for name, shape in templates[moe].items()})
+        if moe:
+            shapes.update({key: None for key in CheckpointReader.expert_keys(prefix)})
+    shapes[EMBED_KEY] = shapes[LM_HEAD_KEY] = (tc.vocab_size, tc.hidden_size)
+    shapes[NORM_KEY] = (tc.hidden_size,)
+    return shapes
+
+
+def check_config_against_weights(config: Qwen3VLMoeConfig, reader: CheckpointReader) -> None:
+    """Refuse, from the safetensors headers alone (no weight is read, no module built), a config that does not
+    describe these weights: layer, vision block and deepstack merger counts that differ from those the weights
+    hold, any tensor the config does not expect or expects but is missing, any shape or dtype other than the
+    config's (vocabulary and widths from embed_tokens and lm_head, num_experts from the expert tensors' first dim).
+
+    Every driver calls it right after :func:`load_config` and before anything is sized by the config (the plan,
+    the tokenizer, a worker): ``config.json`` may claim 10^12 layers, and the weights are the ground truth.
+    """
+    source = f"{reader.model_dir / 'config.json'}"
+    tc, vc = config.text_config, config.vision_config
+    keys = reader.keys()
+    _check_count(source, "text_config.num_hidden_layers", tc.num_hidden_layers, _indices(keys, _LAYER_KEY),
+                 "text layers")
+    _check_count(source, "vision_config.depth", vc.depth, _indices(keys, _BLOCK_KEY), "vision blocks")
+    _check_count(source, "len(vision_config.deepstack_visual_indexes)", len(vc.deepstack_visual_indexes),
+                 _indices(keys, _DEEPSTACK_KEY), "deepstack mergers")
+    for key in (EMBED_KEY, LM_HEAD_KEY):  # first: they carry vocab_size and hidden_size, the common culprits
+        if key in reader:
+            reader.check(key, (tc.vocab_size, tc.hidden_size))
+    expected = expected_tensors(config)
+    unexpected = sorted(set(keys) - set(expected))
+    missing = sorted(set(expected) - set(keys))
+    if unexpected or missing:
+        raise CheckpointError(
+            f"{reader.model_dir}: the tensors do not match {source}: "
+            + (f"{len(unexpected)} tensor(s) it does not describe ({', '.join(unexpected[:3])}), " if unexpected
+               else "")
+            + (f"{len(missing)} tensor(s) it needs are missing ({', '.join(missing[:3])}), " if missing else "")
+            + "so this is not the Hugging Face Qwen3-VL-MoE checkpoint the config describes; use the config.json "
+              "that came with these weights"
+        )
+    for key, shape in expected.items():
+        reader.check(key, shape)
+    for layer_idx in range(tc.num_hidden_layers):
+        if is_moe_layer(tc, layer_idx):
+            reader.expert_layout(layer_prefix(layer_idx), num_experts=tc.num_experts, hidden=tc.hidden_size,
+                                 intermediate=tc.moe_intermediate_size)
+
+
+def load_checked(model_path: str | Path) -> tuple[CheckpointReader, Qwen3VLMoeConfig]:
+    """The reader and config of a float checkpoint, the config validated on its own and against the weights'
+    headers: what a driver needs before it plans anything."""
+    reader = CheckpointReader(model_path)
+    config = load_config(reader.config, f"{Path(model_path) / 'config.json'}")
+    check_config_against_weights(config, reader)
+    return reader, config
 
 
 def layer_prefix(layer_idx: int) -> str:
