@@ -117,14 +117,9 @@ class Worker:
         self._prefetched: dict[tuple[int, int, int], Future] = {}
 
     def check_source_keys(self) -> None:
-        """Every source tensor belongs to a unit: the vision tower, a text layer, the embeddings or the head."""
-        known = (qvl.VISUAL + ".", f"{qvl.TEXT}.layers.")
-        stray = sorted(k for k in self.reader.keys()
-                       if not k.startswith(known) and k not in (qvl.EMBED_KEY, qvl.NORM_KEY, qvl.LM_HEAD_KEY))
-        missing = [k for k in (qvl.EMBED_KEY, qvl.NORM_KEY, qvl.LM_HEAD_KEY) if k not in self.reader]
-        if stray or missing:
-            raise CheckpointError(f"{self.reader.model_dir}: not a Qwen3-VL-MoE checkpoint in the Hugging Face layout: "
-                                  f"unexpected tensors {stray[:5]}, missing tensors {missing}")
+        """Every source tensor belongs to a unit and is exactly what the config describes (counts, keys, shapes,
+        dtypes), from the headers alone: a layer the config does not count would otherwise be dropped silently."""
+        qvl.check_config_against_weights(self.config, self.reader)
 
     # --- helpers ----------------------------------------------------------------------------------------------------
 
