@@ -19,14 +19,26 @@ from torch import nn
 
 from dist_quant.algorithms.quantize import dynamic_w8a8_linear, static_w8a8_linear
 from dist_quant.calib.inputs import ModelInputs
-from dist_quant.checkpoint.reader import CheckpointReader
-from dist_quant.errors import CheckpointError
+from dist_quant.checkpoint.reader import JSON_FILE_ERRORS, CheckpointReader, load_json_file, model_file
+from dist_quant.errors import CheckpointError, reason
 from dist_quant.models import qwen3_vl_moe as qvl
 from dist_quant.recipe import FLOAT, W8A8, W8A8_DYNAMIC
 from dist_quant.runtime.sweep import add_partials, finish_layer
 
 QUANT_WEIGHTS = "quant_model_weights.safetensors"
 DESCRIPTION = "quant_model_description.json"
+# the tensors each served linear needs besides its weight (FORMAT.md), and every suffix a linear may carry
+NEEDED = {W8A8: ("quant_bias", "deq_scale", "input_scale", "input_offset"), W8A8_DYNAMIC: ("weight_scale",),
+          FLOAT: ()}
+LINEAR_SUFFIXES = ("bias", "weight_scale", "weight_offset", "quant_bias", "deq_scale", "input_scale", "input_offset")
+# config fields that fix the architecture: a quantized checkpoint is only comparable with a float model sharing them
+TEXT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "head_dim", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
+               "decoder_sparse_step", "mlp_only_layers", "hidden_act")
+VISION_FIELDS = ("depth", "hidden_size", "intermediate_size", "num_heads", "in_channels", "patch_size",
+                 "temporal_patch_size", "spatial_merge_size", "out_hidden_size", "num_position_embeddings",
+                 "deepstack_visual_indexes")
+TOKEN_FIELDS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
 
 
 # --- linears with the serving runtime's integer math ----------------------------------------------------------------
@@ -66,23 +78,41 @@ class QuantizedCheckpoint:
 
     def __init__(self, path: str | Path, dtype: torch.dtype):
         self.path = Path(path)
-        description_file = self.path / DESCRIPTION
+        description_file = model_file(self.path, DESCRIPTION, "the quantized checkpoint")
         try:
-            self.description = json.loads(description_file.read_text())
-        except (OSError, json.JSONDecodeError) as error:
-            raise CheckpointError(f"{description_file} is missing or unreadable ({error}); is {path} a finished "
-                                  "dist-quant / msModelSlim checkpoint?") from None
+            self.description = load_json_file(description_file)
+        except JSON_FILE_ERRORS as error:
+            raise CheckpointError(f"{description_file} is missing or unreadable ({reason(error)}); is {path} a "
+                                  "finished dist-quant / msModelSlim checkpoint?") from None
+        if not isinstance(self.description, dict):
+            raise CheckpointError(f"{description_file} does not hold a JSON object; is {path} a finished "
+                                  "dist-quant / msModelSlim checkpoint?")
+        self.description_file = description_file
         self.reader = CheckpointReader(self.path, weights_name=QUANT_WEIGHTS)
         self.dtype = dtype
         self.rotation = self._rotation()
 
     def _rotation(self) -> Optional[torch.Tensor]:
-        rotation_map = self.description.get("optional", {}).get("quarot", {}).get("rotation_map", {})
-        if "global_rotation" not in rotation_map:
+        """The QuaRot rotation the description points to (a file inside the checkpoint), or None."""
+        rotation_map = self.description
+        for field_name in ("optional", "quarot", "rotation_map"):
+            rotation_map = rotation_map.get(field_name, {}) if isinstance(rotation_map, dict) else None
+        if not isinstance(rotation_map, dict) or "global_rotation" not in rotation_map:
+            if rotation_map is None:
+                raise CheckpointError(f"{self.description_file}: optional.quarot.rotation_map is not an object; "
+                                      "restore the file")
             return None
-        from safetensors.torch import load_file
-
-        return load_file(self.path / rotation_map["global_rotation"])["global_rotation"].to(torch.float64)
+        name = rotation_map["global_rotation"]
+        if not isinstance(name, str):
+            raise CheckpointError(f"{self.description_file}: optional.quarot.rotation_map.global_rotation is not a "
+                                  "file name; restore the file")
+        path = model_file(self.path, name, str(self.description_file))
+        with CheckpointReader(path.parent, weights_name=path.name, config={}) as reader:  # checked like weights
+            rotation = reader.get("global_rotation")
+        if rotation.dim() != 2 or rotation.shape[0] != rotation.shape[1]:
+            raise CheckpointError(f"{path}: global_rotation has shape {tuple(rotation.shape)}, not a square matrix; "
+                                  "restore the file")
+        return rotation.to(torch.float64)
 
     def tensor(self, key: str) -> torch.Tensor:
         return self.reader.get(key)
@@ -95,6 +125,10 @@ class QuantizedCheckpoint:
         quant_type = self.description.get(f"{name}.weight")
         present = {s: f"{name}.{s}" for s in ("weight", "bias", "quant_bias", "deq_scale", "input_scale",
                                               "input_offset", "weight_scale") if f"{name}.{s}" in self.reader}
+        missing = [f"{name}.{s}" for s in ("weight", *NEEDED.get(quant_type, ())) if s not in present]
+        if quant_type in NEEDED and missing:
+            raise CheckpointError(f"{self.path} has no tensor {missing[0]}, which its {quant_type} linear {name} "
+                                  "needs; the checkpoint is incomplete: quantize again")
         if quant_type == W8A8:
             return StaticW8A8Linear({s: self.tensor(k) for s, k in present.items()})
         if quant_type == W8A8_DYNAMIC:
@@ -117,6 +151,73 @@ class QuantizedCheckpoint:
             if isinstance(child, nn.Linear):
                 module.set_submodule(name, self.linear(f"{prefix}.{name}"))
         return qvl.materialize(module, self.float_tensor, prefix, self.dtype)
+
+
+def _config_differences(quantized, reference) -> list[str]:
+    """'field: A here, B there' for every architecture field where two configs differ."""
+    pairs = [("text_config", quantized.text_config, reference.text_config, TEXT_FIELDS),
+             ("vision_config", quantized.vision_config, reference.vision_config, VISION_FIELDS),
+             ("", quantized, reference, TOKEN_FIELDS)]
+    return [f"{section + '.' if section else ''}{name} is {getattr(q, name, None)!r} in the quantized checkpoint, "
+            f"{getattr(r, name, None)!r} in the float model"
+            for section, q, r, names in pairs for name in names if getattr(q, name, None) != getattr(r, name, None)]
+
+
+def served_shapes(config, reader: CheckpointReader) -> dict[str, tuple[int, ...]]:
+    """Every weight, norm and embedding the quantized checkpoint of this float model holds, with its shape: the float
+    model's tensors, with each fused expert tensor split into per-expert nn.Linear weights."""
+    tc = config.text_config
+    fused = tuple(CheckpointReader.expert_keys("")[i][1:] for i in (0, 1))
+    shapes = {key: reader.shape(key) for key in reader.keys() if not key.endswith(fused)}
+    for layer_idx in range(tc.num_hidden_layers):
+        if qvl.is_moe_layer(tc, layer_idx):
+            for expert in range(tc.num_experts):
+                shapes[qvl.expert_key(layer_idx, expert, "gate_proj") + ".weight"] = \
+                    (tc.moe_intermediate_size, tc.hidden_size)
+                shapes[qvl.expert_key(layer_idx, expert, "up_proj") + ".weight"] = \
+                    (tc.moe_intermediate_size, tc.hidden_size)
+                shapes[qvl.expert_key(layer_idx, expert, "down_proj") + ".weight"] = \
+                    (tc.hidden_size, tc.moe_intermediate_size)
+    return shapes
+
+
+def check_quantized_matches_float(checkpoint: QuantizedCheckpoint, reader: CheckpointReader, config) -> None:
+    """Refuse, from config.json files and safetensors headers alone, a quantized checkpoint made from another model
+    (other layer count, widths, experts...): compared layer by layer it would still print a table of numbers.
+    Also finds up front a tensor the served model would need and the checkpoint lacks."""
+    quant_config = qvl.load_config(checkpoint.reader.config, str(checkpoint.path / "config.json"))
+    differences = _config_differences(quant_config, config)
+    if differences:
+        more = f" (and {len(differences) - 2} more)" if len(differences) > 2 else ""
+        raise CheckpointError(f"{checkpoint.path} is not a quantization of {reader.model_dir}: "
+                              f"{'; '.join(differences[:2])}{more}; evaluate a checkpoint against the float model it "
+                              "was made from")
+    expected = served_shapes(config, reader)
+    held = set(checkpoint.reader.keys())
+    missing = sorted(set(expected) - held)
+    if missing:
+        raise CheckpointError(f"{checkpoint.path} has no tensor {missing[0]} ({len(missing)} missing), which the float "
+                              f"model {reader.model_dir} has; the checkpoint is incomplete or of another model")
+    wrong = [k for k, shape in expected.items() if checkpoint.reader.shape(k) != shape]
+    if wrong:
+        key = wrong[0]
+        raise CheckpointError(f"tensor {key} in {checkpoint.reader.file_of(key)} has shape "
+                              f"{checkpoint.reader.shape(key)}, but {expected[key]} in the float model "
+                              f"{reader.model_dir}; evaluate a checkpoint against the float model it was made from")
+    allowed = set(expected) | {f"{key[:-len('weight')]}{suffix}" for key in expected if key.endswith(".weight")
+                               for suffix in LINEAR_SUFFIXES}
+    extra = sorted(held - allowed)
+    if extra:
+        raise CheckpointError(f"{checkpoint.path} holds {len(extra)} tensor(s) the float model {reader.model_dir} "
+                              f"has no place for ({', '.join(extra[:3])}); evaluate a checkpoint against the float "
+                              "model it was made from")
+    for key in expected:
+        quant_type = checkpoint.description.get(key)
+        base = key[:-len(".weight")]
+        needed = [f"{base}.{suffix}" for suffix in NEEDED.get(quant_type, ()) if f"{base}.{suffix}" not in held]
+        if needed:
+            raise CheckpointError(f"{checkpoint.path} has no tensor {needed[0]}, which its {quant_type} linear "
+                                  f"{base} needs; the checkpoint is incomplete: quantize again")
 
 
 # --- the two models, piece by piece ---------------------------------------------------------------------------------
@@ -276,9 +377,9 @@ def evaluate(float_path: str, quant_path: str, inputs: list[ModelInputs],
              progress: Callable[[str], None] = lambda name: None) -> EvalReport:
     """Run the float and the served quantized model side by side, layer by layer, and compare them."""
     dtype = torch.float32
-    reader = CheckpointReader(float_path)
-    config = qvl.load_config(reader.config, f"{float_path}/config.json")
+    reader, config = qvl.load_checked(float_path)
     checkpoint = QuantizedCheckpoint(quant_path, dtype)
+    check_quantized_matches_float(checkpoint, reader, config)
     rotary = qvl.build_text_rotary(config)
     reference, served = ModelRun(FloatModel(reader, config, dtype), rotary, inputs), \
         ModelRun(ServedModel(checkpoint, config, dtype), rotary, inputs)

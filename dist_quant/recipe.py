@@ -256,15 +256,29 @@ def parse_recipe(raw: Any, path: Path) -> Recipe:
                   quarot, smooth)
 
 
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """Where and what the YAML error is, in one line: PyYAML's own message quotes the offending lines of the file."""
+    problem = getattr(error, "problem", None) or getattr(error, "context", None) or type(error).__name__
+    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+    where = f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+    problem = " ".join(str(problem).split())
+    return f"{problem[:200]}{where}"
+
+
 def load_recipe(path: Union[str, Path, None] = None) -> Recipe:
     """Load and validate a recipe file (the bundled W8A8 recipe when ``path`` is None)."""
+    from dist_quant.checkpoint.safetensors_stream import read_text  # FIFO-safe; no torch at import time
+
     path = Path(path) if path is not None else DEFAULT_RECIPE
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.safe_load(read_text(path))
     except OSError as exc:
         raise RecipeError(f"cannot read recipe {path}: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:
-        raise RecipeError(f"recipe {path} is not UTF-8 text ({exc}); save it as UTF-8") from None
+        raise RecipeError(f"recipe {path} is not UTF-8 text (invalid byte at offset {exc.start}); save it as "
+                          "UTF-8") from None
     except yaml.YAMLError as exc:
-        raise RecipeError(f"recipe {path} is not valid YAML: {exc}") from None
+        raise RecipeError(f"recipe {path} is not valid YAML: {_yaml_problem(exc)}") from None
+    except RecursionError:
+        raise RecipeError(f"recipe {path} is not a usable recipe: it is nested too deeply to parse") from None
     return parse_recipe(raw, path)

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from dist_quant.errors import CalibrationError
+from dist_quant.checkpoint.safetensors_stream import DuplicateKeyError, open_regular, parse_json, read_text
+from dist_quant.errors import CalibrationError, reason
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 INDEX_SUFFIXES = {".json", ".jsonl"}
@@ -37,59 +38,91 @@ def check_image(where: str, image: Path) -> None:
 
     verify() alone would pass a JPEG cut short; only decoding finds it. The pixel limit is checked before decoding.
     """
-    if not image.is_file():
+    if not os.path.exists(image):
         raise CalibrationError(f"{where}: calibration image {image} does not exist")
     try:
-        with warnings.catch_warnings():
+        file = open_regular(image)  # a FIFO would block PIL's open forever
+    except OSError as e:
+        raise CalibrationError(f"{where}: calibration image {image} cannot be read: {reason(e)}") from None
+    try:
+        with warnings.catch_warnings(), file:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit is lower than PIL's
-            with Image.open(image) as opened:
+            with Image.open(file) as opened:
                 width, height = opened.size
                 if width * height > MAX_IMAGE_PIXELS:
                     raise CalibrationError(f"{where}: calibration image {image} is {width}x{height} pixels, "
                                            f"larger than {TOO_LARGE_HINT}")
                 opened.load()
     except Image.DecompressionBombError as e:
-        raise CalibrationError(f"{where}: calibration image {image} is larger than {TOO_LARGE_HINT}. PIL: {e}") from e
-    except (OSError, SyntaxError, ValueError) as e:
-        raise CalibrationError(f"{where}: calibration image {image} cannot be read as an image: {e}") from e
+        raise CalibrationError(f"{where}: calibration image {image} is larger than {TOO_LARGE_HINT}. PIL: "
+                               f"{reason(e)}") from None
+    except (OSError, SyntaxError, ValueError, RecursionError) as e:
+        raise CalibrationError(f"{where}: calibration image {image} cannot be read as an image: {reason(e)}") \
+            from None
+
+
+def check_inside(where: str, name: str, path: Path, folder: Path) -> None:
+    """A calibration file, symlinks followed, must lie inside the dataset folder: a symlink (or '..') reaching out
+    would calibrate on, and could report about, any file of the machine."""
+    real, root = path.resolve(), folder.resolve()
+    if not real.is_relative_to(root):
+        raise CalibrationError(f"{where}: {name!r} is a symlink to {real}, outside the dataset folder {folder}; "
+                               "copy the file into the dataset folder")
+
+
+def _describe(entry: object) -> str:
+    """What an unusable index entry is, without quoting it (an entry can hold megabytes of text)."""
+    if isinstance(entry, dict):
+        return "an object without an \"image\" string"
+    return {list: "a list", str: "a string", type(None): "null", bool: "a boolean"}.get(type(entry), "a number")
 
 
 def read_index_entries(index: Path) -> list[tuple[str, object]]:
     """Raw entries of an index.json (a JSON list) or index.jsonl (one object a line), each with where it came from."""
     try:
-        content = index.read_text(encoding="utf-8")
+        content = read_text(index)
     except (OSError, UnicodeDecodeError) as e:
-        raise CalibrationError(f"cannot read calibration index {index}: {e}") from e
+        raise CalibrationError(f"cannot read calibration index {index}: {reason(e)}") from None
     if index.suffix == ".jsonl":
         entries = []
         for line_number, line in enumerate(content.splitlines(), start=1):
             if not line.strip():
                 continue
-            try:
-                entries.append((f"{index} line {line_number}", json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise CalibrationError(f"{index} line {line_number} is not valid JSON: {e.msg}") from e
+            entries.append((f"{index} line {line_number}", _parse(f"{index} line {line_number}", line, False)))
         return entries
-    try:
-        data = json.loads(content)
-    except json.JSONDecodeError as e:
-        raise CalibrationError(f"{index} line {e.lineno} is not valid JSON: {e.msg}") from e
+    data = _parse(str(index), content, True)
     if not isinstance(data, list):
         raise CalibrationError(f"{index} must hold a JSON list of {{\"image\": ..., \"text\": ...}} objects")
     return [(f"{index} entry {i}", entry) for i, entry in enumerate(data)]
 
 
+def _parse(where: str, text: str, whole_file: bool) -> object:
+    """One JSON document of an index (the whole file, or one line of a .jsonl); errors say where, never what the
+    text holds."""
+    try:
+        return parse_json(text)
+    except json.JSONDecodeError as e:
+        line = f" line {e.lineno}" if whole_file else ""
+        raise CalibrationError(f"{where}{line} is not valid JSON: {e.msg}") from None
+    except (DuplicateKeyError, RecursionError) as e:
+        raise CalibrationError(f"{where} is not usable JSON: {reason(e)}") from None
+
+
 def sample_from_entry(where: str, entry: object, folder: Path, default_text: str | None) -> CalibSample:
     """Resolve one index entry; image paths must stay inside the index's folder so a dataset is self-contained."""
     if not isinstance(entry, dict) or not isinstance(entry.get("image"), str):
-        raise CalibrationError(f"{where}: expected an object with an \"image\" path, got {entry!r}")
+        raise CalibrationError(f"{where}: expected an object with an \"image\" path, got {_describe(entry)}")
+    name = entry["image"][:200]
     text = entry.get("text", default_text)
     if not isinstance(text, str):
-        raise CalibrationError(f"{where}: no \"text\" string for {entry['image']!r}; add one or pass a default text")
+        raise CalibrationError(f"{where}: no \"text\" string for {name!r}; add one or pass a default text")
     folder = folder.absolute()
+    if "\x00" in entry["image"]:
+        raise CalibrationError(f"{where}: image path {name!r} holds a NUL character")
     image = Path(os.path.normpath(folder / entry["image"]))
     if not image.is_relative_to(folder):
-        raise CalibrationError(f"{where}: image path {entry['image']!r} leaves the dataset folder {folder}")
+        raise CalibrationError(f"{where}: image path {name!r} leaves the dataset folder {folder}")
+    check_inside(where, name, image, folder)
     check_image(where, image)
     return CalibSample(image=image, text=text)
 
@@ -101,7 +134,9 @@ def samples_from_index(index: Path, default_text: str | None) -> list[CalibSampl
 
 def samples_from_image_folder(folder: Path, default_text: str | None) -> list[CalibSample]:
     """Every image of the folder, sorted by name, all with the same text."""
-    images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
+    for image in images:
+        check_inside(f"image folder {folder}", image.name, image, folder)
     if images and default_text is None:
         raise CalibrationError(
             f"image folder {folder} has no index file giving texts; pass a default text or add an index.jsonl"
@@ -120,12 +155,17 @@ def load_samples(dataset: str | Path, default_text: str | None = None) -> list[C
     path = Path(dataset)
     if not path.exists():
         raise CalibrationError(f"calibration dataset {path} does not exist")
+    if not path.is_file() and not path.is_dir():
+        raise CalibrationError(f"calibration dataset {path} is neither a file nor a folder (a FIFO, socket or "
+                               "device): pass an index.json[l] or an image folder")
     if path.is_file():
         if path.suffix not in INDEX_SUFFIXES:
             raise CalibrationError(f"calibration index {path} must be a .json or .jsonl file")
         samples = samples_from_index(path, default_text)
     else:
-        indexes = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in INDEX_SUFFIXES)
+        indexes = sorted(p for p in path.iterdir() if p.suffix in INDEX_SUFFIXES and not p.is_dir())
+        for index in indexes:
+            check_inside(f"calibration folder {path}", index.name, index, path)
         if len(indexes) > 1:
             names = ", ".join(p.name for p in indexes)
             raise CalibrationError(f"calibration folder {path} holds several index files ({names}); keep one")

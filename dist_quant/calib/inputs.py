@@ -7,18 +7,32 @@ directory's own tokenizer, chat template and the slow Qwen2VLImageProcessor.
 
 from __future__ import annotations
 
-import json
+import logging
+import os
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Callable
 
 import torch
 from PIL import Image
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen2VLImageProcessor
 
 from dist_quant.calib.dataset import CalibSample
-from dist_quant.errors import CalibrationError, CheckpointError
+from dist_quant.checkpoint.reader import JSON_FILE_ERRORS, load_json_file, model_file
+from dist_quant.checkpoint.safetensors_stream import open_regular, read_text
+from dist_quant.errors import CalibrationError, CheckpointError, DistQuantError, reason
 
 IMAGE_TOKEN = "<|image_pad|>"
+# Tokens one calibration sample may hold. Its float32 attention mask takes 4*S^2 bytes and every attention layer S^2
+# scores per head, so a 1 MB prompt (~250k tokens) would need hundreds of GB; 4096 tokens (a 64 MB mask) hold an
+# image of about 4 megapixels at Qwen3-VL's 32x32 pixels per token plus a long question. Longer texts are cut.
+DEFAULT_MAX_SAMPLE_TOKENS = 4096
+# Files transformers may open when it loads the tokenizer: each must be a regular file inside the model folder.
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
+                   "preprocessor_config.json", "processor_config.json", "config.json")
+
+log = logging.getLogger("dist_quant")
 
 
 @dataclass
@@ -37,20 +51,53 @@ class ModelInputs:
 
 def chat_template_from_files(model_dir: Path) -> str:
     """Real Qwen3-VL directories may keep the template beside the tokenizer rather than in tokenizer_config.json."""
-    jinja = model_dir / "chat_template.jinja"
-    if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
-    legacy = model_dir / "chat_template.json"
-    if legacy.is_file():
-        return json.loads(legacy.read_text(encoding="utf-8"))["chat_template"]
+    jinja = model_file(model_dir, "chat_template.jinja", "the model folder")
+    if os.path.exists(jinja):
+        try:
+            return read_text(jinja)
+        except (OSError, UnicodeDecodeError) as error:
+            raise CheckpointError(f"cannot read {jinja}: {reason(error)}; restore it from the original model") \
+                from None
+    legacy = model_file(model_dir, "chat_template.json", "the model folder")
+    if os.path.exists(legacy):
+        try:
+            template = load_json_file(legacy)
+        except JSON_FILE_ERRORS as error:
+            raise CheckpointError(f"cannot read {legacy}: {reason(error)}; restore it from the original model") \
+                from None
+        if not isinstance(template, dict) or not isinstance(template.get("chat_template"), str):
+            raise CheckpointError(f"{legacy} has no \"chat_template\" string; restore it from the original model")
+        return template["chat_template"]
     raise CheckpointError(
         f"{model_dir} has no chat template: add one to tokenizer_config.json, chat_template.jinja or chat_template.json"
     )
 
 
+def check_tokenizer_files(model_dir: Path) -> None:
+    """Before transformers opens them: the tokenizer's files are regular files inside the model folder (a FIFO would
+    hang the load, a symlink out of the folder would read some other file)."""
+    for name in TOKENIZER_FILES:
+        path = model_file(model_dir, name, "the model folder")
+        if os.path.lexists(path):
+            try:
+                open_regular(path).close()
+            except OSError as error:
+                raise CheckpointError(f"cannot read {path}: {reason(error)}; restore it from the original model") \
+                    from None
+
+
 def load_tokenizer(model_dir: Path, trust_remote_code: bool) -> PreTrainedTokenizerBase:
-    """The model's own tokenizer, with a chat template guaranteed."""
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    """The model's own tokenizer, with a chat template guaranteed; a corrupt tokenizer file is one error naming the
+    model folder (transformers and the tokenizers library raise anything, down to a bare Exception)."""
+    check_tokenizer_files(model_dir)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    except DistQuantError:
+        raise
+    except Exception as error:  # noqa: BLE001 - third-party parsers of user files: report, never a traceback
+        raise CheckpointError(f"cannot load the tokenizer of {model_dir} ({type(error).__name__}: {reason(error)}); "
+                              "restore its tokenizer files (tokenizer.json, tokenizer_config.json, "
+                              "chat_template.jinja) from the original model") from None
     if tokenizer.chat_template is None:
         tokenizer.chat_template = chat_template_from_files(model_dir)
     return tokenizer
@@ -71,13 +118,24 @@ def load_image_processor(model_dir: Path) -> Qwen2VLImageProcessor:
     transformers 4.57.1's constructor ignores `size=` (it always resets it to the default), and real Qwen3-VL
     directories give their limits only as `size`; min_pixels/max_pixels are honoured by every version.
     """
-    config_path = model_dir / "preprocessor_config.json"
-    if not config_path.is_file():
+    config_path = model_file(model_dir, "preprocessor_config.json", "the model folder")
+    if not os.path.lexists(config_path):
         raise CheckpointError(f"{config_path} is missing: the model directory must ship its image processor config")
-    settings = json.loads(config_path.read_text(encoding="utf-8"))
+    try:
+        settings = load_json_file(config_path)
+    except JSON_FILE_ERRORS as error:
+        raise CheckpointError(f"cannot read {config_path}: {reason(error)}; restore it from the original model") \
+            from None
+    if not isinstance(settings, dict) or not isinstance(settings.get("size") or {}, dict):
+        raise CheckpointError(f"{config_path} does not hold an image processor config (a JSON object); restore it "
+                              "from the original model")
     min_pixels, max_pixels = pixel_limits(settings)
     settings.pop("size", None)
-    return Qwen2VLImageProcessor(**{**settings, "min_pixels": min_pixels, "max_pixels": max_pixels})
+    try:
+        return Qwen2VLImageProcessor(**{**settings, "min_pixels": min_pixels, "max_pixels": max_pixels})
+    except (TypeError, ValueError, KeyError, AttributeError, ArithmeticError) as error:
+        raise CheckpointError(f"{config_path}: the image processor cannot be built from it ({type(error).__name__}: "
+                              f"{reason(error)}); restore it from the original model") from None
 
 
 def render_prompt(tokenizer: PreTrainedTokenizerBase, content: list[dict]) -> str:
@@ -113,34 +171,93 @@ def open_image(sample: CalibSample) -> Image.Image:
         raise CalibrationError(f"calibration image {sample.image} (text {sample.text!r}) cannot be read: {e}") from e
 
 
+def count_tokens(tokenizer: PreTrainedTokenizerBase, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def fit_text(where: str, text: str, tokenizer: PreTrainedTokenizerBase, render: Callable[[str], str],
+             image_tokens: int, max_tokens: int) -> str:
+    """The sample's text, cut at its end so that the whole sample (``render(text)`` with its image pad token, if any,
+    expanded to ``image_tokens``) holds at most ``max_tokens`` tokens; counted on the unexpanded prompt, before any
+    tensor of the sample's length exists. Never cuts image tokens: a sample whose image and template alone exceed
+    the cap is refused."""
+    pads = render("").count(IMAGE_TOKEN)
+    total = count_tokens(tokenizer, render(text)) - pads + image_tokens
+    if total <= max_tokens:
+        return text
+    fixed = count_tokens(tokenizer, render("")) - pads + image_tokens
+    if fixed > max_tokens:
+        raise CalibrationError(
+            f"{where} needs {fixed} tokens without any text ({image_tokens} for its image), more than the "
+            f"{max_tokens} tokens a calibration sample may hold; downscale the image (or lower max_pixels in the "
+            "model's preprocessor_config.json), or raise the cap (--max_sample_tokens)")
+    text_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    keep = max_tokens - fixed
+    while True:  # a cut can merge differently with the template around it: recount, shorten until it fits
+        cut = tokenizer.decode(text_ids[:keep], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        count = count_tokens(tokenizer, render(cut)) - pads + image_tokens
+        if count <= max_tokens or keep == 0:
+            break
+        keep = max(0, keep - (count - max_tokens))
+    log.warning("%s: its text is cut from %d to %d tokens to stay within the %d tokens a calibration sample may "
+                "hold (--max_sample_tokens)", where, total, count, max_tokens)
+    return cut
+
+
 def sample_inputs(
-    sample: CalibSample, tokenizer: PreTrainedTokenizerBase, image_processor: Qwen2VLImageProcessor
+    sample: CalibSample, tokenizer: PreTrainedTokenizerBase, image_processor: Qwen2VLImageProcessor,
+    max_tokens: int = DEFAULT_MAX_SAMPLE_TOKENS,
 ) -> ModelInputs:
-    """Inputs for one image + text sample."""
+    """Inputs for one image + text sample, its text cut to fit ``max_tokens`` (see :func:`fit_text`)."""
     pixels = image_processor(images=[open_image(sample)], return_tensors="pt")
-    prompt = render_prompt(tokenizer, [{"type": "image"}, {"type": "text", "text": sample.text}])
+    image_tokens = int(pixels["image_grid_thw"][0].prod()) // image_processor.merge_size**2
+    def render(text: str) -> str:
+        return render_prompt(tokenizer, [{"type": "image"}, {"type": "text", "text": text}])
+    prompt = render(sample.text)
     if prompt.count(IMAGE_TOKEN) != 1:
         raise CalibrationError(
             f"the prompt for calibration image {sample.image} holds {prompt.count(IMAGE_TOKEN)} {IMAGE_TOKEN} tokens, "
             f"not 1: the chat template must render one per image and the text must not contain {IMAGE_TOKEN}"
         )
+    text = fit_text(f"calibration sample {sample.image}", sample.text, tokenizer, render, image_tokens, max_tokens)
+    if text is not sample.text:
+        prompt = render(text)
     prompt = expand_image_tokens(prompt, pixels["image_grid_thw"], image_processor.merge_size)
     input_ids, attention_mask = tokenize(tokenizer, prompt)
     return ModelInputs(input_ids, attention_mask, pixels["pixel_values"], pixels["image_grid_thw"])
 
 
+def check_max_tokens(max_tokens: object) -> int:
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise CalibrationError(f"the cap on tokens per calibration sample must be a whole number of at least 1, got "
+                               f"{max_tokens!r}")
+    return max_tokens
+
+
 def build_model_inputs(
-    model_dir: str | Path, samples: list[CalibSample], *, trust_remote_code: bool = False
+    model_dir: str | Path, samples: list[CalibSample], *, trust_remote_code: bool = False,
+    max_tokens: int = DEFAULT_MAX_SAMPLE_TOKENS,
 ) -> list[ModelInputs]:
-    """One ModelInputs per sample, made with the model directory's own tokenizer, template and image processor."""
+    """One ModelInputs per sample, made with the model directory's own tokenizer, template and image processor.
+
+    ``max_tokens`` caps the tokens of each sample: longer texts are cut (with a warning on the "dist_quant" logger),
+    a sample whose image alone is longer is refused.
+    """
+    max_tokens = check_max_tokens(max_tokens)
     model_dir = Path(model_dir)
     tokenizer = load_tokenizer(model_dir, trust_remote_code)
     image_processor = load_image_processor(model_dir)
-    return [sample_inputs(sample, tokenizer, image_processor) for sample in samples]
+    return [sample_inputs(sample, tokenizer, image_processor, max_tokens) for sample in samples]
 
 
-def model_inputs_for_text(model_dir: str | Path, text: str, *, trust_remote_code: bool = False) -> ModelInputs:
-    """Inputs for a text-only user turn, rendered with the same chat template as the image samples."""
+def model_inputs_for_text(model_dir: str | Path, text: str, *, trust_remote_code: bool = False,
+                          max_tokens: int = DEFAULT_MAX_SAMPLE_TOKENS) -> ModelInputs:
+    """Inputs for a text-only user turn, rendered with the same chat template as the image samples (and cut to
+    ``max_tokens`` the same way)."""
+    max_tokens = check_max_tokens(max_tokens)
     tokenizer = load_tokenizer(Path(model_dir), trust_remote_code)
-    input_ids, attention_mask = tokenize(tokenizer, render_prompt(tokenizer, [{"type": "text", "text": text}]))
+    def render(t: str) -> str:
+        return render_prompt(tokenizer, [{"type": "text", "text": t}])
+    text = fit_text("text-only calibration prompt", text, tokenizer, render, 0, max_tokens)
+    input_ids, attention_mask = tokenize(tokenizer, render(text))
     return ModelInputs(input_ids, attention_mask)

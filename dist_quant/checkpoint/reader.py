@@ -174,12 +174,14 @@ def read_config(path: Path) -> dict:
 class CheckpointReader:
     """Random access to the tensors of `model.safetensors` or of the shards listed in `model.safetensors.index.json`."""
 
-    def __init__(self, model_dir: str | Path, *, weights_name: str = "model.safetensors"):
+    def __init__(self, model_dir: str | Path, *, weights_name: str = "model.safetensors",
+                 config: Optional[dict] = None):
         """``weights_name``: the single-file name; shards are listed in ``<weights_name>.index.json``
-        (``quant_model_weights.safetensors`` reads a quantized ascendv1 checkpoint)."""
+        (``quant_model_weights.safetensors`` reads a quantized ascendv1 checkpoint). ``config``: for a side file
+        with no config.json beside it (the QuaRot rotation), instead of reading one."""
         self.model_dir = Path(model_dir)
         self._single_name, self._index_name = weights_name, f"{weights_name}.index.json"
-        self.config = read_config(self.model_dir / "config.json")
+        self.config = read_config(self.model_dir / "config.json") if config is None else config
         self.bytes_read = 0
         self._headers: dict[Path, dict[str, TensorSlice]] = {}
         self._fds: dict[Path, int] = {}
