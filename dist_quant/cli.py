@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
+import signal
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -11,6 +13,8 @@ from typing import Optional, Sequence
 from dist_quant.errors import DistQuantError
 from dist_quant.presets import MODEL_TYPES, QUANT_TYPES, find_preset, format_presets
 from dist_quant.recipe import DEFAULT_RECIPE, load_recipe
+from dist_quant.calib.inputs import DEFAULT_MAX_SAMPLE_TOKENS
+from dist_quant.runtime.device import DEFAULT_COMPUTE_THREADS
 from dist_quant.runtime.plan import DEFAULT_CALIB_TOKENS, DEFAULT_EXPERT_GROUP_SIZE
 from dist_quant.runtime.cost import Hardware
 from dist_quant.runtime.timing import format_times
@@ -30,6 +34,28 @@ def _bool(text: str) -> bool:
     if lowered in ("false", "0", "no"):
         return False
     raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+
+
+def _positive_int(text: str) -> int:
+    """Counts and sizes: a whole number of at least 1 (a negative group size once wrote a checkpoint without
+    experts)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {text}")
+    return value
 
 
 def _quant_parser(sub) -> None:
@@ -52,12 +78,18 @@ def _quant_parser(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace the content of a non-empty save_path")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run into the same save_path (same model, recipe and calibration set)")
-    p.add_argument("--workers", type=int, default=1,
+    p.add_argument("--workers", type=_positive_int, default=1,
                    help="Ray actors, one per card (1 without --ray_address: single-card mode, no Ray)")
     p.add_argument("--ray_address", default=None,
                    help="join a running Ray cluster: 'auto' or HOST:PORT (default: start a local runtime)")
-    p.add_argument("--expert_group_size", type=int, default=DEFAULT_EXPERT_GROUP_SIZE,
+    p.add_argument("--expert_group_size", type=_positive_int, default=DEFAULT_EXPERT_GROUP_SIZE,
                    help="experts per unit of work (does not change the checkpoint)")
+    p.add_argument("--compute_threads", type=_positive_int, default=DEFAULT_COMPUTE_THREADS,
+                   help="intra-op threads of every worker process (default %(default)s); the checkpoint is "
+                        "bit-identical for one value whatever ran it, but may differ in the last bit between values")
+    p.add_argument("--max_sample_tokens", type=_positive_int, default=DEFAULT_MAX_SAMPLE_TOKENS,
+                   help="cap on the tokens of one calibration sample (default %(default)s); longer prompts are cut, "
+                        "with a warning")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -73,19 +105,20 @@ def _plan_parser(sub) -> None:
                                    "whether it fits one card.",
                        epilog=PLAN_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_path", required=True, help="model directory (only config.json is read)")
-    p.add_argument("--workers", type=int, default=1, help="number of actors (one per card)")
+    p.add_argument("--workers", type=_positive_int, default=1, help="number of actors (one per card)")
     p.add_argument("--config_path", default=None, help="recipe YAML (for part_file_size)")
-    p.add_argument("--expert_group_size", type=int, default=DEFAULT_EXPERT_GROUP_SIZE, help="experts per unit")
-    p.add_argument("--calib_tokens", type=int, default=DEFAULT_CALIB_TOKENS,
+    p.add_argument("--expert_group_size", type=_positive_int, default=DEFAULT_EXPERT_GROUP_SIZE,
+                   help="experts per unit")
+    p.add_argument("--calib_tokens", type=_positive_int, default=DEFAULT_CALIB_TOKENS,
                    help="calibration tokens assumed for the activation memory estimate")
-    p.add_argument("--card_memory_gb", type=float, default=64, help="memory of one card (Atlas 800I A2: 64)")
+    p.add_argument("--card_memory_gb", type=_positive_float, default=64, help="memory of one card (Atlas 800I A2: 64)")
     hw = Hardware()
-    p.add_argument("--cards_per_node", type=int, default=hw.cards_per_node, help="cards per node (A2: 8, A3: 16)")
-    p.add_argument("--storage_read_gbps", type=float, default=hw.storage_read_gbps,
+    p.add_argument("--cards_per_node", type=_positive_int, default=hw.cards_per_node, help="cards per node (A2: 8, A3: 16)")
+    p.add_argument("--storage_read_gbps", type=_positive_float, default=hw.storage_read_gbps,
                    help="GB/s one node reads the source checkpoint at (for the time projection)")
-    p.add_argument("--storage_write_gbps", type=float, default=hw.storage_write_gbps,
+    p.add_argument("--storage_write_gbps", type=_positive_float, default=hw.storage_write_gbps,
                    help="GB/s one node writes the output at (for the time projection)")
-    p.add_argument("--matmul_tflops", type=float, default=hw.matmul_tflops,
+    p.add_argument("--matmul_tflops", type=_positive_float, default=hw.matmul_tflops,
                    help="float32 matmul TFLOPS of one card (for the time projection)")
 
 
@@ -129,7 +162,7 @@ def _eval_parser(sub) -> None:
     p.add_argument("--dataset", default=None,
                    help="image+text samples (same forms as for quant); default: the recipe's calibration set")
     p.add_argument("--config_path", default=None, help="recipe whose dataset/default_text to use")
-    p.add_argument("--max_samples", type=int, default=None, help="evaluate on the first N samples only")
+    p.add_argument("--max_samples", type=_positive_int, default=None, help="evaluate on the first N samples only")
     p.add_argument("--output", default=None, help="also write the report as JSON to this file")
     p.add_argument("--trust_remote_code", type=_bool, default=False, help="True to allow the model dir's own code")
 
@@ -138,7 +171,7 @@ def _cmd_eval(args) -> int:
     from dist_quant.calib.dataset import load_samples
     from dist_quant.calib.inputs import build_model_inputs
     from dist_quant.evaluate import evaluate
-    from dist_quant.runtime.local import resolve_dataset
+    from dist_quant.runtime.driver import resolve_dataset
 
     recipe = load_recipe(args.config_path or DEFAULT_RECIPE)
     samples = load_samples(resolve_dataset(args.dataset, recipe), recipe.default_text)[:args.max_samples]
@@ -162,11 +195,9 @@ def _human_bytes(n: int) -> str:
 
 def _cmd_quant(args) -> int:
     recipe = load_recipe(args.config_path or find_preset(args.model_type, args.quant_type).recipe)
-    if args.workers < 1:
-        raise DistQuantError(f"--workers must be at least 1, got {args.workers}")
     common = dict(dataset=args.dataset, device=args.device, overwrite=args.overwrite, progress=not args.quiet,
                   trust_remote_code=args.trust_remote_code, expert_group_size=args.expert_group_size,
-                  resume=args.resume)
+                  resume=args.resume, compute_threads=args.compute_threads, max_sample_tokens=args.max_sample_tokens)
     if args.workers == 1 and args.ray_address is None:
         from dist_quant.runtime.local import quantize_single_card
 
@@ -176,6 +207,9 @@ def _cmd_quant(args) -> int:
 
         summary = quantize_distributed(args.model_path, args.save_path, recipe, workers=args.workers,
                                        ray_address=args.ray_address, **common)
+    if summary.already_complete:
+        print(f"{summary.save_path} already holds the finished checkpoint of this run; nothing to do")
+        return 0
     counts = ", ".join(f"{k}: {v}" for k, v in sorted(summary.counts.items()))
     print(f"quantized {args.model_path} -> {summary.save_path}")
     print(f"  time {summary.seconds:.1f} s, {summary.units} units, {summary.tensors} tensors ({counts}), "
@@ -221,15 +255,59 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (Slurm's scancel, a node being drained, ``kill``): handled like Ctrl-C, so the work is kept."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated("SIGTERM")
+
+
+def continue_command(argv: Sequence[str]) -> str:
+    """The exact command that continues an interrupted run: the same arguments, with --resume."""
+    args = list(argv)
+    if "--resume" not in args:
+        args.append("--resume")
+    return shlex.join(["dist-quant", *args])
+
+
+def _interrupted(interrupt: KeyboardInterrupt, argv: Sequence[str]) -> int:
+    from dist_quant.runtime.driver import RunInterrupted
+
+    how = "SIGTERM" if "SIGTERM" in str(interrupt) else "Ctrl-C"
+    if argv and argv[0] == "quant":
+        if isinstance(interrupt, RunInterrupted) and interrupt.kept_units:
+            what = f"{interrupt.kept_units} finished unit(s) are kept in {interrupt.staging}"
+        else:
+            what = "no unit had finished yet, nothing was kept"
+        print(f"dist-quant: interrupted ({how}): {what}; continue with: {continue_command(argv)}", file=sys.stderr)
+    else:
+        print(f"dist-quant: interrupted ({how})", file=sys.stderr)
+    return 143 if how == "SIGTERM" else 130
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if _in_main_thread() else None
     try:
         commands = {"quant": _cmd_quant, "plan": _cmd_plan, "eval": _cmd_eval, "presets": _cmd_presets}
         return commands[args.command](args)
     except DistQuantError as exc:
         print(f"dist-quant: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as interrupt:
+        return _interrupted(interrupt, argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 if __name__ == "__main__":

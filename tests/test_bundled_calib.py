@@ -68,7 +68,7 @@ def test_every_image_has_an_attribution_entry_with_a_licence(samples):
 
 def test_default_recipe_resolves_to_the_bundled_set(tmp_path, monkeypatch):
     from dist_quant.recipe import load_recipe
-    from dist_quant.runtime.local import resolve_dataset
+    from dist_quant.runtime.driver import resolve_dataset
 
     monkeypatch.chdir(tmp_path)  # no calibImages in the working directory to shadow the bundled one
     recipe = load_recipe()

@@ -65,7 +65,7 @@ def test_every_command_has_help_with_an_example(command, capsys):
 
 
 def test_a_recipe_without_dataset_uses_the_bundled_photos(tmp_path):
-    from dist_quant.runtime.local import BUNDLED_DATASETS, resolve_dataset
+    from dist_quant.runtime.driver import BUNDLED_DATASETS, resolve_dataset
 
     text = (Path(__file__).parent / "data" / "plain_w8a8.yaml").read_text()
     assert "dataset" not in text

@@ -1,29 +1,40 @@
-"""--resume: a run killed at a random unit continues and gives exactly the checkpoint of an uninterrupted run;
-resuming with another recipe or calibration set is refused."""
+"""--resume from anywhere: a run killed (SIGKILL, no cleanup) at a seeded point of each phase continues and gives
+exactly the checkpoint of an uninterrupted run, single card and on Ray; it recomputes only what was not kept; it
+starts afresh when nothing had finished and answers at once when the checkpoint was already published; runs with
+another recipe, calibration set or changed weights are refused; journal records cannot name files outside staging."""
 
+import json
 import os
 import random
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+import yaml
+from safetensors import safe_open
 
 from helpers import assert_same_checkpoint, read_checkpoint
 
 from dist_quant.cli import main
+from dist_quant.recipe import DEFAULT_RECIPE, load_recipe
+from dist_quant.runtime.local import quantize_single_card
+from dist_quant.runtime.plan import make_plan
 from dist_quant.synthetic import make_calibration_set, make_tiny_model
 
-JOURNAL = Path(".dist_quant_staging") / "run" / "journal.jsonl"
-GROUP = ["--expert_group_size", "4"]
+STAGING = ".dist_quant_staging"
+JOURNAL = Path(STAGING) / "run" / "journal.jsonl"
+GROUP = ["--expert_group_size", "2"]
+SEED = 20261201
+CLEAN_ENV = {k: v for k, v in os.environ.items() if k != "DIST_QUANT_KILL_AT"}
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    return make_tiny_model(tmp_path_factory.mktemp("resume") / "model", num_layers=8, num_experts=16, top_k=2,
-                           hidden_size=128, moe_intermediate_size=96, num_heads=4, num_kv_heads=2, head_dim=32)
+    """8 experts, top-3, groups of 2 (4 groups): the partial sums' order matters; 3 MoE layers."""
+    return make_tiny_model(tmp_path_factory.mktemp("resume") / "model", num_layers=3, num_experts=8, top_k=3,
+                           hidden_size=128, moe_intermediate_size=96, num_heads=4, num_kv_heads=2, head_dim=32,
+                           deepstack=(0, 1), dtype="bfloat16")
 
 
 @pytest.fixture(scope="module")
@@ -31,82 +42,199 @@ def calib(tmp_path_factory):
     return make_calibration_set(tmp_path_factory.mktemp("resume_calib") / "images", num_images=3)
 
 
-def args(model, calib, save, *extra):
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory):
+    """The bundled recipe (QuaRot + smoothing) with parts of ~200 KB, so that assembly writes several parts."""
+    raw = yaml.safe_load(Path(DEFAULT_RECIPE).read_text())
+    raw["spec"]["save"][0]["part_file_size"] = 0.0002
+    path = tmp_path_factory.mktemp("recipe") / "small_parts.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def args(model, calib, recipe, save, *extra):
     return ["quant", "--model_path", str(model), "--save_path", str(save), "--device", "cpu", "--dataset",
-            str(calib), "--quiet", *GROUP, *extra]
+            str(calib), "--quiet", "--config_path", str(recipe), *GROUP, *extra]
 
 
 @pytest.fixture(scope="module")
-def clean(model, calib, tmp_path_factory):
+def clean(model, calib, recipe, tmp_path_factory):
     save = tmp_path_factory.mktemp("clean") / "q"
-    assert main(args(model, calib, save)) == 0
-    return read_checkpoint(save)
+    summary = quantize_single_card(str(model), str(save), load_recipe(recipe), dataset=str(calib), progress=False,
+                                   expert_group_size=2)
+    return read_checkpoint(save), summary
 
 
-def kill_after_units(cmd: list[str], journal: Path, units: int) -> int:
-    """Run the CLI in a child process and SIGKILL it once ``units`` units are journaled; returns how many were."""
-    log = journal.parent.parent.parent.with_name("child.log")
-    child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(log, "wb"))
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and child.poll() is None:
-        if journal.exists() and len(journal.read_text().splitlines()) - 1 >= units:
-            os.kill(child.pid, signal.SIGKILL)
-            break
-        time.sleep(0.001)
-    child.wait()
-    assert child.returncode == -signal.SIGKILL, f"the run ended before it could be killed: {log.read_text()[-3000:]}"
-    return len(journal.read_text().splitlines()) - 1
+def killed(cmd: list[str], point: str, log: Path) -> None:
+    """Run the CLI in a child that SIGKILLs itself at ``point`` (DIST_QUANT_KILL_AT, see dist_quant/failpoints.py)."""
+    child = subprocess.run([sys.executable, "-m", "dist_quant.cli", *cmd], env={**CLEAN_ENV, "DIST_QUANT_KILL_AT": point},
+                           stdout=subprocess.DEVNULL, stderr=open(log, "wb"), timeout=600)
+    assert child.returncode == -9, f"the run was not killed at {point}: {log.read_text()[-3000:]}"
 
 
-def test_single_card_run_killed_at_a_random_unit_resumes_to_the_same_checkpoint(model, calib, clean, tmp_path):
+def assert_resumed_like_clean(save: Path, clean_checkpoint) -> None:
+    assert_same_checkpoint(save, clean_checkpoint)
+    assert not (save / STAGING).exists() and not (save / ".dist_quant.lock").exists()
+
+
+def nothing_finished_looking(save: Path) -> None:
+    assert not (save / "quant_model_description.json").exists()
+
+
+def units_of(model) -> list[str]:
+    from dist_quant.models.qwen3_vl_moe import load_config
+
+    return [u.id for u in make_plan(load_config(json.loads((model / "config.json").read_text())), 2)]
+
+
+# 2 + 3 * (1 + 4) + 1 = 18 units; kill points in every phase, counts drawn from one seed
+rng = random.Random(SEED)
+SINGLE_CARD_POINTS = {
+    "startup": "startup",
+    "mid-vision": "vision:2",  # after the second image's forward, before the tower is written
+    "mid-layer": f"experts:{rng.randint(3, 20)}",  # inside an expert-group unit (after its N-th expert)
+    "between-units": f"unit:{rng.randint(3, 16)}",
+    "assembly": f"part:{rng.randint(1, 3)}",
+    "publish": f"publish:{rng.randint(1, 5)}",
+}
+
+
+@pytest.mark.parametrize("phase", list(SINGLE_CARD_POINTS))
+def test_single_card_run_killed_anywhere_resumes_to_the_same_checkpoint(model, calib, recipe, clean, tmp_path, phase):
     save = tmp_path / "q"
-    units = random.Random().randint(8, 35)  # of 2 + 8 * (1 + 4) + 1 = 43; layer 0's output is saved after unit 7
-    cmd = [sys.executable, "-m", "dist_quant.cli", *args(model, calib, save)]
-    finished = kill_after_units(cmd, save / JOURNAL, units)
-    assert finished >= units and not (save / "quant_model_description.json").exists()
-    assert main(args(model, calib, save, "--resume")) == 0
-    assert_same_checkpoint(save, clean)
-    log = (save / "quant_run.log").read_text()
-    assert "resuming after layer" in log and "resuming after layer none" not in log
-    assert not (save / ".dist_quant_staging").exists()
+    killed(args(model, calib, recipe, save), SINGLE_CARD_POINTS[phase], tmp_path / "child.log")
+    nothing_finished_looking(save)
+    assert main(args(model, calib, recipe, save, "--resume")) == 0
+    assert_resumed_like_clean(save, clean[0])
 
 
-def test_resume_with_another_recipe_or_calibration_set_is_refused(model, calib, tmp_path, capsys):
+def test_resume_keeps_finished_layers_and_reads_only_the_rest(model, calib, recipe, clean, tmp_path):
+    """Killed after 10 units (vision, embed, layer 0's 5 units, layer 1's attention and 2 groups): layer 0's output
+    was saved, so layers 1-2 and the head run again and nothing else; the bytes read are exactly those units'
+    source tensors (counted from the safetensors header, independently of the reader)."""
     save = tmp_path / "q"
-    kill_after_units([sys.executable, "-m", "dist_quant.cli", *args(model, calib, save)], save / JOURNAL, 5)
+    killed(args(model, calib, recipe, save), "unit:10", tmp_path / "child.log")
+    summary = quantize_single_card(str(model), str(save), load_recipe(recipe), dataset=str(calib), progress=False,
+                                   expert_group_size=2, resume=True)
+    assert_resumed_like_clean(save, clean[0])
+    plan = units_of(model)
+    assert summary.ran_units == plan[7:]
+    with safe_open(model / "model.safetensors", "pt") as f:
+        sizes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    itemsize = 2  # bfloat16
+    nbytes = {k: itemsize * int(__import__("math").prod(shape)) for k, shape in sizes.items()}
+    layers = sum(n for k, n in nbytes.items() if k.startswith(("model.language_model.layers.1.",
+                                                              "model.language_model.layers.2.")))
+    head = nbytes["model.language_model.norm.weight"] + nbytes["lm_head.weight"]
+    rotation_norm_reads = 2 * 4 * nbytes["model.language_model.layers.1.post_attention_layernorm.weight"]
+    assert summary.bytes_read == layers + head + rotation_norm_reads
+    assert summary.bytes_read < 0.8 * clean[1].bytes_read
+
+
+def test_resume_with_nothing_finished_starts_afresh(model, calib, recipe, clean, tmp_path, caplog):
+    save = tmp_path / "q"
+    killed(args(model, calib, recipe, save), "startup", tmp_path / "child.log")
+    assert (save / STAGING).exists()
+    with caplog.at_level("INFO", logger="dist_quant"):
+        assert main(args(model, calib, recipe, save, "--resume")) == 0
+    assert "starting from the beginning" in caplog.text
+    assert_resumed_like_clean(save, clean[0])
+    assert main(args(model, calib, recipe, tmp_path / "never_started", "--resume")) == 0  # no save_path at all
+    assert_resumed_like_clean(tmp_path / "never_started", clean[0])
+
+
+def test_resume_of_a_published_checkpoint_says_it_is_complete(model, calib, recipe, clean, tmp_path, capsys):
+    save = tmp_path / "q"
+    assert main(args(model, calib, recipe, save)) == 0
+    before = {p.name: p.stat().st_mtime_ns for p in save.iterdir()}
+    capsys.readouterr()
+    assert main(args(model, calib, recipe, save, "--resume")) == 0
+    assert "already holds the finished checkpoint" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in save.iterdir()} == before  # nothing touched, no staging left
     other = Path(__file__).parent / "data" / "plain_w8a8.yaml"
-    assert main(args(model, calib, save, "--resume", "--config_path", str(other))) == 2
+    assert main(args(model, calib, other, save, "--resume")) == 2
+    assert "finished checkpoint of another run" in capsys.readouterr().err
+
+
+def test_resume_with_another_recipe_calibration_set_or_changed_weights_is_refused(model, calib, recipe, tmp_path,
+                                                                                   capsys):
+    save = tmp_path / "q"
+    killed(args(model, calib, recipe, save), "unit:5", tmp_path / "child.log")
+    other = Path(__file__).parent / "data" / "plain_w8a8.yaml"
+    assert main(args(model, calib, other, save, "--resume")) == 2
     assert "recipe differ" in capsys.readouterr().err
     other_calib = make_calibration_set(tmp_path / "other", num_images=2, seed=9)
-    assert main(args(model, other_calib, save, "--resume")) == 2
+    assert main(args(model, other_calib, recipe, save, "--resume")) == 2
     assert "calibration differ" in capsys.readouterr().err
-    assert (save / JOURNAL).exists()  # the interrupted run is still there to resume
+    # one tensor's bytes changed in place, same size (a header-only or size-only fingerprint misses this)
+    changed = tmp_path / "changed_model"
+    changed.mkdir()
+    for path in model.iterdir():
+        (changed / path.name).write_bytes(path.read_bytes())
+    save2 = tmp_path / "q2"
+    killed(args(changed, calib, recipe, save2), "unit:5", tmp_path / "child2.log")
+    weights = changed / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01  # the last byte of the last tensor: inside the last sampled block
+    stat = weights.stat()
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # even with its mtime put back
+    assert main(args(changed, calib, recipe, save2, "--resume")) == 2
+    assert "model or weights" in capsys.readouterr().err
+    assert (save / JOURNAL).exists() and (save2 / JOURNAL).exists()  # the interrupted runs are still there
 
 
-def test_resume_without_an_interrupted_run(model, calib, tmp_path, capsys):
-    assert main(args(model, calib, tmp_path / "q", "--resume")) == 2
-    assert "nothing to resume" in capsys.readouterr().err
+def test_journal_records_cannot_name_files_outside_staging(model, calib, recipe, clean, tmp_path):
+    """A record pointing at ../../elsewhere/x.safetensors (with its right size and CRC) is ignored: that unit runs
+    again, the outside file is neither published nor deleted; a stream record likewise."""
+    save = tmp_path / "q"
+    killed(args(model, calib, recipe, save), "unit:12", tmp_path / "child.log")
+    journal = save / JOURNAL
+    lines = journal.read_text().splitlines()
+    victim = json.loads(lines[3])  # the embed unit
+    outside = tmp_path / "elsewhere" / "x.safetensors"
+    outside.parent.mkdir()
+    spill = save / STAGING / "spill" / victim["file"]
+    outside.write_bytes(spill.read_bytes())
+    spill.unlink()
+    lines[3] = json.dumps({**victim, "file": "../../../elsewhere/x.safetensors"})
+    lines.append("{not json")
+    lines.append(json.dumps({"stream": "../../../elsewhere/x.safetensors", "bytes": 1, "crc32": 0}))
+    journal.write_text("\n".join(lines) + "\n")
+    assert main(args(model, calib, recipe, save, "--resume")) == 0
+    assert_resumed_like_clean(save, clean[0])
+    assert outside.exists()
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3})
+    yield cluster
+    import ray
+
+    ray.shutdown()
+    cluster.shutdown()
+
+
+RAY_POINTS = {
+    "startup": "startup",
+    "mid-layer": f"unit:{rng.randint(8, 12)}",  # the driver dies while actors are inside layer 1
+    "assembly": "part:2",
+    "publish": f"publish:{rng.randint(1, 5)}",
+}
 
 
 @pytest.mark.ray
-def test_ray_run_killed_at_a_random_unit_resumes_to_the_same_checkpoint(model, calib, clean, tmp_path):
-    """The driver (with its 2 actors) is killed; a new driver resumes on the same cluster."""
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
-    try:
-        save = tmp_path / "q"
-        ray_args = ["--workers", "2", "--ray_address", cluster.address]
-        units = random.Random().randint(9, 30)  # layer 0's output is saved when layer 1's attention starts
-        kill_after_units([sys.executable, "-m", "dist_quant.cli", *args(model, calib, save, *ray_args)],
-                         save / JOURNAL, units)
-        assert not (save / "quant_model_description.json").exists()
-        assert main(args(model, calib, save, *ray_args, "--resume")) == 0
-        assert_same_checkpoint(save, clean)
-        log = (save / "quant_run.log").read_text()
-        assert "resuming after layer" in log and "resuming after layer none" not in log
-    finally:
-        import ray
-
-        ray.shutdown()
-        cluster.shutdown()
+@pytest.mark.parametrize("phase", list(RAY_POINTS))
+def test_ray_run_killed_anywhere_resumes_to_the_same_checkpoint(model, calib, recipe, clean, cluster, tmp_path,
+                                                                phase):
+    """The driver is killed (its actors die with it); a new driver resumes on the same cluster with 3 workers."""
+    save = tmp_path / "q"
+    killed(args(model, calib, recipe, save, "--workers", "2", "--ray_address", cluster.address), RAY_POINTS[phase],
+           tmp_path / "child.log")
+    nothing_finished_looking(save)
+    assert main(args(model, calib, recipe, save, "--workers", "3", "--ray_address", cluster.address,
+                     "--resume")) == 0
+    assert_resumed_like_clean(save, clean[0])

@@ -46,6 +46,22 @@ def writing(target: str | Path) -> Iterator[None]:
         raise _out_of_space(target, int(code[1])) from error
 
 
+def file_crc32(path: Path) -> int:
+    """CRC-32 of a whole file, read in blocks: how staged files are checked before a resumed run keeps them."""
+    crc = 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(16 * 1024**2), b""):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def is_plain_name(name: str) -> bool:
+    """A file name with no folder part (no "/", "..", or hidden name): records may only name files of their own
+    staging folder, whatever a journal line says."""
+    return bool(name) and name == Path(name).name and name not in (".", "..") and not name.startswith(".") \
+        and "\\" not in name and "\0" not in name
+
+
 def _out_of_space(target: str | Path, code: int) -> OutputError:
     return OutputError(
         f"cannot write {target}: {os.strerror(code)} (the disk, a quota or the file size limit is full); free "

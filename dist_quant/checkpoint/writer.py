@@ -3,7 +3,8 @@
 Tensors spill into small numbered files inside a staging folder, so memory holds a few layers, never a whole part;
 publish() then assembles the parts by copying byte ranges out of the spill files. Nothing lands in save_path until
 publish(), and quant_model_description.json lands last: a crashed run never leaves a folder that looks like a
-finished checkpoint.
+finished checkpoint. The writer holds save_path's lock (one run per folder) and removes only what a checkpoint
+consists of.
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from dist_quant import failpoints
 from dist_quant.checkpoint.reader import read_config
+from dist_quant.checkpoint.save_lock import LOCK_FILE, SaveLock
 from dist_quant.checkpoint.safetensors_stream import TensorSlice, tensor_slices, write_concatenated
 from dist_quant.checkpoint.unit_file import QUANT_TYPES as QUANT_TYPE_PRIORITY
-from dist_quant.checkpoint.unit_file import UnitRecord, UnitSink, writing
+from dist_quant.checkpoint.unit_file import UnitRecord, UnitSink, file_crc32, is_plain_name, writing
 from dist_quant.errors import OutputError
 
 logger = logging.getLogger(__name__)
@@ -35,7 +38,13 @@ WEIGHTS_PREFIX = "quant_model_weights"
 SINGLE_WEIGHTS_FILE = f"{WEIGHTS_PREFIX}.safetensors"
 INDEX_FILE = f"{WEIGHTS_PREFIX}.safetensors.index.json"
 DESCRIPTION_FILE = "quant_model_description.json"
+OPTIONAL_DIR = "optional"
+DESCRIPTION_FIELDS = ("version", "model_quant_type", "metadata", "group_size", "optional")
 COPIED_SUFFIXES = (".json", ".py", ".txt", ".jinja")
+RUN_SUFFIXES = (".yaml", ".yml", ".log")  # the recipe and the run log published next to the checkpoint
+LAYOUT_FILE = "layout.json"  # private: the parts and the byte ranges they are made of
+PARTS_FILE = "parts.jsonl"  # private: each finished part with its size and CRC-32
+MOVE_FILE = "move.json"  # private: the files to move into save_path, written once all of them are finished
 GB = 1024**3  # msModelSlim's part_file_size unit
 MiB = 1024**2
 
@@ -90,13 +99,19 @@ def _layout_parts(slices: list[TensorSlice], part_bytes: int) -> Iterator[list[T
         yield part
 
 
-PartWriter = Callable[[list[tuple[Path, list[TensorSlice]]]], None]
+PartWriter = Callable[[list[tuple[Path, list[TensorSlice]]]], list[int]]
 
 
-def _write_parts_here(batch: list[tuple[Path, list[TensorSlice]]]) -> None:
-    for path, part in batch:
-        with writing(path):
-            write_concatenated(path, part)
+def write_part(path: Path, part: list[TensorSlice]) -> int:
+    """One part file from byte ranges of unit files; returns its CRC-32 (read back while it is in the page cache),
+    which a resumed run checks before it keeps the part."""
+    with writing(path):
+        write_concatenated(path, part)
+    return file_crc32(path)
+
+
+def _write_parts_here(batch: list[tuple[Path, list[TensorSlice]]]) -> list[int]:
+    return [write_part(path, part) for path, part in batch]
 
 
 def _copy(source: Path, target: Path) -> None:
@@ -104,8 +119,41 @@ def _copy(source: Path, target: Path) -> None:
         shutil.copy2(source, target)
 
 
+def _is_checkpoint_entry(path: Path) -> bool:
+    """What a checkpoint written here (or by msModelSlim) consists of: the only things --overwrite may delete."""
+    name = path.name
+    if path.is_symlink() or (name.startswith(".") and name not in (STAGING_DIR, LOCK_FILE)):
+        return False
+    if path.is_dir():
+        return name == STAGING_DIR or (name == OPTIONAL_DIR and all(
+            p.is_file() and not p.is_symlink() and p.suffix == ".safetensors" for p in path.iterdir()))
+    return (name == LOCK_FILE or name.startswith(WEIGHTS_PREFIX) or name == DESCRIPTION_FILE
+            or path.suffix in COPIED_SUFFIXES + RUN_SUFFIXES)
+
+
+def _missing_ancestors(path: Path) -> list[Path]:
+    """The folders mkdir(parents=True) would create for ``path``, deepest first."""
+    missing = []
+    while not path.exists() and not path.is_symlink() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def _check_apart(save_path: Path, folder: Path, what: str) -> None:
+    target, other = save_path.resolve(), folder.resolve()
+    if _is_within(target, other) or _is_within(other, target):
+        raise OutputError(f"save path {save_path} and the {what} {folder} overlap: writing there would mix the "
+                          f"quantized files with (or delete) the {what}; choose a separate folder")
+
+
 class CheckpointWriter:
-    """Collects (key, tensor, quant type) triples and publishes them as one ascendv1 checkpoint in save_path."""
+    """Collects unit files and publishes them as one ascendv1 checkpoint in save_path, holding save_path's lock.
+
+    Publishing is recoverable: the part layout, each finished part (size, CRC-32) and the list of files to move are
+    recorded in the private folder before they are acted on, so a run killed while assembling or moving is finished
+    by ``resume_publish()`` / ``publish()`` on the next attempt.
+    """
 
     def __init__(
         self,
@@ -115,63 +163,101 @@ class CheckpointWriter:
         spill_bytes: int = 256 * MiB,
         overwrite: bool = False,
         model_path: str | Path | None = None,
+        protected: Iterable[tuple[str | Path, str]] = (),
         resume: bool = False,
     ):
-        """spill_bytes bounds the tensors held in memory: past it, add() writes them to a spill file in staging.
-        resume keeps the staging folder of an interrupted run (the caller adds its unit files again)."""
+        """spill_bytes bounds the tensors held in memory by add(). ``protected``: (folder, what) pairs, such as the
+        calibration set, that save_path must neither be, hold nor lie inside (the model folder always is one).
+        ``resume`` keeps the staging folder of an interrupted run when it holds one (``self.resuming``)."""
         self.save_path = Path(save_path)
         if part_file_size_gb < 0:
             raise ValueError(f"part_file_size_gb must be >= 0 (0 writes a single file), got {part_file_size_gb}")
-        if model_path is not None:
-            target, source = self.save_path.resolve(), Path(model_path).resolve()
-            if _is_within(target, source) or _is_within(source, target):
-                raise OutputError(
-                    f"save path {self.save_path} and model path {model_path} overlap: writing there would mix the "
-                    "quantized files with (or delete) the float model; choose a separate folder"
-                )
+        folders = ([(model_path, "model path")] if model_path is not None else []) + list(protected)
+        for folder, what in folders:
+            _check_apart(self.save_path, Path(folder), what)
+        if self.save_path.is_symlink() and not self.save_path.exists():
+            raise OutputError(f"save path {self.save_path} is a symbolic link to {os.readlink(self.save_path)}, "
+                              "which does not exist; remove the link or choose another path")
         if self.save_path.exists() and not self.save_path.is_dir():
             raise OutputError(f"save path {self.save_path} exists and is not a folder; choose another path")
-        self.staging = self.save_path / STAGING_DIR
-        if self.save_path.exists():
-            existing = sorted(p.name for p in self.save_path.iterdir() if p.name != STAGING_DIR)
-            if existing and not overwrite:
-                raise OutputError(
-                    f"save path {self.save_path} is not empty (holds {existing[:5]}); choose an empty folder or "
-                    "pass --overwrite to replace its content"
-                )
+        self._created = _missing_ancestors(self.save_path)
+        try:
+            self.save_path.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise OutputError(f"cannot create save path {self.save_path}: {error.strerror}; choose a folder you can "
+                              "write to") from None
         self.overwrite = overwrite
-        if not resume:
-            shutil.rmtree(self.staging, ignore_errors=True)  # left over by a run that crashed
+        self.lock: Optional[SaveLock] = None
+        self.staging = self.save_path / STAGING_DIR
         self.spill_dir = self.staging / SPILL_DIR
         self.private_dir = self.staging / PRIVATE_DIR  # the run's own bookkeeping (resume journal...): never published
-        with writing(self.spill_dir):
-            self.spill_dir.mkdir(parents=True, exist_ok=resume)
-            self.private_dir.mkdir(exist_ok=resume)
+        try:
+            self.lock = SaveLock(self.save_path)
+        except BaseException:
+            self._remove_created()
+            raise
+        try:
+            self.resuming = resume and self.private_dir.is_dir() and any(self.private_dir.iterdir())
+            self.published = (self.save_path / DESCRIPTION_FILE).exists() and not self.resuming
+            if not self.resuming and not (resume and self.published):
+                self._check_save_path_content()
+                shutil.rmtree(self.staging, ignore_errors=True)  # left over by a run that crashed
+            if not (resume and self.published):
+                with writing(self.spill_dir):
+                    self.spill_dir.mkdir(parents=True, exist_ok=True)
+                    self.private_dir.mkdir(exist_ok=True)
+        except PermissionError as error:
+            self.close()
+            raise OutputError(f"cannot write into save path {self.save_path}: {error.strerror}; choose a folder "
+                              "you can write to") from None
+        except BaseException:
+            self.close()
+            raise
 
         self._part_bytes = int(part_file_size_gb * GB)
         self._spill_bytes = spill_bytes
         self._quant_types: dict[str, str] = {}
+        self._records: list[UnitRecord] = []
         self._sink = UnitSink(self.spill_dir)
         self._spill_count = 0
-        self._spilled: list[TensorSlice] = []  # every tensor written to a spill file, in insertion order
         self._total_bytes = 0
         self._optional_files: list[str] = []
         self._optional_description: dict | None = None
 
+    def _check_save_path_content(self) -> None:
+        existing = sorted(p for p in self.save_path.iterdir() if p.name not in (STAGING_DIR, LOCK_FILE))
+        if not existing:
+            return
+        if not self.overwrite:
+            raise OutputError(
+                f"save path {self.save_path} is not empty (holds {[p.name for p in existing[:5]]}); choose an empty "
+                "folder or pass --overwrite to replace the checkpoint it holds"
+            )
+        foreign = [p.name for p in existing if not _is_checkpoint_entry(p)]
+        if not (self.save_path / DESCRIPTION_FILE).exists() and not (self.staging).exists():
+            foreign = [p.name for p in existing]
+        if foreign:
+            raise OutputError(
+                f"save path {self.save_path} holds files that are not part of a quantized checkpoint ({foreign[:10]}"
+                f"{' ...' if len(foreign) > 10 else ''}); --overwrite only replaces a checkpoint: move them away or "
+                "choose another folder"
+            )
+
+    # --- collecting ---------------------------------------------------------------------------------------------
+
     def add_unit(self, record: UnitRecord) -> None:
         """Register a unit file written by a worker; the parts list units in the order they are added."""
+        if not is_plain_name(record.file):
+            raise OutputError(f"unit {record.unit_id} names the file {record.file!r}, which is not a file of the "
+                              f"staging folder {self.spill_dir}")
         path = self.spill_dir / record.file
         if record.payload is not None:  # the worker's disk is not ours: its file came through the object store
             with writing(path):
                 path.write_bytes(record.payload)
-        if not path.is_file() or path.stat().st_size != record.file_bytes:
-            raise OutputError(f"unit file {path} of unit {record.unit_id} is missing or incomplete; is save_path on a "
-                              "filesystem every worker node shares?")
         clash = [key for key in record.keys if key in self._quant_types]
         if clash:
             raise ValueError(f"unit {record.unit_id} repeats tensors already added: {clash[:5]}")
-        slices = tensor_slices(path)
-        self._spilled.extend(slices[key] for key in record.keys)  # the file's own data order sorts by dtype
+        self._records.append(record)
         self._quant_types.update(zip(record.keys, record.quant_types))
         self._total_bytes += record.nbytes
 
@@ -203,6 +289,19 @@ class CheckpointWriter:
         """The description's "optional" field, which tells vLLM where side files such as the QuaRot rotation live."""
         self._optional_description = optional
 
+    # --- publishing ---------------------------------------------------------------------------------------------
+
+    @property
+    def assembling(self) -> bool:
+        """An interrupted run got as far as assembling the parts: every unit had finished (its spill files may be
+        gone since)."""
+        return (self.private_dir / LAYOUT_FILE).exists()
+
+    @property
+    def moving(self) -> bool:
+        """An interrupted run had finished every file and was moving them into save_path."""
+        return (self.private_dir / MOVE_FILE).exists()
+
     def publish(
         self,
         source_model_dir: str | Path,
@@ -214,9 +313,11 @@ class CheckpointWriter:
     ) -> dict:
         """Finish every file in staging, then move them into save_path, the description last.
 
-        ``write_parts`` writes a batch of ``parallel_parts`` parts at once (the Ray driver hands them to its actors);
-        by default this process writes them one by one.
+        ``write_parts`` writes a batch of ``parallel_parts`` parts at once and returns their CRC-32s (the Ray driver
+        hands them to its actors); by default this process writes them one by one.
         """
+        if self.moving:
+            return self.resume_publish()
         self.flush()
         if not self._quant_types:
             raise OutputError(f"no tensors were added for {self.save_path}; nothing to publish")
@@ -236,43 +337,113 @@ class CheckpointWriter:
         if self._optional_description is not None:
             description["optional"] = self._optional_description
         _write_json(self.staging / DESCRIPTION_FILE, description)
+        if self.overwrite:
+            self._remove_old_checkpoint()
+        moves = sorted((p.name for p in self.staging.iterdir() if p.name not in (SPILL_DIR, PRIVATE_DIR)),
+                       key=lambda name: (name == DESCRIPTION_FILE, name))
+        _write_json(self.private_dir / MOVE_FILE, {"files": moves})  # from here on, a resumed run only moves
+        return self.resume_publish()
 
-        files = sorted(str(p.relative_to(self.staging)) for p in self.staging.rglob("*") if p.is_file())
-        self._move_into_place()
-        logger.info(
-            "published %d tensors (%.2f GB) to %s", len(self._quant_types), self._total_bytes / GB, self.save_path
-        )
-        return {
-            "tensors": len(self._quant_types),
-            "bytes": self._total_bytes,
-            "counts": dict(Counter(self._quant_types.values())),
-            "files": files,
-        }
+    def resume_publish(self) -> dict:
+        """Move the finished files into save_path (those an interrupted run had not moved yet), the description last,
+        then drop the staging folder and the lock."""
+        moves = json.loads((self.private_dir / MOVE_FILE).read_text())["files"]
+        if not all(isinstance(name, str) and is_plain_name(name) for name in moves) or moves[-1] != DESCRIPTION_FILE:
+            raise OutputError(f"{self.private_dir / MOVE_FILE} is corrupt; rerun without --resume, with --overwrite")
+        for name in moves:
+            if (self.staging / name).exists():
+                os.replace(self.staging / name, self.save_path / name)
+                failpoints.reach("publish")
+            elif not (self.save_path / name).exists():
+                raise OutputError(f"{name} is neither in {self.staging} nor in {self.save_path}: the interrupted "
+                                  "run cannot be finished; rerun without --resume, with --overwrite")
+        shutil.rmtree(self.private_dir, ignore_errors=True)
+        shutil.rmtree(self.staging, ignore_errors=True)
+        self.lock.release()
+        description = json.loads((self.save_path / DESCRIPTION_FILE).read_text())
+        index = json.loads((self.save_path / INDEX_FILE).read_text())
+        types = {k: v for k, v in description.items() if k not in DESCRIPTION_FIELDS}
+        logger.info("published %d tensors (%.2f GB) to %s", len(types), index["metadata"]["total_size"] / GB,
+                    self.save_path)
+        files = sorted(str(p.relative_to(self.save_path)) for name in moves
+                       for p in [self.save_path / name, *(self.save_path / name).rglob("*")] if p.is_file())
+        return {"tensors": len(types), "bytes": index["metadata"]["total_size"], "counts": dict(Counter(types.values())),
+                "files": files}
 
-    def _write_parts(self, write_batch: PartWriter, batch_size: int) -> None:
-        """Assemble the parts (HF shard names) from the spill files, a batch at a time, deleting each spill file once
-        all of it is copied, so the disk holds little more than one batch of parts twice; then write the index."""
-        parts = list(_layout_parts(self._spilled, self._part_bytes))
+    def _layout(self) -> list[tuple[str, list[TensorSlice]]]:
+        """The parts (name, slices in order): computed from the unit files once, then saved, so that a resumed
+        assembly writes exactly the same parts even after some unit files were deleted."""
+        saved = self.private_dir / LAYOUT_FILE
+        if saved.exists():
+            layout = [(name, [TensorSlice(key, self.spill_dir / file, dtype, tuple(shape), begin, end)
+                              for key, file, dtype, shape, begin, end in part])
+                      for name, part in json.loads(saved.read_text())["parts"]]
+            keys = [t.key for _, part in layout for t in part]
+            files = {t.source.name for _, part in layout for t in part}
+            if keys != [k for r in self._records for k in r.keys] or not all(map(is_plain_name, files)):
+                raise OutputError(f"{saved} does not match the finished units; rerun without --resume, with "
+                                  "--overwrite")
+            return layout
+        slices = []
+        for record in self._records:
+            path = self.spill_dir / record.file
+            if not path.is_file() or path.stat().st_size != record.file_bytes:
+                raise OutputError(f"unit file {path} of unit {record.unit_id} is missing or incomplete; is save_path "
+                                  "on a filesystem every worker node shares?")
+            in_file = tensor_slices(path)
+            slices.extend(in_file[key] for key in record.keys)  # the file's own data order sorts by dtype
+        parts = list(_layout_parts(slices, self._part_bytes))
         count = len(parts)
         if self._part_bytes == 0:
             names = [SINGLE_WEIGHTS_FILE]
         else:
             names = [f"{WEIGHTS_PREFIX}-{k:05d}-of-{count:05d}.safetensors" for k in range(1, count + 1)]
-        uncopied = Counter(tensor.source for tensor in self._spilled)
-        weight_map = {}
-        jobs = [(self.staging / name, part) for name, part in zip(names, parts)]
-        for first in range(0, count, batch_size):
+        layout = list(zip(names, parts))
+        _write_json(saved, {"parts": [(name, [(t.key, t.source.name, t.dtype, list(t.shape), t.begin, t.end)
+                                               for t in part]) for name, part in layout]})
+        return layout
+
+    def _finished_parts(self) -> dict[str, tuple[int, int]]:
+        path = self.private_dir / PARTS_FILE
+        lines = path.read_text().splitlines() if path.exists() else []
+        done = {}
+        for line in lines:
+            try:
+                entry = json.loads(line)
+                done[entry["part"]] = (int(entry["bytes"]), int(entry["crc32"]))
+            except (ValueError, KeyError, TypeError):
+                continue  # the last line of a run killed while writing it
+        return {name: size_crc for name, size_crc in done.items() if is_plain_name(name)
+                and (self.staging / name).is_file() and (self.staging / name).stat().st_size == size_crc[0]
+                and file_crc32(self.staging / name) == size_crc[1]}
+
+    def _write_parts(self, write_batch: PartWriter, batch_size: int) -> None:
+        """Assemble the parts (HF shard names) from the unit files, a batch at a time, deleting each unit file once
+        all of it is copied (and its parts recorded), so the disk holds little more than one batch of parts twice;
+        then write the index. Parts an interrupted run finished are kept."""
+        layout = self._layout()
+        done = self._finished_parts()
+        needed = Counter(t.source for name, part in layout if name not in done for t in part)
+        for spill in {t.source for _, part in layout for t in part} - set(needed):
+            spill.unlink(missing_ok=True)
+        jobs = [(self.staging / name, part) for name, part in layout if name not in done]
+        for first in range(0, len(jobs), batch_size):
             batch = jobs[first:first + batch_size]
-            write_batch(batch)
-            for path, part in batch:
-                path.chmod(0o644)
-                logger.info("wrote part %s (%.2f GB)", path.name, path.stat().st_size / GB)
-                weight_map.update({tensor.key: path.name for tensor in part})
-                uncopied.subtract(tensor.source for tensor in part)
-            for spill in [spill for spill, left in uncopied.items() if left == 0]:
-                spill.unlink()
-                del uncopied[spill]
-        self.spill_dir.rmdir()
+            crcs = write_batch(batch)
+            with open(self.private_dir / PARTS_FILE, "a", encoding="utf-8") as record:
+                for (path, part), crc in zip(batch, crcs):
+                    path.chmod(0o644)
+                    logger.info("wrote part %s (%.2f GB)", path.name, path.stat().st_size / GB)
+                    record.write(json.dumps({"part": path.name, "bytes": path.stat().st_size, "crc32": crc}) + "\n")
+                record.flush()
+                os.fsync(record.fileno())
+            failpoints.reach("part")
+            needed.subtract(t.source for _, part in batch for t in part)
+            for spill in [spill for spill, left in needed.items() if left == 0]:
+                spill.unlink(missing_ok=True)
+                del needed[spill]
+        shutil.rmtree(self.spill_dir, ignore_errors=True)
+        weight_map = {t.key: name for name, part in layout for t in part}
         index = {"metadata": {"total_size": self._total_bytes}, "weight_map": weight_map}
         _write_json(self.staging / INDEX_FILE, index)
 
@@ -295,23 +466,39 @@ class CheckpointWriter:
             ):
                 _copy(path, self.staging / path.name)
 
-    def _move_into_place(self) -> None:
-        if self.overwrite:  # the old description goes first, so the old checkpoint stops looking finished
-            old = sorted(
-                (p for p in self.save_path.iterdir() if p.name != STAGING_DIR), key=lambda p: p.name != DESCRIPTION_FILE
-            )
-            for path in old:
-                if path.is_dir() and not path.is_symlink():
-                    shutil.rmtree(path)
-                else:
-                    path.unlink()
-        shutil.rmtree(self.private_dir, ignore_errors=True)
-        staged = sorted(self.staging.iterdir(), key=lambda p: p.name == DESCRIPTION_FILE)
-        for path in staged:
-            os.replace(path, self.save_path / path.name)
-        self.staging.rmdir()
+    def _remove_old_checkpoint(self) -> None:
+        """--overwrite: the old checkpoint's files (and nothing else: checked when the run started) go, the old
+        description first, so the old checkpoint stops looking finished."""
+        old = sorted((p for p in self.save_path.iterdir() if p.name not in (STAGING_DIR, LOCK_FILE)),
+                     key=lambda p: p.name != DESCRIPTION_FILE)
+        foreign = [p.name for p in old if not _is_checkpoint_entry(p)]
+        if foreign:
+            raise OutputError(f"save path {self.save_path} now holds files that are not part of a checkpoint "
+                              f"({foreign[:10]}); nothing was replaced: move them away and rerun with --resume")
+        for path in old:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+
+    def _remove_created(self) -> None:
+        """Folders this writer created, when they are still empty: a failed start leaves no debris."""
+        for folder in self._created:
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+
+    def close(self) -> None:
+        """Give up save_path without publishing (what was staged stays for a --resume)."""
+        if self.lock is not None:
+            self.lock.release()
+        if not any(p.is_file() for p in self.staging.rglob("*")):
+            shutil.rmtree(self.staging, ignore_errors=True)
+        self._remove_created()
 
     def abort(self) -> None:
         """Drop everything written so far; save_path keeps whatever it held before."""
         self._sink = UnitSink(self.spill_dir)
         shutil.rmtree(self.staging, ignore_errors=True)
+        self.close()

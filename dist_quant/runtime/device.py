@@ -9,6 +9,19 @@ import torch
 from dist_quant.errors import DistQuantError
 
 DEVICES = ("cpu", "cuda", "npu")
+DEFAULT_COMPUTE_THREADS = 1
+
+
+def set_compute_threads(threads: int) -> None:
+    """Every process of a run computes with the same number of intra-op threads (``--compute_threads``).
+
+    Multi-threaded float reductions and GEMMs split their work by the thread count and round differently for each
+    split, so two processes with different counts (a 2-core single-card run, 1-CPU Ray actors) would write
+    checkpoints that differ by an LSB here and there. One count everywhere makes the checkpoint bit-identical
+    whatever ran it; the count is part of the resume fingerprint. One thread is the default: the worker's second
+    core goes to its prefetch thread, and on an NPU the heavy math runs on the card anyway.
+    """
+    torch.set_num_threads(threads)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -1,11 +1,18 @@
 """Resuming an interrupted run: a journal of finished units and the calibration stream at layer boundaries.
 
-Everything lives in the writer's private folder inside the staging folder (never published). The journal's first line fingerprints the run (model, recipe, calibration
-inputs, expert group size); each further line records one finished unit file with its size and CRC-32. After each
-layer the float hidden states entering the next layer are saved (the previous layer's file is then dropped), and the
-vision tower's outputs once. A resumed run checks the fingerprint, keeps the unit files that still match their
-record, restarts the sweep at the first layer whose input was saved, and recomputes only what follows; since every
-unit is deterministic, the checkpoint is the same as an uninterrupted run's.
+Everything lives in the writer's private folder inside the staging folder (never published). The journal's first
+line fingerprints the run (model, recipe, calibration inputs, expert group size, compute threads, versions); each
+further line records one finished unit file, or one saved stream file, with its size and CRC-32. After each layer
+the float hidden states entering the next layer are saved (the previous layer's file is then dropped), and the
+vision tower's outputs once. A resumed run checks the fingerprint, keeps the files that still match their record
+(and only files of the staging folder, whatever a record names), restarts the sweep at the first layer whose input
+was saved, and recomputes only what follows; since every unit is deterministic, the checkpoint is the same as an
+uninterrupted run's.
+
+What the fingerprint sees of the source weights without reading them: each weights file's name, size, modification
+time and header, and SAMPLE_BLOCKS blocks spread over its data. A changed header, size or mtime (any copy, download
+or editor that rewrites a file) or bytes changed inside a sampled block are detected; an in-place change of the same
+size elsewhere whose mtime was put back is not.
 """
 
 from __future__ import annotations
@@ -20,17 +27,19 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from dist_quant import __version__
 from dist_quant.calib.inputs import ModelInputs
-from dist_quant.checkpoint.unit_file import UnitRecord
+from dist_quant.checkpoint.unit_file import UnitRecord, file_crc32, is_plain_name
 from dist_quant.errors import OutputError
 from dist_quant.runtime.plan import Unit
 
 JOURNAL = "journal.jsonl"
 STREAM_DIR = "stream"
 VISION_FILE = "vision.safetensors"
+SAMPLE_BLOCKS = 16
+SAMPLE_BYTES = 64 * 1024
 
 
 def _sha256(*chunks: bytes) -> str:
@@ -40,63 +49,101 @@ def _sha256(*chunks: bytes) -> str:
     return digest.hexdigest()
 
 
-def fingerprint(model_path: str | Path, recipe_path: Path, inputs: list[ModelInputs], expert_group_size: int) -> dict:
-    """What must not change between an interrupted run and its resumption (no weights are hashed: too big; their
-    files' names and sizes are)."""
+def weights_fingerprint(model: Path) -> str:
+    """Names, sizes, mtimes, headers and sampled data blocks of the model's weights files (see the module text)."""
+    digest = hashlib.sha256()
+    for path in sorted(model.glob("*.safetensors")) + sorted(model.glob("*.safetensors.index.json")):
+        stat = path.stat()
+        digest.update(json.dumps([path.name, stat.st_size, stat.st_mtime_ns]).encode())
+        with open(path, "rb") as f:
+            header_length = int.from_bytes(f.read(8), "little")
+            digest.update(f.read(min(header_length, stat.st_size)))
+            step = max(stat.st_size // SAMPLE_BLOCKS, 1)
+            for position in range(0, stat.st_size, step)[:SAMPLE_BLOCKS]:
+                digest.update(os.pread(f.fileno(), SAMPLE_BYTES, position))
+            digest.update(os.pread(f.fileno(), SAMPLE_BYTES, max(stat.st_size - SAMPLE_BYTES, 0)))
+    return digest.hexdigest()
+
+
+def fingerprint(model_path: str | Path, recipe_path: Path, inputs: list[ModelInputs], expert_group_size: int,
+                compute_threads: int, device: str) -> dict:
+    """What must not change between an interrupted run and its resumption: anything that changes a bit of the
+    checkpoint (the thread count does: float reductions round differently with other splits)."""
     model = Path(model_path)
-    weights = sorted((p.name, p.stat().st_size) for p in model.glob("*.safetensors"))
     tensors = [t for s in inputs for t in (s.input_ids, s.pixel_values, s.image_grid_thw) if t is not None]
     return {
-        "model": _sha256((model / "config.json").read_bytes(), json.dumps(weights).encode()),
+        "model": _sha256((model / "config.json").read_bytes(), weights_fingerprint(model).encode()),
         "recipe": _sha256(recipe_path.read_bytes()),
         "calibration": _sha256(*(t.contiguous().numpy().tobytes() for t in tensors)),
         "expert_group_size": expert_group_size,
+        "compute_threads": compute_threads,
+        "device": device,
         "dist_quant": __version__,
+        "torch": torch.__version__,
     }
 
 
-def file_crc32(path: Path) -> int:
-    crc = 0
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(16 * 1024**2), b""):
-            crc = zlib.crc32(block, crc)
-    return crc
+@dataclass(frozen=True)
+class StreamRecord:
+    """A saved calibration-stream file (vision outputs, or a layer's output) with its size and CRC-32."""
+
+    stream: str  # file name inside the stream folder
+    bytes: int
+    crc32: int
 
 
 class Journal:
     """Finished units of this run, appended as they finish and fsync'd, so a killed driver loses none."""
 
-    def __init__(self, staging: Path, run: dict, resume: bool):
-        self.path = staging / JOURNAL
+    def __init__(self, private_dir: Path, run: dict, resume: bool):
+        self.path = private_dir / JOURNAL
         self.finished: dict[str, UnitRecord] = {}
+        self.streams: dict[str, StreamRecord] = {}
         self.expert_tokens: dict[int, list[int]] = {}  # per MoE layer, from its attention unit
-        if resume:
+        if resume and self.path.exists():
             self._load(run)
         else:
+            self.path.unlink(missing_ok=True)
             self._append(run)
 
     def _load(self, run: dict) -> None:
-        if not self.path.exists():
-            raise OutputError(f"nothing to resume: {self.path} does not exist (the run finished, was never started "
-                              "here, or its staging folder was removed); run again without --resume")
-        lines = self.path.read_text().splitlines()
-        previous = json.loads(lines[0])
+        lines = self.path.read_text(encoding="utf-8", errors="replace").splitlines()
+        try:
+            previous = json.loads(lines[0])
+        except (IndexError, ValueError):
+            previous = None
+        if not isinstance(previous, dict):
+            raise OutputError(f"the journal {self.path} of the interrupted run is unreadable; run again without "
+                              "--resume, with --overwrite, to start over")
         changed = [k for k in run if previous.get(k) != run[k]]
         if changed:
-            raise OutputError(f"cannot resume the run in {self.path.parent}: its {', '.join(changed)} differ(s) from "
-                              "this one's (a different model, recipe, calibration set or version); run without "
-                              "--resume and with --overwrite to start over")
+            raise OutputError(f"cannot resume the run in {self.path.parent.parent.parent}: its "
+                              f"{', '.join(changed)} differ(s) from this one's (a different model or weights, "
+                              "recipe, calibration set, thread count, device or version); run without --resume and "
+                              "with --overwrite to start over")
         for line in lines[1:]:
-            try:
-                fields = json.loads(line)
-            except json.JSONDecodeError:  # the last line of a driver killed while writing it
-                continue
+            self._load_line(line)
+
+    def _load_line(self, line: str) -> None:
+        """One record; a line that is not a well-formed record (the last line of a driver killed while writing it,
+        or a damaged file) is skipped: its unit simply runs again."""
+        try:
+            fields = json.loads(line)
+            if "stream" in fields:
+                record = StreamRecord(str(fields["stream"]), int(fields["bytes"]), int(fields["crc32"]))
+                if is_plain_name(record.stream):
+                    self.streams[record.stream] = record
+                return
             coverage = fields.pop("expert_tokens", None)
             record = UnitRecord(**{**fields, "keys": tuple(fields["keys"]),
                                    "quant_types": tuple(fields["quant_types"])})
-            self.finished[record.unit_id] = record
+            if not (isinstance(record.file, str) and is_plain_name(record.file) and isinstance(record.unit_id, str)):
+                return
             if coverage is not None:
-                self.expert_tokens[coverage["layer"]] = coverage["tokens"]
+                self.expert_tokens[int(coverage["layer"])] = [int(t) for t in coverage["tokens"]]
+            self.finished[record.unit_id] = record
+        except (ValueError, TypeError, KeyError, AttributeError):
+            return
 
     def _append(self, entry: dict) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
@@ -109,42 +156,54 @@ class Journal:
         entry = dataclasses.asdict(dataclasses.replace(record, payload=None))
         if expert_tokens is not None:
             entry["expert_tokens"] = {"layer": layer, "tokens": expert_tokens}
+            self.expert_tokens[layer] = expert_tokens
         self._append(entry)
         self.finished[record.unit_id] = record
 
+    def record_stream(self, record: StreamRecord) -> None:
+        self._append(dataclasses.asdict(record))
+        self.streams[record.stream] = record
+
     def intact(self, spill_dir: Path) -> dict[str, UnitRecord]:
         """The finished units whose files are still there, whole and unchanged."""
-        good = {}
-        for unit_id, record in self.finished.items():
-            path = spill_dir / record.file
-            if path.is_file() and path.stat().st_size == record.file_bytes and file_crc32(path) == record.crc32:
-                good[unit_id] = record
-        return good
+        return {unit_id: record for unit_id, record in self.finished.items()
+                if _matches(spill_dir / record.file, record.file_bytes, record.crc32)}
+
+    def intact_stream(self, path: Path) -> bool:
+        record = self.streams.get(path.name)
+        return record is not None and _matches(path, record.bytes, record.crc32)
+
+
+def _matches(path: Path, size: int, crc: int) -> bool:
+    return path.is_file() and not path.is_symlink() and path.stat().st_size == size and file_crc32(path) == crc
 
 
 # --- the calibration stream at layer boundaries ---------------------------------------------------------------------
 
-def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
+def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> StreamRecord:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+    data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+    with open(tmp, "wb") as f:
+        f.write(data)
     os.replace(tmp, path)
+    return StreamRecord(path.name, len(data), zlib.crc32(data))
 
 
-def save_vision(staging: Path, vision: list) -> None:
+def save_vision(private_dir: Path, vision: list) -> StreamRecord:
     """Image features and deepstack features of every sample (None for text-only samples is simply absent)."""
     tensors = {}
     for i, out in enumerate(vision):
         if out is not None:
             tensors[f"{i}.image_embeds"] = out.image_embeds
             tensors.update({f"{i}.deepstack.{k}": d for k, d in enumerate(out.deepstack)})
-    _save_atomic(tensors, staging / STREAM_DIR / VISION_FILE)
+    return _save_atomic(tensors, private_dir / STREAM_DIR / VISION_FILE)
 
 
-def load_vision(staging: Path, samples: int) -> list:
+def load_vision(private_dir: Path, samples: int) -> list:
     from dist_quant.runtime.worker import VisionOutput
 
-    tensors = load_file(staging / STREAM_DIR / VISION_FILE)
+    tensors = load_file(private_dir / STREAM_DIR / VISION_FILE)
     vision = []
     for i in range(samples):
         if f"{i}.image_embeds" not in tensors:
@@ -156,14 +215,15 @@ def load_vision(staging: Path, samples: int) -> list:
     return vision
 
 
-def _layer_file(staging: Path, layer: int) -> Path:
-    return staging / STREAM_DIR / f"after_layer_{layer:04d}.safetensors"
+def _layer_file(private_dir: Path, layer: int) -> Path:
+    return private_dir / STREAM_DIR / f"after_layer_{layer:04d}.safetensors"
 
 
-def save_hidden(staging: Path, layer: int, hidden: list[torch.Tensor]) -> None:
+def save_hidden(private_dir: Path, layer: int, hidden: list[torch.Tensor]) -> StreamRecord:
     """The hidden states that leave ``layer`` (deepstack included); the previous layer's file is then dropped."""
-    _save_atomic({str(i): h for i, h in enumerate(hidden)}, _layer_file(staging, layer))
-    _layer_file(staging, layer - 1).unlink(missing_ok=True)
+    record = _save_atomic({str(i): h for i, h in enumerate(hidden)}, _layer_file(private_dir, layer))
+    _layer_file(private_dir, layer - 1).unlink(missing_ok=True)
+    return record
 
 
 @dataclass
@@ -173,16 +233,23 @@ class ResumePoint:
     vision: list
 
 
-def resume_point(staging: Path, plan: list[Unit], finished: dict[str, UnitRecord],
+def resume_point(private_dir: Path, plan: list[Unit], finished: dict[str, UnitRecord], journal: Journal,
                  samples: int) -> Optional[ResumePoint]:
-    """Where to restart: after the last saved layer whose units (and vision, embeddings) all finished."""
-    saved = sorted(staging.glob(f"{STREAM_DIR}/after_layer_*.safetensors"))
+    """Where to restart: after the last saved layer whose units (and vision, embeddings) all finished and whose
+    stream files match their journal records."""
+    vision_file = private_dir / STREAM_DIR / VISION_FILE
+    if not journal.intact_stream(vision_file):
+        return None
+    saved = sorted(private_dir.glob(f"{STREAM_DIR}/after_layer_*.safetensors"))
     for path in reversed(saved):
-        layer = int(path.stem.rsplit("_", 1)[1])
+        try:
+            layer = int(path.stem.rsplit("_", 1)[1])
+        except ValueError:
+            continue
         needed = [u.id for u in plan if u.kind in ("vision", "embed") or (u.layer != -1 and u.layer <= layer)]
-        if all(unit_id in finished for unit_id in needed) and (staging / STREAM_DIR / VISION_FILE).exists():
+        if all(unit_id in finished for unit_id in needed) and journal.intact_stream(path):
             tensors = load_file(path)
-            return ResumePoint(layer, [tensors[str(i)] for i in range(samples)], load_vision(staging, samples))
+            return ResumePoint(layer, [tensors[str(i)] for i in range(samples)], load_vision(private_dir, samples))
     return None
 
 

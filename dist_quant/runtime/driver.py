@@ -1,0 +1,261 @@
+"""The driver skeleton both modes share: inputs, save_path lock, journal and resume, coverage, run log, publish.
+
+An executor decides only where units run: ``local.LocalExecutor`` calls one Worker in this process (single card, no
+Ray), ``ray_driver.RayExecutor`` hands the units to Ray actors. Everything that makes a run resumable and its
+checkpoint identical whoever ran it lives here, once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Protocol
+
+from tqdm import tqdm
+
+from dist_quant import failpoints
+from dist_quant.calib.dataset import load_samples
+from dist_quant.calib.inputs import DEFAULT_MAX_SAMPLE_TOKENS, ModelInputs, build_model_inputs
+from dist_quant.checkpoint.reader import read_config
+from dist_quant.checkpoint.writer import CheckpointWriter
+from dist_quant.errors import CalibrationError, DistQuantError, OutputError
+from dist_quant.models.qwen3_vl_moe import load_config
+from dist_quant.recipe import Recipe
+from dist_quant.runtime.device import DEFAULT_COMPUTE_THREADS, set_compute_threads
+from dist_quant.runtime.plan import DEFAULT_EXPERT_GROUP_SIZE, Unit, make_plan
+from dist_quant.runtime.report import UnitReport
+from dist_quant.runtime.resume import Journal, ResumePoint, fingerprint, remaining_units, resume_point
+from dist_quant.runtime.run_log import RunLog, write_coverage
+from dist_quant.runtime.timing import add_times
+from dist_quant.runtime.worker import export_rotation
+
+log = logging.getLogger("dist_quant")
+
+BUNDLED_DATASETS = Path(__file__).resolve().parent.parent / "calib_data"
+DEFAULT_DATASET = "calibImages"  # msModelSlim's name for its default calibration images
+RUN_FILE = "quant_run.json"  # published: the run's fingerprint, so a later --resume knows the checkpoint is its own
+
+
+def resolve_dataset(dataset: Optional[str], recipe: Recipe) -> Path:
+    """The calibration set: ``--dataset`` if given, else the recipe's ``dataset`` resolved against the recipe's
+    folder, then the working directory, then the bundled calibration sets; the bundled photos when neither names
+    one."""
+    if dataset is not None:
+        path = Path(dataset)
+        if not path.exists():
+            raise CalibrationError(f"calibration dataset {path} does not exist")
+        return path
+    if recipe.dataset is None:
+        return BUNDLED_DATASETS / DEFAULT_DATASET
+    candidates = [recipe.path.parent / recipe.dataset, Path.cwd() / recipe.dataset, BUNDLED_DATASETS / recipe.dataset]
+    for candidate in candidates:
+        if candidate.exists():
+            return candidate
+    raise CalibrationError(
+        f"recipe {recipe.path}: dataset {recipe.dataset!r} not found (looked in {[str(c) for c in candidates]}); "
+        "pass --dataset DIR_OR_INDEX"
+    )
+
+
+@dataclass
+class QuantSummary:
+    seconds: float
+    units: int
+    tensors: int
+    bytes_written: int
+    counts: dict[str, int] = field(default_factory=dict)
+    save_path: str = ""
+    experts_without_tokens: int = 0
+    warnings: list[str] = field(default_factory=list)
+    phases: dict[str, float] = field(default_factory=dict)  # seconds per phase, summed over units
+    ran_units: list[str] = field(default_factory=list)  # ids of the units this run computed (all but a resume's kept)
+    bytes_read: int = 0  # source bytes this run read
+    already_complete: bool = False  # --resume found the checkpoint already published
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM during a run: what was kept, so the command line can say how to continue."""
+
+    def __init__(self, kept_units: int, staging: Path, signal_name: str = "Ctrl-C"):
+        super().__init__(signal_name)
+        self.kept_units, self.staging, self.signal_name = kept_units, staging, signal_name
+
+
+OnDone = Callable[[UnitReport], None]
+
+
+class Executor(Protocol):
+    """Where units run. ``start`` may work while the driver builds the calibration inputs (Ray starts actors)."""
+
+    workers: int
+
+    def start(self, model_path: str, recipe: Recipe, writer: CheckpointWriter, plan: list[Unit], device: str,
+              compute_threads: int) -> None: ...
+
+    def run(self, todo: list[Unit], point: Optional[ResumePoint], inputs: list[ModelInputs],
+            on_done: OnDone) -> None: ...
+
+    def part_writing(self) -> dict: ...
+
+    def close(self) -> None: ...
+
+
+def _dataset_folder(dataset: Path) -> Path:
+    return dataset if dataset.is_dir() else dataset.parent
+
+
+def check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise DistQuantError(f"--{name} must be a whole number of at least 1, got {value!r}")
+
+
+def quantize(model_path: str, save_path: str, recipe: Recipe, executor: Executor, *, dataset: Optional[str] = None,
+             device: str = "cpu", overwrite: bool = False, progress: bool = True, trust_remote_code: bool = False,
+             expert_group_size: int = DEFAULT_EXPERT_GROUP_SIZE, resume: bool = False,
+             compute_threads: int = DEFAULT_COMPUTE_THREADS,
+             max_sample_tokens: int = DEFAULT_MAX_SAMPLE_TOKENS) -> QuantSummary:
+    """Quantize ``model_path`` with ``executor`` and publish one checkpoint to ``save_path``; on failure nothing
+    finished-looking is left, and finished units are kept for ``resume`` (which also finishes an interrupted
+    publish, and answers at once when the checkpoint is already complete)."""
+    start = time.perf_counter()
+    check_positive(expert_group_size=expert_group_size, compute_threads=compute_threads,
+                   max_sample_tokens=max_sample_tokens, workers=executor.workers)
+    set_compute_threads(compute_threads)
+    config_file = Path(model_path) / "config.json"
+    config = load_config(read_config(config_file), str(config_file))  # a clear error before the tokenizer reads it
+    dataset_path = resolve_dataset(dataset, recipe)
+    samples = load_samples(dataset_path, recipe.default_text)
+    plan = make_plan(config, expert_group_size)
+    writer = CheckpointWriter(save_path, part_file_size_gb=recipe.part_file_size_gb, overwrite=overwrite,
+                              model_path=model_path, protected=[(_dataset_folder(dataset_path), "calibration set")],
+                              resume=resume)
+    journal = None
+
+    def inputs_and_fingerprint():
+        inputs = build_model_inputs(model_path, samples, trust_remote_code=trust_remote_code,
+                                    max_tokens=max_sample_tokens)
+        return inputs, fingerprint(model_path, recipe.path, inputs, expert_group_size, compute_threads, device)
+
+    try:
+        failpoints.reach("startup")
+        if resume and writer.published:
+            return _already_complete(writer, inputs_and_fingerprint()[1], start, len(plan))
+        if resume and not writer.resuming:
+            log.info("--resume: %s holds no interrupted run (nothing had finished); starting from the beginning",
+                     writer.save_path)
+        run_log = RunLog(writer.staging, recipe.path)
+        executor.start(model_path, recipe, writer, plan, device, compute_threads)
+        inputs, run = inputs_and_fingerprint()
+        journal = Journal(writer.private_dir, run, writer.resuming)
+        if writer.moving:  # killed while moving the finished files into save_path: finish that
+            run_log.write("resuming the publishing of a finished checkpoint")
+            summary = writer.resume_publish()
+            return QuantSummary(time.perf_counter() - start, len(plan), summary["tensors"], summary["bytes"],
+                                summary["counts"], str(save_path))
+        records, reports = _run_units(executor, writer, journal, plan, inputs, run_log, progress)
+        for unit in plan:  # plan order, whoever finished first: the same checkpoint for any number of workers
+            writer.add_unit(records[unit.id])
+        coverage = write_coverage(writer.staging, journal.expert_tokens, run_log)
+        export_rotation(writer, recipe, config)
+        (writer.staging / RUN_FILE).write_text(json.dumps({"fingerprint": run}, indent=2) + "\n")
+        run_log.write(f"assembling {len(plan)} unit files into the checkpoint")
+        assemble_started = time.perf_counter()
+        summary = writer.publish(model_path, recipe_path=recipe.path, **executor.part_writing())
+    except KeyboardInterrupt as interrupt:
+        kept = _give_up(writer, journal, quiet=True)
+        raise RunInterrupted(kept, writer.staging, str(interrupt) or "Ctrl-C") from None
+    except BaseException:
+        _give_up(writer, journal)
+        raise
+    finally:
+        executor.close()
+    phases: dict[str, float] = {}
+    for report in reports:
+        add_times(phases, report.phases or {})
+    phases["merge"] = time.perf_counter() - assemble_started
+    return QuantSummary(time.perf_counter() - start, len(plan), summary["tensors"], summary["bytes"],
+                        dict(summary["counts"]), str(save_path), coverage["experts_without_tokens"], run_log.warnings,
+                        phases, [r.unit.id for r in reports], sum(r.bytes_read for r in reports))
+
+
+def _run_units(executor: Executor, writer: CheckpointWriter, journal: Journal, plan: list[Unit],
+               inputs: list[ModelInputs], run_log: RunLog, progress: bool) -> tuple[dict, list[UnitReport]]:
+    """Run what the journal does not already hold; returns every unit's record and the reports of those that ran."""
+    if writer.assembling:  # every unit had finished and the parts were being written: nothing to compute
+        missing = [u.id for u in plan if u.id not in journal.finished]
+        if missing:
+            raise OutputError(f"the interrupted run in {writer.staging} was assembling its parts but its journal "
+                              f"lacks units {missing[:5]}; run again without --resume, with --overwrite")
+        run_log.write("resuming the assembly of a finished run")
+        return dict(journal.finished), []
+    kept = journal.intact(writer.spill_dir) if writer.resuming else {}
+    point = resume_point(writer.private_dir, plan, kept, journal, len(inputs)) if writer.resuming else None
+    todo = remaining_units(plan, point, kept)
+    if writer.resuming:
+        run_log.write(f"resuming after layer {point.layer if point else 'none'}: {len(plan) - len(todo)} of "
+                      f"{len(plan)} units kept, {len(todo)} to run")
+    records = {unit.id: kept[unit.id] for unit in plan if unit not in todo}
+    reports: list[UnitReport] = []
+    live: dict[int, list] = {}
+    with tqdm(total=len(plan), initial=len(plan) - len(todo), desc="quantizing", unit="unit",
+              disable=not progress) as bar:
+        def on_done(report: UnitReport) -> None:
+            for stream in report.streams:
+                journal.record_stream(stream)
+            journal.record(report.record, report.unit.layer, report.expert_tokens)
+            failpoints.reach("unit")
+            records[report.unit.id] = report.record
+            reports.append(report)
+            where = f"actor {report.actor} (pid {report.pid}, {report.host})" if executor.workers > 1 else ""
+            run_log.unit(report.unit.name, report.seconds, report.bytes_read, where)
+            units, busy = live.setdefault(report.actor, [0, 0.0])
+            live[report.actor] = [units + 1, busy + report.seconds]
+            bar.set_postfix_str(_progress_text(live) if executor.workers > 1 else report.unit.name)
+            bar.update()
+
+        executor.run(todo, point, inputs, on_done)
+    return records, reports
+
+
+def _progress_text(live: dict[int, list]) -> str:
+    return " | ".join(f"a{a} {units}u {units / busy:.1f}u/s" if busy else f"a{a} {units}u"
+                      for a, (units, busy) in sorted(live.items()))
+
+
+def _already_complete(writer: CheckpointWriter, run: dict, start: float, units: int) -> QuantSummary:
+    """--resume on a checkpoint that was published: fine when it is this run's, refused when it is another's."""
+    try:
+        published = json.loads((writer.save_path / RUN_FILE).read_text())["fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        published = None
+    changed = [k for k in run if not isinstance(published, dict) or published.get(k) != run[k]]
+    writer.close()
+    if changed:
+        raise OutputError(f"save path {writer.save_path} holds a finished checkpoint of another run (its "
+                          f"{', '.join(changed)} differ(s)); use --overwrite without --resume to replace it")
+    description = json.loads((writer.save_path / "quant_model_description.json").read_text())
+    types = [v for k, v in description.items() if isinstance(v, str) and k not in ("version", "model_quant_type")]
+    counts: dict[str, int] = {}
+    for t in types:
+        counts[t] = counts.get(t, 0) + 1
+    return QuantSummary(time.perf_counter() - start, units, len(types), 0, counts, str(writer.save_path),
+                        already_complete=True)
+
+
+def _give_up(writer: CheckpointWriter, journal: Optional[Journal], quiet: bool = False) -> int:
+    """After a failure or an interruption: keep the staging folder when something can be resumed (finished units,
+    an assembly under way, or an attempt to resume), else remove it; returns the number of finished units kept.
+    Either way save_path holds nothing that looks like a finished checkpoint, and its lock is released."""
+    finished = len(journal.finished) if journal is not None else 0
+    if writer.resuming or finished or writer.assembling or writer.moving:
+        if not quiet:
+            log.error("%d finished unit(s) are kept in %s: rerun the same command with --resume to continue (or "
+                      "with --overwrite and without --resume to start over)", finished, writer.staging)
+        writer.close()
+        return finished
+    writer.abort()
+    return 0
