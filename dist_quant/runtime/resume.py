@@ -157,12 +157,12 @@ class Journal:
         if expert_tokens is not None:
             entry["expert_tokens"] = {"layer": layer, "tokens": expert_tokens}
             self.expert_tokens[layer] = expert_tokens
+        self.finished[record.unit_id] = record  # first: a signal during the append must not hide a written record
         self._append(entry)
-        self.finished[record.unit_id] = record
 
     def record_stream(self, record: StreamRecord) -> None:
-        self._append(dataclasses.asdict(record))
         self.streams[record.stream] = record
+        self._append(dataclasses.asdict(record))
 
     def intact(self, spill_dir: Path) -> dict[str, UnitRecord]:
         """The finished units whose files are still there, whole and unchanged."""

@@ -1,0 +1,97 @@
+"""The same checkpoint, bit for bit, whatever ran it: any intra-op thread count of the processes, single card or 2 or
+3 Ray workers, interrupted and resumed or not.
+
+The model is wide enough (hidden 512, 8 experts top-3 in groups of 2) for torch to split its GEMMs and reductions
+across threads, and for the order of the partial sums to matter: without a fixed compute thread count, a 1-thread
+and a 2-thread single-card run of it differ in some scales (measured on the code before --compute_threads).
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from helpers import assert_same_checkpoint, read_checkpoint
+
+from dist_quant.cli import main
+from dist_quant.synthetic import make_calibration_set, make_tiny_model
+
+GROUP = ["--expert_group_size", "2"]
+ENV = {k: v for k, v in os.environ.items() if k not in ("DIST_QUANT_KILL_AT", "OMP_NUM_THREADS")}
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("wide") / "model", num_layers=3, num_experts=8, top_k=3,
+                           hidden_size=512, num_heads=8, num_kv_heads=2, head_dim=64, moe_intermediate_size=192,
+                           vision_hidden=128, vision_heads=2, deepstack=(0, 1), dtype="bfloat16")
+
+
+@pytest.fixture(scope="module")
+def calib(tmp_path_factory):
+    return make_calibration_set(tmp_path_factory.mktemp("wide_calib") / "images", num_images=3)
+
+
+def args(model, calib, save, *extra):
+    return ["quant", "--model_path", str(model), "--save_path", str(save), "--device", "cpu", "--dataset",
+            str(calib), "--quiet", *GROUP, *extra]
+
+
+def run_cli(cmd, threads: int, kill_at: str = "") -> int:
+    """A fresh process whose torch starts with ``threads`` intra-op threads (OMP_NUM_THREADS)."""
+    env = {**ENV, "OMP_NUM_THREADS": str(threads), **({"DIST_QUANT_KILL_AT": kill_at} if kill_at else {})}
+    return subprocess.run([sys.executable, "-m", "dist_quant.cli", *cmd], env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, timeout=600).returncode
+
+
+@pytest.fixture(scope="module")
+def reference(model, calib, tmp_path_factory):
+    save = tmp_path_factory.mktemp("ref") / "q"
+    assert run_cli(args(model, calib, save), threads=1) == 0
+    return read_checkpoint(save)
+
+
+@pytest.mark.parametrize("threads", [2, 4])
+def test_single_card_with_any_thread_count(model, calib, reference, tmp_path, threads):
+    assert run_cli(args(model, calib, tmp_path / "q"), threads) == 0
+    assert_same_checkpoint(tmp_path / "q", reference)
+
+
+def test_resumed_in_another_process_with_other_threads(model, calib, reference, tmp_path):
+    save = tmp_path / "q"
+    assert run_cli(args(model, calib, save), threads=4, kill_at="unit:9") == -9
+    assert main(args(model, calib, save, "--resume")) == 0  # this (pytest) process, whatever its thread count
+    assert_same_checkpoint(save, reference)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3})
+    yield cluster
+    import ray
+
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("workers", [2, 3])
+def test_ray_workers_match_single_card(model, calib, reference, cluster, tmp_path, workers):
+    """Each actor gets one CPU from Ray (OMP_NUM_THREADS=1 in its process) while the driver has 2 threads."""
+    save = tmp_path / "q"
+    assert run_cli(args(model, calib, save, "--workers", str(workers), "--ray_address", cluster.address),
+                   threads=2) == 0
+    assert_same_checkpoint(save, reference)
+
+
+@pytest.mark.ray
+def test_another_compute_thread_count_is_the_same_everywhere_too(model, calib, cluster, tmp_path):
+    """--compute_threads 2: single card in a 1-thread process and 2 Ray actors agree with each other."""
+    single, distributed = tmp_path / "single", tmp_path / "ray"
+    assert run_cli(args(model, calib, single, "--compute_threads", "2"), threads=1) == 0
+    assert run_cli(args(model, calib, distributed, "--compute_threads", "2", "--workers", "2", "--ray_address",
+                        cluster.address), threads=4) == 0
+    assert_same_checkpoint(distributed, read_checkpoint(single))
