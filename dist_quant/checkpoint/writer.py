@@ -9,6 +9,7 @@ consists of.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -206,8 +207,10 @@ class CheckpointWriter:
                 with writing(self.spill_dir):
                     self.spill_dir.mkdir(parents=True, exist_ok=True)
                     self.private_dir.mkdir(exist_ok=True)
-        except PermissionError as error:
+        except OSError as error:
             self.close()
+            if error.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
             raise OutputError(f"cannot write into save path {self.save_path}: {error.strerror}; choose a folder "
                               "you can write to") from None
         except BaseException:
