@@ -132,10 +132,35 @@ def load_image_processor(model_dir: Path) -> Qwen2VLImageProcessor:
     min_pixels, max_pixels = pixel_limits(settings)
     settings.pop("size", None)
     try:
-        return Qwen2VLImageProcessor(**{**settings, "min_pixels": min_pixels, "max_pixels": max_pixels})
+        processor = Qwen2VLImageProcessor(**{**settings, "min_pixels": min_pixels, "max_pixels": max_pixels})
     except (TypeError, ValueError, KeyError, AttributeError, ArithmeticError) as error:
         raise CheckpointError(f"{config_path}: the image processor cannot be built from it ({type(error).__name__}: "
                               f"{reason(error)}); restore it from the original model") from None
+    problems = image_processor_problems(processor)
+    if problems:
+        raise CheckpointError(f"{config_path}: {'; '.join(problems[:3])}; restore it from the original model")
+    return processor
+
+
+def image_processor_problems(processor: Qwen2VLImageProcessor) -> list[str]:
+    """What the processor would trip over on the first image (its constructor accepts anything)."""
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value \
+            and abs(value) != float("inf")
+    problems = [f"{name} is {getattr(processor, name, None)!r}, not a positive integer"
+                for name in ("patch_size", "temporal_patch_size", "merge_size", "min_pixels", "max_pixels")
+                if not isinstance(getattr(processor, name, None), int) or isinstance(getattr(processor, name), bool)
+                or getattr(processor, name) < 1]
+    if not problems and processor.min_pixels > processor.max_pixels:
+        problems.append(f"min_pixels ({processor.min_pixels}) is above max_pixels ({processor.max_pixels})")
+    for name in ("image_mean", "image_std"):
+        value = getattr(processor, name, None)
+        if not isinstance(value, (list, tuple)) or len(value) != 3 or not all(number(v) for v in value) \
+                or (name == "image_std" and 0 in value):
+            problems.append(f"{name} is not 3 numbers{' (none 0)' if name == 'image_std' else ''}")
+    if not number(getattr(processor, "rescale_factor", None)):
+        problems.append("rescale_factor is not a number")
+    return problems
 
 
 def render_prompt(tokenizer: PreTrainedTokenizerBase, content: list[dict]) -> str:
@@ -209,7 +234,11 @@ def sample_inputs(
     max_tokens: int = DEFAULT_MAX_SAMPLE_TOKENS,
 ) -> ModelInputs:
     """Inputs for one image + text sample, its text cut to fit ``max_tokens`` (see :func:`fit_text`)."""
-    pixels = image_processor(images=[open_image(sample)], return_tensors="pt")
+    try:
+        pixels = image_processor(images=[open_image(sample)], return_tensors="pt")
+    except (TypeError, ValueError, ArithmeticError, OSError) as error:  # e.g. an aspect ratio over 200
+        raise CalibrationError(f"calibration image {sample.image} cannot be prepared for the model "
+                               f"({type(error).__name__}: {reason(error)})") from None
     image_tokens = int(pixels["image_grid_thw"][0].prod()) // image_processor.merge_size**2
     def render(text: str) -> str:
         return render_prompt(tokenizer, [{"type": "image"}, {"type": "text", "text": text}])

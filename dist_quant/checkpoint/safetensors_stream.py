@@ -120,10 +120,12 @@ def read_header(path: str | Path) -> tuple[dict, int]:
         if len(prefix) < 8:
             raise HeaderError(path, "it holds fewer than 8 bytes", truncated=True)
         (length,) = struct.unpack("<Q", prefix)
-        if length > size - 8:  # checked before reading: it may claim exabytes
-            raise HeaderError(path, f"its header claims {length} bytes past the end of the file")
+        # checked before reading: they may claim exabytes. The claimed length is not printed: it is the file's
+        # first 8 bytes, and the file may be anything (a private key) given by mistake
+        if length > size - 8:
+            raise HeaderError(path, "its first 8 bytes give a header length past the end of the file")
         if length > MAX_HEADER_BYTES:
-            raise HeaderError(path, f"its header claims {length} bytes, more than the {MAX_HEADER_BYTES} the "
+            raise HeaderError(path, f"its first 8 bytes give a header length over the {MAX_HEADER_BYTES} bytes the "
                                     "safetensors library reads")
         header_bytes = file.read(length)
     if len(header_bytes) < length:
@@ -145,13 +147,17 @@ def read_header(path: str | Path) -> tuple[dict, int]:
     return header, 8 + length
 
 
+def _short(key: str) -> str:
+    return key if len(key) <= 120 else key[:120] + "..."
+
+
 def _is_count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_OFFSET
 
 
 def _entry(path: str | Path, key: str, info: object) -> tuple[str, list[int], int, int]:
     """(dtype, shape, begin, end) of one header entry, checked as the safetensors library checks its TensorInfo."""
-    name = key if len(key) <= 120 else key[:120] + "..."
+    name = _short(key)
     if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
         raise HeaderError(path, f"entry {name!r} is not an object with dtype, shape and data_offsets")
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
@@ -182,13 +188,17 @@ def validate_header(path: str | Path, header: dict, data_bytes: int) -> None:
         raise HeaderError(path, f"its {METADATA_KEY} is not a map of strings to strings")
     spans = sorted((begin, end, key) for key, (_, _, begin, end) in
                    ((key, _entry(path, key, info)) for key, info in header.items() if key != METADATA_KEY))
+    position, previous = 0, None
+    for begin, end, key in spans:  # overlaps first: they are what makes a tensor read another one's bytes
+        if begin < position:
+            raise HeaderError(path, f"entries {_short(previous)!r} and {_short(key)!r} share data bytes "
+                                    f"{begin}-{min(end, position)}: one of them would be read from the other's bytes")
+        position, previous = end, key
     position = 0
     for begin, end, key in spans:
-        name = key if len(key) <= 120 else key[:120] + "..."
-        if begin != position:
-            problem = "overlaps the tensor before it" if begin < position else "leaves a gap before it"
-            raise HeaderError(path, f"entry {name!r} starts at data byte {begin} but the tensors before it end at "
-                                    f"{position}: it {problem}")
+        if begin > position:
+            raise HeaderError(path, f"no entry describes data bytes {position}-{begin} (before {_short(key)!r}): the "
+                                    "header and the data do not belong together")
         position = end
     if position > data_bytes:
         raise HeaderError(path, f"its header describes {position} bytes of tensor data, the file holds "
