@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,7 +150,10 @@ def quantize(model_path: str, save_path: str, recipe: Recipe, executor: Executor
             log.info("--resume: %s holds no interrupted run (nothing had finished); starting from the beginning",
                      writer.save_path)
         run_log = RunLog(writer.staging, recipe.path)
+        sigterm = signal.getsignal(signal.SIGTERM)
         executor.start(model_path, recipe, writer, plan, device, compute_threads)
+        if callable(sigterm) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, sigterm)  # Ray's runtime installs its own handler, which aborts
         inputs, run = inputs_and_fingerprint()
         journal = Journal(writer.private_dir, run, writer.resuming)
         if writer.moving:  # killed while moving the finished files into save_path: finish that
