@@ -158,8 +158,8 @@ def _config_differences(quantized, reference) -> list[str]:
     pairs = [("text_config", quantized.text_config, reference.text_config, TEXT_FIELDS),
              ("vision_config", quantized.vision_config, reference.vision_config, VISION_FIELDS),
              ("", quantized, reference, TOKEN_FIELDS)]
-    return [f"{section + '.' if section else ''}{name} is {getattr(q, name, None)!r} in the quantized checkpoint, "
-            f"{getattr(r, name, None)!r} in the float model"
+    return [f"{section + '.' if section else ''}{name} is {qvl._show(getattr(q, name, None))} in the quantized "
+            f"checkpoint, {qvl._show(getattr(r, name, None))} in the float model"
             for section, q, r, names in pairs for name in names if getattr(q, name, None) != getattr(r, name, None)]
 
 

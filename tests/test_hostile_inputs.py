@@ -332,8 +332,9 @@ def test_fifo_where_a_file_is_expected(capsys, model, sharded_model, tmp_path, c
         model = Path(shutil.copytree(sharded_model, tmp_path / "sharded"))
     index = calib_copy(calib_index, tmp_path)
     dataset, extra = index, []
-    fifo = {"calibration index": tmp_path / "fifo.jsonl", "calibration image": index.parent / "img1.jpg",
-            "image in a folder": index.parent / "img1.jpg", "recipe": tmp_path / "recipe.yaml"}.get(place, model / place)
+    elsewhere = {"calibration index": tmp_path / "fifo.jsonl", "calibration image": index.parent / "img1.jpg",
+                 "image in a folder": index.parent / "img1.jpg", "recipe": tmp_path / "recipe.yaml"}
+    fifo = elsewhere.get(place, model / place)
     if fifo.exists():
         fifo.unlink()
     os.mkfifo(fifo)

@@ -190,10 +190,12 @@ def tokenize(tokenizer: PreTrainedTokenizerBase, prompt: str) -> tuple[torch.Ten
 def open_image(sample: CalibSample) -> Image.Image:
     """The sample's image as RGB; decoding errors name the sample."""
     try:
-        with Image.open(sample.image) as image:
+        with open_regular(sample.image) as file, Image.open(file) as image:
             return image.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise CalibrationError(f"calibration image {sample.image} (text {sample.text!r}) cannot be read: {e}") from e
+        text = sample.text if len(sample.text) <= 60 else sample.text[:60] + "..."  # names the sample, clipped
+        raise CalibrationError(f"calibration image {sample.image} (text {text!r}) cannot be read: {reason(e)}") \
+            from None
 
 
 def count_tokens(tokenizer: PreTrainedTokenizerBase, text: str) -> int:

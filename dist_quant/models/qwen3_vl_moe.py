@@ -54,7 +54,8 @@ def load_config(raw: dict, source: str = "config.json") -> Qwen3VLMoeConfig:
     model_type = raw.get("model_type")
     if model_type != MODEL_TYPE:
         raise CheckpointError(
-            f"{source}: model_type is {model_type!r}; dist-quant supports {MODEL_TYPE!r} (Qwen3-VL-MoE) checkpoints"
+            f"{source}: model_type is {_show(model_type)}; dist-quant supports {MODEL_TYPE!r} (Qwen3-VL-MoE) "
+            "checkpoints"
         )
     for section in ("text_config", "vision_config"):
         if not isinstance(raw.get(section, {}), dict):
@@ -70,6 +71,12 @@ def load_config(raw: dict, source: str = "config.json") -> Qwen3VLMoeConfig:
     for cfg in (config, config.text_config, config.vision_config):
         cfg._attn_implementation = "sdpa"
     return config
+
+
+def _show(value) -> str:
+    """A config value for a message, clipped: a hostile config.json can hold megabytes in one field."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:60] + "..."
 
 
 def _is_int(value) -> bool:
@@ -89,7 +96,7 @@ def _config_errors(config: Qwen3VLMoeConfig, raw: dict) -> list[str]:
         for name in names:
             value = getattr(cfg, name, None)
             if not _is_int(value) or value < 1:
-                errors.append(f"{prefix}{name} is {value!r}, not a positive integer")
+                errors.append(f"{prefix}{name} is {_show(value)}, not a positive integer")
             elif limit is not None and value > limit:
                 errors.append(f"{prefix}{name} is {value}, more than the {limit} any real model has")
 
@@ -105,8 +112,8 @@ def _config_errors(config: Qwen3VLMoeConfig, raw: dict) -> list[str]:
     if errors:  # the checks below compute with these
         return errors
     if not _is_int(tc.num_experts_per_tok) or not 1 <= tc.num_experts_per_tok <= tc.num_experts:
-        errors.append(f"text_config.num_experts_per_tok is {tc.num_experts_per_tok!r}; the router picks between 1 "
-                      f"and num_experts ({tc.num_experts}) experts per token")
+        errors.append(f"text_config.num_experts_per_tok is {_show(tc.num_experts_per_tok)}; the router picks "
+                      f"between 1 and num_experts ({tc.num_experts}) experts per token")
     if tc.num_attention_heads % tc.num_key_value_heads:
         errors.append(f"text_config.num_attention_heads ({tc.num_attention_heads}) is not a multiple of "
                       f"num_key_value_heads ({tc.num_key_value_heads})")
@@ -118,19 +125,20 @@ def _config_errors(config: Qwen3VLMoeConfig, raw: dict) -> list[str]:
     rope = tc.rope_scaling
     section = rope.get("mrope_section", [24, 20, 20]) if isinstance(rope, dict) else None
     if not isinstance(rope, dict):
-        errors.append(f"text_config.rope_scaling is {rope!r}; Qwen3-VL needs an object with its mrope_section")
+        errors.append(f"text_config.rope_scaling is {_show(rope)}; Qwen3-VL needs an object with its mrope_section")
     elif not (isinstance(section, list) and len(section) == 3 and all(_is_int(n) and n >= 0 for n in section)
               and sum(section) == tc.head_dim // 2):
-        errors.append(f"text_config.rope_scaling.mrope_section is {section!r}; it must be 3 non-negative integers "
-                      f"that add up to head_dim / 2 = {tc.head_dim // 2}")
+        errors.append(f"text_config.rope_scaling.mrope_section is {_show(section)}; it must be 3 non-negative "
+                      f"integers that add up to head_dim / 2 = {tc.head_dim // 2}")
     if not _is_number(tc.rope_theta) or tc.rope_theta <= 0:
-        errors.append(f"text_config.rope_theta is {tc.rope_theta!r}, not a positive number")
+        errors.append(f"text_config.rope_theta is {_show(tc.rope_theta)}, not a positive number")
     if not _is_number(tc.rms_norm_eps) or tc.rms_norm_eps <= 0:
-        errors.append(f"text_config.rms_norm_eps is {tc.rms_norm_eps!r}, not a positive number")
+        errors.append(f"text_config.rms_norm_eps is {_show(tc.rms_norm_eps)}, not a positive number")
     if not isinstance(tc.hidden_act, str) or tc.hidden_act not in ACT2FN:
-        errors.append(f"text_config.hidden_act is {str(tc.hidden_act)[:40]!r}, not an activation transformers knows")
+        errors.append(f"text_config.hidden_act is {_show(tc.hidden_act)}, not an activation transformers knows")
     if not isinstance(vc.hidden_act, str) or vc.hidden_act not in ACT2FN:
-        errors.append(f"vision_config.hidden_act is {str(vc.hidden_act)[:40]!r}, not an activation transformers knows")
+        errors.append(f"vision_config.hidden_act is {_show(vc.hidden_act)}, not an activation transformers "
+                      "knows")
     layers = tc.mlp_only_layers
     if not isinstance(layers, list) or not all(_is_int(i) and 0 <= i < tc.num_hidden_layers for i in layers):
         errors.append(f"text_config.mlp_only_layers must list layer indices from 0 to num_hidden_layers - 1 "
@@ -152,7 +160,7 @@ def _config_errors(config: Qwen3VLMoeConfig, raw: dict) -> list[str]:
     for name in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
         value = getattr(config, name, None)
         if not _is_int(value) or not 0 <= value < tc.vocab_size:
-            errors.append(f"{name} is {value!r}, not a token id below vocab_size ({tc.vocab_size})")
+            errors.append(f"{name} is {_show(value)}, not a token id below vocab_size ({tc.vocab_size})")
     return errors
 
 
