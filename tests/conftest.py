@@ -17,3 +17,16 @@ def tiny_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def calib_index(tmp_path_factory) -> Path:
     return make_calibration_set(tmp_path_factory.mktemp("calib") / "images", num_images=3)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A Ray cluster with 3 CPUs for one test module; drivers join it with --ray_address cluster.address."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3})
+    yield cluster
+    import ray
+
+    ray.shutdown()
+    cluster.shutdown()

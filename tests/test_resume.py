@@ -206,18 +206,6 @@ def test_journal_records_cannot_name_files_outside_staging(model, calib, recipe,
     assert outside.exists()
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3})
-    yield cluster
-    import ray
-
-    ray.shutdown()
-    cluster.shutdown()
-
-
 RAY_POINTS = {
     "startup": "startup",
     "mid-layer": f"unit:{rng.randint(8, 12)}",  # the driver dies while actors are inside layer 1

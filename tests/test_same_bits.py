@@ -65,18 +65,6 @@ def test_resumed_in_another_process_with_other_threads(model, calib, reference, 
     assert_same_checkpoint(save, reference)
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3})
-    yield cluster
-    import ray
-
-    ray.shutdown()
-    cluster.shutdown()
-
-
 @pytest.mark.ray
 @pytest.mark.parametrize("workers", [2, 3])
 def test_ray_workers_match_single_card(model, calib, reference, cluster, tmp_path, workers):
