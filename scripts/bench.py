@@ -111,7 +111,7 @@ def main() -> None:
     import dataclasses
 
     from dist_quant.recipe import load_recipe
-    from dist_quant.runtime.local import BUNDLED_DATASETS
+    from dist_quant.runtime.driver import BUNDLED_DATASETS
     from dist_quant.runtime.ray_driver import quantize_distributed
 
     floor_seconds, source_bytes = io_floor(model, args.out / "floor.bin")

@@ -18,7 +18,7 @@ from dist_quant.calib.inputs import build_model_inputs
 from dist_quant.evaluate import evaluate
 from dist_quant.presets import find_preset
 from dist_quant.recipe import load_recipe
-from dist_quant.runtime.local import BUNDLED_DATASETS
+from dist_quant.runtime.driver import BUNDLED_DATASETS
 from dist_quant.runtime.ray_driver import quantize_distributed
 from dist_quant.synthetic import make_tiny_model
 
