@@ -23,6 +23,7 @@ from test_bad_inputs import PLAIN_RECIPE, WEIGHTS, calib_copy, model, quant_args
 from dist_quant import synthetic
 from dist_quant.calib.dataset import CalibSample
 from dist_quant.calib.inputs import DEFAULT_MAX_SAMPLE_TOKENS, IMAGE_TOKEN, build_model_inputs, load_tokenizer
+from dist_quant.checkpoint import safetensors_stream
 from dist_quant.checkpoint.reader import CheckpointReader
 from dist_quant.cli import main
 from dist_quant.errors import CalibrationError
@@ -371,6 +372,22 @@ def test_plan_of_a_config_sized_to_exhaust_the_machine(capsys, model):
         rc = main(["plan", "--model_path", str(model)])
     err = one_line(capsys.readouterr().err)
     assert rc == 2 and f"{config}: text_config.num_hidden_layers is {10**12}, more than the 1024" in err
+
+
+@pytest.mark.parametrize("place", ["config.json", "calibration index", "recipe"])
+def test_text_file_too_large_to_read(capsys, monkeypatch, model, tmp_path, calib_index, place):
+    """A config, index or recipe is read whole: past MAX_TEXT_BYTES it is refused before it is read."""
+    monkeypatch.setattr(safetensors_stream, "MAX_TEXT_BYTES", 4096)
+    big = {"config.json": model / "config.json", "calibration index": calib_copy(calib_index, tmp_path),
+           "recipe": tmp_path / "recipe.yaml"}[place]
+    if place == "recipe":
+        shutil.copy(PLAIN_RECIPE, big)
+    with big.open("a") as file:
+        file.write(" " * 5000)
+    extra = ["--config_path", str(big)] if place == "recipe" else []
+    err = one_line(refused(capsys, model, tmp_path / "out", big if place == "calibration index" else calib_index,
+                           *extra))
+    assert str(big) in err and "bytes, more than the 4096 a text file read here may hold" in err
 
 
 def long_sample(calib_index: Path, words: int) -> CalibSample:

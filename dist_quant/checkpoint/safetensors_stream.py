@@ -82,9 +82,18 @@ def _refuse_irregular(path: str | Path, mode: int) -> None:
         raise NotARegularFile(errno.EINVAL, f"is {kind}, not a regular file", str(path))
 
 
-def read_text(path: str | Path) -> str:
-    """A regular file's whole content as UTF-8 (UnicodeDecodeError otherwise)."""
+MAX_TEXT_BYTES = 1024**3  # configs, indexes, templates and recipes are kilobytes; a calibration index megabytes
+
+
+def read_text(path: str | Path, limit: int | None = None) -> str:
+    """A regular file's whole content as UTF-8 (UnicodeDecodeError otherwise); a file over ``limit`` bytes (default
+    MAX_TEXT_BYTES) is refused (OSError) before it is read into memory."""
+    limit = MAX_TEXT_BYTES if limit is None else limit
     with open_regular(path) as file:
+        size = os.fstat(file.fileno()).st_size
+        if size > limit:
+            raise OSError(errno.EFBIG, f"is {size} bytes, more than the {limit} a text file read here may hold",
+                          str(path))
         return file.read().decode("utf-8")
 
 
