@@ -21,10 +21,9 @@ from tqdm import tqdm
 from dist_quant import failpoints
 from dist_quant.calib.dataset import load_samples
 from dist_quant.calib.inputs import DEFAULT_MAX_SAMPLE_TOKENS, ModelInputs, build_model_inputs
-from dist_quant.checkpoint.reader import read_config
 from dist_quant.checkpoint.writer import CheckpointWriter
 from dist_quant.errors import CalibrationError, DistQuantError, OutputError
-from dist_quant.models.qwen3_vl_moe import load_config
+from dist_quant.models.qwen3_vl_moe import load_checked
 from dist_quant.recipe import Recipe
 from dist_quant.runtime.device import DEFAULT_COMPUTE_THREADS, set_compute_threads
 from dist_quant.runtime.plan import DEFAULT_EXPERT_GROUP_SIZE, Unit, make_plan
@@ -127,8 +126,7 @@ def quantize(model_path: str, save_path: str, recipe: Recipe, executor: Executor
     check_positive(expert_group_size=expert_group_size, compute_threads=compute_threads,
                    max_sample_tokens=max_sample_tokens, workers=executor.workers)
     set_compute_threads(compute_threads)
-    config_file = Path(model_path) / "config.json"
-    config = load_config(read_config(config_file), str(config_file))  # a clear error before the tokenizer reads it
+    config = load_checked(model_path)[1]  # checked against the weights' headers before anything is sized by it
     dataset_path = resolve_dataset(dataset, recipe)
     samples = load_samples(dataset_path, recipe.default_text)
     plan = make_plan(config, expert_group_size)

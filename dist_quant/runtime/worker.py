@@ -14,6 +14,7 @@ from typing import Optional, Protocol
 import torch
 from torch import nn
 
+from dist_quant import failpoints
 from dist_quant.algorithms import hadamard, quarot
 from dist_quant.algorithms.quantize import quantize_dynamic_linear, quantize_static_linear
 from dist_quant.calib.inputs import ModelInputs
@@ -23,6 +24,7 @@ from dist_quant.errors import CheckpointError, RecipeError
 from dist_quant.models import outliers
 from dist_quant.models import qwen3_vl_moe as qvl
 from dist_quant.recipe import FLOAT, W8A8, Recipe
+from dist_quant.runtime.device import DEFAULT_COMPUTE_THREADS, set_compute_threads
 from dist_quant.runtime.timing import PhaseTimes
 
 EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
@@ -94,7 +96,8 @@ class Worker:
     """Executes units on one device, reading only the source tensors each unit needs."""
 
     def __init__(self, model_path, recipe: Recipe, sink: TensorSink, device: torch.device = torch.device("cpu"),
-                 compute_dtype: torch.dtype = torch.float32):
+                 compute_dtype: torch.dtype = torch.float32, compute_threads: int = DEFAULT_COMPUTE_THREADS):
+        set_compute_threads(compute_threads)  # the same count in every process: the same bits (see device.py)
         self.reader = CheckpointReader(model_path)
         self.config = qvl.load_config(self.reader.config, f"{model_path}/config.json")
         check_recipe_for_model(recipe, self.config)
@@ -193,6 +196,7 @@ class Worker:
                     continue
                 embeds, deepstack = qvl.vision_forward(visual, sample.pixel_values, sample.image_grid_thw)
                 outputs.append(VisionOutput(embeds, deepstack))
+                failpoints.reach("vision")
         self._emit_module(qvl.VISUAL, visual, ranges)
         return outputs
 
@@ -294,6 +298,7 @@ class Worker:
         for expert, weights in zip(range(first, stop), experts):
             for proj, weight in zip(EXPERT_PROJS, weights):
                 self._emit_linear(qvl.expert_key(layer_idx, expert, proj), weight, None, None)
+            failpoints.reach("experts")
         return partial
 
     @torch.no_grad()
