@@ -144,7 +144,7 @@ def _missing_ancestors(path: Path) -> list[Path]:
 def _check_apart(save_path: Path, folder: Path, what: str) -> None:
     target, other = save_path.resolve(), folder.resolve()
     if _is_within(target, other) or _is_within(other, target):
-        raise OutputError(f"save path {save_path} and the {what} {folder} overlap: writing there would mix the "
+        raise OutputError(f"save path {save_path} and {what} {folder} overlap: writing there would mix the "
                           f"quantized files with (or delete) the {what}; choose a separate folder")
 
 
