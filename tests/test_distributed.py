@@ -17,14 +17,17 @@ from dist_quant.runtime.ray_driver import quantize_distributed
 from dist_quant.synthetic import make_tiny_model
 
 pytestmark = pytest.mark.ray
-GROUP = 3  # 8 experts -> groups 0-2, 3-5, 6-7: several units per layer to spread
+GROUP = 2  # 8 experts -> 4 groups per layer: several units per layer to spread, and more groups than top-k
+TOP_K = 3  # a token's output adds up to 3 nonzero group partials, so the order they are added in shows in the bits
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    """Wide enough that each unit takes a little while, so an actor can be killed while it still has work."""
-    return make_tiny_model(tmp_path_factory.mktemp("dist") / "model", num_layers=6, hidden_size=128,
-                           moe_intermediate_size=96, num_heads=4, num_kv_heads=2, head_dim=32)
+    """Wide enough that each unit takes a little while, so an actor can be killed while it still has work; top-3 of
+    8 experts in groups of 2, so that adding the groups' partial sums in another order than the plan's changes bits
+    (with top-2 a token meets at most two nonzero partials, and a + b == b + a exactly)."""
+    return make_tiny_model(tmp_path_factory.mktemp("dist") / "model", num_layers=4, hidden_size=128,
+                           moe_intermediate_size=96, num_heads=4, num_kv_heads=2, head_dim=32, top_k=TOP_K)
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +40,18 @@ def reference(model, calib_index, tmp_path_factory):
 
 @pytest.fixture
 def local_ray():
-    ray.init(num_cpus=3, include_dashboard=False)
+    ray.init(address="local", num_cpus=3, include_dashboard=False)  # "local": never another session's cluster
     yield
     ray.shutdown()
+
+
+@pytest.fixture
+def private_cluster(monkeypatch):
+    """ray.cluster_utils.Cluster writes its address to /tmp/ray/ray_current_cluster, where every ray.init() on the
+    machine (other sessions' tests included) would find and join it, and removes that file when it shuts down:
+    keep both to this test."""
+    monkeypatch.setattr(ray._private.utils, "write_ray_address", lambda *args, **kwargs: None)
+    monkeypatch.setattr(ray._common.utils, "reset_ray_address", lambda *args, **kwargs: None)
 
 
 def run(model, calib_index, save, workers, **kwargs):
@@ -61,7 +73,7 @@ def test_results_through_the_object_store(local_ray, model, calib_index, referen
     assert_same_checkpoint(tmp_path / "out", reference)
 
 
-def test_two_node_cluster(model, calib_index, reference, tmp_path):
+def test_two_node_cluster(private_cluster, model, calib_index, reference, tmp_path):
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
@@ -101,8 +113,8 @@ def test_actor_that_keeps_dying_gives_a_clear_error_and_no_checkpoint(local_ray,
     assert not list((tmp_path / "out").glob("*.safetensors"))
 
 
-def test_lost_node_its_actor_moves_to_another_node_and_the_checkpoint_is_the_same(model, calib_index, reference,
-                                                                                  tmp_path):
+def test_lost_node_its_actor_moves_to_another_node_and_the_checkpoint_is_the_same(private_cluster, model, calib_index,
+                                                                                  reference, tmp_path):
     small = 300 * 2**20
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": small})
     nodes = [cluster.add_node(num_cpus=1, object_store_memory=small) for _ in range(3)]
