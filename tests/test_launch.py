@@ -133,11 +133,16 @@ def cluster(request):
     return c
 
 
+GROUP = "2"  # experts per unit: 8 experts -> 4 groups per layer, more than top-k
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
+    """Top-3 of 8 experts (in 4 groups of 2): a token's MoE output adds up to 3 nonzero group partials, so adding them
+    in another order than the plan's changes bits (with top-2, a + b == b + a and no order can show)."""
     out = tmp_path_factory.mktemp("launch") / "model"
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_tiny_model.py"), str(out)], check=True,
-                   cwd=ROOT, capture_output=True, timeout=120)
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_tiny_model.py"), str(out), "--top-k", "3"],
+                   check=True, cwd=ROOT, capture_output=True, timeout=120)
     return out
 
 
@@ -164,13 +169,14 @@ def test_quant_cluster_matches_single_card(cluster, tiny, tmp_path):
     single = tmp_path / "single"
     reference = subprocess.run([sys.executable, "-m", "dist_quant.cli", "quant", "--model_path", str(tiny),
                                 "--save_path", str(single), "--device", "cpu", "--workers", "1", "--dataset",
-                                str(dataset), "--quiet"], cwd=ROOT, env=script_env(), stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, timeout=300)
+                                str(dataset), "--quiet", "--expert_group_size", GROUP], cwd=ROOT, env=script_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
     assert reference.returncode == 0, reference.stdout[-4000:]
 
     save = tmp_path / "dist"
     result = run("quant_cluster.sh", "--model_path", tiny, "--save_path", save, "--device", "cpu", "--workers", 2,
-                 "--address", cluster.address, "--dataset", dataset, "--quiet", timeout=300)
+                 "--address", cluster.address, "--dataset", dataset, "--quiet", "--", "--expert_group_size", GROUP,
+                 timeout=300)
     assert result.returncode == 0, result.stdout[-4000:]
     assert f"done: checkpoint in {save}" in result.stdout
     log = tmp_path / "dist.log"
