@@ -221,18 +221,25 @@ def test_add_copies_shared_and_non_contiguous_tensors(tmp_path, source):
 
 def test_refuses_non_empty_save_path_unless_overwrite(tmp_path, source):
     save_path = tmp_path / "out"
-    save_path.mkdir()
-    (save_path / "old.safetensors").write_text("old")
-    (save_path / "old_dir").mkdir()
+    old = write(save_path, source, [("old.weight", torch.ones(2), "FLOAT")])
+    old.publish(source)
     with pytest.raises(OutputError, match="not empty"):
         CheckpointWriter(save_path, model_path=source)
 
     entries = tensors_of_a_layer()
     writer = write(save_path, source, entries, overwrite=True)
-    assert (save_path / "old.safetensors").exists()  # the old content stays until publish
+    assert (save_path / "quant_model_description.json").exists()  # the old checkpoint stays until publish
     writer.publish(source)
-    assert not (save_path / "old.safetensors").exists() and not (save_path / "old_dir").exists()
     check_format(save_path, entries)
+
+
+def test_overwrite_refuses_a_folder_with_other_files(tmp_path, source):
+    save_path = tmp_path / "out"
+    write(save_path, source, tensors_of_a_layer()).publish(source)
+    (save_path / "old_dir").mkdir()
+    with pytest.raises(OutputError, match="old_dir"):
+        CheckpointWriter(save_path, model_path=source, overwrite=True)
+    assert (save_path / "old_dir").exists() and (save_path / "quant_model_description.json").exists()
 
 
 def test_republish_over_a_finished_checkpoint(tmp_path, source):
@@ -282,10 +289,10 @@ def test_refuses_a_file_as_save_path(tmp_path):
 def test_nothing_finished_looking_before_publish_or_after_abort(tmp_path, source):
     save_path = tmp_path / "out"
     writer = write(save_path, source, tensors_of_a_layer(), spill_bytes=1024)
-    assert [p.name for p in save_path.iterdir()] == [".dist_quant_staging"]  # a crash here leaves only staging
+    assert sorted(p.name for p in save_path.iterdir()) == [".dist_quant.lock", ".dist_quant_staging"]  # no more
     assert any((save_path / ".dist_quant_staging" / "spill").glob("*.safetensors"))  # the buffer spilled as it filled
     writer.abort()
-    assert list(save_path.iterdir()) == []
+    assert not save_path.exists()  # created by the writer, so removed with it: no debris
 
 
 def test_publish_without_tensors_is_refused(tmp_path, source):
