@@ -224,6 +224,22 @@ def test_float_tensors_are_the_source(checkpoint, hf_calibration):
             assert torch.equal(tensors[key], state[key]), key
 
 
+def test_static_linear_bias_is_the_source_bias(checkpoint, hf_calibration):
+    """FORMAT.md: a static W8A8 linear that has a bias keeps it as a float32 `.bias` ("FLOAT"), besides folding it into
+    quant_bias; the plain recipe transforms nothing, so it is the source bias bit for bit (zeros would not do)."""
+    tensors, description = checkpoint
+    model, _ = hf_calibration
+    with_bias = [m for m in static_modules(description) if model.get_submodule(m).bias is not None]
+    assert {m.rsplit(".", 1)[1] for m in with_bias} == {"qkv", "proj", "linear_fc1"}  # the vision blocks' linears
+    for module in static_modules(description):
+        bias = model.get_submodule(module).bias
+        if bias is None:
+            assert f"{module}.bias" not in tensors, module
+            continue
+        assert description[f"{module}.bias"] == "FLOAT" and tensors[f"{module}.bias"].dtype == torch.float32, module
+        assert torch.equal(tensors[f"{module}.bias"], bias.detach().to(torch.float32)), module
+
+
 def test_output_files(quantized, tiny_model):
     names = {p.name for p in quantized.iterdir()}
     assert "config.json" in names and "tokenizer.json" in names and "chat_template.jinja" in names
