@@ -223,8 +223,8 @@ dq_ray_dir() { echo "${1:-${RAY_TMPDIR:-${TMPDIR:-/tmp}}/ray}"; }
 # A note for the user's own shell when the scripts turned token authentication on.
 dq_auth_note() {
     if [[ ${RAY_AUTH_MODE:-} == token ]]; then
-        dq_info "  note:       Ray token authentication is on; in your own shell 'export RAY_AUTH_MODE=token'" \
-                "before ray status/dist-quant, and give every node the same token (~/.ray/auth_token or RAY_AUTH_TOKEN)"
+        dq_info "  note:       Ray token authentication is on: give every node the same token (~/.ray/auth_token" \
+                "or RAY_AUTH_TOKEN); dist-quant finds it by itself, 'ray status' needs 'export RAY_AUTH_MODE=token'"
     fi
 }
 

@@ -26,6 +26,7 @@ from dist_quant.runtime.actor import ActorBody
 from dist_quant.runtime.device import DEVICES
 from dist_quant.runtime.driver import OnDone, QuantSummary, quantize
 from dist_quant.runtime.plan import Unit, assign_units
+from dist_quant.runtime.ray_connect import AUTH_MODE, set_token_mode
 from dist_quant.runtime.report import UnitReport
 from dist_quant.runtime.resume import ResumePoint
 from dist_quant.runtime.worker import Worker
@@ -77,7 +78,8 @@ def start_ray(ray_address: Optional[str], workers: int, device: str):
         join_cluster(ray, ray_address, logging_level=logging.WARNING, log_to_driver=True)
         return ray, True
     num_cpus = max(os.cpu_count() or 1, workers) if device == "cpu" else None
-    ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+    # address="local": a new runtime even where `ray start` (or another program) left a cluster address behind
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
     return ray, True
 
 
@@ -135,7 +137,7 @@ class RayExecutor:
                  on_unit_done: Optional[Callable[[UnitReport], None]] = None):
         self.workers, self.ray_address, self.pin_cpus = workers, ray_address, pin_cpus
         self.max_restarts, self.ship_results, self.on_unit_done = max_restarts, ship_results, on_unit_done
-        self.ray, self.we_started, self.actors = None, False, []
+        self.ray, self.we_started, self.actors, self.switched_auth = None, False, [], False
         self.reports: list[UnitReport] = []
         self.ray_seconds = self.actor_seconds = self.sweep_seconds = 0.0
 
@@ -145,7 +147,9 @@ class RayExecutor:
         actors (they load while the driver builds the calibration inputs)."""
         Worker(model_path, recipe, UnitSink(writer.spill_dir), compute_threads=compute_threads).check_source_keys()
         started = time.perf_counter()
+        auth_mode = os.environ.get(AUTH_MODE)
         self.ray, self.we_started = start_ray(self.ray_address, self.workers, device)
+        self.switched_auth = auth_mode is None and os.environ.get(AUTH_MODE) is not None
         self.ray_seconds = time.perf_counter() - started
         check_capacity(self.ray, self.workers, device)
         self.plan, self.assignment = plan, assign_units(plan, self.workers)
@@ -206,6 +210,9 @@ class RayExecutor:
         if self.we_started:
             self.ray.shutdown()
             self.we_started = False
+        if self.switched_auth:  # token mode was for that cluster only
+            set_token_mode(False)
+            self.switched_auth = False
 
 
 def quantize_distributed(model_path: str, save_path: str, recipe: Recipe, *, workers: int,
