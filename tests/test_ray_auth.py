@@ -132,6 +132,17 @@ def test_wrong_token_is_a_one_line_error_naming_what_to_set(token_head, homes, t
     assert not (tmp_path / "out" / "quant_model_description.json").exists()
 
 
+@pytest.fixture(autouse=True)
+def ray_config_follows_the_environment():
+    """Ray caches RAY_AUTH_MODE in its process-wide RayConfig: once monkeypatch has put the environment back (it is
+    torn down before this autouse fixture), make Ray read it again, so later tests in this process see no leftover
+    "disabled" or "token" mode."""
+    yield
+    from ray._raylet import Config
+
+    Config.initialize("")
+
+
 def set_client(monkeypatch, home: Path, **env) -> None:
     for key in [k for k in os.environ if k.startswith("RAY_AUTH")]:
         monkeypatch.delenv(key)

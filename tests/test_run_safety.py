@@ -86,14 +86,15 @@ def test_second_run_into_the_same_save_path_fails_at_once_naming_the_first(model
 
 
 RAY = pytest.mark.ray
-INTERRUPTS = [(signal.SIGTERM, 143, "SIGTERM", ()), (signal.SIGINT, 130, "Ctrl-C", ()),
-              pytest.param(signal.SIGTERM, 143, "SIGTERM", ("--workers", "2"), marks=RAY),  # Ray's own handler aborts
-              pytest.param(signal.SIGINT, 130, "Ctrl-C", ("--workers", "2"), marks=RAY)]
+INTERRUPTS = [(signal.SIGTERM, 143, "SIGTERM", "single card"), (signal.SIGINT, 130, "Ctrl-C", "single card"),
+              pytest.param(signal.SIGTERM, 143, "SIGTERM", "ray", marks=RAY),  # Ray's own handler aborts the driver
+              pytest.param(signal.SIGINT, 130, "Ctrl-C", "ray", marks=RAY)]
 
 
-@pytest.mark.parametrize("sig, code, name, mode", INTERRUPTS)
-def test_interrupt_prints_one_line_with_the_command_that_continues(model, calib, clean, tmp_path, sig, code, name,
-                                                                   mode):
+@pytest.mark.parametrize("sig, code, name, where", INTERRUPTS)
+def test_interrupt_prints_one_line_with_the_command_that_continues(model, calib, clean, tmp_path, request, sig, code,
+                                                                   name, where):
+    mode = ("--workers", "2", "--ray_address", request.getfixturevalue("cluster").address) if where == "ray" else ()
     save = tmp_path / "q"
     log = tmp_path / "child.log"
     child = start_child(args(model, calib, save, *mode), log)
