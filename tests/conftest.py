@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -21,12 +22,30 @@ def calib_index(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def cluster():
-    """A Ray cluster with 3 CPUs for one test module; drivers join it with --ray_address cluster.address."""
+    """A Ray cluster with 3 CPUs for one test module; drivers join it with --ray_address cluster.address.
+
+    Its auth mode is pinned (no token auth) for the module: the head processes, this process and the CLI children
+    all read RAY_AUTH_MODE, and Ray would otherwise turn token auth on for the head when ~/.ray/auth_token exists
+    while this process's cached mode says otherwise. Its address is kept out of /tmp/ray/ray_current_cluster, where
+    other ray.init() calls on the machine would find it."""
+    import ray
+    from ray._raylet import Config
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3})
-    yield cluster
-    import ray
-
-    ray.shutdown()
-    cluster.shutdown()
+    saved = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    Config.initialize("")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ray._private.utils, "write_ray_address", lambda *args, **kwargs: None)
+        patch.setattr(ray._common.utils, "reset_ray_address", lambda *args, **kwargs: None)
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 3})
+        try:
+            yield cluster
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
+            if saved is None:
+                os.environ.pop("RAY_AUTH_MODE", None)
+            else:
+                os.environ["RAY_AUTH_MODE"] = saved
+            Config.initialize("")

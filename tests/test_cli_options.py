@@ -31,4 +31,6 @@ def test_out_of_range_numbers_are_refused(capsys, command, option, value):
 def test_the_python_api_checks_them_too(tmp_path):
     with pytest.raises(DistQuantError, match="expert_group_size must be a whole number of at least 1"):
         quantize_single_card(str(tmp_path / "m"), str(tmp_path / "s"), load_recipe(), expert_group_size=-3)
+    with pytest.raises(DistQuantError, match="compute_threads must be a whole number of at least 1, got 0"):
+        quantize_single_card(str(tmp_path / "m"), str(tmp_path / "s"), load_recipe(), compute_threads=0)
     assert not (tmp_path / "s").exists()

@@ -166,6 +166,10 @@ def test_resume_with_another_recipe_calibration_set_or_changed_weights_is_refuse
     other_calib = make_calibration_set(tmp_path / "other", num_images=2, seed=9)
     assert main(args(model, other_calib, recipe, save, "--resume")) == 2
     assert "calibration differ" in capsys.readouterr().err
+    assert main(args(model, calib, recipe, save, "--resume", "--compute_threads", "2")) == 2
+    assert "compute_threads differ" in capsys.readouterr().err
+    assert main(args(model, calib, recipe, save, "--resume", "--overwrite")) == 2  # started without it
+    assert "overwrite differ" in capsys.readouterr().err
     # one tensor's bytes changed in place, same size (a header-only or size-only fingerprint misses this)
     changed = tmp_path / "changed_model"
     changed.mkdir()
@@ -182,6 +186,35 @@ def test_resume_with_another_recipe_calibration_set_or_changed_weights_is_refuse
     assert main(args(changed, calib, recipe, save2, "--resume")) == 2
     assert "model or weights" in capsys.readouterr().err
     assert (save / JOURNAL).exists() and (save2 / JOURNAL).exists()  # the interrupted runs are still there
+
+
+def flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damaged", ["unit file", "stream file"])
+def test_damaged_staged_files_are_not_kept(model, calib, recipe, clean, tmp_path, damaged):
+    """A kept file is checked by its CRC-32, not just its size: a damaged unit file or layer stream is recomputed."""
+    save = tmp_path / "q"
+    killed(args(model, calib, recipe, save), "unit:10", tmp_path / "child.log")
+    run = save / STAGING / "run"
+    flip_a_byte(save / STAGING / "spill" / "L000-experts-0002-0004.safetensors" if damaged == "unit file"
+                else run / "stream" / "after_layer_0000.safetensors")
+    summary = quantize_single_card(str(model), str(save), load_recipe(recipe), dataset=str(calib), progress=False,
+                                   expert_group_size=2, resume=True)
+    assert_resumed_like_clean(save, clean[0])
+    assert summary.ran_units == units_of(model)  # layer 0 could not be trusted, so nothing after it either
+
+
+def test_a_damaged_part_whose_unit_files_are_gone_is_a_clear_error(model, calib, recipe, tmp_path, capsys):
+    save = tmp_path / "q"
+    killed(args(model, calib, recipe, save), "part:3", tmp_path / "child.log")
+    flip_a_byte(save / STAGING / sorted(p.name for p in (save / STAGING).glob("quant_model_weights-*"))[0])
+    assert main(args(model, calib, recipe, save, "--resume")) == 2
+    assert "are damaged and the unit files" in capsys.readouterr().err
+    nothing_finished_looking(save)
 
 
 def test_journal_records_cannot_name_files_outside_staging(model, calib, recipe, clean, tmp_path):

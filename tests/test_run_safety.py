@@ -138,10 +138,14 @@ def test_overwrite_replaces_only_a_checkpoint(model, calib, clean, tmp_path, cap
 
     save = tmp_path / "q"  # a checkpoint with a user's file dropped in: refused too, listing it
     assert main(args(model, calib, save)) == 0
-    (save / "my_eval_results.csv").write_text("keep me")
+    mine = ["my_eval_results.csv", "eval_report.json", "notes.txt", "serve.py", "my_sweep.yaml"]
+    for name in mine:  # files of kinds a checkpoint holds too: only the checkpoint's own list may be deleted
+        (save / name).write_text("keep me")
     assert main(args(model, calib, save, "--overwrite")) == 2
-    assert "my_eval_results.csv" in capsys.readouterr().err
-    (save / "my_eval_results.csv").unlink()
+    err = capsys.readouterr().err
+    assert all(name in err for name in mine), err
+    for name in mine:
+        (save / name).unlink()
     assert main(args(model, calib, save, "--overwrite")) == 0  # a checkpoint alone is replaced
     assert_same_checkpoint(save, clean)
 

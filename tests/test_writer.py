@@ -118,7 +118,9 @@ def test_publish_writes_exactly_the_format_file_set(tmp_path, source):
     assert "optional" not in description
     copied = {"tokenizer.json", "generation_config.json", "chat_template.jinja", "merges.txt", "modeling_extra.py"}
     expected = {*weight_files, INDEX, DESCRIPTION, "config.json", "qwen3_vl_moe_w8a8.yaml", *copied}
-    assert {p.name for p in save_path.iterdir()} == expected  # no float weights, no float index, no README
+    listing = "quant_model_files.json"  # what --overwrite may later delete: exactly these files
+    assert {p.name for p in save_path.iterdir()} == expected | {listing}  # no float weights or index, no README
+    assert set(json.loads((save_path / listing).read_text())["files"]) == expected | {listing}
     assert (save_path / "tokenizer.json").read_text() == '{"tok": 1}'
 
     config = json.loads((save_path / "config.json").read_text())
@@ -127,7 +129,7 @@ def test_publish_writes_exactly_the_format_file_set(tmp_path, source):
     assert summary["tensors"] == len(entries)
     assert summary["bytes"] == sum(t.numel() * t.element_size() for _, t, _ in entries)
     assert summary["counts"] == {"W8A8": 5, "W8A8_DYNAMIC": 3, "FLOAT": 2}
-    assert set(summary["files"]) == expected
+    assert set(summary["files"]) == expected | {listing}
 
 
 @pytest.mark.parametrize("spill_bytes", [256 * 1024**2, 300])  # one spill file for all parts; spills across parts

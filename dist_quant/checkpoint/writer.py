@@ -46,6 +46,7 @@ RUN_SUFFIXES = (".yaml", ".yml", ".log")  # the recipe and the run log published
 LAYOUT_FILE = "layout.json"  # private: the parts and the byte ranges they are made of
 PARTS_FILE = "parts.jsonl"  # private: each finished part with its size and CRC-32
 MOVE_FILE = "move.json"  # private: the files to move into save_path, written once all of them are finished
+FILES_FILE = "quant_model_files.json"  # published: what this checkpoint consists of (all --overwrite may delete)
 GB = 1024**3  # msModelSlim's part_file_size unit
 MiB = 1024**2
 
@@ -66,10 +67,13 @@ def _is_within(path: Path, folder: Path) -> bool:
 
 
 def _write_json(path: Path, content: dict) -> None:
-    with writing(path), open(path, "w", encoding="utf-8") as f:
+    """Written under a temporary name and renamed: a file killed half-way never carries the final name."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with writing(path), open(tmp, "w", encoding="utf-8") as f:
         f.write(json.dumps(content, indent=2, ensure_ascii=False) + "\n")
         f.flush()
         os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -120,9 +124,12 @@ def _copy(source: Path, target: Path) -> None:
         shutil.copy2(source, target)
 
 
-def _is_checkpoint_entry(path: Path) -> bool:
-    """What a checkpoint written here (or by msModelSlim) consists of: the only things --overwrite may delete."""
+def _is_checkpoint_entry(path: Path, listed: Optional[set] = None) -> bool:
+    """What a checkpoint consists of: the only things --overwrite may delete. A checkpoint written here lists its
+    files (``listed``, from quant_model_files.json); for one without that list (msModelSlim's), its file kinds."""
     name = path.name
+    if listed is not None:
+        return name in listed or name in (STAGING_DIR, LOCK_FILE)
     if path.is_symlink() or (name.startswith(".") and name not in (STAGING_DIR, LOCK_FILE)):
         return False
     if path.is_dir():
@@ -200,13 +207,10 @@ class CheckpointWriter:
         try:
             self.resuming = resume and self.private_dir.is_dir() and any(self.private_dir.iterdir())
             self.published = (self.save_path / DESCRIPTION_FILE).exists() and not self.resuming
-            if not self.resuming and not (resume and self.published):
-                self._check_save_path_content()
-                shutil.rmtree(self.staging, ignore_errors=True)  # left over by a run that crashed
-            if not (resume and self.published):
-                with writing(self.spill_dir):
-                    self.spill_dir.mkdir(parents=True, exist_ok=True)
-                    self.private_dir.mkdir(exist_ok=True)
+            if self.resuming:
+                self._make_staging()
+            elif not (resume and self.published):
+                self.start_afresh()
         except OSError as error:
             self.close()
             if error.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
@@ -227,6 +231,26 @@ class CheckpointWriter:
         self._optional_files: list[str] = []
         self._optional_description: dict | None = None
 
+    def _make_staging(self) -> None:
+        with writing(self.spill_dir):
+            self.spill_dir.mkdir(parents=True, exist_ok=True)
+            self.private_dir.mkdir(exist_ok=True)
+
+    def start_afresh(self) -> None:
+        """An empty staging folder, once save_path's content is known to be replaceable (see __init__); the driver
+        calls it when a --resume --overwrite finds another run's finished checkpoint."""
+        self._check_save_path_content()
+        shutil.rmtree(self.staging, ignore_errors=True)  # left over by a run that crashed
+        self.published = False
+        self._make_staging()
+
+    def _listed_files(self) -> Optional[set]:
+        try:
+            files = json.loads((self.save_path / FILES_FILE).read_text())["files"]
+            return {name for name in files if isinstance(name, str)} | {FILES_FILE}
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
     def _check_save_path_content(self) -> None:
         existing = sorted(p for p in self.save_path.iterdir() if p.name not in (STAGING_DIR, LOCK_FILE))
         if not existing:
@@ -236,7 +260,8 @@ class CheckpointWriter:
                 f"save path {self.save_path} is not empty (holds {[p.name for p in existing[:5]]}); choose an empty "
                 "folder or pass --overwrite to replace the checkpoint it holds"
             )
-        foreign = [p.name for p in existing if not _is_checkpoint_entry(p)]
+        listed = self._listed_files()
+        foreign = [p.name for p in existing if not _is_checkpoint_entry(p, listed)]
         if not (self.save_path / DESCRIPTION_FILE).exists() and not (self.staging).exists():
             foreign = [p.name for p in existing]
         if foreign:
@@ -342,8 +367,10 @@ class CheckpointWriter:
         _write_json(self.staging / DESCRIPTION_FILE, description)
         if self.overwrite:
             self._remove_old_checkpoint()
-        moves = sorted((p.name for p in self.staging.iterdir() if p.name not in (SPILL_DIR, PRIVATE_DIR)),
-                       key=lambda name: (name == DESCRIPTION_FILE, name))
+        entries = sorted(p.name for p in self.staging.iterdir() if p.name not in (SPILL_DIR, PRIVATE_DIR, FILES_FILE)
+                         and not p.name.startswith("."))
+        _write_json(self.staging / FILES_FILE, {"files": entries + [FILES_FILE]})
+        moves = sorted(entries + [FILES_FILE], key=lambda name: (name == DESCRIPTION_FILE, name))
         _write_json(self.private_dir / MOVE_FILE, {"files": moves})  # from here on, a resumed run only moves
         return self.resume_publish()
 
@@ -429,6 +456,10 @@ class CheckpointWriter:
         needed = Counter(t.source for name, part in layout if name not in done for t in part)
         for spill in {t.source for _, part in layout for t in part} - set(needed):
             spill.unlink(missing_ok=True)
+        gone = sorted(spill.name for spill in needed if not spill.is_file())
+        if gone:
+            raise OutputError(f"parts of the interrupted run in {self.staging} are damaged and the unit files they "
+                              f"were made of ({gone[:3]}) are gone; run again without --resume, with --overwrite")
         jobs = [(self.staging / name, part) for name, part in layout if name not in done]
         for first in range(0, len(jobs), batch_size):
             batch = jobs[first:first + batch_size]
@@ -474,7 +505,8 @@ class CheckpointWriter:
         description first, so the old checkpoint stops looking finished."""
         old = sorted((p for p in self.save_path.iterdir() if p.name not in (STAGING_DIR, LOCK_FILE)),
                      key=lambda p: p.name != DESCRIPTION_FILE)
-        foreign = [p.name for p in old if not _is_checkpoint_entry(p)]
+        listed = self._listed_files()
+        foreign = [p.name for p in old if not _is_checkpoint_entry(p, listed)]
         if foreign:
             raise OutputError(f"save path {self.save_path} now holds files that are not part of a checkpoint "
                               f"({foreign[:10]}); nothing was replaced: move them away and rerun with --resume")

@@ -7,6 +7,7 @@ checkpoint identical whoever ran it lives here, once.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
@@ -143,17 +144,20 @@ def quantize(model_path: str, save_path: str, recipe: Recipe, executor: Executor
     try:
         failpoints.reach("startup")
         if resume and writer.published:
-            return _already_complete(writer, inputs_and_fingerprint()[1], start, len(plan))
+            inputs, run = inputs_and_fingerprint()
+            if not overwrite or _published_run(writer) == run:
+                return _already_complete(writer, run, start, len(plan))
+            writer.start_afresh()  # --resume --overwrite over another run's checkpoint: what --overwrite says
         if resume and not writer.resuming:
             log.info("--resume: %s holds no interrupted run (nothing had finished); starting from the beginning",
                      writer.save_path)
-        run_log = RunLog(writer.staging, recipe.path)
+        run_log = RunLog(writer.staging, recipe.path, append=writer.resuming)
         sigterm = signal.getsignal(signal.SIGTERM)
         executor.start(model_path, recipe, writer, plan, device, compute_threads)
         if callable(sigterm) and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, sigterm)  # Ray's runtime installs its own handler, which aborts
         inputs, run = inputs_and_fingerprint()
-        journal = Journal(writer.private_dir, run, writer.resuming)
+        journal = Journal(writer.private_dir, {**run, "overwrite": overwrite}, writer.resuming)
         if writer.moving:  # killed while moving the finished files into save_path: finish that
             run_log.write("resuming the publishing of a finished checkpoint")
             summary = writer.resume_publish()
@@ -169,13 +173,17 @@ def quantize(model_path: str, save_path: str, recipe: Recipe, executor: Executor
         assemble_started = time.perf_counter()
         summary = writer.publish(model_path, recipe_path=recipe.path, **executor.part_writing())
     except KeyboardInterrupt as interrupt:
-        kept = _give_up(writer, journal, quiet=True)
+        with _signals_held():
+            kept = _give_up(writer, journal, quiet=True)
+            executor.close()
         raise RunInterrupted(kept, writer.staging, str(interrupt) or "Ctrl-C") from None
     except BaseException:
-        _give_up(writer, journal)
+        with _signals_held():
+            _give_up(writer, journal)
         raise
     finally:
-        executor.close()
+        with _signals_held():
+            executor.close()
     phases: dict[str, float] = {}
     for report in reports:
         add_times(phases, report.phases or {})
@@ -229,12 +237,33 @@ def _progress_text(live: dict[int, list]) -> str:
                       for a, (units, busy) in sorted(live.items()))
 
 
+@contextlib.contextmanager
+def _signals_held():
+    """A second Ctrl-C or SIGTERM while the run cleans up would cut the cleanup short (and the message saying what
+    was kept): they wait until it is done."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    previous = {sig: signal.signal(sig, lambda number, frame: pending.append(number))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _published_run(writer: CheckpointWriter) -> Optional[dict]:
+    try:
+        return json.loads((writer.save_path / RUN_FILE).read_text())["fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _already_complete(writer: CheckpointWriter, run: dict, start: float, units: int) -> QuantSummary:
     """--resume on a checkpoint that was published: fine when it is this run's, refused when it is another's."""
-    try:
-        published = json.loads((writer.save_path / RUN_FILE).read_text())["fingerprint"]
-    except (OSError, ValueError, KeyError, TypeError):
-        published = None
+    published = _published_run(writer)
     changed = [k for k in run if not isinstance(published, dict) or published.get(k) != run[k]]
     writer.close()
     if changed:

@@ -196,6 +196,8 @@ class RayExecutor:
         if not self.actors or not all(report.record.payload is None for report in self.reports):
             return {}
         ray, actors = self.ray, self.actors
+        if not self.reports and not all(info["shared_fs"] for info in ray.get([a.node.remote() for a in actors])):
+            return {}  # a resumed assembly: nothing ran, so ask the actors whether they see save_path
 
         def write_batch(batch):
             return ray.get([actors[i % len(actors)].write_part.remote(str(path), part)

@@ -107,7 +107,11 @@ class Journal:
             self._append(run)
 
     def _load(self, run: dict) -> None:
-        lines = self.path.read_text(encoding="utf-8", errors="replace").splitlines()
+        text = self.path.read_text(encoding="utf-8", errors="replace")
+        if text and not text.endswith("\n"):  # a line torn by a kill: this run's records start on a line of their own
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write("\n")
+        lines = text.splitlines()
         try:
             previous = json.loads(lines[0])
         except (IndexError, ValueError):
@@ -161,8 +165,13 @@ class Journal:
         self._append(entry)
 
     def record_stream(self, record: StreamRecord) -> None:
+        """A saved stream file; once it is journaled, the layer files before it are of no use and go (never
+        earlier: a run killed in between must still find a journaled restart point)."""
         self.streams[record.stream] = record
         self._append(dataclasses.asdict(record))
+        for older in sorted(self.path.parent.glob(f"{STREAM_DIR}/after_layer_*.safetensors")):
+            if older.name < record.stream and record.stream.startswith("after_layer_"):
+                older.unlink(missing_ok=True)
 
     def intact(self, spill_dir: Path) -> dict[str, UnitRecord]:
         """The finished units whose files are still there, whole and unchanged."""
@@ -220,10 +229,9 @@ def _layer_file(private_dir: Path, layer: int) -> Path:
 
 
 def save_hidden(private_dir: Path, layer: int, hidden: list[torch.Tensor]) -> StreamRecord:
-    """The hidden states that leave ``layer`` (deepstack included); the previous layer's file is then dropped."""
-    record = _save_atomic({str(i): h for i, h in enumerate(hidden)}, _layer_file(private_dir, layer))
-    _layer_file(private_dir, layer - 1).unlink(missing_ok=True)
-    return record
+    """The hidden states that leave ``layer`` (deepstack included); the journal drops the earlier ones once this
+    one is recorded."""
+    return _save_atomic({str(i): h for i, h in enumerate(hidden)}, _layer_file(private_dir, layer))
 
 
 @dataclass

@@ -35,7 +35,8 @@ class RunLog:
     """Appends to ``quant_run.log`` in the staging folder (published with the checkpoint) and mirrors warnings to
     the console."""
 
-    def __init__(self, staging: Path, recipe_path: Path, argv: list[str] | None = None):
+    def __init__(self, staging: Path, recipe_path: Path, argv: list[str] | None = None, append: bool = False):
+        """``append``: a resumed run continues the interrupted run's log instead of replacing it."""
         self.path = staging / LOG_FILE
         self.start = time.perf_counter()
         self.warnings: list[str] = []
@@ -43,8 +44,8 @@ class RunLog:
                  f"command: {' '.join(argv if argv is not None else sys.argv)}",
                  "versions: " + ", ".join(f"{k} {v}" for k, v in versions().items()),
                  f"recipe {recipe_path}:", *("  " + line for line in recipe_path.read_text().splitlines()), ""]
-        with writing(self.path):
-            self.path.write_text("\n".join(lines) + "\n")
+        with writing(self.path), open(self.path, "a" if append else "w", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
 
     def write(self, line: str) -> None:
         with writing(self.path), open(self.path, "a", encoding="utf-8") as f:
