@@ -256,6 +256,9 @@ def test_ray_run_killed_anywhere_resumes_to_the_same_checkpoint(model, calib, re
     killed(args(model, calib, recipe, save, "--workers", "2", "--ray_address", cluster.address), RAY_POINTS[phase],
            tmp_path / "child.log")
     nothing_finished_looking(save)
-    assert main(args(model, calib, recipe, save, "--workers", "3", "--ray_address", cluster.address,
-                     "--resume")) == 0
+    resumed = subprocess.run([sys.executable, "-m", "dist_quant.cli", *args(model, calib, recipe, save, "--workers",
+                                                                             "3", "--ray_address", cluster.address,
+                                                                             "--resume")],
+                             env=CLEAN_ENV, capture_output=True, text=True, timeout=600)  # a new driver process
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_resumed_like_clean(save, clean[0])
