@@ -124,6 +124,11 @@ def _copy(source: Path, target: Path) -> None:
         shutil.copy2(source, target)
 
 
+def described_types(description: dict) -> dict[str, str]:
+    """The quant type of each tensor key of a published description (its other fields left out)."""
+    return {k: v for k, v in description.items() if k not in DESCRIPTION_FIELDS}
+
+
 def _is_checkpoint_entry(path: Path, listed: Optional[set] = None) -> bool:
     """What a checkpoint consists of: the only things --overwrite may delete. A checkpoint written here lists its
     files (``listed``, from quant_model_files.json); for one without that list (msModelSlim's), its file kinds."""
@@ -251,6 +256,11 @@ class CheckpointWriter:
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
+    def _foreign(self, entries: list[Path]) -> list[str]:
+        """The names among ``entries`` that are not part of the checkpoint in save_path (kept by --overwrite)."""
+        listed = self._listed_files()
+        return [p.name for p in entries if not _is_checkpoint_entry(p, listed)]
+
     def _check_save_path_content(self) -> None:
         existing = sorted(p for p in self.save_path.iterdir() if p.name not in (STAGING_DIR, LOCK_FILE))
         if not existing:
@@ -260,8 +270,7 @@ class CheckpointWriter:
                 f"save path {self.save_path} is not empty (holds {[p.name for p in existing[:5]]}); choose an empty "
                 "folder or pass --overwrite to replace the checkpoint it holds"
             )
-        listed = self._listed_files()
-        foreign = [p.name for p in existing if not _is_checkpoint_entry(p, listed)]
+        foreign = self._foreign(existing)
         if not (self.save_path / DESCRIPTION_FILE).exists() and not (self.staging).exists():
             foreign = [p.name for p in existing]
         if foreign:
@@ -392,7 +401,7 @@ class CheckpointWriter:
         self.lock.release()
         description = json.loads((self.save_path / DESCRIPTION_FILE).read_text())
         index = json.loads((self.save_path / INDEX_FILE).read_text())
-        types = {k: v for k, v in description.items() if k not in DESCRIPTION_FIELDS}
+        types = described_types(description)
         logger.info("published %d tensors (%.2f GB) to %s", len(types), index["metadata"]["total_size"] / GB,
                     self.save_path)
         files = sorted(str(p.relative_to(self.save_path)) for name in moves
@@ -505,8 +514,7 @@ class CheckpointWriter:
         description first, so the old checkpoint stops looking finished."""
         old = sorted((p for p in self.save_path.iterdir() if p.name not in (STAGING_DIR, LOCK_FILE)),
                      key=lambda p: p.name != DESCRIPTION_FILE)
-        listed = self._listed_files()
-        foreign = [p.name for p in old if not _is_checkpoint_entry(p, listed)]
+        foreign = self._foreign(old)
         if foreign:
             raise OutputError(f"save path {self.save_path} now holds files that are not part of a checkpoint "
                               f"({foreign[:10]}); nothing was replaced: move them away and rerun with --resume")

@@ -13,6 +13,7 @@ import logging
 import signal
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Protocol
@@ -22,7 +23,7 @@ from tqdm import tqdm
 from dist_quant import failpoints
 from dist_quant.calib.dataset import load_samples
 from dist_quant.calib.inputs import DEFAULT_MAX_SAMPLE_TOKENS, ModelInputs, build_model_inputs
-from dist_quant.checkpoint.writer import CheckpointWriter
+from dist_quant.checkpoint.writer import DESCRIPTION_FILE, CheckpointWriter, described_types
 from dist_quant.errors import CalibrationError, DistQuantError, OutputError
 from dist_quant.models.qwen3_vl_moe import load_checked
 from dist_quant.recipe import Recipe
@@ -269,13 +270,9 @@ def _already_complete(writer: CheckpointWriter, run: dict, start: float, units: 
     if changed:
         raise OutputError(f"save path {writer.save_path} holds a finished checkpoint of another run (its "
                           f"{', '.join(changed)} differ(s)); use --overwrite without --resume to replace it")
-    description = json.loads((writer.save_path / "quant_model_description.json").read_text())
-    types = [v for k, v in description.items() if isinstance(v, str) and k not in ("version", "model_quant_type")]
-    counts: dict[str, int] = {}
-    for t in types:
-        counts[t] = counts.get(t, 0) + 1
-    return QuantSummary(time.perf_counter() - start, units, len(types), 0, counts, str(writer.save_path),
-                        already_complete=True)
+    types = described_types(json.loads((writer.save_path / DESCRIPTION_FILE).read_text()))
+    return QuantSummary(time.perf_counter() - start, units, len(types), 0, dict(Counter(types.values())),
+                        str(writer.save_path), already_complete=True)
 
 
 def _give_up(writer: CheckpointWriter, journal: Optional[Journal], quiet: bool = False) -> int:
