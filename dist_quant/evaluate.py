@@ -17,20 +17,13 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from dist_quant.algorithms.quantize import dynamic_w8a8_linear, static_w8a8_linear
 from dist_quant.calib.inputs import ModelInputs
-from dist_quant.checkpoint.reader import JSON_FILE_ERRORS, CheckpointReader, load_json_file, model_file
-from dist_quant.errors import CheckpointError, reason
+from dist_quant.checkpoint.formats import ascendv1
+from dist_quant.checkpoint.reader import CheckpointReader
+from dist_quant.errors import CheckpointError
 from dist_quant.models import qwen3_vl_moe as qvl
-from dist_quant.recipe import FLOAT, W8A8, W8A8_DYNAMIC
 from dist_quant.runtime.sweep import add_partials, finish_layer
 
-QUANT_WEIGHTS = "quant_model_weights.safetensors"
-DESCRIPTION = "quant_model_description.json"
-# the tensors each served linear needs besides its weight (FORMAT.md), and every suffix a linear may carry
-NEEDED = {W8A8: ("quant_bias", "deq_scale", "input_scale", "input_offset"), W8A8_DYNAMIC: ("weight_scale",),
-          FLOAT: ()}
-LINEAR_SUFFIXES = ("bias", "weight_scale", "weight_offset", "quant_bias", "deq_scale", "input_scale", "input_offset")
 # config fields that fix the architecture: a quantized checkpoint is only comparable with a float model sharing them
 TEXT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                "num_key_value_heads", "head_dim", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
@@ -39,118 +32,6 @@ VISION_FIELDS = ("depth", "hidden_size", "intermediate_size", "num_heads", "in_c
                  "temporal_patch_size", "spatial_merge_size", "out_hidden_size", "num_position_embeddings",
                  "deepstack_visual_indexes")
 TOKEN_FIELDS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
-
-
-# --- linears with the serving runtime's integer math ----------------------------------------------------------------
-
-class StaticW8A8Linear(nn.Module):
-    """Per-tensor asymmetric int8 activations, per-channel int8 weights (FORMAT.md runtime math)."""
-
-    def __init__(self, tensors: dict[str, torch.Tensor]):
-        super().__init__()
-        for name in ("weight", "quant_bias", "deq_scale", "input_scale", "input_offset"):
-            self.register_buffer(name, tensors[name], persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = static_w8a8_linear(x.reshape(-1, x.shape[-1]), self.weight, self.quant_bias, self.deq_scale,
-                               self.input_scale, self.input_offset)
-        return y.reshape(*x.shape[:-1], -1).to(x.dtype)
-
-
-class DynamicW8A8Linear(nn.Module):
-    """Per-token symmetric int8 activations computed at run time, per-channel int8 weights."""
-
-    def __init__(self, tensors: dict[str, torch.Tensor]):
-        super().__init__()
-        self.register_buffer("weight", tensors["weight"], persistent=False)
-        self.register_buffer("weight_scale", tensors["weight_scale"], persistent=False)
-        self.register_buffer("bias", tensors.get("bias"), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = dynamic_w8a8_linear(x.reshape(-1, x.shape[-1]), self.weight, self.weight_scale)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*x.shape[:-1], -1).to(x.dtype)
-
-
-class QuantizedCheckpoint:
-    """The tensors and description of an ascendv1 checkpoint, as modules."""
-
-    def __init__(self, path: str | Path, dtype: torch.dtype):
-        self.path = Path(path)
-        description_file = model_file(self.path, DESCRIPTION, "the quantized checkpoint")
-        try:
-            self.description = load_json_file(description_file)
-        except JSON_FILE_ERRORS as error:
-            raise CheckpointError(f"{description_file} is missing or unreadable ({reason(error)}); is {path} a "
-                                  "finished dist-quant / msModelSlim checkpoint?") from None
-        if not isinstance(self.description, dict):
-            raise CheckpointError(f"{description_file} does not hold a JSON object; is {path} a finished "
-                                  "dist-quant / msModelSlim checkpoint?")
-        self.description_file = description_file
-        self.reader = CheckpointReader(self.path, weights_name=QUANT_WEIGHTS)
-        self.dtype = dtype
-        self.rotation = self._rotation()
-
-    def _rotation(self) -> Optional[torch.Tensor]:
-        """The QuaRot rotation the description points to (a file inside the checkpoint), or None."""
-        rotation_map = self.description
-        for field_name in ("optional", "quarot", "rotation_map"):
-            rotation_map = rotation_map.get(field_name, {}) if isinstance(rotation_map, dict) else None
-        if not isinstance(rotation_map, dict) or "global_rotation" not in rotation_map:
-            if rotation_map is None:
-                raise CheckpointError(f"{self.description_file}: optional.quarot.rotation_map is not an object; "
-                                      "restore the file")
-            return None
-        name = rotation_map["global_rotation"]
-        if not isinstance(name, str):
-            raise CheckpointError(f"{self.description_file}: optional.quarot.rotation_map.global_rotation is not a "
-                                  "file name; restore the file")
-        path = model_file(self.path, name, str(self.description_file))
-        with CheckpointReader(path.parent, weights_name=path.name, config={}) as reader:  # checked like weights
-            rotation = reader.get("global_rotation")
-        if rotation.dim() != 2 or rotation.shape[0] != rotation.shape[1]:
-            raise CheckpointError(f"{path}: global_rotation has shape {tuple(rotation.shape)}, not a square matrix; "
-                                  "restore the file")
-        return rotation.to(torch.float64)
-
-    def tensor(self, key: str) -> torch.Tensor:
-        return self.reader.get(key)
-
-    def float_tensor(self, key: str, shape: Optional[tuple[int, ...]] = None) -> torch.Tensor:
-        return self.reader.get(key, dtype=self.dtype, shape=shape)
-
-    def linear(self, name: str) -> nn.Module:
-        """The module vLLM Ascend would build for the linear ``name``, by its type in the description."""
-        quant_type = self.description.get(f"{name}.weight")
-        present = {s: f"{name}.{s}" for s in ("weight", "bias", "quant_bias", "deq_scale", "input_scale",
-                                              "input_offset", "weight_scale") if f"{name}.{s}" in self.reader}
-        missing = [f"{name}.{s}" for s in ("weight", *NEEDED.get(quant_type, ())) if s not in present]
-        if quant_type in NEEDED and missing:
-            raise CheckpointError(f"{self.path} has no tensor {missing[0]}, which its {quant_type} linear {name} "
-                                  "needs; the checkpoint is incomplete: quantize again")
-        if quant_type == W8A8:
-            return StaticW8A8Linear({s: self.tensor(k) for s, k in present.items()})
-        if quant_type == W8A8_DYNAMIC:
-            tensors = {s: self.tensor(k) for s, k in present.items()}
-            if "bias" in tensors:
-                tensors["bias"] = tensors["bias"].to(self.dtype)
-            return DynamicW8A8Linear(tensors)
-        if quant_type == FLOAT:
-            weight = self.float_tensor(present["weight"])
-            linear = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in present)
-            linear.weight = nn.Parameter(weight, requires_grad=False)
-            if "bias" in present:
-                linear.bias = nn.Parameter(self.float_tensor(present["bias"]), requires_grad=False)
-            return linear
-        raise CheckpointError(f"{self.path / DESCRIPTION} has no entry for {name}.weight")
-
-    def quantize_module(self, module: nn.Module, prefix: str) -> nn.Module:
-        """Replace every nn.Linear of a meta-device module by its served form, then load the rest (norms...)."""
-        for name, child in list(module.named_modules()):
-            if isinstance(child, nn.Linear):
-                module.set_submodule(name, self.linear(f"{prefix}.{name}"))
-        return qvl.materialize(module, self.float_tensor, prefix, self.dtype)
 
 
 def _config_differences(quantized, reference) -> list[str]:
@@ -181,7 +62,7 @@ def served_shapes(config, reader: CheckpointReader) -> dict[str, tuple[int, ...]
     return shapes
 
 
-def check_quantized_matches_float(checkpoint: QuantizedCheckpoint, reader: CheckpointReader, config) -> None:
+def check_quantized_matches_float(checkpoint: ascendv1.Checkpoint, reader: CheckpointReader, config) -> None:
     """Refuse, from config.json files and safetensors headers alone, a quantized checkpoint made from another model
     (other layer count, widths, experts...): compared layer by layer it would still print a table of numbers.
     Also finds up front a tensor the served model would need and the checkpoint lacks."""
@@ -205,7 +86,7 @@ def check_quantized_matches_float(checkpoint: QuantizedCheckpoint, reader: Check
                               f"{checkpoint.reader.shape(key)}, but {expected[key]} in the float model "
                               f"{reader.model_dir}; evaluate a checkpoint against the float model it was made from")
     allowed = set(expected) | {f"{key[:-len('weight')]}{suffix}" for key in expected if key.endswith(".weight")
-                               for suffix in LINEAR_SUFFIXES}
+                               for suffix in ascendv1.role_suffixes()}
     extra = sorted(held - allowed)
     if extra:
         raise CheckpointError(f"{checkpoint.path} holds {len(extra)} tensor(s) the float model {reader.model_dir} "
@@ -214,7 +95,7 @@ def check_quantized_matches_float(checkpoint: QuantizedCheckpoint, reader: Check
     for key in expected:
         quant_type = checkpoint.description.get(key)
         base = key[:-len(".weight")]
-        needed = [f"{base}.{suffix}" for suffix in NEEDED.get(quant_type, ()) if f"{base}.{suffix}" not in held]
+        needed = [f"{base}.{role}" for role in ascendv1.needed_roles(quant_type) if f"{base}.{role}" not in held]
         if needed:
             raise CheckpointError(f"{checkpoint.path} has no tensor {needed[0]}, which its {quant_type} linear "
                                   f"{base} needs; the checkpoint is incomplete: quantize again")
@@ -249,20 +130,27 @@ class FloatModel:
 class ServedModel(FloatModel):
     """The quantized checkpoint as vLLM Ascend serves it: integer math for W8A8 / W8A8_DYNAMIC linears."""
 
-    def __init__(self, checkpoint: QuantizedCheckpoint, config, dtype: torch.dtype):
+    def __init__(self, checkpoint: ascendv1.Checkpoint, config, dtype: torch.dtype):
         super().__init__(checkpoint.reader, config, dtype)
         self.checkpoint = checkpoint
 
     def vision(self) -> nn.Module:
         return qvl.build_vision(self.config, None, self.dtype,
-                                load=lambda visual: self.checkpoint.quantize_module(visual, qvl.VISUAL))
+                                load=lambda visual: self.served_module(visual, qvl.VISUAL))
 
     def attention_block(self, layer_idx: int) -> nn.Module:
         with torch.device("meta"):
             layer = qvl.hf.Qwen3VLMoeTextDecoderLayer(self.config.text_config, layer_idx)
         if qvl.is_moe_layer(self.config.text_config, layer_idx):
             layer.mlp.experts = None
-        return self.checkpoint.quantize_module(layer, qvl.layer_prefix(layer_idx)).eval()
+        return self.served_module(layer, qvl.layer_prefix(layer_idx)).eval()
+
+    def served_module(self, module: nn.Module, prefix: str) -> nn.Module:
+        """Replace every nn.Linear of a meta-device module by its served form, then load the rest (norms...)."""
+        for name, child in list(module.named_modules()):
+            if isinstance(child, nn.Linear):
+                module.set_submodule(name, self.checkpoint.linear(f"{prefix}.{name}"))
+        return qvl.materialize(module, self.checkpoint.float_tensor, prefix, self.dtype)
 
     def experts(self, layer_idx: int) -> list[Callable]:
         act_fn = qvl.activation(self.config)
@@ -378,7 +266,7 @@ def evaluate(float_path: str, quant_path: str, inputs: list[ModelInputs],
     """Run the float and the served quantized model side by side, layer by layer, and compare them."""
     dtype = torch.float32
     reader, config = qvl.load_checked(float_path)
-    checkpoint = QuantizedCheckpoint(quant_path, dtype)
+    checkpoint = ascendv1.Checkpoint(quant_path, dtype)
     check_quantized_matches_float(checkpoint, reader, config)
     rotary = qvl.build_text_rotary(config)
     reference, served = ModelRun(FloatModel(reader, config, dtype), rotary, inputs), \

@@ -15,11 +15,9 @@ from typing import Any, Union
 
 import yaml
 
+from dist_quant import schemes
 from dist_quant.errors import RecipeError
-
-W8A8 = "W8A8"
-W8A8_DYNAMIC = "W8A8_DYNAMIC"
-FLOAT = "FLOAT"
+from dist_quant.schemes import FLOAT, QSpec
 
 BUNDLED_CONFIGS = Path(__file__).parent / "configs"
 DEFAULT_RECIPE = BUNDLED_CONFIGS / "qwen3_vl_moe_w8a8.yaml"
@@ -31,16 +29,6 @@ _QUAROT_KEYS = {"type", "block_size", "seed"}
 _SMOOTH_KEYS = {"type", "alpha", "scale_min", "symmetric", "enable_subgraph_type", "include", "exclude"}
 SUBGRAPH_TYPES = ("norm-linear", "linear-linear", "ov", "up-down")
 PROCESSOR_TYPES = ("quarot", "iter_smooth", "linear_quant")
-
-
-@dataclass(frozen=True)
-class QSpec:
-    """How one side (activations or weights) of a linear is quantized."""
-
-    scope: str
-    dtype: str
-    symmetric: bool
-    method: str
 
 
 @dataclass(frozen=True)
@@ -126,19 +114,12 @@ def _qspec(path: Path, where: str, raw: Any) -> QSpec:
 
 
 def _scheme(path: Path, where: str, act: QSpec, weight: QSpec) -> str:
-    """Map a qconfig onto the two schemes vLLM Ascend serves for this model; anything else is refused by name."""
-    if weight != QSpec("per_channel", "int8", True, "minmax"):
-        raise _fail(path, f"{where}.weight", f"{weight} is not supported; use per_channel int8 symmetric minmax")
-    if act == QSpec("per_tensor", "int8", False, "minmax"):
-        return W8A8
-    if act == QSpec("per_token", "int8", True, "minmax"):
-        return W8A8_DYNAMIC
-    raise _fail(
-        path,
-        f"{where}.act",
-        f"{act} is not supported; use per_tensor int8 asymmetric minmax (W8A8) "
-        "or per_token int8 symmetric minmax (W8A8_DYNAMIC)",
-    )
+    """The registered scheme (dist_quant/schemes/) of a qconfig; anything else is refused, naming the processor."""
+    scheme = schemes.for_qconfig(act, weight)
+    if scheme is None:
+        allowed = "; ".join(f"{s.name}: {s.summary}" for s in schemes.SELECTABLE)
+        raise _fail(path, where, f"act {act} with weight {weight} is not a supported scheme; use one of: {allowed}")
+    return scheme.name
 
 
 def _globs(path: Path, where: str, raw: Any) -> tuple[str, ...]:

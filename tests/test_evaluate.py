@@ -8,11 +8,11 @@ import pytest
 import torch
 import yaml
 
-from dist_quant.algorithms.quantize import quantize_dynamic_linear, quantize_static_linear
 from dist_quant.calib.dataset import load_samples
 from dist_quant.calib.inputs import build_model_inputs
 from dist_quant.cli import main
-from dist_quant.evaluate import DynamicW8A8Linear, StaticW8A8Linear, evaluate
+from dist_quant.evaluate import evaluate
+from dist_quant.schemes import w8a8, w8a8_dynamic
 
 PLAIN_RECIPE = Path(__file__).parent / "data" / "plain_w8a8.yaml"
 
@@ -20,8 +20,8 @@ PLAIN_RECIPE = Path(__file__).parent / "data" / "plain_w8a8.yaml"
 def test_static_linear_equals_integer_arithmetic_exactly():
     torch.manual_seed(0)
     w, b, x = torch.randn(6, 40), torch.randn(6), torch.randn(5, 40) * 3
-    t = quantize_static_linear(w, b, float(x.min()), float(x.max()), torch.bfloat16)
-    y = StaticW8A8Linear(t)(x)
+    t = w8a8.quantize(w, b, (float(x.min()), float(x.max())), torch.bfloat16)
+    y = w8a8.serve(t)(x)
     s, o = t["input_scale"].item(), t["input_offset"].item()
     for i in range(5):
         xq = [max(-128, min(127, int(torch.round(torch.tensor(v) / s + o)))) for v in x[i].tolist()]
@@ -34,8 +34,8 @@ def test_static_linear_equals_integer_arithmetic_exactly():
 def test_dynamic_linear_equals_integer_arithmetic_exactly():
     torch.manual_seed(1)
     w, x = torch.randn(4, 33), torch.randn(3, 33)
-    t = quantize_dynamic_linear(w)
-    y = DynamicW8A8Linear(t)(x)
+    t = w8a8_dynamic.quantize(w, None, None, torch.float32)
+    y = w8a8_dynamic.serve(t)(x)
     for i in range(3):
         a_s = (x[i].abs().max() / 127).item()
         xq = [int(torch.round(torch.tensor(v) / torch.tensor(a_s))) for v in x[i].tolist()]

@@ -75,7 +75,7 @@ def test_static_ranges_equal_a_forward_of_the_transformed_model(dense_model, tra
     import dist_quant.evaluate as ev
 
     inputs = build_model_inputs(dense_model, load_samples(calib_index))
-    checkpoint = ev.QuantizedCheckpoint(transformed, torch.float32)
+    checkpoint = ev.ascendv1.Checkpoint(transformed, torch.float32)
     linear = checkpoint.linear
 
     def observed_linear(name):

@@ -4,13 +4,12 @@ import torch
 
 from dist_quant.algorithms.quantize import (
     activation_range_params,
-    deq_scale_values,
     dynamic_w8a8_linear,
-    quantize_dynamic_linear,
-    quantize_static_linear,
     quantize_weight_per_channel,
     static_w8a8_linear,
 )
+from dist_quant.checkpoint.formats.ascendv1 import deq_scale_values, linear_entries
+from dist_quant.schemes import w8a8, w8a8_dynamic
 
 
 def test_weight_per_channel_worked_example():
@@ -41,7 +40,7 @@ def test_activation_range_includes_zero_and_guards_empty_range():
 def test_static_linear_matches_hand_computation():
     w = torch.tensor([[0.5, -0.25], [0.1, 0.2]])
     bias = torch.tensor([0.3, -0.1])
-    t = quantize_static_linear(w, bias, -1.0, 1.55, torch.bfloat16)
+    t = w8a8.quantize(w, bias, (-1.0, 1.55), torch.bfloat16)
     s = 2.55 / 255
     o = round(1.0 / s) - 128
     assert t["input_offset"].item() == o == -28
@@ -56,9 +55,14 @@ def test_static_linear_matches_hand_computation():
 
 
 def test_fp16_models_store_deq_scale_as_int64_bits():
+    """docs/FORMAT.md: the ascendv1 format stores a float16 model's deq_scale as its float32 bits in int64."""
     w = torch.randn(8, 16)
-    fp16 = quantize_static_linear(w, None, -1, 1, torch.float16)["deq_scale"]
-    bf16 = quantize_static_linear(w, None, -1, 1, torch.bfloat16)["deq_scale"]
+
+    def stored_deq_scale(dtype):
+        entries = linear_entries("l", "W8A8", w8a8.quantize(w, None, (-1, 1), dtype), dtype)
+        return next(tensor for key, tensor, _ in entries if key == "l.deq_scale")
+
+    fp16, bf16 = stored_deq_scale(torch.float16), stored_deq_scale(torch.bfloat16)
     assert fp16.dtype == torch.int64 and bf16.dtype == torch.float32
     assert torch.equal(deq_scale_values(fp16), bf16)
     assert int(fp16[0]) == int.from_bytes(bf16[0].numpy().tobytes(), "little")
@@ -67,7 +71,7 @@ def test_fp16_models_store_deq_scale_as_int64_bits():
 def test_static_runtime_equals_integer_arithmetic():
     torch.manual_seed(0)
     w, bias, x = torch.randn(5, 7), torch.randn(5), torch.randn(3, 7)
-    t = quantize_static_linear(w, bias, float(x.min()), float(x.max()), torch.bfloat16)
+    t = w8a8.quantize(w, bias, (float(x.min()), float(x.max())), torch.bfloat16)
     y = static_w8a8_linear(x, t["weight"], t["quant_bias"], t["deq_scale"], t["input_scale"], t["input_offset"])
     s, o = t["input_scale"].item(), t["input_offset"].item()
     for i in range(3):
@@ -81,7 +85,7 @@ def test_static_runtime_equals_integer_arithmetic():
 def test_dynamic_runtime_equals_integer_arithmetic():
     torch.manual_seed(1)
     w, x = torch.randn(4, 6), torch.randn(2, 6)
-    t = quantize_dynamic_linear(w)
+    t = w8a8_dynamic.quantize(w, None, None, torch.float32)
     assert t["weight_scale"].shape == (4, 1) and torch.equal(t["weight_offset"], torch.zeros(4, 1))
     y = dynamic_w8a8_linear(x, t["weight"], t["weight_scale"])
     for i in range(2):

@@ -4,7 +4,8 @@ import pytest
 import yaml
 
 from dist_quant.errors import RecipeError
-from dist_quant.recipe import DEFAULT_RECIPE, FLOAT, W8A8, W8A8_DYNAMIC, IterSmooth, QuaRot, load_recipe
+from dist_quant.recipe import DEFAULT_RECIPE, IterSmooth, QuaRot, load_recipe
+from dist_quant.schemes import FLOAT, W8A8, W8A8_DYNAMIC
 
 T = "model.language_model.layers.3"
 

@@ -9,7 +9,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from dist_quant.checkpoint import writer as writer_module
-from dist_quant.checkpoint.writer import CheckpointWriter, model_quant_type
+from dist_quant.checkpoint.formats.ascendv1 import model_quant_type
+from dist_quant.checkpoint.writer import CheckpointWriter
 from dist_quant.errors import OutputError
 
 DESCRIPTION = "quant_model_description.json"
@@ -158,7 +159,7 @@ def test_part_size_zero_writes_a_single_file(tmp_path, source):
     assert weight_files == ["quant_model_weights.safetensors"]
 
 
-def test_optional_quarot_and_metadata(tmp_path, source):
+def test_optional_quarot(tmp_path, source):
     entries = tensors_of_a_layer()
     save_path = tmp_path / "out"
     writer = write(save_path, source, entries)
@@ -166,11 +167,10 @@ def test_optional_quarot_and_metadata(tmp_path, source):
     writer.add_optional("optional/quarot.safetensors", {"global_rotation": rotation})
     optional = {"quarot": {"rotation_map": {"global_rotation": "optional/quarot.safetensors"}}}
     writer.set_optional_description(optional)
-    summary = writer.publish(source, metadata={"tool": "dist_quant"})
+    summary = writer.publish(source)
 
     _, description = check_format(save_path, entries)
     assert description["optional"] == optional
-    assert description["metadata"] == {"tool": "dist_quant"}
     stored = load_file(str(save_path / "optional" / "quarot.safetensors"))
     assert stored.keys() == {"global_rotation"}
     assert stored["global_rotation"].dtype == torch.float32 and torch.equal(stored["global_rotation"], rotation)

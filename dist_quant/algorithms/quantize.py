@@ -1,4 +1,5 @@
-"""Int8 quantizers of the seed recipe and the integer math vLLM Ascend runs on their output.
+"""Int8 quantizers and the integer math vLLM Ascend runs on their output: the shared math of the schemes in
+dist_quant/schemes/.
 
 Everything here is a pure function over tensors. Quantization is always computed from float32 (never in bf16: that
 leaves -128 values from a symmetric scale and extra rounding error), and no scale is ever 0, NaN or inf.
@@ -39,56 +40,7 @@ def activation_range_params(x_min: float, x_max: float) -> tuple[torch.Tensor, t
     return scale, offset
 
 
-def float32_bits_as_int64(values: torch.Tensor) -> torch.Tensor:
-    """The float32 bit pattern of ``values`` widened to int64: how fp16 checkpoints store ``deq_scale``."""
-    return values.to(torch.float32).contiguous().view(torch.int32).to(torch.int64)
-
-
-def quantize_static_linear(
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    x_min: float,
-    x_max: float,
-    model_dtype: torch.dtype,
-) -> dict[str, torch.Tensor]:
-    """Static W8A8 tensors of one linear (FORMAT.md), keyed by suffix: weight, input_scale, input_offset,
-    deq_scale, quant_bias, and bias (float32) when the layer has one."""
-    codes, weight_scale = quantize_weight_per_channel(weight)
-    input_scale, input_offset = activation_range_params(x_min, x_max)
-    deq_scale = (input_scale * weight_scale).to(torch.float32)
-    float_bias = torch.zeros(weight.shape[0], dtype=torch.float64) if bias is None else bias.to(torch.float64)
-    row_sums = codes.to(torch.float64).sum(dim=1)
-    quant_bias = torch.round(float_bias / deq_scale.to(torch.float64) - input_offset.to(torch.float64) * row_sums)
-    tensors = {
-        "weight": codes,
-        "input_scale": input_scale,
-        "input_offset": input_offset,
-        "deq_scale": float32_bits_as_int64(deq_scale) if model_dtype == torch.float16 else deq_scale,
-        "quant_bias": quant_bias.to(torch.int32),
-    }
-    if bias is not None:
-        tensors["bias"] = bias.to(torch.float32)
-    return tensors
-
-
-def quantize_dynamic_linear(weight: torch.Tensor) -> dict[str, torch.Tensor]:
-    """W8A8_DYNAMIC tensors of one linear: int8 weight, float32 ``weight_scale`` and zero ``weight_offset`` [out, 1]."""
-    codes, weight_scale = quantize_weight_per_channel(weight)
-    return {
-        "weight": codes,
-        "weight_scale": weight_scale[:, None].contiguous(),
-        "weight_offset": torch.zeros_like(weight_scale)[:, None].contiguous(),
-    }
-
-
 # --- runtime math (what vLLM Ascend executes) ------------------------------------------------------------------------
-
-def deq_scale_values(deq_scale: torch.Tensor) -> torch.Tensor:
-    """Undo the fp16 checkpoints' int64 storage of ``deq_scale``."""
-    if deq_scale.dtype == torch.int64:
-        return deq_scale.to(torch.int32).view(torch.float32)
-    return deq_scale.to(torch.float32)
-
 
 def static_w8a8_linear(
     x: torch.Tensor,
@@ -104,7 +56,7 @@ def static_w8a8_linear(
     """
     x_q = torch.clamp(torch.round(x.to(torch.float32) / input_scale + input_offset), QMIN, QMAX)
     acc = x_q.to(torch.float64) @ weight.to(torch.float64).T + quant_bias.to(torch.float64)
-    return acc.mul(deq_scale_values(deq_scale).to(torch.float64)).to(torch.float32)
+    return acc.mul(deq_scale.to(torch.float64)).to(torch.float32)
 
 
 def dynamic_w8a8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:

@@ -22,8 +22,8 @@ from safetensors import SafetensorError
 from safetensors.torch import save
 
 from dist_quant.errors import OutputError
+from dist_quant.schemes import SCHEMES
 
-QUANT_TYPES = ("FLOAT", "W8A8_DYNAMIC", "W8A8")  # lowest priority first (the description's model_quant_type)
 OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
@@ -102,8 +102,8 @@ class UnitSink:
         return sum(t.numel() * t.element_size() for t in self._tensors.values())
 
     def add(self, key: str, tensor: torch.Tensor, quant_type: str) -> None:
-        if quant_type not in QUANT_TYPES:
-            raise ValueError(f"quant type {quant_type!r} of {key} is not one of {QUANT_TYPES}")
+        if quant_type not in SCHEMES:
+            raise ValueError(f"quant type {quant_type!r} of {key} is not one of {list(SCHEMES)}")
         if key in self._tensors:
             raise ValueError(f"tensor {key} was already added")
         tensor = tensor.detach().to("cpu").contiguous()

@@ -1,4 +1,4 @@
-"""Write an msModelSlim "ascendv1" checkpoint (see docs/FORMAT.md) that vLLM Ascend loads with --quantization ascend.
+"""Write a quantized checkpoint in an output format (checkpoint/formats/; ascendv1 by default, docs/FORMAT.md).
 
 Tensors spill into small numbered files inside a staging folder, so memory holds a few layers, never a whole part;
 publish() then assembles the parts by copying byte ranges out of the spill files. Nothing lands in save_path until
@@ -23,10 +23,10 @@ import torch
 from safetensors.torch import save_file
 
 from dist_quant import failpoints
+from dist_quant.checkpoint.formats import ascendv1
 from dist_quant.checkpoint.reader import read_config
 from dist_quant.checkpoint.save_lock import LOCK_FILE, SaveLock
 from dist_quant.checkpoint.safetensors_stream import TensorSlice, tensor_slices, write_concatenated
-from dist_quant.checkpoint.unit_file import QUANT_TYPES as QUANT_TYPE_PRIORITY
 from dist_quant.checkpoint.unit_file import UnitRecord, UnitSink, file_crc32, is_plain_name, writing
 from dist_quant.errors import OutputError
 
@@ -35,12 +35,8 @@ logger = logging.getLogger(__name__)
 STAGING_DIR = ".dist_quant_staging"
 SPILL_DIR = "spill"
 PRIVATE_DIR = "run"
-WEIGHTS_PREFIX = "quant_model_weights"
-SINGLE_WEIGHTS_FILE = f"{WEIGHTS_PREFIX}.safetensors"
-INDEX_FILE = f"{WEIGHTS_PREFIX}.safetensors.index.json"
-DESCRIPTION_FILE = "quant_model_description.json"
-OPTIONAL_DIR = "optional"
-DESCRIPTION_FIELDS = ("version", "model_quant_type", "metadata", "group_size", "optional")
+INDEX_FILE = ascendv1.INDEX_FILE  # the default format's names, for callers that read what was published
+DESCRIPTION_FILE = ascendv1.DESCRIPTION_FILE
 COPIED_SUFFIXES = (".json", ".py", ".txt", ".jinja")
 RUN_SUFFIXES = (".yaml", ".yml", ".log")  # the recipe and the run log published next to the checkpoint
 LAYOUT_FILE = "layout.json"  # private: the parts and the byte ranges they are made of
@@ -49,17 +45,6 @@ MOVE_FILE = "move.json"  # private: the files to move into save_path, written on
 FILES_FILE = "quant_model_files.json"  # published: what this checkpoint consists of (all --overwrite may delete)
 GB = 1024**3  # msModelSlim's part_file_size unit
 MiB = 1024**2
-
-
-def model_quant_type(types: Iterable[str]) -> str:
-    """The description's model_quant_type: the highest-priority type present (FLOAT < W8A8_DYNAMIC < W8A8)."""
-    present = set(types)
-    unknown = present - set(QUANT_TYPE_PRIORITY)
-    if unknown:
-        raise ValueError(f"unknown quant types {sorted(unknown)}; expected some of {QUANT_TYPE_PRIORITY}")
-    if not present:
-        raise ValueError("no quant types given")
-    return max(present, key=QUANT_TYPE_PRIORITY.index)
 
 
 def _is_within(path: Path, folder: Path) -> bool:
@@ -124,12 +109,7 @@ def _copy(source: Path, target: Path) -> None:
         shutil.copy2(source, target)
 
 
-def described_types(description: dict) -> dict[str, str]:
-    """The quant type of each tensor key of a published description (its other fields left out)."""
-    return {k: v for k, v in description.items() if k not in DESCRIPTION_FIELDS}
-
-
-def _is_checkpoint_entry(path: Path, listed: Optional[set] = None) -> bool:
+def _is_checkpoint_entry(path: Path, fmt, listed: Optional[set] = None) -> bool:
     """What a checkpoint consists of: the only things --overwrite may delete. A checkpoint written here lists its
     files (``listed``, from quant_model_files.json); for one without that list (msModelSlim's), its file kinds."""
     name = path.name
@@ -138,9 +118,9 @@ def _is_checkpoint_entry(path: Path, listed: Optional[set] = None) -> bool:
     if path.is_symlink() or (name.startswith(".") and name not in (STAGING_DIR, LOCK_FILE)):
         return False
     if path.is_dir():
-        return name == STAGING_DIR or (name == OPTIONAL_DIR and all(
+        return name == STAGING_DIR or (name == fmt.OPTIONAL_DIR and all(
             p.is_file() and not p.is_symlink() and p.suffix == ".safetensors" for p in path.iterdir()))
-    return (name == LOCK_FILE or name.startswith(WEIGHTS_PREFIX) or name == DESCRIPTION_FILE
+    return (name == LOCK_FILE or fmt.is_own_file(name)
             or path.suffix in COPIED_SUFFIXES + RUN_SUFFIXES)
 
 
@@ -178,11 +158,13 @@ class CheckpointWriter:
         model_path: str | Path | None = None,
         protected: Iterable[tuple[str | Path, str]] = (),
         resume: bool = False,
+        output_format=ascendv1,
     ):
         """spill_bytes bounds the tensors held in memory by add(). ``protected``: (folder, what) pairs, such as the
         calibration set, that save_path must neither be, hold nor lie inside (the model folder always is one).
         ``resume`` keeps the staging folder of an interrupted run when it holds one (``self.resuming``)."""
         self.save_path = Path(save_path)
+        self.fmt = self.output_format = output_format  # a module of checkpoint/formats/
         if part_file_size_gb < 0:
             raise ValueError(f"part_file_size_gb must be >= 0 (0 writes a single file), got {part_file_size_gb}")
         folders = ([(model_path, "model path")] if model_path is not None else []) + list(protected)
@@ -211,7 +193,7 @@ class CheckpointWriter:
             raise
         try:
             self.resuming = resume and self.private_dir.is_dir() and any(self.private_dir.iterdir())
-            self.published = (self.save_path / DESCRIPTION_FILE).exists() and not self.resuming
+            self.published = (self.save_path / self.fmt.MARKER_FILE).exists() and not self.resuming
             if self.resuming:
                 self._make_staging()
             elif not (resume and self.published):
@@ -259,7 +241,7 @@ class CheckpointWriter:
     def _foreign(self, entries: list[Path]) -> list[str]:
         """The names among ``entries`` that are not part of the checkpoint in save_path (kept by --overwrite)."""
         listed = self._listed_files()
-        return [p.name for p in entries if not _is_checkpoint_entry(p, listed)]
+        return [p.name for p in entries if not _is_checkpoint_entry(p, self.fmt, listed)]
 
     def _check_save_path_content(self) -> None:
         existing = sorted(p for p in self.save_path.iterdir() if p.name not in (STAGING_DIR, LOCK_FILE))
@@ -271,7 +253,7 @@ class CheckpointWriter:
                 "folder or pass --overwrite to replace the checkpoint it holds"
             )
         foreign = self._foreign(existing)
-        if not (self.save_path / DESCRIPTION_FILE).exists() and not (self.staging).exists():
+        if not (self.save_path / self.fmt.MARKER_FILE).exists() and not (self.staging).exists():
             foreign = [p.name for p in existing]
         if foreign:
             raise OutputError(
@@ -344,7 +326,6 @@ class CheckpointWriter:
         source_model_dir: str | Path,
         *,
         recipe_path: str | Path | None = None,
-        metadata: dict | None = None,
         write_parts: Optional[PartWriter] = None,
         parallel_parts: int = 1,
     ) -> dict:
@@ -364,22 +345,14 @@ class CheckpointWriter:
         self._copy_source_files(source)
         if recipe_path is not None:
             _copy(Path(recipe_path), self.staging / Path(recipe_path).name)
-        description = {
-            **self._quant_types,
-            "version": "1.0.0",
-            "model_quant_type": model_quant_type(self._quant_types.values()),
-            "metadata": metadata or {},
-            "group_size": 0,
-        }
-        if self._optional_description is not None:
-            description["optional"] = self._optional_description
-        _write_json(self.staging / DESCRIPTION_FILE, description)
+        _write_json(self.staging / self.fmt.DESCRIPTION_FILE,
+                    self.fmt.description(self._quant_types, self._optional_description))
         if self.overwrite:
             self._remove_old_checkpoint()
         entries = sorted(p.name for p in self.staging.iterdir() if p.name not in (SPILL_DIR, PRIVATE_DIR, FILES_FILE)
                          and not p.name.startswith("."))
         _write_json(self.staging / FILES_FILE, {"files": entries + [FILES_FILE]})
-        moves = sorted(entries + [FILES_FILE], key=lambda name: (name == DESCRIPTION_FILE, name))
+        moves = sorted(entries + [FILES_FILE], key=lambda name: (name == self.fmt.MARKER_FILE, name))
         _write_json(self.private_dir / MOVE_FILE, {"files": moves})  # from here on, a resumed run only moves
         return self.resume_publish()
 
@@ -387,7 +360,7 @@ class CheckpointWriter:
         """Move the finished files into save_path (those an interrupted run had not moved yet), the description last,
         then drop the staging folder and the lock."""
         moves = json.loads((self.private_dir / MOVE_FILE).read_text())["files"]
-        if not all(isinstance(name, str) and is_plain_name(name) for name in moves) or moves[-1] != DESCRIPTION_FILE:
+        if not all(isinstance(name, str) and is_plain_name(name) for name in moves) or moves[-1] != self.fmt.MARKER_FILE:
             raise OutputError(f"{self.private_dir / MOVE_FILE} is corrupt; rerun without --resume, with --overwrite")
         for name in moves:
             if (self.staging / name).exists():
@@ -399,9 +372,9 @@ class CheckpointWriter:
         shutil.rmtree(self.private_dir, ignore_errors=True)
         shutil.rmtree(self.staging, ignore_errors=True)
         self.lock.release()
-        description = json.loads((self.save_path / DESCRIPTION_FILE).read_text())
-        index = json.loads((self.save_path / INDEX_FILE).read_text())
-        types = described_types(description)
+        description = json.loads((self.save_path / self.fmt.DESCRIPTION_FILE).read_text())
+        index = json.loads((self.save_path / self.fmt.INDEX_FILE).read_text())
+        types = self.fmt.described_types(description)
         logger.info("published %d tensors (%.2f GB) to %s", len(types), index["metadata"]["total_size"] / GB,
                     self.save_path)
         files = sorted(str(p.relative_to(self.save_path)) for name in moves
@@ -433,10 +406,7 @@ class CheckpointWriter:
             slices.extend(in_file[key] for key in record.keys)  # the file's own data order sorts by dtype
         parts = list(_layout_parts(slices, self._part_bytes))
         count = len(parts)
-        if self._part_bytes == 0:
-            names = [SINGLE_WEIGHTS_FILE]
-        else:
-            names = [f"{WEIGHTS_PREFIX}-{k:05d}-of-{count:05d}.safetensors" for k in range(1, count + 1)]
+        names = self.fmt.part_names(0 if self._part_bytes == 0 else count)
         layout = list(zip(names, parts))
         _write_json(saved, {"parts": [(name, [(t.key, t.source.name, t.dtype, list(t.shape), t.begin, t.end)
                                                for t in part]) for name, part in layout]})
@@ -488,15 +458,10 @@ class CheckpointWriter:
         shutil.rmtree(self.spill_dir, ignore_errors=True)
         weight_map = {t.key: name for name, part in layout for t in part}
         index = {"metadata": {"total_size": self._total_bytes}, "weight_map": weight_map}
-        _write_json(self.staging / INDEX_FILE, index)
+        _write_json(self.staging / self.fmt.INDEX_FILE, index)
 
     def _write_config(self, source: Path) -> None:
-        """vLLM would read a leftover quantization_config as the quant description, so it goes, from both levels."""
-        config = read_config(source / "config.json")
-        config.pop("quantization_config", None)
-        if isinstance(config.get("text_config"), dict):
-            config["text_config"].pop("quantization_config", None)
-        _write_json(self.staging / "config.json", config)
+        _write_json(self.staging / "config.json", self.fmt.rewrite_config(read_config(source / "config.json")))
 
     def _copy_source_files(self, source: Path) -> None:
         """Tokenizer, processor and templates; never a float index, which would make vLLM skip the quantized parts."""
@@ -513,7 +478,7 @@ class CheckpointWriter:
         """--overwrite: the old checkpoint's files (and nothing else: checked when the run started) go, the old
         description first, so the old checkpoint stops looking finished."""
         old = sorted((p for p in self.save_path.iterdir() if p.name not in (STAGING_DIR, LOCK_FILE)),
-                     key=lambda p: p.name != DESCRIPTION_FILE)
+                     key=lambda p: p.name != self.fmt.MARKER_FILE)
         foreign = self._foreign(old)
         if foreign:
             raise OutputError(f"save path {self.save_path} now holds files that are not part of a checkpoint "

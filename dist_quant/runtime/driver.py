@@ -23,7 +23,7 @@ from tqdm import tqdm
 from dist_quant import failpoints
 from dist_quant.calib.dataset import load_samples
 from dist_quant.calib.inputs import DEFAULT_MAX_SAMPLE_TOKENS, ModelInputs, build_model_inputs
-from dist_quant.checkpoint.writer import DESCRIPTION_FILE, CheckpointWriter, described_types
+from dist_quant.checkpoint.writer import CheckpointWriter
 from dist_quant.errors import CalibrationError, DistQuantError, OutputError
 from dist_quant.models.qwen3_vl_moe import load_checked
 from dist_quant.recipe import Recipe
@@ -270,7 +270,8 @@ def _already_complete(writer: CheckpointWriter, run: dict, start: float, units: 
     if changed:
         raise OutputError(f"save path {writer.save_path} holds a finished checkpoint of another run (its "
                           f"{', '.join(changed)} differ(s)); use --overwrite without --resume to replace it")
-    types = described_types(json.loads((writer.save_path / DESCRIPTION_FILE).read_text()))
+    fmt = writer.output_format
+    types = fmt.described_types(json.loads((writer.save_path / fmt.DESCRIPTION_FILE).read_text()))
     return QuantSummary(time.perf_counter() - start, units, len(types), 0, dict(Counter(types.values())),
                         str(writer.save_path), already_complete=True)
 

@@ -16,19 +16,19 @@ from torch import nn
 
 from dist_quant import failpoints
 from dist_quant.algorithms import hadamard, quarot
-from dist_quant.algorithms.quantize import quantize_dynamic_linear, quantize_static_linear
 from dist_quant.calib.inputs import ModelInputs
 from dist_quant.calib.ranges import InputRanges
+from dist_quant.checkpoint.formats import ascendv1
 from dist_quant.checkpoint.reader import CheckpointReader
 from dist_quant.errors import CheckpointError, RecipeError
 from dist_quant.models import outliers
 from dist_quant.models import qwen3_vl_moe as qvl
-from dist_quant.recipe import FLOAT, W8A8, Recipe
+from dist_quant import schemes
+from dist_quant.recipe import Recipe
 from dist_quant.runtime.device import DEFAULT_COMPUTE_THREADS, set_compute_threads
 from dist_quant.runtime.timing import PhaseTimes
 
 EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
-QUAROT_FILE = "optional/quarot.safetensors"
 
 
 def stream_rotation(recipe: Recipe, config) -> Optional[quarot.BlockRotation]:
@@ -45,11 +45,12 @@ def stream_rotation(recipe: Recipe, config) -> Optional[quarot.BlockRotation]:
 
 
 def export_rotation(writer, recipe: Recipe, config) -> None:
-    """QuaRot's rotation goes to optional/quarot.safetensors and the description points to it (FORMAT.md)."""
+    """QuaRot's rotation goes to the format's side file and the description points to it (docs/FORMAT.md)."""
     rotation = stream_rotation(recipe, config)
     if rotation is not None:
-        writer.add_optional(QUAROT_FILE, {"global_rotation": rotation.dense().to(torch.float32)})
-        writer.set_optional_description({"quarot": {"rotation_map": {"global_rotation": QUAROT_FILE}}})
+        path, tensors, optional = writer.output_format.rotation_file(rotation.dense())
+        writer.add_optional(path, tensors)
+        writer.set_optional_description(optional)
 
 
 class TensorSink(Protocol):
@@ -79,10 +80,11 @@ class AttentionOutput:
 
 def check_recipe_for_model(recipe: Recipe, config) -> None:
     """Refuse recipes that vLLM Ascend could not serve: static experts, or one fused projection split across types."""
-    expert_type = recipe.quant_type(qvl.expert_key(0, 0, "gate_proj"))
-    if expert_type == W8A8:
-        raise RecipeError(f"recipe {recipe.path}: experts must be W8A8_DYNAMIC or FLOAT: vLLM Ascend has no static "
-                          "W8A8 MoE scheme (exclude '*experts*' from the static linear_quant)")
+    expert_type = schemes.get(recipe.quant_type(qvl.expert_key(0, 0, "gate_proj")))
+    if not expert_type.serves_experts:
+        allowed = [s.name for s in schemes.SCHEMES.values() if s.serves_experts]
+        raise RecipeError(f"recipe {recipe.path}: experts must be one of {allowed}: vLLM Ascend has no "
+                          f"{expert_type.name} MoE method (exclude '*experts*' from that linear_quant)")
     groups = [("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj")]
     for layer_idx in range(config.text_config.num_hidden_layers):
         for group in groups + [tuple(f"mlp.experts.0.{p}" for p in EXPERT_PROJS)]:
@@ -96,12 +98,14 @@ class Worker:
     """Executes units on one device, reading only the source tensors each unit needs."""
 
     def __init__(self, model_path, recipe: Recipe, sink: TensorSink, device: torch.device = torch.device("cpu"),
-                 compute_dtype: torch.dtype = torch.float32, compute_threads: int = DEFAULT_COMPUTE_THREADS):
+                 compute_dtype: torch.dtype = torch.float32, compute_threads: int = DEFAULT_COMPUTE_THREADS,
+                 output_format=ascendv1):
         set_compute_threads(compute_threads)  # the same count in every process: the same bits (see device.py)
         self.reader = CheckpointReader(model_path)
         self.config = qvl.load_config(self.reader.config, f"{model_path}/config.json")
         check_recipe_for_model(recipe, self.config)
         self.recipe = recipe
+        self.output_format = output_format  # a module of checkpoint/formats/: how a scheme's roles are written
         self.sink = sink
         self.device = device
         self.compute_dtype = compute_dtype
@@ -140,32 +144,27 @@ class Worker:
                                   "qwen3_vl_moe config; is config.json the one that goes with these weights?")
 
     def _float(self, key: str, tensor: torch.Tensor) -> None:
-        self.sink.add(key, tensor.detach().to("cpu", self.model_dtype), FLOAT)
+        self.sink.add(key, tensor.detach().to("cpu", self.model_dtype), schemes.FLOAT)
 
     def _emit_linear(self, name: str, weight: torch.Tensor, bias: Optional[torch.Tensor],
                      ranges: Optional[InputRanges]) -> str:
-        quant_type = self.recipe.quant_type(name)
+        """Quantize one linear with the recipe's scheme for it and hand the format's tensors to the sink."""
+        scheme = self._scheme(name)
         weight, bias = weight.detach().cpu(), None if bias is None else bias.detach().cpu()
-        if quant_type == FLOAT:
-            self._float(f"{name}.weight", weight)
-            if bias is not None:
-                self._float(f"{name}.bias", bias)
-            return quant_type
+        input_range = ranges.tensor_range(name) if scheme.needs_input_range else None
         with self.times.phase("quantize"):
-            if quant_type == W8A8:
-                x_min, x_max = ranges.tensor_range(name)
-                tensors = quantize_static_linear(weight, bias, x_min, x_max, self.model_dtype)
-            else:
-                tensors = quantize_dynamic_linear(weight)
-                if bias is not None:
-                    tensors["bias"] = bias.to(torch.float32)
-        for suffix, tensor in tensors.items():
-            self.sink.add(f"{name}.{suffix}", tensor, FLOAT if suffix == "bias" else quant_type)
-        return quant_type
+            roles = scheme.quantize(weight, bias, input_range, self.model_dtype)
+        for key, tensor, quant_type in self.output_format.linear_entries(name, scheme.name, roles, self.model_dtype):
+            self.sink.add(key, tensor, quant_type)
+        return scheme.name
 
     def _static_linears(self, prefix: str, module: nn.Module) -> dict[str, nn.Module]:
+        """The linears of a piece whose scheme needs calibrated input ranges."""
         return {f"{prefix}.{name}": m for name, m in module.named_modules()
-                if isinstance(m, nn.Linear) and self.recipe.quant_type(f"{prefix}.{name}") == W8A8}
+                if isinstance(m, nn.Linear) and self._scheme(f"{prefix}.{name}").needs_input_range}
+
+    def _scheme(self, name: str) -> schemes.Scheme:
+        return schemes.get(self.recipe.quant_type(name))
 
     def _emit_module(self, prefix: str, module: nn.Module, ranges: Optional[InputRanges]) -> None:
         """Write every parameter of a piece: its linears per the recipe, everything else (norms, embeddings) FLOAT."""

@@ -1,0 +1,42 @@
+"""The quant schemes, one module each; this registry is the only list of them.
+
+Adding a scheme: write its module (a ``SCHEME`` built from schemes.base.Scheme) and add it to ``_MODULES``; a recipe
+preset that uses it goes to dist_quant/configs/.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from dist_quant.schemes import unquantized as _float
+from dist_quant.schemes import w8a8 as _w8a8
+from dist_quant.schemes import w8a8_dynamic as _w8a8_dynamic
+from dist_quant.schemes.base import QSpec, Scheme
+
+_MODULES = (_float, _w8a8_dynamic, _w8a8)
+SCHEMES: dict[str, Scheme] = {m.SCHEME.name: m.SCHEME for m in _MODULES}
+FLOAT, W8A8, W8A8_DYNAMIC = _float.NAME, _w8a8.NAME, _w8a8_dynamic.NAME
+SELECTABLE = tuple(s for s in SCHEMES.values() if s.act is not None)
+
+
+def get(name: str) -> Scheme:
+    try:
+        return SCHEMES[name]
+    except KeyError:
+        raise ValueError(f"unknown quant type {name!r}; known: {list(SCHEMES)}") from None
+
+
+def for_qconfig(act: QSpec, weight: QSpec) -> Optional[Scheme]:
+    """The scheme a recipe's ``qconfig`` selects, or None when no scheme has that pair."""
+    return next((s for s in SELECTABLE if s.act == act and s.weight == weight), None)
+
+
+def highest(names) -> str:
+    """The present scheme of highest priority (the description's model_quant_type)."""
+    present = {get(name) for name in names}
+    if not present:
+        raise ValueError("no quant types given")
+    return max(present, key=lambda s: s.priority).name
+
+
+__all__ = ["FLOAT", "SCHEMES", "SELECTABLE", "W8A8", "W8A8_DYNAMIC", "QSpec", "Scheme", "for_qconfig", "get", "highest"]

@@ -1,0 +1,65 @@
+"""What a quant scheme is: the recipe qconfig that selects it, how it quantizes one linear, what it costs in bytes,
+and how the serving engine computes with its tensors.
+
+A scheme speaks in *roles* (``weight``, ``weight_scale``, ``input_scale``...): the tensors of one linear as the
+serving engine's method holds them after loading, in plain dtypes. An output format (checkpoint/formats/) turns the
+roles into file keys, description entries and dtype encodings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+InputRange = tuple[float, float]  # (min, max) of a linear's calibration input
+
+
+@dataclass(frozen=True)
+class QSpec:
+    """How one side (activations or weights) of a linear is quantized: a recipe's ``qconfig.act`` / ``.weight``."""
+
+    scope: str
+    dtype: str
+    symmetric: bool
+    method: str
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """One quant type. ``quantize(weight, bias, input_range, model_dtype)`` returns its roles in the order they are
+    written; ``serve(roles)`` is the module the serving engine would run."""
+
+    name: str  # the description's quant type
+    act: Optional[QSpec]  # the recipe qconfig that selects the scheme (None: not selectable, the default)
+    weight: Optional[QSpec]
+    needs_input_range: bool  # quantizing needs the linear's calibrated input range
+    weight_bits: Optional[int]  # None: the weight stays in the source dtype
+    serves_experts: bool  # the serving engine has a MoE method for it
+    priority: int  # the description's model_quant_type is the present scheme of highest priority
+    roles: tuple[str, ...]  # what ``quantize`` emits besides an optional "bias"; serving needs all of them
+    quantize: Callable[[torch.Tensor, Optional[torch.Tensor], Optional[InputRange], torch.dtype],
+                       dict[str, torch.Tensor]]
+    serve: Callable[[dict[str, torch.Tensor]], nn.Module]
+    summary: str  # one line for error messages and docs
+
+    def bytes_per_param(self, source_bytes: int) -> float:
+        """Bytes a weight parameter takes in the checkpoint (scales are negligible)."""
+        return source_bytes if self.weight_bits is None else self.weight_bits / 8
+
+
+class ServedLinear(nn.Module):
+    """A linear as the engine runs it: ``math(x2d, roles)`` on the flattened tokens, output in x's dtype."""
+
+    def __init__(self, roles: dict[str, torch.Tensor], math: Callable[..., torch.Tensor]):
+        super().__init__()
+        self.math = math
+        for name, tensor in roles.items():
+            self.register_buffer(name, tensor, persistent=False)
+        self.names = tuple(roles)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.math(x.reshape(-1, x.shape[-1]), {name: getattr(self, name) for name in self.names})
+        return y.reshape(*x.shape[:-1], -1).to(x.dtype)

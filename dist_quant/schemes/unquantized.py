@@ -1,0 +1,34 @@
+"""FLOAT: the linear stays in the source dtype (norms, embeddings, routers and whatever no linear_quant selects)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from dist_quant.schemes.base import InputRange, Scheme
+
+NAME = "FLOAT"
+
+
+def quantize(weight: torch.Tensor, bias: Optional[torch.Tensor], input_range: Optional[InputRange],
+             model_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    roles = {"weight": weight.detach().to("cpu", model_dtype)}
+    if bias is not None:
+        roles["bias"] = bias.detach().to("cpu", model_dtype)
+    return roles
+
+
+def serve(roles: dict[str, torch.Tensor]) -> nn.Module:
+    weight = roles["weight"]
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in roles, device="meta")
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    if "bias" in roles:
+        linear.bias = nn.Parameter(roles["bias"], requires_grad=False)
+    return linear
+
+
+SCHEME = Scheme(NAME, act=None, weight=None, needs_input_range=False, weight_bits=None, serves_experts=True,
+                priority=0, roles=("weight",), quantize=quantize, serve=serve,
+                summary="not quantized: the source dtype")
