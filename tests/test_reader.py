@@ -189,7 +189,7 @@ def test_read_experts_returns_linear_weights_for_both_layouts(tmp_path, layout, 
 
 
 def test_read_experts_matches_the_hub_expert_forward(tmp_path):
-    """MODEL.md: expert(x) = (silu(x @ gate) * (x @ up)) @ down with gate = gate_up[e][:, :I], up = [:, I:]."""
+    """transformers' experts: expert(x) = (silu(x @ gate) * (x @ up)) @ down, gate = gate_up[e][:, :I], up = [:, I:]."""
     gate_up_fused, down_fused = fused("hub", *linear_experts())
     tensors = {f"{PREFIX}.mlp.experts.gate_up_proj": gate_up_fused, f"{PREFIX}.mlp.experts.down_proj": down_fused}
     reader = CheckpointReader(write_model(tmp_path / "m", {"model.safetensors": tensors}))
