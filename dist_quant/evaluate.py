@@ -1,7 +1,8 @@
 """``dist-quant eval``: run a quantized checkpoint with the integer math vLLM Ascend executes, next to the float model.
 
 Both models are built piece by piece from their own checkpoints (the quantized one is self-contained: its FLOAT
-tensors are the rotated/smoothed ones), layer by layer with bounded memory, on the same calibration-style inputs.
+tensors are the rotated/smoothed ones), unit by unit of the same plan a quantization walks (runtime/interpret.py),
+with bounded memory, on the same calibration-style inputs.
 Per layer it reports how far the quantized hidden states are from the float ones (cosine similarity, relative error;
 a QuaRot-rotated stream is rotated back first), and at the end the KL divergence of the final logits and the top-1
 agreement.
@@ -22,7 +23,9 @@ from dist_quant.checkpoint.formats import ascendv1
 from dist_quant.checkpoint.reader import CheckpointReader
 from dist_quant.errors import CheckpointError
 from dist_quant.models import qwen3_vl_moe as qvl
-from dist_quant.runtime.sweep import add_partials, finish_layer
+from dist_quant.runtime.interpret import finish_layer, interpret
+from dist_quant.runtime.plan import DEFAULT_EXPERT_GROUP_SIZE, Kind, Unit, plan_units
+from dist_quant.runtime.worker import MoeInput
 
 # config fields that fix the architecture: a quantized checkpoint is only comparable with a float model sharing them
 TEXT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -118,9 +121,9 @@ class FloatModel:
     def attention_block(self, layer_idx: int) -> nn.Module:
         return qvl.build_attention_block(self.config, layer_idx, self.read, self.dtype)
 
-    def experts(self, layer_idx: int) -> list[Callable]:
+    def experts(self, layer_idx: int, first: int, stop: int) -> list[Callable]:
         tc = self.config.text_config
-        weights = self.reader.read_experts(qvl.layer_prefix(layer_idx), 0, tc.num_experts,
+        weights = self.reader.read_experts(qvl.layer_prefix(layer_idx), first, stop,
                                            num_experts=tc.num_experts, hidden=tc.hidden_size,
                                            intermediate=tc.moe_intermediate_size, dtype=self.dtype)
         act_fn = qvl.activation(self.config)
@@ -152,10 +155,10 @@ class ServedModel(FloatModel):
                 module.set_submodule(name, self.checkpoint.linear(f"{prefix}.{name}"))
         return qvl.materialize(module, self.checkpoint.float_tensor, prefix, self.dtype)
 
-    def experts(self, layer_idx: int) -> list[Callable]:
+    def experts(self, layer_idx: int, first: int, stop: int) -> list[Callable]:
         act_fn = qvl.activation(self.config)
         experts = []
-        for e in range(self.config.text_config.num_experts):
+        for e in range(first, stop):
             gate, up, down = (self.checkpoint.linear(qvl.expert_key(layer_idx, e, p)) for p in
                               ("gate_proj", "up_proj", "down_proj"))
             experts.append(lambda x, g=gate, u=up, d=down: d(act_fn(g(x)) * u(x)))
@@ -215,73 +218,87 @@ def logit_metrics(reference: torch.Tensor, other: torch.Tensor) -> tuple[float, 
 
 # --- the side-by-side run -------------------------------------------------------------------------------------------
 
-class ModelRun:
-    """Activations of one model through the layers."""
+class ModelRunner:
+    """``interpret.UnitCalls`` for one model: the float forward of each unit, nothing written. Results: the image
+    embeddings (vision), the finished previous layer's hidden states (a layer unit that combines them), and
+    ``(last layer's hidden states, logits)`` (head)."""
 
-    def __init__(self, model: FloatModel, rotary: nn.Module, inputs: list[ModelInputs]):
-        self.model, self.rotary, self.inputs = model, rotary, inputs
-        self.hidden: list[torch.Tensor] = []
-        self.contexts: list[qvl.SampleContext] = []
+    def __init__(self, model: FloatModel, rotary: nn.Module):
+        self.model, self.rotary = model, rotary
 
     @torch.no_grad()
-    def start(self) -> list[torch.Tensor]:
-        """Vision tower, sample contexts, input embeddings; returns the image embeddings for comparison."""
+    def vision(self, unit: Unit, inputs: list[ModelInputs]):
         config, dtype = self.model.config, self.model.dtype
         visual = self.model.vision()
         vision = [qvl.vision_forward(visual, s.pixel_values, s.image_grid_thw) if s.pixel_values is not None
-                  else None for s in self.inputs]
-        del visual
-        self.contexts = [qvl.sample_context(config, self.rotary, s.input_ids, s.attention_mask, s.image_grid_thw,
-                                            v[1] if v else [], dtype) for s, v in zip(self.inputs, vision)]
+                  else None for s in inputs]
+        contexts = [qvl.sample_context(config, self.rotary, s.input_ids, s.attention_mask, s.image_grid_thw,
+                                       v[1] if v else [], dtype) for s, v in zip(inputs, vision)]
+        return vision, contexts, [v[0] for v in vision if v is not None]
+
+    def contexts(self, unit: Unit, inputs, vision):
+        raise NotImplementedError("an evaluation never resumes")
+
+    @torch.no_grad()
+    def embed(self, unit: Unit, inputs: list[ModelInputs], vision):
         embed = self.model.read(qvl.EMBED_KEY)
-        self.hidden = [qvl.embed_inputs(embed, s.input_ids, config.image_token_id, v[0] if v else None)
-                       for s, v in zip(self.inputs, vision)]
-        return [v[0] for v in vision if v is not None]
+        return [qvl.embed_inputs(embed, s.input_ids, self.model.config.image_token_id, v[0] if v else None)
+                for s, v in zip(inputs, vision)], None
 
     @torch.no_grad()
-    def layer(self, layer_idx: int) -> list[torch.Tensor]:
-        block = self.model.attention_block(layer_idx)
-        outs = [qvl.attention_forward(block, h, ctx) for h, ctx in zip(self.hidden, self.contexts)]
-        streams = [stream for stream, _ in outs]
-        partial = None
-        if qvl.is_moe_layer(self.model.config.text_config, layer_idx):
-            x = torch.cat([mlp_in.reshape(-1, mlp_in.shape[-1]) for _, mlp_in in outs])
-            ids, weights = qvl.route(qvl.router_logits(block, x), self.model.config.text_config.num_experts_per_tok, x.dtype)
-            partial = add_partials([qvl.expert_group_forward(x, ids, weights, self.model.experts(layer_idx), 0)])
-        else:
-            streams = [stream + block.mlp(mlp_in) for stream, mlp_in in outs]
-        self.hidden = finish_layer(layer_idx, streams, partial, self.contexts)
-        return self.hidden
+    def layer(self, unit: Unit, contexts, hidden, *partials, combine: bool):
+        if combine:
+            hidden = finish_layer(unit.layer - 1, hidden, partials, contexts)
+        block = self.model.attention_block(unit.layer)
+        outs = [qvl.attention_forward(block, h, ctx) for h, ctx in zip(hidden, contexts)]
+        tc = self.model.config.text_config
+        if not qvl.is_moe_layer(tc, unit.layer):
+            return [stream + block.mlp(mlp_in) for stream, mlp_in in outs], None, hidden if combine else None
+        x = torch.cat([mlp_in.reshape(-1, mlp_in.shape[-1]) for _, mlp_in in outs])
+        ids, weights = qvl.route(qvl.router_logits(block, x), tc.num_experts_per_tok, x.dtype)
+        return [stream for stream, _ in outs], MoeInput(x, ids, weights), hidden if combine else None
 
     @torch.no_grad()
-    def logits(self) -> torch.Tensor:
+    def experts(self, unit: Unit, moe: MoeInput):
+        experts = self.model.experts(unit.layer, unit.first_expert, unit.stop_expert)
+        return qvl.expert_group_forward(moe.x, moe.topk_ids, moe.topk_weights, experts, unit.first_expert), None
+
+    @torch.no_grad()
+    def head(self, unit: Unit, contexts, hidden, *partials, combine: bool):
+        if combine:
+            hidden = finish_layer(self.model.config.text_config.num_hidden_layers - 1, hidden, partials, contexts)
         norm, lm_head = self.model.read(qvl.NORM_KEY), self.model.read(qvl.LM_HEAD_KEY)
         eps = self.model.config.text_config.rms_norm_eps
-        return torch.cat([(qvl.rms_norm(h, norm, eps) @ lm_head.T).reshape(-1, lm_head.shape[0])
-                          for h in self.hidden])
+        logits = torch.cat([(qvl.rms_norm(h, norm, eps) @ lm_head.T).reshape(-1, lm_head.shape[0]) for h in hidden])
+        return hidden, logits
 
 
 def evaluate(float_path: str, quant_path: str, inputs: list[ModelInputs],
-             progress: Callable[[str], None] = lambda name: None) -> EvalReport:
-    """Run the float and the served quantized model side by side, layer by layer, and compare them."""
+             progress: Callable[[str], None] = lambda name: None,
+             expert_group_size: int = DEFAULT_EXPERT_GROUP_SIZE) -> EvalReport:
+    """Run the float and the served quantized model side by side, unit by unit of the plan, and compare them after
+    the vision tower, after every layer and at the logits."""
     dtype = torch.float32
     reader, config = qvl.load_checked(float_path)
     checkpoint = ascendv1.Checkpoint(quant_path, dtype)
     check_quantized_matches_float(checkpoint, reader, config)
     rotary = qvl.build_text_rotary(config)
-    reference, served = ModelRun(FloatModel(reader, config, dtype), rotary, inputs), \
-        ModelRun(ServedModel(checkpoint, config, dtype), rotary, inputs)
     rotation = checkpoint.rotation
     report = EvalReport(str(float_path), str(quant_path), len(inputs), sum(s.input_ids.shape[1] for s in inputs))
-    reference_images, served_images = reference.start(), served.start()
-    if reference_images:  # text-only inputs have no image features to compare
-        report.rows.append(compare("vision (merger)", reference_images, served_images, rotation))
-    progress("vision")
-    for layer_idx in range(config.text_config.num_hidden_layers):
-        report.rows.append(compare(f"layer {layer_idx}", reference.layer(layer_idx), served.layer(layer_idx),
-                                   rotation))
-        progress(f"layer {layer_idx}")
-    reference_logits, served_logits = reference.logits(), served.logits()
-    report.kl_divergence, report.top1_agreement = logit_metrics(reference_logits, served_logits)
-    report.logits_rel_error = compare("logits", [reference_logits], [served_logits]).rel_error
+    plan = plan_units(config, expert_group_size)
+    runs = zip(interpret(plan, None, inputs, ModelRunner(FloatModel(reader, config, dtype), rotary)),
+               interpret(plan, None, inputs, ModelRunner(ServedModel(checkpoint, config, dtype), rotary)))
+    for (unit, reference), (_, served) in runs:
+        compared = len(report.rows)
+        if unit.kind is Kind.VISION and reference:  # text-only inputs have no image features to compare
+            report.rows.append(compare("vision (merger)", reference, served, rotation))
+        elif unit.kind is Kind.LAYER and reference is not None:
+            report.rows.append(compare(f"layer {unit.layer - 1}", reference, served, rotation))
+        elif unit.kind is Kind.HEAD:
+            last = config.text_config.num_hidden_layers - 1
+            report.rows.append(compare(f"layer {last}", reference[0], served[0], rotation))
+            report.kl_divergence, report.top1_agreement = logit_metrics(reference[1], served[1])
+            report.logits_rel_error = compare("logits", [reference[1]], [served[1]]).rel_error
+        if len(report.rows) > compared:
+            progress(report.rows[-1].name)
     return report

@@ -69,7 +69,7 @@ def test_same_checkpoint_with_2_and_3_workers(local_ray, model, calib_index, ref
 
 
 def test_results_through_the_object_store(local_ray, model, calib_index, reference, tmp_path):
-    run(model, calib_index, tmp_path / "out", 2, ship_results=True)
+    run(model, calib_index, tmp_path / "out", 2, ship_unit_files=True)
     assert_same_checkpoint(tmp_path / "out", reference)
 
 

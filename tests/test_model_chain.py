@@ -4,15 +4,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import MemorySink, hf_kwargs, load_hf_model
+from helpers import hf_kwargs, load_hf_model
+from safetensors.torch import load_file
 
 from dist_quant.calib.dataset import load_samples
 from dist_quant.calib.inputs import build_model_inputs, model_inputs_for_text
 from dist_quant.models import qwen3_vl_moe as qvl
 from dist_quant.recipe import load_recipe
-from dist_quant.runtime.plan import make_plan
-from dist_quant.runtime.sweep import run_sweep
-from dist_quant.runtime.worker import Worker
+from dist_quant.evaluate import FloatModel, ModelRunner
+from dist_quant.runtime.interpret import interpret
+from dist_quant.runtime.plan import Kind, plan_units
+from dist_quant.runtime.resume import STREAM_DIR
+from dist_quant.runtime.runner import UnitRunner
 
 TOL = 1e-5
 PLAIN_RECIPE = Path(__file__).parent / "data" / "plain_w8a8.yaml"
@@ -42,28 +45,47 @@ def hf_reference(model, sample):
     return outputs, logits
 
 
-def chain(model_dir, inputs, group_size):
-    worker = Worker(model_dir, load_recipe(PLAIN_RECIPE), MemorySink())  # untransformed: compare with plain HF
-    per_layer = {}
-    final = run_sweep(worker, inputs, make_plan(worker.config, group_size),
-                      on_layer_done=lambda layer, hidden: per_layer.__setitem__(layer, hidden))
-    norm = worker.reader.get(qvl.NORM_KEY)
-    lm_head = worker.reader.get(qvl.LM_HEAD_KEY)
-    eps = worker.config.text_config.rms_norm_eps
-    logits = [qvl.rms_norm(h, norm, eps) @ lm_head.T for h in final]
-    return per_layer, logits
+def quantizing_chain(model_dir, inputs, group_size, work):
+    """The quantizing unit runner (untransformed recipe: comparable with plain HF) through the plan interpreter:
+    every layer's output but the last, as saved at the layer boundaries for a resume."""
+    config = qvl.load_checked(model_dir)[1]
+    plan = plan_units(config, group_size)
+    runner = UnitRunner(0, str(model_dir), load_recipe(PLAIN_RECIPE), str(work / "spill"), str(work / "run"), "cpu",
+                        plan)
+    for _ in interpret(plan, None, inputs, runner):
+        pass
+    saved = sorted((work / "run" / STREAM_DIR).glob("after_layer_*.safetensors"))
+    return {int(p.stem.rsplit("_", 1)[1]): [t for _, t in sorted(load_file(p).items(), key=lambda kv: int(kv[0]))]
+            for p in saved}
+
+
+def evaluating_chain(model_dir, inputs, group_size):
+    """The evaluator's float model runner through the same interpreter: every layer's output and the logits."""
+    reader, config = qvl.load_checked(model_dir)
+    runner = ModelRunner(FloatModel(reader, config, torch.float32), qvl.build_text_rotary(config))
+    per_layer, logits = {}, None
+    for unit, result in interpret(plan_units(config, group_size), None, inputs, runner):
+        if unit.kind is Kind.LAYER and result is not None:
+            per_layer[unit.layer - 1] = result
+        elif unit.kind is Kind.HEAD:
+            per_layer[config.text_config.num_hidden_layers - 1], logits = result
+    sizes = [s.input_ids.shape[1] for s in inputs]
+    return per_layer, list(torch.split(logits, sizes))
 
 
 @pytest.mark.parametrize("group_size", [3, 16])
-def test_chain_matches_hf_forward(tiny_model, calib_index, group_size):
+def test_chain_matches_hf_forward(tiny_model, calib_index, group_size, tmp_path):
     samples = load_samples(calib_index)
     inputs = build_model_inputs(tiny_model, samples[:2])
     inputs.append(model_inputs_for_text(tiny_model, "A text-only prompt about quantization."))
-    per_layer, logits = chain(tiny_model, inputs, group_size)
+    per_layer, logits = evaluating_chain(tiny_model, inputs, group_size)
+    quantizing = quantizing_chain(tiny_model, inputs, group_size, tmp_path)
     model = load_hf_model(tiny_model)
     for i, sample in enumerate(inputs):
         ref_layers, ref_logits = hf_reference(model, sample)
-        assert set(ref_layers) == set(per_layer)
+        assert set(ref_layers) == set(per_layer) == set(quantizing) | {max(ref_layers)}
         for layer, ref in ref_layers.items():
             torch.testing.assert_close(per_layer[layer][i], ref, atol=TOL, rtol=TOL)
-        torch.testing.assert_close(logits[i], ref_logits, atol=TOL, rtol=TOL)
+            if layer in quantizing:
+                torch.testing.assert_close(quantizing[layer][i], ref, atol=TOL, rtol=TOL)
+        torch.testing.assert_close(logits[i].reshape(ref_logits.shape), ref_logits, atol=TOL, rtol=TOL)

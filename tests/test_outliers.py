@@ -85,10 +85,9 @@ def test_static_ranges_equal_a_forward_of_the_transformed_model(dense_model, tra
 
     checkpoint.linear = observed_linear
     config = ev.qvl.load_config(CheckpointReader(dense_model).config)
-    run = ev.ModelRun(ev.ServedModel(checkpoint, config, torch.float32), ev.qvl.build_text_rotary(config), inputs)
-    run.start()
-    for layer in range(4):
-        run.layer(layer)
+    runner = ev.ModelRunner(ev.ServedModel(checkpoint, config, torch.float32), ev.qvl.build_text_rotary(config))
+    for _ in ev.interpret(ev.plan_units(config), None, inputs, runner):
+        pass
     for layer in range(4):
         for name in ("self_attn.q_proj", "self_attn.o_proj") + (("mlp.gate_proj", "mlp.down_proj") if layer == 2 else ()):
             key = f"model.language_model.layers.{layer}.{name}"

@@ -8,8 +8,8 @@ import pytest
 
 from dist_quant.cli import main
 from dist_quant.models.qwen3_vl_moe import load_config
-from dist_quant.runtime.actor import can_see
-from dist_quant.runtime.plan import GB, assign_units, build_plan, make_plan
+from dist_quant.runtime.runner import can_see
+from dist_quant.runtime.plan import GiB, Kind, assign_units, build_plan, plan_units
 
 DATA = Path(__file__).parent / "data"
 PARAMS = {"Qwen3-VL-235B-A22B": 235.67e9, "Qwen3-VL-30B-A3B": 31.07e9}  # public parameter counts
@@ -27,22 +27,22 @@ def test_plan_counts_every_byte_once(name, workers):
     plan = build_plan(config, raw, workers)
     tc = config.text_config
     kinds = [u.kind for u in plan.units]
-    assert kinds.count("attention") == tc.num_hidden_layers
-    assert kinds.count("experts") == tc.num_hidden_layers * (tc.num_experts // 16)
-    assert kinds.count("vision") == kinds.count("embed") == kinds.count("head") == 1
+    assert kinds.count(Kind.LAYER) == tc.num_hidden_layers
+    assert kinds.count(Kind.EXPERTS) == tc.num_hidden_layers * (tc.num_experts // 16)
+    assert kinds.count(Kind.VISION) == kinds.count(Kind.EMBED) == kinds.count(Kind.HEAD) == 1
     assert sum(a.read_bytes for a in plan.actors) == plan.source_bytes
     assert plan.source_bytes == pytest.approx(PARAMS[name] * 2, rel=0.005)  # bf16
     assert all(plan.fits(a) for a in plan.actors)
-    groups = [sum(u.kind == "experts" for u in a.units) for a in plan.actors]
+    groups = [sum(u.kind is Kind.EXPERTS for u in a.units) for a in plan.actors]
     assert max(groups) - min(groups) <= 1 + tc.num_hidden_layers // 8  # balanced to within a few groups
 
 
 def test_expert_groups_of_each_layer_spread_over_all_actors():
     config, _ = config_of("Qwen3-VL-235B-A22B")
-    units = make_plan(config)
+    units = plan_units(config)
     owners = assign_units(units, 8)
     for layer in range(3):
-        assert sorted(o for u, o in zip(units, owners) if u.kind == "experts" and u.layer == layer) == list(range(8))
+        assert sorted(o for u, o in zip(units, owners) if u.kind is Kind.EXPERTS and u.layer == layer) == list(range(8))
 
 
 def test_plan_command_reads_only_the_config(tmp_path, capsys):
@@ -57,7 +57,7 @@ def test_plan_command_reads_only_the_config(tmp_path, capsys):
 def test_memory_estimate_is_units_not_model():
     config, raw = config_of("Qwen3-VL-235B-A22B")
     plan = build_plan(config, raw, 1)
-    assert plan.actors[0].peak_bytes < 16 * GB < plan.source_bytes
+    assert plan.actors[0].peak_bytes < 16 * GiB < plan.source_bytes
 
 
 def test_shared_filesystem_probe(tmp_path):
@@ -77,7 +77,7 @@ def test_time_projection_scales_with_cards_and_bandwidth():
     slow_disk = project(build_plan(config, raw, 8), config, raw, 16384, Hardware(storage_read_gbps=0.5))
     assert slow_disk.seconds > times[8] and slow_disk.read_s > 4 * project(
         build_plan(config, raw, 8), config, raw, 16384).read_s * 0.99
-    # reading 439 GiB once at 2 GB/s per node is a hard floor for one node
+    # reading 439 GiB once at 2 GiB/s per node is a hard floor for one node
     assert times[8] > 470e9 / 2e9
 
 

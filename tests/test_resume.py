@@ -19,7 +19,7 @@ from helpers import assert_same_checkpoint, read_checkpoint
 from dist_quant.cli import main
 from dist_quant.recipe import DEFAULT_RECIPE, load_recipe
 from dist_quant.runtime.local import quantize_single_card
-from dist_quant.runtime.plan import make_plan
+from dist_quant.runtime.plan import plan_units
 from dist_quant.synthetic import make_calibration_set, make_tiny_model
 
 STAGING = ".dist_quant_staging"
@@ -84,7 +84,7 @@ def nothing_finished_looking(save: Path) -> None:
 def units_of(model) -> list[str]:
     from dist_quant.models.qwen3_vl_moe import load_config
 
-    return [u.id for u in make_plan(load_config(json.loads((model / "config.json").read_text())), 2)]
+    return [u.id for u in plan_units(load_config(json.loads((model / "config.json").read_text())), 2)]
 
 
 # 2 + 3 * (1 + 4) + 1 = 18 units; kill points in every phase, counts drawn from one seed

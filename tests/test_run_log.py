@@ -64,5 +64,5 @@ def test_run_log_has_recipe_versions_and_every_unit(tiny_model, calib_index, tmp
     log = (tmp_path / "q" / "quant_run.log").read_text()
     assert "transformers 4.57" in log or "transformers 5" in log
     assert 'type: "quarot"' in log
-    for unit in ("vision", "embed", "layer 0 attention", "layer 3 experts 0-7", "head"):
+    for unit in ("vision", "embed", "layer 0", "layer 3 experts 0-7", "head"):
         assert f"unit {unit}" in log

@@ -87,9 +87,9 @@ class UnitSink:
     The sink takes the tensors it is given as they are (no copy, they are large): callers must not change them later.
     """
 
-    def __init__(self, spill_dir: str | Path, *, ship_payload: bool = False):
+    def __init__(self, spill_dir: str | Path, *, ship_unit_files: bool = False):
         self.spill_dir = Path(spill_dir)
-        self.ship_payload = ship_payload
+        self.ship_unit_files = ship_unit_files  # the record carries the file's bytes (driver on another disk)
         self._tensors: dict[str, torch.Tensor] = {}
         self._types: dict[str, str] = {}
         self._storages: set[int] = set()
@@ -130,6 +130,6 @@ class UnitSink:
                 raise
         os.replace(tmp, path)
         record = UnitRecord(unit_id, name, tuple(self._tensors), tuple(self._types.values()), self.pending_bytes,
-                            len(data), zlib.crc32(data), data if self.ship_payload else None)
+                            len(data), zlib.crc32(data), data if self.ship_unit_files else None)
         self._tensors, self._types, self._storages = {}, {}, set()
         return record

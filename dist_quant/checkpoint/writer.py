@@ -43,7 +43,7 @@ LAYOUT_FILE = "layout.json"  # private: the parts and the byte ranges they are m
 PARTS_FILE = "parts.jsonl"  # private: each finished part with its size and CRC-32
 MOVE_FILE = "move.json"  # private: the files to move into save_path, written once all of them are finished
 FILES_FILE = "quant_model_files.json"  # published: what this checkpoint consists of (all --overwrite may delete)
-GB = 1024**3  # msModelSlim's part_file_size unit
+GiB = 1024**3  # msModelSlim calls its part_file_size unit "GB"; it is 2**30 bytes
 MiB = 1024**2
 
 
@@ -208,7 +208,7 @@ class CheckpointWriter:
             self.close()
             raise
 
-        self._part_bytes = int(part_file_size_gb * GB)
+        self._part_bytes = int(part_file_size_gb * GiB)
         self._spill_bytes = spill_bytes
         self._quant_types: dict[str, str] = {}
         self._records: list[UnitRecord] = []
@@ -375,7 +375,7 @@ class CheckpointWriter:
         description = json.loads((self.save_path / self.fmt.DESCRIPTION_FILE).read_text())
         index = json.loads((self.save_path / self.fmt.INDEX_FILE).read_text())
         types = self.fmt.described_types(description)
-        logger.info("published %d tensors (%.2f GB) to %s", len(types), index["metadata"]["total_size"] / GB,
+        logger.info("published %d tensors (%.2f GiB) to %s", len(types), index["metadata"]["total_size"] / GiB,
                     self.save_path)
         files = sorted(str(p.relative_to(self.save_path)) for name in moves
                        for p in [self.save_path / name, *(self.save_path / name).rglob("*")] if p.is_file())
@@ -446,7 +446,7 @@ class CheckpointWriter:
             with open(self.private_dir / PARTS_FILE, "a", encoding="utf-8") as record:
                 for (path, part), crc in zip(batch, crcs):
                     path.chmod(0o644)
-                    logger.info("wrote part %s (%.2f GB)", path.name, path.stat().st_size / GB)
+                    logger.info("wrote part %s (%.2f GiB)", path.name, path.stat().st_size / GiB)
                     record.write(json.dumps({"part": path.name, "bytes": path.stat().st_size, "crc32": crc}) + "\n")
                 record.flush()
                 os.fsync(record.fileno())

@@ -14,9 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dist_quant.models import qwen3_vl_moe as qvl
-from dist_quant.runtime.plan import COMPUTE_BYTES, QuantPlan, Unit, unit_params
+from dist_quant.runtime.plan import COMPUTE_BYTES, Kind, QuantPlan, Unit, unit_params
 
-GB = 1e9
+GB = 1e9  # storage and link figures are decimal (GB/s), as vendors state them
 
 
 @dataclass(frozen=True)
@@ -49,10 +49,10 @@ class Projection:
 def unit_flops(config, unit: Unit, calib_tokens: int) -> float:
     """Multiply-adds x 2 of the calibration forward of a unit (experts: only the routed tokens)."""
     tc = config.text_config
-    if unit.kind == "experts":
+    if unit.kind is Kind.EXPERTS:
         share = (unit.stop_expert - unit.first_expert) / tc.num_experts
         return 2.0 * calib_tokens * tc.num_experts_per_tok * share * qvl.expert_param_count(config)
-    if unit.kind in ("attention", "vision"):
+    if unit.kind in (Kind.LAYER, Kind.VISION):
         return 2.0 * calib_tokens * unit_params(config, unit)
     return 0.0
 
@@ -65,20 +65,20 @@ def project(plan: QuantPlan, config, raw_config: dict, calib_tokens: int, hw: Ha
 
     def unit_time(unit: Unit) -> tuple[float, float, float]:
         # expert groups run on every card at once and share their node's storage; other units run alone
-        sharing = per_card if unit.kind == "experts" else 1
+        sharing = per_card if unit.kind is Kind.EXPERTS else 1
         read_bw, write_bw = hw.storage_read_gbps * GB / sharing, hw.storage_write_gbps * GB / sharing
         params = unit_params(config, unit)
         read = params * source_bytes / read_bw
         compute = unit_flops(config, unit, calib_tokens) / (hw.matmul_tflops * 1e12) \
             + hw.elementwise_passes * params * COMPUTE_BYTES / (hw.hbm_gbps * GB)
-        out = params * (1 if unit.kind in ("attention", "experts") else source_bytes)
+        out = params * (1 if unit.kind in (Kind.LAYER, Kind.EXPERTS) else source_bytes)
         return read, compute, out / write_bw + out / (hw.host_gbps * GB)
 
     read_s = compute_s = write_s = 0.0
     layers: dict[int, dict[int, list[float]]] = {}
     for unit, actor in zip(plan.units, plan.assignment):
         read, compute, write = unit_time(unit)
-        if unit.kind == "experts":  # parallel within the layer: the busiest actor sets the pace
+        if unit.kind is Kind.EXPERTS:  # parallel within the layer: the busiest actor sets the pace
             load = layers.setdefault(unit.layer, {}).setdefault(actor, [0.0, 0.0, 0.0])
             load[0], load[1], load[2] = load[0] + read, load[1] + compute, load[2] + write
             continue

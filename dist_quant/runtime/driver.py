@@ -28,12 +28,12 @@ from dist_quant.errors import CalibrationError, DistQuantError, OutputError
 from dist_quant.models.qwen3_vl_moe import load_checked
 from dist_quant.recipe import Recipe
 from dist_quant.runtime.device import DEFAULT_COMPUTE_THREADS, set_compute_threads
-from dist_quant.runtime.plan import DEFAULT_EXPERT_GROUP_SIZE, Unit, make_plan
+from dist_quant.runtime.plan import DEFAULT_EXPERT_GROUP_SIZE, Unit, plan_units
 from dist_quant.runtime.report import UnitReport
 from dist_quant.runtime.resume import Journal, ResumePoint, fingerprint, remaining_units, resume_point
 from dist_quant.runtime.run_log import RunLog, write_coverage
 from dist_quant.runtime.timing import add_times
-from dist_quant.runtime.worker import export_rotation
+from dist_quant.runtime.worker import check_recipe_for_model, export_rotation
 
 log = logging.getLogger("dist_quant")
 
@@ -131,7 +131,8 @@ def quantize(model_path: str, save_path: str, recipe: Recipe, executor: Executor
     config = load_checked(model_path)[1]  # checked against the weights' headers before anything is sized by it
     dataset_path = resolve_dataset(dataset, recipe)
     samples = load_samples(dataset_path, recipe.default_text)
-    plan = make_plan(config, expert_group_size)
+    check_recipe_for_model(recipe, config)  # before any worker process starts
+    plan = plan_units(config, expert_group_size)
     writer = CheckpointWriter(save_path, part_file_size_gb=recipe.part_file_size_gb, overwrite=overwrite,
                               model_path=model_path, protected=[(_dataset_folder(dataset_path), "calibration set")],
                               resume=resume)

@@ -8,6 +8,7 @@ workers, and their partial sums are added in group order, so the checkpoint is t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 
 import torch
 
@@ -17,32 +18,42 @@ DEFAULT_EXPERT_GROUP_SIZE = 16
 DEFAULT_CALIB_TOKENS = 16 * 1024  # e.g. 16 images of ~1000 tokens: the activations every text unit holds
 COMPUTE_BYTES = 4  # weights are computed on in float32
 RUNTIME_OVERHEAD = 2 * 1024**3  # framework and device context of one process
-GB = 1024**3
+GiB = 1024**3
+
+
+class Kind(Enum):
+    """What a unit of work is."""
+
+    VISION = "vision"  # the whole vision tower, mergers included
+    EMBED = "embed"  # the input embeddings
+    LAYER = "layer"  # a decoder layer without its experts: attention, norms, and the router or the dense MLP
+    EXPERTS = "experts"  # a group of a MoE layer's experts
+    HEAD = "head"  # the final norm and lm_head
 
 
 @dataclass(frozen=True)
 class Unit:
-    kind: str  # "vision" | "embed" | "attention" | "experts" | "head"
+    kind: Kind
     layer: int = -1
     first_expert: int = 0
     stop_expert: int = 0
 
     @property
     def name(self) -> str:
-        if self.kind == "attention":
-            return f"layer {self.layer} attention"
-        if self.kind == "experts":
+        if self.kind is Kind.LAYER:
+            return f"layer {self.layer}"
+        if self.kind is Kind.EXPERTS:
             return f"layer {self.layer} experts {self.first_expert}-{self.stop_expert - 1}"
-        return self.kind
+        return self.kind.value
 
     @property
     def id(self) -> str:
         """A file-name-safe identifier, stable across runs."""
-        if self.kind == "attention":
-            return f"L{self.layer:03d}-attn"
-        if self.kind == "experts":
+        if self.kind is Kind.LAYER:
+            return f"L{self.layer:03d}"
+        if self.kind is Kind.EXPERTS:
             return f"L{self.layer:03d}-experts-{self.first_expert:04d}-{self.stop_expert:04d}"
-        return self.kind
+        return self.kind.value
 
 
 def expert_groups(num_experts: int, group_size: int = DEFAULT_EXPERT_GROUP_SIZE) -> list[tuple[int, int]]:
@@ -50,28 +61,28 @@ def expert_groups(num_experts: int, group_size: int = DEFAULT_EXPERT_GROUP_SIZE)
     return [(first, min(first + group_size, num_experts)) for first in range(0, num_experts, group_size)]
 
 
-def make_plan(config, group_size: int = DEFAULT_EXPERT_GROUP_SIZE) -> list[Unit]:
-    """Every unit of a model in sweep order: vision, embeddings, each layer's attention and expert groups, head."""
-    units = [Unit("vision"), Unit("embed")]
+def plan_units(config, group_size: int = DEFAULT_EXPERT_GROUP_SIZE) -> list[Unit]:
+    """Every unit of a model in sweep order: vision, embeddings, each layer and its expert groups, head."""
+    units = [Unit(Kind.VISION), Unit(Kind.EMBED)]
     tc = config.text_config
     for layer_idx in range(tc.num_hidden_layers):
-        units.append(Unit("attention", layer_idx))
+        units.append(Unit(Kind.LAYER, layer_idx))
         if qvl.is_moe_layer(tc, layer_idx):
-            units += [Unit("experts", layer_idx, a, b) for a, b in expert_groups(tc.num_experts, group_size)]
-    return units + [Unit("head")]
+            units += [Unit(Kind.EXPERTS, layer_idx, a, b) for a, b in expert_groups(tc.num_experts, group_size)]
+    return units + [Unit(Kind.HEAD)]
 
 
 def assign_units(plan: list[Unit], workers: int) -> list[int]:
-    """The actor of each unit. Attention of layer L goes to actor L mod N; the expert groups of layer L start on the
-    next actor and go round, so every actor gets an even share of the experts and the sequential attention chain
-    moves from actor to actor. Vision and embeddings go to actor 0, the head to the last layer's attention actor."""
+    """The actor of each unit. Layer L goes to actor L mod N; the expert groups of layer L start on the next actor
+    and go round, so every actor gets an even share of the experts and the sequential layer chain moves from actor
+    to actor. Vision and embeddings go to actor 0, the head to the last layer's actor."""
     assignment = []
     for unit in plan:
-        if unit.kind in ("vision", "embed"):
+        if unit.kind in (Kind.VISION, Kind.EMBED):
             assignment.append(0)
-        elif unit.kind == "attention":
+        elif unit.kind is Kind.LAYER:
             assignment.append(unit.layer % workers)
-        elif unit.kind == "experts":
+        elif unit.kind is Kind.EXPERTS:
             group = unit.first_expert // max(1, unit.stop_expert - unit.first_expert)
             assignment.append((unit.layer + 1 + group) % workers)
         else:
@@ -83,13 +94,13 @@ def assign_units(plan: list[Unit], workers: int) -> list[int]:
 
 def unit_params(config, unit: Unit) -> int:
     tc = config.text_config
-    if unit.kind == "vision":
+    if unit.kind is Kind.VISION:
         return qvl.vision_param_count(config)
-    if unit.kind == "embed":
+    if unit.kind is Kind.EMBED:
         return tc.vocab_size * tc.hidden_size
-    if unit.kind == "attention":
+    if unit.kind is Kind.LAYER:
         return qvl.attention_param_count(config, unit.layer)
-    if unit.kind == "experts":
+    if unit.kind is Kind.EXPERTS:
         return (unit.stop_expert - unit.first_expert) * qvl.expert_param_count(config)
     return tc.vocab_size * tc.hidden_size + tc.hidden_size
 
@@ -97,9 +108,9 @@ def unit_params(config, unit: Unit) -> int:
 def unit_activation_bytes(config, unit: Unit, calib_tokens: int) -> int:
     """Float32 activations a unit holds: a few copies of the token stream (input, stream, MLP input, partial sum)."""
     tc, vc = config.text_config, config.vision_config
-    if unit.kind == "vision":  # patches before the 2x2 merge, a few copies, plus one image's attention scores
+    if unit.kind is Kind.VISION:  # patches before the 2x2 merge, a few copies, plus one image's attention scores
         return 8 * calib_tokens * vc.hidden_size * COMPUTE_BYTES
-    if unit.kind == "head":
+    if unit.kind is Kind.HEAD:
         return 0
     return 5 * calib_tokens * tc.hidden_size * COMPUTE_BYTES
 
@@ -132,7 +143,7 @@ def build_plan(config, raw_config: dict, workers: int, *, group_size: int = DEFA
     """Units, assignment, per-actor bytes read and peak memory estimate, output size and part count."""
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    units = make_plan(config, group_size)
+    units = plan_units(config, group_size)
     assignment = assign_units(units, workers)
     dtype_bytes = torch.finfo(qvl.source_dtype(raw_config)).bits // 8
     params = [unit_params(config, u) for u in units]
@@ -147,27 +158,27 @@ def build_plan(config, raw_config: dict, workers: int, *, group_size: int = DEFA
                     + unit_activation_bytes(config, u, calib_tokens) for i, u in enumerate(actor.units)), default=0)
         actor.peak_bytes = peak + RUNTIME_OVERHEAD
     source = sum(params) * dtype_bytes
-    quantized = sum(n for u, n in zip(units, params) if u.kind in ("experts", "attention"))
+    quantized = sum(n for u, n in zip(units, params) if u.kind in (Kind.EXPERTS, Kind.LAYER))
     output = source - quantized * (dtype_bytes - 1)  # int8 linears, float rest (scales are negligible)
-    part_bytes = part_file_size_gb * GB
+    part_bytes = part_file_size_gb * GiB  # msModelSlim's part_file_size 'GB' are GiB
     parts = 1 if part_bytes <= 0 else max(1, -(-output // int(part_bytes)))
-    return QuantPlan(units, assignment, actors, source, output, parts, int(card_memory_gb * GB))
+    return QuantPlan(units, assignment, actors, source, output, parts, int(card_memory_gb * GiB))
 
 
 def format_plan(plan: QuantPlan, title: str) -> str:
     kinds = {}
     for unit in plan.units:
-        kinds[unit.kind] = kinds.get(unit.kind, 0) + 1
+        kinds[unit.kind.value] = kinds.get(unit.kind.value, 0) + 1
     lines = [
         title,
-        f"  source {plan.source_bytes / GB:.1f} GB; units: " + ", ".join(f"{n} {k}" for k, n in kinds.items()),
-        f"  output ~{plan.output_bytes / GB:.1f} GB in {plan.parts} part file(s)",
+        f"  source {plan.source_bytes / GiB:.1f} GiB; units: " + ", ".join(f"{n} {k}" for k, n in kinds.items()),
+        f"  output ~{plan.output_bytes / GiB:.1f} GiB in {plan.parts} part file(s)",
         "",
-        f"  {'actor':>5} {'units':>6} {'expert groups':>13} {'reads GB':>9} {'peak mem GB (est.)':>19}  fits card",
+        f"  {'actor':>5} {'units':>6} {'expert groups':>13} {'reads GiB':>9} {'peak mem GiB (est.)':>19}  fits card",
     ]
     for actor in plan.actors:
-        groups = sum(u.kind == "experts" for u in actor.units)
-        lines.append(f"  {actor.index:>5} {len(actor.units):>6} {groups:>13} {actor.read_bytes / GB:>9.1f} "
-                     f"{actor.peak_bytes / GB:>19.1f}  {'yes' if plan.fits(actor) else 'NO'}"
-                     f" ({plan.card_bytes / GB:.0f} GB)")
+        groups = sum(u.kind is Kind.EXPERTS for u in actor.units)
+        lines.append(f"  {actor.index:>5} {len(actor.units):>6} {groups:>13} {actor.read_bytes / GiB:>9.1f} "
+                     f"{actor.peak_bytes / GiB:>19.1f}  {'yes' if plan.fits(actor) else 'NO'}"
+                     f" ({plan.card_bytes / GiB:.0f} GiB)")
     return "\n".join(lines)

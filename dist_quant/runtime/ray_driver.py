@@ -1,7 +1,8 @@
 """Distributed quantization: a Ray executor hands the plan's units to actors, one per card, on one or many nodes.
 
-The executor submits the whole unit graph up front in plan order (each actor runs its tasks in submission order, so
-the graph cannot deadlock); hidden states move between actors as object refs and never through the driver. Actors
+The executor submits the whole unit graph up front through the plan interpreter (``interpret``, the same walk the
+single-card executor and the evaluator make); hidden states move between actors as object refs and never through
+the driver. Actors
 write their unit files into the staging folder when they share its filesystem, or return them through the object
 store when they do not (probed, not assumed). The shared driver skeleton (``driver.quantize``) journals, assembles
 and publishes; the checkpoint is the same whatever the number of workers. An actor that dies is restarted by Ray and
@@ -18,18 +19,17 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from dist_quant.calib.inputs import ModelInputs
-from dist_quant.checkpoint.unit_file import UnitSink
 from dist_quant.checkpoint.writer import CheckpointWriter
 from dist_quant.errors import DistQuantError
 from dist_quant.recipe import Recipe
-from dist_quant.runtime.actor import ActorBody
 from dist_quant.runtime.device import DEVICES
 from dist_quant.runtime.driver import OnDone, QuantSummary, quantize
+from dist_quant.runtime.interpret import interpret
 from dist_quant.runtime.plan import Unit, assign_units
 from dist_quant.runtime.ray_connect import AUTH_MODE, set_token_mode
 from dist_quant.runtime.report import UnitReport
 from dist_quant.runtime.resume import ResumePoint
-from dist_quant.runtime.worker import Worker
+from dist_quant.runtime.runner import UnitRunner
 
 log = logging.getLogger("dist_quant")
 
@@ -92,60 +92,59 @@ def check_capacity(ray, workers: int, device: str) -> None:
                              "lower --workers or add nodes (launch/start_worker.sh)")
 
 
-def submit_graph(ray, actors: list, plan: list[Unit], assignment: list[int], todo: list[Unit], inputs_ref,
-                 start: Optional[ResumePoint]) -> dict[Unit, object]:
-    """Submit the units still to run, in plan order; returns the report ref of each. A resume point replaces the
-    vision and embedding units: its saved vision outputs and hidden states are put in the object store."""
-    owner = dict(zip(plan, assignment))
-    reports = {}
-    vision = contexts = hidden = None
-    if start is not None and todo:
-        vision, hidden = ray.put(start.vision), ray.put(start.hidden)
-        contexts = actors[owner[todo[0]]].contexts.remote(inputs_ref, vision)
-    combine = start is None  # a saved layer output is complete: nothing to add to it
-    partials: list = []
-    for unit in todo:
-        actor = actors[owner[unit]]
-        if unit.kind == "vision":
-            vision, contexts, reports[unit] = actor.vision.options(num_returns=3).remote(inputs_ref)
-        elif unit.kind == "embed":
-            hidden, reports[unit] = actor.embed.options(num_returns=2).remote(inputs_ref, vision)
-        elif unit.kind == "attention":
-            hidden, moe, reports[unit] = actor.attention.options(num_returns=3).remote(
-                unit.layer, contexts, hidden, *partials, combine=combine and unit.layer > 0)
-            partials, combine = [], True
-        elif unit.kind == "experts":
-            partial, reports[unit] = actor.experts.options(num_returns=2).remote(
-                unit.layer, unit.first_expert, unit.stop_expert, moe)
-            partials.append(partial)
-        else:
-            reports[unit] = actor.head.remote()
-    return reports
+class RayCalls:
+    """``interpret.UnitCalls`` on Ray: each unit becomes a remote call on the actor the plan assigns it, in plan order
+    (each actor runs its tasks in submission order, so the graph cannot deadlock); what flows between units are
+    object refs, which move between actors and never through the driver."""
+
+    def __init__(self, ray, actors: list, owner: dict[Unit, int]):
+        self.ray, self.actors, self.owner = ray, actors, owner
+
+    def _call(self, unit: Unit, method: str, returns: int, *args, **kwargs):
+        call = getattr(self.actors[self.owner[unit]], method)
+        return (call.options(num_returns=returns) if returns > 1 else call).remote(unit, *args, **kwargs)
+
+    def contexts(self, unit, inputs, vision):
+        return self._call(unit, "contexts", 1, inputs, vision)
+
+    def vision(self, unit, inputs):
+        return self._call(unit, "vision", 3, inputs)
+
+    def embed(self, unit, inputs, vision):
+        return self._call(unit, "embed", 2, inputs, vision)
+
+    def layer(self, unit, contexts, hidden, *partials, combine: bool):
+        return self._call(unit, "layer", 3, contexts, hidden, *partials, combine=combine)
+
+    def experts(self, unit, moe):
+        return self._call(unit, "experts", 2, moe)
+
+    def head(self, unit, *unused, combine: bool):
+        """The quantizing head needs no hidden states: the last layer's refs are not passed (nor waited for)."""
+        return self._call(unit, "head", 1)
 
 
 class RayExecutor:
     """Runs the units on ``workers`` Ray actors, one per card, spread over the nodes.
 
     ``pin_cpus``: on the cpu device, each actor is pinned to that many cores of its node (its "card"); by default
-    actors are not pinned. ``ship_results`` forces unit files through the object store (True) or the shared
+    actors are not pinned. ``ship_unit_files`` forces unit files through the object store (True) or the shared
     filesystem (False); by default each actor probes whether it sees save_path. ``on_unit_done(report)`` is called
     in the driver after each finished unit (tests use it to kill actor processes mid-run).
     """
 
     def __init__(self, workers: int, ray_address: Optional[str] = None, *, pin_cpus: Optional[int] = None,
-                 max_restarts: int = MAX_RESTARTS, ship_results: Optional[bool] = None,
+                 max_restarts: int = MAX_RESTARTS, ship_unit_files: Optional[bool] = None,
                  on_unit_done: Optional[Callable[[UnitReport], None]] = None):
         self.workers, self.ray_address, self.pin_cpus = workers, ray_address, pin_cpus
-        self.max_restarts, self.ship_results, self.on_unit_done = max_restarts, ship_results, on_unit_done
+        self.max_restarts, self.ship_unit_files, self.on_unit_done = max_restarts, ship_unit_files, on_unit_done
         self.ray, self.we_started, self.actors, self.switched_auth = None, False, [], False
         self.reports: list[UnitReport] = []
         self.ray_seconds = self.actor_seconds = self.sweep_seconds = 0.0
 
     def start(self, model_path: str, recipe: Recipe, writer: CheckpointWriter, plan: list[Unit], device: str,
               compute_threads: int) -> None:
-        """Check the source in the driver (a clear error here, not in the actors), join or start Ray, start the
-        actors (they load while the driver builds the calibration inputs)."""
-        Worker(model_path, recipe, UnitSink(writer.spill_dir), compute_threads=compute_threads).check_source_keys()
+        """Join or start Ray and start the actors (they load while the driver builds the calibration inputs)."""
         started = time.perf_counter()
         auth_mode = os.environ.get(AUTH_MODE)
         self.ray, self.we_started = start_ray(self.ray_address, self.workers, device)
@@ -156,12 +155,12 @@ class RayExecutor:
         probe, token = writer.private_dir / "probe", secrets.token_hex(16)
         probe.write_text(token)
         self.probe = probe
-        remote = self.ray.remote(max_restarts=self.max_restarts, max_task_retries=self.max_restarts)(ActorBody)
+        remote = self.ray.remote(max_restarts=self.max_restarts, max_task_retries=self.max_restarts)(UnitRunner)
         self.actor_started = time.perf_counter()
         self.actors = [remote.options(**actor_resources(device), scheduling_strategy="SPREAD").remote(
                            i, str(model_path), recipe, str(writer.spill_dir), str(writer.private_dir), device,
-                           [u for u, a in zip(plan, self.assignment) if a == i], str(probe), token, self.pin_cpus,
-                           self.ship_results, compute_threads)
+                           [u for u, a in zip(plan, self.assignment) if a == i], ship_unit_files=self.ship_unit_files,
+                           probe=str(probe), token=token, pin_cpus=self.pin_cpus, compute_threads=compute_threads)
                        for i in range(self.workers)]
 
     def run(self, todo: list[Unit], point: Optional[ResumePoint], inputs: list[ModelInputs], on_done: OnDone) -> None:
@@ -170,8 +169,8 @@ class RayExecutor:
             ray.get([actor.node.remote() for actor in self.actors])
             self.actor_seconds = time.perf_counter() - self.actor_started
             started = time.perf_counter()
-            pending = {ref: unit for unit, ref in submit_graph(ray, self.actors, self.plan, self.assignment, todo,
-                                                               ray.put(inputs), point).items()}
+            calls = RayCalls(ray, self.actors, dict(zip(self.plan, self.assignment)))
+            pending = {ref: unit for unit, ref in interpret(todo, point, ray.put(inputs), calls, put=ray.put)}
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 for ref in ready:
@@ -196,7 +195,7 @@ class RayExecutor:
         if not self.actors or not all(report.record.payload is None for report in self.reports):
             return {}
         ray, actors = self.ray, self.actors
-        if not self.reports and not all(info["shared_fs"] for info in ray.get([a.node.remote() for a in actors])):
+        if not self.reports and any(info["ship_unit_files"] for info in ray.get([a.node.remote() for a in actors])):
             return {}  # a resumed assembly: nothing ran, so ask the actors whether they see save_path
 
         def write_batch(batch):
@@ -219,12 +218,12 @@ class RayExecutor:
 
 def quantize_distributed(model_path: str, save_path: str, recipe: Recipe, *, workers: int,
                          ray_address: Optional[str] = None, threads_per_actor: Optional[int] = None,
-                         max_restarts: int = MAX_RESTARTS, ship_results: Optional[bool] = None,
+                         max_restarts: int = MAX_RESTARTS, ship_unit_files: Optional[bool] = None,
                          on_unit_done: Optional[Callable[[UnitReport], None]] = None, **options) -> DistributedSummary:
     """Quantize with ``workers`` Ray actors and publish one checkpoint to ``save_path`` (options: see
     ``driver.quantize``; ``threads_per_actor`` pins each cpu-device actor to that many cores)."""
     executor = RayExecutor(workers, ray_address, pin_cpus=threads_per_actor, max_restarts=max_restarts,
-                           ship_results=ship_results, on_unit_done=on_unit_done)
+                           ship_unit_files=ship_unit_files, on_unit_done=on_unit_done)
     summary = quantize(model_path, save_path, recipe, executor, **options)
     return DistributedSummary(**vars(summary), actors=summarize_actors(executor.reports, workers),
                               ray_start_seconds=executor.ray_seconds, actor_start_seconds=executor.actor_seconds,

@@ -33,7 +33,7 @@ from dist_quant import __version__
 from dist_quant.calib.inputs import ModelInputs
 from dist_quant.checkpoint.unit_file import UnitRecord, file_crc32, is_plain_name
 from dist_quant.errors import OutputError
-from dist_quant.runtime.plan import Unit
+from dist_quant.runtime.plan import Kind, Unit
 
 JOURNAL = "journal.jsonl"
 STREAM_DIR = "stream"
@@ -254,7 +254,7 @@ def resume_point(private_dir: Path, plan: list[Unit], finished: dict[str, UnitRe
             layer = int(path.stem.rsplit("_", 1)[1])
         except ValueError:
             continue
-        needed = [u.id for u in plan if u.kind in ("vision", "embed") or (u.layer != -1 and u.layer <= layer)]
+        needed = [u.id for u in plan if u.kind in (Kind.VISION, Kind.EMBED) or (u.layer != -1 and u.layer <= layer)]
         if all(unit_id in finished for unit_id in needed) and journal.intact_stream(path):
             tensors = load_file(path)
             return ResumePoint(layer, [tensors[str(i)] for i in range(samples)], load_vision(private_dir, samples))
@@ -265,5 +265,5 @@ def remaining_units(plan: list[Unit], point: Optional[ResumePoint], finished: di
     """Units still to run: everything after the resume point, except a head that already finished."""
     if point is None:
         return list(plan)
-    return [u for u in plan if (u.kind in ("attention", "experts") and u.layer > point.layer)
-            or (u.kind == "head" and u.id not in finished)]
+    return [u for u in plan if (u.kind in (Kind.LAYER, Kind.EXPERTS) and u.layer > point.layer)
+            or (u.kind is Kind.HEAD and u.id not in finished)]

@@ -26,6 +26,7 @@ from dist_quant.models import qwen3_vl_moe as qvl
 from dist_quant import schemes
 from dist_quant.recipe import Recipe
 from dist_quant.runtime.device import DEFAULT_COMPUTE_THREADS, set_compute_threads
+from dist_quant.runtime.plan import Kind
 from dist_quant.runtime.timing import PhaseTimes
 
 EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
@@ -73,7 +74,7 @@ class MoeInput:
 
 
 @dataclass
-class AttentionOutput:
+class LayerOutput:
     stream: list[torch.Tensor]  # post-attention residual stream per sample, (1, S, H); for a dense layer the output
     moe: Optional[MoeInput]  # None for a dense-MLP layer
 
@@ -223,9 +224,9 @@ class Worker:
         return hidden
 
     @torch.no_grad()
-    def attention(self, layer_idx: int, hidden: list[torch.Tensor],
-                  contexts: list[qvl.SampleContext]) -> AttentionOutput:
-        """Attention (and router or dense MLP) of one layer: calibrate, quantize, write; returns the MoE input."""
+    def layer(self, layer_idx: int, hidden: list[torch.Tensor], contexts: list[qvl.SampleContext]) -> LayerOutput:
+        """A decoder layer without its experts (attention, norms, router or dense MLP): calibrate, quantize, write;
+        returns the post-attention stream (a dense layer's complete output) and the MoE input."""
         block = qvl.build_attention_block(self.config, layer_idx, self._read, self.compute_dtype)
         hidden = [h.to(self.device) for h in hidden]  # from another actor or a saved stream: may be on the CPU
         prefix = qvl.layer_prefix(layer_idx)
@@ -259,7 +260,7 @@ class Worker:
             self.expert_tokens[layer_idx] = torch.bincount(
                 ids.reshape(-1), minlength=self.config.text_config.num_experts).tolist()
         self._emit_module(prefix, block, ranges)
-        return AttentionOutput(streams, moe_input)
+        return LayerOutput(streams, moe_input)
 
     def _read_experts(self, layer_idx: int, first: int, stop: int) -> list[qvl.ExpertWeights]:
         tc = self.config.text_config
@@ -277,7 +278,7 @@ class Worker:
     def prefetch_next_experts(self, units: list, position: int) -> None:
         """Start reading the weights of the first expert group after ``units[position]`` in the background, so the
         read overlaps the units before it (a worker holds the unit it computes plus this one)."""
-        upcoming = next((u for u in units[position + 1:] if u.kind == "experts"), None)
+        upcoming = next((u for u in units[position + 1:] if u.kind is Kind.EXPERTS), None)
         if upcoming is None:
             return
         key = (upcoming.layer, upcoming.first_expert, upcoming.stop_expert)

@@ -1,0 +1,90 @@
+"""The one interpretation of a plan: which unit feeds which, walked in plan order, whoever executes the units.
+
+Layer L+1's input is the float output of layer L: the layer unit's post-attention stream plus its expert groups'
+partial sums, added in group order (so the result does not depend on who computed which group), plus the deepstack
+feature. The unit that needs that input (the next layer, or the head) combines it, so partial sums travel to one
+place and the combined stream is never computed twice.
+
+``interpret`` hands each unit to a ``UnitCalls``: the quantizing ``runner.UnitRunner`` called in this process
+(single card), the same runner behind Ray actor handles (``ray_driver.RayCalls``), or the evaluator's model runner
+(``evaluate``). It yields ``(unit, result)`` as each unit is issued: the runner's report, a Ray object ref of it,
+or the evaluator's comparison values.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator, Optional, Protocol, Sequence
+
+import torch
+
+from dist_quant.models.qwen3_vl_moe import SampleContext, add_deepstack
+from dist_quant.runtime.plan import Kind, Unit
+
+
+class UnitCalls(Protocol):
+    """What executing each kind of unit takes and returns (``result`` last: a report or what the caller wants)."""
+
+    def contexts(self, unit: Unit, inputs, vision) -> Any: ...
+
+    def vision(self, unit: Unit, inputs) -> tuple[Any, Any, Any]: ...  # vision outputs, sample contexts, result
+
+    def embed(self, unit: Unit, inputs, vision) -> tuple[Any, Any]: ...  # hidden states, result
+
+    def layer(self, unit: Unit, contexts, hidden, *partials, combine: bool) -> tuple[Any, Any, Any]: ...
+    # ``combine``: ``hidden`` is the previous layer's stream, to be finished with ``partials``; returns this layer's
+    # stream, its MoE input (None for a dense layer) and the result
+
+    def experts(self, unit: Unit, moe) -> tuple[Any, Any]: ...  # partial sum, result
+
+    def head(self, unit: Unit, contexts, hidden, *partials, combine: bool) -> Any: ...  # result
+
+
+def interpret(units: Sequence[Unit], start, inputs, calls: UnitCalls,
+              put: Callable[[Any], Any] = lambda value: value) -> Iterator[tuple[Unit, Any]]:
+    """Issue ``units`` (a plan, or what a resume left of it) in order. ``start`` (a resume point with ``.vision``
+    and ``.hidden``, the complete output of the layer before the first unit) replaces the vision and embedding
+    units; ``put`` turns it into what ``calls`` takes (Ray: object refs)."""
+    vision = contexts = hidden = moe = None
+    if start is not None and units:
+        vision, hidden = put(start.vision), put(start.hidden)
+        contexts = calls.contexts(units[0], inputs, vision)
+    combine = False  # whether ``hidden`` is a layer's stream still to be finished with ``partials``
+    partials: list = []
+    for unit in units:
+        if unit.kind is Kind.VISION:
+            vision, contexts, result = calls.vision(unit, inputs)
+        elif unit.kind is Kind.EMBED:
+            hidden, result = calls.embed(unit, inputs, vision)
+        elif unit.kind is Kind.LAYER:
+            hidden, moe, result = calls.layer(unit, contexts, hidden, *partials, combine=combine)
+            partials, combine = [], True
+        elif unit.kind is Kind.EXPERTS:
+            partial, result = calls.experts(unit, moe)
+            partials.append(partial)
+        else:
+            result = calls.head(unit, contexts, hidden, *partials, combine=combine)
+        yield unit, result
+
+
+def split_tokens(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Undo the concatenation of samples' tokens: ``flat`` [T, H] back to one (1, S, H) tensor per sample."""
+    sizes = [t.shape[1] for t in like]
+    return [part.reshape(1, -1, flat.shape[-1]) for part in torch.split(flat, sizes)]
+
+
+def add_partials(partials: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Sum of the expert groups' partial outputs, always as ((p0 + p1) + p2) + ...: one order, one result."""
+    total = None
+    for partial in partials:
+        total = partial if total is None else total + partial
+    return total
+
+
+def finish_layer(layer_idx: int, stream: list[torch.Tensor], partials: Sequence[torch.Tensor],
+                 contexts: list[SampleContext]) -> list[torch.Tensor]:
+    """Output of a layer: its post-attention stream plus the expert sum, then the deepstack feature of that layer."""
+    hidden = stream
+    partial_sum = add_partials(partials)
+    if partial_sum is not None:
+        hidden = [s + p for s, p in zip(stream, split_tokens(partial_sum, stream))]
+    return [add_deepstack(h, ctx, layer_idx) for h, ctx in zip(hidden, contexts)]

@@ -1,0 +1,138 @@
+"""The unit runner: a Worker plus what the driver needs around it (unit files, reports, layer-boundary saves,
+prefetching), with one method per kind of unit as ``interpret.UnitCalls`` describes.
+
+Plain Python: the single-card executor calls it in this process, and ``ray_driver`` wraps the same class with
+``ray.remote`` as an actor. Every unit method returns its outputs followed by a UnitReport, which carries the unit
+file's record (and its bytes when the driver cannot see this node's disk), so the driver can journal and assemble
+the checkpoint and show per-actor progress.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from dist_quant.calib.inputs import ModelInputs
+from dist_quant.checkpoint.unit_file import UnitSink
+from dist_quant.checkpoint.writer import write_part
+from dist_quant.recipe import Recipe
+from dist_quant.runtime.device import DEFAULT_COMPUTE_THREADS, resolve_device
+from dist_quant.runtime.interpret import finish_layer
+from dist_quant.runtime.plan import Unit
+from dist_quant.runtime.report import Reporter, UnitReport
+from dist_quant.runtime.resume import save_hidden, save_vision
+from dist_quant.runtime.worker import Worker
+
+
+def ray_node_id() -> str:
+    """The Ray node this process runs on ('' outside Ray): reports use it to show where units ran."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    except ImportError:
+        return ""
+
+
+def pin_to_cpu_share(index: int, cpus: int) -> set[int]:
+    """Keep a CPU-device actor on the ``cpus`` cores Ray allotted it (actor i takes the i-th share of this node's
+    cores), so that its reading thread and its compute share them as they would share one card's host cores,
+    instead of spilling onto the cores of the other actors. (The compute thread count stays --compute_threads:
+    the checkpoint must not depend on the pinning.)"""
+    cores = sorted(os.sched_getaffinity(0))
+    share = {cores[(index * cpus + k) % len(cores)] for k in range(cpus)}
+    os.sched_setaffinity(0, share)
+    return share
+
+
+def can_see(probe: str, token: str) -> bool:
+    """True when this process reads the probe file the driver wrote into save_path: a shared filesystem."""
+    try:
+        return Path(probe).read_text() == token
+    except OSError:
+        return False
+
+
+class UnitRunner:
+    """Runs the units the plan gave it (``schedule``, in plan order), prefetching the next expert group's weights.
+
+    ``ship_unit_files``: whether unit files travel back in the reports (True) or stay in the staging folder the
+    driver sees (False); None probes it: the file ``probe`` must hold ``token`` (Ray actors on other nodes).
+    Layer outputs and vision outputs are saved for --resume only where the driver sees them.
+    """
+
+    def __init__(self, index: int, model_path: str, recipe: Recipe, spill_dir: str, private_dir: str, device: str,
+                 schedule: list[Unit], *, ship_unit_files: Optional[bool] = False, probe: str = "", token: str = "",
+                 pin_cpus: Optional[int] = None, compute_threads: int = DEFAULT_COMPUTE_THREADS):
+        if device == "cpu" and pin_cpus:
+            pin_to_cpu_share(index, pin_cpus)
+        self.index = index
+        self.ship_unit_files = not can_see(probe, token) if ship_unit_files is None else ship_unit_files
+        self.private_dir = None if self.ship_unit_files else Path(private_dir)  # layer-boundary saves (--resume)
+        self.worker = Worker(model_path, recipe, UnitSink(spill_dir, ship_unit_files=self.ship_unit_files),
+                             resolve_device(device), compute_threads=compute_threads)
+        self.schedule = schedule
+        self.reporter = Reporter(self.worker, index, ray_node_id())
+
+    def node(self) -> dict:
+        return {"pid": os.getpid(), "host": self.reporter.host, "node_id": self.reporter.node_id,
+                "ship_unit_files": self.ship_unit_files}
+
+    def _start(self, unit: Unit) -> float:
+        """Prefetch the next expert group of this runner's schedule, then start the clock of this unit."""
+        if unit in self.schedule:
+            self.worker.prefetch_next_experts(self.schedule, self.schedule.index(unit))
+        return time.perf_counter()
+
+    def vision(self, unit: Unit, inputs: list[ModelInputs]):
+        started = self._start(unit)
+        vision = self.worker.vision(inputs)
+        streams = (save_vision(self.private_dir, vision),) if self.private_dir is not None else ()
+        return vision, self.worker.contexts(inputs, vision), self.reporter.report(unit, started, streams=streams)
+
+    def contexts(self, unit: Unit, inputs: list[ModelInputs], vision):
+        """Sample contexts from saved vision outputs, when a resumed run skips the vision unit."""
+        return self.worker.contexts(inputs, vision)
+
+    def embed(self, unit: Unit, inputs: list[ModelInputs], vision):
+        started = self._start(unit)
+        return self.worker.embed(inputs, vision), self.reporter.report(unit, started)
+
+    def _finish_previous(self, layer_idx: int, contexts, stream, partials, combine: bool):
+        """The input of layer ``layer_idx``: the previous layer's stream finished with its partial sums (saved for a
+        resume), or ``stream`` as it is when it already is complete (the embeddings, a resume point)."""
+        if not combine:
+            return stream, ()
+        hidden = finish_layer(layer_idx - 1, stream, partials, contexts)
+        if self.private_dir is None:
+            return hidden, ()
+        return hidden, (save_hidden(self.private_dir, layer_idx - 1, hidden),)
+
+    def layer(self, unit: Unit, contexts, stream: list[torch.Tensor], *partials: torch.Tensor, combine: bool):
+        started = self._start(unit)
+        hidden, streams = self._finish_previous(unit.layer, contexts, stream, partials, combine)
+        out = self.worker.layer(unit.layer, hidden, contexts)
+        report = self.reporter.report(unit, started, self.worker.expert_tokens.pop(unit.layer, None), streams)
+        return out.stream, out.moe, report
+
+    def experts(self, unit: Unit, moe):
+        started = self._start(unit)
+        partial = self.worker.experts(unit.layer, unit.first_expert, unit.stop_expert, moe)
+        return partial, self.reporter.report(unit, started)
+
+    def head(self, unit: Unit, contexts=None, hidden=None, *partials, combine: bool = False):
+        """The head needs no hidden states (nothing is calibrated there): whatever the plan passes is unused."""
+        started = self._start(unit)
+        self.worker.head()
+        return self.reporter.report(unit, started)
+
+    def write_part(self, path: str, slices: list) -> int:
+        """Assemble one part file of the checkpoint from unit files (on the shared filesystem); returns its CRC-32."""
+        return write_part(Path(path), slices)
+
+
+__all__ = ["UnitReport", "UnitRunner", "can_see", "pin_to_cpu_share", "ray_node_id"]
