@@ -124,17 +124,17 @@ def _plan_parser(sub) -> None:
 
 def _cmd_plan(args) -> int:
     from dist_quant.checkpoint.reader import read_config
-    from dist_quant.models.qwen3_vl_moe import load_config
+    from dist_quant.models.family import family_of
     from dist_quant.runtime.cost import project
     from dist_quant.runtime.plan import build_plan, format_plan
 
     config_file = Path(args.model_path) / "config.json"
     raw = read_config(config_file)
-    config = load_config(raw, str(config_file))
+    config = family_of(raw, str(config_file)).load_config(raw, str(config_file))
     recipe = load_recipe(args.config_path or DEFAULT_RECIPE)
     plan = build_plan(config, raw, args.workers, group_size=args.expert_group_size,
                       part_file_size_gb=recipe.part_file_size_gb, calib_tokens=args.calib_tokens,
-                      card_memory_gb=args.card_memory_gb)
+                      card_memory_gb=args.card_memory_gb, recipe=recipe)
     tc = config.text_config
     title = (f"{args.model_path}: {tc.num_hidden_layers} layers, {tc.num_experts} experts (top-{tc.num_experts_per_tok}),"
              f" hidden {tc.hidden_size}; {args.workers} worker(s), expert groups of {args.expert_group_size}")

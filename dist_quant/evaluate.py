@@ -22,61 +22,24 @@ from dist_quant.calib.inputs import ModelInputs
 from dist_quant.checkpoint.formats import ascendv1
 from dist_quant.checkpoint.reader import CheckpointReader
 from dist_quant.errors import CheckpointError
-from dist_quant.models import qwen3_vl_moe as qvl
+from dist_quant.models.family import family_for, load_checked
 from dist_quant.runtime.interpret import finish_layer, interpret
 from dist_quant.runtime.plan import DEFAULT_EXPERT_GROUP_SIZE, Kind, Unit, plan_units
 from dist_quant.runtime.worker import MoeInput
-
-# config fields that fix the architecture: a quantized checkpoint is only comparable with a float model sharing them
-TEXT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-               "num_key_value_heads", "head_dim", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
-               "decoder_sparse_step", "mlp_only_layers", "hidden_act")
-VISION_FIELDS = ("depth", "hidden_size", "intermediate_size", "num_heads", "in_channels", "patch_size",
-                 "temporal_patch_size", "spatial_merge_size", "out_hidden_size", "num_position_embeddings",
-                 "deepstack_visual_indexes")
-TOKEN_FIELDS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
-
-
-def _config_differences(quantized, reference) -> list[str]:
-    """'field: A here, B there' for every architecture field where two configs differ."""
-    pairs = [("text_config", quantized.text_config, reference.text_config, TEXT_FIELDS),
-             ("vision_config", quantized.vision_config, reference.vision_config, VISION_FIELDS),
-             ("", quantized, reference, TOKEN_FIELDS)]
-    return [f"{section + '.' if section else ''}{name} is {qvl._show(getattr(q, name, None))} in the quantized "
-            f"checkpoint, {qvl._show(getattr(r, name, None))} in the float model"
-            for section, q, r, names in pairs for name in names if getattr(q, name, None) != getattr(r, name, None)]
-
-
-def served_shapes(config, reader: CheckpointReader) -> dict[str, tuple[int, ...]]:
-    """Every weight, norm and embedding the quantized checkpoint of this float model holds, with its shape: the float
-    model's tensors, with each fused expert tensor split into per-expert nn.Linear weights."""
-    tc = config.text_config
-    fused = tuple(CheckpointReader.expert_keys("")[i][1:] for i in (0, 1))
-    shapes = {key: reader.shape(key) for key in reader.keys() if not key.endswith(fused)}
-    for layer_idx in range(tc.num_hidden_layers):
-        if qvl.is_moe_layer(tc, layer_idx):
-            for expert in range(tc.num_experts):
-                shapes[qvl.expert_key(layer_idx, expert, "gate_proj") + ".weight"] = \
-                    (tc.moe_intermediate_size, tc.hidden_size)
-                shapes[qvl.expert_key(layer_idx, expert, "up_proj") + ".weight"] = \
-                    (tc.moe_intermediate_size, tc.hidden_size)
-                shapes[qvl.expert_key(layer_idx, expert, "down_proj") + ".weight"] = \
-                    (tc.hidden_size, tc.moe_intermediate_size)
-    return shapes
-
 
 def check_quantized_matches_float(checkpoint: ascendv1.Checkpoint, reader: CheckpointReader, config) -> None:
     """Refuse, from config.json files and safetensors headers alone, a quantized checkpoint made from another model
     (other layer count, widths, experts...): compared layer by layer it would still print a table of numbers.
     Also finds up front a tensor the served model would need and the checkpoint lacks."""
-    quant_config = qvl.load_config(checkpoint.reader.config, str(checkpoint.path / "config.json"))
-    differences = _config_differences(quant_config, config)
+    family = family_for(config.model_type)
+    quant_config = family.load_config(checkpoint.reader.config, str(checkpoint.path / "config.json"))
+    differences = family.config_differences(quant_config, config)
     if differences:
         more = f" (and {len(differences) - 2} more)" if len(differences) > 2 else ""
         raise CheckpointError(f"{checkpoint.path} is not a quantization of {reader.model_dir}: "
                               f"{'; '.join(differences[:2])}{more}; evaluate a checkpoint against the float model it "
                               "was made from")
-    expected = served_shapes(config, reader)
+    expected = family.served_shapes(config, reader)
     held = set(checkpoint.reader.keys())
     missing = sorted(set(expected) - held)
     if missing:
@@ -111,23 +74,24 @@ class FloatModel:
 
     def __init__(self, reader: CheckpointReader, config, dtype: torch.dtype):
         self.reader, self.config, self.dtype = reader, config, dtype
+        self.family = family_for(config.model_type)  # a module of dist_quant/models/
 
     def read(self, key: str, shape: Optional[tuple[int, ...]] = None) -> torch.Tensor:
         return self.reader.get(key, dtype=self.dtype, shape=shape)
 
     def vision(self) -> nn.Module:
-        return qvl.build_vision(self.config, self.read, self.dtype)
+        return self.family.build_vision(self.config, self.read, self.dtype)
 
     def attention_block(self, layer_idx: int) -> nn.Module:
-        return qvl.build_attention_block(self.config, layer_idx, self.read, self.dtype)
+        return self.family.build_attention_block(self.config, layer_idx, self.read, self.dtype)
 
     def experts(self, layer_idx: int, first: int, stop: int) -> list[Callable]:
         tc = self.config.text_config
-        weights = self.reader.read_experts(qvl.layer_prefix(layer_idx), first, stop,
+        weights = self.reader.read_experts(self.family.layer_prefix(layer_idx), first, stop,
                                            num_experts=tc.num_experts, hidden=tc.hidden_size,
                                            intermediate=tc.moe_intermediate_size, dtype=self.dtype)
-        act_fn = qvl.activation(self.config)
-        return [qvl.float_expert(*w, act_fn) for w in weights]
+        act_fn = self.family.activation(self.config)
+        return [self.family.float_expert(*w, act_fn) for w in weights]
 
 
 class ServedModel(FloatModel):
@@ -138,28 +102,25 @@ class ServedModel(FloatModel):
         self.checkpoint = checkpoint
 
     def vision(self) -> nn.Module:
-        return qvl.build_vision(self.config, None, self.dtype,
-                                load=lambda visual: self.served_module(visual, qvl.VISUAL))
+        return self.family.build_vision(self.config, None, self.dtype,
+                                load=lambda visual: self.served_module(visual, self.family.VISUAL))
 
     def attention_block(self, layer_idx: int) -> nn.Module:
-        with torch.device("meta"):
-            layer = qvl.hf.Qwen3VLMoeTextDecoderLayer(self.config.text_config, layer_idx)
-        if qvl.is_moe_layer(self.config.text_config, layer_idx):
-            layer.mlp.experts = None
-        return self.served_module(layer, qvl.layer_prefix(layer_idx)).eval()
+        layer = self.family.meta_layer(self.config, layer_idx)
+        return self.served_module(layer, self.family.layer_prefix(layer_idx)).eval()
 
     def served_module(self, module: nn.Module, prefix: str) -> nn.Module:
         """Replace every nn.Linear of a meta-device module by its served form, then load the rest (norms...)."""
         for name, child in list(module.named_modules()):
             if isinstance(child, nn.Linear):
                 module.set_submodule(name, self.checkpoint.linear(f"{prefix}.{name}"))
-        return qvl.materialize(module, self.checkpoint.float_tensor, prefix, self.dtype)
+        return self.family.materialize(module, self.checkpoint.float_tensor, prefix, self.dtype)
 
     def experts(self, layer_idx: int, first: int, stop: int) -> list[Callable]:
-        act_fn = qvl.activation(self.config)
+        act_fn = self.family.activation(self.config)
         experts = []
         for e in range(first, stop):
-            gate, up, down = (self.checkpoint.linear(qvl.expert_key(layer_idx, e, p)) for p in
+            gate, up, down = (self.checkpoint.linear(self.family.expert_key(layer_idx, e, p)) for p in
                               ("gate_proj", "up_proj", "down_proj"))
             experts.append(lambda x, g=gate, u=up, d=down: d(act_fn(g(x)) * u(x)))
         return experts
@@ -224,15 +185,15 @@ class ModelRunner:
     ``(last layer's hidden states, logits)`` (head)."""
 
     def __init__(self, model: FloatModel, rotary: nn.Module):
-        self.model, self.rotary = model, rotary
+        self.model, self.rotary, self.family = model, rotary, model.family
 
     @torch.no_grad()
     def vision(self, unit: Unit, inputs: list[ModelInputs]):
         config, dtype = self.model.config, self.model.dtype
         visual = self.model.vision()
-        vision = [qvl.vision_forward(visual, s.pixel_values, s.image_grid_thw) if s.pixel_values is not None
+        vision = [self.family.vision_forward(visual, s.pixel_values, s.image_grid_thw) if s.pixel_values is not None
                   else None for s in inputs]
-        contexts = [qvl.sample_context(config, self.rotary, s.input_ids, s.attention_mask, s.image_grid_thw,
+        contexts = [self.family.sample_context(config, self.rotary, s.input_ids, s.attention_mask, s.image_grid_thw,
                                        v[1] if v else [], dtype) for s, v in zip(inputs, vision)]
         return vision, contexts, [v[0] for v in vision if v is not None]
 
@@ -241,35 +202,36 @@ class ModelRunner:
 
     @torch.no_grad()
     def embed(self, unit: Unit, inputs: list[ModelInputs], vision):
-        embed = self.model.read(qvl.EMBED_KEY)
-        return [qvl.embed_inputs(embed, s.input_ids, self.model.config.image_token_id, v[0] if v else None)
+        embed = self.model.read(self.family.EMBED_KEY)
+        return [self.family.embed_inputs(embed, s.input_ids, self.model.config.image_token_id, v[0] if v else None)
                 for s, v in zip(inputs, vision)], None
 
     @torch.no_grad()
     def layer(self, unit: Unit, contexts, hidden, *partials, combine: bool):
         if combine:
-            hidden = finish_layer(unit.layer - 1, hidden, partials, contexts)
+            hidden = finish_layer(self.family, unit.layer - 1, hidden, partials, contexts)
         block = self.model.attention_block(unit.layer)
-        outs = [qvl.attention_forward(block, h, ctx) for h, ctx in zip(hidden, contexts)]
+        outs = [self.family.attention_forward(block, h, ctx) for h, ctx in zip(hidden, contexts)]
         tc = self.model.config.text_config
-        if not qvl.is_moe_layer(tc, unit.layer):
+        if not self.family.is_moe_layer(tc, unit.layer):
             return [stream + block.mlp(mlp_in) for stream, mlp_in in outs], None, hidden if combine else None
         x = torch.cat([mlp_in.reshape(-1, mlp_in.shape[-1]) for _, mlp_in in outs])
-        ids, weights = qvl.route(qvl.router_logits(block, x), tc.num_experts_per_tok, x.dtype)
+        ids, weights = self.family.route(self.family.router_logits(block, x), tc.num_experts_per_tok, x.dtype)
         return [stream for stream, _ in outs], MoeInput(x, ids, weights), hidden if combine else None
 
     @torch.no_grad()
     def experts(self, unit: Unit, moe: MoeInput):
         experts = self.model.experts(unit.layer, unit.first_expert, unit.stop_expert)
-        return qvl.expert_group_forward(moe.x, moe.topk_ids, moe.topk_weights, experts, unit.first_expert), None
+        return self.family.expert_group_forward(moe.x, moe.topk_ids, moe.topk_weights, experts, unit.first_expert), None
 
     @torch.no_grad()
     def head(self, unit: Unit, contexts, hidden, *partials, combine: bool):
+        tc = self.model.config.text_config
         if combine:
-            hidden = finish_layer(self.model.config.text_config.num_hidden_layers - 1, hidden, partials, contexts)
-        norm, lm_head = self.model.read(qvl.NORM_KEY), self.model.read(qvl.LM_HEAD_KEY)
-        eps = self.model.config.text_config.rms_norm_eps
-        logits = torch.cat([(qvl.rms_norm(h, norm, eps) @ lm_head.T).reshape(-1, lm_head.shape[0]) for h in hidden])
+            hidden = finish_layer(self.family, tc.num_hidden_layers - 1, hidden, partials, contexts)
+        norm, lm_head = self.model.read(self.family.NORM_KEY), self.model.read(self.family.LM_HEAD_KEY)
+        logits = torch.cat([(self.family.rms_norm(h, norm, tc.rms_norm_eps) @ lm_head.T).reshape(-1, lm_head.shape[0])
+                            for h in hidden])
         return hidden, logits
 
 
@@ -279,10 +241,10 @@ def evaluate(float_path: str, quant_path: str, inputs: list[ModelInputs],
     """Run the float and the served quantized model side by side, unit by unit of the plan, and compare them after
     the vision tower, after every layer and at the logits."""
     dtype = torch.float32
-    reader, config = qvl.load_checked(float_path)
+    family, reader, config = load_checked(float_path)
     checkpoint = ascendv1.Checkpoint(quant_path, dtype)
     check_quantized_matches_float(checkpoint, reader, config)
-    rotary = qvl.build_text_rotary(config)
+    rotary = family.build_text_rotary(config)
     rotation = checkpoint.rotation
     report = EvalReport(str(float_path), str(quant_path), len(inputs), sum(s.input_ids.shape[1] for s in inputs))
     plan = plan_units(config, expert_group_size)

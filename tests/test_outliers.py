@@ -14,6 +14,7 @@ from dist_quant.calib.dataset import load_samples
 from dist_quant.calib.inputs import build_model_inputs, model_inputs_for_text
 from dist_quant.checkpoint.reader import CheckpointReader
 from dist_quant.evaluate import evaluate
+from dist_quant.models import qwen3_vl_moe as qvl
 from dist_quant.recipe import DEFAULT_RECIPE
 from dist_quant.synthetic import make_calibration_set, make_tiny_model
 
@@ -84,8 +85,8 @@ def test_static_ranges_equal_a_forward_of_the_transformed_model(dense_model, tra
         return module
 
     checkpoint.linear = observed_linear
-    config = ev.qvl.load_config(CheckpointReader(dense_model).config)
-    runner = ev.ModelRunner(ev.ServedModel(checkpoint, config, torch.float32), ev.qvl.build_text_rotary(config))
+    config = qvl.load_config(CheckpointReader(dense_model).config)
+    runner = ev.ModelRunner(ev.ServedModel(checkpoint, config, torch.float32), qvl.build_text_rotary(config))
     for _ in ev.interpret(ev.plan_units(config), None, inputs, runner):
         pass
     for layer in range(4):

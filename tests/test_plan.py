@@ -1,13 +1,16 @@
 """The plan from config.json alone, on the real 235B and 30B configs (no weights exist in these tests)."""
 
 import json
+import math
 import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
 from dist_quant.cli import main
 from dist_quant.models.qwen3_vl_moe import load_config
+from dist_quant.recipe import DEFAULT_RECIPE
 from dist_quant.runtime.runner import can_see
 from dist_quant.runtime.plan import GiB, Kind, assign_units, build_plan, plan_units
 
@@ -85,3 +88,37 @@ def test_plan_prints_the_projection(tmp_path, capsys):
     shutil.copy(DATA / "Qwen3-VL-30B-A3B.config.json", tmp_path / "config.json")
     assert main(["plan", "--model_path", str(tmp_path), "--workers", "8", "--storage_read_gbps", "4"]) == 0
     assert "projected wall time on 8 card(s) (1 node(s))" in capsys.readouterr().out
+
+
+def test_output_estimate_counts_each_linear_at_its_schemes_bytes(tmp_path):
+    """The plan's output size is the published checkpoint's weights, each at its scheme's bytes (int8: 1, FLOAT: the
+    source dtype), with biases counted in the source dtype and scales left out; an all-FLOAT recipe is the source."""
+    from safetensors import safe_open
+
+    from dist_quant.recipe import load_recipe
+    from dist_quant.runtime.local import quantize_single_card
+    from dist_quant.synthetic import make_calibration_set, make_tiny_model
+
+    model = make_tiny_model(tmp_path / "model", num_layers=2, mlp_only_layers=(1,), dtype="bfloat16")
+    save = tmp_path / "q"
+    quantize_single_card(str(model), str(save), load_recipe(), dataset=str(make_calibration_set(tmp_path / "i", 1)),
+                         progress=False)
+    published = 0
+    index = json.loads((save / "quant_model_weights.safetensors.index.json").read_text())
+    for part in set(index["weight_map"].values()):
+        with safe_open(save / part, "pt") as f:
+            for key in f.keys():
+                t = f.get_slice(key)
+                numel = math.prod(t.get_shape())
+                published += numel * (1 if t.get_dtype() == "I8" else 2) if key.endswith((".weight", ".bias")) else 0
+    raw = json.loads((model / "config.json").read_text())
+    config = load_config(raw)
+    assert build_plan(config, raw, 1, recipe=load_recipe()).output_bytes == published
+    float_only = tmp_path / "float.yaml"
+    doc = yaml.safe_load(DEFAULT_RECIPE.read_text())
+    for processor in doc["spec"]["process"]:
+        if processor["type"] == "linear_quant":
+            processor["include"] = ["nothing"]
+    float_only.write_text(yaml.safe_dump(doc))
+    plan = build_plan(config, raw, 1, recipe=load_recipe(float_only))
+    assert plan.output_bytes == plan.source_bytes

@@ -23,6 +23,7 @@ from transformers.models.qwen3_vl_moe.configuration_qwen3_vl_moe import Qwen3VLM
 
 from dist_quant.checkpoint.reader import CheckpointReader
 from dist_quant.errors import CheckpointError, reason
+from dist_quant.models.family import HeadPair, Readers, Smoothing, Writer
 
 MODEL_TYPE = "qwen3_vl_moe"
 TEXT = "model.language_model"
@@ -305,7 +306,14 @@ def expert_key(layer_idx: int, expert: int, proj: str) -> str:
 
 def materialize(module: nn.Module, read: Callable[..., torch.Tensor], prefix: str, dtype: torch.dtype) -> nn.Module:
     """Load every parameter of a module built on the meta device from the checkpoint (``prefix`` + its name); ``read``
-    gets the shape the config gives each one, so a mismatch is reported with the tensor's file, not by torch."""
+    gets the shape the config gives each one, so a mismatch is reported with the tensor's file, not by torch.
+
+    PyTorch's own meta device and ``load_state_dict(strict=True, assign=True)``, not accelerate, which transformers
+    itself dropped for this (transformers PR #42941): ``init_empty_weights(include_buffers=True)`` is
+    ``with torch.device("meta")``; its default patches ``nn.Module.register_parameter`` for the whole process while a
+    module is built, follows an environment variable, and broke with transformers 5 until a recent accelerate fix
+    (transformers issue #44291); ``set_module_tensor_to_device`` fills one tensor at a time and does not check that
+    every tensor was filled."""
     state = {name: read(f"{prefix}.{name}", shape=tuple(meta.shape)).to(dtype)
              for name, meta in module.state_dict().items()}
     module.load_state_dict(state, strict=True, assign=True)
@@ -534,3 +542,110 @@ def source_dtype(raw_config: dict) -> torch.dtype:
     text = raw_config.get("text_config", {})
     name = text.get("dtype") or text.get("torch_dtype") or raw_config.get("dtype") or raw_config.get("torch_dtype")
     return getattr(torch, name) if isinstance(name, str) and hasattr(torch, name) else torch.bfloat16
+
+
+# --- outlier suppression points (applied by models/outliers.py) ----------------------------------------------------
+_ATTENTION_ROTATION = (Readers("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+                       Writer("self_attn.o_proj"), HeadPair("self_attn.v_proj", "self_attn.o_proj"))
+LAYER_ROTATION = {  # QuaRot steps of a layer unit, in order, for a MoE layer and for a dense-MLP layer
+    "moe": _ATTENTION_ROTATION + (Readers("post_attention_layernorm", ("mlp.gate",)),),
+    "dense": _ATTENTION_ROTATION + (Readers("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+                                    Writer("mlp.down_proj")),
+}
+EXPERT_READER_NORM = "post_attention_layernorm"  # fused into every expert's gate/up (and the router, above)
+VISION_STREAM_WRITERS = ("merger.linear_fc2", "deepstack_merger_list.*.linear_fc2")  # enter the text stream
+_ATTENTION_SMOOTHING = (Smoothing("norm-linear", "input_layernorm",
+                                  ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+                        Smoothing("ov", "self_attn.v_proj", ("self_attn.o_proj",)))
+LAYER_SMOOTHING = {  # smoothing subgraphs of a layer unit (the experts are dynamic: nothing to smooth there)
+    "moe": _ATTENTION_SMOOTHING,
+    "dense": _ATTENTION_SMOOTHING + (Smoothing("norm-linear", "post_attention_layernorm",
+                                               ("mlp.gate_proj", "mlp.up_proj")),
+                                     Smoothing("up-down", "mlp.up_proj", ("mlp.down_proj",))),
+}
+FUSED_GROUPS = (  # linears vLLM loads as one fused parameter: they must share a quant type
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.experts.0.gate_proj", "mlp.experts.0.up_proj", "mlp.experts.0.down_proj"),
+)
+
+
+def heads(text_config) -> tuple[int, int, int]:
+    """(attention heads, kv heads, head size) of the text layers."""
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+    return text_config.num_attention_heads, text_config.num_key_value_heads, head_dim
+
+
+def layer_kind(text_config, layer_idx: int) -> str:
+    """Which of the per-layer tables applies: "moe" or "dense"."""
+    return "moe" if is_moe_layer(text_config, layer_idx) else "dense"
+
+
+def _linear_params(module: nn.Module, prefix: str) -> dict[str, int]:
+    return {f"{prefix}.{name}": m.weight.numel() for name, m in module.named_modules() if isinstance(m, nn.Linear)}
+
+
+def vision_linears(config: Qwen3VLMoeConfig) -> dict[str, int]:
+    """Weight parameters of each vision linear, by module name (what a recipe's globs select)."""
+    with torch.device("meta"):
+        return _linear_params(hf.Qwen3VLMoeVisionModel._from_config(config.vision_config), VISUAL)
+
+
+def meta_layer(config: Qwen3VLMoeConfig, layer_idx: int) -> nn.Module:
+    """A decoder layer without its experts (they are units of their own), on the meta device."""
+    with torch.device("meta"):
+        layer = hf.Qwen3VLMoeTextDecoderLayer(config.text_config, layer_idx)
+    if is_moe_layer(config.text_config, layer_idx):
+        layer.mlp.experts = None
+    return layer
+
+
+def layer_linears(config: Qwen3VLMoeConfig, layer_idx: int) -> dict[str, int]:
+    """Weight parameters of each linear of a decoder layer without its experts, by module name."""
+    return _linear_params(meta_layer(config, layer_idx), layer_prefix(layer_idx))
+
+
+def expert_linears(config: Qwen3VLMoeConfig, layer_idx: int, first: int, stop: int) -> dict[str, int]:
+    """Weight parameters of each projection of experts ``first..stop-1``, by module name."""
+    tc = config.text_config
+    return {expert_key(layer_idx, e, proj): tc.hidden_size * tc.moe_intermediate_size
+            for e in range(first, stop) for proj in ("gate_proj", "up_proj", "down_proj")}
+
+
+# --- comparing a quantized checkpoint with its float model (dist-quant eval) ----------------------------------------
+
+# config fields that fix the architecture: a quantized checkpoint is only comparable with a float model sharing them
+TEXT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "head_dim", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
+               "decoder_sparse_step", "mlp_only_layers", "hidden_act")
+VISION_FIELDS = ("depth", "hidden_size", "intermediate_size", "num_heads", "in_channels", "patch_size",
+                 "temporal_patch_size", "spatial_merge_size", "out_hidden_size", "num_position_embeddings",
+                 "deepstack_visual_indexes")
+TOKEN_FIELDS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+
+
+def config_differences(quantized, reference) -> list[str]:
+    """'field: A here, B there' for every architecture field where two configs differ."""
+    pairs = [("text_config", quantized.text_config, reference.text_config, TEXT_FIELDS),
+             ("vision_config", quantized.vision_config, reference.vision_config, VISION_FIELDS),
+             ("", quantized, reference, TOKEN_FIELDS)]
+    return [f"{section + '.' if section else ''}{name} is {_show(getattr(q, name, None))} in the quantized "
+            f"checkpoint, {_show(getattr(r, name, None))} in the float model"
+            for section, q, r, names in pairs for name in names if getattr(q, name, None) != getattr(r, name, None)]
+
+
+def served_shapes(config, reader: CheckpointReader) -> dict[str, tuple[int, ...]]:
+    """Every weight, norm and embedding the quantized checkpoint of this float model holds, with its shape: the float
+    model's tensors, with each fused expert tensor split into per-expert nn.Linear weights."""
+    tc = config.text_config
+    fused = tuple(CheckpointReader.expert_keys("")[i][1:] for i in (0, 1))  # the source's fused expert tensors
+    shapes = {key: reader.shape(key) for key in reader.keys() if not key.endswith(fused)}
+    for layer_idx in range(tc.num_hidden_layers):
+        if is_moe_layer(tc, layer_idx):
+            for expert in range(tc.num_experts):
+                shapes[expert_key(layer_idx, expert, "gate_proj") + ".weight"] = \
+                    (tc.moe_intermediate_size, tc.hidden_size)
+                shapes[expert_key(layer_idx, expert, "up_proj") + ".weight"] = \
+                    (tc.moe_intermediate_size, tc.hidden_size)
+                shapes[expert_key(layer_idx, expert, "down_proj") + ".weight"] = \
+                    (tc.hidden_size, tc.moe_intermediate_size)
+    return shapes

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dist_quant.models import qwen3_vl_moe as qvl
-from dist_quant.runtime.plan import COMPUTE_BYTES, Kind, QuantPlan, Unit, unit_params
+from dist_quant.models.family import family_for
+from dist_quant.runtime.plan import COMPUTE_BYTES, Kind, QuantPlan, Unit, source_bytes_per_param, unit_params
 
 GB = 1e9  # storage and link figures are decimal (GB/s), as vendors state them
 
@@ -51,7 +51,8 @@ def unit_flops(config, unit: Unit, calib_tokens: int) -> float:
     tc = config.text_config
     if unit.kind is Kind.EXPERTS:
         share = (unit.stop_expert - unit.first_expert) / tc.num_experts
-        return 2.0 * calib_tokens * tc.num_experts_per_tok * share * qvl.expert_param_count(config)
+        expert_params = family_for(config.model_type).expert_param_count(config)
+        return 2.0 * calib_tokens * tc.num_experts_per_tok * share * expert_params
     if unit.kind in (Kind.LAYER, Kind.VISION):
         return 2.0 * calib_tokens * unit_params(config, unit)
     return 0.0
@@ -61,9 +62,9 @@ def project(plan: QuantPlan, config, raw_config: dict, calib_tokens: int, hw: Ha
     workers = len(plan.actors)
     nodes = max(1, -(-workers // hw.cards_per_node))
     per_card = min(workers, hw.cards_per_node)
-    source_bytes = torch_bytes(raw_config)
+    source_bytes = source_bytes_per_param(raw_config)
 
-    def unit_time(unit: Unit) -> tuple[float, float, float]:
+    def unit_time(unit: Unit, out: int) -> tuple[float, float, float]:
         # expert groups run on every card at once and share their node's storage; other units run alone
         sharing = per_card if unit.kind is Kind.EXPERTS else 1
         read_bw, write_bw = hw.storage_read_gbps * GB / sharing, hw.storage_write_gbps * GB / sharing
@@ -71,13 +72,12 @@ def project(plan: QuantPlan, config, raw_config: dict, calib_tokens: int, hw: Ha
         read = params * source_bytes / read_bw
         compute = unit_flops(config, unit, calib_tokens) / (hw.matmul_tflops * 1e12) \
             + hw.elementwise_passes * params * COMPUTE_BYTES / (hw.hbm_gbps * GB)
-        out = params * (1 if unit.kind in (Kind.LAYER, Kind.EXPERTS) else source_bytes)
         return read, compute, out / write_bw + out / (hw.host_gbps * GB)
 
     read_s = compute_s = write_s = 0.0
     layers: dict[int, dict[int, list[float]]] = {}
-    for unit, actor in zip(plan.units, plan.assignment):
-        read, compute, write = unit_time(unit)
+    for unit, actor, out in zip(plan.units, plan.assignment, plan.unit_output_bytes):
+        read, compute, write = unit_time(unit, out)
         if unit.kind is Kind.EXPERTS:  # parallel within the layer: the busiest actor sets the pace
             load = layers.setdefault(unit.layer, {}).setdefault(actor, [0.0, 0.0, 0.0])
             load[0], load[1], load[2] = load[0] + read, load[1] + compute, load[2] + write
@@ -89,9 +89,3 @@ def project(plan: QuantPlan, config, raw_config: dict, calib_tokens: int, hw: Ha
     merge_s = 2 * plan.output_bytes / (hw.storage_write_gbps * GB * nodes)  # read back and write the parts
     total = hw.actor_start_s + max(read_s, compute_s) + write_s + merge_s
     return Projection(total, read_s, compute_s, write_s, merge_s, nodes)
-
-
-def torch_bytes(raw_config: dict) -> int:
-    import torch
-
-    return torch.finfo(qvl.source_dtype(raw_config)).bits // 8

@@ -25,7 +25,7 @@ from dist_quant.calib.dataset import load_samples
 from dist_quant.calib.inputs import DEFAULT_MAX_SAMPLE_TOKENS, ModelInputs, build_model_inputs
 from dist_quant.checkpoint.writer import CheckpointWriter
 from dist_quant.errors import CalibrationError, DistQuantError, OutputError
-from dist_quant.models.qwen3_vl_moe import load_checked
+from dist_quant.models.family import load_checked
 from dist_quant.recipe import Recipe
 from dist_quant.runtime.device import DEFAULT_COMPUTE_THREADS, set_compute_threads
 from dist_quant.runtime.plan import DEFAULT_EXPERT_GROUP_SIZE, Unit, plan_units
@@ -128,7 +128,7 @@ def quantize(model_path: str, save_path: str, recipe: Recipe, executor: Executor
     check_positive(expert_group_size=expert_group_size, compute_threads=compute_threads,
                    max_sample_tokens=max_sample_tokens, workers=executor.workers)
     set_compute_threads(compute_threads)
-    config = load_checked(model_path)[1]  # checked against the weights' headers before anything is sized by it
+    config = load_checked(model_path)[2]  # checked against the weights' headers before anything is sized by it
     dataset_path = resolve_dataset(dataset, recipe)
     samples = load_samples(dataset_path, recipe.default_text)
     check_recipe_for_model(recipe, config)  # before any worker process starts

@@ -17,7 +17,6 @@ from typing import Any, Callable, Iterator, Optional, Protocol, Sequence
 
 import torch
 
-from dist_quant.models.qwen3_vl_moe import SampleContext, add_deepstack
 from dist_quant.runtime.plan import Kind, Unit
 
 
@@ -80,11 +79,12 @@ def add_partials(partials: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
     return total
 
 
-def finish_layer(layer_idx: int, stream: list[torch.Tensor], partials: Sequence[torch.Tensor],
-                 contexts: list[SampleContext]) -> list[torch.Tensor]:
-    """Output of a layer: its post-attention stream plus the expert sum, then the deepstack feature of that layer."""
+def finish_layer(family, layer_idx: int, stream: list[torch.Tensor], partials: Sequence[torch.Tensor],
+                 contexts: list) -> list[torch.Tensor]:
+    """Output of a layer: its post-attention stream plus the expert sum, then the model family's deepstack feature
+    of that layer (``family.add_deepstack``; the identity where a family has none)."""
     hidden = stream
     partial_sum = add_partials(partials)
     if partial_sum is not None:
         hidden = [s + p for s, p in zip(stream, split_tokens(partial_sum, stream))]
-    return [add_deepstack(h, ctx, layer_idx) for h, ctx in zip(hidden, contexts)]
+    return [family.add_deepstack(h, ctx, layer_idx) for h, ctx in zip(hidden, contexts)]

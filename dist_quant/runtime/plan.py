@@ -9,10 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Optional
 
 import torch
 
-from dist_quant.models import qwen3_vl_moe as qvl
+from dist_quant import schemes
+from dist_quant.models.family import family_for
+from dist_quant.recipe import Recipe, load_recipe
 
 DEFAULT_EXPERT_GROUP_SIZE = 16
 DEFAULT_CALIB_TOKENS = 16 * 1024  # e.g. 16 images of ~1000 tokens: the activations every text unit holds
@@ -67,7 +70,7 @@ def plan_units(config, group_size: int = DEFAULT_EXPERT_GROUP_SIZE) -> list[Unit
     tc = config.text_config
     for layer_idx in range(tc.num_hidden_layers):
         units.append(Unit(Kind.LAYER, layer_idx))
-        if qvl.is_moe_layer(tc, layer_idx):
+        if family_for(config.model_type).is_moe_layer(tc, layer_idx):
             units += [Unit(Kind.EXPERTS, layer_idx, a, b) for a, b in expert_groups(tc.num_experts, group_size)]
     return units + [Unit(Kind.HEAD)]
 
@@ -93,16 +96,44 @@ def assign_units(plan: list[Unit], workers: int) -> list[int]:
 # --- sizes and memory -----------------------------------------------------------------------------------------------
 
 def unit_params(config, unit: Unit) -> int:
-    tc = config.text_config
+    tc, family = config.text_config, family_for(config.model_type)
     if unit.kind is Kind.VISION:
-        return qvl.vision_param_count(config)
+        return family.vision_param_count(config)
     if unit.kind is Kind.EMBED:
         return tc.vocab_size * tc.hidden_size
     if unit.kind is Kind.LAYER:
-        return qvl.attention_param_count(config, unit.layer)
+        return family.attention_param_count(config, unit.layer)
     if unit.kind is Kind.EXPERTS:
-        return (unit.stop_expert - unit.first_expert) * qvl.expert_param_count(config)
+        return (unit.stop_expert - unit.first_expert) * family.expert_param_count(config)
     return tc.vocab_size * tc.hidden_size + tc.hidden_size
+
+
+def unit_linears(config, unit: Unit) -> dict[str, int]:
+    """Weight parameters of each linear a unit quantizes per the recipe, by module name (embeddings and the head
+    are always FLOAT: none)."""
+    family = family_for(config.model_type)
+    if unit.kind is Kind.VISION:
+        return family.vision_linears(config)
+    if unit.kind is Kind.LAYER:
+        return family.layer_linears(config, unit.layer)
+    if unit.kind is Kind.EXPERTS:
+        return family.expert_linears(config, unit.layer, unit.first_expert, unit.stop_expert)
+    return {}
+
+
+def source_bytes_per_param(raw_config: dict) -> int:
+    """Bytes of one source parameter: the checkpoint's float dtype as config.json states it."""
+    return torch.finfo(family_for(raw_config.get("model_type")).source_dtype(raw_config)).bits // 8
+
+
+def unit_output_bytes(config, unit: Unit, recipe: Recipe, source_bytes: int) -> int:
+    """Checkpoint bytes of a unit: each linear at its scheme's bytes per parameter, the rest in the source dtype
+    (scales, offsets and biases are negligible)."""
+    linears = unit_linears(config, unit)
+    output = (unit_params(config, unit) - sum(linears.values())) * source_bytes
+    for name, params in linears.items():
+        output += params * schemes.get(recipe.quant_type(name)).bytes_per_param(source_bytes)
+    return int(output)
 
 
 def unit_activation_bytes(config, unit: Unit, calib_tokens: int) -> int:
@@ -130,6 +161,7 @@ class QuantPlan:
     actors: list[ActorPlan]
     source_bytes: int
     output_bytes: int
+    unit_output_bytes: list[int]  # per unit, in plan order
     parts: int
     card_bytes: int
 
@@ -139,13 +171,15 @@ class QuantPlan:
 
 def build_plan(config, raw_config: dict, workers: int, *, group_size: int = DEFAULT_EXPERT_GROUP_SIZE,
                part_file_size_gb: float = 4, calib_tokens: int = DEFAULT_CALIB_TOKENS,
-               card_memory_gb: float = 64) -> QuantPlan:
-    """Units, assignment, per-actor bytes read and peak memory estimate, output size and part count."""
+               card_memory_gb: float = 64, recipe: Optional[Recipe] = None) -> QuantPlan:
+    """Units, assignment, per-actor bytes read and peak memory estimate, output size (by the recipe's schemes;
+    the bundled recipe by default) and part count."""
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     units = plan_units(config, group_size)
     assignment = assign_units(units, workers)
-    dtype_bytes = torch.finfo(qvl.source_dtype(raw_config)).bits // 8
+    dtype_bytes = source_bytes_per_param(raw_config)
+    recipe = recipe if recipe is not None else load_recipe()
     params = [unit_params(config, u) for u in units]
     actors = [ActorPlan(i) for i in range(workers)]
     for unit, actor_idx, n in zip(units, assignment, params):
@@ -158,11 +192,11 @@ def build_plan(config, raw_config: dict, workers: int, *, group_size: int = DEFA
                     + unit_activation_bytes(config, u, calib_tokens) for i, u in enumerate(actor.units)), default=0)
         actor.peak_bytes = peak + RUNTIME_OVERHEAD
     source = sum(params) * dtype_bytes
-    quantized = sum(n for u, n in zip(units, params) if u.kind in (Kind.EXPERTS, Kind.LAYER))
-    output = source - quantized * (dtype_bytes - 1)  # int8 linears, float rest (scales are negligible)
+    outputs = [unit_output_bytes(config, u, recipe, dtype_bytes) for u in units]
+    output = sum(outputs)
     part_bytes = part_file_size_gb * GiB  # msModelSlim's part_file_size 'GB' are GiB
     parts = 1 if part_bytes <= 0 else max(1, -(-output // int(part_bytes)))
-    return QuantPlan(units, assignment, actors, source, output, parts, int(card_memory_gb * GiB))
+    return QuantPlan(units, assignment, actors, source, output, outputs, parts, int(card_memory_gb * GiB))
 
 
 def format_plan(plan: QuantPlan, title: str) -> str:

@@ -107,7 +107,7 @@ class UnitRunner:
         resume), or ``stream`` as it is when it already is complete (the embeddings, a resume point)."""
         if not combine:
             return stream, ()
-        hidden = finish_layer(layer_idx - 1, stream, partials, contexts)
+        hidden = finish_layer(self.worker.family, layer_idx - 1, stream, partials, contexts)
         if self.private_dir is None:
             return hidden, ()
         return hidden, (save_hidden(self.private_dir, layer_idx - 1, hidden),)

@@ -22,7 +22,7 @@ from dist_quant.checkpoint.formats import ascendv1
 from dist_quant.checkpoint.reader import CheckpointReader
 from dist_quant.errors import CheckpointError, RecipeError
 from dist_quant.models import outliers
-from dist_quant.models import qwen3_vl_moe as qvl
+from dist_quant.models.family import family_for, family_of
 from dist_quant import schemes
 from dist_quant.recipe import Recipe
 from dist_quant.runtime.device import DEFAULT_COMPUTE_THREADS, set_compute_threads
@@ -81,15 +81,15 @@ class LayerOutput:
 
 def check_recipe_for_model(recipe: Recipe, config) -> None:
     """Refuse recipes that vLLM Ascend could not serve: static experts, or one fused projection split across types."""
-    expert_type = schemes.get(recipe.quant_type(qvl.expert_key(0, 0, "gate_proj")))
+    family = family_for(config.model_type)
+    expert_type = schemes.get(recipe.quant_type(family.expert_key(0, 0, "gate_proj")))
     if not expert_type.serves_experts:
         allowed = [s.name for s in schemes.SCHEMES.values() if s.serves_experts]
         raise RecipeError(f"recipe {recipe.path}: experts must be one of {allowed}: vLLM Ascend has no "
                           f"{expert_type.name} MoE method (exclude '*experts*' from that linear_quant)")
-    groups = [("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj")]
     for layer_idx in range(config.text_config.num_hidden_layers):
-        for group in groups + [tuple(f"mlp.experts.0.{p}" for p in EXPERT_PROJS)]:
-            types = {recipe.quant_type(f"{qvl.layer_prefix(layer_idx)}.{name}") for name in group}
+        for group in family.FUSED_GROUPS:
+            types = {recipe.quant_type(f"{family.layer_prefix(layer_idx)}.{name}") for name in group}
             if len(types) > 1:
                 raise RecipeError(f"recipe {recipe.path}: {', '.join(group)} of layer {layer_idx} get different "
                                   f"quant types {sorted(types)}; vLLM Ascend fuses them, so they must share one")
@@ -103,19 +103,19 @@ class Worker:
                  output_format=ascendv1):
         set_compute_threads(compute_threads)  # the same count in every process: the same bits (see device.py)
         self.reader = CheckpointReader(model_path)
-        self.config = qvl.load_config(self.reader.config, f"{model_path}/config.json")
+        self.family = family_of(self.reader.config, f"{model_path}/config.json")  # a module of models/
+        self.config = self.family.load_config(self.reader.config, f"{model_path}/config.json")
         check_recipe_for_model(recipe, self.config)
         self.recipe = recipe
         self.output_format = output_format  # a module of checkpoint/formats/: how a scheme's roles are written
         self.sink = sink
         self.device = device
         self.compute_dtype = compute_dtype
-        self.model_dtype = self.reader.dtype(qvl.EMBED_KEY)
-        self._rotary = qvl.build_text_rotary(self.config).to(device)
+        self.model_dtype = self.reader.dtype(self.family.EMBED_KEY)
+        self._rotary = self.family.build_text_rotary(self.config).to(device)
         self.rotation = stream_rotation(recipe, self.config)
         if self.rotation is not None:
-            tc = self.config.text_config
-            head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+            head_dim = self.family.heads(self.config.text_config)[2]
             self.head_rotation = hadamard.head_rotation(head_dim, recipe.quarot.block_size, recipe.quarot.seed)
             hadamard.check_orthogonal(self.head_rotation, "the QuaRot head rotation")
             self.rotation = self.rotation.to(device)
@@ -127,7 +127,7 @@ class Worker:
     def check_source_keys(self) -> None:
         """Every source tensor belongs to a unit and is exactly what the config describes (counts, keys, shapes,
         dtypes), from the headers alone: a layer the config does not count would otherwise be dropped silently."""
-        qvl.check_config_against_weights(self.config, self.reader)
+        self.family.check_config_against_weights(self.config, self.reader)
 
     # --- helpers ----------------------------------------------------------------------------------------------------
 
@@ -183,66 +183,68 @@ class Worker:
     @torch.no_grad()
     def vision(self, inputs: list[ModelInputs]) -> list[Optional[VisionOutput]]:
         """Vision forward on every image, static-quantize the blocks' linears from its input ranges, write the tower."""
-        visual = qvl.build_vision(self.config, self._read, self.compute_dtype)
-        self._check_keys(qvl.VISUAL, visual)
+        visual = self.family.build_vision(self.config, self._read, self.compute_dtype)
+        self._check_keys(self.family.VISUAL, visual)
         if self.rotation is not None:
             with self.times.phase("rotate"):
-                outliers.rotate_vision_writers(visual, self.rotation)
+                outliers.rotate_vision_writers(visual, self.family.VISION_STREAM_WRITERS, self.rotation)
         outputs: list[Optional[VisionOutput]] = []
-        with InputRanges(self._static_linears(qvl.VISUAL, visual)) as ranges, self.times.phase("forward"):
+        with InputRanges(self._static_linears(self.family.VISUAL, visual)) as ranges, self.times.phase("forward"):
             for sample in inputs:
                 if sample.pixel_values is None:
                     outputs.append(None)
                     continue
-                embeds, deepstack = qvl.vision_forward(visual, sample.pixel_values, sample.image_grid_thw)
+                embeds, deepstack = self.family.vision_forward(visual, sample.pixel_values, sample.image_grid_thw)
                 outputs.append(VisionOutput(embeds, deepstack))
                 failpoints.reach("vision")
-        self._emit_module(qvl.VISUAL, visual, ranges)
+        self._emit_module(self.family.VISUAL, visual, ranges)
         return outputs
 
     @torch.no_grad()
-    def contexts(self, inputs: list[ModelInputs], vision: list[Optional[VisionOutput]]) -> list[qvl.SampleContext]:
+    def contexts(self, inputs: list[ModelInputs], vision: list[Optional[VisionOutput]]) -> list:
         return [
-            qvl.sample_context(self.config, self._rotary, s.input_ids.to(self.device), s.attention_mask.to(self.device),
-                               s.image_grid_thw, v.deepstack if v is not None else [], self.compute_dtype)
+            self.family.sample_context(self.config, self._rotary, s.input_ids.to(self.device),
+                                       s.attention_mask.to(self.device), s.image_grid_thw,
+                                       v.deepstack if v is not None else [], self.compute_dtype)
             for s, v in zip(inputs, vision)
         ]
 
     @torch.no_grad()
     def embed(self, inputs: list[ModelInputs], vision: list[Optional[VisionOutput]]) -> list[torch.Tensor]:
         """Input embeddings of every sample (image features scattered in); writes embed_tokens."""
-        weight = self._read(qvl.EMBED_KEY)
+        weight = self._read(self.family.EMBED_KEY)
         if self.rotation is not None:
             with self.times.phase("rotate"):
                 weight = quarot.rotate_embedding(weight, self.rotation)
         hidden = [
-            qvl.embed_inputs(weight, s.input_ids.to(self.device), self.config.image_token_id,
+            self.family.embed_inputs(weight, s.input_ids.to(self.device), self.config.image_token_id,
                              v.image_embeds.to(self.device) if v is not None else None)
             for s, v in zip(inputs, vision)
         ]
-        self._float(qvl.EMBED_KEY, weight)
+        self._float(self.family.EMBED_KEY, weight)
         return hidden
 
     @torch.no_grad()
-    def layer(self, layer_idx: int, hidden: list[torch.Tensor], contexts: list[qvl.SampleContext]) -> LayerOutput:
+    def layer(self, layer_idx: int, hidden: list[torch.Tensor], contexts: list) -> LayerOutput:
         """A decoder layer without its experts (attention, norms, router or dense MLP): calibrate, quantize, write;
         returns the post-attention stream (a dense layer's complete output) and the MoE input."""
-        block = qvl.build_attention_block(self.config, layer_idx, self._read, self.compute_dtype)
+        block = self.family.build_attention_block(self.config, layer_idx, self._read, self.compute_dtype)
         hidden = [h.to(self.device) for h in hidden]  # from another actor or a saved stream: may be on the CPU
-        prefix = qvl.layer_prefix(layer_idx)
+        prefix = self.family.layer_prefix(layer_idx)
         self._check_keys(prefix, block, ignore=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"))
-        moe = qvl.is_moe_layer(self.config.text_config, layer_idx)
+        tc = self.config.text_config
+        moe, kind = self.family.is_moe_layer(tc, layer_idx), self.family.layer_kind(tc, layer_idx)
         if self.rotation is not None:
             with self.times.phase("rotate"):
-                outliers.rotate_attention_block(block, self.rotation, self.head_rotation, self.config.text_config,
-                                                moe)
+                outliers.rotate_block(block, self.family.LAYER_ROTATION[kind], self.rotation, self.head_rotation,
+                                      self.family.heads(tc))
         observed = self._static_linears(prefix, block)
-        for name in outliers.smoothing_inputs(prefix, self.recipe.smooth, moe):
+        for name in outliers.smoothing_inputs(prefix, self.recipe.smooth, self.family.LAYER_SMOOTHING[kind]):
             observed[name] = block.get_submodule(name[len(prefix) + 1:])
         streams, moe_inputs = [], []
         with InputRanges(observed) as ranges, self.times.phase("forward"):
             for h, ctx in zip(hidden, contexts):
-                stream, mlp_in = qvl.attention_forward(block, h, ctx)
+                stream, mlp_in = self.family.attention_forward(block, h, ctx)
                 if moe:
                     streams.append(stream)
                     moe_inputs.append(mlp_in.reshape(-1, mlp_in.shape[-1]))
@@ -250,27 +252,27 @@ class Worker:
                     streams.append(stream + block.mlp(mlp_in))
         if self.recipe.smooth is not None:
             with self.times.phase("smooth"):
-                outliers.smooth_attention_block(block, prefix, ranges, self.recipe.smooth, self.config.text_config,
-                                                moe)
+                outliers.smooth_block(block, prefix, self.family.LAYER_SMOOTHING[kind], ranges, self.recipe.smooth,
+                                      self.family.heads(tc))
         moe_input = None
         if moe:
             x = torch.cat(moe_inputs)
-            ids, weights = qvl.route(qvl.router_logits(block, x), self.config.text_config.num_experts_per_tok, x.dtype)
+            ids, weights = self.family.route(self.family.router_logits(block, x), tc.num_experts_per_tok, x.dtype)
             moe_input = MoeInput(x, ids, weights)
             self.expert_tokens[layer_idx] = torch.bincount(
                 ids.reshape(-1), minlength=self.config.text_config.num_experts).tolist()
         self._emit_module(prefix, block, ranges)
         return LayerOutput(streams, moe_input)
 
-    def _read_experts(self, layer_idx: int, first: int, stop: int) -> list[qvl.ExpertWeights]:
+    def _read_experts(self, layer_idx: int, first: int, stop: int) -> list:
         tc = self.config.text_config
         with self.times.phase("read"):
-            experts = self.reader.read_experts(qvl.layer_prefix(layer_idx), first, stop, num_experts=tc.num_experts,
-                                               hidden=tc.hidden_size, intermediate=tc.moe_intermediate_size,
-                                               dtype=self.compute_dtype)
+            experts = self.reader.read_experts(self.family.layer_prefix(layer_idx), first, stop,
+                                               num_experts=tc.num_experts, hidden=tc.hidden_size,
+                                               intermediate=tc.moe_intermediate_size, dtype=self.compute_dtype)
             experts = [tuple(w.to(self.device) for w in e) for e in experts]
         if self.rotation is not None:
-            post_norm = self._read(f"{qvl.layer_prefix(layer_idx)}.post_attention_layernorm.weight")
+            post_norm = self._read(f"{self.family.layer_prefix(layer_idx)}.{self.family.EXPERT_READER_NORM}.weight")
             with self.times.phase("rotate"):
                 experts = outliers.rotate_experts(experts, post_norm, self.rotation)
         return experts
@@ -291,22 +293,22 @@ class Worker:
         moe = MoeInput(moe.x.to(self.device), moe.topk_ids.to(self.device), moe.topk_weights.to(self.device))
         pending = self._prefetched.pop((layer_idx, first, stop), None)
         experts = pending.result() if pending is not None else self._read_experts(layer_idx, first, stop)
-        act_fn = qvl.activation(self.config)
+        act_fn = self.family.activation(self.config)
         with self.times.phase("forward"):
-            partial = qvl.expert_group_forward(moe.x, moe.topk_ids, moe.topk_weights,
-                                               [qvl.float_expert(*e, act_fn) for e in experts], first)
+            partial = self.family.expert_group_forward(moe.x, moe.topk_ids, moe.topk_weights,
+                                                       [self.family.float_expert(*e, act_fn) for e in experts], first)
         for expert, weights in zip(range(first, stop), experts):
             for proj, weight in zip(EXPERT_PROJS, weights):
-                self._emit_linear(qvl.expert_key(layer_idx, expert, proj), weight, None, None)
+                self._emit_linear(self.family.expert_key(layer_idx, expert, proj), weight, None, None)
             failpoints.reach("experts")
         return partial
 
     @torch.no_grad()
     def head(self) -> None:
         """Final norm and lm_head: never quantized (vLLM Ascend serves them in float)."""
-        norm, lm_head = self._read(qvl.NORM_KEY), self._read(qvl.LM_HEAD_KEY)
+        norm, lm_head = self._read(self.family.NORM_KEY), self._read(self.family.LM_HEAD_KEY)
         if self.rotation is not None:
             with self.times.phase("rotate"):
                 norm, lm_head = outliers.rotate_head(norm, lm_head, self.rotation)
-        self._float(qvl.NORM_KEY, norm)
-        self._float(qvl.LM_HEAD_KEY, lm_head)
+        self._float(self.family.NORM_KEY, norm)
+        self._float(self.family.LM_HEAD_KEY, lm_head)
