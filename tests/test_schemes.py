@@ -1,0 +1,49 @@
+"""Every registered scheme keeps its module's promises, checked against plain float math: it emits exactly its roles
+(plus a bias when the linear has one), its served module computes the linear (int8 rounding aside), the recipe
+selects it by its qconfig, and the output format writes each role under the linear's name."""
+
+import pytest
+import torch
+
+from dist_quant import schemes
+from dist_quant.checkpoint.formats import ascendv1
+
+CASES = [(scheme, bias) for scheme in schemes.SCHEMES.values() for bias in (False, True)]
+
+
+@pytest.mark.parametrize("scheme, with_bias", CASES, ids=lambda c: getattr(c, "name", str(c)))
+def test_quantize_emits_its_roles_and_serves_the_linear(scheme, with_bias):
+    torch.manual_seed(0)
+    weight, x = torch.randn(24, 64), torch.randn(5, 64)
+    bias = torch.randn(24) if with_bias else None
+    input_range = (float(x.min()), float(x.max())) if scheme.needs_input_range else None
+    roles = scheme.quantize(weight, bias, input_range, torch.float32)
+    assert list(roles) == list(scheme.roles) + (["bias"] if with_bias else [])
+    expected = torch.nn.functional.linear(x, weight, bias)
+    served = scheme.serve(roles)(x)
+    error = float((served - expected).norm() / expected.norm())
+    assert error < (1e-6 if scheme.weight_bits is None else 0.03), error
+    stored_bytes = roles["weight"].element_size()
+    assert scheme.bytes_per_param(4) == (4 if scheme.weight_bits is None else stored_bytes)
+
+
+@pytest.mark.parametrize("scheme", schemes.SELECTABLE, ids=lambda s: s.name)
+def test_the_recipe_qconfig_selects_the_scheme(scheme):
+    assert schemes.for_qconfig(scheme.act, scheme.weight) is scheme
+
+
+def test_priority_orders_the_model_quant_type():
+    ranked = sorted(schemes.SCHEMES.values(), key=lambda s: s.priority)
+    assert [s.name for s in ranked][:1] == ["FLOAT"]
+    assert ascendv1.model_quant_type([s.name for s in ranked]) == ranked[-1].name
+    with pytest.raises(ValueError):
+        schemes.get("W2A2")
+
+
+@pytest.mark.parametrize("scheme", list(schemes.SCHEMES.values()), ids=lambda s: s.name)
+def test_the_format_writes_every_role_under_the_linear(scheme):
+    roles = scheme.quantize(torch.randn(8, 16), torch.randn(8), (-1.0, 1.0), torch.bfloat16)
+    entries = ascendv1.linear_entries("m.proj", scheme.name, roles, torch.bfloat16)
+    assert [key for key, _, _ in entries] == [f"m.proj.{role}" for role in roles]
+    assert {key: t for key, _, t in entries}.get("m.proj.bias") == "FLOAT"
+    assert all(t == scheme.name for key, _, t in entries if not key.endswith(".bias"))
