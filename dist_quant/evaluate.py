@@ -82,8 +82,8 @@ class FloatModel:
     def vision(self) -> nn.Module:
         return self.family.build_vision(self.config, self.read, self.dtype)
 
-    def attention_block(self, layer_idx: int) -> nn.Module:
-        return self.family.build_attention_block(self.config, layer_idx, self.read, self.dtype)
+    def layer(self, layer_idx: int) -> nn.Module:
+        return self.family.build_layer(self.config, layer_idx, self.read, self.dtype)
 
     def experts(self, layer_idx: int, first: int, stop: int) -> list[Callable]:
         tc = self.config.text_config
@@ -105,7 +105,7 @@ class ServedModel(FloatModel):
         return self.family.build_vision(self.config, None, self.dtype,
                                 load=lambda visual: self.served_module(visual, self.family.VISUAL))
 
-    def attention_block(self, layer_idx: int) -> nn.Module:
+    def layer(self, layer_idx: int) -> nn.Module:
         layer = self.family.meta_layer(self.config, layer_idx)
         return self.served_module(layer, self.family.layer_prefix(layer_idx)).eval()
 
@@ -210,7 +210,7 @@ class ModelRunner:
     def layer(self, unit: Unit, contexts, hidden, *partials, combine: bool):
         if combine:
             hidden = finish_layer(self.family, unit.layer - 1, hidden, partials, contexts)
-        block = self.model.attention_block(unit.layer)
+        block = self.model.layer(unit.layer)
         outs = [self.family.attention_forward(block, h, ctx) for h, ctx in zip(hidden, contexts)]
         tc = self.model.config.text_config
         if not self.family.is_moe_layer(tc, unit.layer):

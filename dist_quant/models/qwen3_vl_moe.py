@@ -320,13 +320,9 @@ def materialize(module: nn.Module, read: Callable[..., torch.Tensor], prefix: st
     return module.eval()
 
 
-def build_attention_block(config: Qwen3VLMoeConfig, layer_idx: int, read, dtype: torch.dtype) -> nn.Module:
+def build_layer(config: Qwen3VLMoeConfig, layer_idx: int, read, dtype: torch.dtype) -> nn.Module:
     """Decoder layer ``layer_idx`` with everything but its experts (norms, attention, router or dense MLP)."""
-    with torch.device("meta"):
-        layer = hf.Qwen3VLMoeTextDecoderLayer(config.text_config, layer_idx)
-    if is_moe_layer(config.text_config, layer_idx):
-        layer.mlp.experts = None
-    return materialize(layer, read, layer_prefix(layer_idx), dtype)
+    return materialize(meta_layer(config, layer_idx), read, layer_prefix(layer_idx), dtype)
 
 
 def vision_rotary(vision_config) -> nn.Module:
@@ -522,13 +518,9 @@ def vision_param_count(config: Qwen3VLMoeConfig) -> int:
         return _numel(hf.Qwen3VLMoeVisionModel._from_config(config.vision_config))
 
 
-def attention_param_count(config: Qwen3VLMoeConfig, layer_idx: int) -> int:
+def layer_param_count(config: Qwen3VLMoeConfig, layer_idx: int) -> int:
     """Parameters of a decoder layer without its experts (attention, norms, router or dense MLP)."""
-    with torch.device("meta"):
-        layer = hf.Qwen3VLMoeTextDecoderLayer(config.text_config, layer_idx)
-        if is_moe_layer(config.text_config, layer_idx):
-            layer.mlp.experts = None
-        return _numel(layer)
+    return _numel(meta_layer(config, layer_idx))
 
 
 def expert_param_count(config: Qwen3VLMoeConfig) -> int:

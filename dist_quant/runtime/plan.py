@@ -102,7 +102,7 @@ def unit_params(config, unit: Unit) -> int:
     if unit.kind is Kind.EMBED:
         return tc.vocab_size * tc.hidden_size
     if unit.kind is Kind.LAYER:
-        return family.attention_param_count(config, unit.layer)
+        return family.layer_param_count(config, unit.layer)
     if unit.kind is Kind.EXPERTS:
         return (unit.stop_expert - unit.first_expert) * family.expert_param_count(config)
     return tc.vocab_size * tc.hidden_size + tc.hidden_size

@@ -20,7 +20,7 @@ from dist_quant.calib.inputs import ModelInputs
 from dist_quant.calib.ranges import InputRanges
 from dist_quant.checkpoint.formats import ascendv1
 from dist_quant.checkpoint.reader import CheckpointReader
-from dist_quant.errors import CheckpointError, RecipeError
+from dist_quant.errors import RecipeError
 from dist_quant.models import outliers
 from dist_quant.models.family import family_for, family_of
 from dist_quant import schemes
@@ -96,7 +96,8 @@ def check_recipe_for_model(recipe: Recipe, config) -> None:
 
 
 class Worker:
-    """Executes units on one device, reading only the source tensors each unit needs."""
+    """Executes units on one device, reading only the source tensors each unit needs. The checkpoint is checked
+    against its config once, by the driver (``models.family.load_checked``), before any worker starts."""
 
     def __init__(self, model_path, recipe: Recipe, sink: TensorSink, device: torch.device = torch.device("cpu"),
                  compute_dtype: torch.dtype = torch.float32, compute_threads: int = DEFAULT_COMPUTE_THREADS,
@@ -124,25 +125,11 @@ class Worker:
         self._reader_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
         self._prefetched: dict[tuple[int, int, int], Future] = {}
 
-    def check_source_keys(self) -> None:
-        """Every source tensor belongs to a unit and is exactly what the config describes (counts, keys, shapes,
-        dtypes), from the headers alone: a layer the config does not count would otherwise be dropped silently."""
-        self.family.check_config_against_weights(self.config, self.reader)
-
     # --- helpers ----------------------------------------------------------------------------------------------------
 
     def _read(self, key: str, shape: Optional[tuple[int, ...]] = None) -> torch.Tensor:
         with self.times.phase("read"):
             return self.reader.get(key, dtype=self.compute_dtype, shape=shape).to(self.device)
-
-    def _check_keys(self, prefix: str, module: nn.Module, ignore: tuple[str, ...] = ()) -> None:
-        """Every source tensor under ``prefix`` must be a parameter of the module built for it: none left behind."""
-        expected = {f"{prefix}.{name}" for name in module.state_dict()}
-        found = {k for k in self.reader.keys() if k.startswith(prefix + ".") and not k.endswith(ignore)}
-        unexpected = sorted(found - expected)
-        if unexpected:
-            raise CheckpointError(f"{self.reader.model_dir}: unexpected tensor(s) {unexpected[:5]} for this "
-                                  "qwen3_vl_moe config; is config.json the one that goes with these weights?")
 
     def _float(self, key: str, tensor: torch.Tensor) -> None:
         self.sink.add(key, tensor.detach().to("cpu", self.model_dtype), schemes.FLOAT)
@@ -184,7 +171,6 @@ class Worker:
     def vision(self, inputs: list[ModelInputs]) -> list[Optional[VisionOutput]]:
         """Vision forward on every image, static-quantize the blocks' linears from its input ranges, write the tower."""
         visual = self.family.build_vision(self.config, self._read, self.compute_dtype)
-        self._check_keys(self.family.VISUAL, visual)
         if self.rotation is not None:
             with self.times.phase("rotate"):
                 outliers.rotate_vision_writers(visual, self.family.VISION_STREAM_WRITERS, self.rotation)
@@ -228,10 +214,9 @@ class Worker:
     def layer(self, layer_idx: int, hidden: list[torch.Tensor], contexts: list) -> LayerOutput:
         """A decoder layer without its experts (attention, norms, router or dense MLP): calibrate, quantize, write;
         returns the post-attention stream (a dense layer's complete output) and the MoE input."""
-        block = self.family.build_attention_block(self.config, layer_idx, self._read, self.compute_dtype)
+        block = self.family.build_layer(self.config, layer_idx, self._read, self.compute_dtype)
         hidden = [h.to(self.device) for h in hidden]  # from another actor or a saved stream: may be on the CPU
         prefix = self.family.layer_prefix(layer_idx)
-        self._check_keys(prefix, block, ignore=("mlp.experts.gate_up_proj", "mlp.experts.down_proj"))
         tc = self.config.text_config
         moe, kind = self.family.is_moe_layer(tc, layer_idx), self.family.layer_kind(tc, layer_idx)
         if self.rotation is not None:
