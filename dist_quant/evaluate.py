@@ -86,10 +86,7 @@ class FloatModel:
         return self.family.build_layer(self.config, layer_idx, self.read, self.dtype)
 
     def experts(self, layer_idx: int, first: int, stop: int) -> list[Callable]:
-        tc = self.config.text_config
-        weights = self.reader.read_experts(self.family.layer_prefix(layer_idx), first, stop,
-                                           num_experts=tc.num_experts, hidden=tc.hidden_size,
-                                           intermediate=tc.moe_intermediate_size, dtype=self.dtype)
+        weights = self.family.read_experts(self.reader, self.config, layer_idx, first, stop, self.dtype)
         act_fn = self.family.activation(self.config)
         return [self.family.float_expert(*w, act_fn) for w in weights]
 

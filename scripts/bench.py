@@ -62,8 +62,7 @@ def dense_vs_sparse(model: Path, tokens: int, repeats: int = 3) -> tuple[float, 
     reader = CheckpointReader(model)
     config = qvl.load_config(reader.config)
     tc = config.text_config
-    experts = reader.read_experts(qvl.layer_prefix(0), 0, tc.num_experts, num_experts=tc.num_experts,
-                                  hidden=tc.hidden_size, intermediate=tc.moe_intermediate_size)
+    experts = qvl.read_experts(reader, config, 0, 0, tc.num_experts, torch.float32)
     act = qvl.activation(config)
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(tokens, tc.hidden_size, generator=generator)

@@ -4,7 +4,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from dist_quant.checkpoint.reader import CheckpointReader, detect_expert_layout
+from dist_quant.checkpoint.reader import CheckpointReader
+from dist_quant.models.qwen3_vl_moe_experts import detect_expert_layout, read_experts
 from dist_quant.errors import CheckpointError
 
 E, H, I = 6, 16, 12  # experts, hidden, moe intermediate: 2I != H and I != H, so the layout is unambiguous
@@ -178,7 +179,7 @@ def test_read_experts_returns_linear_weights_for_both_layouts(tmp_path, layout, 
         f"{PREFIX}.mlp.experts.down_proj": down_fused,
     }
     reader = CheckpointReader(write_model(tmp_path / "m", {"model.safetensors": tensors}))
-    experts = reader.read_experts(PREFIX, 2, 5, num_experts=E, hidden=H, intermediate=I)
+    experts = read_experts(reader, PREFIX, 2, 5, num_experts=E, hidden=H, intermediate=I)
     assert len(experts) == 3
     for offset, (g, u, d) in enumerate(experts):
         e = 2 + offset
@@ -194,7 +195,7 @@ def test_read_experts_matches_the_hub_expert_forward(tmp_path):
     tensors = {f"{PREFIX}.mlp.experts.gate_up_proj": gate_up_fused, f"{PREFIX}.mlp.experts.down_proj": down_fused}
     reader = CheckpointReader(write_model(tmp_path / "m", {"model.safetensors": tensors}))
     x = torch.randn(5, H)
-    (g, u, d), = reader.read_experts(PREFIX, 4, 5, num_experts=E, hidden=H, intermediate=I)
+    (g, u, d), = read_experts(reader, PREFIX, 4, 5, num_experts=E, hidden=H, intermediate=I)
     hub = (torch.nn.functional.silu(x @ gate_up_fused[4][:, :I]) * (x @ gate_up_fused[4][:, I:])) @ down_fused[4]
     linear = torch.nn.functional.linear(torch.nn.functional.silu(x @ g.T) * (x @ u.T), d)
     torch.testing.assert_close(linear, hub)
@@ -205,6 +206,6 @@ def test_read_experts_rejects_shapes_not_matching_config(tmp_path):
     tensors = {f"{PREFIX}.mlp.experts.gate_up_proj": gate_up_fused, f"{PREFIX}.mlp.experts.down_proj": down_fused}
     reader = CheckpointReader(write_model(tmp_path / "m", {"model.safetensors": tensors}))
     with pytest.raises(CheckpointError, match="moe_intermediate_size=10"):
-        reader.read_experts(PREFIX, 0, 1, num_experts=E, hidden=H, intermediate=10)
+        read_experts(reader, PREFIX, 0, 1, num_experts=E, hidden=H, intermediate=10)
     with pytest.raises(CheckpointError, match="layers.4.mlp.experts.gate_up_proj"):
-        reader.read_experts("model.language_model.layers.4", 0, 1, num_experts=E, hidden=H, intermediate=I)
+        read_experts(reader, "model.language_model.layers.4", 0, 1, num_experts=E, hidden=H, intermediate=I)

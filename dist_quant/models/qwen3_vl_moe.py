@@ -24,6 +24,8 @@ from transformers.models.qwen3_vl_moe.configuration_qwen3_vl_moe import Qwen3VLM
 from dist_quant.checkpoint.reader import CheckpointReader
 from dist_quant.errors import CheckpointError, reason
 from dist_quant.models.family import HeadPair, Readers, Smoothing, Writer
+from dist_quant.models.qwen3_vl_moe_experts import expert_layout, fused_expert_keys
+from dist_quant.models.qwen3_vl_moe_experts import read_experts as read_fused_experts
 
 MODEL_TYPE = "qwen3_vl_moe"
 TEXT = "model.language_model"
@@ -229,7 +231,7 @@ def expected_tensors(config: Qwen3VLMoeConfig) -> dict[str, Optional[tuple[int, 
         prefix = layer_prefix(layer_idx)
         shapes.update({f"{prefix}.{name}": shape for name, shape in templates[moe].items()})
         if moe:
-            shapes.update({key: None for key in CheckpointReader.expert_keys(prefix)})
+            shapes.update({key: None for key in fused_expert_keys(prefix)})
     shapes[EMBED_KEY] = shapes[LM_HEAD_KEY] = (tc.vocab_size, tc.hidden_size)
     shapes[NORM_KEY] = (tc.hidden_size,)
     return shapes
@@ -271,7 +273,7 @@ def check_config_against_weights(config: Qwen3VLMoeConfig, reader: CheckpointRea
         reader.check(key, shape)
     for layer_idx in range(tc.num_hidden_layers):
         if is_moe_layer(tc, layer_idx):
-            reader.expert_layout(layer_prefix(layer_idx), num_experts=tc.num_experts, hidden=tc.hidden_size,
+            expert_layout(reader, layer_prefix(layer_idx), num_experts=tc.num_experts, hidden=tc.hidden_size,
                                  intermediate=tc.moe_intermediate_size)
 
 
@@ -295,6 +297,14 @@ def is_moe_layer(text_config, layer_idx: int) -> bool:
         and text_config.num_experts > 0
         and (layer_idx + 1) % text_config.decoder_sparse_step == 0
     )
+
+
+def read_experts(reader: CheckpointReader, config: Qwen3VLMoeConfig, layer_idx: int, first: int, stop: int,
+                 dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(gate, up, down) nn.Linear weights of experts ``first..stop-1`` of a MoE layer, reading only their rows."""
+    tc = config.text_config
+    return read_fused_experts(reader, layer_prefix(layer_idx), first, stop, num_experts=tc.num_experts,
+                              hidden=tc.hidden_size, intermediate=tc.moe_intermediate_size, dtype=dtype)
 
 
 def expert_key(layer_idx: int, expert: int, proj: str) -> str:
@@ -629,7 +639,7 @@ def served_shapes(config, reader: CheckpointReader) -> dict[str, tuple[int, ...]
     """Every weight, norm and embedding the quantized checkpoint of this float model holds, with its shape: the float
     model's tensors, with each fused expert tensor split into per-expert nn.Linear weights."""
     tc = config.text_config
-    fused = tuple(CheckpointReader.expert_keys("")[i][1:] for i in (0, 1))  # the source's fused expert tensors
+    fused = tuple(key[1:] for key in fused_expert_keys(""))  # the source's fused expert tensors
     shapes = {key: reader.shape(key) for key in reader.keys() if not key.endswith(fused)}
     for layer_idx in range(tc.num_hidden_layers):
         if is_moe_layer(tc, layer_idx):

@@ -250,11 +250,8 @@ class Worker:
         return LayerOutput(streams, moe_input)
 
     def _read_experts(self, layer_idx: int, first: int, stop: int) -> list:
-        tc = self.config.text_config
         with self.times.phase("read"):
-            experts = self.reader.read_experts(self.family.layer_prefix(layer_idx), first, stop,
-                                               num_experts=tc.num_experts, hidden=tc.hidden_size,
-                                               intermediate=tc.moe_intermediate_size, dtype=self.compute_dtype)
+            experts = self.family.read_experts(self.reader, self.config, layer_idx, first, stop, self.compute_dtype)
             experts = [tuple(w.to(self.device) for w in e) for e in experts]
         if self.rotation is not None:
             post_norm = self._read(f"{self.family.layer_prefix(layer_idx)}.{self.family.EXPERT_READER_NORM}.weight")

@@ -1,0 +1,120 @@
+"""The Qwen3-VL-MoE family's expert layout and mapping: its experts are stored fused, one 3-D ``gate_up_proj`` and one
+``down_proj`` per layer, in one of two orientations (transformers 4.57 / the Hub, or transformers 5.x); a unit reads
+exactly the rows of its experts and splits them into per-expert nn.Linear weights (gate, up, down), which is how the
+quantized checkpoint names them (``...mlp.experts.{e}.gate_proj``) and vLLM's expert mapping loads them.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal, Optional
+
+import torch
+
+from dist_quant.checkpoint.reader import CheckpointReader
+from dist_quant.errors import CheckpointError
+
+ExpertLayout = Literal["hub", "transposed"]
+
+
+def layout_written_by(transformers_version: object) -> Optional[ExpertLayout]:
+    """The expert layout the transformers that wrote a config.json saves (its ``transformers_version``): 4.x writes
+    the Hub layout, 5.x and later the transposed one; None when the field is absent or not a version number."""
+    match = re.match(r"\s*(\d+)\.\d+", transformers_version) if isinstance(transformers_version, str) else None
+    if match is None:
+        return None
+    return "hub" if int(match.group(1)) < 5 else "transposed"
+
+
+def detect_expert_layout(
+    gate_up_shape: tuple[int, ...],
+    down_shape: tuple[int, ...],
+    num_experts: int,
+    hidden: int,
+    intermediate: int,
+    transformers_version: object = None,
+) -> ExpertLayout:
+    """Tell the transformers 4.57 / Hub layout from the transformers 5.x one, which share tensor names.
+
+    hub: gate_up (E, hidden, 2I), down (E, I, hidden); transposed: gate_up (E, 2I, hidden), down (E, hidden, I).
+    When 2I == hidden (or I == hidden) one of the two tensors has the same shape in both layouts, so the shapes alone
+    would leave its orientation a guess: then the ``transformers_version`` config.json records decides, and the
+    other tensor's shape must agree with it.
+    """
+    gate_up_shape, down_shape = tuple(gate_up_shape), tuple(down_shape)
+    expected = {
+        "hub": ((num_experts, hidden, 2 * intermediate), (num_experts, intermediate, hidden)),
+        "transposed": ((num_experts, 2 * intermediate, hidden), (num_experts, hidden, intermediate)),
+    }
+    fitting = [layout for layout, shapes in expected.items() if shapes == (gate_up_shape, down_shape)]
+    if not fitting:
+        raise CheckpointError(
+            f"expert tensors have shapes gate_up_proj {gate_up_shape} and down_proj {down_shape}, but the config "
+            f"(num_experts={num_experts}, hidden_size={hidden}, moe_intermediate_size={intermediate}) expects "
+            f"either {expected['hub'][0]} and {expected['hub'][1]} (transformers 4.57 / Hub layout) or "
+            f"{expected['transposed'][0]} and {expected['transposed'][1]} (transformers 5.x layout); "
+            "check that config.json belongs to these weights"
+        )
+    if 2 * intermediate != hidden and intermediate != hidden:
+        return fitting[0]
+    written = layout_written_by(transformers_version)
+    if written is None:
+        raise CheckpointError(
+            f"cannot tell the expert layout: with hidden_size={hidden} and moe_intermediate_size={intermediate} "
+            f"(2*I == hidden or I == hidden) one of gate_up_proj {gate_up_shape} / down_proj {down_shape} has the "
+            "same shape in the transformers 4.57 (Hub) and 5.x (transposed) layouts, and config.json has no "
+            "transformers_version to tell which transformers wrote it; add the transformers_version that saved "
+            "these weights (e.g. \"4.57.1\") to config.json"
+        )
+    if written not in fitting:
+        raise CheckpointError(
+            f"config.json says transformers {transformers_version} wrote these weights, which stores experts in the "
+            f"{written} layout {expected[written]}, but they have shapes gate_up_proj {gate_up_shape} and down_proj "
+            f"{down_shape} ({fitting[0]} layout); fix transformers_version in config.json or convert the weights"
+        )
+    return written
+
+
+def fused_expert_keys(layer_prefix: str) -> tuple[str, str]:
+    """The fused gate_up and down expert tensors of one MoE layer."""
+    return f"{layer_prefix}.mlp.experts.gate_up_proj", f"{layer_prefix}.mlp.experts.down_proj"
+
+
+def expert_layout(reader: CheckpointReader, layer_prefix: str, *, num_experts: int, hidden: int,
+                  intermediate: int) -> ExpertLayout:
+    """The layout of one MoE layer's fused expert tensors, from their header shapes (and, when the sizes make the
+    shapes ambiguous, config.json's transformers_version); errors name the layer and its files."""
+    gate_up_key, down_key = fused_expert_keys(layer_prefix)
+    try:
+        return detect_expert_layout(reader.shape(gate_up_key), reader.shape(down_key), num_experts, hidden,
+                                    intermediate, reader.config.get("transformers_version"))
+    except CheckpointError as error:
+        files = " and ".join(sorted({str(reader.file_of(gate_up_key)), str(reader.file_of(down_key))}))
+        raise CheckpointError(f"{layer_prefix}.mlp.experts in {files}: {error}") from None
+
+
+def read_experts(
+    reader: CheckpointReader,
+    layer_prefix: str,
+    start: int,
+    stop: int,
+    *,
+    num_experts: int,
+    hidden: int,
+    intermediate: int,
+    dtype: torch.dtype = torch.float32,
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(gate, up, down) nn.Linear weights [out, in] of experts start..stop-1 of one MoE layer.
+
+    gate and up are the first and second halves of the fused 2I dimension of `gate_up_proj`.
+    """
+    gate_up_key, down_key = fused_expert_keys(layer_prefix)
+    layout = expert_layout(reader, layer_prefix, num_experts=num_experts, hidden=hidden, intermediate=intermediate)
+    gate_up = reader.get_slice(gate_up_key, start, stop, dtype=dtype)
+    down = reader.get_slice(down_key, start, stop, dtype=dtype)
+    if layout == "hub":  # applied as x @ W: transpose to [out, in]
+        gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
+    return [
+        (g_u[:intermediate].contiguous(), g_u[intermediate:].contiguous(), d.contiguous())
+        for g_u, d in zip(gate_up, down)
+    ]
