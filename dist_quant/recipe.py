@@ -16,9 +16,11 @@ from typing import Any, Union
 import yaml
 
 from dist_quant import schemes
+from dist_quant.checkpoint.formats import SAVERS
 from dist_quant.errors import RecipeError
 from dist_quant.schemes import FLOAT, QSpec
 
+DEFAULT_SAVER = "ascendv1_saver"
 BUNDLED_CONFIGS = Path(__file__).parent / "configs"
 DEFAULT_RECIPE = BUNDLED_CONFIGS / "qwen3_vl_moe_w8a8.yaml"
 
@@ -81,6 +83,7 @@ class Recipe:
     default_text: str | None
     quarot: QuaRot | None = None
     smooth: IterSmooth | None = None
+    saver: str = DEFAULT_SAVER  # names the output format: checkpoint.formats.for_saver(saver)
 
     def quant_type(self, module_name: str) -> str:
         """The quant type of a linear module: the first ``linear_quant`` that selects it wins, FLOAT if none does."""
@@ -184,19 +187,21 @@ def _iter_smooth(path: Path, where: str, raw: dict) -> IterSmooth:
                       _globs(path, f"{where}.exclude", raw.get("exclude")))
 
 
-def _part_file_size(path: Path, raw: Any) -> float:
+def _saver(path: Path, raw: Any) -> tuple[str, float]:
+    """(saver type, part_file_size) of ``spec.save``; the saver type names the output format
+    (dist_quant/checkpoint/formats/)."""
     if raw is None:
-        return 4.0
+        return DEFAULT_SAVER, 4.0
     if not isinstance(raw, list) or len(raw) != 1 or not isinstance(raw[0], dict):
-        raise _fail(path, "spec.save", "must be a list with one ascendv1_saver entry")
+        raise _fail(path, "spec.save", f"must be a list with one saver entry (one of {list(SAVERS)})")
     saver = raw[0]
     _check_keys(path, "spec.save[0]", saver, {"type", "part_file_size"})
-    if saver.get("type") != "ascendv1_saver":
-        raise _fail(path, "spec.save[0].type", f"{saver.get('type')!r} is not supported; allowed: ['ascendv1_saver']")
+    if saver.get("type") not in SAVERS:
+        raise _fail(path, "spec.save[0].type", f"{saver.get('type')!r} is not supported; allowed: {list(SAVERS)}")
     size = saver.get("part_file_size", 4)
     if isinstance(size, bool) or not isinstance(size, (int, float)) or not 0 <= size < math.inf:
         raise _fail(path, "spec.save[0].part_file_size", f"{size!r} must be a number of GB >= 0")
-    return float(size)
+    return saver["type"], float(size)
 
 
 def parse_recipe(raw: Any, path: Path) -> Recipe:
@@ -232,9 +237,10 @@ def parse_recipe(raw: Any, path: Path) -> Recipe:
         raise _fail(path, "spec.process", "needs at least one linear_quant processor")
     dataset = spec.get("dataset")
     default_text = spec.get("default_text")
-    return Recipe(path, tuple(linear_quants), _part_file_size(path, spec.get("save")),
+    saver, part_file_size = _saver(path, spec.get("save"))
+    return Recipe(path, tuple(linear_quants), part_file_size,
                   None if dataset is None else str(dataset), None if default_text is None else str(default_text),
-                  quarot, smooth)
+                  quarot, smooth, saver)
 
 
 def _yaml_problem(error: yaml.YAMLError) -> str:

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from dist_quant import failpoints
 from dist_quant.calib.dataset import load_samples
 from dist_quant.calib.inputs import DEFAULT_MAX_SAMPLE_TOKENS, ModelInputs, build_model_inputs
+from dist_quant.checkpoint import formats
 from dist_quant.checkpoint.writer import CheckpointWriter
 from dist_quant.errors import CalibrationError, DistQuantError, OutputError
 from dist_quant.models.family import load_checked
@@ -134,6 +135,7 @@ def quantize(model_path: str, save_path: str, recipe: Recipe, executor: Executor
     check_recipe_for_model(recipe, config)  # before any worker process starts
     plan = plan_units(config, expert_group_size)
     writer = CheckpointWriter(save_path, part_file_size_gb=recipe.part_file_size_gb, overwrite=overwrite,
+                              output_format=formats.for_saver(recipe.saver),
                               model_path=model_path, protected=[(_dataset_folder(dataset_path), "calibration set")],
                               resume=resume)
     journal = None

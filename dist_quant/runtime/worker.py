@@ -18,7 +18,7 @@ from dist_quant import failpoints
 from dist_quant.algorithms import hadamard, quarot
 from dist_quant.calib.inputs import ModelInputs
 from dist_quant.calib.ranges import InputRanges
-from dist_quant.checkpoint.formats import ascendv1
+from dist_quant.checkpoint import formats
 from dist_quant.checkpoint.reader import CheckpointReader
 from dist_quant.errors import RecipeError
 from dist_quant.models import outliers
@@ -100,15 +100,14 @@ class Worker:
     against its config once, by the driver (``models.family.load_checked``), before any worker starts."""
 
     def __init__(self, model_path, recipe: Recipe, sink: TensorSink, device: torch.device = torch.device("cpu"),
-                 compute_dtype: torch.dtype = torch.float32, compute_threads: int = DEFAULT_COMPUTE_THREADS,
-                 output_format=ascendv1):
+                 compute_dtype: torch.dtype = torch.float32, compute_threads: int = DEFAULT_COMPUTE_THREADS):
         set_compute_threads(compute_threads)  # the same count in every process: the same bits (see device.py)
         self.reader = CheckpointReader(model_path)
         self.family = family_of(self.reader.config, f"{model_path}/config.json")  # a module of models/
         self.config = self.family.load_config(self.reader.config, f"{model_path}/config.json")
         check_recipe_for_model(recipe, self.config)
         self.recipe = recipe
-        self.output_format = output_format  # a module of checkpoint/formats/: how a scheme's roles are written
+        self.output_format = formats.for_saver(recipe.saver)  # how a scheme's roles are written
         self.sink = sink
         self.device = device
         self.compute_dtype = compute_dtype

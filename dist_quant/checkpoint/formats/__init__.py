@@ -1,3 +1,20 @@
 """Output formats, one module each. A format owns its file names, how a scheme's roles become file keys, dtypes and
 description entries, the config rewrite, its side files, and how a checkpoint of it is read back (for eval); the
-checkpoint writer keeps what is common: staging, unit files, parts and the atomic publish."""
+checkpoint writer keeps what is common: staging, unit files, parts and the atomic publish.
+
+Adding a format: its module (with the names and functions ascendv1.py has) and a line in ``SAVERS``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+SAVERS = {"ascendv1_saver": "dist_quant.checkpoint.formats.ascendv1"}  # a recipe's ``save: - type:`` -> module
+
+
+def for_saver(saver: str) -> ModuleType:
+    """The format module a recipe's saver type names."""
+    if saver not in SAVERS:
+        raise ValueError(f"unknown saver {saver!r}; known: {list(SAVERS)}")
+    return importlib.import_module(SAVERS[saver])
