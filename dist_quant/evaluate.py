@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -23,7 +22,7 @@ from dist_quant.checkpoint.formats import ascendv1
 from dist_quant.checkpoint.reader import CheckpointReader
 from dist_quant.errors import CheckpointError
 from dist_quant.models.family import family_for, load_checked
-from dist_quant.runtime.interpret import finish_layer, interpret
+from dist_quant.runtime.interpret import finish_layer, interpret, running_sum
 from dist_quant.runtime.plan import DEFAULT_EXPERT_GROUP_SIZE, Kind, Unit, plan_units
 from dist_quant.runtime.worker import MoeInput
 
@@ -118,7 +117,7 @@ class ServedModel(FloatModel):
         experts = []
         for e in range(first, stop):
             gate, up, down = (self.checkpoint.linear(self.family.expert_key(layer_idx, e, p)) for p in
-                              ("gate_proj", "up_proj", "down_proj"))
+                              self.family.EXPERT_PROJS)
             experts.append(lambda x, g=gate, u=up, d=down: d(act_fn(g(x)) * u(x)))
         return experts
 
@@ -196,6 +195,8 @@ class ModelRunner:
 
     def contexts(self, unit: Unit, inputs, vision):
         raise NotImplementedError("an evaluation never resumes")
+
+    gather = staticmethod(running_sum)
 
     @torch.no_grad()
     def embed(self, unit: Unit, inputs: list[ModelInputs], vision):

@@ -119,10 +119,15 @@ def _qspec(path: Path, where: str, raw: Any) -> QSpec:
 def _scheme(path: Path, where: str, act: QSpec, weight: QSpec) -> str:
     """The registered scheme (dist_quant/schemes/) of a qconfig; anything else is refused, naming the processor."""
     scheme = schemes.for_qconfig(act, weight)
-    if scheme is None:
-        allowed = "; ".join(f"{s.name}: {s.summary}" for s in schemes.SELECTABLE)
-        raise _fail(path, where, f"act {act} with weight {weight} is not a supported scheme; use one of: {allowed}")
-    return scheme.name
+    if scheme is not None:
+        return scheme.name
+    allowed = "; ".join(f"{s.name}: {s.summary}" for s in schemes.SELECTABLE)
+    side, spec = ("weight", weight) if all(s.weight != weight for s in schemes.SELECTABLE) else ("act", act)
+    raise _fail(path, f"{where}.{side}", f"{_show_spec(spec)} is not supported; use one of: {allowed}")
+
+
+def _show_spec(spec: QSpec) -> str:
+    return (f"{spec.scope} {spec.dtype} {'symmetric' if spec.symmetric else 'asymmetric'} {spec.method}")
 
 
 def _globs(path: Path, where: str, raw: Any) -> tuple[str, ...]:

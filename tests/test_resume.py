@@ -239,11 +239,9 @@ def test_journal_records_cannot_name_files_outside_staging(model, calib, recipe,
     assert outside.exists()
 
 
-RAY_POINTS = {
-    "startup": "startup",
+RAY_POINTS = {  # where Ray differs from a single card; start-up and publish are the shared driver's (tested above)
     "mid-layer": f"unit:{rng.randint(8, 12)}",  # the driver dies while actors are inside layer 1
-    "assembly": "part:2",
-    "publish": f"publish:{rng.randint(1, 5)}",
+    "assembly": "part:2",  # actors write the parts
 }
 
 

@@ -87,8 +87,9 @@ def test_second_run_into_the_same_save_path_fails_at_once_naming_the_first(model
 
 RAY = pytest.mark.ray
 INTERRUPTS = [(signal.SIGTERM, 143, "SIGTERM", "single card"), (signal.SIGINT, 130, "Ctrl-C", "single card"),
-              pytest.param(signal.SIGTERM, 143, "SIGTERM", "ray", marks=RAY),  # Ray's own handler aborts the driver
-              pytest.param(signal.SIGINT, 130, "Ctrl-C", "ray", marks=RAY)]
+              # Ray's own SIGTERM handler aborts the driver; Ctrl-C on Ray is the same KeyboardInterrupt path of the
+              # driver skeleton as on a single card (left out to keep the suite short)
+              pytest.param(signal.SIGTERM, 143, "SIGTERM", "ray", marks=RAY)]
 
 
 @pytest.mark.parametrize("sig, code, name, where", INTERRUPTS)

@@ -7,6 +7,7 @@ import torch
 
 from dist_quant import schemes
 from dist_quant.checkpoint.formats import ascendv1
+from dist_quant.errors import RecipeError
 
 CASES = [(scheme, bias) for scheme in schemes.SCHEMES.values() for bias in (False, True)]
 
@@ -36,7 +37,7 @@ def test_priority_orders_the_model_quant_type():
     ranked = sorted(schemes.SCHEMES.values(), key=lambda s: s.priority)
     assert [s.name for s in ranked][:1] == ["FLOAT"]
     assert ascendv1.model_quant_type([s.name for s in ranked]) == ranked[-1].name
-    with pytest.raises(ValueError):
+    with pytest.raises(RecipeError):
         schemes.get("W2A2")
 
 

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from dist_quant.checkpoint import writer as writer_module
 from dist_quant.checkpoint.formats.ascendv1 import model_quant_type
 from dist_quant.checkpoint.writer import CheckpointWriter
-from dist_quant.errors import OutputError
+from dist_quant.errors import OutputError, RecipeError
 
 DESCRIPTION = "quant_model_description.json"
 INDEX = "quant_model_weights.safetensors.index.json"
@@ -188,7 +188,7 @@ def test_model_quant_type_priority():
     assert model_quant_type(["FLOAT", "W8A8_DYNAMIC", "W8A8"]) == "W8A8"
     assert model_quant_type(["W8A8_DYNAMIC", "FLOAT", "W8A8_DYNAMIC"]) == "W8A8_DYNAMIC"
     assert model_quant_type(["FLOAT"]) == "FLOAT"
-    with pytest.raises(ValueError):
+    with pytest.raises(RecipeError):
         model_quant_type(["W4A8"])
     with pytest.raises(ValueError):
         model_quant_type([])

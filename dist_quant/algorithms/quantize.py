@@ -54,6 +54,9 @@ def static_w8a8_linear(
 
     The int32 accumulation is done in float64, which is exact: |sum| <= K * 128 * 128 is far below 2**53.
     """
+    if not deq_scale.is_floating_point():
+        raise TypeError("deq_scale must hold float values: decode a float16 checkpoint's int64 deq_scale first "
+                        "(checkpoint.formats.ascendv1.deq_scale_values)")
     x_q = torch.clamp(torch.round(x.to(torch.float32) / input_scale + input_offset), QMIN, QMAX)
     acc = x_q.to(torch.float64) @ weight.to(torch.float64).T + quant_bias.to(torch.float64)
     return acc.mul(deq_scale.to(torch.float64)).to(torch.float32)

@@ -141,7 +141,8 @@ def _check_apart(save_path: Path, folder: Path, what: str) -> None:
 
 
 class CheckpointWriter:
-    """Collects unit files and publishes them as one ascendv1 checkpoint in save_path, holding save_path's lock.
+    """Collects unit files and publishes them as one checkpoint in its output format in save_path, holding
+    save_path's lock.
 
     Publishing is recoverable: the part layout, each finished part (size, CRC-32) and the list of files to move are
     recorded in the private folder before they are acted on, so a run killed while assembling or moving is finished
@@ -164,7 +165,7 @@ class CheckpointWriter:
         calibration set, that save_path must neither be, hold nor lie inside (the model folder always is one).
         ``resume`` keeps the staging folder of an interrupted run when it holds one (``self.resuming``)."""
         self.save_path = Path(save_path)
-        self.fmt = self.output_format = output_format  # a module of checkpoint/formats/
+        self.output_format = output_format  # a module of checkpoint/formats/
         if part_file_size_gb < 0:
             raise ValueError(f"part_file_size_gb must be >= 0 (0 writes a single file), got {part_file_size_gb}")
         folders = ([(model_path, "model path")] if model_path is not None else []) + list(protected)
@@ -193,7 +194,7 @@ class CheckpointWriter:
             raise
         try:
             self.resuming = resume and self.private_dir.is_dir() and any(self.private_dir.iterdir())
-            self.published = (self.save_path / self.fmt.MARKER_FILE).exists() and not self.resuming
+            self.published = (self.save_path / self.output_format.MARKER_FILE).exists() and not self.resuming
             if self.resuming:
                 self._make_staging()
             elif not (resume and self.published):
@@ -241,7 +242,7 @@ class CheckpointWriter:
     def _foreign(self, entries: list[Path]) -> list[str]:
         """The names among ``entries`` that are not part of the checkpoint in save_path (kept by --overwrite)."""
         listed = self._listed_files()
-        return [p.name for p in entries if not _is_checkpoint_entry(p, self.fmt, listed)]
+        return [p.name for p in entries if not _is_checkpoint_entry(p, self.output_format, listed)]
 
     def _check_save_path_content(self) -> None:
         existing = sorted(p for p in self.save_path.iterdir() if p.name not in (STAGING_DIR, LOCK_FILE))
@@ -253,7 +254,7 @@ class CheckpointWriter:
                 "folder or pass --overwrite to replace the checkpoint it holds"
             )
         foreign = self._foreign(existing)
-        if not (self.save_path / self.fmt.MARKER_FILE).exists() and not (self.staging).exists():
+        if not (self.save_path / self.output_format.MARKER_FILE).exists() and not (self.staging).exists():
             foreign = [p.name for p in existing]
         if foreign:
             raise OutputError(
@@ -345,14 +346,14 @@ class CheckpointWriter:
         self._copy_source_files(source)
         if recipe_path is not None:
             _copy(Path(recipe_path), self.staging / Path(recipe_path).name)
-        _write_json(self.staging / self.fmt.DESCRIPTION_FILE,
-                    self.fmt.description(self._quant_types, self._optional_description))
+        _write_json(self.staging / self.output_format.DESCRIPTION_FILE,
+                    self.output_format.description(self._quant_types, self._optional_description))
         if self.overwrite:
             self._remove_old_checkpoint()
         entries = sorted(p.name for p in self.staging.iterdir() if p.name not in (SPILL_DIR, PRIVATE_DIR, FILES_FILE)
                          and not p.name.startswith("."))
         _write_json(self.staging / FILES_FILE, {"files": entries + [FILES_FILE]})
-        moves = sorted(entries + [FILES_FILE], key=lambda name: (name == self.fmt.MARKER_FILE, name))
+        moves = sorted(entries + [FILES_FILE], key=lambda name: (name == self.output_format.MARKER_FILE, name))
         _write_json(self.private_dir / MOVE_FILE, {"files": moves})  # from here on, a resumed run only moves
         return self.resume_publish()
 
@@ -360,7 +361,8 @@ class CheckpointWriter:
         """Move the finished files into save_path (those an interrupted run had not moved yet), the description last,
         then drop the staging folder and the lock."""
         moves = json.loads((self.private_dir / MOVE_FILE).read_text())["files"]
-        if not all(isinstance(name, str) and is_plain_name(name) for name in moves) or moves[-1] != self.fmt.MARKER_FILE:
+        marker = self.output_format.MARKER_FILE
+        if not all(isinstance(name, str) and is_plain_name(name) for name in moves) or moves[-1] != marker:
             raise OutputError(f"{self.private_dir / MOVE_FILE} is corrupt; rerun without --resume, with --overwrite")
         for name in moves:
             if (self.staging / name).exists():
@@ -372,15 +374,15 @@ class CheckpointWriter:
         shutil.rmtree(self.private_dir, ignore_errors=True)
         shutil.rmtree(self.staging, ignore_errors=True)
         self.lock.release()
-        description = json.loads((self.save_path / self.fmt.DESCRIPTION_FILE).read_text())
-        index = json.loads((self.save_path / self.fmt.INDEX_FILE).read_text())
-        types = self.fmt.described_types(description)
+        description = json.loads((self.save_path / self.output_format.DESCRIPTION_FILE).read_text())
+        index = json.loads((self.save_path / self.output_format.INDEX_FILE).read_text())
+        types = self.output_format.described_types(description)
         logger.info("published %d tensors (%.2f GiB) to %s", len(types), index["metadata"]["total_size"] / GiB,
                     self.save_path)
         files = sorted(str(p.relative_to(self.save_path)) for name in moves
                        for p in [self.save_path / name, *(self.save_path / name).rglob("*")] if p.is_file())
-        return {"tensors": len(types), "bytes": index["metadata"]["total_size"], "counts": dict(Counter(types.values())),
-                "files": files}
+        return {"tensors": len(types), "bytes": index["metadata"]["total_size"],
+                "counts": dict(Counter(types.values())), "files": files}
 
     def _layout(self) -> list[tuple[str, list[TensorSlice]]]:
         """The parts (name, slices in order): computed from the unit files once, then saved, so that a resumed
@@ -406,7 +408,7 @@ class CheckpointWriter:
             slices.extend(in_file[key] for key in record.keys)  # the file's own data order sorts by dtype
         parts = list(_layout_parts(slices, self._part_bytes))
         count = len(parts)
-        names = self.fmt.part_names(0 if self._part_bytes == 0 else count)
+        names = self.output_format.part_names(0 if self._part_bytes == 0 else count)
         layout = list(zip(names, parts))
         _write_json(saved, {"parts": [(name, [(t.key, t.source.name, t.dtype, list(t.shape), t.begin, t.end)
                                                for t in part]) for name, part in layout]})
@@ -458,10 +460,11 @@ class CheckpointWriter:
         shutil.rmtree(self.spill_dir, ignore_errors=True)
         weight_map = {t.key: name for name, part in layout for t in part}
         index = {"metadata": {"total_size": self._total_bytes}, "weight_map": weight_map}
-        _write_json(self.staging / self.fmt.INDEX_FILE, index)
+        _write_json(self.staging / self.output_format.INDEX_FILE, index)
 
     def _write_config(self, source: Path) -> None:
-        _write_json(self.staging / "config.json", self.fmt.rewrite_config(read_config(source / "config.json")))
+        config = read_config(source / "config.json")
+        _write_json(self.staging / "config.json", self.output_format.rewrite_config(config))
 
     def _copy_source_files(self, source: Path) -> None:
         """Tokenizer, processor and templates; never a float index, which would make vLLM skip the quantized parts."""
@@ -478,7 +481,7 @@ class CheckpointWriter:
         """--overwrite: the old checkpoint's files (and nothing else: checked when the run started) go, the old
         description first, so the old checkpoint stops looking finished."""
         old = sorted((p for p in self.save_path.iterdir() if p.name not in (STAGING_DIR, LOCK_FILE)),
-                     key=lambda p: p.name != self.fmt.MARKER_FILE)
+                     key=lambda p: p.name != self.output_format.MARKER_FILE)
         foreign = self._foreign(old)
         if foreign:
             raise OutputError(f"save path {self.save_path} now holds files that are not part of a checkpoint "

@@ -21,7 +21,8 @@ FAMILIES = {"qwen3_vl_moe": ("dist_quant.models.qwen3_vl_moe", "Qwen3-VL-MoE")} 
 def family_for(model_type: object, source: str = "config.json") -> ModuleType:
     """The family module of a config's ``model_type``."""
     if not isinstance(model_type, str) or model_type not in FAMILIES:
-        shown = repr(model_type) if isinstance(model_type, str) and len(model_type) < 80 else "not a known name"
+        shown = "missing" if model_type is None else (repr(model_type) if isinstance(model_type, str)
+                                                      and len(model_type) < 80 else "not a model name")
         supported = ", ".join(f"{k!r} ({name})" for k, (_, name) in FAMILIES.items())
         raise CheckpointError(f"{source}: model_type is {shown}; dist-quant supports {supported} checkpoints")
     return importlib.import_module(FAMILIES[model_type][0])

@@ -28,6 +28,7 @@ from dist_quant.models.qwen3_vl_moe_experts import expert_layout, fused_expert_k
 from dist_quant.models.qwen3_vl_moe_experts import read_experts as read_fused_experts
 
 MODEL_TYPE = "qwen3_vl_moe"
+EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")  # an expert's linears, as read_experts returns their weights
 TEXT = "model.language_model"
 VISUAL = "model.visual"
 EMBED_KEY = f"{TEXT}.embed_tokens.weight"
@@ -610,7 +611,7 @@ def expert_linears(config: Qwen3VLMoeConfig, layer_idx: int, first: int, stop: i
     """Weight parameters of each projection of experts ``first..stop-1``, by module name."""
     tc = config.text_config
     return {expert_key(layer_idx, e, proj): tc.hidden_size * tc.moe_intermediate_size
-            for e in range(first, stop) for proj in ("gate_proj", "up_proj", "down_proj")}
+            for e in range(first, stop) for proj in EXPERT_PROJS}
 
 
 # --- comparing a quantized checkpoint with its float model (dist-quant eval) ----------------------------------------

@@ -35,6 +35,10 @@ class UnitCalls(Protocol):
 
     def experts(self, unit: Unit, moe) -> tuple[Any, Any]: ...  # partial sum, result
 
+    def gather(self, partials: list, partial) -> list: ...
+    # the partial sums a layer has so far with one more: in-process a running sum in group order (one tensor held,
+    # see ``running_sum``), on Ray a list of refs the combining actor adds in that order
+
     def head(self, unit: Unit, contexts, hidden, *partials, combine: bool) -> Any: ...  # result
 
 
@@ -59,7 +63,7 @@ def interpret(units: Sequence[Unit], start, inputs, calls: UnitCalls,
             partials, combine = [], True
         elif unit.kind is Kind.EXPERTS:
             partial, result = calls.experts(unit, moe)
-            partials.append(partial)
+            partials = calls.gather(partials, partial)
         else:
             result = calls.head(unit, contexts, hidden, *partials, combine=combine)
         yield unit, result
@@ -69,6 +73,12 @@ def split_tokens(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Ten
     """Undo the concatenation of samples' tokens: ``flat`` [T, H] back to one (1, S, H) tensor per sample."""
     sizes = [t.shape[1] for t in like]
     return [part.reshape(1, -1, flat.shape[-1]) for part in torch.split(flat, sizes)]
+
+
+def running_sum(partials: list, partial: torch.Tensor) -> list:
+    """``UnitCalls.gather`` in one process: ``[((p0 + p1) + p2) ...]``, the order ``add_partials`` adds in, so the
+    result is the same bits while only one sum is held."""
+    return [add_partials([*partials, partial])]
 
 
 def add_partials(partials: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:

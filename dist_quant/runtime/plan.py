@@ -65,7 +65,7 @@ def expert_groups(num_experts: int, group_size: int = DEFAULT_EXPERT_GROUP_SIZE)
 
 
 def plan_units(config, group_size: int = DEFAULT_EXPERT_GROUP_SIZE) -> list[Unit]:
-    """Every unit of a model in sweep order: vision, embeddings, each layer and its expert groups, head."""
+    """Every unit of a model in plan order: vision, embeddings, each layer and its expert groups, head."""
     units = [Unit(Kind.VISION), Unit(Kind.EMBED)]
     tc = config.text_config
     for layer_idx in range(tc.num_hidden_layers):
@@ -126,11 +126,11 @@ def source_bytes_per_param(raw_config: dict) -> int:
     return torch.finfo(family_for(raw_config.get("model_type")).source_dtype(raw_config)).bits // 8
 
 
-def unit_output_bytes(config, unit: Unit, recipe: Recipe, source_bytes: int) -> int:
-    """Checkpoint bytes of a unit: each linear at its scheme's bytes per parameter, the rest in the source dtype
-    (scales, offsets and biases are negligible)."""
+def unit_output_bytes(config, unit: Unit, recipe: Recipe, source_bytes: int, params: int) -> int:
+    """Checkpoint bytes of a unit of ``params`` parameters: each linear at its scheme's bytes per parameter, the rest
+    in the source dtype (scales and offsets are negligible)."""
     linears = unit_linears(config, unit)
-    output = (unit_params(config, unit) - sum(linears.values())) * source_bytes
+    output = (params - sum(linears.values())) * source_bytes
     for name, params in linears.items():
         output += params * schemes.get(recipe.quant_type(name)).bytes_per_param(source_bytes)
     return int(output)
@@ -181,18 +181,19 @@ def build_plan(config, raw_config: dict, workers: int, *, group_size: int = DEFA
     dtype_bytes = source_bytes_per_param(raw_config)
     recipe = recipe if recipe is not None else load_recipe()
     params = [unit_params(config, u) for u in units]
+    params_of = dict(zip(units, params))
     actors = [ActorPlan(i) for i in range(workers)]
     for unit, actor_idx, n in zip(units, assignment, params):
         actors[actor_idx].units.append(unit)
         actors[actor_idx].read_bytes += n * dtype_bytes
     for actor in actors:
-        sizes = [unit_params(config, u) * COMPUTE_BYTES for u in actor.units]
+        sizes = [params_of[u] * COMPUTE_BYTES for u in actor.units]
         # the unit being computed, the one being prefetched, and the int8 output of the unit being written
         peak = max((sizes[i] + (sizes[i + 1] if i + 1 < len(sizes) else 0) + sizes[i] // 4
                     + unit_activation_bytes(config, u, calib_tokens) for i, u in enumerate(actor.units)), default=0)
         actor.peak_bytes = peak + RUNTIME_OVERHEAD
     source = sum(params) * dtype_bytes
-    outputs = [unit_output_bytes(config, u, recipe, dtype_bytes) for u in units]
+    outputs = [unit_output_bytes(config, u, recipe, dtype_bytes, n) for u, n in zip(units, params)]
     output = sum(outputs)
     part_bytes = part_file_size_gb * GiB  # msModelSlim's part_file_size 'GB' are GiB
     parts = 1 if part_bytes <= 0 else max(1, -(-output // int(part_bytes)))

@@ -97,8 +97,8 @@ class RayCalls:
     (each actor runs its tasks in submission order, so the graph cannot deadlock); what flows between units are
     object refs, which move between actors and never through the driver."""
 
-    def __init__(self, ray, actors: list, owner: dict[Unit, int]):
-        self.ray, self.actors, self.owner = ray, actors, owner
+    def __init__(self, actors: list, owner: dict[Unit, int]):
+        self.actors, self.owner = actors, owner
 
     def _call(self, unit: Unit, method: str, returns: int, *args, **kwargs):
         call = getattr(self.actors[self.owner[unit]], method)
@@ -118,6 +118,11 @@ class RayCalls:
 
     def experts(self, unit, moe):
         return self._call(unit, "experts", 2, moe)
+
+    @staticmethod
+    def gather(partials: list, partial) -> list:
+        """Refs cannot be added here: the combining actor adds them, in group order."""
+        return [*partials, partial]
 
     def head(self, unit, *unused, combine: bool):
         """The quantizing head needs no hidden states: the last layer's refs are not passed (nor waited for)."""
@@ -169,7 +174,7 @@ class RayExecutor:
             ray.get([actor.node.remote() for actor in self.actors])
             self.actor_seconds = time.perf_counter() - self.actor_started
             started = time.perf_counter()
-            calls = RayCalls(ray, self.actors, dict(zip(self.plan, self.assignment)))
+            calls = RayCalls(self.actors, dict(zip(self.plan, self.assignment)))
             pending = {ref: unit for unit, ref in interpret(todo, point, ray.put(inputs), calls, put=ray.put)}
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1)

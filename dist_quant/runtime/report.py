@@ -26,7 +26,7 @@ class UnitReport:
     pid: int
     node_id: str
     peak_rss: int  # bytes, of the process that ran the unit, so far
-    expert_tokens: Optional[list[int]] = None  # attention units of MoE layers: calibration tokens per expert
+    expert_tokens: Optional[list[int]] = None  # layer units of MoE layers: calibration tokens per expert
     phases: Optional[dict] = None  # seconds per phase since the previous report
     streams: tuple[StreamRecord, ...] = ()  # stream files saved with this unit (for --resume)
 

@@ -2,10 +2,12 @@
 
 Everything lives in the writer's private folder inside the staging folder (never published). The journal's first
 line fingerprints the run (model, recipe, calibration inputs, expert group size, compute threads, versions); each
-further line records one finished unit file, or one saved stream file, with its size and CRC-32. After each layer
-the float hidden states entering the next layer are saved (the previous layer's file is then dropped), and the
-vision tower's outputs once. A resumed run checks the fingerprint, keeps the files that still match their record
-(and only files of the staging folder, whatever a record names), restarts the sweep at the first layer whose input
+further line records one finished unit file, or one saved stream file, with its size and CRC-32. Each layer's
+output (the float hidden states entering the next layer) is saved by the unit that combines it, the next layer's
+unit, and journaled with that unit (the previous layer's file is then dropped); the vision tower's outputs once. The
+last layer's output is never needed, so a run killed between a layer's last expert group and the end of the next
+layer unit recomputes that layer. A resumed run checks the fingerprint, keeps the files that still match their
+record (and only files of the staging folder, whatever a record names), restarts after the last layer whose output
 was saved, and recomputes only what follows; since every unit is deterministic, the checkpoint is the same as an
 uninterrupted run's.
 
@@ -30,6 +32,8 @@ import torch
 from safetensors.torch import load_file, save
 
 from dist_quant import __version__
+
+PLAN_LAYOUT = 2  # unit ids and stream-saving points; a journal of another layout is not resumed (2: "L003" units)
 from dist_quant.calib.inputs import ModelInputs
 from dist_quant.checkpoint.unit_file import UnitRecord, file_crc32, is_plain_name
 from dist_quant.errors import OutputError
@@ -79,6 +83,7 @@ def fingerprint(model_path: str | Path, recipe_path: Path, inputs: list[ModelInp
         "compute_threads": compute_threads,
         "device": device,
         "dist_quant": __version__,
+        "plan_layout": PLAN_LAYOUT,
         "torch": torch.__version__,
     }
 
@@ -99,7 +104,7 @@ class Journal:
         self.path = private_dir / JOURNAL
         self.finished: dict[str, UnitRecord] = {}
         self.streams: dict[str, StreamRecord] = {}
-        self.expert_tokens: dict[int, list[int]] = {}  # per MoE layer, from its attention unit
+        self.expert_tokens: dict[int, list[int]] = {}  # per MoE layer, from its layer unit
         if resume and self.path.exists():
             self._load(run)
         else:
@@ -156,7 +161,7 @@ class Journal:
             os.fsync(f.fileno())
 
     def record(self, record: UnitRecord, layer: int = -1, expert_tokens: Optional[list[int]] = None) -> None:
-        """A finished unit (with the calibration tokens per expert when it is a MoE layer's attention)."""
+        """A finished unit (with the calibration tokens per expert when it is a MoE layer unit)."""
         entry = dataclasses.asdict(dataclasses.replace(record, payload=None))
         if expert_tokens is not None:
             entry["expert_tokens"] = {"layer": layer, "tokens": expert_tokens}
@@ -236,7 +241,7 @@ def save_hidden(private_dir: Path, layer: int, hidden: list[torch.Tensor]) -> St
 
 @dataclass
 class ResumePoint:
-    layer: int  # the last layer whose output was saved; the sweep restarts at layer + 1
+    layer: int  # the last layer whose output was saved; the run restarts at layer + 1
     hidden: list[torch.Tensor]
     vision: list
 

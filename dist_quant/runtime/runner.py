@@ -21,7 +21,7 @@ from dist_quant.checkpoint.unit_file import UnitSink
 from dist_quant.checkpoint.writer import write_part
 from dist_quant.recipe import Recipe
 from dist_quant.runtime.device import DEFAULT_COMPUTE_THREADS, resolve_device
-from dist_quant.runtime.interpret import finish_layer
+from dist_quant.runtime.interpret import finish_layer, running_sum
 from dist_quant.runtime.plan import Unit
 from dist_quant.runtime.report import Reporter, UnitReport
 from dist_quant.runtime.resume import save_hidden, save_vision
@@ -123,6 +123,10 @@ class UnitRunner:
         started = self._start(unit)
         partial = self.worker.experts(unit.layer, unit.first_expert, unit.stop_expert, moe)
         return partial, self.reporter.report(unit, started)
+
+    @staticmethod
+    def gather(partials: list, partial: torch.Tensor) -> list:
+        return running_sum(partials, partial)
 
     def head(self, unit: Unit, contexts=None, hidden=None, *partials, combine: bool = False):
         """The head needs no hidden states (nothing is calibrated there): whatever the plan passes is unused."""

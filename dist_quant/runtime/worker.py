@@ -29,7 +29,6 @@ from dist_quant.runtime.device import DEFAULT_COMPUTE_THREADS, set_compute_threa
 from dist_quant.runtime.plan import Kind
 from dist_quant.runtime.timing import PhaseTimes
 
-EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
 
 
 def stream_rotation(recipe: Recipe, config) -> Optional[quarot.BlockRotation]:
@@ -82,7 +81,7 @@ class LayerOutput:
 def check_recipe_for_model(recipe: Recipe, config) -> None:
     """Refuse recipes that vLLM Ascend could not serve: static experts, or one fused projection split across types."""
     family = family_for(config.model_type)
-    expert_type = schemes.get(recipe.quant_type(family.expert_key(0, 0, "gate_proj")))
+    expert_type = schemes.get(recipe.quant_type(family.expert_key(0, 0, family.EXPERT_PROJS[0])))
     if not expert_type.serves_experts:
         allowed = [s.name for s in schemes.SCHEMES.values() if s.serves_experts]
         raise RecipeError(f"recipe {recipe.path}: experts must be one of {allowed}: vLLM Ascend has no "
@@ -279,7 +278,7 @@ class Worker:
             partial = self.family.expert_group_forward(moe.x, moe.topk_ids, moe.topk_weights,
                                                        [self.family.float_expert(*e, act_fn) for e in experts], first)
         for expert, weights in zip(range(first, stop), experts):
-            for proj, weight in zip(EXPERT_PROJS, weights):
+            for proj, weight in zip(self.family.EXPERT_PROJS, weights):
                 self._emit_linear(self.family.expert_key(layer_idx, expert, proj), weight, None, None)
             failpoints.reach("experts")
         return partial

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from dist_quant.errors import RecipeError
 from dist_quant.schemes import unquantized as _float
 from dist_quant.schemes import w8a8 as _w8a8
 from dist_quant.schemes import w8a8_dynamic as _w8a8_dynamic
@@ -22,8 +23,8 @@ SELECTABLE = tuple(s for s in SCHEMES.values() if s.act is not None)
 def get(name: str) -> Scheme:
     try:
         return SCHEMES[name]
-    except KeyError:
-        raise ValueError(f"unknown quant type {name!r}; known: {list(SCHEMES)}") from None
+    except (KeyError, TypeError):
+        raise RecipeError(f"unknown quant type {name!r}; known: {list(SCHEMES)}") from None
 
 
 def for_qconfig(act: QSpec, weight: QSpec) -> Optional[Scheme]:

@@ -10,11 +10,13 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+from dist_quant.errors import RecipeError
+
 SAVERS = {"ascendv1_saver": "dist_quant.checkpoint.formats.ascendv1"}  # a recipe's ``save: - type:`` -> module
 
 
 def for_saver(saver: str) -> ModuleType:
     """The format module a recipe's saver type names."""
     if saver not in SAVERS:
-        raise ValueError(f"unknown saver {saver!r}; known: {list(SAVERS)}")
+        raise RecipeError(f"unknown saver {saver!r}; known: {list(SAVERS)}")
     return importlib.import_module(SAVERS[saver])
