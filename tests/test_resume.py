@@ -260,3 +260,35 @@ def test_ray_run_killed_anywhere_resumes_to_the_same_checkpoint(model, calib, re
                              env=CLEAN_ENV, capture_output=True, text=True, timeout=600)  # a new driver process
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_resumed_like_clean(save, clean[0])
+
+
+def test_an_older_layer_file_stays_until_the_newer_one_can_be_resumed_from(tmp_path):
+    """On Ray, layer 1's output can be journaled (with layer 2's unit) before layer 1's last expert group is: until
+    that group is journaled too, a resume must still start after layer 0, so layer 0's file must stay."""
+    from dist_quant.checkpoint.unit_file import UnitRecord
+    from dist_quant.runtime.plan import Kind, Unit
+    from dist_quant.runtime.resume import STREAM_DIR, Journal, StreamRecord
+
+    plan = [Unit(Kind.VISION), Unit(Kind.EMBED)] + [u for layer in range(3) for u in
+                                                  (Unit(Kind.LAYER, layer), Unit(Kind.EXPERTS, layer, 0, 2))]
+    journal = Journal(tmp_path, {"run": 1}, resume=False)
+    (tmp_path / STREAM_DIR).mkdir()
+
+    def finish(unit):
+        journal.record(UnitRecord(unit.id, f"{unit.id}.safetensors", (), (), 0, 0, 0), unit.layer)
+        journal.prune_streams(plan)
+
+    def save(layer):
+        name = f"after_layer_{layer:04d}.safetensors"
+        (tmp_path / STREAM_DIR / name).write_bytes(b"x")
+        journal.record_stream(StreamRecord(name, 1, 0))
+
+    for unit in plan[:5]:  # vision, embed, layer 0 and its experts, layer 1
+        finish(unit)
+    save(0)  # rides on layer 1's report
+    save(1)  # rides on layer 2's report, which arrives before layer 1's experts
+    finish(plan[6])
+    assert sorted(p.name for p in (tmp_path / STREAM_DIR).iterdir()) == ["after_layer_0000.safetensors",
+                                                                         "after_layer_0001.safetensors"]
+    finish(plan[5])  # layer 1's experts: now a resume can start after layer 1
+    assert [p.name for p in (tmp_path / STREAM_DIR).iterdir()] == ["after_layer_0001.safetensors"]

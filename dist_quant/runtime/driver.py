@@ -222,6 +222,7 @@ def _run_units(executor: Executor, writer: CheckpointWriter, journal: Journal, p
             for stream in report.streams:
                 journal.record_stream(stream)
             journal.record(report.record, report.unit.layer, report.expert_tokens)
+            journal.prune_streams(plan)
             failpoints.reach("unit")
             records[report.unit.id] = report.record
             reports.append(report)

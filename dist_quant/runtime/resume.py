@@ -169,14 +169,21 @@ class Journal:
         self.finished[record.unit_id] = record  # first: a signal during the append must not hide a written record
         self._append(entry)
 
+    def prune_streams(self, plan: list[Unit]) -> None:
+        """Drop the layer files older than the newest one a resume could start from (never earlier: on Ray a layer
+        file can be journaled before the last expert group of its layer, and a run killed in between must still find
+        a restart point)."""
+        saved = _layer_files(self.path.parent)
+        usable = next((layer for layer, path in reversed(saved) if path.name in self.streams
+                       and all(unit_id in self.finished for unit_id in needed_for(plan, layer))), None)
+        for layer, path in saved:
+            if usable is not None and layer < usable:
+                path.unlink(missing_ok=True)
+
     def record_stream(self, record: StreamRecord) -> None:
-        """A saved stream file; once it is journaled, the layer files before it are of no use and go (never
-        earlier: a run killed in between must still find a journaled restart point)."""
+        """A saved stream file (the layer files it makes useless go in ``prune_streams``)."""
         self.streams[record.stream] = record
         self._append(dataclasses.asdict(record))
-        for older in sorted(self.path.parent.glob(f"{STREAM_DIR}/after_layer_*.safetensors")):
-            if older.name < record.stream and record.stream.startswith("after_layer_"):
-                older.unlink(missing_ok=True)
 
     def intact(self, spill_dir: Path) -> dict[str, UnitRecord]:
         """The finished units whose files are still there, whole and unchanged."""
@@ -246,6 +253,22 @@ class ResumePoint:
     vision: list
 
 
+def _layer_files(private_dir: Path) -> list[tuple[int, Path]]:
+    """(layer, file) of the saved layer outputs, in layer order."""
+    files = []
+    for path in private_dir.glob(f"{STREAM_DIR}/after_layer_*.safetensors"):
+        try:
+            files.append((int(path.stem.rsplit("_", 1)[1]), path))
+        except ValueError:
+            continue
+    return sorted(files)
+
+
+def needed_for(plan: list[Unit], layer: int) -> list[str]:
+    """The units that must have finished for a run to restart after ``layer``."""
+    return [u.id for u in plan if u.kind in (Kind.VISION, Kind.EMBED) or (u.layer != -1 and u.layer <= layer)]
+
+
 def resume_point(private_dir: Path, plan: list[Unit], finished: dict[str, UnitRecord], journal: Journal,
                  samples: int) -> Optional[ResumePoint]:
     """Where to restart: after the last saved layer whose units (and vision, embeddings) all finished and whose
@@ -253,14 +276,8 @@ def resume_point(private_dir: Path, plan: list[Unit], finished: dict[str, UnitRe
     vision_file = private_dir / STREAM_DIR / VISION_FILE
     if not journal.intact_stream(vision_file):
         return None
-    saved = sorted(private_dir.glob(f"{STREAM_DIR}/after_layer_*.safetensors"))
-    for path in reversed(saved):
-        try:
-            layer = int(path.stem.rsplit("_", 1)[1])
-        except ValueError:
-            continue
-        needed = [u.id for u in plan if u.kind in (Kind.VISION, Kind.EMBED) or (u.layer != -1 and u.layer <= layer)]
-        if all(unit_id in finished for unit_id in needed) and journal.intact_stream(path):
+    for layer, path in reversed(_layer_files(private_dir)):
+        if all(unit_id in finished for unit_id in needed_for(plan, layer)) and journal.intact_stream(path):
             tensors = load_file(path)
             return ResumePoint(layer, [tensors[str(i)] for i in range(samples)], load_vision(private_dir, samples))
     return None
