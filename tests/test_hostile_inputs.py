@@ -351,6 +351,26 @@ def test_fifo_where_a_file_is_expected(capsys, model, sharded_model, tmp_path, c
     assert str(fifo) in err and ("FIFO" in err or "neither a file nor a folder" in err), err
 
 
+def test_fifo_swapped_in_after_the_check(model, monkeypatch):
+    """The safetensors library opens files by name: given the name, it would open a FIFO renamed over the weights
+    once they were checked, and hang there; it is given the checked descriptor instead."""
+    weights, fifo = model / WEIGHTS, model / "fifo"
+    os.mkfifo(fifo)
+    writer = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)  # so that opening the FIFO fails this test instead of hanging
+    read_header = safetensors_stream._read_header
+
+    def swap_then_read(path, file):
+        os.replace(fifo, path)
+        return read_header(path, file)
+
+    monkeypatch.setattr(safetensors_stream, "_read_header", swap_then_read)
+    try:
+        assert NORM_0 in safetensors_stream.tensor_slices(weights)
+    finally:
+        os.close(writer)
+    assert weights.is_fifo()
+
+
 # --- 3. resource bombs -----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("section, field, value", [

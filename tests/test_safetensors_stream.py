@@ -9,7 +9,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from dist_quant.checkpoint import safetensors_stream
-from dist_quant.checkpoint.safetensors_stream import read_header, tensor_slices, write_concatenated
+from dist_quant.checkpoint.safetensors_stream import HeaderError, read_header, tensor_slices, write_concatenated
 
 
 def mixed_tensors():
@@ -110,3 +110,33 @@ def test_read_header_refuses_files_that_are_not_safetensors(tmp_path):
     for path in (short, bad_length):
         with pytest.raises(ValueError, match="not a safetensors file"):
             read_header(path)
+
+
+def write_raw(path, header: dict, data: bytes) -> None:
+    header_bytes = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(header_bytes)) + header_bytes + data)
+
+
+def test_the_library_judges_what_is_valid(tmp_path):
+    """A file the safetensors library accepts is read, even with a dtype newer than torch's (the reader then refuses
+    it by name) or a null __metadata__, which the library allows."""
+    path = tmp_path / "scales.safetensors"
+    write_raw(path, {"__metadata__": None, "scale": {"dtype": "F8_E8M0", "shape": [4], "data_offsets": [0, 4]}},
+              bytes(4))
+    assert tensor_slices(path)["scale"].dtype == "F8_E8M0"
+
+
+@pytest.mark.parametrize("dtype", ["Q9", "Q" * 100_000])
+def test_a_refusal_not_worded_here_is_the_librarys_clipped(tmp_path, dtype):
+    path = tmp_path / "w.safetensors"
+    write_raw(path, {"w": {"dtype": dtype, "shape": [4], "data_offsets": [0, 4]}}, bytes(4))
+    with pytest.raises(HeaderError, match="the safetensors library refuses it: .*unknown variant") as error:
+        tensor_slices(path)
+    assert len(error.value.detail) < 500
+
+
+def test_a_size_that_does_not_match_dtype_and_shape_is_refused(tmp_path):
+    path = tmp_path / "w.safetensors"
+    write_raw(path, {"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 16]}}, bytes(16))
+    with pytest.raises(HeaderError, match="the safetensors library refuses it: .*invalid shape, data type"):
+        tensor_slices(path)

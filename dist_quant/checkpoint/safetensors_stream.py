@@ -3,13 +3,16 @@
 The format: an 8-byte little-endian header length N, N bytes of JSON ({key: {"dtype", "shape", "data_offsets"}} plus
 an optional "__metadata__"), then the data; data_offsets count from the end of the header. Copying byte ranges lets
 the checkpoint writer build multi-GB parts out of small spill files while holding only one chunk in memory.
+
+The safetensors library judges whether a file is valid (:func:`tensor_slices` opens each one with ``safe_open``);
+the header is parsed here as well because the library's Python API gives no byte offsets, and what is checked here
+is only what must hold before the library may open the file, and the words for a refusal.
 """
 
 from __future__ import annotations
 
 import errno
 import json
-import math
 import os
 import stat
 import struct
@@ -19,15 +22,15 @@ from operator import itemgetter
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
+from safetensors import SafetensorError, safe_open
+
 CHUNK_BYTES = 16 * 1024**2
 NO_COPY_FILE_RANGE = (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)
 HEADER_ALIGNMENT = 8  # safetensors pads the JSON header with spaces so the data starts 8-byte aligned
 METADATA_KEY = "__metadata__"
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit (HeaderTooLarge)
 MAX_OFFSET = 2**64 - 1  # offsets and sizes are u64 in the format
-# bytes per element of every dtype the safetensors library knows (its Dtype::size)
-DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-               "I32": 4, "U32": 4, "F32": 4, "F64": 8, "I64": 8, "U64": 8}
+MAX_LIBRARY_WORDS = 400  # characters of the library's message shown when no rule here words a refusal
 
 
 class TensorSlice(NamedTuple):
@@ -42,8 +45,9 @@ class TensorSlice(NamedTuple):
 
 
 class HeaderError(ValueError):
-    """A safetensors file the safetensors library would refuse. ``detail`` never quotes the file's bytes (they can be
-    anything: a wrong path may point at a private key); ``truncated`` tells a short download from a corrupt one."""
+    """A safetensors file the safetensors library refuses. ``detail`` quotes nothing of a file whose header is not a
+    JSON object (it can be anything: a wrong path may point at a private key), and of one whose header is, at most
+    clipped key names or the library's own clipped message; ``truncated`` tells a short download from a corrupt one."""
 
     def __init__(self, path: str | Path, detail: str, truncated: bool = False):
         super().__init__(f"{path} is not a safetensors file: {detail}")
@@ -63,7 +67,8 @@ def open_regular(path: str | Path) -> BinaryIO:
     """``path`` opened for binary reading, refused with NotARegularFile unless it is a regular file (after symlinks).
 
     Opened non-blocking, so a FIFO cannot hang the open, then checked on the open descriptor, so nothing can be
-    swapped in between the check and the read."""
+    swapped in between the check and the read. Hand-written: Python's open() and the safetensors library open any
+    path, and block forever on a FIFO."""
     if os.path.exists(path):
         _refuse_irregular(path, os.stat(path).st_mode)  # a socket cannot even be opened: say what it is
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
@@ -118,25 +123,30 @@ def parse_json(text: str | bytes) -> object:
 
 
 def read_header(path: str | Path) -> tuple[dict, int]:
-    """The parsed JSON header (with "__metadata__" when the file has one) and the byte position where data starts.
-
-    Refuses (HeaderError), before reading it, a header length that the file cannot hold or the safetensors library
-    would not read, and a header that is not a JSON object with unique keys; the entries are checked by
-    :func:`tensor_slices`."""
+    """The parsed JSON header (with "__metadata__" when the file has one) and the byte position where data starts;
+    the entries are judged by :func:`tensor_slices`."""
     with open_regular(path) as file:
-        size = os.fstat(file.fileno()).st_size
-        prefix = file.read(8)
-        if len(prefix) < 8:
-            raise HeaderError(path, "it holds fewer than 8 bytes", truncated=True)
-        (length,) = struct.unpack("<Q", prefix)
-        # checked before reading: they may claim exabytes. The claimed length is not printed: it is the file's
-        # first 8 bytes, and the file may be anything (a private key) given by mistake
-        if length > size - 8:
-            raise HeaderError(path, "its first 8 bytes give a header length past the end of the file")
-        if length > MAX_HEADER_BYTES:
-            raise HeaderError(path, f"its first 8 bytes give a header length over the {MAX_HEADER_BYTES} bytes the "
-                                    "safetensors library reads")
-        header_bytes = file.read(length)
+        return _read_header(path, file)
+
+
+def _read_header(path: str | Path, file: BinaryIO) -> tuple[dict, int]:
+    """Refuses (HeaderError), before reading it, a header length that the file cannot hold or the safetensors library
+    would not read, and a header that is not a JSON object with unique keys. Hand-written because the header is read
+    here into memory, and a name given twice refused: the library silently keeps one of the two entries, so the file
+    would mean different things to different readers."""
+    size = os.fstat(file.fileno()).st_size
+    prefix = file.read(8)
+    if len(prefix) < 8:
+        raise HeaderError(path, "it holds fewer than 8 bytes", truncated=True)
+    (length,) = struct.unpack("<Q", prefix)
+    # checked before reading: they may claim exabytes. The claimed length is not printed: it is the file's first 8
+    # bytes, and the file may be anything (a private key) given by mistake
+    if length > size - 8:
+        raise HeaderError(path, "its first 8 bytes give a header length past the end of the file")
+    if length > MAX_HEADER_BYTES:
+        raise HeaderError(path, f"its first 8 bytes give a header length over the {MAX_HEADER_BYTES} bytes the "
+                                "safetensors library reads")
+    header_bytes = file.read(length)
     if len(header_bytes) < length:
         raise HeaderError(path, "it ended while its header was read", truncated=True)
     if not header_bytes.startswith(b"{"):
@@ -164,14 +174,12 @@ def _is_count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_OFFSET
 
 
-def _entry(path: str | Path, key: str, info: object) -> tuple[str, list[int], int, int]:
-    """(dtype, shape, begin, end) of one header entry, checked as the safetensors library checks its TensorInfo."""
+def _entry_span(path: str | Path, key: str, info: object) -> tuple[int, int]:
+    """(begin, end) of one header entry, once its shape and offsets are what the library's TensorInfo holds."""
     name = _short(key)
     if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
         raise HeaderError(path, f"entry {name!r} is not an object with dtype, shape and data_offsets")
-    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-    if dtype not in DTYPE_BYTES:
-        raise HeaderError(path, f"entry {name!r} has an unknown dtype (known: {sorted(DTYPE_BYTES)})")
+    shape, offsets = info["shape"], info["data_offsets"]
     if not isinstance(shape, list) or not all(_is_count(n) for n in shape):
         raise HeaderError(path, f"entry {name!r} has a shape that is not a list of non-negative integers")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(n) for n in offsets)):
@@ -179,24 +187,21 @@ def _entry(path: str | Path, key: str, info: object) -> tuple[str, list[int], in
     begin, end = offsets
     if begin > end:
         raise HeaderError(path, f"entry {name!r} ends (byte {end}) before it begins (byte {begin})")
-    nbytes = math.prod(shape) * DTYPE_BYTES[dtype]
-    if end - begin != nbytes:
-        raise HeaderError(path, f"entry {name!r} spans {end - begin} bytes, but {dtype} of shape {shape} takes "
-                                f"{nbytes}")
-    return dtype, shape, begin, end
+    return begin, end
 
 
-def validate_header(path: str | Path, header: dict, data_bytes: int) -> None:
-    """The rules of the safetensors library (``Metadata::validate`` and ``read_metadata``): every entry well formed
-    and sized by its dtype and shape, the entries sorted by offset tile the data buffer from byte 0 with no gap and
-    no overlap (so no two tensors share bytes and no byte is left unexplained), and the buffer ends where the file
-    does. ``data_bytes``: the file size minus 8 minus the header length."""
-    metadata = header.get(METADATA_KEY, {})
-    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str)
-                                                 for k, v in metadata.items()):
+def explain_refusal(path: str | Path, header: dict, data_bytes: int) -> None:
+    """Raise HeaderError naming the entries at fault, for the faults worded here, once the safetensors library has
+    refused the file. Hand-written because the library's own messages (safetensors 0.8) name one tensor or none
+    ("invalid offset for tensor `a`" for two tensors sharing bytes), quote the values at fault, and say "file not
+    fully covered" both for a short download and for bytes after the last tensor. The other faults (an unknown
+    dtype, a size that does not match dtype and shape) are left to the library's words.
+    ``data_bytes``: the file size minus 8 minus the header length."""
+    metadata = header.get(METADATA_KEY)
+    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(k, str) and isinstance(v, str)
+                                                                         for k, v in metadata.items())):
         raise HeaderError(path, f"its {METADATA_KEY} is not a map of strings to strings")
-    spans = sorted((begin, end, key) for key, (_, _, begin, end) in
-                   ((key, _entry(path, key, info)) for key, info in header.items() if key != METADATA_KEY))
+    spans = sorted((*_entry_span(path, key, info), key) for key, info in header.items() if key != METADATA_KEY)
     position, previous = 0, None
     for begin, end, key in spans:  # overlaps first: they are what makes a tensor read another one's bytes
         if begin < position:
@@ -217,11 +222,30 @@ def validate_header(path: str | Path, header: dict, data_bytes: int) -> None:
                                 f"describes {position} bytes of data, the file holds {data_bytes})")
 
 
+def _library_refusal(path: str | Path, file: BinaryIO) -> str | None:
+    """The safetensors library's message when it refuses the file ``file`` has open, None when it accepts it.
+
+    The library opens files by name, so it is given /proc's name for the open descriptor: a FIFO swapped in at
+    ``path`` since :func:`open_regular` checked it would hang the library's open (``path`` where /proc is not
+    mounted). framework="numpy": no torch storage is mapped over the file."""
+    name = f"/proc/self/fd/{file.fileno()}"
+    try:
+        with safe_open(name if os.path.exists(name) else str(path), framework="numpy"):
+            return None
+    except SafetensorError as error:
+        words = str(error).strip()
+        return words if len(words) <= MAX_LIBRARY_WORDS else words[:MAX_LIBRARY_WORDS] + "..."
+
+
 def tensor_slices(path: str | Path) -> dict[str, TensorSlice]:
-    """Each tensor of a safetensors file by key, in the header's order, once the header passes
-    :func:`validate_header` (HeaderError otherwise)."""
-    header, data_start = read_header(path)
-    validate_header(path, header, os.stat(path).st_size - data_start)
+    """Each tensor of a safetensors file by key, in the header's order, once the safetensors library accepts the file
+    (HeaderError otherwise). The library maps the file and reads only its header: well under a millisecond."""
+    with open_regular(path) as file:
+        header, data_start = _read_header(path, file)
+        refusal = _library_refusal(path, file)
+        if refusal is not None:
+            explain_refusal(path, header, os.fstat(file.fileno()).st_size - data_start)
+            raise HeaderError(path, f"the safetensors library refuses it: {refusal}")
     source = Path(path)
     slices = {}
     for key, info in header.items():
