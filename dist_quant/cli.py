@@ -59,10 +59,10 @@ def _positive_float(text: str) -> float:
 
 
 def _quant_parser(sub) -> None:
-    p = sub.add_parser("quant", help="quantize a Qwen3-VL-MoE checkpoint to W8A8 (ascendv1 format)",
-                       description="Quantize a Qwen3-VL-MoE checkpoint with a recipe and write a checkpoint that "
-                                   "vLLM Ascend and MindIE load.",
-                       epilog=QUANT_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _command(sub, "quant", "quantize a Qwen3-VL-MoE checkpoint to W8A8 (ascendv1 format)",
+                 "Quantize a Qwen3-VL-MoE checkpoint with a recipe and write a checkpoint that "
+                 "vLLM Ascend and MindIE load.",
+                 QUANT_EXAMPLE)
     p.add_argument("--model_path", required=True, help="float Hugging Face model directory")
     p.add_argument("--save_path", required=True, help="output directory (created; must not be inside model_path)")
     p.add_argument("--device", default="npu", choices=["cpu", "cuda", "npu"], help="device to compute on (default npu)")
@@ -98,12 +98,18 @@ PLAN_EXAMPLE = """example:
 """
 
 
+def _command(sub, name: str, summary: str, description: str, example: str) -> argparse.ArgumentParser:
+    """A subcommand whose --help shows its description and an example."""
+    return sub.add_parser(name, help=summary, description=description, epilog=example,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def _plan_parser(sub) -> None:
-    p = sub.add_parser("plan", help="print the units, their actors and a memory estimate (reads no weights)",
-                       description="Plan a distributed quantization from config.json alone: units of work, their "
-                                   "assignment to actors, bytes each actor reads, its peak memory estimate and "
-                                   "whether it fits one card.",
-                       epilog=PLAN_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _command(sub, "plan", "print the units, their actors and a memory estimate (reads no weights)",
+                 "Plan a distributed quantization from config.json alone: units of work, their "
+                 "assignment to actors, bytes each actor reads, its peak memory estimate and "
+                 "whether it fits one card.",
+                 PLAN_EXAMPLE)
     p.add_argument("--model_path", required=True, help="model directory (only config.json is read)")
     p.add_argument("--workers", type=_positive_int, default=1, help="number of actors (one per card)")
     p.add_argument("--config_path", default=None, help="recipe YAML (for part_file_size)")
@@ -152,11 +158,11 @@ EVAL_EXAMPLE = """example:
 
 
 def _eval_parser(sub) -> None:
-    p = sub.add_parser("eval", help="compare a quantized checkpoint with its float model (vLLM Ascend's int8 math)",
-                       description="Run the quantized checkpoint with the integer math vLLM Ascend executes next to "
-                                   "the float model, layer by layer, and report per-layer cosine similarity and "
-                                   "relative error, the KL divergence of the final logits and the top-1 agreement.",
-                       epilog=EVAL_EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _command(sub, "eval", "compare a quantized checkpoint with its float model (vLLM Ascend's int8 math)",
+                 "Run the quantized checkpoint with the integer math vLLM Ascend executes next to "
+                 "the float model, layer by layer, and report per-layer cosine similarity and "
+                 "relative error, the KL divergence of the final logits and the top-1 agreement.",
+                 EVAL_EXAMPLE)
     p.add_argument("--model_path", required=True, help="the float model directory")
     p.add_argument("--quant_path", required=True, help="the quantized checkpoint directory")
     p.add_argument("--dataset", default=None,
@@ -226,9 +232,9 @@ def _cmd_quant(args) -> int:
 
 
 def _presets_parser(sub) -> None:
-    sub.add_parser("presets", help="list the bundled recipes that --model_type/--quant_type select",
-                   description="List the one-click presets: each --model_type/--quant_type pair and its recipe.",
-                   epilog="example:\n  dist-quant presets", formatter_class=argparse.RawDescriptionHelpFormatter)
+    _command(sub, "presets", "list the bundled recipes that --model_type/--quant_type select",
+             "List the one-click presets: each --model_type/--quant_type pair and its recipe.",
+             "example:\n  dist-quant presets")
 
 
 def _cmd_presets(args) -> int:

@@ -43,20 +43,15 @@ class Unit:
 
     @property
     def name(self) -> str:
-        if self.kind is Kind.LAYER:
-            return f"layer {self.layer}"
-        if self.kind is Kind.EXPERTS:
-            return f"layer {self.layer} experts {self.first_expert}-{self.stop_expert - 1}"
-        return self.kind.value
+        """For people: "layer 3", "layer 3 experts 0-15", "vision"."""
+        experts = f" experts {self.first_expert}-{self.stop_expert - 1}" if self.kind is Kind.EXPERTS else ""
+        return f"layer {self.layer}{experts}" if self.layer >= 0 else self.kind.value
 
     @property
     def id(self) -> str:
-        """A file-name-safe identifier, stable across runs."""
-        if self.kind is Kind.LAYER:
-            return f"L{self.layer:03d}"
-        if self.kind is Kind.EXPERTS:
-            return f"L{self.layer:03d}-experts-{self.first_expert:04d}-{self.stop_expert:04d}"
-        return self.kind.value
+        """A file-name-safe identifier, stable across runs: "L003", "L003-experts-0000-0016", "vision"."""
+        experts = f"-experts-{self.first_expert:04d}-{self.stop_expert:04d}" if self.kind is Kind.EXPERTS else ""
+        return f"L{self.layer:03d}{experts}" if self.layer >= 0 else self.kind.value
 
 
 def expert_groups(num_experts: int, group_size: int = DEFAULT_EXPERT_GROUP_SIZE) -> list[tuple[int, int]]:
