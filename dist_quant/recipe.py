@@ -11,7 +11,7 @@ import fnmatch
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import yaml
 
@@ -26,7 +26,7 @@ DEFAULT_RECIPE = BUNDLED_CONFIGS / "qwen3_vl_moe_w8a8.yaml"
 
 _SPEC_KEYS = {"process", "save", "dataset", "default_text"}
 _LINEAR_QUANT_KEYS = {"type", "qconfig", "include", "exclude"}
-_QSPEC_KEYS = {"scope", "dtype", "symmetric", "method"}
+_QSPEC_KEYS = {"scope", "dtype", "symmetric", "method", "ext"}
 _QUAROT_KEYS = {"type", "block_size", "seed"}
 _SMOOTH_KEYS = {"type", "alpha", "scale_min", "symmetric", "enable_subgraph_type", "include", "exclude"}
 SUBGRAPH_TYPES = ("norm-linear", "linear-linear", "ov", "up-down")
@@ -85,12 +85,14 @@ class Recipe:
     smooth: IterSmooth | None = None
     saver: str = DEFAULT_SAVER  # names the output format: checkpoint.formats.for_saver(saver)
 
+    def linear_quant(self, module_name: str) -> Optional[LinearQuant]:
+        """The ``linear_quant`` processor of a linear module: the first that selects it, None if none does."""
+        return next((p for p in self.linear_quants if p.selects(module_name)), None)
+
     def quant_type(self, module_name: str) -> str:
-        """The quant type of a linear module: the first ``linear_quant`` that selects it wins, FLOAT if none does."""
-        for processor in self.linear_quants:
-            if processor.selects(module_name):
-                return processor.quant_type
-        return FLOAT
+        """The quant type of a linear module (FLOAT when no ``linear_quant`` selects it)."""
+        processor = self.linear_quant(module_name)
+        return FLOAT if processor is None else processor.quant_type
 
 
 def _fail(path: Path, where: str, message: str) -> RecipeError:
@@ -111,15 +113,29 @@ def _qspec(path: Path, where: str, raw: Any) -> QSpec:
         symmetric = raw["symmetric"]
         if not isinstance(symmetric, bool):  # bool("False") is True: a quoted value would flip the scheme silently
             raise _fail(path, f"{where}.symmetric", f"{symmetric!r} must be True or False (unquoted)")
-        return QSpec(str(raw["scope"]), str(raw["dtype"]), symmetric, str(raw.get("method", "minmax")))
+        return QSpec(str(raw["scope"]), str(raw["dtype"]), symmetric, str(raw.get("method", "minmax")),
+                     _ext(path, f"{where}.ext", raw.get("ext", {})))
     except KeyError as missing:
         raise _fail(path, where, f"missing field {missing}") from None
+
+
+def _ext(path: Path, where: str, raw: Any) -> tuple[tuple[str, object], ...]:
+    """A qconfig side's ``ext`` options (msModelSlim writes e.g. ``ext: {group_size: 64}``): plain values only."""
+    if not isinstance(raw, dict) or not all(isinstance(k, str) and isinstance(v, (bool, int, float, str))
+                                            for k, v in raw.items()):
+        raise _fail(path, where, "must be a mapping of option names to plain values")
+    return tuple(sorted(raw.items()))
 
 
 def _scheme(path: Path, where: str, act: QSpec, weight: QSpec) -> str:
     """The registered scheme (dist_quant/schemes/) of a qconfig; anything else is refused, naming the processor."""
     scheme = schemes.for_qconfig(act, weight)
     if scheme is not None:
+        for side, spec in (("act", act), ("weight", weight)):
+            unknown = sorted(k for k, _ in spec.ext if k not in scheme.ext_keys)
+            if unknown:
+                raise _fail(path, f"{where}.{side}.ext", f"{scheme.name} has no option(s) {unknown}; it takes "
+                                                         f"{list(scheme.ext_keys) or 'none'}")
         return scheme.name
     allowed = "; ".join(f"{s.name}: {s.summary}" for s in schemes.SELECTABLE)
     side, spec = ("weight", weight) if all(s.weight != weight for s in schemes.SELECTABLE) else ("act", act)

@@ -12,7 +12,7 @@ from dist_quant.calib.dataset import load_samples
 from dist_quant.calib.inputs import build_model_inputs
 from dist_quant.cli import main
 from dist_quant.evaluate import evaluate
-from dist_quant.schemes import w8a8, w8a8_dynamic
+from dist_quant.schemes import LinearSpec, w8a8, w8a8_dynamic
 
 PLAIN_RECIPE = Path(__file__).parent / "data" / "plain_w8a8.yaml"
 
@@ -20,7 +20,7 @@ PLAIN_RECIPE = Path(__file__).parent / "data" / "plain_w8a8.yaml"
 def test_static_linear_equals_integer_arithmetic_exactly():
     torch.manual_seed(0)
     w, b, x = torch.randn(6, 40), torch.randn(6), torch.randn(5, 40) * 3
-    t = w8a8.quantize(w, b, (float(x.min()), float(x.max())), torch.bfloat16)
+    t = w8a8.quantize(w, b, LinearSpec(input_range=(float(x.min()), float(x.max())), model_dtype=torch.bfloat16))
     y = w8a8.serve(t)(x)
     s, o = t["input_scale"].item(), t["input_offset"].item()
     for i in range(5):
@@ -34,7 +34,7 @@ def test_static_linear_equals_integer_arithmetic_exactly():
 def test_dynamic_linear_equals_integer_arithmetic_exactly():
     torch.manual_seed(1)
     w, x = torch.randn(4, 33), torch.randn(3, 33)
-    t = w8a8_dynamic.quantize(w, None, None, torch.float32)
+    t = w8a8_dynamic.quantize(w, None, LinearSpec())
     y = w8a8_dynamic.serve(t)(x)
     for i in range(3):
         a_s = (x[i].abs().max() / 127).item()

@@ -9,7 +9,7 @@ from dist_quant.algorithms.quantize import (
     static_w8a8_linear,
 )
 from dist_quant.checkpoint.formats.ascendv1 import deq_scale_values, linear_entries
-from dist_quant.schemes import w8a8, w8a8_dynamic
+from dist_quant.schemes import LinearSpec, w8a8, w8a8_dynamic
 
 
 def test_weight_per_channel_worked_example():
@@ -40,7 +40,7 @@ def test_activation_range_includes_zero_and_guards_empty_range():
 def test_static_linear_matches_hand_computation():
     w = torch.tensor([[0.5, -0.25], [0.1, 0.2]])
     bias = torch.tensor([0.3, -0.1])
-    t = w8a8.quantize(w, bias, (-1.0, 1.55), torch.bfloat16)
+    t = w8a8.quantize(w, bias, LinearSpec(input_range=(-1.0, 1.55), model_dtype=torch.bfloat16))
     s = 2.55 / 255
     o = round(1.0 / s) - 128
     assert t["input_offset"].item() == o == -28
@@ -59,7 +59,8 @@ def test_fp16_models_store_deq_scale_as_int64_bits():
     w = torch.randn(8, 16)
 
     def stored_deq_scale(dtype):
-        entries = linear_entries("l", "W8A8", w8a8.quantize(w, None, (-1, 1), dtype), dtype)
+        roles = w8a8.quantize(w, None, LinearSpec(input_range=(-1, 1), model_dtype=dtype))
+        entries = linear_entries("l", "W8A8", roles, dtype)
         return next(tensor for key, tensor, _ in entries if key == "l.deq_scale")
 
     fp16, bf16 = stored_deq_scale(torch.float16), stored_deq_scale(torch.bfloat16)
@@ -71,7 +72,8 @@ def test_fp16_models_store_deq_scale_as_int64_bits():
 def test_static_runtime_equals_integer_arithmetic():
     torch.manual_seed(0)
     w, bias, x = torch.randn(5, 7), torch.randn(5), torch.randn(3, 7)
-    t = w8a8.quantize(w, bias, (float(x.min()), float(x.max())), torch.bfloat16)
+    t = w8a8.quantize(w, bias, LinearSpec(input_range=(float(x.min()), float(x.max())),
+                                                model_dtype=torch.bfloat16))
     y = static_w8a8_linear(x, t["weight"], t["quant_bias"], t["deq_scale"], t["input_scale"], t["input_offset"])
     s, o = t["input_scale"].item(), t["input_offset"].item()
     for i in range(3):
@@ -85,7 +87,7 @@ def test_static_runtime_equals_integer_arithmetic():
 def test_dynamic_runtime_equals_integer_arithmetic():
     torch.manual_seed(1)
     w, x = torch.randn(4, 6), torch.randn(2, 6)
-    t = w8a8_dynamic.quantize(w, None, None, torch.float32)
+    t = w8a8_dynamic.quantize(w, None, LinearSpec())
     assert t["weight_scale"].shape == (4, 1) and torch.equal(t["weight_offset"], torch.zeros(4, 1))
     y = dynamic_w8a8_linear(x, t["weight"], t["weight_scale"])
     for i in range(2):

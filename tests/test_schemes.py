@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from dist_quant import schemes
+from dist_quant.schemes import LinearSpec
 from dist_quant.checkpoint.formats import ascendv1
 from dist_quant.errors import RecipeError
 
@@ -18,7 +19,7 @@ def test_quantize_emits_its_roles_and_serves_the_linear(scheme, with_bias):
     weight, x = torch.randn(24, 64), torch.randn(5, 64)
     bias = torch.randn(24) if with_bias else None
     input_range = (float(x.min()), float(x.max())) if scheme.needs_input_range else None
-    roles = scheme.quantize(weight, bias, input_range, torch.float32)
+    roles = scheme.quantize(weight, bias, LinearSpec(input_range=input_range))
     assert list(roles) == list(scheme.roles) + (["bias"] if with_bias else [])
     expected = torch.nn.functional.linear(x, weight, bias)
     served = scheme.serve(roles)(x)
@@ -43,8 +44,37 @@ def test_priority_orders_the_model_quant_type():
 
 @pytest.mark.parametrize("scheme", list(schemes.SCHEMES.values()), ids=lambda s: s.name)
 def test_the_format_writes_every_role_under_the_linear(scheme):
-    roles = scheme.quantize(torch.randn(8, 16), torch.randn(8), (-1.0, 1.0), torch.bfloat16)
+    roles = scheme.quantize(torch.randn(8, 16), torch.randn(8),
+                            LinearSpec(input_range=(-1.0, 1.0), model_dtype=torch.bfloat16))
     entries = ascendv1.linear_entries("m.proj", scheme.name, roles, torch.bfloat16)
     assert [key for key, _, _ in entries] == [f"m.proj.{role}" for role in roles]
     assert {key: t for key, _, t in entries}.get("m.proj.bias") == "FLOAT"
     assert all(t == scheme.name for key, _, t in entries if not key.endswith(".bias"))
+
+
+def test_a_qconfig_ext_option_reaches_only_a_scheme_that_takes_it(tmp_path):
+    """msModelSlim qconfigs may carry ``ext`` options (``ext: {group_size: 64}``); a scheme that does not take an
+    option refuses it when the recipe is parsed, naming the field."""
+    import yaml
+
+    from dist_quant.recipe import DEFAULT_RECIPE, load_recipe
+
+    doc = yaml.safe_load(DEFAULT_RECIPE.read_text())
+    doc["spec"]["process"][3]["qconfig"]["weight"]["ext"] = {"group_size": 64}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(RecipeError, match=r"spec\.process\[3\]\.qconfig\.weight\.ext: W8A8_DYNAMIC has no option"):
+        load_recipe(path)
+    doc["spec"]["process"][3]["qconfig"]["weight"]["ext"] = ["group_size"]
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(RecipeError, match=r"\.ext: must be a mapping"):
+        load_recipe(path)
+
+
+def test_the_family_says_which_linears_vllm_splits_by_input():
+    from dist_quant.models.qwen3_vl_moe import expert_key, layer_prefix, splits_input
+
+    assert splits_input(f"{layer_prefix(0)}.self_attn.o_proj") and splits_input(expert_key(0, 3, "down_proj"))
+    assert splits_input("model.visual.blocks.0.attn.proj") and splits_input("model.visual.merger.linear_fc2")
+    assert not any(splits_input(n) for n in (f"{layer_prefix(0)}.self_attn.q_proj", expert_key(0, 3, "gate_proj"),
+                                             "model.visual.blocks.0.attn.qkv"))

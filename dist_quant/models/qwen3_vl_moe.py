@@ -572,6 +572,15 @@ FUSED_GROUPS = (  # linears vLLM loads as one fused parameter: they must share a
 )
 
 
+INPUT_SPLIT_LINEARS = ("self_attn.o_proj", "down_proj", "attn.proj", "linear_fc2")  # row-parallel in vLLM
+
+
+def splits_input(name: str) -> bool:
+    """Whether vLLM splits the input dimension of this linear across tensor-parallel ranks (a row-parallel linear:
+    attention output, MLP and expert down projections); a scheme may need to know (W4A8's per-rank scale_bias)."""
+    return name.endswith(INPUT_SPLIT_LINEARS)
+
+
 def heads(text_config) -> tuple[int, int, int]:
     """(attention heads, kv heads, head size) of the text layers."""
     head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads

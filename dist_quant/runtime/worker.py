@@ -135,11 +135,13 @@ class Worker:
     def _emit_linear(self, name: str, weight: torch.Tensor, bias: Optional[torch.Tensor],
                      ranges: Optional[InputRanges]) -> str:
         """Quantize one linear with the recipe's scheme for it and hand the format's tensors to the sink."""
-        scheme = self._scheme(name)
+        scheme, processor = self._scheme(name), self.recipe.linear_quant(name)
         weight, bias = weight.detach().cpu(), None if bias is None else bias.detach().cpu()
-        input_range = ranges.tensor_range(name) if scheme.needs_input_range else None
+        spec = schemes.LinearSpec(name, processor and processor.act, processor and processor.weight,
+                                  ranges.tensor_range(name) if scheme.needs_input_range else None, self.model_dtype,
+                                  self.family.splits_input(name))
         with self.times.phase("quantize"):
-            roles = scheme.quantize(weight, bias, input_range, self.model_dtype)
+            roles = scheme.quantize(weight, bias, spec)
         for key, tensor, quant_type in self.output_format.linear_entries(name, scheme.name, roles, self.model_dtype):
             self.sink.add(key, tensor, quant_type)
         return scheme.name

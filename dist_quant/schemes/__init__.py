@@ -12,7 +12,7 @@ from dist_quant.errors import RecipeError
 from dist_quant.schemes import unquantized as _float
 from dist_quant.schemes import w8a8 as _w8a8
 from dist_quant.schemes import w8a8_dynamic as _w8a8_dynamic
-from dist_quant.schemes.base import QSpec, Scheme
+from dist_quant.schemes.base import LinearSpec, QSpec, Scheme
 
 _MODULES = (_float, _w8a8_dynamic, _w8a8)
 SCHEMES: dict[str, Scheme] = {m.SCHEME.name: m.SCHEME for m in _MODULES}
@@ -28,8 +28,8 @@ def get(name: str) -> Scheme:
 
 
 def for_qconfig(act: QSpec, weight: QSpec) -> Optional[Scheme]:
-    """The scheme a recipe's ``qconfig`` selects, or None when no scheme has that pair."""
-    return next((s for s in SELECTABLE if s.act == act and s.weight == weight), None)
+    """The scheme a recipe's ``qconfig`` selects (by its fields, ``ext`` options aside), or None."""
+    return next((s for s in SELECTABLE if s.act == act.core() and s.weight == weight.core()), None)
 
 
 def highest(names) -> str:
@@ -40,4 +40,5 @@ def highest(names) -> str:
     return max(present, key=lambda s: s.priority).name
 
 
-__all__ = ["FLOAT", "SCHEMES", "SELECTABLE", "W8A8", "W8A8_DYNAMIC", "QSpec", "Scheme", "for_qconfig", "get", "highest"]
+__all__ = ["FLOAT", "SCHEMES", "SELECTABLE", "W8A8", "W8A8_DYNAMIC", "LinearSpec", "QSpec", "Scheme", "for_qconfig",
+           "get", "highest"]

@@ -25,12 +25,32 @@ class QSpec:
     dtype: str
     symmetric: bool
     method: str
+    ext: tuple[tuple[str, object], ...] = ()  # the qconfig's ``ext`` options (e.g. msModelSlim's group_size), sorted
+
+    def option(self, key: str, default=None):
+        return dict(self.ext).get(key, default)
+
+    def core(self) -> "QSpec":
+        """The spec without its options: what a scheme is selected by."""
+        return QSpec(self.scope, self.dtype, self.symmetric, self.method)
+
+
+@dataclass(frozen=True)
+class LinearSpec:
+    """What a scheme is told about the linear it quantizes."""
+
+    name: str = "linear"  # the module name, as the recipe's globs see it
+    act: Optional[QSpec] = None  # the recipe's qconfig for it (None for FLOAT)
+    weight: Optional[QSpec] = None
+    input_range: Optional[InputRange] = None  # its calibrated input (min, max), for schemes that need one
+    model_dtype: torch.dtype = torch.float32  # the source checkpoint's float dtype
+    input_split: bool = False  # the engine splits its input dimension across tensor-parallel ranks (o, down...)
 
 
 @dataclass(frozen=True)
 class Scheme:
-    """One quant type. ``quantize(weight, bias, input_range, model_dtype)`` returns its roles in the order they are
-    written; ``serve(roles)`` is the module the serving engine would run."""
+    """One quant type. ``quantize(weight, bias, spec)`` returns its roles in the order they are written;
+    ``serve(roles)`` is the module the serving engine would run."""
 
     name: str  # the description's quant type
     act: Optional[QSpec]  # the recipe qconfig that selects the scheme (None: not selectable, the default)
@@ -40,10 +60,10 @@ class Scheme:
     serves_experts: bool  # the serving engine has a MoE method for it
     priority: int  # the description's model_quant_type is the present scheme of highest priority
     roles: tuple[str, ...]  # what ``quantize`` emits besides an optional "bias"; serving needs all of them
-    quantize: Callable[[torch.Tensor, Optional[torch.Tensor], Optional[InputRange], torch.dtype],
-                       dict[str, torch.Tensor]]
+    quantize: Callable[[torch.Tensor, Optional[torch.Tensor], LinearSpec], dict[str, torch.Tensor]]
     serve: Callable[[dict[str, torch.Tensor]], nn.Module]
     summary: str  # one line for error messages and docs
+    ext_keys: tuple[str, ...] = ()  # the qconfig ``ext`` options the scheme understands (others are refused)
 
     def bytes_per_param(self, source_bytes: int) -> float:
         """Bytes a weight parameter takes in the checkpoint (scales are negligible)."""

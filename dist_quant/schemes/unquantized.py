@@ -7,16 +7,15 @@ from typing import Optional
 import torch
 from torch import nn
 
-from dist_quant.schemes.base import InputRange, Scheme
+from dist_quant.schemes.base import LinearSpec, Scheme
 
 NAME = "FLOAT"
 
 
-def quantize(weight: torch.Tensor, bias: Optional[torch.Tensor], input_range: Optional[InputRange],
-             model_dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    roles = {"weight": weight.detach().to("cpu", model_dtype)}
+def quantize(weight: torch.Tensor, bias: Optional[torch.Tensor], spec: LinearSpec) -> dict[str, torch.Tensor]:
+    roles = {"weight": weight.detach().to("cpu", spec.model_dtype)}
     if bias is not None:
-        roles["bias"] = bias.detach().to("cpu", model_dtype)
+        roles["bias"] = bias.detach().to("cpu", spec.model_dtype)
     return roles
 
 

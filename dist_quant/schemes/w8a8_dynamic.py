@@ -12,13 +12,12 @@ import torch
 from torch import nn
 
 from dist_quant.algorithms.quantize import dynamic_w8a8_linear, quantize_weight_per_channel
-from dist_quant.schemes.base import InputRange, QSpec, Scheme, ServedLinear
+from dist_quant.schemes.base import LinearSpec, QSpec, Scheme, ServedLinear
 
 NAME = "W8A8_DYNAMIC"
 
 
-def quantize(weight: torch.Tensor, bias: Optional[torch.Tensor], input_range: Optional[InputRange],
-             model_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def quantize(weight: torch.Tensor, bias: Optional[torch.Tensor], spec: LinearSpec) -> dict[str, torch.Tensor]:
     """Roles: weight (int8 [out, in]), weight_scale and weight_offset (float32 [out, 1], the offset all zero), and
     bias (float32) when the linear has one."""
     codes, weight_scale = quantize_weight_per_channel(weight)
