@@ -2,7 +2,6 @@
 naming the first), --overwrite replaces only a checkpoint, save_path never overlaps the model or calibration set, no
 debris after an early failure or a success, Ctrl-C and SIGTERM print one line with the command that continues."""
 
-import json
 import os
 import re
 import signal

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Collection, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Optional

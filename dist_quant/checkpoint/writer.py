@@ -35,8 +35,7 @@ logger = logging.getLogger(__name__)
 STAGING_DIR = ".dist_quant_staging"
 SPILL_DIR = "spill"
 PRIVATE_DIR = "run"
-INDEX_FILE = ascendv1.INDEX_FILE  # the default format's names, for callers that read what was published
-DESCRIPTION_FILE = ascendv1.DESCRIPTION_FILE
+DESCRIPTION_FILE = ascendv1.DESCRIPTION_FILE  # the default format's, for callers that read what was published
 COPIED_SUFFIXES = (".json", ".py", ".txt", ".jinja")
 RUN_SUFFIXES = (".yaml", ".yml", ".log")  # the recipe and the run log published next to the checkpoint
 LAYOUT_FILE = "layout.json"  # private: the parts and the byte ranges they are made of
@@ -346,8 +345,9 @@ class CheckpointWriter:
         self._copy_source_files(source)
         if recipe_path is not None:
             _copy(Path(recipe_path), self.staging / Path(recipe_path).name)
-        _write_json(self.staging / self.output_format.DESCRIPTION_FILE,
-                    self.output_format.description(self._quant_types, self._optional_description))
+        for name, content in self.output_format.description_files(self._quant_types,
+                                                                   self._optional_description).items():
+            _write_json(self.staging / name, content)
         if self.overwrite:
             self._remove_old_checkpoint()
         entries = sorted(p.name for p in self.staging.iterdir() if p.name not in (SPILL_DIR, PRIVATE_DIR, FILES_FILE)
@@ -374,9 +374,8 @@ class CheckpointWriter:
         shutil.rmtree(self.private_dir, ignore_errors=True)
         shutil.rmtree(self.staging, ignore_errors=True)
         self.lock.release()
-        description = json.loads((self.save_path / self.output_format.DESCRIPTION_FILE).read_text())
         index = json.loads((self.save_path / self.output_format.INDEX_FILE).read_text())
-        types = self.output_format.described_types(description)
+        types = self.output_format.published_types(self.save_path)
         logger.info("published %d tensors (%.2f GiB) to %s", len(types), index["metadata"]["total_size"] / GiB,
                     self.save_path)
         files = sorted(str(p.relative_to(self.save_path)) for name in moves
@@ -464,7 +463,7 @@ class CheckpointWriter:
 
     def _write_config(self, source: Path) -> None:
         config = read_config(source / "config.json")
-        _write_json(self.staging / "config.json", self.output_format.rewrite_config(config))
+        _write_json(self.staging / "config.json", self.output_format.rewrite_config(config, self._quant_types))
 
     def _copy_source_files(self, source: Path) -> None:
         """Tokenizer, processor and templates; never a float index, which would make vLLM skip the quantized parts."""

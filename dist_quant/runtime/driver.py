@@ -274,8 +274,7 @@ def _already_complete(writer: CheckpointWriter, run: dict, start: float, units: 
     if changed:
         raise OutputError(f"save path {writer.save_path} holds a finished checkpoint of another run (its "
                           f"{', '.join(changed)} differ(s)); use --overwrite without --resume to replace it")
-    fmt = writer.output_format
-    types = fmt.described_types(json.loads((writer.save_path / fmt.DESCRIPTION_FILE).read_text()))
+    types = writer.output_format.published_types(writer.save_path)
     return QuantSummary(time.perf_counter() - start, units, len(types), 0, dict(Counter(types.values())),
                         str(writer.save_path), already_complete=True)
 

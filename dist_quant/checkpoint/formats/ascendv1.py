@@ -10,6 +10,7 @@ int64 (as msModelSlim does), other models as float32.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -77,13 +78,24 @@ def description(types: dict[str, str], optional: Optional[dict]) -> dict:
     return content
 
 
+def description_files(types: dict[str, str], optional: Optional[dict]) -> dict[str, dict]:
+    """The JSON files that describe the checkpoint, by name (the writer publishes MARKER_FILE last)."""
+    return {DESCRIPTION_FILE: description(types, optional)}
+
+
+def published_types(save_path: Path) -> dict[str, str]:
+    """The quant type of each tensor of a published checkpoint of this format."""
+    return described_types(json.loads((Path(save_path) / DESCRIPTION_FILE).read_text()))
+
+
 def described_types(content: dict) -> dict[str, str]:
     """The quant type of each tensor key of a description (its other fields left out)."""
     return {k: v for k, v in content.items() if k not in DESCRIPTION_FIELDS}
 
 
-def rewrite_config(config: dict) -> dict:
-    """The source config.json without the keys vLLM would take for the quant description, from both levels."""
+def rewrite_config(config: dict, types: dict[str, str]) -> dict:
+    """The source config.json without the keys vLLM would take for the quant description, from both levels (the
+    quant types live in the description file, not here)."""
     for key in HIJACKING_CONFIG_KEYS:
         config.pop(key, None)
         if isinstance(config.get("text_config"), dict):
