@@ -209,13 +209,12 @@ class ModelRunner:
         if combine:
             hidden = finish_layer(self.family, unit.layer - 1, hidden, partials, contexts)
         block = self.model.layer(unit.layer)
-        outs = [self.family.attention_forward(block, h, ctx) for h, ctx in zip(hidden, contexts)]
         tc = self.model.config.text_config
-        if not self.family.is_moe_layer(tc, unit.layer):
-            return [stream + block.mlp(mlp_in) for stream, mlp_in in outs], None, hidden if combine else None
-        x = torch.cat([mlp_in.reshape(-1, mlp_in.shape[-1]) for _, mlp_in in outs])
+        streams, x = self.family.layer_forward(block, hidden, contexts, self.family.is_moe_layer(tc, unit.layer))
+        if x is None:
+            return streams, None, hidden if combine else None
         ids, weights = self.family.route(self.family.router_logits(block, x), tc.num_experts_per_tok, x.dtype)
-        return [stream for stream, _ in outs], MoeInput(x, ids, weights), hidden if combine else None
+        return streams, MoeInput(x, ids, weights), hidden if combine else None
 
     @torch.no_grad()
     def experts(self, unit: Unit, moe: MoeInput):

@@ -452,6 +452,21 @@ def attention_forward(block: nn.Module, hidden: torch.Tensor, ctx: SampleContext
     return stream, block.post_attention_layernorm(stream)
 
 
+def layer_forward(block: nn.Module, hidden: list[torch.Tensor], contexts: list[SampleContext],
+                  moe: bool) -> tuple[list[torch.Tensor], Optional[torch.Tensor]]:
+    """A layer unit's forward over every sample: the post-attention streams (a dense layer's MLP output added) and,
+    for a MoE layer, the MLP input of all tokens, samples concatenated [T, H] (None for a dense layer)."""
+    streams, moe_inputs = [], []
+    for h, ctx in zip(hidden, contexts):
+        stream, mlp_in = attention_forward(block, h, ctx)
+        if moe:
+            streams.append(stream)
+            moe_inputs.append(mlp_in.reshape(-1, mlp_in.shape[-1]))
+        else:
+            streams.append(stream + block.mlp(mlp_in))
+    return streams, torch.cat(moe_inputs) if moe else None
+
+
 def router_logits(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The router's logits: ``mlp.gate`` is an nn.Linear in transformers 4.57 and a top-k router module in 5.x; both
     hold the (num_experts, hidden) weight."""

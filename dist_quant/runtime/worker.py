@@ -226,22 +226,14 @@ class Worker:
         observed = self._static_linears(prefix, block)
         for name in outliers.smoothing_inputs(prefix, self.recipe.smooth, self.family.LAYER_SMOOTHING[kind]):
             observed[name] = block.get_submodule(name[len(prefix) + 1:])
-        streams, moe_inputs = [], []
         with InputRanges(observed) as ranges, self.times.phase("forward"):
-            for h, ctx in zip(hidden, contexts):
-                stream, mlp_in = self.family.attention_forward(block, h, ctx)
-                if moe:
-                    streams.append(stream)
-                    moe_inputs.append(mlp_in.reshape(-1, mlp_in.shape[-1]))
-                else:
-                    streams.append(stream + block.mlp(mlp_in))
+            streams, x = self.family.layer_forward(block, hidden, contexts, moe)
         if self.recipe.smooth is not None:
             with self.times.phase("smooth"):
                 outliers.smooth_block(block, prefix, self.family.LAYER_SMOOTHING[kind], ranges, self.recipe.smooth,
                                       self.family.heads(tc))
         moe_input = None
         if moe:
-            x = torch.cat(moe_inputs)
             ids, weights = self.family.route(self.family.router_logits(block, x), tc.num_experts_per_tok, x.dtype)
             moe_input = MoeInput(x, ids, weights)
             self.expert_tokens[layer_idx] = torch.bincount(
