@@ -10,6 +10,7 @@ the checkpoint and show per-actor progress.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -29,13 +30,10 @@ from dist_quant.runtime.worker import Worker
 
 
 def ray_node_id() -> str:
-    """The Ray node this process runs on ('' outside Ray): reports use it to show where units ran."""
-    try:
-        import ray
-
-        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
-    except ImportError:
-        return ""
+    """The Ray node this process runs on ('' outside Ray): reports use it to show where units ran. A process that
+    has not imported Ray is not in it (a single-card run does not pay for importing it)."""
+    ray = sys.modules.get("ray")
+    return ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else ""
 
 
 def pin_to_cpu_share(index: int, cpus: int) -> set[int]:
@@ -76,6 +74,7 @@ class UnitRunner:
         self.worker = Worker(model_path, recipe, UnitSink(spill_dir, ship_unit_files=self.ship_unit_files),
                              resolve_device(device), compute_threads=compute_threads)
         self.schedule = schedule
+        self._position = {unit: i for i, unit in enumerate(schedule)}  # where each unit is in the schedule
         self.reporter = Reporter(self.worker, index, ray_node_id())
 
     def node(self) -> dict:
@@ -84,8 +83,8 @@ class UnitRunner:
 
     def _start(self, unit: Unit) -> float:
         """Prefetch the next expert group of this runner's schedule, then start the clock of this unit."""
-        if unit in self.schedule:
-            self.worker.prefetch_next_experts(self.schedule, self.schedule.index(unit))
+        if unit in self._position:
+            self.worker.prefetch_next_experts(self.schedule, self._position[unit])
         return time.perf_counter()
 
     def vision(self, unit: Unit, inputs: list[ModelInputs]):
