@@ -1,10 +1,15 @@
-"""Benchmark of distributed quantization on an expert-dominated synthetic Qwen3-VL-MoE (~1.5 GB bf16, 128 experts).
+"""Benchmark: the I/O floor, single card, and 1 and 2 workers on a running Ray, on one synthetic model.
 
-Quantizes the same model with 1 and 2 Ray workers against a Ray runtime that is already running (its start-up is
-timed separately), and reports wall time, speedup, peak RSS per process and bytes read per worker, next to the
-input/output floor (reading the source once plus writing an output of the same size).
+    python scripts/bench.py --width 235b --layers 2            # Qwen3-VL-235B-A22B's exact widths (12.7 GiB)
+    python scripts/bench.py --width 30b --layers 4             # Qwen3-VL-30B-A3B's widths
+    python scripts/bench.py --width small --layers 5           # the small expert-dominated model of earlier figures
 
-    python scripts/bench.py --out /tmp/bench --layers 5 --workers 1 2
+Real widths come from tests/data/<model>.config.json with N decoder layers, written shard by shard in the Hub's
+layout (scripts/wide_model.py); "small" is hidden 1024, 128 experts x 384 (scripts/make_tiny_model.py). Every run is
+a separate process, so its peak RSS (VmHWM) and its bytes read and written (/proc/<pid>/io rchar/wchar, every byte
+through read/write calls, page cache hits included) are its own; a sampler thread here reads them for each process
+of a run (the single-card process; the driver and every Ray actor) until it exits. The Ray runtime is started once,
+before the Ray runs (`ray start --head`), so actor runs join a running cluster, as a user's would.
 """
 
 from __future__ import annotations
@@ -12,161 +17,223 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-WIDTH = ["--hidden", "1024", "--heads", "16", "--kv-heads", "4", "--head-dim", "64", "--experts", "128",
-         "--top-k", "8", "--moe-intermediate", "384", "--vision-depth", "4", "--vision-hidden", "128",
-         "--vision-heads", "4", "--dtype", "bfloat16", "--calib-images", "0"]
-MiB = 2**20
+ROOT = HERE.parent
+SMALL_WIDTH = ["--hidden", "1024", "--heads", "16", "--kv-heads", "4", "--head-dim", "64", "--experts", "128",
+               "--top-k", "8", "--moe-intermediate", "384", "--vision-depth", "4", "--vision-hidden", "128",
+               "--vision-heads", "4", "--dtype", "bfloat16", "--calib-images", "0"]
+MiB, GiB = 2**20, 2**30
+PHASES = ("read", "convert", "rotate", "smooth", "forward", "quantize", "serialise", "write", "merge")
+HOST_PHASES = ("read", "convert", "serialise", "write", "merge")  # an accelerator does not shorten these
 
 
-def build_model(out: Path, layers: int) -> Path:
-    """In a child process, so this (driver) process's peak RSS is only what quantization needs."""
-    subprocess.run([sys.executable, str(HERE / "make_tiny_model.py"), str(out), "--layers", str(layers), *WIDTH],
-                   check=True, stdout=subprocess.DEVNULL)
+def build_model(out: Path, width: str, layers: int) -> Path:
+    """In a child process, so no process measured here carries the model builder's memory."""
+    if width == "small":
+        command = [str(HERE / "make_tiny_model.py"), str(out), "--layers", str(layers), *SMALL_WIDTH]
+    else:
+        command = [str(HERE / "wide_model.py"), str(out), "--width", width, "--layers", str(layers)]
+    subprocess.run([sys.executable, *command], check=True, stdout=subprocess.DEVNULL)
     return out
 
 
-def io_floor(model: Path, scratch: Path) -> tuple[float, int]:
-    """Seconds to read every source byte once and write the same number of bytes (page cache warm, fsync'd)."""
+def output_estimate(model: Path) -> int:
+    from dist_quant.models.family import load_checked
+    from dist_quant.runtime.plan import build_plan
+    raw = json.loads((model / "config.json").read_text())
+    return build_plan(load_checked(model)[2], raw, 1).output_bytes
+
+
+def io_floor(model: Path, scratch: Path, write_bytes: int) -> float:
+    """Seconds to read every source byte once and write ``write_bytes`` (the checkpoint's size), fsync'd."""
     files = sorted(model.glob("*.safetensors"))
-    total = 0
     start = time.perf_counter()
+    written = 0
     with open(scratch, "wb") as out:
         for path in files:
             with open(path, "rb") as f:
                 for block in iter(lambda: f.read(16 * MiB), b""):
-                    total += len(block)
-                    out.write(block)
+                    if written < write_bytes:
+                        out.write(block[:write_bytes - written])
+                        written += min(len(block), write_bytes - written)
         out.flush()
         os.fsync(out.fileno())
     seconds = time.perf_counter() - start
     scratch.unlink()
-    return seconds, total
+    return seconds
 
 
-def dense_vs_sparse(model: Path, tokens: int, repeats: int = 3) -> tuple[float, float]:
-    """Seconds for one MoE layer's calibration forward: each expert on its routed tokens only (dist-quant) against
-    every expert on every token (msModelSlim), same weights, same routing, ``tokens`` tokens."""
-    import torch
+# --- per-process figures ----------------------------------------------------------------------------------------
 
-    from dist_quant.checkpoint.reader import CheckpointReader
-    from dist_quant.models import qwen3_vl_moe as qvl
-
-    reader = CheckpointReader(model)
-    config = qvl.load_config(reader.config)
-    tc = config.text_config
-    experts = qvl.read_experts(reader, config, 0, 0, tc.num_experts, torch.float32)
-    act = qvl.activation(config)
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(tokens, tc.hidden_size, generator=generator)
-    ids, weights = qvl.route(torch.randn(tokens, tc.num_experts, generator=generator), tc.num_experts_per_tok,
-                             x.dtype)
-    dense_weights = torch.zeros(tokens, tc.num_experts).scatter_(1, ids, weights)
-
-    def sparse():
-        return qvl.expert_group_forward(x, ids, weights, [qvl.float_expert(*e, act) for e in experts], 0)
-
-    def dense():
-        out = torch.zeros_like(x)
-        for e, (gate, up, down) in enumerate(experts):
-            out += ((act(x @ gate.T) * (x @ up.T)) @ down.T) * dense_weights[:, e:e + 1]
-        return out
-
-    timings = []
-    for fn in (sparse, dense):
-        start = time.perf_counter()
-        for _ in range(repeats):
-            fn()
-        timings.append((time.perf_counter() - start) / repeats)
-    torch.testing.assert_close(sparse(), dense(), rtol=1e-4, atol=1e-5)  # the same result, by both routes
-    return timings[0], timings[1]
+def _proc(pid: int) -> dict | None:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        io = dict(line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except (OSError, ValueError):
+        return None
+    hwm = next(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmHWM"))
+    return {"peak_rss": hwm, "rchar": int(io["rchar"]), "wchar": int(io["wchar"]), "cmd": cmd[:80]}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("/tmp/bench"))
-    parser.add_argument("--layers", type=int, default=5)
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--part-file-size", type=float, default=0.25,
-                        help="GB per part file (default 0.25: the ~0.75 GB output gets several parts, as a 220 GB "
-                             "output does at the recipe's 4 GB)")
-    parser.add_argument("--unpinned", action="store_true",
-                        help="do not pin each actor to one core (by default each actor stands for one card: one core)")
-    parser.add_argument("--tokens", type=int, default=2048, help="tokens for the dense-vs-sparse comparison")
-    parser.add_argument("--json", type=Path, help="also write the figures as JSON here")
-    args = parser.parse_args()
-    shutil.rmtree(args.out, ignore_errors=True)
-    model = build_model(args.out / "model", args.layers)
+class Sampler:
+    """Peak RSS and I/O counters of the processes that match ``wanted(pid, cmdline)``, sampled until stopped."""
 
-    import ray
+    def __init__(self, wanted):
+        self.wanted, self.seen, self._stop = wanted, {}, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
 
+    def _run(self):
+        while not self._stop.is_set():
+            for entry in os.listdir("/proc"):
+                if entry.isdigit() and (int(entry) in self.seen or self.wanted(int(entry))):
+                    figures = _proc(int(entry))
+                    if figures is not None:
+                        self.seen[int(entry)] = figures
+            self._stop.wait(0.2)
+
+    def stop(self) -> dict[int, dict]:
+        self._stop.set()
+        self._thread.join()
+        return self.seen
+
+
+def ray_actor(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::UnitRunner")
+    except OSError:
+        return False
+
+
+def child_run(args: argparse.Namespace) -> None:
+    """One quantization in this process (the parent measures it); writes its summary as JSON."""
     import dataclasses
 
     from dist_quant.recipe import load_recipe
     from dist_quant.runtime.driver import BUNDLED_DATASETS
-    from dist_quant.runtime.ray_driver import quantize_distributed
 
-    floor_seconds, source_bytes = io_floor(model, args.out / "floor.bin")
-    from dist_quant.runtime.local import quantize_single_card
+    dataset = str(BUNDLED_DATASETS / "calibImages")
+    options = dict(progress=False, dataset=dataset, overwrite=True, compute_threads=args.compute_threads)
+    if args.child == "single":
+        from dist_quant.runtime.local import quantize_single_card
+        summary = quantize_single_card(str(args.model), str(args.save), load_recipe(), **options)
+    else:
+        from dist_quant.runtime.ray_driver import quantize_distributed
+        summary = quantize_distributed(str(args.model), str(args.save), load_recipe(), workers=int(args.child),
+                                       ray_address="auto", threads_per_actor=args.compute_threads, **options)
+    out = {k: v for k, v in vars(summary).items() if isinstance(v, (int, float, str, dict))}
+    out["actors"] = [{**dataclasses.asdict(a), "node_ids": [], "pids": sorted(a.pids)}
+                     for a in getattr(summary, "actors", [])]
+    args.json.write_text(json.dumps(out))
 
-    single = quantize_single_card(str(model), str(args.out / "quant_single"), load_recipe(), progress=False,
-                                  dataset=str(BUNDLED_DATASETS / "calibImages"))
-    shutil.rmtree(args.out / "quant_single")
+
+def measured_run(mode: str, model: Path, save: Path, compute_threads: int, scratch: Path) -> dict:
+    result_file = scratch / f"summary-{mode}.json"
+    command = [sys.executable, __file__, "--child", mode, "--model", str(model), "--save", str(save),
+               "--json", str(result_file), "--compute-threads", str(compute_threads)]
     start = time.perf_counter()
-    ray.init(num_cpus=max(args.workers), include_dashboard=False, logging_level="warning")
-    ray_seconds = time.perf_counter() - start
-    results = []
-    for workers in args.workers:
-        save = args.out / f"quant_{workers}"
-        recipe = dataclasses.replace(load_recipe(), part_file_size_gb=args.part_file_size)
-        summary = quantize_distributed(str(model), str(save), recipe, workers=workers, progress=False,
-                                       dataset=str(BUNDLED_DATASETS / "calibImages"), overwrite=True,
-                                       threads_per_actor=None if args.unpinned else 1)
-        results.append({"workers": workers, "seconds": summary.seconds, "bytes_written": summary.bytes_written,
-                        "actor_start_s": summary.actor_start_seconds, "sweep_s": summary.sweep_seconds,
-                        "assemble_s": summary.assemble_seconds, "phases": summary.phases,
-                        "actors": [{"units": a.units, "busy_s": round(a.busy_seconds, 2), "read_bytes": a.bytes_read,
-                                    "peak_rss_mib": round(a.peak_rss / MiB)} for a in summary.actors]})
-        shutil.rmtree(save)
-    ray.shutdown()
-    driver_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    child = subprocess.Popen(command)
+    sampler = Sampler(lambda pid: pid == child.pid or ray_actor(pid))
+    child.wait()
+    wall = time.perf_counter() - start
+    processes = sampler.stop()
+    if child.returncode:
+        raise SystemExit(f"{mode} run failed with exit status {child.returncode}")
+    summary = json.loads(result_file.read_text())
+    shutil.rmtree(save)
+    driver = processes.pop(child.pid, {})
+    return {"mode": mode, "wall": wall, "summary": summary, "driver": driver, "actors": list(processes.values())}
 
-    print(f"model: {args.layers} layers x 128 experts, source {source_bytes / MiB:.0f} MiB bf16")
-    print(f"single card, no Ray (--workers 1): {single.seconds:.1f} s = {single.seconds / floor_seconds:.2f} x the I/O "
-          f"floor; phases (summed): " + ", ".join(f"{k} {v:.1f} s" for k, v in single.phases.items()))
-    print(f"I/O floor (read source once + write as much): {floor_seconds:.1f} s; Ray start-up: {ray_seconds:.1f} s")
-    print("| workers | wall time | actors start | sweep | assemble | speedup (wall / w/o actor start) "
-          "| x I/O floor | read per worker (MiB) | peak RSS per actor (MiB) |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    base = results[0]
-    for r in results:
-        reads = ", ".join(f"{a['read_bytes'] / MiB:.0f}" for a in r["actors"])
-        rss = ", ".join(str(a["peak_rss_mib"]) for a in r["actors"])
-        warm = r["seconds"] - r["actor_start_s"]
-        print(f"| {r['workers']} | {r['seconds']:.1f} s | {r['actor_start_s']:.1f} s | {r['sweep_s']:.1f} s "
-              f"| {r['assemble_s']:.1f} s | {base['seconds'] / r['seconds']:.2f}x / "
-              f"{(base['seconds'] - base['actor_start_s']) / warm:.2f}x | {r['seconds'] / floor_seconds:.1f} "
-              f"| {reads} | {rss} |")
-        print("    phases (summed over actors): " + ", ".join(f"{k} {v:.1f} s" for k, v in r["phases"].items()))
-        total_read = sum(a["read_bytes"] for a in r["actors"])
-        print(f"    bytes read in total: {total_read / MiB:.0f} MiB ({total_read / source_bytes:.3f} x source)")
-    print(f"driver peak RSS: {driver_rss:.0f} MiB")
-    for tokens in (args.tokens, 16384):
-        sparse_s, dense_s = dense_vs_sparse(model, tokens)
-        print(f"MoE layer calibration forward, {tokens} tokens, 128 experts top-8: routed tokens only {sparse_s:.2f} s, "
-              f"every expert on every token (msModelSlim) {dense_s:.2f} s: {dense_s / sparse_s:.1f}x")
+
+# --- report -----------------------------------------------------------------------------------------------------
+
+def _gib(n: float) -> str:
+    return f"{n / GiB:.2f}"
+
+
+def report(figures: dict) -> str:
+    floor, source, output = figures["floor_seconds"], figures["source_bytes"], figures["output_estimate"]
+    lines = [f"model: {figures['width']} width, {figures['layers']} layers, source {_gib(source)} GiB bf16, "
+             f"checkpoint ~{_gib(output)} GiB; compute threads {figures['compute_threads']}",
+             f"I/O floor (read the source once, write the checkpoint's size, fsync): {floor:.1f} s", "",
+             "| run | wall | x floor | host-side phases | peak RSS GiB (driver; actors) "
+             "| read GiB (x source) | written GiB (x checkpoint) |", "|---|---|---|---|---|---|---|"]
+    for run in figures["runs"]:
+        procs = [run["driver"], *run["actors"]]
+        read = sum(p.get("rchar", 0) for p in procs)
+        written = sum(p.get("wchar", 0) for p in procs)
+        phases = run["summary"].get("phases", {})
+        host = sum(phases.get(p, 0.0) for p in HOST_PHASES)
+        rss = _gib(run["driver"].get("peak_rss", 0)) + ("; " + ", ".join(_gib(a["peak_rss"]) for a in run["actors"])
+                                                          if run["actors"] else "")
+        name = "single card" if run["mode"] == "single" else f"Ray, {run['mode']} worker(s)"
+        lines.append(f"| {name} | {run['wall']:.1f} s | {run['wall'] / floor:.2f} | {host:.1f} s | {rss} "
+                     f"| {_gib(read)} ({read / source:.2f}) | {_gib(written)} ({written / output:.2f}) |")
+    lines += ["", "phases, seconds summed over units (reads and conversions of the next expert group overlap the "
+              "compute in a prefetch thread):", "", "| run | " + " | ".join(PHASES) + " |",
+              "|---|" + "---|" * len(PHASES)]
+    for run in figures["runs"]:
+        phases = run["summary"].get("phases", {})
+        lines.append(f"| {run['mode']} | " + " | ".join(f"{phases.get(p, 0.0):.1f}" for p in PHASES) + " |")
+    for run in figures["runs"]:
+        for actor in run["summary"].get("actors", []):
+            lines.append(f"  {run['mode']} workers, actor {actor['index']}: {actor['units']} units, busy "
+                         f"{actor['busy_seconds']:.1f} s, read {_gib(actor['bytes_read'])} GiB")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--width", choices=["235b", "30b", "small"], default="235b")
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("/tmp/bench"))
+    parser.add_argument("--workers", type=int, nargs="*", default=[1, 2], help="Ray runs (none: single card only)")
+    parser.add_argument("--no-single", action="store_true", help="skip the single-card run")
+    parser.add_argument("--compute-threads", type=int, default=1, help="--compute_threads of every process")
+    parser.add_argument("--keep-model", action="store_true", help="reuse OUT/model if it is there, and keep it")
+    parser.add_argument("--json", type=Path, help="also write the figures as JSON here")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--save", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child_run(args)
+
+    model = args.out / "model"
+    if not (args.keep_model and (model / "config.json").exists()):
+        shutil.rmtree(args.out, ignore_errors=True)
+        print(f"building the {args.width}-width model with {args.layers} layers in {model} ...", flush=True)
+        build_model(model, args.width, args.layers)
+    source = sum(p.stat().st_size for p in model.glob("*.safetensors"))
+    output = output_estimate(model)
+    figures = {"width": args.width, "layers": args.layers, "source_bytes": source, "output_estimate": output,
+               "compute_threads": args.compute_threads, "floor_seconds": io_floor(model, args.out / "floor.bin",
+                                                                                  output), "runs": []}
+    if not args.no_single:
+        figures["runs"].append(measured_run("single", model, args.out / "quant", args.compute_threads, args.out))
+    if args.workers:
+        subprocess.run(["ray", "start", "--head", f"--num-cpus={os.cpu_count()}", "--include-dashboard=false",
+                        "--disable-usage-stats"], check=True, stdout=subprocess.DEVNULL)
+        try:
+            for workers in args.workers:
+                figures["runs"].append(measured_run(str(workers), model, args.out / "quant", args.compute_threads,
+                                                    args.out))
+        finally:
+            subprocess.run(["ray", "stop", "--force"], check=False, stdout=subprocess.DEVNULL)
+    text = report(figures)
+    print(text)
     if args.json:
-        args.json.write_text(json.dumps({"source_bytes": source_bytes, "floor_seconds": floor_seconds,
-                                         "single_card_seconds": single.seconds, "single_card_phases": single.phases,
-                                         "ray_seconds": ray_seconds, "driver_rss_mib": driver_rss,
-                                         "runs": results}, indent=2))
+        args.json.write_text(json.dumps(figures, indent=2))
+    if not args.keep_model:
+        shutil.rmtree(model)
 
 
 if __name__ == "__main__":

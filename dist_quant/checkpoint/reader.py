@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+import time
 from collections.abc import Collection, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Optional
@@ -121,9 +123,15 @@ class CheckpointReader:
         self._single_name, self._index_name = weights_name, f"{weights_name}.index.json"
         self.config = read_config(self.model_dir / "config.json") if config is None else config
         self.bytes_read = 0
+        self._io = threading.local()  # per thread (the worker's prefetch thread reads too): see io_seconds
         self._headers: dict[Path, dict[str, TensorSlice]] = {}
         self._fds: dict[Path, int] = {}
         self._file_of_key = self._map_keys()
+
+    @property
+    def io_seconds(self) -> float:
+        """Seconds this thread spent reading tensor bytes and checking them for NaN/Inf (not converting them)."""
+        return getattr(self._io, "seconds", 0.0)
 
     def _map_keys(self) -> dict[str, Path]:
         index_path = model_file(self.model_dir, self._index_name, "the model folder")
@@ -190,16 +198,18 @@ class CheckpointReader:
                                       "quantize from the original floating-point checkpoint")
         return self._headers[path]
 
-    def _read_bytes(self, path: Path, begin: int, end: int) -> bytearray:
+    def _read_bytes(self, path: Path, begin: int, end: int) -> torch.Tensor:
+        """Bytes begin:end of ``path`` as a uint8 tensor, read straight into torch's memory (huge pages: see
+        dist_quant/__init__.py), never through a Python buffer that would be copied again."""
         if path not in self._fds:
             try:
                 with open_regular(path) as file:
                     self._fds[path] = os.dup(file.fileno())
             except OSError as error:
                 raise CheckpointError(f"cannot read {path}: {reason(error)}") from None
-        buffer = bytearray(end - begin)
-        view, done = memoryview(buffer), 0
-        while done < len(buffer):
+        buffer = torch.empty(end - begin, dtype=torch.uint8)
+        view, done = memoryview(buffer.numpy()), 0
+        while done < len(view):
             n = os.preadv(self._fds[path], [view[done:]], begin + done)
             if n == 0:
                 raise CheckpointError(f"{path} ended early while reading bytes {begin}-{end}; download it again")
@@ -285,15 +295,17 @@ class CheckpointReader:
         """Rows start:stop are one contiguous byte range of the file: read exactly that."""
         if dtype is not None and dtype.is_floating_point:
             self.check(key)
+        started = time.perf_counter()
         info = self._slice(key)
         rows = info.shape[0] if info.shape else 1
         row_bytes = (info.end - info.begin) // rows if rows else 0
         data = self._read_bytes(info.source, info.begin + start * row_bytes, info.begin + stop * row_bytes)
         shape = (stop - start, *info.shape[1:]) if info.shape else ()
-        tensor = torch.frombuffer(data, dtype=_DTYPES[info.dtype]).reshape(shape) if data else \
-            torch.empty(shape, dtype=_DTYPES[info.dtype])
-        self.bytes_read += len(data)
-        if not all_finite(tensor):
+        tensor = data.view(_DTYPES[info.dtype]).reshape(shape)
+        self.bytes_read += data.numel()
+        finite = all_finite(tensor)
+        self._io.seconds = self.io_seconds + time.perf_counter() - started
+        if not finite:
             raise CheckpointError(
                 f"tensor {key} in {self.file_of(key)} holds NaN or Inf values; the checkpoint is corrupt, "
                 "download the file again"

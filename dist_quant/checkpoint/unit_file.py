@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import time
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -93,6 +94,7 @@ class UnitSink:
         self._tensors: dict[str, torch.Tensor] = {}
         self._types: dict[str, str] = {}
         self._storages: set[int] = set()
+        self.serialise_seconds = 0.0  # spent turning tensors into safetensors bytes, over every finish()
 
     def __len__(self) -> int:
         return len(self._tensors)
@@ -119,7 +121,9 @@ class UnitSink:
         name = f"{unit_id}.safetensors"
         path = self.spill_dir / name
         tmp = self.spill_dir / f".{name}.{os.getpid()}.tmp"
+        started = time.perf_counter()
         data = save(self._tensors)  # serialised once, in memory: checksummed, written, shipped if need be
+        self.serialise_seconds += time.perf_counter() - started
         with writing(path):
             self.spill_dir.mkdir(parents=True, exist_ok=True)
             try:

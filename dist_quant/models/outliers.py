@@ -68,12 +68,13 @@ def rotate_block(block: nn.Module, steps: tuple, rot: quarot.BlockRotation, head
 
 def rotate_experts(experts: list[tuple[torch.Tensor, ...]], post_norm_weight: torch.Tensor,
                    rot: quarot.BlockRotation) -> list[tuple[torch.Tensor, ...]]:
-    """Every expert reads the post-attention norm (fused into gate/up, then right-rotated) and writes the stream.
-    The group's experts are stacked so each projection is rotated in one batched product."""
-    gates, ups, downs = (torch.stack(ws) for ws in zip(*experts))
-    gates, ups = (quarot.rotate_reader(w, rot) for w in quarot.fuse_norm_into_linears(post_norm_weight, [gates, ups]))
-    downs = quarot.rotate_reader(downs.transpose(1, 2), rot).transpose(1, 2)  # R^T @ W, as (W^T @ R)^T
-    return [(g, u, d.contiguous()) for g, u, d in zip(gates.unbind(), ups.unbind(), downs.unbind())]
+    """Every expert reads the post-attention norm (fused into gate/up, then right-rotated) and writes the stream
+    (down: ``R^T @ W``). Expert by expert, so no group-sized stacked copy is made."""
+    rotated = []
+    for gate, up, down in experts:
+        gate, up = (quarot.rotate_reader(w, rot) for w in quarot.fuse_norm_into_linears(post_norm_weight, [gate, up]))
+        rotated.append((gate, up, quarot.rotate_writer(down, None, rot)[0]))
+    return rotated
 
 
 def rotate_head(norm_weight: torch.Tensor, lm_head: torch.Tensor,

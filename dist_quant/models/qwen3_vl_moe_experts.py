@@ -110,11 +110,14 @@ def read_experts(
     """
     gate_up_key, down_key = fused_expert_keys(layer_prefix)
     layout = expert_layout(reader, layer_prefix, num_experts=num_experts, hidden=hidden, intermediate=intermediate)
-    gate_up = reader.get_slice(gate_up_key, start, stop, dtype=dtype)
-    down = reader.get_slice(down_key, start, stop, dtype=dtype)
+    for key in (gate_up_key, down_key):
+        reader.check(key)  # floating weights, not codes that a cast would pass off as weights
+    gate_up = reader.get_slice(gate_up_key, start, stop)  # as stored: transposed before the (exact) conversion,
+    down = reader.get_slice(down_key, start, stop)  # which moves half the bytes of a float32 transpose
     if layout == "hub":  # applied as x @ W: transpose to [out, in]
         gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
-    return [
-        (g_u[:intermediate].contiguous(), g_u[intermediate:].contiguous(), d.contiguous())
-        for g_u, d in zip(gate_up, down)
-    ]
+
+    def weight(w: torch.Tensor) -> torch.Tensor:
+        return w.contiguous().to(dtype)
+
+    return [(weight(g_u[:intermediate]), weight(g_u[intermediate:]), weight(d)) for g_u, d in zip(gate_up, down)]

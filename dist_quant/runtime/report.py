@@ -47,7 +47,7 @@ class Reporter:
         seconds = time.perf_counter() - started
         total = self.worker.reader.bytes_read
         bytes_read, self._bytes_reported = total - self._bytes_reported, total
-        with self.worker.times.phase("write"):
+        with self.worker.times.split("write", "serialise", lambda: self.worker.sink.serialise_seconds):
             record = self.worker.sink.finish(unit.id)
         return UnitReport(self.actor, unit, record, seconds, bytes_read, self.host, os.getpid(), self.node_id,
                           resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, expert_tokens,

@@ -1,4 +1,6 @@
-"""Wall time per phase of the work (read, rotate, smooth, forward, quantize, write), summed over units.
+"""Wall time per phase of the work, summed over units: read (bytes from storage, NaN/Inf check), convert (to the
+compute dtype and layout, onto the device), rotate, smooth, forward, quantize, serialise (tensors to safetensors
+bytes), write (to the unit file, checksum) and merge (the part files, at the end).
 
 Phases may overlap (reads run in a prefetch thread while the unit before computes), so the sum can exceed the
 wall time; what matters is which phase dominates.
@@ -12,7 +14,7 @@ from collections import defaultdict
 from contextlib import contextmanager
 from typing import Iterator
 
-PHASES = ("read", "rotate", "smooth", "forward", "quantize", "write", "merge")
+PHASES = ("read", "convert", "rotate", "smooth", "forward", "quantize", "serialise", "write", "merge")
 
 
 class PhaseTimes:
@@ -28,6 +30,22 @@ class PhaseTimes:
         finally:
             with self._lock:
                 self.totals[name] += time.perf_counter() - start
+
+    def add(self, name: str, seconds: float) -> None:
+        with self._lock:
+            self.totals[name] += seconds
+
+    @contextmanager
+    def split(self, name: str, part: str, part_seconds) -> Iterator[None]:
+        """Time a block as ``name`` except ``part_seconds()``'s growth meanwhile, which goes to ``part`` (a reader's
+        I/O inside a read-and-convert, a sink's serialisation inside a write)."""
+        before, start = part_seconds(), time.perf_counter()
+        try:
+            yield
+        finally:
+            inside = part_seconds() - before
+            self.add(part, inside)
+            self.add(name, time.perf_counter() - start - inside)
 
     def take(self) -> dict[str, float]:
         """The totals so far, reset to zero (an actor reports them per unit)."""

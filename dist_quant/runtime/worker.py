@@ -118,7 +118,7 @@ class Worker:
             self.head_rotation = hadamard.head_rotation(head_dim, recipe.quarot.block_size, recipe.quarot.seed)
             hadamard.check_orthogonal(self.head_rotation, "the QuaRot head rotation")
             self.rotation = self.rotation.to(device)
-        self.times = PhaseTimes()  # seconds per phase (read, rotate, smooth, forward, quantize, write)
+        self.times = PhaseTimes()  # seconds per phase (timing.PHASES)
         self.expert_tokens: dict[int, list[int]] = {}  # calibration tokens routed to each expert, per MoE layer
         self._reader_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
         self._prefetched: dict[tuple[int, int, int], Future] = {}
@@ -126,8 +126,12 @@ class Worker:
     # --- helpers ----------------------------------------------------------------------------------------------------
 
     def _read(self, key: str, shape: Optional[tuple[int, ...]] = None) -> torch.Tensor:
-        with self.times.phase("read"):
+        with self._loading():
             return self.reader.get(key, dtype=self.compute_dtype, shape=shape).to(self.device)
+
+    def _loading(self):
+        """Phases "read" (the reader's I/O in this thread) and "convert" (the rest) of loading weights."""
+        return self.times.split("convert", "read", lambda: self.reader.io_seconds)
 
     def _float(self, key: str, tensor: torch.Tensor) -> None:
         self.sink.add(key, tensor.detach().to("cpu", self.model_dtype), schemes.FLOAT)
@@ -242,7 +246,7 @@ class Worker:
         return LayerOutput(streams, moe_input)
 
     def _read_experts(self, layer_idx: int, first: int, stop: int) -> list:
-        with self.times.phase("read"):
+        with self._loading():
             experts = self.family.read_experts(self.reader, self.config, layer_idx, first, stop, self.compute_dtype)
             experts = [tuple(w.to(self.device) for w in e) for e in experts]
         if self.rotation is not None:
