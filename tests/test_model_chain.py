@@ -7,6 +7,9 @@ import torch
 from helpers import hf_kwargs, load_hf_model
 from safetensors.torch import load_file
 
+from dist_quant.checkpoint.formats import ascendv1
+from dist_quant.checkpoint.layout import create_parts, plan_layout
+from dist_quant.runtime.worker import checkpoint_entries
 from dist_quant.calib.dataset import load_samples
 from dist_quant.calib.inputs import build_model_inputs, model_inputs_for_text
 from dist_quant.models import qwen3_vl_moe as qvl
@@ -50,8 +53,11 @@ def quantizing_chain(model_dir, inputs, group_size, work):
     every layer's output but the last, as saved at the layer boundaries for a resume."""
     config = qvl.load_checked(model_dir)[1]
     plan = plan_units(config, group_size)
-    runner = UnitRunner(0, str(model_dir), load_recipe(PLAIN_RECIPE), str(work / "spill"), str(work / "run"), "cpu",
-                        plan)
+    recipe = load_recipe(PLAIN_RECIPE)
+    layout = plan_layout(checkpoint_entries(str(model_dir), recipe, plan), 0, ascendv1.part_names)
+    work.mkdir(parents=True, exist_ok=True)
+    create_parts(layout.parts, work)
+    runner = UnitRunner(0, str(model_dir), recipe, str(work), str(work / "run"), "cpu", plan, layout.units)
     for _ in interpret(plan, None, inputs, runner):
         pass
     saved = sorted((work / "run" / STREAM_DIR).glob("after_layer_*.safetensors"))

@@ -94,7 +94,6 @@ SINGLE_CARD_POINTS = {
     "mid-vision": "vision:2",  # after the second image's forward, before the tower is written
     "mid-layer": f"experts:{rng.randint(3, 20)}",  # inside an expert-group unit (after its N-th expert)
     "between-units": f"unit:{rng.randint(3, 16)}",
-    "assembly": f"part:{rng.randint(1, 3)}",
     "publish": f"publish:{rng.randint(1, 5)}",
 }
 
@@ -200,26 +199,36 @@ def test_damaged_staged_files_are_not_kept(model, calib, recipe, clean, tmp_path
     save = tmp_path / "q"
     killed(args(model, calib, recipe, save), "unit:10", tmp_path / "child.log")
     run = save / STAGING / "run"
-    flip_a_byte(save / STAGING / "spill" / "L000-experts-0002-0004.safetensors" if damaged == "unit file"
-                else run / "stream" / "after_layer_0000.safetensors")
+    if damaged == "unit file":  # a byte of that unit's tensors, in its part file
+        part, begin, end = json.loads((run / "layout.json").read_text())["units"]["L000-experts-0002-0004"][0][3:]
+        data = bytearray((save / STAGING / part).read_bytes())
+        data[(begin + end) // 2] ^= 0x10
+        (save / STAGING / part).write_bytes(bytes(data))
+    else:
+        flip_a_byte(run / "stream" / "after_layer_0000.safetensors")
     summary = quantize_single_card(str(model), str(save), load_recipe(recipe), dataset=str(calib), progress=False,
                                    expert_group_size=2, resume=True)
     assert_resumed_like_clean(save, clean[0])
     assert summary.ran_units == units_of(model)  # layer 0 could not be trusted, so nothing after it either
 
 
-def test_a_damaged_part_whose_unit_files_are_gone_is_a_clear_error(model, calib, recipe, tmp_path, capsys):
+def test_a_deleted_or_damaged_part_file_is_recreated_and_its_units_run_again(model, calib, recipe, clean, tmp_path):
+    """Part files are created with their headers before any unit runs: one deleted and one with a damaged header
+    are made again, their units fail their CRC-32 and run again, and the checkpoint is the clean one."""
     save = tmp_path / "q"
-    killed(args(model, calib, recipe, save), "part:3", tmp_path / "child.log")
-    flip_a_byte(save / STAGING / sorted(p.name for p in (save / STAGING).glob("quant_model_weights-*"))[0])
-    assert main(args(model, calib, recipe, save, "--resume")) == 2
-    assert "are damaged and the unit files" in capsys.readouterr().err
-    nothing_finished_looking(save)
+    killed(args(model, calib, recipe, save), "unit:14", tmp_path / "child.log")
+    parts = sorted((save / STAGING).glob("quant_model_weights-*"))
+    parts[0].unlink()
+    with open(parts[-1], "r+b") as f:
+        f.write(b"\xff" * 8)  # the header length
+    assert main(args(model, calib, recipe, save, "--resume")) == 0
+    assert_resumed_like_clean(save, clean[0])
 
 
 def test_journal_records_cannot_name_files_outside_staging(model, calib, recipe, clean, tmp_path):
-    """A record pointing at ../../elsewhere/x.safetensors (with its right size and CRC) is ignored: that unit runs
-    again, the outside file is neither published nor deleted; a stream record likewise."""
+    """Unit records name no file (their bytes are at their layout places); a record that names one anyway, or any
+    other field, is not a record: that unit runs again. A stream record pointing outside is ignored, the outside
+    file neither published nor deleted."""
     save = tmp_path / "q"
     killed(args(model, calib, recipe, save), "unit:12", tmp_path / "child.log")
     journal = save / JOURNAL
@@ -227,9 +236,7 @@ def test_journal_records_cannot_name_files_outside_staging(model, calib, recipe,
     victim = json.loads(lines[3])  # the embed unit
     outside = tmp_path / "elsewhere" / "x.safetensors"
     outside.parent.mkdir()
-    spill = save / STAGING / "spill" / victim["file"]
-    outside.write_bytes(spill.read_bytes())
-    spill.unlink()
+    outside.write_bytes(b"x")
     lines[3] = json.dumps({**victim, "file": "../../../elsewhere/x.safetensors"})
     lines.append("{not json")
     lines.append(json.dumps({"stream": "../../../elsewhere/x.safetensors", "bytes": 1, "crc32": 0}))
@@ -241,7 +248,7 @@ def test_journal_records_cannot_name_files_outside_staging(model, calib, recipe,
 
 RAY_POINTS = {  # where Ray differs from a single card; start-up and publish are the shared driver's (tested above)
     "mid-layer": f"unit:{rng.randint(8, 12)}",  # the driver dies while actors are inside layer 1
-    "assembly": "part:2",  # actors write the parts
+    "layer 2": f"unit:{rng.randint(13, 16)}",  # ... or in layer 2, after the actors wrote most of the part bytes
 }
 
 
@@ -275,7 +282,7 @@ def test_an_older_layer_file_stays_until_the_newer_one_can_be_resumed_from(tmp_p
     (tmp_path / STREAM_DIR).mkdir()
 
     def finish(unit):
-        journal.record(UnitRecord(unit.id, f"{unit.id}.safetensors", (), (), 0, 0, 0), unit.layer)
+        journal.record(UnitRecord(unit.id, (), (), 0, 0), unit.layer)
         journal.prune_streams(plan)
 
     def save(layer):

@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from dist_quant.checkpoint import writer as writer_module
+from dist_quant.checkpoint.unit_file import UnitSink
 from dist_quant.checkpoint.formats.ascendv1 import model_quant_type
 from dist_quant.checkpoint.writer import CheckpointWriter
 from dist_quant.errors import OutputError, RecipeError
@@ -64,10 +64,20 @@ def tensors_of_a_layer():
     ]
 
 
-def write(save_path, source, entries, **options):
+def write(save_path, source, entries, units=1, **options):
+    """What the driver does: lay out the parts for the units (consecutive runs of ``entries``), then each unit writes
+    its tensors into their places through a UnitSink, as a worker does, and is added."""
     writer = CheckpointWriter(save_path, model_path=source, **options)
-    for key, tensor, quant_type in entries:
-        writer.add(key, tensor, quant_type)
+    size = -(-len(entries) // units)
+    chunks = {f"u{i}": entries[first:first + size] for i, first in enumerate(range(0, len(entries), size))}
+    writer.set_layout([(unit, [(k, t.dtype, tuple(t.shape)) for k, t, _ in chunk]) for unit, chunk in chunks.items()])
+    writer.create_parts()
+    sink = UnitSink(writer.staging)
+    for unit, chunk in reversed(list(chunks.items())):  # in any order, as actors finish
+        for key, tensor, quant_type in chunk:
+            sink.add(key, tensor, quant_type)
+        writer.add_unit(sink.finish(unit, writer.places(unit)))
+    sink.close()
     return writer
 
 
@@ -133,12 +143,12 @@ def test_publish_writes_exactly_the_format_file_set(tmp_path, source):
     assert set(summary["files"]) == expected | {listing}
 
 
-@pytest.mark.parametrize("spill_bytes", [256 * 1024**2, 300])  # one spill file for all parts; spills across parts
-def test_small_part_size_splits_into_numbered_parts(tmp_path, source, spill_bytes):
+@pytest.mark.parametrize("units", [1, 3])  # one unit for all parts; units across parts
+def test_small_part_size_splits_into_numbered_parts(tmp_path, source, units):
     entries = tensors_of_a_layer()
     part_bytes = 1024
     save_path = tmp_path / "out"
-    write(save_path, source, entries, part_file_size_gb=part_bytes / 1024**3, spill_bytes=spill_bytes).publish(source)
+    write(save_path, source, entries, units, part_file_size_gb=part_bytes / 1024**3).publish(source)
 
     weight_files, _ = check_format(save_path, entries)
     count = len(weight_files)
@@ -194,13 +204,23 @@ def test_model_quant_type_priority():
         model_quant_type([])
 
 
-def test_add_rejects_duplicates_and_unknown_types(tmp_path, source):
-    writer = CheckpointWriter(tmp_path / "out")
-    writer.add("a.weight", torch.ones(2), "FLOAT")
+def test_sink_rejects_duplicates_and_unknown_types(tmp_path):
+    sink = UnitSink(tmp_path)
+    sink.add("a.weight", torch.ones(2), "FLOAT")
     with pytest.raises(ValueError, match="a.weight"):
-        writer.add("a.weight", torch.ones(2), "FLOAT")
+        sink.add("a.weight", torch.ones(2), "FLOAT")
     with pytest.raises(ValueError, match="W4A8"):
-        writer.add("b.weight", torch.ones(2), "W4A8")
+        sink.add("b.weight", torch.ones(2), "W4A8")
+
+
+def test_a_unit_that_writes_other_tensors_than_its_layout_is_refused(tmp_path, source):
+    writer = CheckpointWriter(tmp_path / "out", model_path=source)
+    writer.set_layout([("u0", [("a.weight", torch.float32, (2,))])])
+    writer.create_parts()
+    sink = UnitSink(writer.staging)
+    sink.add("a.weight", torch.ones(3), "FLOAT")
+    with pytest.raises(OutputError, match="first difference"):
+        sink.finish("u0", writer.places("u0"))
     writer.abort()
 
 
@@ -290,9 +310,9 @@ def test_refuses_a_file_as_save_path(tmp_path):
 
 def test_nothing_finished_looking_before_publish_or_after_abort(tmp_path, source):
     save_path = tmp_path / "out"
-    writer = write(save_path, source, tensors_of_a_layer(), spill_bytes=1024)
+    writer = write(save_path, source, tensors_of_a_layer(), 3, part_file_size_gb=1024 / 1024**3)
     assert sorted(p.name for p in save_path.iterdir()) == [".dist_quant.lock", ".dist_quant_staging"]  # no more
-    assert any((save_path / ".dist_quant_staging" / "spill").glob("*.safetensors"))  # the buffer spilled as it filled
+    assert len(list((save_path / ".dist_quant_staging").glob("*.safetensors"))) > 2  # the parts, being filled
     writer.abort()
     assert not save_path.exists()  # created by the writer, so removed with it: no debris
 
@@ -304,51 +324,49 @@ def test_publish_without_tensors_is_refused(tmp_path, source):
     writer.abort()
 
 
-def test_writer_spills_past_spill_bytes_and_publish_consumes_each_spill_file(tmp_path, source, monkeypatch):
-    """Bookkeeping, not memory: add() spills its buffer once spill_bytes (KB here) are pending and flush() empties it
-    (the writer's own pending-bytes counter says so); publish() streams the parts out of the spill files and deletes
-    each spill file once every tensor in it is copied. The process's peak memory is not measured here: that is
-    scripts/bench_memory.py's job (peak RSS on real-sized layers, docs/benchmarks.md)."""
-    spill_bytes = 1024
-    save_path = tmp_path / "out"
-    spill_dir = save_path / ".dist_quant_staging" / "spill"
-    writer = CheckpointWriter(save_path, model_path=source, part_file_size_gb=1500 / 1024**3, spill_bytes=spill_bytes)
+def reference_parts(entries, part_bytes):
+    """The part files as docs/FORMAT.md and the old copy-based assembly made them, written independently of the
+    writer: consecutive runs of the tensors in order, a new part when the next tensor would pass part_bytes; each a
+    safetensors file whose JSON header lists the tensors in that order, data in the same order."""
+    runs, size = [[]], 0
+    for key, tensor, _ in entries:
+        nbytes = tensor.numel() * tensor.element_size()
+        if runs[-1] and size + nbytes > part_bytes:
+            runs, size = runs + [[]], 0
+        runs[-1].append((key, tensor))
+        size += nbytes
+    files = []
+    for run in runs:
+        header, data, offset = {}, b"", 0
+        dtypes = {torch.int8: "I8", torch.float32: "F32", torch.int32: "I32", torch.bfloat16: "BF16"}
+        for key, tensor in run:
+            raw = tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+            header[key] = {"dtype": dtypes[tensor.dtype], "shape": list(tensor.shape),
+                           "data_offsets": [offset, offset + len(raw)]}
+            data, offset = data + raw, offset + len(raw)
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)
+        files.append(len(text).to_bytes(8, "little") + text + data)
+    return files
+
+
+@pytest.mark.parametrize("units", [1, 2, 5])
+def test_parts_are_written_once_into_place_byte_for_byte_as_the_format_says(tmp_path, source, units):
+    """Units write straight into the part files, in any order: the parts are exactly the reference bytes, the
+    index lists the keys in order, parts are readable by everyone, and nothing but the parts was written."""
     layers = [tensors_of_a_layer() for _ in range(3)]
     entries = [(f"layers.{n}.{key}", tensor, kind) for n, layer in enumerate(layers) for key, tensor, kind in layer]
-    spills = 0
-    for n, layer in enumerate(layers):
-        for key, tensor, quant_type in layer:
-            writer.add(f"layers.{n}.{key}", tensor, quant_type)
-            assert writer._sink.pending_bytes <= spill_bytes
-        writer.flush()  # the end of a unit of work
-        assert len(writer._sink) == 0 and writer._sink.pending_bytes == 0
-        assert len(list(spill_dir.iterdir())) > spills
-        spills = len(list(spill_dir.iterdir()))
-    writer.flush()
-    assert len(list(spill_dir.iterdir())) == spills  # flushing an empty buffer writes nothing
-
-    spill_names = sorted(p.name for p in spill_dir.iterdir())
-    assert spill_names == [f"{k:06d}.safetensors" for k in range(1, spills + 1)]
-    left_before_each_part = []
-    write_concatenated = writer_module.write_concatenated
-
-    def recording_write(out_path, part):
-        left_before_each_part.append(sorted(p.name for p in spill_dir.iterdir()))
-        assert all(tensor.source.exists() for tensor in part)
-        write_concatenated(out_path, part)
-
-    monkeypatch.setattr(writer_module, "write_concatenated", recording_write)
+    save_path = tmp_path / "out"
+    writer = write(save_path, source, entries, units, part_file_size_gb=1500 / 1024**3)
+    staged = sorted(p.name for p in writer.staging.iterdir())
+    assert staged == [f"quant_model_weights-{k:05d}-of-{len(staged) - 1:05d}.safetensors"
+                      for k in range(1, len(staged))] + ["run"]
     writer.publish(source)
-
     weight_files, _ = check_format(save_path, entries)
-    assert len(weight_files) == len(left_before_each_part) > 2
-    assert left_before_each_part[0] == spill_names
-    for before, after in zip(left_before_each_part, left_before_each_part[1:]):
-        assert set(after) < set(before)  # each part consumed at least one spill file, which went at once
-    assert all((save_path / name).stat().st_mode & 0o777 == 0o644 for name in weight_files)
+    expected = reference_parts(entries, 1500)
+    assert len(weight_files) == len(expected) > 2
+    for name, content in zip(weight_files, expected):
+        assert (save_path / name).read_bytes() == content
+        assert (save_path / name).stat().st_mode & 0o777 == 0o644
     index = json.loads((save_path / INDEX).read_text())
     assert list(index["weight_map"]) == [key for key, _, _ in entries]  # insertion order across parts
-    for name in weight_files:
-        with safe_open(str(save_path / name), framework="pt") as part:
-            keys = [key for key in index["weight_map"] if index["weight_map"][key] == name]
-            assert list(part.offset_keys()) == keys

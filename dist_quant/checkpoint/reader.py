@@ -37,6 +37,9 @@ _DTYPES = {
     "BOOL": torch.bool,
 }
 
+DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}  # torch dtype -> safetensors name
+
+
 def all_finite(tensor: torch.Tensor) -> bool:
     """No NaN or Inf anywhere: min and max propagate both, and one fused reduction is ~10x cheaper than isfinite()."""
     if tensor.numel() == 0 or not tensor.is_floating_point():

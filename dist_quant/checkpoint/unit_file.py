@@ -1,51 +1,23 @@
-"""One unit of work's output tensors as one safetensors file in the staging folder's spill directory.
+"""One unit of work's output tensors, written straight into their places in the checkpoint's part files.
 
-Workers (in this process or in Ray actors on other nodes) write unit files; the checkpoint writer later assembles the
-parts from them in plan order, by byte ranges, so no process ever holds more than a unit's tensors. A record says
-what a file holds; when the driver cannot see the worker's disk, the record carries the file's bytes instead.
+Workers (in this process or in Ray actors on other nodes) collect a unit's tensors and, when it ends, write each one
+at the place the checkpoint layout gave it (checkpoint/layout.py), so no process holds more than a unit's tensors
+and no byte is written twice. A record says what a unit wrote and its CRC-32; when the worker cannot see the
+staging folder, the record carries the unit's bytes instead and the driver writes them.
 """
 
 from __future__ import annotations
 
-import errno
-import os
-import re
 import time
 import zlib
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import save
 
-from dist_quant.errors import OutputError
+from dist_quant.checkpoint.layout import PartFiles, Place, check_matches, tensor_bytes, writing
 from dist_quant.schemes import SCHEMES
-
-OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-
-
-@contextmanager
-def writing(target: str | Path) -> Iterator[None]:
-    """A write that runs out of space becomes an OutputError naming ``target``, not a traceback hours into a run.
-
-    Python reports it as OSError; safetensors' Rust writer as a SafetensorError whose text ends in "(os error N)".
-    """
-    try:
-        yield
-    except OSError as error:
-        if error.errno not in OUT_OF_SPACE:
-            raise
-        raise _out_of_space(target, error.errno) from error
-    except SafetensorError as error:
-        code = re.search(r"\(os error (\d+)\)", str(error))
-        if code is None or int(code[1]) not in OUT_OF_SPACE:
-            raise
-        raise _out_of_space(target, int(code[1])) from error
-
 
 def file_crc32(path: Path) -> int:
     """CRC-32 of a whole file, read in blocks: how staged files are checked before a resumed run keeps them."""
@@ -63,38 +35,29 @@ def is_plain_name(name: str) -> bool:
         and "\\" not in name and "\0" not in name
 
 
-def _out_of_space(target: str | Path, code: int) -> OutputError:
-    return OutputError(
-        f"cannot write {target}: {os.strerror(code)} (the disk, a quota or the file size limit is full); free "
-        "space there or choose a save_path on a filesystem with room for the quantized checkpoint"
-    )
-
-
 @dataclass(frozen=True)
 class UnitRecord:
     unit_id: str
-    file: str  # name inside the spill directory
     keys: tuple[str, ...]  # in the order the unit produced them
     quant_types: tuple[str, ...]
     nbytes: int  # tensor data bytes
-    file_bytes: int  # size of the file
-    crc32: int  # of the whole file, checked when a run is resumed
-    payload: Optional[bytes] = None  # the file itself, when it has to travel through the object store
+    crc32: int  # of the unit's bytes in place order, checked when a run is resumed
+    payload: Optional[bytes] = None  # the unit's bytes, when they have to travel through the object store
 
 
 class UnitSink:
-    """Collects the tensors of one unit at a time and writes them to ``spill_dir/<unit_id>.safetensors``.
+    """Collects the tensors of one unit at a time and writes them to their places in the part files of
+    ``staging_dir`` (or into the record, ``ship_unit_files``).
 
     The sink takes the tensors it is given as they are (no copy, they are large): callers must not change them later.
     """
 
-    def __init__(self, spill_dir: str | Path, *, ship_unit_files: bool = False):
-        self.spill_dir = Path(spill_dir)
-        self.ship_unit_files = ship_unit_files  # the record carries the file's bytes (driver on another disk)
+    def __init__(self, staging_dir: str | Path, *, ship_unit_files: bool = False):
+        self.ship_unit_files = ship_unit_files  # the record carries the bytes (driver on another disk)
+        self.files = PartFiles(Path(staging_dir))
         self._tensors: dict[str, torch.Tensor] = {}
         self._types: dict[str, str] = {}
-        self._storages: set[int] = set()
-        self.serialise_seconds = 0.0  # spent turning tensors into safetensors bytes, over every finish()
+        self.serialise_seconds = 0.0  # spent gathering the bytes a record carries, over every finish()
 
     def __len__(self) -> int:
         return len(self._tensors)
@@ -108,32 +71,29 @@ class UnitSink:
             raise ValueError(f"quant type {quant_type!r} of {key} is not one of {list(SCHEMES)}")
         if key in self._tensors:
             raise ValueError(f"tensor {key} was already added")
-        tensor = tensor.detach().to("cpu").contiguous()
-        storage = tensor.untyped_storage()
-        if storage.nbytes() != tensor.numel() * tensor.element_size() or storage.data_ptr() in self._storages:
-            tensor = tensor.clone()  # a view, or a tensor given twice: safetensors refuses storage shared by keys
-        self._storages.add(tensor.untyped_storage().data_ptr())
-        self._tensors[key] = tensor
+        self._tensors[key] = tensor.detach().to("cpu").contiguous()
         self._types[key] = quant_type
 
-    def finish(self, unit_id: str) -> UnitRecord:
-        """Write the unit file (atomically: a half-written file never carries the final name) and start afresh."""
-        name = f"{unit_id}.safetensors"
-        path = self.spill_dir / name
-        tmp = self.spill_dir / f".{name}.{os.getpid()}.tmp"
-        started = time.perf_counter()
-        data = save(self._tensors)  # serialised once, in memory: checksummed, written, shipped if need be
-        self.serialise_seconds += time.perf_counter() - started
-        with writing(path):
-            self.spill_dir.mkdir(parents=True, exist_ok=True)
-            try:
-                with open(tmp, "wb") as f:
-                    f.write(data)
-            except BaseException:
-                tmp.unlink(missing_ok=True)  # a half-written file is of no use and holds the space that ran out
-                raise
-        os.replace(tmp, path)
-        record = UnitRecord(unit_id, name, tuple(self._tensors), tuple(self._types.values()), self.pending_bytes,
-                            len(data), zlib.crc32(data), data if self.ship_unit_files else None)
-        self._tensors, self._types, self._storages = {}, {}, set()
+    def finish(self, unit_id: str, places: list[Place]) -> UnitRecord:
+        """Write the unit's tensors at ``places`` (the layout's, in order) and start afresh."""
+        tensors = list(self._tensors.items())
+        check_matches(unit_id, places, tensors)
+        payload, crc = None, 0
+        if self.ship_unit_files:
+            started = time.perf_counter()
+            payload = b"".join(tensor_bytes(t) for _, t in tensors)
+            self.serialise_seconds += time.perf_counter() - started
+            crc = zlib.crc32(payload)
+        else:
+            for place, (_, tensor) in zip(places, tensors):
+                data = tensor_bytes(tensor)
+                with writing(self.files.folder / place.part):
+                    self.files.write(place, data)
+                crc = zlib.crc32(data, crc)
+        record = UnitRecord(unit_id, tuple(self._tensors), tuple(self._types.values()), self.pending_bytes, crc,
+                            payload)
+        self._tensors, self._types = {}, {}
         return record
+
+    def close(self) -> None:
+        self.files.close()

@@ -1,8 +1,9 @@
 """Write a quantized checkpoint in an output format (checkpoint/formats/; ascendv1 by default, docs/FORMAT.md).
 
-Tensors spill into small numbered files inside a staging folder, so memory holds a few layers, never a whole part;
-publish() then assembles the parts by copying byte ranges out of the spill files. Nothing lands in save_path until
-publish(), and quant_model_description.json lands last: a crashed run never leaves a folder that looks like a
+The part files are laid out before any unit runs (checkpoint/layout.py: every tensor's place follows from its dtype
+and shape) and created in a staging folder with their headers; each unit writes its tensors straight into their
+places (checkpoint/unit_file.py), so every byte is written once and memory holds a unit, never a part. Nothing lands
+in save_path until publish(), and quant_model_description.json lands last: a crashed run never leaves a folder that looks like a
 finished checkpoint. The writer holds save_path's lock (one run per folder) and removes only what a checkpoint
 consists of.
 """
@@ -15,7 +16,7 @@ import logging
 import os
 import shutil
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable
 from typing import Optional
 from pathlib import Path
 
@@ -24,22 +25,20 @@ from safetensors.torch import save_file
 
 from dist_quant import failpoints
 from dist_quant.checkpoint.formats import ascendv1
+from dist_quant.checkpoint.layout import Layout, PartFiles, Place, create_parts, plan_layout, write_payload
 from dist_quant.checkpoint.reader import read_config
 from dist_quant.checkpoint.save_lock import LOCK_FILE, SaveLock
-from dist_quant.checkpoint.safetensors_stream import TensorSlice, tensor_slices, write_concatenated
-from dist_quant.checkpoint.unit_file import UnitRecord, UnitSink, file_crc32, is_plain_name, writing
+from dist_quant.checkpoint.unit_file import UnitRecord, is_plain_name, writing
 from dist_quant.errors import OutputError
 
 logger = logging.getLogger(__name__)
 
 STAGING_DIR = ".dist_quant_staging"
-SPILL_DIR = "spill"
 PRIVATE_DIR = "run"
 DESCRIPTION_FILE = ascendv1.DESCRIPTION_FILE  # the default format's, for callers that read what was published
 COPIED_SUFFIXES = (".json", ".py", ".txt", ".jinja")
 RUN_SUFFIXES = (".yaml", ".yml", ".log")  # the recipe and the run log published next to the checkpoint
-LAYOUT_FILE = "layout.json"  # private: the parts and the byte ranges they are made of
-PARTS_FILE = "parts.jsonl"  # private: each finished part with its size and CRC-32
+LAYOUT_FILE = "layout.json"  # private: the parts and every tensor's place, as the run began
 MOVE_FILE = "move.json"  # private: the files to move into save_path, written once all of them are finished
 FILES_FILE = "quant_model_files.json"  # published: what this checkpoint consists of (all --overwrite may delete)
 GiB = 1024**3  # msModelSlim calls its part_file_size unit "GB"; it is 2**30 bytes
@@ -70,37 +69,6 @@ def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
 def _cpu_copy(tensor: torch.Tensor) -> torch.Tensor:
     """A private contiguous CPU copy: safetensors refuses tensors that share storage (q/k/v passing one input_scale)."""
     return tensor.detach().to("cpu", copy=True, memory_format=torch.contiguous_format)
-
-
-def _layout_parts(slices: list[TensorSlice], part_bytes: int) -> Iterator[list[TensorSlice]]:
-    """Consecutive runs of slices; a new part starts when the next tensor would push the current one past part_bytes
-    (0: everything in one part), so only a single tensor larger than part_bytes makes a part exceed it."""
-    part: list[TensorSlice] = []
-    size = 0
-    for tensor in slices:
-        nbytes = tensor.end - tensor.begin
-        if part_bytes and part and size + nbytes > part_bytes:
-            yield part
-            part, size = [], 0
-        part.append(tensor)
-        size += nbytes
-    if part:
-        yield part
-
-
-PartWriter = Callable[[list[tuple[Path, list[TensorSlice]]]], list[int]]
-
-
-def write_part(path: Path, part: list[TensorSlice]) -> int:
-    """One part file from byte ranges of unit files; returns its CRC-32 (read back while it is in the page cache),
-    which a resumed run checks before it keeps the part."""
-    with writing(path):
-        write_concatenated(path, part)
-    return file_crc32(path)
-
-
-def _write_parts_here(batch: list[tuple[Path, list[TensorSlice]]]) -> list[int]:
-    return [write_part(path, part) for path, part in batch]
 
 
 def _copy(source: Path, target: Path) -> None:
@@ -153,14 +121,13 @@ class CheckpointWriter:
         save_path: str | Path,
         *,
         part_file_size_gb: float = 4,
-        spill_bytes: int = 256 * MiB,
         overwrite: bool = False,
         model_path: str | Path | None = None,
         protected: Iterable[tuple[str | Path, str]] = (),
         resume: bool = False,
         output_format=ascendv1,
     ):
-        """spill_bytes bounds the tensors held in memory by add(). ``protected``: (folder, what) pairs, such as the
+        """``protected``: (folder, what) pairs, such as the
         calibration set, that save_path must neither be, hold nor lie inside (the model folder always is one).
         ``resume`` keeps the staging folder of an interrupted run when it holds one (``self.resuming``)."""
         self.save_path = Path(save_path)
@@ -184,7 +151,7 @@ class CheckpointWriter:
         self.overwrite = overwrite
         self.lock: Optional[SaveLock] = None
         self.staging = self.save_path / STAGING_DIR
-        self.spill_dir = self.staging / SPILL_DIR
+        self._files = PartFiles(self.staging)  # the part files, opened as they are first written or checked
         self.private_dir = self.staging / PRIVATE_DIR  # the run's own bookkeeping (resume journal...): never published
         try:
             self.lock = SaveLock(self.save_path)
@@ -209,19 +176,14 @@ class CheckpointWriter:
             raise
 
         self._part_bytes = int(part_file_size_gb * GiB)
-        self._spill_bytes = spill_bytes
         self._quant_types: dict[str, str] = {}
-        self._records: list[UnitRecord] = []
-        self._sink = UnitSink(self.spill_dir)
-        self._spill_count = 0
-        self._total_bytes = 0
+        self.layout: Optional[Layout] = None
         self._optional_files: list[str] = []
         self._optional_description: dict | None = None
 
     def _make_staging(self) -> None:
-        with writing(self.spill_dir):
-            self.spill_dir.mkdir(parents=True, exist_ok=True)
-            self.private_dir.mkdir(exist_ok=True)
+        with writing(self.staging):
+            self.private_dir.mkdir(parents=True, exist_ok=True)
 
     def start_afresh(self) -> None:
         """An empty staging folder, once save_path's content is known to be replaceable (see __init__); the driver
@@ -264,36 +226,56 @@ class CheckpointWriter:
 
     # --- collecting ---------------------------------------------------------------------------------------------
 
+    def set_layout(self, units: list[tuple[str, list[tuple[str, torch.dtype, tuple[int, ...]]]]]) -> Layout:
+        """Lay out the parts for ``units`` = [(unit id, [(key, dtype, shape), ...]), ...] in plan order (every
+        tensor's place); nothing is written until ``create_parts``."""
+        self.layout = plan_layout(units, self._part_bytes, self.output_format.part_names)
+        return self.layout
+
+    def create_parts(self) -> None:
+        """The part files with their headers, at their full size. A resumed run must find the same layout (the same
+        model and recipe give it) and keeps the part files, rewriting only a missing or damaged part's header and
+        size (the units whose bytes it held then fail their check and run again)."""
+        saved = self.private_dir / LAYOUT_FILE
+        if self.resuming and saved.exists():
+            try:
+                same = json.loads(saved.read_text()) == json.loads(json.dumps(self.layout.to_json()))
+            except ValueError:
+                same = False
+            if not same:
+                raise OutputError(f"{saved} does not match this run's checkpoint layout; rerun without --resume, "
+                                  "with --overwrite")
+            create_parts([p for p in self.layout.parts if not self._part_intact(p)], self.staging)
+        else:
+            create_parts(self.layout.parts, self.staging)
+            _write_json(saved, self.layout.to_json())
+
+    def _part_intact(self, part) -> bool:
+        path = self.staging / part.name
+        if not path.is_file() or path.is_symlink() or path.stat().st_size != part.size:
+            return False
+        with open(path, "rb") as f:
+            return f.read(len(part.header)) == part.header
+
+    def places(self, unit_id: str) -> list[Place]:
+        return self.layout.units[unit_id]
+
+    def unit_intact(self, record: UnitRecord) -> bool:
+        """Whether the part files still hold a finished unit's bytes (its CRC-32), for a resumed run."""
+        places = self.layout.units.get(record.unit_id)
+        return places is not None and [p.key for p in places] == list(record.keys) \
+            and self._files.crc32(places) == record.crc32
+
     def add_unit(self, record: UnitRecord) -> None:
-        """Register a unit file written by a worker; the parts list units in the order they are added."""
-        if not is_plain_name(record.file):
-            raise OutputError(f"unit {record.unit_id} names the file {record.file!r}, which is not a file of the "
-                              f"staging folder {self.spill_dir}")
-        path = self.spill_dir / record.file
-        if record.payload is not None:  # the worker's disk is not ours: its file came through the object store
-            with writing(path):
-                path.write_bytes(record.payload)
-        clash = [key for key in record.keys if key in self._quant_types]
-        if clash:
-            raise ValueError(f"unit {record.unit_id} repeats tensors already added: {clash[:5]}")
-        self._records.append(record)
+        """Register a finished unit; one whose bytes came through the object store is written to its places now."""
+        places = self.layout.units.get(record.unit_id) if self.layout is not None else None
+        if places is None or [p.key for p in places] != list(record.keys):
+            raise OutputError(f"unit {record.unit_id} is not the one the checkpoint layout holds; a bug, or a "
+                              "journal of another run")
+        if record.payload is not None:  # the worker's disk is not ours
+            with writing(self.staging):
+                write_payload(self._files, places, record.payload)
         self._quant_types.update(zip(record.keys, record.quant_types))
-        self._total_bytes += record.nbytes
-
-    def add(self, key: str, tensor: torch.Tensor, quant_type: str) -> None:
-        """Add one tensor; past spill_bytes the buffered tensors go to a spill file."""
-        if key in self._quant_types:
-            raise ValueError(f"tensor {key} was already added")
-        self._sink.add(key, tensor.detach().clone(), quant_type)  # the caller may change its tensor afterwards
-        if self._sink.pending_bytes > self._spill_bytes:
-            self.flush()
-
-    def flush(self) -> None:
-        """Write the buffered tensors to the next spill file (bounds memory by what was added since the last flush)."""
-        if not len(self._sink):
-            return
-        self._spill_count += 1
-        self.add_unit(self._sink.finish(f"{self._spill_count:06d}"))
 
     def add_optional(self, relpath: str, tensors: dict[str, torch.Tensor]) -> None:
         """A side file such as optional/quarot.safetensors; it is neither indexed nor described per tensor."""
@@ -311,12 +293,6 @@ class CheckpointWriter:
     # --- publishing ---------------------------------------------------------------------------------------------
 
     @property
-    def assembling(self) -> bool:
-        """An interrupted run got as far as assembling the parts: every unit had finished (its spill files may be
-        gone since)."""
-        return (self.private_dir / LAYOUT_FILE).exists()
-
-    @property
     def moving(self) -> bool:
         """An interrupted run had finished every file and was moving them into save_path."""
         return (self.private_dir / MOVE_FILE).exists()
@@ -326,21 +302,18 @@ class CheckpointWriter:
         source_model_dir: str | Path,
         *,
         recipe_path: str | Path | None = None,
-        write_parts: Optional[PartWriter] = None,
-        parallel_parts: int = 1,
     ) -> dict:
-        """Finish every file in staging, then move them into save_path, the description last.
-
-        ``write_parts`` writes a batch of ``parallel_parts`` parts at once and returns their CRC-32s (the Ray driver
-        hands them to its actors); by default this process writes them one by one.
-        """
+        """Finish every file in staging (every unit of the layout added), then move them into save_path, the
+        description last."""
         if self.moving:
             return self.resume_publish()
-        self.flush()
-        if not self._quant_types:
+        if self.layout is None or not self._quant_types:
             raise OutputError(f"no tensors were added for {self.save_path}; nothing to publish")
+        missing = [key for key in self.layout.weight_map() if key not in self._quant_types]
+        if missing:
+            raise OutputError(f"{len(missing)} tensors of the checkpoint were never written ({missing[:3]}); a bug")
         source = Path(source_model_dir)
-        self._write_parts(write_parts or _write_parts_here, max(1, parallel_parts))
+        self._finish_parts()
         self._write_config(source)
         self._copy_source_files(source)
         if recipe_path is not None:
@@ -350,7 +323,7 @@ class CheckpointWriter:
             _write_json(self.staging / name, content)
         if self.overwrite:
             self._remove_old_checkpoint()
-        entries = sorted(p.name for p in self.staging.iterdir() if p.name not in (SPILL_DIR, PRIVATE_DIR, FILES_FILE)
+        entries = sorted(p.name for p in self.staging.iterdir() if p.name not in (PRIVATE_DIR, FILES_FILE)
                          and not p.name.startswith("."))
         _write_json(self.staging / FILES_FILE, {"files": entries + [FILES_FILE]})
         moves = sorted(entries + [FILES_FILE], key=lambda name: (name == self.output_format.MARKER_FILE, name))
@@ -383,82 +356,16 @@ class CheckpointWriter:
         return {"tensors": len(types), "bytes": index["metadata"]["total_size"],
                 "counts": dict(Counter(types.values())), "files": files}
 
-    def _layout(self) -> list[tuple[str, list[TensorSlice]]]:
-        """The parts (name, slices in order): computed from the unit files once, then saved, so that a resumed
-        assembly writes exactly the same parts even after some unit files were deleted."""
-        saved = self.private_dir / LAYOUT_FILE
-        if saved.exists():
-            layout = [(name, [TensorSlice(key, self.spill_dir / file, dtype, tuple(shape), begin, end)
-                              for key, file, dtype, shape, begin, end in part])
-                      for name, part in json.loads(saved.read_text())["parts"]]
-            keys = [t.key for _, part in layout for t in part]
-            files = {t.source.name for _, part in layout for t in part}
-            if keys != [k for r in self._records for k in r.keys] or not all(map(is_plain_name, files)):
-                raise OutputError(f"{saved} does not match the finished units; rerun without --resume, with "
-                                  "--overwrite")
-            return layout
-        slices = []
-        for record in self._records:
-            path = self.spill_dir / record.file
-            if not path.is_file() or path.stat().st_size != record.file_bytes:
-                raise OutputError(f"unit file {path} of unit {record.unit_id} is missing or incomplete; is save_path "
-                                  "on a filesystem every worker node shares?")
-            in_file = tensor_slices(path)
-            slices.extend(in_file[key] for key in record.keys)  # the file's own data order sorts by dtype
-        parts = list(_layout_parts(slices, self._part_bytes))
-        count = len(parts)
-        names = self.output_format.part_names(0 if self._part_bytes == 0 else count)
-        layout = list(zip(names, parts))
-        _write_json(saved, {"parts": [(name, [(t.key, t.source.name, t.dtype, list(t.shape), t.begin, t.end)
-                                               for t in part]) for name, part in layout]})
-        return layout
-
-    def _finished_parts(self) -> dict[str, tuple[int, int]]:
-        path = self.private_dir / PARTS_FILE
-        lines = path.read_text().splitlines() if path.exists() else []
-        done = {}
-        for line in lines:
-            try:
-                entry = json.loads(line)
-                done[entry["part"]] = (int(entry["bytes"]), int(entry["crc32"]))
-            except (ValueError, KeyError, TypeError):
-                continue  # the last line of a run killed while writing it
-        return {name: size_crc for name, size_crc in done.items() if is_plain_name(name)
-                and (self.staging / name).is_file() and (self.staging / name).stat().st_size == size_crc[0]
-                and file_crc32(self.staging / name) == size_crc[1]}
-
-    def _write_parts(self, write_batch: PartWriter, batch_size: int) -> None:
-        """Assemble the parts (HF shard names) from the unit files, a batch at a time, deleting each unit file once
-        all of it is copied (and its parts recorded), so the disk holds little more than one batch of parts twice;
-        then write the index. Parts an interrupted run finished are kept."""
-        layout = self._layout()
-        done = self._finished_parts()
-        needed = Counter(t.source for name, part in layout if name not in done for t in part)
-        for spill in {t.source for _, part in layout for t in part} - set(needed):
-            spill.unlink(missing_ok=True)
-        gone = sorted(spill.name for spill in needed if not spill.is_file())
-        if gone:
-            raise OutputError(f"parts of the interrupted run in {self.staging} are damaged and the unit files they "
-                              f"were made of ({gone[:3]}) are gone; run again without --resume, with --overwrite")
-        jobs = [(self.staging / name, part) for name, part in layout if name not in done]
-        for first in range(0, len(jobs), batch_size):
-            batch = jobs[first:first + batch_size]
-            crcs = write_batch(batch)
-            with open(self.private_dir / PARTS_FILE, "a", encoding="utf-8") as record:
-                for (path, part), crc in zip(batch, crcs):
-                    path.chmod(0o644)
-                    logger.info("wrote part %s (%.2f GiB)", path.name, path.stat().st_size / GiB)
-                    record.write(json.dumps({"part": path.name, "bytes": path.stat().st_size, "crc32": crc}) + "\n")
-                record.flush()
-                os.fsync(record.fileno())
-            failpoints.reach("part")
-            needed.subtract(t.source for _, part in batch for t in part)
-            for spill in [spill for spill, left in needed.items() if left == 0]:
-                spill.unlink(missing_ok=True)
-                del needed[spill]
-        shutil.rmtree(self.spill_dir, ignore_errors=True)
-        weight_map = {t.key: name for name, part in layout for t in part}
-        index = {"metadata": {"total_size": self._total_bytes}, "weight_map": weight_map}
+    def _finish_parts(self) -> None:
+        """Every part is complete once its units are: make them durable and readable, and write the index."""
+        with writing(self.staging):
+            for part in self.layout.parts:
+                path = self.staging / part.name
+                with open(path, "rb+") as f:
+                    os.fsync(f.fileno())  # a published checkpoint must survive a crash right after its description
+                path.chmod(0o644)
+                logger.info("wrote part %s (%.2f GiB)", part.name, part.size / GiB)
+        index = {"metadata": {"total_size": self.layout.total_bytes}, "weight_map": self.layout.weight_map()}
         _write_json(self.staging / self.output_format.INDEX_FILE, index)
 
     def _write_config(self, source: Path) -> None:
@@ -501,6 +408,7 @@ class CheckpointWriter:
 
     def close(self) -> None:
         """Give up save_path without publishing (what was staged stays for a --resume)."""
+        self._files.close()
         if self.lock is not None:
             self.lock.release()
         if not any(p.is_file() for p in self.staging.rglob("*")):
@@ -509,6 +417,5 @@ class CheckpointWriter:
 
     def abort(self) -> None:
         """Drop everything written so far; save_path keeps whatever it held before."""
-        self._sink = UnitSink(self.spill_dir)
         shutil.rmtree(self.staging, ignore_errors=True)
         self.close()

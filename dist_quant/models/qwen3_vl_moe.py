@@ -549,6 +549,12 @@ def layer_param_count(config: Qwen3VLMoeConfig, layer_idx: int) -> int:
     return _numel(meta_layer(config, layer_idx))
 
 
+def expert_shapes(config: Qwen3VLMoeConfig) -> tuple[tuple[int, int], ...]:
+    """nn.Linear shapes [out, in] of one expert's projections, in EXPERT_PROJS order (gate, up, down)."""
+    tc = config.text_config
+    return ((tc.moe_intermediate_size, tc.hidden_size),) * 2 + ((tc.hidden_size, tc.moe_intermediate_size),)
+
+
 def expert_param_count(config: Qwen3VLMoeConfig) -> int:
     """Parameters of one expert (gate, up and down)."""
     tc = config.text_config

@@ -1,12 +1,12 @@
 """A projection of the wall time of a quantization on N cards, from the plan and a few hardware figures.
 
 This is a model, not a measurement: per unit, reading its weights from storage overlaps with computing on the
-previous one (prefetch), then its output is serialised and written; layers are a chain (layer L+1 needs layer L's
-output) while the expert groups of a layer run on all actors at once; the part files are assembled at the end by
-all actors in parallel. The figures below are parameters. Defaults: an Atlas 800I A2 node (8 cards of 64 GB HBM2e,
+previous one (prefetch), then its output is written straight into its place in the part files (checksummed on the
+way: nothing is assembled or copied at the end); layers are a chain (layer L+1 needs layer L's output) while the
+expert groups of a layer run on all actors at once. The figures below are parameters. Defaults: an Atlas 800I A2 node (8 cards of 64 GB HBM2e,
 about 1.6 TB/s each; float32 matmul throughput taken at a conservative 60 TFLOPS per card), storage that delivers
 2 GB/s read and 1 GB/s write per node, and the host-side cost of serialising and checksumming output measured on
-the development machine (docs/benchmarks.md). Change them to match your cluster.
+the development machine (docs/benchmarks.md, "Real width"). Change them to match your cluster.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ class Hardware:
     storage_write_gbps: float = 1.0  # per node, GB/s
     hbm_gbps: float = 1600.0  # per card
     matmul_tflops: float = 60.0  # per card, float32 calibration matmuls
-    host_gbps: float = 0.5  # per actor: serialise + CRC-32 of its output (measured 0.27-0.5 GB/s on 1 CPU core)
+    host_gbps: float = 2.0  # per actor: CRC-32 and positioned writes of its output into the page cache (1 core)
     elementwise_passes: int = 12  # fp32 passes over a unit's weights: convert, fuse, rotate, quantize
     actor_start_s: float = 30.0  # import torch/torch_npu and open the checkpoint
 
@@ -37,13 +37,12 @@ class Projection:
     read_s: float
     compute_s: float
     write_s: float
-    merge_s: float
     nodes: int
 
     def describe(self, workers: int) -> str:
         return (f"  projected wall time on {workers} card(s) ({self.nodes} node(s)): {self.seconds / 60:.1f} min "
                 f"(critical path: read {self.read_s / 60:.1f}, compute {self.compute_s / 60:.1f}, write "
-                f"{self.write_s / 60:.1f}, assemble {self.merge_s / 60:.1f} min) - a projection, not a measurement")
+                f"{self.write_s / 60:.1f} min) - a projection, not a measurement")
 
 
 def unit_flops(config, unit: Unit, calib_tokens: int) -> float:
@@ -86,6 +85,5 @@ def project(plan: QuantPlan, config, raw_config: dict, calib_tokens: int, hw: Ha
     for per_actor in layers.values():
         busiest = max(per_actor.values(), key=lambda t: max(t[0], t[1]) + t[2])
         read_s, compute_s, write_s = read_s + busiest[0], compute_s + busiest[1], write_s + busiest[2]
-    merge_s = 2 * plan.output_bytes / (hw.storage_write_gbps * GB * nodes)  # read back and write the parts
-    total = hw.actor_start_s + max(read_s, compute_s) + write_s + merge_s
-    return Projection(total, read_s, compute_s, write_s, merge_s, nodes)
+    total = hw.actor_start_s + max(read_s, compute_s) + write_s
+    return Projection(total, read_s, compute_s, write_s, nodes)

@@ -8,6 +8,7 @@ checkpoint identical whoever ran it lives here, once.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import signal
@@ -34,7 +35,7 @@ from dist_quant.runtime.report import UnitReport
 from dist_quant.runtime.resume import Journal, ResumePoint, fingerprint, remaining_units, resume_point
 from dist_quant.runtime.run_log import RunLog, write_coverage
 from dist_quant.runtime.timing import add_times
-from dist_quant.runtime.worker import check_recipe_for_model, export_rotation
+from dist_quant.runtime.worker import check_recipe_for_model, checkpoint_entries, export_rotation
 
 log = logging.getLogger("dist_quant")
 
@@ -102,7 +103,6 @@ class Executor(Protocol):
     def run(self, todo: list[Unit], point: Optional[ResumePoint], inputs: list[ModelInputs],
             on_done: OnDone) -> None: ...
 
-    def part_writing(self) -> dict: ...
 
     def close(self) -> None: ...
 
@@ -157,6 +157,7 @@ def quantize(model_path: str, save_path: str, recipe: Recipe, executor: Executor
                      writer.save_path)
         run_log = RunLog(writer.staging, recipe.path, append=writer.resuming)
         sigterm = signal.getsignal(signal.SIGTERM)
+        writer.set_layout(checkpoint_entries(model_path, recipe, plan))  # every tensor's place, before any unit runs
         executor.start(model_path, recipe, writer, plan, device, compute_threads)
         if callable(sigterm) and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, sigterm)  # Ray's runtime installs its own handler, which aborts
@@ -167,15 +168,14 @@ def quantize(model_path: str, save_path: str, recipe: Recipe, executor: Executor
             summary = writer.resume_publish()
             return QuantSummary(time.perf_counter() - start, len(plan), summary["tensors"], summary["bytes"],
                                 summary["counts"], str(save_path))
+        writer.create_parts()
         records, reports = _run_units(executor, writer, journal, plan, inputs, run_log, progress)
-        for unit in plan:  # plan order, whoever finished first: the same checkpoint for any number of workers
-            writer.add_unit(records[unit.id])
         coverage = write_coverage(writer.staging, journal.expert_tokens, run_log)
         export_rotation(writer, recipe, config)
         (writer.staging / RUN_FILE).write_text(json.dumps({"fingerprint": run}, indent=2) + "\n")
-        run_log.write(f"assembling {len(plan)} unit files into the checkpoint")
+        run_log.write(f"publishing the checkpoint of {len(plan)} units")
         assemble_started = time.perf_counter()
-        summary = writer.publish(model_path, recipe_path=recipe.path, **executor.part_writing())
+        summary = writer.publish(model_path, recipe_path=recipe.path)
     except KeyboardInterrupt as interrupt:
         with _signals_held():
             kept = _give_up(writer, journal, quiet=True)
@@ -199,15 +199,12 @@ def quantize(model_path: str, save_path: str, recipe: Recipe, executor: Executor
 
 def _run_units(executor: Executor, writer: CheckpointWriter, journal: Journal, plan: list[Unit],
                inputs: list[ModelInputs], run_log: RunLog, progress: bool) -> tuple[dict, list[UnitReport]]:
-    """Run what the journal does not already hold; returns every unit's record and the reports of those that ran."""
-    if writer.assembling:  # every unit had finished and the parts were being written: nothing to compute
-        missing = [u.id for u in plan if u.id not in journal.finished]
-        if missing:
-            raise OutputError(f"the interrupted run in {writer.staging} was assembling its parts but its journal "
-                              f"lacks units {missing[:5]}; run again without --resume, with --overwrite")
-        run_log.write("resuming the assembly of a finished run")
-        return dict(journal.finished), []
-    kept = journal.intact(writer.spill_dir) if writer.resuming else {}
+    """Run what the journal does not already hold (each unit's tensors written to the part files as it finishes);
+    returns every unit's record and the reports of those that ran."""
+    kept = {unit_id: record for unit_id, record in journal.finished.items()
+            if writer.unit_intact(record)} if writer.resuming else {}
+    for record in kept.values():
+        writer.add_unit(record)
     point = resume_point(writer.private_dir, plan, kept, journal, len(inputs)) if writer.resuming else None
     todo = remaining_units(plan, point, kept)
     if writer.resuming:
@@ -219,13 +216,15 @@ def _run_units(executor: Executor, writer: CheckpointWriter, journal: Journal, p
     with tqdm(total=len(plan), initial=len(plan) - len(todo), desc="quantizing", unit="unit",
               disable=not progress) as bar:
         def on_done(report: UnitReport) -> None:
+            writer.add_unit(report.record)  # its bytes are in the part files from here on (written by the worker,
+            record = dataclasses.replace(report.record, payload=None)  # or now, from the object store)
             for stream in report.streams:
                 journal.record_stream(stream)
-            journal.record(report.record, report.unit.layer, report.expert_tokens)
+            journal.record(record, report.unit.layer, report.expert_tokens)
             journal.prune_streams(plan)
             failpoints.reach("unit")
-            records[report.unit.id] = report.record
-            reports.append(report)
+            records[report.unit.id] = record
+            reports.append(dataclasses.replace(report, record=record))
             where = f"actor {report.actor} (pid {report.pid}, {report.host})" if executor.workers > 1 else ""
             run_log.unit(report.unit.name, report.seconds, report.bytes_read, where)
             units, busy = live.setdefault(report.actor, [0, 0.0])
@@ -281,10 +280,10 @@ def _already_complete(writer: CheckpointWriter, run: dict, start: float, units: 
 
 def _give_up(writer: CheckpointWriter, journal: Optional[Journal], quiet: bool = False) -> int:
     """After a failure or an interruption: keep the staging folder when something can be resumed (finished units,
-    an assembly under way, or an attempt to resume), else remove it; returns the number of finished units kept.
+    a publish under way, or an attempt to resume), else remove it; returns the number of finished units kept.
     Either way save_path holds nothing that looks like a finished checkpoint, and its lock is released."""
     finished = len(journal.finished) if journal is not None else 0
-    if writer.resuming or finished or writer.assembling or writer.moving:
+    if writer.resuming or finished or writer.moving:
         if not quiet:
             log.error("%d finished unit(s) are kept in %s: rerun the same command with --resume to continue (or "
                       "with --overwrite and without --resume to start over)", finished, writer.staging)

@@ -11,6 +11,7 @@ its unfinished units run again.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import secrets
@@ -163,8 +164,10 @@ class RayExecutor:
         remote = self.ray.remote(max_restarts=self.max_restarts, max_task_retries=self.max_restarts)(UnitRunner)
         self.actor_started = time.perf_counter()
         self.actors = [remote.options(**actor_resources(device), scheduling_strategy="SPREAD").remote(
-                           i, str(model_path), recipe, str(writer.spill_dir), str(writer.private_dir), device,
-                           [u for u, a in zip(plan, self.assignment) if a == i], ship_unit_files=self.ship_unit_files,
+                           i, str(model_path), recipe, str(writer.staging), str(writer.private_dir), device,
+                           [u for u, a in zip(plan, self.assignment) if a == i],
+                           {u.id: writer.places(u.id) for u, a in zip(plan, self.assignment) if a == i},
+                           ship_unit_files=self.ship_unit_files,
                            probe=str(probe), token=token, pin_cpus=self.pin_cpus, compute_threads=compute_threads)
                        for i in range(self.workers)]
 
@@ -181,8 +184,9 @@ class RayExecutor:
                 for ref in ready:
                     pending.pop(ref)
                     report: UnitReport = ray.get(ref)
+                    on_done(report)  # writes the bytes a report carries through the object store
+                    report = dataclasses.replace(report, record=dataclasses.replace(report.record, payload=None))
                     self.reports.append(report)
-                    on_done(report)
                     if self.on_unit_done is not None:
                         self.on_unit_done(report)
         except ray.exceptions.RayTaskError as error:
@@ -193,21 +197,6 @@ class RayExecutor:
             raise DistQuantError(f"distributed quantization failed, nothing was published: {error}") from error
         self.sweep_seconds = time.perf_counter() - started
         self.probe.unlink(missing_ok=True)
-
-    def part_writing(self) -> dict:
-        """Actors that share save_path's filesystem assemble the part files in parallel, one part each at a time;
-        otherwise the unit files came through the object store and the driver writes the parts itself."""
-        if not self.actors or not all(report.record.payload is None for report in self.reports):
-            return {}
-        ray, actors = self.ray, self.actors
-        if not self.reports and any(info["ship_unit_files"] for info in ray.get([a.node.remote() for a in actors])):
-            return {}  # a resumed assembly: nothing ran, so ask the actors whether they see save_path
-
-        def write_batch(batch):
-            return ray.get([actors[i % len(actors)].write_part.remote(str(path), part)
-                            for i, (path, part) in enumerate(batch)])
-
-        return {"write_parts": write_batch, "parallel_parts": len(actors)}
 
     def close(self) -> None:
         for actor in self.actors:

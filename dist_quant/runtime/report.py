@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
+from dist_quant.checkpoint.layout import Place
 from dist_quant.checkpoint.unit_file import UnitRecord
 from dist_quant.runtime.plan import Unit
 from dist_quant.runtime.resume import StreamRecord
@@ -35,8 +36,9 @@ class Reporter:
     """Turns a worker's finished unit into a UnitReport: bytes read since the previous report (prefetches included),
     so the reports of one worker add up to every byte it read."""
 
-    def __init__(self, worker, actor: int = 0, node_id: str = ""):
+    def __init__(self, worker, places: dict[str, list[Place]], actor: int = 0, node_id: str = ""):
         self.worker = worker
+        self.places = places  # where each unit's tensors go in the part files, by unit id
         self.actor = actor
         self.host = socket.gethostname()
         self.node_id = node_id
@@ -48,7 +50,7 @@ class Reporter:
         total = self.worker.reader.bytes_read
         bytes_read, self._bytes_reported = total - self._bytes_reported, total
         with self.worker.times.split("write", "serialise", lambda: self.worker.sink.serialise_seconds):
-            record = self.worker.sink.finish(unit.id)
+            record = self.worker.sink.finish(unit.id, self.places[unit.id])
         return UnitReport(self.actor, unit, record, seconds, bytes_read, self.host, os.getpid(), self.node_id,
                           resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, expert_tokens,
                           self.worker.times.take(), tuple(streams))

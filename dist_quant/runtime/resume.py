@@ -33,7 +33,8 @@ from safetensors.torch import load_file, save
 
 from dist_quant import __version__
 
-PLAN_LAYOUT = 2  # unit ids and stream-saving points; a journal of another layout is not resumed (2: "L003" units)
+PLAN_LAYOUT = 3  # unit ids, stream-saving points, unit records; a journal of another layout is not resumed
+# (2: "L003" units; 3: units write into the part files, records without a unit file)
 from dist_quant.calib.inputs import ModelInputs
 from dist_quant.checkpoint.unit_file import UnitRecord, file_crc32, is_plain_name
 from dist_quant.errors import OutputError
@@ -146,7 +147,7 @@ class Journal:
             coverage = fields.pop("expert_tokens", None)
             record = UnitRecord(**{**fields, "keys": tuple(fields["keys"]),
                                    "quant_types": tuple(fields["quant_types"])})
-            if not (isinstance(record.file, str) and is_plain_name(record.file) and isinstance(record.unit_id, str)):
+            if not (isinstance(record.unit_id, str) and isinstance(record.crc32, int)):
                 return
             if coverage is not None:
                 self.expert_tokens[int(coverage["layer"])] = [int(t) for t in coverage["tokens"]]
@@ -184,11 +185,6 @@ class Journal:
         """A saved stream file (the layer files it makes useless go in ``prune_streams``)."""
         self.streams[record.stream] = record
         self._append(dataclasses.asdict(record))
-
-    def intact(self, spill_dir: Path) -> dict[str, UnitRecord]:
-        """The finished units whose files are still there, whole and unchanged."""
-        return {unit_id: record for unit_id, record in self.finished.items()
-                if _matches(spill_dir / record.file, record.file_bytes, record.crc32)}
 
     def intact_stream(self, path: Path) -> bool:
         record = self.streams.get(path.name)

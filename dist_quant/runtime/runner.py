@@ -18,8 +18,8 @@ from typing import Optional
 import torch
 
 from dist_quant.calib.inputs import ModelInputs
+from dist_quant.checkpoint.layout import Place
 from dist_quant.checkpoint.unit_file import UnitSink
-from dist_quant.checkpoint.writer import write_part
 from dist_quant.recipe import Recipe
 from dist_quant.runtime.device import DEFAULT_COMPUTE_THREADS, resolve_device
 from dist_quant.runtime.interpret import finish_layer, running_sum
@@ -63,19 +63,19 @@ class UnitRunner:
     Layer outputs and vision outputs are saved for --resume only where the driver sees them.
     """
 
-    def __init__(self, index: int, model_path: str, recipe: Recipe, spill_dir: str, private_dir: str, device: str,
-                 schedule: list[Unit], *, ship_unit_files: Optional[bool] = False, probe: str = "", token: str = "",
+    def __init__(self, index: int, model_path: str, recipe: Recipe, staging_dir: str, private_dir: str, device: str,
+                 schedule: list[Unit], places: dict[str, list[Place]], *, ship_unit_files: Optional[bool] = False, probe: str = "", token: str = "",
                  pin_cpus: Optional[int] = None, compute_threads: int = DEFAULT_COMPUTE_THREADS):
         if device == "cpu" and pin_cpus:
             pin_to_cpu_share(index, pin_cpus)
         self.index = index
         self.ship_unit_files = not can_see(probe, token) if ship_unit_files is None else ship_unit_files
         self.private_dir = None if self.ship_unit_files else Path(private_dir)  # layer-boundary saves (--resume)
-        self.worker = Worker(model_path, recipe, UnitSink(spill_dir, ship_unit_files=self.ship_unit_files),
+        self.worker = Worker(model_path, recipe, UnitSink(staging_dir, ship_unit_files=self.ship_unit_files),
                              resolve_device(device), compute_threads=compute_threads)
         self.schedule = schedule
         self._position = {unit: i for i, unit in enumerate(schedule)}  # where each unit is in the schedule
-        self.reporter = Reporter(self.worker, index, ray_node_id())
+        self.reporter = Reporter(self.worker, places, index, ray_node_id())
 
     def node(self) -> dict:
         return {"pid": os.getpid(), "host": self.reporter.host, "node_id": self.reporter.node_id,
@@ -132,10 +132,6 @@ class UnitRunner:
         started = self._start(unit)
         self.worker.head()
         return self.reporter.report(unit, started)
-
-    def write_part(self, path: str, slices: list) -> int:
-        """Assemble one part file of the checkpoint from unit files (on the shared filesystem); returns its CRC-32."""
-        return write_part(Path(path), slices)
 
 
 __all__ = ["UnitReport", "UnitRunner", "can_see", "pin_to_cpu_share", "ray_node_id"]

@@ -13,6 +13,7 @@ from typing import Optional, Protocol
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode  # shapes without data: Worker.entries
 
 from dist_quant import failpoints
 from dist_quant.algorithms import hadamard, quarot
@@ -26,7 +27,7 @@ from dist_quant.models.family import family_for, family_of
 from dist_quant import schemes
 from dist_quant.recipe import Recipe
 from dist_quant.runtime.device import DEFAULT_COMPUTE_THREADS, set_compute_threads
-from dist_quant.runtime.plan import Kind
+from dist_quant.runtime.plan import Kind, Unit
 from dist_quant.runtime.timing import PhaseTimes
 
 
@@ -53,8 +54,35 @@ def export_rotation(writer, recipe: Recipe, config) -> None:
         writer.set_optional_description(optional)
 
 
+def checkpoint_entries(model_path: str, recipe: Recipe, plan: list[Unit]) -> list[tuple[str, list]]:
+    """[(unit id, [(key, dtype, shape), ...]), ...]: what each unit of ``plan`` writes, in order (Worker.entries)."""
+    worker = Worker(model_path, recipe, _Recorder(), compute_threads=torch.get_num_threads())
+    return [(unit.id, [entry[:3] for entry in worker.entries(unit)]) for unit in plan]
+
+
 class TensorSink(Protocol):
     def add(self, key: str, tensor: torch.Tensor, quant_type: str) -> None: ...
+
+
+class _Recorder:
+    """A sink that only notes what it is given (Worker.entries)."""
+
+    def __init__(self):
+        self.entries: list[tuple[str, torch.dtype, tuple[int, ...], str]] = []
+
+    def add(self, key: str, tensor: torch.Tensor, quant_type: str) -> None:
+        self.entries.append((key, tensor.dtype, tuple(tensor.shape), quant_type))
+
+
+class _UnitRanges:
+    """Input ranges for Worker.entries: a range of any value gives the same tensors' dtypes and shapes."""
+
+    @staticmethod
+    def tensor_range(name: str) -> tuple[float, float]:
+        return -1.0, 1.0
+
+
+_UNIT_RANGES = _UnitRanges()
 
 
 @dataclass
@@ -276,10 +304,13 @@ class Worker:
             partial = self.family.expert_group_forward(moe.x, moe.topk_ids, moe.topk_weights,
                                                        [self.family.float_expert(*e, act_fn) for e in experts], first)
         for expert, weights in zip(range(first, stop), experts):
-            for proj, weight in zip(self.family.EXPERT_PROJS, weights):
-                self._emit_linear(self.family.expert_key(layer_idx, expert, proj), weight, None, None)
+            self._emit_expert(layer_idx, expert, weights)
             failpoints.reach("experts")
         return partial
+
+    def _emit_expert(self, layer_idx: int, expert: int, weights: tuple[torch.Tensor, ...]) -> None:
+        for proj, weight in zip(self.family.EXPERT_PROJS, weights):
+            self._emit_linear(self.family.expert_key(layer_idx, expert, proj), weight, None, None)
 
     @torch.no_grad()
     def head(self) -> None:
@@ -288,5 +319,43 @@ class Worker:
         if self.rotation is not None:
             with self.times.phase("rotate"):
                 norm, lm_head = outliers.rotate_head(norm, lm_head, self.rotation)
+        self._emit_head(norm, lm_head)
+
+    def _emit_head(self, norm: torch.Tensor, lm_head: torch.Tensor) -> None:
         self._float(self.family.NORM_KEY, norm)
         self._float(self.family.LM_HEAD_KEY, lm_head)
+
+    # --- what a unit writes, without running it ---------------------------------------------------------------------
+
+    def entries(self, unit: Unit) -> list[tuple[str, torch.dtype, tuple[int, ...], str]]:
+        """(key, dtype, shape, quant type) of every tensor ``unit`` writes, in the order it writes them, from the
+        checkpoint's headers and the recipe alone: the unit's own emission code run on fake tensors (no data, no
+        forward), so the writer can place each tensor in its part file before any unit runs."""
+        recorder = _Recorder()
+        sink, self.sink = self.sink, recorder
+        family = self.family
+        try:
+            with FakeTensorMode():
+                def read(key: str, shape: Optional[tuple[int, ...]] = None) -> torch.Tensor:
+                    self.reader.check(key, shape)
+                    return torch.empty(self.reader.shape(key), dtype=self.compute_dtype)
+
+                if unit.kind is Kind.VISION:
+                    self._emit_module(family.VISUAL, family.build_vision(self.config, read, self.compute_dtype),
+                                      _UNIT_RANGES)
+                elif unit.kind is Kind.EMBED:
+                    self._float(family.EMBED_KEY, read(family.EMBED_KEY))
+                elif unit.kind is Kind.LAYER:
+                    self._emit_module(family.layer_prefix(unit.layer),
+                                      family.build_layer(self.config, unit.layer, read, self.compute_dtype),
+                                      _UNIT_RANGES)
+                elif unit.kind is Kind.EXPERTS:
+                    shapes = family.expert_shapes(self.config)
+                    for expert in range(unit.first_expert, unit.stop_expert):
+                        self._emit_expert(unit.layer, expert, tuple(torch.empty(s, dtype=self.compute_dtype)
+                                                                    for s in shapes))
+                else:
+                    self._emit_head(read(family.NORM_KEY), read(family.LM_HEAD_KEY))
+        finally:
+            self.sink = sink
+        return recorder.entries

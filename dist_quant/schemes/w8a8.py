@@ -22,7 +22,7 @@ def quantize(weight: torch.Tensor, bias: Optional[torch.Tensor], spec: LinearSpe
     """Roles: weight (int8 [out, in]), input_scale and input_offset (float32 [1]), deq_scale (float32 [out]),
     quant_bias (int32 [out]), and bias (float32) when the linear has one."""
     codes, weight_scale = quantize_weight_per_channel(weight)
-    input_scale, input_offset = activation_range_params(*spec.input_range)
+    input_scale, input_offset = (t.to(weight.device) for t in activation_range_params(*spec.input_range))
     deq_scale = (input_scale * weight_scale).to(torch.float32)
     float_bias = torch.zeros(weight.shape[0], dtype=torch.float64) if bias is None else bias.to(torch.float64)
     row_sums = codes.to(torch.float64).sum(dim=1)
