@@ -79,7 +79,9 @@ def _proc(pid: int) -> dict | None:
         cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except (OSError, ValueError):
         return None
-    hwm = next(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmHWM"))
+    hwm = next((int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmHWM")), None)
+    if hwm is None:  # a process that is exiting (a zombie) has no memory figures any more
+        return None
     return {"peak_rss": hwm, "rchar": int(io["rchar"]), "wchar": int(io["wchar"]), "cmd": cmd[:80]}
 
 

@@ -58,6 +58,16 @@ def test_single_card_with_any_thread_count(model, calib, reference, tmp_path, th
     assert_same_checkpoint(tmp_path / "q", reference)
 
 
+def test_embeddings_and_lm_head_in_row_chunks_of_any_size(model, calib, reference, tmp_path, monkeypatch):
+    """The vocabulary-sized tensors are read, rotated and converted a chunk of rows at a time: 7 chunks of 100 rows
+    (and a last short one) give the checkpoint that one chunk gives, the calibration stream included."""
+    from dist_quant.runtime import worker
+
+    monkeypatch.setattr(worker, "ROW_CHUNK", 100)
+    assert main(args(model, calib, tmp_path / "q")) == 0
+    assert_same_checkpoint(tmp_path / "q", reference)
+
+
 def test_resumed_in_another_process_with_other_threads(model, calib, reference, tmp_path):
     save = tmp_path / "q"
     assert run_cli(args(model, calib, save), threads=4, kill_at="unit:9") == -9

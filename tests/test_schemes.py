@@ -29,6 +29,27 @@ def test_quantize_emits_its_roles_and_serves_the_linear(scheme, with_bias):
     assert scheme.bytes_per_param(4) == (4 if scheme.weight_bits is None else stored_bytes)
 
 
+@pytest.mark.parametrize("scheme, with_bias", CASES, ids=lambda c: getattr(c, "name", str(c)))
+@pytest.mark.parametrize("model_dtype", [torch.bfloat16, torch.float16])
+def test_quantize_runs_on_fake_tensors_with_the_real_dtypes_and_shapes(scheme, with_bias, model_dtype):
+    """The writer lays out the checkpoint before any unit runs by running the units' emission on fake tensors
+    (runtime/worker.py Worker.entries): every scheme must run there and give the dtypes and shapes it gives for real,
+    through the format too (fp16's int64 deq_scale)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def entries(make):
+        weight, bias = make((24, 64)), make((24,)) if with_bias else None
+        spec = LinearSpec(input_range=(-1.0, 1.0), model_dtype=model_dtype)
+        roles = scheme.quantize(weight, bias, spec)
+        return [(key, t.dtype, tuple(t.shape))
+                for key, t, _ in ascendv1.linear_entries("m.proj", scheme.name, roles, model_dtype)]
+
+    real = entries(lambda shape: torch.randn(shape))
+    with FakeTensorMode():
+        fake = entries(lambda shape: torch.empty(shape))
+    assert fake == real
+
+
 @pytest.mark.parametrize("scheme", schemes.SELECTABLE, ids=lambda s: s.name)
 def test_the_recipe_qconfig_selects_the_scheme(scheme):
     assert schemes.for_qconfig(scheme.act, scheme.weight) is scheme

@@ -77,11 +77,11 @@ def rotate_experts(experts: list[tuple[torch.Tensor, ...]], post_norm_weight: to
     return rotated
 
 
-def rotate_head(norm_weight: torch.Tensor, lm_head: torch.Tensor,
-                rot: quarot.BlockRotation) -> tuple[torch.Tensor, torch.Tensor]:
-    """(final norm weight = ones, lm_head with the norm fused in, right-rotated)."""
+def rotate_head(norm_weight: torch.Tensor, lm_head: torch.Tensor, rot: quarot.BlockRotation) -> torch.Tensor:
+    """lm_head (or some of its rows) with the final norm fused in, right-rotated; the final norm weight becomes
+    ones."""
     (fused,) = quarot.fuse_norm_into_linears(norm_weight, [lm_head])
-    return torch.ones_like(norm_weight), quarot.rotate_reader(fused, rot).to(lm_head.dtype)
+    return quarot.rotate_reader(fused, rot).to(lm_head.dtype)
 
 
 def _absmax(ranges: InputRanges, name: str) -> torch.Tensor:

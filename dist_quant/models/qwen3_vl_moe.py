@@ -419,7 +419,12 @@ def causal_mask(seq_len: int, dtype: torch.dtype, device=None) -> torch.Tensor:
 def embed_inputs(embed_weight: torch.Tensor, input_ids: torch.Tensor, image_token_id: int,
                  image_embeds: Optional[torch.Tensor]) -> torch.Tensor:
     """Token embeddings with the image features scattered at the image tokens, as the HF model does."""
-    embeds = nn.functional.embedding(input_ids, embed_weight)
+    return scatter_images(nn.functional.embedding(input_ids, embed_weight), input_ids, image_token_id, image_embeds)
+
+
+def scatter_images(embeds: torch.Tensor, input_ids: torch.Tensor, image_token_id: int,
+                   image_embeds: Optional[torch.Tensor]) -> torch.Tensor:
+    """The image features put at the image tokens of token embeddings ``embeds`` (of ``input_ids``)."""
     if image_embeds is None:
         return embeds
     mask = input_ids == image_token_id

@@ -163,10 +163,13 @@ class RayExecutor:
         self.probe = probe
         remote = self.ray.remote(max_restarts=self.max_restarts, max_task_retries=self.max_restarts)(UnitRunner)
         self.actor_started = time.perf_counter()
+        # each actor's places in the part files: large for a big model, so put in the object store once and held
+        # here for the whole run (a restarted actor gets them again; ray-project/ray#53727)
+        self.places = [self.ray.put({u.id: writer.places(u.id) for u, a in zip(plan, self.assignment) if a == i})
+                       for i in range(self.workers)]
         self.actors = [remote.options(**actor_resources(device), scheduling_strategy="SPREAD").remote(
                            i, str(model_path), recipe, str(writer.staging), str(writer.private_dir), device,
-                           [u for u, a in zip(plan, self.assignment) if a == i],
-                           {u.id: writer.places(u.id) for u, a in zip(plan, self.assignment) if a == i},
+                           [u for u, a in zip(plan, self.assignment) if a == i], self.places[i],
                            ship_unit_files=self.ship_unit_files,
                            probe=str(probe), token=token, pin_cpus=self.pin_cpus, compute_threads=compute_threads)
                        for i in range(self.workers)]
@@ -201,7 +204,7 @@ class RayExecutor:
     def close(self) -> None:
         for actor in self.actors:
             self.ray.kill(actor, no_restart=True)
-        self.actors = []
+        self.actors, self.places = [], []
         if self.we_started:
             self.ray.shutdown()
             self.we_started = False

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Optional, Protocol
+from typing import Callable, Optional, Protocol
 
 import torch
 from torch import nn
@@ -21,7 +21,7 @@ from dist_quant.calib.inputs import ModelInputs
 from dist_quant.calib.ranges import InputRanges
 from dist_quant.checkpoint import formats
 from dist_quant.checkpoint.reader import CheckpointReader
-from dist_quant.errors import RecipeError
+from dist_quant.errors import CalibrationError, RecipeError
 from dist_quant.models import outliers
 from dist_quant.models.family import family_for, family_of
 from dist_quant import schemes
@@ -58,6 +58,9 @@ def checkpoint_entries(model_path: str, recipe: Recipe, plan: list[Unit]) -> lis
     """[(unit id, [(key, dtype, shape), ...]), ...]: what each unit of ``plan`` writes, in order (Worker.entries)."""
     worker = Worker(model_path, recipe, _Recorder(), compute_threads=torch.get_num_threads())
     return [(unit.id, [entry[:3] for entry in worker.entries(unit)]) for unit in plan]
+
+
+ROW_CHUNK = 8192  # rows of the embeddings and lm_head converted at a time (128 MiB of float32 at hidden 4096)
 
 
 class TensorSink(Protocol):
@@ -150,6 +153,8 @@ class Worker:
         self.expert_tokens: dict[int, list[int]] = {}  # calibration tokens routed to each expert, per MoE layer
         self._reader_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
         self._prefetched: dict[tuple[int, int, int], Future] = {}
+        self._faking = False  # while ``entries`` runs
+        self._role_shapes: dict = {}  # what ``entries`` worked out for each kind of linear
 
     # --- helpers ----------------------------------------------------------------------------------------------------
 
@@ -173,10 +178,23 @@ class Worker:
                                   ranges.tensor_range(name) if scheme.needs_input_range else None, self.model_dtype,
                                   self.family.splits_input(name))
         with self.times.phase("quantize"):
-            roles = scheme.quantize(weight, bias, spec)
+            roles = self._quantize(scheme, weight, bias, spec)
         for key, tensor, quant_type in self.output_format.linear_entries(name, scheme.name, roles, self.model_dtype):
             self.sink.add(key, tensor, quant_type)
         return scheme.name
+
+    def _quantize(self, scheme: schemes.Scheme, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                  spec: schemes.LinearSpec) -> dict[str, torch.Tensor]:
+        """``scheme.quantize``; in ``entries`` (fake tensors) each kind of linear is worked out once: a scheme's roles'
+        dtypes and shapes depend on the weight's shape and dtype, the bias, the qconfig and the source dtype only."""
+        if not self._faking:
+            return scheme.quantize(weight, bias, spec)
+        kind = (scheme.name, tuple(weight.shape), weight.dtype, bias is None, spec.act, spec.weight, spec.model_dtype,
+                spec.input_split)
+        if kind not in self._role_shapes:
+            self._role_shapes[kind] = {role: (t.dtype, tuple(t.shape))
+                                       for role, t in scheme.quantize(weight, bias, spec).items()}
+        return {role: torch.empty(shape, dtype=dtype) for role, (dtype, shape) in self._role_shapes[kind].items()}
 
     def _static_linears(self, prefix: str, module: nn.Module) -> dict[str, nn.Module]:
         """The linears of a piece whose scheme needs calibrated input ranges."""
@@ -227,20 +245,45 @@ class Worker:
             for s, v in zip(inputs, vision)
         ]
 
+    def _float_rows(self, key: str, transform: Callable[[torch.Tensor, int], torch.Tensor]) -> torch.Tensor:
+        """A vocabulary-sized float tensor (embeddings, lm_head) read, transformed (``transform(rows, first)``) and
+        converted to the model dtype ROW_CHUNK rows at a time: memory holds its output and one chunk, never the whole
+        of it in float32 (151936 x 4096 is 2.3 GiB per float32 copy)."""
+        self.reader.check(key)
+        shape = self.reader.shape(key)
+        out = torch.empty(shape, dtype=self.model_dtype)
+        for first in range(0, shape[0], ROW_CHUNK):
+            stop = min(first + ROW_CHUNK, shape[0])
+            with self._loading():
+                rows = self.reader.get_slice(key, first, stop, dtype=self.compute_dtype).to(self.device)
+            out[first:stop] = transform(rows, first).to("cpu", self.model_dtype)
+        return out
+
     @torch.no_grad()
     def embed(self, inputs: list[ModelInputs], vision: list[Optional[VisionOutput]]) -> list[torch.Tensor]:
-        """Input embeddings of every sample (image features scattered in); writes embed_tokens."""
-        weight = self._read(self.family.EMBED_KEY)
-        if self.rotation is not None:
-            with self.times.phase("rotate"):
-                weight = quarot.rotate_embedding(weight, self.rotation)
-        hidden = [
-            self.family.embed_inputs(weight, s.input_ids.to(self.device), self.config.image_token_id,
-                             v.image_embeds.to(self.device) if v is not None else None)
-            for s, v in zip(inputs, vision)
-        ]
-        self._float(self.family.EMBED_KEY, weight)
-        return hidden
+        """Input embeddings of every sample (image features scattered in); writes embed_tokens. The calibration
+        stream starts from the float32 (rotated) rows of the tokens the samples use, kept as the chunks go by."""
+        ids = [s.input_ids.to(self.device) for s in inputs]
+        used = torch.unique(torch.cat([i.reshape(-1) for i in ids]))
+        vocab = self.reader.shape(self.family.EMBED_KEY)[0]
+        if len(used) and not 0 <= int(used[0]) <= int(used[-1]) < vocab:
+            raise CalibrationError(f"token ids {int(used[0])}..{int(used[-1])} of the calibration samples are outside "
+                                   f"the {vocab} rows of {self.family.EMBED_KEY}: the tokenizer does not match the model")
+        table = torch.empty(len(used), self.config.text_config.hidden_size, dtype=self.compute_dtype,
+                            device=self.device)
+
+        def rotate_and_keep(rows: torch.Tensor, first: int) -> torch.Tensor:
+            if self.rotation is not None:
+                with self.times.phase("rotate"):
+                    rows = quarot.rotate_embedding(rows, self.rotation)
+            here = (used >= first) & (used < first + rows.shape[0])
+            table[here] = rows[used[here] - first]
+            return rows
+
+        self._float(self.family.EMBED_KEY, self._float_rows(self.family.EMBED_KEY, rotate_and_keep))
+        return [self.family.scatter_images(table[torch.searchsorted(used, i)], i, self.config.image_token_id,
+                                           v.image_embeds.to(self.device) if v is not None else None)
+                for i, v in zip(ids, vision)]
 
     @torch.no_grad()
     def layer(self, layer_idx: int, hidden: list[torch.Tensor], contexts: list) -> LayerOutput:
@@ -315,11 +358,16 @@ class Worker:
     @torch.no_grad()
     def head(self) -> None:
         """Final norm and lm_head: never quantized (vLLM Ascend serves them in float)."""
-        norm, lm_head = self._read(self.family.NORM_KEY), self._read(self.family.LM_HEAD_KEY)
-        if self.rotation is not None:
+        norm = self._read(self.family.NORM_KEY)
+
+        def rotate(rows: torch.Tensor, first: int) -> torch.Tensor:
+            if self.rotation is None:
+                return rows
             with self.times.phase("rotate"):
-                norm, lm_head = outliers.rotate_head(norm, lm_head, self.rotation)
-        self._emit_head(norm, lm_head)
+                return outliers.rotate_head(norm, rows, self.rotation)
+
+        lm_head = self._float_rows(self.family.LM_HEAD_KEY, rotate)
+        self._emit_head(torch.ones_like(norm) if self.rotation is not None else norm, lm_head)
 
     def _emit_head(self, norm: torch.Tensor, lm_head: torch.Tensor) -> None:
         self._float(self.family.NORM_KEY, norm)
@@ -333,6 +381,7 @@ class Worker:
         forward), so the writer can place each tensor in its part file before any unit runs."""
         recorder = _Recorder()
         sink, self.sink = self.sink, recorder
+        self._faking = True
         family = self.family
         try:
             with FakeTensorMode():
@@ -357,5 +406,5 @@ class Worker:
                 else:
                     self._emit_head(read(family.NORM_KEY), read(family.LM_HEAD_KEY))
         finally:
-            self.sink = sink
+            self.sink, self._faking = sink, False
         return recorder.entries
