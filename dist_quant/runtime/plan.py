@@ -20,7 +20,10 @@ from dist_quant.recipe import Recipe, load_recipe
 DEFAULT_EXPERT_GROUP_SIZE = 16
 DEFAULT_CALIB_TOKENS = 16 * 1024  # e.g. 16 images of ~1000 tokens: the activations every text unit holds
 COMPUTE_BYTES = 4  # weights are computed on in float32
-RUNTIME_OVERHEAD = 2 * 1024**3  # framework and device context of one process
+# Python, torch, transformers and the calibration inputs (0.35-0.6 GiB), plus what the allocator keeps of freed blocks
+# between units (~0.5 GiB): measured on CPU at 235B width (docs/benchmarks.md, "Real width"); a card adds its context
+RUNTIME_OVERHEAD = 1024**3
+ROW_CHUNK = 8192  # rows of the embeddings and lm_head in float32 at a time (runtime/worker.py)
 GiB = 1024**3
 
 
@@ -141,6 +144,20 @@ def unit_activation_bytes(config, unit: Unit, calib_tokens: int) -> int:
     return 5 * calib_tokens * tc.hidden_size * COMPUTE_BYTES
 
 
+def unit_peak_bytes(config, unit: Unit, params: int, output: int, source_bytes: int, calib_tokens: int,
+                    prefetched_params: int) -> int:
+    """What a worker holds while it runs ``unit``: the unit's float32 weights (the embeddings and lm_head a chunk
+    of rows at a time, read, rotated and converted), its output until the unit ends, the next expert group being
+    prefetched (its float32 weights and the stored ones they are converted from) and the activations. Measured
+    against the peak RSS at Qwen3-VL-235B-A22B and 30B-A3B widths: docs/benchmarks.md, "Real width"."""
+    if unit.kind in (Kind.EMBED, Kind.HEAD):
+        weights = 3 * min(ROW_CHUNK, config.text_config.vocab_size) * config.text_config.hidden_size * COMPUTE_BYTES
+    else:
+        weights = params * COMPUTE_BYTES
+    prefetch = prefetched_params * (COMPUTE_BYTES + source_bytes)
+    return weights + output + prefetch + unit_activation_bytes(config, unit, calib_tokens)
+
+
 @dataclass
 class ActorPlan:
     index: int
@@ -181,14 +198,14 @@ def build_plan(config, raw_config: dict, workers: int, *, group_size: int = DEFA
     for unit, actor_idx, n in zip(units, assignment, params):
         actors[actor_idx].units.append(unit)
         actors[actor_idx].read_bytes += n * dtype_bytes
-    for actor in actors:
-        sizes = [params_of[u] * COMPUTE_BYTES for u in actor.units]
-        # the unit being computed, the one being prefetched, and the int8 output of the unit being written
-        peak = max((sizes[i] + (sizes[i + 1] if i + 1 < len(sizes) else 0) + sizes[i] // 4
-                    + unit_activation_bytes(config, u, calib_tokens) for i, u in enumerate(actor.units)), default=0)
-        actor.peak_bytes = peak + RUNTIME_OVERHEAD
-    source = sum(params) * dtype_bytes
     outputs = [unit_output_bytes(config, u, recipe, dtype_bytes, n) for u, n in zip(units, params)]
+    output_of = dict(zip(units, outputs))
+    for actor in actors:
+        actor.peak_bytes = max((unit_peak_bytes(config, u, params_of[u], output_of[u], dtype_bytes, calib_tokens,
+                                                next((params_of[n] for n in actor.units[i + 1:]
+                                                      if n.kind is Kind.EXPERTS), 0))
+                                for i, u in enumerate(actor.units)), default=0) + RUNTIME_OVERHEAD
+    source = sum(params) * dtype_bytes
     output = sum(outputs)
     part_bytes = part_file_size_gb * GiB  # msModelSlim's part_file_size 'GB' are GiB
     parts = 1 if part_bytes <= 0 else max(1, -(-output // int(part_bytes)))

@@ -27,7 +27,7 @@ from dist_quant.models.family import family_for, family_of
 from dist_quant import schemes
 from dist_quant.recipe import Recipe
 from dist_quant.runtime.device import DEFAULT_COMPUTE_THREADS, set_compute_threads
-from dist_quant.runtime.plan import Kind, Unit
+from dist_quant.runtime.plan import ROW_CHUNK, Kind, Unit
 from dist_quant.runtime.timing import PhaseTimes
 
 
@@ -58,9 +58,6 @@ def checkpoint_entries(model_path: str, recipe: Recipe, plan: list[Unit]) -> lis
     """[(unit id, [(key, dtype, shape), ...]), ...]: what each unit of ``plan`` writes, in order (Worker.entries)."""
     worker = Worker(model_path, recipe, _Recorder(), compute_threads=torch.get_num_threads())
     return [(unit.id, [entry[:3] for entry in worker.entries(unit)]) for unit in plan]
-
-
-ROW_CHUNK = 8192  # rows of the embeddings and lm_head converted at a time (128 MiB of float32 at hidden 4096)
 
 
 class TensorSink(Protocol):
