@@ -22,8 +22,8 @@ from dist_quant.checkpoint.formats import ascendv1
 from dist_quant.checkpoint.reader import CheckpointReader
 from dist_quant.errors import CheckpointError
 from dist_quant.models.family import family_for, load_checked
-from dist_quant.runtime.interpret import finish_layer, interpret, running_sum
-from dist_quant.runtime.plan import DEFAULT_EXPERT_GROUP_SIZE, Kind, Unit, plan_units
+from dist_quant.runtime.interpret import finish_layer, interpret, running_sum, sample_outputs
+from dist_quant.runtime.plan import DEFAULT_EXPERT_GROUP_SIZE, Kind, Unit, image_costs, image_share, plan_units
 from dist_quant.runtime.worker import MoeInput
 
 def check_quantized_matches_float(checkpoint: ascendv1.Checkpoint, reader: CheckpointReader, config) -> None:
@@ -184,11 +184,16 @@ class ModelRunner:
         self.model, self.rotary, self.family = model, rotary, model.family
 
     @torch.no_grad()
-    def vision(self, unit: Unit, inputs: list[ModelInputs]):
-        config, dtype = self.model.config, self.model.dtype
+    def images(self, unit: Unit, inputs: list[ModelInputs]):
         visual = self.model.vision()
-        vision = [self.family.vision_forward(visual, s.pixel_values, s.image_grid_thw) if s.pixel_values is not None
-                  else None for s in inputs]
+        share = image_share(image_costs(inputs, self.model.config.vision_config), unit.share, unit.shares)
+        return {i: self.family.vision_forward(visual, inputs[i].pixel_values, inputs[i].image_grid_thw)
+                for i in share if inputs[i].pixel_values is not None}, None
+
+    @torch.no_grad()
+    def vision(self, unit: Unit, inputs: list[ModelInputs], *shares):
+        config, dtype = self.model.config, self.model.dtype
+        vision = sample_outputs(shares, len(inputs))
         contexts = [self.family.sample_context(config, self.rotary, s.input_ids, s.attention_mask, s.image_grid_thw,
                                        v[1] if v else [], dtype) for s, v in zip(inputs, vision)]
         return vision, contexts, [v[0] for v in vision if v is not None]
@@ -199,7 +204,8 @@ class ModelRunner:
     gather = staticmethod(running_sum)
 
     @torch.no_grad()
-    def embed(self, unit: Unit, inputs: list[ModelInputs], vision):
+    def embed(self, unit: Unit, inputs: list[ModelInputs], *shares):
+        vision = sample_outputs(shares, len(inputs))
         embed = self.model.read(self.family.EMBED_KEY)
         return [self.family.embed_inputs(embed, s.input_ids, self.model.config.image_token_id, v[0] if v else None)
                 for s, v in zip(inputs, vision)], None

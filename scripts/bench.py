@@ -123,6 +123,7 @@ def child_run(args: argparse.Namespace) -> None:
     from dist_quant.runtime.driver import BUNDLED_DATASETS
 
     dataset = str(BUNDLED_DATASETS / "calibImages")
+    timeline: list = []  # (actor, unit, started at, seconds, phases) of each unit of a Ray run
     options = dict(progress=False, dataset=dataset, overwrite=True, compute_threads=args.compute_threads)
     if args.child == "single":
         from dist_quant.runtime.local import quantize_single_card
@@ -130,8 +131,11 @@ def child_run(args: argparse.Namespace) -> None:
     else:
         from dist_quant.runtime.ray_driver import quantize_distributed
         summary = quantize_distributed(str(args.model), str(args.save), load_recipe(), workers=int(args.child),
-                                       ray_address="auto", threads_per_actor=args.compute_threads, **options)
+                                       ray_address="auto", threads_per_actor=args.compute_threads,
+                                       on_unit_done=lambda r: timeline.append((r.actor, r.unit.name, r.started_at,
+                                                                              r.seconds, r.phases)), **options)
     out = {k: v for k, v in vars(summary).items() if isinstance(v, (int, float, str, dict))}
+    out["timeline"] = timeline
     out["actors"] = [{**dataclasses.asdict(a), "node_ids": [], "pids": sorted(a.pids)}
                      for a in getattr(summary, "actors", [])]
     args.json.write_text(json.dumps(out))
@@ -152,7 +156,9 @@ def measured_run(mode: str, model: Path, save: Path, compute_threads: int, scrat
     summary = json.loads(result_file.read_text())
     shutil.rmtree(save)
     driver = processes.pop(child.pid, {})
-    return {"mode": mode, "wall": wall, "summary": summary, "driver": driver, "actors": list(processes.values())}
+    order = {pid: actor["index"] for actor in summary.get("actors", []) for pid in actor["pids"]}
+    actors = [figures for pid, figures in sorted(processes.items(), key=lambda item: order.get(item[0], 1 << 30))]
+    return {"mode": mode, "wall": wall, "summary": summary, "driver": driver, "actors": actors}  # by actor index
 
 
 # --- report -----------------------------------------------------------------------------------------------------
@@ -188,8 +194,22 @@ def report(figures: dict) -> str:
     for run in figures["runs"]:
         for actor in run["summary"].get("actors", []):
             lines.append(f"  {run['mode']} workers, actor {actor['index']}: {actor['units']} units, busy "
-                         f"{actor['busy_seconds']:.1f} s, read {_gib(actor['bytes_read'])} GiB")
+                         f"{actor['busy_seconds']:.1f} s, read {_gib(actor['bytes_read'])} GiB, "
+                         + idle_text(run["summary"].get("timeline", []), actor["index"]))
     return "\n".join(lines)
+
+
+def idle_text(timeline: list, actor: int) -> str:
+    """How long an actor waited between the sweep's first unit start and its last unit's end, and its longest waits
+    (after which unit)."""
+    if not timeline:
+        return ""
+    start = min(t[2] for t in timeline)
+    mine = sorted((t for t in timeline if t[0] == actor), key=lambda t: t[2])
+    gaps = [(b[2] - (a[2] + a[3]), a[1]) for a, b in zip(mine, mine[1:])]
+    gaps.append((mine[0][2] - start, "start"))
+    waits = ", ".join(f"{g:.1f} s after {name}" for g, name in sorted(gaps, reverse=True)[:3] if g > 0.5)
+    return f"idle {sum(g for g, _ in gaps):.1f} s (longest: {waits or 'none'})"
 
 
 def main() -> None:

@@ -6,13 +6,15 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeVisionModel
 
 from dist_quant.cli import main
 from dist_quant.models.qwen3_vl_moe import load_config
 from dist_quant.recipe import DEFAULT_RECIPE
 from dist_quant.runtime.runner import can_see
-from dist_quant.runtime.plan import GiB, Kind, assign_units, build_plan, plan_units
+from dist_quant.runtime.plan import GiB, Kind, Unit, assign_units, build_plan, image_share, plan_units
 
 DATA = Path(__file__).parent / "data"
 PARAMS = {"Qwen3-VL-235B-A22B": 235.67e9, "Qwen3-VL-30B-A3B": 31.07e9}  # public parameter counts
@@ -26,6 +28,7 @@ def config_of(name):
 @pytest.mark.parametrize("name", sorted(PARAMS))
 @pytest.mark.parametrize("workers", [1, 3, 8])
 def test_plan_counts_every_byte_once(name, workers):
+    """Every source byte is read once, except the vision tower: once by each actor (its share of the images)."""
     config, raw = config_of(name)
     plan = build_plan(config, raw, workers)
     tc = config.text_config
@@ -33,7 +36,11 @@ def test_plan_counts_every_byte_once(name, workers):
     assert kinds.count(Kind.LAYER) == tc.num_hidden_layers
     assert kinds.count(Kind.EXPERTS) == tc.num_hidden_layers * (tc.num_experts // 16)
     assert kinds.count(Kind.VISION) == kinds.count(Kind.EMBED) == kinds.count(Kind.HEAD) == 1
-    assert sum(a.read_bytes for a in plan.actors) == plan.source_bytes
+    assert kinds.count(Kind.IMAGES) == workers
+    assert all(plan.actors[s].units[0] == Unit(Kind.IMAGES, share=s, shares=workers) for s in range(workers))
+    with torch.device("meta"):  # the tower as transformers builds it
+        tower = sum(p.numel() for p in Qwen3VLMoeVisionModel._from_config(config.vision_config).parameters()) * 2
+    assert sum(a.read_bytes for a in plan.actors) == plan.source_bytes + (workers - 1) * tower
     assert plan.source_bytes == pytest.approx(PARAMS[name] * 2, rel=0.005)  # bf16
     assert all(plan.fits(a) for a in plan.actors)
     groups = [sum(u.kind is Kind.EXPERTS for u in a.units) for a in plan.actors]
@@ -124,3 +131,18 @@ def test_output_estimate_counts_each_linear_at_its_schemes_bytes(tmp_path):
     float_only.write_text(yaml.safe_dump(doc))
     plan = build_plan(config, raw, 1, recipe=load_recipe(float_only))
     assert plan.output_bytes == plan.source_bytes
+
+
+@pytest.mark.parametrize("patches", [[5, 5, 5, 5], [1, 1, 1, 10], [0, 3, 3, 0, 3, 3], [], [7], [0, 0],
+                                     [1064, 988, 640, 1480, 1064, 576, 1024, 640, 322, 900, 1200, 450]])
+@pytest.mark.parametrize("shares", [1, 2, 3, 5])
+def test_image_shares_cover_every_sample_once_and_evenly(patches, shares):  # (costs: any numbers)
+    """Each sample is in exactly one share; no share has more than an even split plus the largest image (the
+    bound of placing each image on the least loaded share), so a share of the vision forward is never idle while
+    another holds two of its images' worth more."""
+    parts = [image_share(patches, s, shares) for s in range(shares)]
+    assert sorted(i for part in parts for i in part) == list(range(len(patches)))
+    assert all(part == sorted(part) for part in parts)
+    loads = [sum(patches[i] for i in part) for part in parts]
+    assert max(loads) <= sum(patches) / shares + max(patches, default=0)
+    assert parts == [image_share(patches, s, shares) for s in range(shares)]  # the same on every actor

@@ -23,7 +23,9 @@ class InputRanges:
         flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
         if flat.shape[0] == 0:
             return
-        lo, hi = flat.amin(dim=0), flat.amax(dim=0)
+        self._extend(name, flat.amin(dim=0), flat.amax(dim=0))
+
+    def _extend(self, name: str, lo: torch.Tensor, hi: torch.Tensor) -> None:
         if name in self.channel_min:
             lo = torch.minimum(lo, self.channel_min[name])
             hi = torch.maximum(hi, self.channel_max[name])
@@ -39,6 +41,16 @@ class InputRanges:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+    @classmethod
+    def merged(cls, parts: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]) -> "InputRanges":
+        """The ranges of several forwards' (channel_min, channel_max) taken together: the same values, bit for bit,
+        as one forward over all of their inputs (min and max are exact in any order)."""
+        ranges = cls({})
+        for channel_min, channel_max in parts:
+            for name in channel_min:
+                ranges._extend(name, channel_min[name], channel_max[name])
+        return ranges
 
     def rescale(self, name: str, divisor: torch.Tensor) -> None:
         """The ranges a linear sees once its input channels are divided by ``divisor`` (> 0), e.g. by smoothing."""

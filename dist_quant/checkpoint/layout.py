@@ -94,7 +94,7 @@ class Layout:
     def to_json(self) -> dict:
         return {"parts": [[p.name, p.size] for p in self.parts],
                 "units": {unit: [[p.key, p.dtype, list(p.shape), p.part, p.begin, p.end] for p in places]
-                          for unit, places in self.units.items()}}
+                          for unit, places in self.units.items() if places}}  # not the units that write nothing
 
 
 def _nbytes(dtype: torch.dtype, shape: Sequence[int]) -> int:

@@ -14,9 +14,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dist_quant.models.family import family_for
-from dist_quant.runtime.plan import COMPUTE_BYTES, Kind, QuantPlan, Unit, source_bytes_per_param, unit_params
+from dist_quant.runtime.plan import (COMPUTE_BYTES, Kind, QuantPlan, Unit, source_bytes_per_param, unit_params,
+                                     unit_read_params)
 
 GB = 1e9  # storage and link figures are decimal (GB/s), as vendors state them
+PARALLEL = (Kind.IMAGES, Kind.EXPERTS)  # units that run side by side on every actor
 
 
 @dataclass(frozen=True)
@@ -46,13 +48,16 @@ class Projection:
 
 
 def unit_flops(config, unit: Unit, calib_tokens: int) -> float:
-    """Multiply-adds x 2 of the calibration forward of a unit (experts: only the routed tokens)."""
+    """Multiply-adds x 2 of the calibration forward of a unit (experts: only the routed tokens; images: its share
+    of them; the vision unit only quantizes)."""
     tc = config.text_config
     if unit.kind is Kind.EXPERTS:
         share = (unit.stop_expert - unit.first_expert) / tc.num_experts
         expert_params = family_for(config.model_type).expert_param_count(config)
         return 2.0 * calib_tokens * tc.num_experts_per_tok * share * expert_params
-    if unit.kind in (Kind.LAYER, Kind.VISION):
+    if unit.kind is Kind.IMAGES:
+        return 2.0 * calib_tokens / unit.shares * unit_params(config, unit)
+    if unit.kind is Kind.LAYER:
         return 2.0 * calib_tokens * unit_params(config, unit)
     return 0.0
 
@@ -64,21 +69,22 @@ def project(plan: QuantPlan, config, raw_config: dict, calib_tokens: int, hw: Ha
     source_bytes = source_bytes_per_param(raw_config)
 
     def unit_time(unit: Unit, out: int) -> tuple[float, float, float]:
-        # expert groups run on every card at once and share their node's storage; other units run alone
-        sharing = per_card if unit.kind is Kind.EXPERTS else 1
+        # expert groups and shares of the images run on every card at once and share their node's storage; other
+        # units run alone
+        sharing = per_card if unit.kind in PARALLEL else 1
         read_bw, write_bw = hw.storage_read_gbps * GB / sharing, hw.storage_write_gbps * GB / sharing
         params = unit_params(config, unit)
-        read = params * source_bytes / read_bw
+        read = unit_read_params(config, unit) * source_bytes / read_bw
         compute = unit_flops(config, unit, calib_tokens) / (hw.matmul_tflops * 1e12) \
             + hw.elementwise_passes * params * COMPUTE_BYTES / (hw.hbm_gbps * GB)
         return read, compute, out / write_bw + out / (hw.host_gbps * GB)
 
     read_s = compute_s = write_s = 0.0
-    layers: dict[int, dict[int, list[float]]] = {}
+    layers: dict[tuple, dict[int, list[float]]] = {}
     for unit, actor, out in zip(plan.units, plan.assignment, plan.unit_output_bytes):
         read, compute, write = unit_time(unit, out)
-        if unit.kind is Kind.EXPERTS:  # parallel within the layer: the busiest actor sets the pace
-            load = layers.setdefault(unit.layer, {}).setdefault(actor, [0.0, 0.0, 0.0])
+        if unit.kind in PARALLEL:  # parallel within the layer (the images): the busiest actor sets the pace
+            load = layers.setdefault((unit.kind, unit.layer), {}).setdefault(actor, [0.0, 0.0, 0.0])
             load[0], load[1], load[2] = load[0] + read, load[1] + compute, load[2] + write
             continue
         read_s, compute_s, write_s = read_s + read, compute_s + compute, write_s + write

@@ -30,7 +30,7 @@ from dist_quant.errors import CalibrationError, DistQuantError, OutputError
 from dist_quant.models.family import load_checked
 from dist_quant.recipe import Recipe
 from dist_quant.runtime.device import DEFAULT_COMPUTE_THREADS, set_compute_threads
-from dist_quant.runtime.plan import DEFAULT_EXPERT_GROUP_SIZE, Unit, plan_units
+from dist_quant.runtime.plan import DEFAULT_EXPERT_GROUP_SIZE, Kind, Unit, plan_units
 from dist_quant.runtime.report import UnitReport
 from dist_quant.runtime.resume import Journal, ResumePoint, fingerprint, remaining_units, resume_point
 from dist_quant.runtime.run_log import RunLog, write_coverage
@@ -133,7 +133,7 @@ def quantize(model_path: str, save_path: str, recipe: Recipe, executor: Executor
     dataset_path = resolve_dataset(dataset, recipe)
     samples = load_samples(dataset_path, recipe.default_text)
     check_recipe_for_model(recipe, config)  # before any worker process starts
-    plan = plan_units(config, expert_group_size)
+    plan = plan_units(config, expert_group_size, executor.workers)  # a share of the images per worker
     writer = CheckpointWriter(save_path, part_file_size_gb=recipe.part_file_size_gb, overwrite=overwrite,
                               output_format=formats.for_saver(recipe.saver),
                               model_path=model_path, protected=[(_dataset_folder(dataset_path), "calibration set")],
@@ -157,8 +157,8 @@ def quantize(model_path: str, save_path: str, recipe: Recipe, executor: Executor
                      writer.save_path)
         run_log = RunLog(writer.staging, recipe.path, append=writer.resuming)
         sigterm = signal.getsignal(signal.SIGTERM)
+        executor.start(model_path, recipe, writer, plan, device, compute_threads)  # Ray: actors start meanwhile
         writer.set_layout(checkpoint_entries(model_path, recipe, plan))  # every tensor's place, before any unit runs
-        executor.start(model_path, recipe, writer, plan, device, compute_threads)
         if callable(sigterm) and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, sigterm)  # Ray's runtime installs its own handler, which aborts
         inputs, run = inputs_and_fingerprint()
@@ -169,7 +169,7 @@ def quantize(model_path: str, save_path: str, recipe: Recipe, executor: Executor
             return QuantSummary(time.perf_counter() - start, len(plan), summary["tensors"], summary["bytes"],
                                 summary["counts"], str(save_path))
         writer.create_parts()
-        records, reports = _run_units(executor, writer, journal, plan, inputs, run_log, progress)
+        reports = _run_units(executor, writer, journal, plan, inputs, run_log, progress)
         coverage = write_coverage(writer.staging, journal.expert_tokens, run_log)
         export_rotation(writer, recipe, config)
         (writer.staging / RUN_FILE).write_text(json.dumps({"fingerprint": run}, indent=2) + "\n")
@@ -198,9 +198,10 @@ def quantize(model_path: str, save_path: str, recipe: Recipe, executor: Executor
 
 
 def _run_units(executor: Executor, writer: CheckpointWriter, journal: Journal, plan: list[Unit],
-               inputs: list[ModelInputs], run_log: RunLog, progress: bool) -> tuple[dict, list[UnitReport]]:
+               inputs: list[ModelInputs], run_log: RunLog, progress: bool) -> list[UnitReport]:
     """Run what the journal does not already hold (each unit's tensors written to the part files as it finishes);
-    returns every unit's record and the reports of those that ran."""
+    returns the reports of the units that ran. The images units are not journaled: what they compute is only the
+    vision unit's input, so a resume that has the vision unit does not need them, and one that does not reruns them."""
     kept = {unit_id: record for unit_id, record in journal.finished.items()
             if writer.unit_intact(record)} if writer.resuming else {}
     for record in kept.values():
@@ -210,7 +211,6 @@ def _run_units(executor: Executor, writer: CheckpointWriter, journal: Journal, p
     if writer.resuming:
         run_log.write(f"resuming after layer {point.layer if point else 'none'}: {len(plan) - len(todo)} of "
                       f"{len(plan)} units kept, {len(todo)} to run")
-    records = {unit.id: kept[unit.id] for unit in plan if unit not in todo}
     reports: list[UnitReport] = []
     live: dict[int, list] = {}
     with tqdm(total=len(plan), initial=len(plan) - len(todo), desc="quantizing", unit="unit",
@@ -220,10 +220,10 @@ def _run_units(executor: Executor, writer: CheckpointWriter, journal: Journal, p
             record = dataclasses.replace(report.record, payload=None)  # or now, from the object store)
             for stream in report.streams:
                 journal.record_stream(stream)
-            journal.record(record, report.unit.layer, report.expert_tokens)
+            if report.unit.kind is not Kind.IMAGES:
+                journal.record(record, report.unit.layer, report.expert_tokens)
             journal.prune_streams(plan)
             failpoints.reach("unit")
-            records[report.unit.id] = record
             reports.append(dataclasses.replace(report, record=record))
             where = f"actor {report.actor} (pid {report.pid}, {report.host})" if executor.workers > 1 else ""
             run_log.unit(report.unit.name, report.seconds, report.bytes_read, where)
@@ -233,7 +233,7 @@ def _run_units(executor: Executor, writer: CheckpointWriter, journal: Journal, p
             bar.update()
 
         executor.run(todo, point, inputs, on_done)
-    return records, reports
+    return reports
 
 
 def _progress_text(live: dict[int, list]) -> str:

@@ -25,9 +25,12 @@ class UnitCalls(Protocol):
 
     def contexts(self, unit: Unit, inputs, vision) -> Any: ...
 
-    def vision(self, unit: Unit, inputs) -> tuple[Any, Any, Any]: ...  # vision outputs, sample contexts, result
+    def images(self, unit: Unit, inputs) -> tuple[Any, Any]: ...  # the vision forward on a share, result
 
-    def embed(self, unit: Unit, inputs, vision) -> tuple[Any, Any]: ...  # hidden states, result
+    def vision(self, unit: Unit, inputs, *shares) -> tuple[Any, Any, Any]: ...
+    # the tower from every share of the images: vision outputs, sample contexts, result
+
+    def embed(self, unit: Unit, inputs, *shares) -> tuple[Any, Any]: ...  # hidden states, result
 
     def layer(self, unit: Unit, contexts, hidden, *partials, combine: bool) -> tuple[Any, Any, Any]: ...
     # ``combine``: ``hidden`` is the previous layer's stream, to be finished with ``partials``; returns this layer's
@@ -53,11 +56,15 @@ def interpret(units: Sequence[Unit], start, inputs, calls: UnitCalls,
         contexts = calls.contexts(units[0], inputs, vision)
     combine = False  # whether ``hidden`` is a layer's stream still to be finished with ``partials``
     partials: list = []
+    shares: list = []
     for unit in units:
-        if unit.kind is Kind.VISION:
-            vision, contexts, result = calls.vision(unit, inputs)
+        if unit.kind is Kind.IMAGES:
+            share, result = calls.images(unit, inputs)
+            shares.append(share)
+        elif unit.kind is Kind.VISION:
+            vision, contexts, result = calls.vision(unit, inputs, *shares)
         elif unit.kind is Kind.EMBED:
-            hidden, result = calls.embed(unit, inputs, vision)
+            hidden, result = calls.embed(unit, inputs, *shares)  # from the images: beside the vision unit
         elif unit.kind is Kind.LAYER:
             hidden, moe, result = calls.layer(unit, contexts, hidden, *partials, combine=combine)
             partials, combine = [], True
@@ -67,6 +74,13 @@ def interpret(units: Sequence[Unit], start, inputs, calls: UnitCalls,
         else:
             result = calls.head(unit, contexts, hidden, *partials, combine=combine)
         yield unit, result
+
+
+def sample_outputs(shares: Sequence[dict[int, Any]], samples: int) -> list[Optional[Any]]:
+    """The vision outputs of samples 0..samples-1 from the shares of the images ({sample index: output} each); None
+    for a sample without an image."""
+    outputs = {index: output for share in shares for index, output in share.items()}
+    return [outputs.get(index) for index in range(samples)]
 
 
 def split_tokens(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -22,9 +22,11 @@ class LocalExecutor:
     def start(self, model_path: str, recipe: Recipe, writer: CheckpointWriter, plan: list[Unit], device: str,
               compute_threads: int) -> None:
         self.runner = UnitRunner(0, model_path, recipe, str(writer.staging), str(writer.private_dir), device, plan,
-                                 {unit.id: writer.places(unit.id) for unit in plan}, compute_threads=compute_threads)
+                                 {}, compute_threads=compute_threads)
+        self.writer = writer
 
     def run(self, todo: list[Unit], point: Optional[ResumePoint], inputs: list[ModelInputs], on_done: OnDone) -> None:
+        self.runner.reporter.places.update({unit.id: self.writer.places(unit.id) for unit in todo})
         for _, report in interpret(todo, point, inputs, self.runner):
             on_done(report)
 

@@ -30,7 +30,8 @@ GiB = 1024**3
 class Kind(Enum):
     """What a unit of work is."""
 
-    VISION = "vision"  # the whole vision tower, mergers included
+    IMAGES = "images"  # the vision tower's forward on a share of the calibration images (writes nothing)
+    VISION = "vision"  # the whole vision tower, mergers included, quantized from every share's input ranges
     EMBED = "embed"  # the input embeddings
     LAYER = "layer"  # a decoder layer without its experts: attention, norms, and the router or the dense MLP
     EXPERTS = "experts"  # a group of a MoE layer's experts
@@ -43,16 +44,23 @@ class Unit:
     layer: int = -1
     first_expert: int = 0
     stop_expert: int = 0
+    share: int = 0  # images: which share of the calibration images (``image_share``), of ``shares``
+    shares: int = 1
 
     @property
     def name(self) -> str:
-        """For people: "layer 3", "layer 3 experts 0-15", "vision"."""
+        """For people: "layer 3", "layer 3 experts 0-15", "vision", "images 1/2"."""
+        if self.kind is Kind.IMAGES:
+            return f"images {self.share + 1}/{self.shares}"
         experts = f" experts {self.first_expert}-{self.stop_expert - 1}" if self.kind is Kind.EXPERTS else ""
         return f"layer {self.layer}{experts}" if self.layer >= 0 else self.kind.value
 
     @property
     def id(self) -> str:
-        """A file-name-safe identifier, stable across runs: "L003", "L003-experts-0000-0016", "vision"."""
+        """A file-name-safe identifier, stable across runs: "L003", "L003-experts-0000-0016", "vision",
+        "images-1-of-2"."""
+        if self.kind is Kind.IMAGES:
+            return f"images-{self.share + 1}-of-{self.shares}"
         experts = f"-experts-{self.first_expert:04d}-{self.stop_expert:04d}" if self.kind is Kind.EXPERTS else ""
         return f"L{self.layer:03d}{experts}" if self.layer >= 0 else self.kind.value
 
@@ -62,9 +70,31 @@ def expert_groups(num_experts: int, group_size: int = DEFAULT_EXPERT_GROUP_SIZE)
     return [(first, min(first + group_size, num_experts)) for first in range(0, num_experts, group_size)]
 
 
-def plan_units(config, group_size: int = DEFAULT_EXPERT_GROUP_SIZE) -> list[Unit]:
-    """Every unit of a model in plan order: vision, embeddings, each layer and its expert groups, head."""
-    units = [Unit(Kind.VISION), Unit(Kind.EMBED)]
+def image_costs(inputs, vision_config) -> list[int]:
+    """The vision tower's multiply-adds per block for each sample (0 without an image): its P patches through the
+    linears (qkv, proj, fc1, fc2), plus attention over the P patches of its own image."""
+    h, i = vision_config.hidden_size, vision_config.intermediate_size
+    patches = [0 if s.pixel_values is None else int(s.pixel_values.shape[0]) for s in inputs]
+    return [p * (4 * h * h + 2 * h * i) + 2 * p * p * h for p in patches]
+
+
+def image_share(costs: list[int], share: int, shares: int) -> list[int]:
+    """The indexes, in order, of the samples in share ``share`` of ``shares`` of the vision forward: the costliest
+    images first (``costs`` per sample, e.g. ``image_costs``), each to the share with the least cost so far, so the
+    shares are as even as whole images allow. Which share an image is in changes no bit of the result."""
+    loads, owner = [0] * shares, {}
+    for index in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        least = min(range(shares), key=lambda s: (loads[s], s))
+        owner[index], loads[least] = least, loads[least] + costs[index]
+    return [index for index in range(len(costs)) if owner[index] == share]
+
+
+def plan_units(config, group_size: int = DEFAULT_EXPERT_GROUP_SIZE, image_shares: int = 1) -> list[Unit]:
+    """Every unit of a model in plan order: the vision forward in ``image_shares`` shares of the images (one per
+    actor: the tower's input ranges of the shares are merged exactly, by min and max, so the checkpoint is the same
+    for any number), the vision tower, embeddings, each layer and its expert groups, head."""
+    units = [Unit(Kind.IMAGES, share=s, shares=image_shares) for s in range(image_shares)]
+    units += [Unit(Kind.VISION), Unit(Kind.EMBED)]
     tc = config.text_config
     for layer_idx in range(tc.num_hidden_layers):
         units.append(Unit(Kind.LAYER, layer_idx))
@@ -76,26 +106,33 @@ def plan_units(config, group_size: int = DEFAULT_EXPERT_GROUP_SIZE) -> list[Unit
 def assign_units(plan: list[Unit], workers: int) -> list[int]:
     """The actor of each unit. Layer L goes to actor L mod N; the expert groups of layer L start on the next actor
     and go round, so every actor gets an even share of the experts and the sequential layer chain moves from actor
-    to actor. Vision and embeddings go to actor 0, the head to the last layer's actor."""
+    to actor. Share s of the images goes to actor s; the vision tower to actor 0 and the embeddings (which need only
+    the images' outputs) to actor 1, side by side; the head to the last actor (it needs no input: the Ray executor
+    runs it while actor 0 has the vision tower and the first layer)."""
     assignment = []
     for unit in plan:
-        if unit.kind in (Kind.VISION, Kind.EMBED):
+        if unit.kind is Kind.IMAGES:
+            assignment.append(unit.share % workers)
+        elif unit.kind is Kind.VISION:
             assignment.append(0)
+        elif unit.kind is Kind.EMBED:
+            assignment.append(1 % workers)
         elif unit.kind is Kind.LAYER:
             assignment.append(unit.layer % workers)
         elif unit.kind is Kind.EXPERTS:
             group = unit.first_expert // max(1, unit.stop_expert - unit.first_expert)
             assignment.append((unit.layer + 1 + group) % workers)
         else:
-            assignment.append(max(0, plan[-2].layer) % workers if len(plan) > 1 else 0)
+            assignment.append(workers - 1)
     return assignment
 
 
 # --- sizes and memory -----------------------------------------------------------------------------------------------
 
 def unit_params(config, unit: Unit) -> int:
+    """Parameters a unit works on (images: the tower it runs, which the vision unit of the same actor writes)."""
     tc, family = config.text_config, family_for(config.model_type)
-    if unit.kind is Kind.VISION:
+    if unit.kind in (Kind.IMAGES, Kind.VISION):
         return family.vision_param_count(config)
     if unit.kind is Kind.EMBED:
         return tc.vocab_size * tc.hidden_size
@@ -127,6 +164,8 @@ def source_bytes_per_param(raw_config: dict) -> int:
 def unit_output_bytes(config, unit: Unit, recipe: Recipe, source_bytes: int, params: int) -> int:
     """Checkpoint bytes of a unit of ``params`` parameters: each linear at its scheme's bytes per parameter, the rest
     in the source dtype (scales and offsets are negligible)."""
+    if unit.kind is Kind.IMAGES:
+        return 0
     linears = unit_linears(config, unit)
     output = (params - sum(linears.values())) * source_bytes
     for name, params in linears.items():
@@ -137,8 +176,10 @@ def unit_output_bytes(config, unit: Unit, recipe: Recipe, source_bytes: int, par
 def unit_activation_bytes(config, unit: Unit, calib_tokens: int) -> int:
     """Float32 activations a unit holds: a few copies of the token stream (input, stream, MLP input, partial sum)."""
     tc, vc = config.text_config, config.vision_config
-    if unit.kind is Kind.VISION:  # patches before the 2x2 merge, a few copies, plus one image's attention scores
-        return 8 * calib_tokens * vc.hidden_size * COMPUTE_BYTES
+    if unit.kind is Kind.IMAGES:  # patches before the 2x2 merge, a few copies, plus one image's attention scores
+        return 8 * calib_tokens * vc.hidden_size * COMPUTE_BYTES // unit.shares
+    if unit.kind is Kind.VISION:  # every image's embeddings and deepstack features
+        return 4 * calib_tokens * tc.hidden_size * COMPUTE_BYTES
     if unit.kind is Kind.HEAD:
         return 0
     return 5 * calib_tokens * tc.hidden_size * COMPUTE_BYTES
@@ -181,6 +222,12 @@ class QuantPlan:
         return actor.peak_bytes <= self.card_bytes
 
 
+def unit_read_params(config, unit: Unit) -> int:
+    """Source parameters a unit reads: the vision unit quantizes the tower its actor's share of the images ran on
+    (share 0 is on the vision unit's actor), so only the images units read it."""
+    return 0 if unit.kind is Kind.VISION else unit_params(config, unit)
+
+
 def build_plan(config, raw_config: dict, workers: int, *, group_size: int = DEFAULT_EXPERT_GROUP_SIZE,
                part_file_size_gb: float = 4, calib_tokens: int = DEFAULT_CALIB_TOKENS,
                card_memory_gb: float = 64, recipe: Optional[Recipe] = None) -> QuantPlan:
@@ -188,16 +235,16 @@ def build_plan(config, raw_config: dict, workers: int, *, group_size: int = DEFA
     the bundled recipe by default) and part count."""
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    units = plan_units(config, group_size)
+    units = plan_units(config, group_size, workers)
     assignment = assign_units(units, workers)
     dtype_bytes = source_bytes_per_param(raw_config)
     recipe = recipe if recipe is not None else load_recipe()
     params = [unit_params(config, u) for u in units]
     params_of = dict(zip(units, params))
     actors = [ActorPlan(i) for i in range(workers)]
-    for unit, actor_idx, n in zip(units, assignment, params):
+    for unit, actor_idx in zip(units, assignment):
         actors[actor_idx].units.append(unit)
-        actors[actor_idx].read_bytes += n * dtype_bytes
+        actors[actor_idx].read_bytes += unit_read_params(config, unit) * dtype_bytes
     outputs = [unit_output_bytes(config, u, recipe, dtype_bytes, n) for u, n in zip(units, params)]
     output_of = dict(zip(units, outputs))
     for actor in actors:
@@ -205,7 +252,7 @@ def build_plan(config, raw_config: dict, workers: int, *, group_size: int = DEFA
                                                 next((params_of[n] for n in actor.units[i + 1:]
                                                       if n.kind is Kind.EXPERTS), 0))
                                 for i, u in enumerate(actor.units)), default=0) + RUNTIME_OVERHEAD
-    source = sum(params) * dtype_bytes
+    source = sum(n for u, n in zip(units, params) if u.kind is not Kind.IMAGES) * dtype_bytes
     output = sum(outputs)
     part_bytes = part_file_size_gb * GiB  # msModelSlim's part_file_size 'GB' are GiB
     parts = 1 if part_bytes <= 0 else max(1, -(-output // int(part_bytes)))

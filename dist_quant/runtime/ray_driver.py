@@ -20,13 +20,15 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from dist_quant.calib.inputs import ModelInputs
+from dist_quant.checkpoint.layout import Place
 from dist_quant.checkpoint.writer import CheckpointWriter
 from dist_quant.errors import DistQuantError
 from dist_quant.recipe import Recipe
 from dist_quant.runtime.device import DEVICES
 from dist_quant.runtime.driver import OnDone, QuantSummary, quantize
+from dist_quant.runtime import ray_tensors
 from dist_quant.runtime.interpret import interpret
-from dist_quant.runtime.plan import Unit, assign_units
+from dist_quant.runtime.plan import Kind, Unit, assign_units
 from dist_quant.runtime.ray_connect import AUTH_MODE, set_token_mode
 from dist_quant.runtime.report import UnitReport
 from dist_quant.runtime.resume import ResumePoint
@@ -98,21 +100,26 @@ class RayCalls:
     (each actor runs its tasks in submission order, so the graph cannot deadlock); what flows between units are
     object refs, which move between actors and never through the driver."""
 
-    def __init__(self, actors: list, owner: dict[Unit, int]):
-        self.actors, self.owner = actors, owner
+    def __init__(self, actors: list, owner: dict[Unit, int], places: dict[str, list[Place]]):
+        self.actors, self.owner, self.places = actors, owner, places
 
     def _call(self, unit: Unit, method: str, returns: int, *args, **kwargs):
-        call = getattr(self.actors[self.owner[unit]], method)
-        return (call.options(num_returns=returns) if returns > 1 else call).remote(unit, *args, **kwargs)
+        """``UnitRunner.method(unit, ...)`` on the unit's actor, with the unit's places (a few KiB: sent inline)."""
+        call = self.actors[self.owner[unit]].placed
+        return (call.options(num_returns=returns) if returns > 1 else call).remote(self.places[unit.id], method,
+                                                                                    unit, *args, **kwargs)
 
     def contexts(self, unit, inputs, vision):
         return self._call(unit, "contexts", 1, inputs, vision)
 
-    def vision(self, unit, inputs):
-        return self._call(unit, "vision", 3, inputs)
+    def images(self, unit, inputs):
+        return self._call(unit, "images", 2, inputs)
 
-    def embed(self, unit, inputs, vision):
-        return self._call(unit, "embed", 2, inputs, vision)
+    def vision(self, unit, inputs, *shares):
+        return self._call(unit, "vision", 3, inputs, *shares)
+
+    def embed(self, unit, inputs, *shares):
+        return self._call(unit, "embed", 2, inputs, *shares)
 
     def layer(self, unit, contexts, hidden, *partials, combine: bool):
         return self._call(unit, "layer", 3, contexts, hidden, *partials, combine=combine)
@@ -128,6 +135,16 @@ class RayCalls:
     def head(self, unit, *unused, combine: bool):
         """The quantizing head needs no hidden states: the last layer's refs are not passed (nor waited for)."""
         return self._call(unit, "head", 1)
+
+
+def submission_order(units: list[Unit]) -> list[Unit]:
+    """The units in the order their calls are submitted: plan order, but the quantizing head, which needs no input
+    (``RayCalls.head``), right after the embeddings, so that its actor runs it while it would otherwise wait for the
+    vision tower and the first layer, not after everything."""
+    head = [u for u in units if u.kind is Kind.HEAD]
+    rest = [u for u in units if u.kind is not Kind.HEAD]
+    first = next((i for i, u in enumerate(rest) if u.kind is Kind.EMBED), -1) + 1  # 0: none (a resumed run)
+    return rest[:first] + head + rest[first:]
 
 
 class RayExecutor:
@@ -150,26 +167,24 @@ class RayExecutor:
 
     def start(self, model_path: str, recipe: Recipe, writer: CheckpointWriter, plan: list[Unit], device: str,
               compute_threads: int) -> None:
-        """Join or start Ray and start the actors (they load while the driver builds the calibration inputs)."""
+        """Join or start Ray and start the actors (they load while the driver works out the checkpoint layout and
+        builds the calibration inputs)."""
         started = time.perf_counter()
         auth_mode = os.environ.get(AUTH_MODE)
         self.ray, self.we_started = start_ray(self.ray_address, self.workers, device)
+        ray_tensors.register()  # the inputs and a resume point go to the actors as raw bytes
         self.switched_auth = auth_mode is None and os.environ.get(AUTH_MODE) is not None
         self.ray_seconds = time.perf_counter() - started
         check_capacity(self.ray, self.workers, device)
-        self.plan, self.assignment = plan, assign_units(plan, self.workers)
+        self.plan, self.assignment, self.writer = plan, assign_units(plan, self.workers), writer
         probe, token = writer.private_dir / "probe", secrets.token_hex(16)
         probe.write_text(token)
         self.probe = probe
         remote = self.ray.remote(max_restarts=self.max_restarts, max_task_retries=self.max_restarts)(UnitRunner)
         self.actor_started = time.perf_counter()
-        # each actor's places in the part files: large for a big model, so put in the object store once and held
-        # here for the whole run (a restarted actor gets them again; ray-project/ray#53727)
-        self.places = [self.ray.put({u.id: writer.places(u.id) for u, a in zip(plan, self.assignment) if a == i})
-                       for i in range(self.workers)]
         self.actors = [remote.options(**actor_resources(device), scheduling_strategy="SPREAD").remote(
                            i, str(model_path), recipe, str(writer.staging), str(writer.private_dir), device,
-                           [u for u, a in zip(plan, self.assignment) if a == i], self.places[i],
+                           [u for u, a in zip(plan, self.assignment) if a == i], {},
                            ship_unit_files=self.ship_unit_files,
                            probe=str(probe), token=token, pin_cpus=self.pin_cpus, compute_threads=compute_threads)
                        for i in range(self.workers)]
@@ -180,8 +195,10 @@ class RayExecutor:
             ray.get([actor.node.remote() for actor in self.actors])
             self.actor_seconds = time.perf_counter() - self.actor_started
             started = time.perf_counter()
-            calls = RayCalls(self.actors, dict(zip(self.plan, self.assignment)))
-            pending = {ref: unit for unit, ref in interpret(todo, point, ray.put(inputs), calls, put=ray.put)}
+            calls = RayCalls(self.actors, dict(zip(self.plan, self.assignment)),
+                             {u.id: self.writer.places(u.id) for u in todo})
+            pending = {ref: unit for unit, ref in interpret(submission_order(todo), point, ray.put(inputs), calls,
+                                                             put=ray.put)}
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 for ref in ready:
@@ -204,7 +221,7 @@ class RayExecutor:
     def close(self) -> None:
         for actor in self.actors:
             self.ray.kill(actor, no_restart=True)
-        self.actors, self.places = [], []
+        self.actors = []
         if self.we_started:
             self.ray.shutdown()
             self.we_started = False

@@ -30,6 +30,7 @@ class UnitReport:
     expert_tokens: Optional[list[int]] = None  # layer units of MoE layers: calibration tokens per expert
     phases: Optional[dict] = None  # seconds per phase since the previous report
     streams: tuple[StreamRecord, ...] = ()  # stream files saved with this unit (for --resume)
+    started_at: float = 0.0  # when the unit started, seconds since the epoch (the run's timeline)
 
 
 class Reporter:
@@ -46,11 +47,11 @@ class Reporter:
 
     def report(self, unit: Unit, started: float, expert_tokens: Optional[list[int]] = None,
                streams: tuple[StreamRecord, ...] = ()) -> UnitReport:
-        seconds = time.perf_counter() - started
-        total = self.worker.reader.bytes_read
-        bytes_read, self._bytes_reported = total - self._bytes_reported, total
         with self.worker.times.split("write", "serialise", lambda: self.worker.sink.serialise_seconds):
             record = self.worker.sink.finish(unit.id, self.places[unit.id])
+        seconds = time.perf_counter() - started  # writing the unit's tensors included
+        total = self.worker.reader.bytes_read
+        bytes_read, self._bytes_reported = total - self._bytes_reported, total
         return UnitReport(self.actor, unit, record, seconds, bytes_read, self.host, os.getpid(), self.node_id,
                           resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, expert_tokens,
-                          self.worker.times.take(), tuple(streams))
+                          self.worker.times.take(), tuple(streams), time.time() - seconds)

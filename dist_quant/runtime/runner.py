@@ -21,12 +21,13 @@ from dist_quant.calib.inputs import ModelInputs
 from dist_quant.checkpoint.layout import Place
 from dist_quant.checkpoint.unit_file import UnitSink
 from dist_quant.recipe import Recipe
+from dist_quant.runtime import ray_tensors
 from dist_quant.runtime.device import DEFAULT_COMPUTE_THREADS, resolve_device
-from dist_quant.runtime.interpret import finish_layer, running_sum
-from dist_quant.runtime.plan import Unit
+from dist_quant.runtime.interpret import finish_layer, running_sum, sample_outputs
+from dist_quant.runtime.plan import Kind, Unit, image_costs, image_share
 from dist_quant.runtime.report import Reporter, UnitReport
 from dist_quant.runtime.resume import save_hidden, save_vision
-from dist_quant.runtime.worker import Worker
+from dist_quant.runtime.worker import ImagesOutput, Worker
 
 
 def ray_node_id() -> str:
@@ -68,6 +69,9 @@ class UnitRunner:
                  pin_cpus: Optional[int] = None, compute_threads: int = DEFAULT_COMPUTE_THREADS):
         if device == "cpu" and pin_cpus:
             pin_to_cpu_share(index, pin_cpus)
+        node_id = ray_node_id()
+        if node_id:  # a Ray actor: its outputs go to the object store
+            ray_tensors.register()
         self.index = index
         self.ship_unit_files = not can_see(probe, token) if ship_unit_files is None else ship_unit_files
         self.private_dir = None if self.ship_unit_files else Path(private_dir)  # layer-boundary saves (--resume)
@@ -75,7 +79,14 @@ class UnitRunner:
                              resolve_device(device), compute_threads=compute_threads)
         self.schedule = schedule
         self._position = {unit: i for i, unit in enumerate(schedule)}  # where each unit is in the schedule
-        self.reporter = Reporter(self.worker, places, index, ray_node_id())
+        self.reporter = Reporter(self.worker, places, index, node_id)
+
+    def placed(self, places: list[Place], method: str, unit: Unit, *args, **kwargs):
+        """``method`` of ``unit`` with the unit's places in the part files handed in (Ray actors get them with
+        each call: a restarted actor reruns only its constructor, and the actors start before the layout is
+        worked out)."""
+        self.reporter.places[unit.id] = places
+        return getattr(self, method)(unit, *args, **kwargs)
 
     def node(self) -> dict:
         return {"pid": os.getpid(), "host": self.reporter.host, "node_id": self.reporter.node_id,
@@ -87,9 +98,16 @@ class UnitRunner:
             self.worker.prefetch_next_experts(self.schedule, self._position[unit])
         return time.perf_counter()
 
-    def vision(self, unit: Unit, inputs: list[ModelInputs]):
+    def images(self, unit: Unit, inputs: list[ModelInputs]):
         started = self._start(unit)
-        vision = self.worker.vision(inputs)
+        costs = image_costs(inputs, self.worker.config.vision_config)
+        share = self.worker.images(inputs, image_share(costs, unit.share, unit.shares),
+                                   keep_tower=Unit(Kind.VISION) in self._position)
+        return share, self.reporter.report(unit, started)
+
+    def vision(self, unit: Unit, inputs: list[ModelInputs], *shares: ImagesOutput):
+        started = self._start(unit)
+        vision = self.worker.vision(list(shares), len(inputs))
         streams = (save_vision(self.private_dir, vision),) if self.private_dir is not None else ()
         return vision, self.worker.contexts(inputs, vision), self.reporter.report(unit, started, streams=streams)
 
@@ -97,8 +115,9 @@ class UnitRunner:
         """Sample contexts from saved vision outputs, when a resumed run skips the vision unit."""
         return self.worker.contexts(inputs, vision)
 
-    def embed(self, unit: Unit, inputs: list[ModelInputs], vision):
+    def embed(self, unit: Unit, inputs: list[ModelInputs], *shares: ImagesOutput):
         started = self._start(unit)
+        vision = sample_outputs([share.outputs for share in shares], len(inputs))
         return self.worker.embed(inputs, vision), self.reporter.report(unit, started)
 
     def _finish_previous(self, layer_idx: int, contexts, stream, partials, combine: bool):

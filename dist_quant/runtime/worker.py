@@ -27,6 +27,7 @@ from dist_quant.models.family import family_for, family_of
 from dist_quant import schemes
 from dist_quant.recipe import Recipe
 from dist_quant.runtime.device import DEFAULT_COMPUTE_THREADS, set_compute_threads
+from dist_quant.runtime.interpret import sample_outputs
 from dist_quant.runtime.plan import ROW_CHUNK, Kind, Unit
 from dist_quant.runtime.timing import PhaseTimes
 
@@ -92,6 +93,16 @@ class VisionOutput:
 
 
 @dataclass
+class ImagesOutput:
+    """A share of the vision forward: the outputs of its samples (by sample index) and the per-channel input ranges
+    the tower's static linears saw (merged across shares by min and max: exact, whatever the shares)."""
+
+    outputs: dict[int, VisionOutput]
+    channel_min: dict[str, torch.Tensor]
+    channel_max: dict[str, torch.Tensor]
+
+
+@dataclass
 class MoeInput:
     """The normalised MLP input of all calibration tokens (samples concatenated) and their routing."""
 
@@ -150,6 +161,7 @@ class Worker:
         self.expert_tokens: dict[int, list[int]] = {}  # calibration tokens routed to each expert, per MoE layer
         self._reader_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
         self._prefetched: dict[tuple[int, int, int], Future] = {}
+        self._tower: Optional[nn.Module] = None  # the rotated vision tower, from ``images`` to ``vision``
         self._faking = False  # while ``entries`` runs
         self._role_shapes: dict = {}  # what ``entries`` worked out for each kind of linear
 
@@ -214,24 +226,41 @@ class Worker:
 
     # --- units ------------------------------------------------------------------------------------------------------
 
+    def _vision_tower(self) -> nn.Module:
+        """The vision tower with its stream writers rotated (QuaRot), kept from ``images`` when it ran here."""
+        if self._tower is None:
+            self._tower = self.family.build_vision(self.config, self._read, self.compute_dtype)
+            if self.rotation is not None:
+                with self.times.phase("rotate"):
+                    outliers.rotate_vision_writers(self._tower, self.family.VISION_STREAM_WRITERS, self.rotation)
+        return self._tower
+
     @torch.no_grad()
-    def vision(self, inputs: list[ModelInputs]) -> list[Optional[VisionOutput]]:
-        """Vision forward on every image, static-quantize the blocks' linears from its input ranges, write the tower."""
-        visual = self.family.build_vision(self.config, self._read, self.compute_dtype)
-        if self.rotation is not None:
-            with self.times.phase("rotate"):
-                outliers.rotate_vision_writers(visual, self.family.VISION_STREAM_WRITERS, self.rotation)
-        outputs: list[Optional[VisionOutput]] = []
+    def images(self, inputs: list[ModelInputs], indexes: list[int], keep_tower: bool) -> ImagesOutput:
+        """Vision forward on the samples ``indexes`` (those with an image), one at a time, recording the input ranges
+        of the tower's static linears; ``keep_tower``: hold the tower for this worker's ``vision`` unit."""
+        visual = self._vision_tower()
+        outputs: dict[int, VisionOutput] = {}
         with InputRanges(self._static_linears(self.family.VISUAL, visual)) as ranges, self.times.phase("forward"):
-            for sample in inputs:
-                if sample.pixel_values is None:
-                    outputs.append(None)
-                    continue
-                embeds, deepstack = self.family.vision_forward(visual, sample.pixel_values, sample.image_grid_thw)
-                outputs.append(VisionOutput(embeds, deepstack))
-                failpoints.reach("vision")
+            for index in indexes:
+                sample = inputs[index]
+                if sample.pixel_values is not None:
+                    outputs[index] = VisionOutput(*self.family.vision_forward(visual, sample.pixel_values,
+                                                                              sample.image_grid_thw))
+                    failpoints.reach("vision")
+        if not keep_tower:
+            self._tower = None
+        return ImagesOutput(outputs, ranges.channel_min, ranges.channel_max)
+
+    @torch.no_grad()
+    def vision(self, shares: list[ImagesOutput], samples: int) -> list[Optional[VisionOutput]]:
+        """Static-quantize the tower's linears from the input ranges of every share of the images and write the
+        tower; returns the vision outputs of the ``samples`` samples in order (None for a text-only one)."""
+        visual = self._vision_tower()
+        self._tower = None
+        ranges = InputRanges.merged([(share.channel_min, share.channel_max) for share in shares])
         self._emit_module(self.family.VISUAL, visual, ranges)
-        return outputs
+        return sample_outputs([share.outputs for share in shares], samples)
 
     @torch.no_grad()
     def contexts(self, inputs: list[ModelInputs], vision: list[Optional[VisionOutput]]) -> list:
@@ -386,7 +415,9 @@ class Worker:
                     self.reader.check(key, shape)
                     return torch.empty(self.reader.shape(key), dtype=self.compute_dtype)
 
-                if unit.kind is Kind.VISION:
+                if unit.kind is Kind.IMAGES:
+                    pass  # writes nothing
+                elif unit.kind is Kind.VISION:
                     self._emit_module(family.VISUAL, family.build_vision(self.config, read, self.compute_dtype),
                                       _UNIT_RANGES)
                 elif unit.kind is Kind.EMBED:
