@@ -124,7 +124,8 @@ def child_run(args: argparse.Namespace) -> None:
 
     dataset = str(BUNDLED_DATASETS / "calibImages")
     timeline: list = []  # (actor, unit, started at, seconds, phases) of each unit of a Ray run
-    options = dict(progress=False, dataset=dataset, overwrite=True, compute_threads=args.compute_threads)
+    options = dict(progress=False, dataset=dataset, overwrite=True, compute_threads=args.compute_threads,
+                   device=args.device)
     if args.child == "single":
         from dist_quant.runtime.local import quantize_single_card
         summary = quantize_single_card(str(args.model), str(args.save), load_recipe(), **options)
@@ -141,10 +142,10 @@ def child_run(args: argparse.Namespace) -> None:
     args.json.write_text(json.dumps(out))
 
 
-def measured_run(mode: str, model: Path, save: Path, compute_threads: int, scratch: Path) -> dict:
-    result_file = scratch / f"summary-{mode}.json"
+def measured_run(mode: str, model: Path, args: argparse.Namespace) -> dict:
+    result_file, save = args.out / f"summary-{mode}.json", args.out / "quant"
     command = [sys.executable, __file__, "--child", mode, "--model", str(model), "--save", str(save),
-               "--json", str(result_file), "--compute-threads", str(compute_threads)]
+               "--json", str(result_file), "--compute-threads", str(args.compute_threads), "--device", args.device]
     start = time.perf_counter()
     child = subprocess.Popen(command)
     sampler = Sampler(lambda pid: pid == child.pid or ray_actor(pid))
@@ -220,6 +221,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="*", default=[1, 2], help="Ray runs (none: single card only)")
     parser.add_argument("--no-single", action="store_true", help="skip the single-card run")
     parser.add_argument("--compute-threads", type=int, default=1, help="--compute_threads of every process")
+    parser.add_argument("--device", default="cpu", help="--device of every run (cpu, npu, cuda)")
     parser.add_argument("--keep-model", action="store_true", help="reuse OUT/model if it is there, and keep it")
     parser.add_argument("--json", type=Path, help="also write the figures as JSON here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -240,14 +242,13 @@ def main() -> None:
                "compute_threads": args.compute_threads, "floor_seconds": io_floor(model, args.out / "floor.bin",
                                                                                   output), "runs": []}
     if not args.no_single:
-        figures["runs"].append(measured_run("single", model, args.out / "quant", args.compute_threads, args.out))
+        figures["runs"].append(measured_run("single", model, args))
     if args.workers:
         subprocess.run(["ray", "start", "--head", f"--num-cpus={os.cpu_count()}", "--include-dashboard=false",
                         "--disable-usage-stats"], check=True, stdout=subprocess.DEVNULL)
         try:
             for workers in args.workers:
-                figures["runs"].append(measured_run(str(workers), model, args.out / "quant", args.compute_threads,
-                                                    args.out))
+                figures["runs"].append(measured_run(str(workers), model, args))
         finally:
             subprocess.run(["ray", "stop", "--force"], check=False, stdout=subprocess.DEVNULL)
     text = report(figures)

@@ -146,3 +146,28 @@ def test_image_shares_cover_every_sample_once_and_evenly(patches, shares):  # (c
     loads = [sum(patches[i] for i in part) for part in parts]
     assert max(loads) <= sum(patches) / shares + max(patches, default=0)
     assert parts == [image_share(patches, s, shares) for s in range(shares)]  # the same on every actor
+
+
+def test_input_ranges_of_shares_merge_to_those_of_one_forward():
+    """Per-channel min/max recorded over shares of the inputs, merged, equal bit for bit the ranges of one pass over
+    all of them (computed here independently, with amin/amax of the concatenation), in any order of the shares."""
+    from torch import nn
+
+    from dist_quant.calib.ranges import InputRanges
+
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 8)
+    inputs = [torch.randn(n, 64) * torch.rand(64) * 50 for n in (3, 17, 1, 40)]
+    inputs[2][0, 5] = -0.0
+    shares = []
+    for part in (inputs[:1], inputs[1:3], inputs[3:]):
+        with InputRanges({"x": linear}) as ranges:
+            for x in part:
+                linear(x)
+        shares.append((ranges.channel_min, ranges.channel_max))
+    everything = torch.cat(inputs)
+    for order in (shares, shares[::-1]):
+        merged = InputRanges.merged(order)
+        assert torch.equal(merged.channel_min["x"], everything.amin(dim=0))
+        assert torch.equal(merged.channel_max["x"], everything.amax(dim=0))
+        assert merged.tensor_range("x") == (float(everything.min()), float(everything.max()))
