@@ -207,6 +207,8 @@ def idle_text(timeline: list, actor: int) -> str:
         return ""
     start = min(t[2] for t in timeline)
     mine = sorted((t for t in timeline if t[0] == actor), key=lambda t: t[2])
+    if not mine:
+        return "no unit"
     gaps = [(b[2] - (a[2] + a[3]), a[1]) for a, b in zip(mine, mine[1:])]
     gaps.append((mine[0][2] - start, "start"))
     waits = ", ".join(f"{g:.1f} s after {name}" for g, name in sorted(gaps, reverse=True)[:3] if g > 0.5)

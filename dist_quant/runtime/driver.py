@@ -158,9 +158,9 @@ def quantize(model_path: str, save_path: str, recipe: Recipe, executor: Executor
         run_log = RunLog(writer.staging, recipe.path, append=writer.resuming)
         sigterm = signal.getsignal(signal.SIGTERM)
         executor.start(model_path, recipe, writer, plan, device, compute_threads)  # Ray: actors start meanwhile
-        writer.set_layout(checkpoint_entries(model_path, recipe, plan))  # every tensor's place, before any unit runs
         if callable(sigterm) and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, sigterm)  # Ray's runtime installs its own handler, which aborts
+        writer.set_layout(checkpoint_entries(model_path, recipe, plan))  # every tensor's place, before any unit runs
         inputs, run = inputs_and_fingerprint()
         journal = Journal(writer.private_dir, {**run, "overwrite": overwrite}, writer.resuming)
         if writer.moving:  # killed while moving the finished files into save_path: finish that

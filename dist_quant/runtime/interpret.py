@@ -48,8 +48,8 @@ class UnitCalls(Protocol):
 def interpret(units: Sequence[Unit], start, inputs, calls: UnitCalls,
               put: Callable[[Any], Any] = lambda value: value) -> Iterator[tuple[Unit, Any]]:
     """Issue ``units`` (a plan, or what a resume left of it) in order. ``start`` (a resume point with ``.vision``
-    and ``.hidden``, the complete output of the layer before the first unit) replaces the vision and embedding
-    units; ``put`` turns it into what ``calls`` takes (Ray: object refs)."""
+    and ``.hidden``, the complete output of the layer before the first unit) replaces the images, vision and
+    embedding units; ``put`` turns it into what ``calls`` takes (Ray: object refs)."""
     vision = contexts = hidden = moe = None
     if start is not None and units:
         vision, hidden = put(start.vision), put(start.hidden)

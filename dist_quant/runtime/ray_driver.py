@@ -96,9 +96,9 @@ def check_capacity(ray, workers: int, device: str) -> None:
 
 
 class RayCalls:
-    """``interpret.UnitCalls`` on Ray: each unit becomes a remote call on the actor the plan assigns it, in plan order
-    (each actor runs its tasks in submission order, so the graph cannot deadlock); what flows between units are
-    object refs, which move between actors and never through the driver."""
+    """``interpret.UnitCalls`` on Ray: each unit becomes a remote call on the actor the plan assigns it, in
+    ``submission_order`` (each actor runs its tasks in submission order, so the graph cannot deadlock); what flows
+    between units are object refs, which move between actors and never through the driver."""
 
     def __init__(self, actors: list, owner: dict[Unit, int], places: dict[str, list[Place]]):
         self.actors, self.owner, self.places = actors, owner, places
@@ -140,10 +140,10 @@ class RayCalls:
 def submission_order(units: list[Unit]) -> list[Unit]:
     """The units in the order their calls are submitted: plan order, but the quantizing head, which needs no input
     (``RayCalls.head``), right after the embeddings, so that its actor runs it while it would otherwise wait for the
-    vision tower and the first layer, not after everything."""
+    vision tower and the first layer, not after everything (a resumed run, without embeddings, keeps plan order)."""
     head = [u for u in units if u.kind is Kind.HEAD]
     rest = [u for u in units if u.kind is not Kind.HEAD]
-    first = next((i for i, u in enumerate(rest) if u.kind is Kind.EMBED), -1) + 1  # 0: none (a resumed run)
+    first = next((i + 1 for i, u in enumerate(rest) if u.kind is Kind.EMBED), len(rest))
     return rest[:first] + head + rest[first:]
 
 

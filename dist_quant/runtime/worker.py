@@ -237,8 +237,11 @@ class Worker:
 
     @torch.no_grad()
     def images(self, inputs: list[ModelInputs], indexes: list[int], keep_tower: bool) -> ImagesOutput:
-        """Vision forward on the samples ``indexes`` (those with an image), one at a time, recording the input ranges
-        of the tower's static linears; ``keep_tower``: hold the tower for this worker's ``vision`` unit."""
+        """Vision forward on those of the samples ``indexes`` that have an image, one at a time, recording the input
+        ranges of the tower's static linears; ``keep_tower``: hold the tower for this worker's ``vision`` unit. A
+        share without an image (more actors than images, text-only samples) builds no tower."""
+        if not keep_tower and all(inputs[index].pixel_values is None for index in indexes):
+            return ImagesOutput({}, {}, {})
         visual = self._vision_tower()
         outputs: dict[int, VisionOutput] = {}
         with InputRanges(self._static_linears(self.family.VISUAL, visual)) as ranges, self.times.phase("forward"):
