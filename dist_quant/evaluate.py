@@ -23,7 +23,7 @@ from dist_quant.checkpoint.reader import CheckpointReader
 from dist_quant.errors import CheckpointError
 from dist_quant.models.family import family_for, load_checked
 from dist_quant.runtime.interpret import finish_layer, interpret, running_sum, sample_outputs
-from dist_quant.runtime.plan import DEFAULT_EXPERT_GROUP_SIZE, Kind, Unit, image_costs, image_share, plan_units
+from dist_quant.runtime.plan import DEFAULT_EXPERT_GROUP_SIZE, Kind, Unit, plan_units, samples_of
 from dist_quant.runtime.worker import MoeInput
 
 def check_quantized_matches_float(checkpoint: ascendv1.Checkpoint, reader: CheckpointReader, config) -> None:
@@ -186,9 +186,9 @@ class ModelRunner:
     @torch.no_grad()
     def images(self, unit: Unit, inputs: list[ModelInputs]):
         visual = self.model.vision()
-        share = image_share(image_costs(inputs, self.model.config.vision_config), unit.share, unit.shares)
         return {i: self.family.vision_forward(visual, inputs[i].pixel_values, inputs[i].image_grid_thw)
-                for i in share if inputs[i].pixel_values is not None}, None
+                for i in samples_of(unit, inputs, self.model.config.vision_config)
+                if inputs[i].pixel_values is not None}, None
 
     @torch.no_grad()
     def vision(self, unit: Unit, inputs: list[ModelInputs], *shares):

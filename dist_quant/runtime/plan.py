@@ -89,6 +89,11 @@ def image_share(costs: list[int], share: int, shares: int) -> list[int]:
     return [index for index in range(len(costs)) if owner[index] == share]
 
 
+def samples_of(unit: Unit, inputs, vision_config) -> list[int]:
+    """The samples whose images the images unit ``unit`` runs (the same on every actor and in the evaluator)."""
+    return image_share(image_costs(inputs, vision_config), unit.share, unit.shares)
+
+
 def plan_units(config, group_size: int = DEFAULT_EXPERT_GROUP_SIZE, image_shares: int = 1) -> list[Unit]:
     """Every unit of a model in plan order: the vision forward in ``image_shares`` shares of the images (one per
     actor: the tower's input ranges of the shares are merged exactly, by min and max, so the checkpoint is the same

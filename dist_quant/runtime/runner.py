@@ -24,7 +24,7 @@ from dist_quant.recipe import Recipe
 from dist_quant.runtime import ray_tensors
 from dist_quant.runtime.device import DEFAULT_COMPUTE_THREADS, resolve_device
 from dist_quant.runtime.interpret import finish_layer, running_sum, sample_outputs
-from dist_quant.runtime.plan import Kind, Unit, image_costs, image_share
+from dist_quant.runtime.plan import Kind, Unit, samples_of
 from dist_quant.runtime.report import Reporter, UnitReport
 from dist_quant.runtime.resume import save_hidden, save_vision
 from dist_quant.runtime.worker import ImagesOutput, Worker
@@ -100,8 +100,7 @@ class UnitRunner:
 
     def images(self, unit: Unit, inputs: list[ModelInputs]):
         started = self._start(unit)
-        costs = image_costs(inputs, self.worker.config.vision_config)
-        share = self.worker.images(inputs, image_share(costs, unit.share, unit.shares),
+        share = self.worker.images(inputs, samples_of(unit, inputs, self.worker.config.vision_config),
                                    keep_tower=Unit(Kind.VISION) in self._position)
         return share, self.reporter.report(unit, started)
 
