@@ -39,13 +39,6 @@ def reference(model, calib_index, tmp_path_factory):
 
 
 @pytest.fixture
-def local_ray():
-    ray.init(address="local", num_cpus=3, include_dashboard=False)  # "local": never another session's cluster
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture
 def private_cluster(monkeypatch):
     """ray.cluster_utils.Cluster writes its address to /tmp/ray/ray_current_cluster, where every ray.init() on the
     machine (other sessions' tests included) would find and join it, and removes that file when it shuts down:

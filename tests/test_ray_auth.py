@@ -134,13 +134,16 @@ def test_wrong_token_is_a_one_line_error_naming_what_to_set(token_head, homes, t
 
 @pytest.fixture(autouse=True)
 def ray_config_follows_the_environment():
-    """Ray caches RAY_AUTH_MODE in its process-wide RayConfig: once monkeypatch has put the environment back (it is
-    torn down before this autouse fixture), make Ray read it again, so later tests in this process see no leftover
-    "disabled" or "token" mode."""
+    """Ray caches RAY_AUTH_MODE in its process-wide RayConfig and the token in its token loader: once monkeypatch has
+    put the environment back (it is torn down before this autouse fixture), make Ray read both again, so later tests
+    in this process see no leftover "disabled" or "token" mode and no token from this module's HOMEs (a cached token
+    makes this process's own gRPC server demand it, and a head without tokens then finds the driver dead). The order
+    is Ray's own (ray._private.authentication_test_utils.reset_auth_token_state): the config first."""
     yield
-    from ray._raylet import Config
+    from ray._raylet import AuthenticationTokenLoader, Config
 
     Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
 
 
 def set_client(monkeypatch, home: Path, **env) -> None:

@@ -45,15 +45,12 @@ class Echo:
 
 
 @pytest.mark.ray
-def test_through_a_ray_actor():
-    ray.init(address="local", num_cpus=1, include_dashboard=False)
-    try:
-        ray_tensors.register()
-        sent = {name: t for name, t in CASES.items()}
-        back = ray.get(Echo.remote().twice.remote(sent))
-        assert all(same_bits(sent[name], back[name]) for name in sent)
-        assert same_bits(back["made"], torch.full((3, 2), 1.5, dtype=torch.bfloat16))
-        reduced = ray._private.worker.global_worker.get_serialization_context().serialize(CASES["bfloat16"])
-        assert b"ray_tensors" in reduced.to_bytes()  # the registered raw form, not torch's pickle
-    finally:
-        ray.shutdown()
+def test_through_a_ray_actor(local_ray):
+    ray_tensors.register()
+    sent = {name: t for name, t in CASES.items()}
+    echo = Echo.remote()  # held: an actor whose last handle is dropped may be cancelled before it runs
+    back = ray.get(echo.twice.remote(sent))
+    assert all(same_bits(sent[name], back[name]) for name in sent)
+    assert same_bits(back["made"], torch.full((3, 2), 1.5, dtype=torch.bfloat16))
+    reduced = ray._private.worker.global_worker.get_serialization_context().serialize(CASES["bfloat16"])
+    assert b"ray_tensors" in reduced.to_bytes()  # the registered raw form, not torch's pickle
