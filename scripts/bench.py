@@ -31,6 +31,7 @@ SMALL_WIDTH = ["--hidden", "1024", "--heads", "16", "--kv-heads", "4", "--head-d
                "--vision-heads", "4", "--dtype", "bfloat16", "--calib-images", "0"]
 MiB, GiB = 2**20, 2**30
 PHASES = ("read", "convert", "rotate", "smooth", "forward", "quantize", "serialise", "write", "merge")
+CALIB_TOKENS = 2839  # the 12 bundled photos at the real processor's resolution (docs/benchmarks.md, "Real width")
 HOST_PHASES = ("read", "convert", "serialise", "write", "merge")  # an accelerator does not shorten these
 
 
@@ -44,11 +45,15 @@ def build_model(out: Path, width: str, layers: int) -> Path:
     return out
 
 
-def output_estimate(model: Path) -> int:
+def model_plan(model: Path, workers: int):
     from dist_quant.models.family import load_checked
     from dist_quant.runtime.plan import build_plan
     raw = json.loads((model / "config.json").read_text())
-    return build_plan(load_checked(model)[2], raw, 1).output_bytes
+    return build_plan(load_checked(model)[2], raw, workers, calib_tokens=CALIB_TOKENS)
+
+
+def output_estimate(model: Path) -> int:
+    return model_plan(model, 1).output_bytes
 
 
 def io_floor(model: Path, scratch: Path, write_bytes: int) -> float:
@@ -79,17 +84,21 @@ def _proc(pid: int) -> dict | None:
         cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except (OSError, ValueError):
         return None
-    hwm = next((int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmHWM")), None)
-    if hwm is None:  # a process that is exiting (a zombie) has no memory figures any more
+    kib = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in status.splitlines()
+           if line.startswith(("VmHWM", "VmRSS", "RssAnon", "RssShmem"))}
+    if "VmHWM" not in kib:  # a process that is exiting (a zombie) has no memory figures any more
         return None
-    return {"peak_rss": hwm, "rchar": int(io["rchar"]), "wchar": int(io["wchar"]), "cmd": cmd[:80]}
+    return {"peak_rss": kib["VmHWM"], "rss": kib["VmRSS"], "anon": kib["RssAnon"], "shmem": kib["RssShmem"],
+            "rchar": int(io["rchar"]), "wchar": int(io["wchar"]), "cmd": cmd[:80]}
 
 
 class Sampler:
-    """Peak RSS and I/O counters of the processes that match ``wanted(pid, cmdline)``, sampled until stopped."""
+    """Peak RSS and I/O counters of the processes that match ``wanted(pid, cmdline)``, sampled until stopped, and
+    each one's resident memory over time (epoch seconds, VmRSS, RssAnon, RssShmem: the shared part is mostly Ray's
+    object store, mapped by the actors that write or read an object), so each unit's peak can be read off."""
 
     def __init__(self, wanted):
-        self.wanted, self.seen, self._stop = wanted, {}, threading.Event()
+        self.wanted, self.seen, self.series, self._stop = wanted, {}, {}, threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
@@ -100,6 +109,8 @@ class Sampler:
                     figures = _proc(int(entry))
                     if figures is not None:
                         self.seen[int(entry)] = figures
+                        self.series.setdefault(int(entry), []).append(
+                            (time.time(), figures["rss"], figures["anon"], figures["shmem"]))
             self._stop.wait(0.2)
 
     def stop(self) -> dict[int, dict]:
@@ -158,8 +169,13 @@ def measured_run(mode: str, model: Path, args: argparse.Namespace) -> dict:
     shutil.rmtree(save)
     driver = processes.pop(child.pid, {})
     order = {pid: actor["index"] for actor in summary.get("actors", []) for pid in actor["pids"]}
-    actors = [figures for pid, figures in sorted(processes.items(), key=lambda item: order.get(item[0], 1 << 30))]
-    return {"mode": mode, "wall": wall, "summary": summary, "driver": driver, "actors": actors}  # by actor index
+    actors = [{**figures, "series": sampler.series[pid]}
+              for pid, figures in sorted(processes.items(), key=lambda item: order.get(item[0], 1 << 30))]
+    from dist_quant.runtime.plan import RUNTIME_OVERHEAD
+    estimates = [] if mode == "single" else [{u.name: peak + RUNTIME_OVERHEAD for u, peak in zip(a.units, a.unit_peaks)}
+                                             for a in model_plan(model, int(mode)).actors]
+    return {"mode": mode, "wall": wall, "summary": summary, "driver": driver, "actors": actors,
+            "unit_estimates": estimates}  # by actor index
 
 
 # --- report -----------------------------------------------------------------------------------------------------
@@ -197,7 +213,27 @@ def report(figures: dict) -> str:
             lines.append(f"  {run['mode']} workers, actor {actor['index']}: {actor['units']} units, busy "
                          f"{actor['busy_seconds']:.1f} s, read {_gib(actor['bytes_read'])} GiB, "
                          + idle_text(run["summary"].get("timeline", []), actor["index"]))
+        if run["mode"] != "single":
+            lines += unit_memory_text(run)
     return "\n".join(lines)
+
+
+def unit_memory_text(run: dict) -> list[str]:
+    """Per Ray actor, the units whose resident memory while they ran (the sampled VmRSS, its anonymous and shared
+    parts at that moment) most exceeds the plan's estimate of the unit (with the runtime's overhead)."""
+    lines = []
+    for index, (actor, estimate) in enumerate(zip(run["actors"], run["unit_estimates"])):
+        rows = []
+        for _, name, started, seconds, _ in (t for t in run["summary"]["timeline"] if t[0] == index):
+            during = [sample for sample in actor["series"] if started <= sample[0] <= started + seconds]
+            if during and name in estimate:
+                _, rss, anon, shmem = max(during, key=lambda sample: sample[1])
+                rows.append((rss - estimate[name], name, rss, anon, shmem, estimate[name]))
+        worst = ", ".join(f"{name} {_gib(rss)} (anon {_gib(anon)}, shared {_gib(shmem)}; estimated {_gib(est)})"
+                          for _, name, rss, anon, shmem, est in sorted(rows, reverse=True)[:4])
+        lines.append(f"  {run['mode']} workers, actor {index}, RSS GiB while a unit ran, most over its estimate: "
+                     f"{worst or 'no samples'}")
+    return lines
 
 
 def idle_text(timeline: list, actor: int) -> str:

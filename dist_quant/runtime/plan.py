@@ -209,7 +209,8 @@ class ActorPlan:
     index: int
     units: list[Unit] = field(default_factory=list)
     read_bytes: int = 0
-    peak_bytes: int = 0
+    peak_bytes: int = 0  # the largest of unit_peaks, plus the runtime's own overhead
+    unit_peaks: list[int] = field(default_factory=list)  # unit_peak_bytes of each of units
 
 
 @dataclass
@@ -253,10 +254,11 @@ def build_plan(config, raw_config: dict, workers: int, *, group_size: int = DEFA
     outputs = [unit_output_bytes(config, u, recipe, dtype_bytes, n) for u, n in zip(units, params)]
     output_of = dict(zip(units, outputs))
     for actor in actors:
-        actor.peak_bytes = max((unit_peak_bytes(config, u, params_of[u], output_of[u], dtype_bytes, calib_tokens,
-                                                next((params_of[n] for n in actor.units[i + 1:]
-                                                      if n.kind is Kind.EXPERTS), 0))
-                                for i, u in enumerate(actor.units)), default=0) + RUNTIME_OVERHEAD
+        actor.unit_peaks = [unit_peak_bytes(config, u, params_of[u], output_of[u], dtype_bytes, calib_tokens,
+                                            next((params_of[n] for n in actor.units[i + 1:] if n.kind is Kind.EXPERTS),
+                                                 0))
+                            for i, u in enumerate(actor.units)]
+        actor.peak_bytes = max(actor.unit_peaks, default=0) + RUNTIME_OVERHEAD
     source = sum(n for u, n in zip(units, params) if u.kind is not Kind.IMAGES) * dtype_bytes
     output = sum(outputs)
     part_bytes = part_file_size_gb * GiB  # msModelSlim's part_file_size 'GB' are GiB
