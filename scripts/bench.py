@@ -134,18 +134,22 @@ def child_run(args: argparse.Namespace) -> None:
     from dist_quant.runtime.driver import BUNDLED_DATASETS
 
     dataset = str(BUNDLED_DATASETS / "calibImages")
-    timeline: list = []  # (actor, unit, started at, seconds, phases) of each unit of a Ray run
+    timeline: list = []  # (actor, unit, started at, seconds, phases) of each unit
+
+    def on_unit_done(report):
+        timeline.append((report.actor, report.unit.name, report.started_at, report.seconds, report.phases))
+
     options = dict(progress=False, dataset=dataset, overwrite=True, compute_threads=args.compute_threads,
                    device=args.device)
     if args.child == "single":
         from dist_quant.runtime.local import quantize_single_card
-        summary = quantize_single_card(str(args.model), str(args.save), load_recipe(), **options)
+        summary = quantize_single_card(str(args.model), str(args.save), load_recipe(), on_unit_done=on_unit_done,
+                                       **options)
     else:
         from dist_quant.runtime.ray_driver import quantize_distributed
         summary = quantize_distributed(str(args.model), str(args.save), load_recipe(), workers=int(args.child),
                                        ray_address="auto", threads_per_actor=args.compute_threads,
-                                       on_unit_done=lambda r: timeline.append((r.actor, r.unit.name, r.started_at,
-                                                                              r.seconds, r.phases)), **options)
+                                       on_unit_done=on_unit_done, **options)
     out = {k: v for k, v in vars(summary).items() if isinstance(v, (int, float, str, dict))}
     out["timeline"] = timeline
     out["actors"] = [{**dataclasses.asdict(a), "node_ids": [], "pids": sorted(a.pids)}
@@ -171,11 +175,12 @@ def measured_run(mode: str, model: Path, args: argparse.Namespace) -> dict:
     order = {pid: actor["index"] for actor in summary.get("actors", []) for pid in actor["pids"]}
     actors = [{**figures, "series": sampler.series[pid]}
               for pid, figures in sorted(processes.items(), key=lambda item: order.get(item[0], 1 << 30))]
+    driver["series"] = sampler.series.get(child.pid, [])
     from dist_quant.runtime.plan import RUNTIME_OVERHEAD
-    estimates = [] if mode == "single" else [{u.name: peak + RUNTIME_OVERHEAD for u, peak in zip(a.units, a.unit_peaks)}
-                                             for a in model_plan(model, int(mode)).actors]
+    estimates = [{u.name: peak + RUNTIME_OVERHEAD for u, peak in zip(a.units, a.unit_peaks)}
+                 for a in model_plan(model, 1 if mode == "single" else int(mode)).actors]
     return {"mode": mode, "wall": wall, "summary": summary, "driver": driver, "actors": actors,
-            "unit_estimates": estimates}  # by actor index
+            "unit_estimates": estimates}  # by actor index (single card: the driver runs the units)
 
 
 # --- report -----------------------------------------------------------------------------------------------------
@@ -213,16 +218,16 @@ def report(figures: dict) -> str:
             lines.append(f"  {run['mode']} workers, actor {actor['index']}: {actor['units']} units, busy "
                          f"{actor['busy_seconds']:.1f} s, read {_gib(actor['bytes_read'])} GiB, "
                          + idle_text(run["summary"].get("timeline", []), actor["index"]))
-        if run["mode"] != "single":
-            lines += unit_memory_text(run)
+        lines += unit_memory_text(run)
     return "\n".join(lines)
 
 
 def unit_memory_text(run: dict) -> list[str]:
-    """Per Ray actor, the units whose resident memory while they ran (the sampled VmRSS, its anonymous and shared
+    """Per Ray actor (or the single card), the units whose resident memory while they ran (the sampled VmRSS, its anonymous and shared
     parts at that moment) most exceeds the plan's estimate of the unit (with the runtime's overhead)."""
     lines = []
-    for index, (actor, estimate) in enumerate(zip(run["actors"], run["unit_estimates"])):
+    processes = [run["driver"]] if run["mode"] == "single" else run["actors"]
+    for index, (actor, estimate) in enumerate(zip(processes, run["unit_estimates"])):
         rows = []
         for _, name, started, seconds, _ in (t for t in run["summary"]["timeline"] if t[0] == index):
             during = [sample for sample in actor["series"] if started <= sample[0] <= started + seconds]
@@ -231,8 +236,8 @@ def unit_memory_text(run: dict) -> list[str]:
                 rows.append((rss - estimate[name], name, rss, anon, shmem, estimate[name]))
         worst = ", ".join(f"{name} {_gib(rss)} (anon {_gib(anon)}, shared {_gib(shmem)}; estimated {_gib(est)})"
                           for _, name, rss, anon, shmem, est in sorted(rows, reverse=True)[:4])
-        lines.append(f"  {run['mode']} workers, actor {index}, RSS GiB while a unit ran, most over its estimate: "
-                     f"{worst or 'no samples'}")
+        who = "single card" if run["mode"] == "single" else f"{run['mode']} workers, actor {index}"
+        lines.append(f"  {who}, RSS GiB while a unit ran, most over its estimate: {worst or 'no samples'}")
     return lines
 
 

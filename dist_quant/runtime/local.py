@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 from dist_quant.calib.inputs import ModelInputs
 from dist_quant.checkpoint.writer import CheckpointWriter
@@ -10,14 +10,19 @@ from dist_quant.recipe import Recipe
 from dist_quant.runtime.driver import OnDone, QuantSummary, quantize
 from dist_quant.runtime.interpret import interpret
 from dist_quant.runtime.plan import Unit
+from dist_quant.runtime.report import UnitReport
 from dist_quant.runtime.resume import ResumePoint
 from dist_quant.runtime.runner import UnitRunner
 
 
 class LocalExecutor:
-    """Runs the units on one UnitRunner in this process, each reported as soon as it is done."""
+    """Runs the units on one UnitRunner in this process, each reported as soon as it is done (to the driver, and to
+    ``on_unit_done(report)`` when given, as the Ray executor does)."""
 
     workers = 1
+
+    def __init__(self, on_unit_done: Optional[Callable[[UnitReport], None]] = None):
+        self.on_unit_done = on_unit_done
 
     def start(self, model_path: str, recipe: Recipe, writer: CheckpointWriter, plan: list[Unit], device: str,
               compute_threads: int) -> None:
@@ -29,11 +34,14 @@ class LocalExecutor:
         self.runner.reporter.places.update({unit.id: self.writer.places(unit.id) for unit in todo})
         for _, report in interpret(todo, point, inputs, self.runner):
             on_done(report)
+            if self.on_unit_done is not None:
+                self.on_unit_done(report)
 
     def close(self) -> None:
         pass
 
 
-def quantize_single_card(model_path: str, save_path: str, recipe: Recipe, **options) -> QuantSummary:
+def quantize_single_card(model_path: str, save_path: str, recipe: Recipe,
+                         on_unit_done: Optional[Callable[[UnitReport], None]] = None, **options) -> QuantSummary:
     """Quantize a checkpoint on one device and publish it to ``save_path`` (options: see ``driver.quantize``)."""
-    return quantize(model_path, save_path, recipe, LocalExecutor(), **options)
+    return quantize(model_path, save_path, recipe, LocalExecutor(on_unit_done), **options)

@@ -22,6 +22,7 @@ from dist_quant.checkpoint.layout import Place
 from dist_quant.checkpoint.unit_file import UnitSink
 from dist_quant.recipe import Recipe
 from dist_quant.runtime import ray_tensors
+from dist_quant.runtime.allocator import release_free_memory
 from dist_quant.runtime.device import DEFAULT_COMPUTE_THREADS, resolve_device
 from dist_quant.runtime.interpret import finish_layer, running_sum, sample_outputs
 from dist_quant.runtime.plan import Kind, Unit, samples_of
@@ -93,7 +94,9 @@ class UnitRunner:
                 "ship_unit_files": self.ship_unit_files}
 
     def _start(self, unit: Unit) -> float:
-        """Prefetch the next expert group of this runner's schedule, then start the clock of this unit."""
+        """Return the previous units' freed memory to the system (runtime/allocator.py), prefetch the next expert
+        group of this runner's schedule, then start the clock of this unit."""
+        release_free_memory()
         if unit in self._position:
             self.worker.prefetch_next_experts(self.schedule, self._position[unit])
         return time.perf_counter()

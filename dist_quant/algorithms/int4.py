@@ -1,0 +1,91 @@
+"""Int4 weights for W4A8_DYNAMIC experts: the scale (min/max, or msModelSlim's "ssz" least-squares refinement), the
+codes, the packing vLLM Ascend loads, and the kernel's ``scale_bias`` (docs/w4a8-loader-facts.md, sections 1.6, 1.7,
+3.1 and 4).
+
+Everything here is a pure function over tensors, computed in float32. Codes are in [-8, 7] (the asymmetric clamp of
+msModelSlim's ``int_quantize``); scales are per output channel, never 0 (an all-zero channel keeps float32 eps, as
+msModelSlim does).
+"""
+
+from __future__ import annotations
+
+import torch
+
+QMIN4, QMAX4 = -8, 7
+EPS = torch.finfo(torch.float32).eps  # msModelSlim's floor for a min/max scale
+SSZ_ITERATIONS = 50  # msModelSlim's SCALE_SEARCH_ITER_NUM (core/quantizer/impl/ssz.py)
+SCALE_BIAS_CHUNKS = 16  # down_proj's scale_bias: one sum per 16th of the input, so each TP rank (tp | 16) has its own
+
+
+def minmax_scale(weight: torch.Tensor) -> torch.Tensor:
+    """Per output channel ``max(-min(W, 0), max(W, 0)) / 7``, at least float32 eps: float32 [out]."""
+    w = weight.to(torch.float32)
+    absmax = torch.maximum(w.amax(dim=1).clamp(min=0), -w.amin(dim=1).clamp(max=0))
+    return (absmax / QMAX4).clamp(min=EPS)
+
+
+def int4_codes(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``clamp(round(W / s), -8, 7)`` per output channel (round half to even), as int8 [out, in]."""
+    return weight.to(torch.float32).div(scale[:, None]).round_().clamp_(QMIN4, QMAX4).to(torch.int8)
+
+
+def _mse(w: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (w - codes.to(torch.float32) * scale[:, None]).square().mean(dim=1)
+
+
+def ssz_scale(weight: torch.Tensor, iterations: int = SSZ_ITERATIONS) -> torch.Tensor:
+    """msModelSlim's "ssz" int4 scale: from the min/max scale, alternate least-squares scales for the current codes
+    (``s = sum W q / sum q^2``) and codes for that scale, keeping per channel the scale of least weight reconstruction
+    error, until no channel improves (or ``iterations``). Data-free: it minimises ``mean_k (W - q s)^2`` per output
+    channel. Float32 [out], never worse than the min/max scale."""
+    w = weight.to(torch.float32)
+    best = minmax_scale(w)
+    codes = int4_codes(w, best)
+    best_mse = _mse(w, codes, best)
+    for _ in range(iterations):
+        q = codes.to(torch.float32)
+        scale = (w * q).sum(dim=1) / (q * q).sum(dim=1).clamp(min=1e-30)
+        scale = torch.where(scale > 0, scale, best)  # an all-zero channel: nothing to fit
+        codes = int4_codes(w, scale)
+        mse = _mse(w, codes, scale)
+        better = mse < best_mse
+        if not bool(better.any()):
+            break
+        best = torch.where(better, scale, best)
+        best_mse = torch.where(better, mse, best_mse)
+    return best
+
+
+def pack_int4_rows(codes: torch.Tensor) -> torch.Tensor:
+    """Two int4 codes per int8 along the output dimension: ``packed[j, k] = (W[2j+1, k] << 4) | (W[2j, k] & 0xF)``,
+    int8 [out/2, in] (the low nibble is the even output channel)."""
+    if codes.shape[0] % 2:
+        raise ValueError(f"int4 packing needs an even number of output channels, got {codes.shape[0]}")
+    pairs = codes.to(torch.int16).reshape(codes.shape[0] // 2, 2, codes.shape[1])
+    packed = (pairs[:, 1] << 4) | (pairs[:, 0] & 0xF)  # in [-128, 127] as a signed byte
+    return torch.where(packed > 127, packed - 256, packed).to(torch.int8)
+
+
+def unpack_int4_rows(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of pack_int4_rows: int8 [out, in] codes in [-8, 7]."""
+    p = packed.to(torch.int16)
+    low = p & 0xF
+    low = torch.where(low >= 8, low - 16, low)
+    high = p >> 4  # arithmetic: keeps the sign of the high nibble
+    return torch.stack([low, high], dim=1).reshape(2 * packed.shape[0], packed.shape[1]).to(torch.int8)
+
+
+def scale_bias(codes: torch.Tensor, scale: torch.Tensor, input_split: bool) -> torch.Tensor:
+    """The A8W4 kernel's correction for splitting int8 activations into two int4 halves: ``8 ws[n] sum_k W[n, k]``
+    (float32 [out, 1]), or for a linear whose input the engine splits across ranks (down_proj) the same sum over
+    each of 16 equal chunks of the input (float32 [out, 16])."""
+    out, inputs = codes.shape
+    chunks = SCALE_BIAS_CHUNKS if input_split else 1
+    if inputs % chunks:
+        raise ValueError(f"scale_bias needs an input size divisible by {chunks}, got {inputs}")
+    sums = codes.to(torch.float32).reshape(out, chunks, inputs // chunks).sum(dim=2)
+    return (8 * scale[:, None] * sums).contiguous()
+
+
+__all__ = ["QMAX4", "QMIN4", "SCALE_BIAS_CHUNKS", "int4_codes", "minmax_scale", "pack_int4_rows", "scale_bias",
+           "ssz_scale", "unpack_int4_rows"]
