@@ -118,13 +118,22 @@ class LayerOutput:
 
 
 def check_recipe_for_model(recipe: Recipe, config) -> None:
-    """Refuse recipes that vLLM Ascend could not serve: static experts, or one fused projection split across types."""
+    """Refuse recipes that vLLM Ascend could not serve: static experts, an experts-only scheme elsewhere, or one fused
+    projection split across types."""
     family = family_for(config.model_type)
     expert_type = schemes.get(recipe.quant_type(family.expert_key(0, 0, family.EXPERT_PROJS[0])))
     if not expert_type.serves_experts:
         allowed = [s.name for s in schemes.SCHEMES.values() if s.serves_experts]
         raise RecipeError(f"recipe {recipe.path}: experts must be one of {allowed}: vLLM Ascend has no "
                           f"{expert_type.name} MoE method (exclude '*experts*' from that linear_quant)")
+    linears = [*family.vision_linears(config)]
+    for layer_idx in range(config.text_config.num_hidden_layers):
+        linears += family.layer_linears(config, layer_idx)
+    for name in linears:
+        scheme = schemes.get(recipe.quant_type(name))
+        if not scheme.serves_linears:
+            raise RecipeError(f"recipe {recipe.path}: {name} gets {scheme.name}, which vLLM Ascend serves for routed "
+                              "experts only (include only '*mlp.experts*' in that linear_quant)")
     for layer_idx in range(config.text_config.num_hidden_layers):
         for group in family.FUSED_GROUPS:
             types = {recipe.quant_type(f"{family.layer_prefix(layer_idx)}.{name}") for name in group}

@@ -10,13 +10,14 @@ from typing import Optional
 
 from dist_quant.errors import RecipeError
 from dist_quant.schemes import unquantized as _float
+from dist_quant.schemes import w4a8_dynamic as _w4a8_dynamic
 from dist_quant.schemes import w8a8 as _w8a8
 from dist_quant.schemes import w8a8_dynamic as _w8a8_dynamic
 from dist_quant.schemes.base import LinearSpec, QSpec, Scheme
 
-_MODULES = (_float, _w8a8_dynamic, _w8a8)
+_MODULES = (_float, _w8a8_dynamic, _w8a8, _w4a8_dynamic)
 SCHEMES: dict[str, Scheme] = {m.SCHEME.name: m.SCHEME for m in _MODULES}
-FLOAT, W8A8, W8A8_DYNAMIC = _float.NAME, _w8a8.NAME, _w8a8_dynamic.NAME
+FLOAT, W8A8, W8A8_DYNAMIC, W4A8_DYNAMIC = _float.NAME, _w8a8.NAME, _w8a8_dynamic.NAME, _w4a8_dynamic.NAME
 SELECTABLE = tuple(s for s in SCHEMES.values() if s.act is not None)
 
 
@@ -29,7 +30,7 @@ def get(name: str) -> Scheme:
 
 def for_qconfig(act: QSpec, weight: QSpec) -> Optional[Scheme]:
     """The scheme a recipe's ``qconfig`` selects (by its fields, ``ext`` options aside), or None."""
-    return next((s for s in SELECTABLE if s.act == act.core() and s.weight == weight.core()), None)
+    return next((s for s in SELECTABLE if s.selected_by(act, weight)), None)
 
 
 def highest(names) -> str:
@@ -40,5 +41,5 @@ def highest(names) -> str:
     return max(present, key=lambda s: s.priority).name
 
 
-__all__ = ["FLOAT", "SCHEMES", "SELECTABLE", "W8A8", "W8A8_DYNAMIC", "LinearSpec", "QSpec", "Scheme", "for_qconfig",
+__all__ = ["FLOAT", "SCHEMES", "SELECTABLE", "W4A8_DYNAMIC", "W8A8", "W8A8_DYNAMIC", "LinearSpec", "QSpec", "Scheme", "for_qconfig",
            "get", "highest"]

@@ -64,6 +64,16 @@ class Scheme:
     serve: Callable[[dict[str, torch.Tensor]], nn.Module]
     summary: str  # one line for error messages and docs
     ext_keys: tuple[str, ...] = ()  # the qconfig ``ext`` options the scheme understands (others are refused)
+    weight_methods: tuple[str, ...] = ()  # more weight ``method``s that select it (``quantize`` reads spec.weight)
+    serves_linears: bool = True  # the serving engine has a method for it outside the routed experts
+
+    def selected_by(self, act: "QSpec", weight: "QSpec") -> bool:
+        """Whether a recipe qconfig (its options aside) selects this scheme."""
+        if self.act is None or act.core() != self.act:
+            return False
+        methods = (self.weight.method, *self.weight_methods)
+        return any(weight.core() == QSpec(self.weight.scope, self.weight.dtype, self.weight.symmetric, m)
+                   for m in methods)
 
     def bytes_per_param(self, source_bytes: int) -> float:
         """Bytes a weight parameter takes in the checkpoint (scales are negligible)."""

@@ -1,0 +1,63 @@
+"""W4A8_DYNAMIC: int4 per-channel symmetric expert weights, int8 per-token symmetric activations computed at run time.
+
+What vLLM Ascend's ``AscendW4A8DynamicFusedMoEMethod`` loads in the modelslim layout (per channel: ``group_size`` 0,
+``version`` "1.0.0"), as msModelSlim's ``AscendV1Saver.on_w4a8_dynamic`` writes it (docs/w4a8-loader-facts.md, 1.3
+and 3.2): ``weight`` int8 [out/2, in], two int4 codes per byte along the output dimension; ``weight_scale`` and a
+zero ``weight_offset`` float32 [out, 1]; ``scale_bias`` float32 [out, 1], or [out, 16] for a linear whose input the
+engine splits across ranks (down_proj). Routed experts only: vLLM Ascend has no W4A8 linear method on main.
+
+The weight scale is msModelSlim's "ssz" least-squares refinement by default (``method: ssz``), or plain min/max
+(``method: minmax``). The engine computes exactly dynamic W8A8 with the int4 codes as the weight (the kernel's split
+of the activations into int4 halves is undone by ``scale_bias``; section 4.2).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import is_fake
+
+from dist_quant.algorithms.int4 import int4_codes, minmax_scale, pack_int4_rows, scale_bias, ssz_scale, unpack_int4_rows
+from dist_quant.algorithms.quantize import dynamic_w8a8_linear
+from dist_quant.schemes.base import LinearSpec, QSpec, Scheme, ServedLinear
+
+NAME = "W4A8_DYNAMIC"
+WEIGHT_METHODS = ("ssz", "minmax")  # the qconfig weight methods that select it; ssz first: the default
+
+
+def weight_scale(weight: torch.Tensor, method: str) -> torch.Tensor:
+    """The per-channel int4 scale by ``method``. On fake tensors (the writer's layout pass) the refinement, whose
+    stopping test needs values, is skipped: its result has the min/max scale's shape and dtype."""
+    if method == "minmax" or is_fake(weight):
+        return minmax_scale(weight)
+    return ssz_scale(weight)
+
+
+def quantize(weight: torch.Tensor, bias: Optional[torch.Tensor], spec: LinearSpec) -> dict[str, torch.Tensor]:
+    """Roles: weight (int8 [out/2, in], packed int4), weight_scale and weight_offset (float32 [out, 1], the offset
+    all zero), scale_bias (float32 [out, 1], [out, 16] when ``spec.input_split``)."""
+    if bias is not None:
+        raise ValueError(f"{spec.name}: W4A8_DYNAMIC is for routed experts, which have no bias")
+    scale = weight_scale(weight, spec.weight.method if spec.weight is not None else WEIGHT_METHODS[0])
+    codes = int4_codes(weight, scale)
+    return {"weight": pack_int4_rows(codes), "weight_scale": scale[:, None].contiguous(),
+            "weight_offset": torch.zeros_like(scale)[:, None].contiguous(),
+            "scale_bias": scale_bias(codes, scale, spec.input_split)}
+
+
+def _math(x: torch.Tensor, r: dict[str, torch.Tensor]) -> torch.Tensor:
+    return dynamic_w8a8_linear(x, unpack_int4_rows(r["weight"]), r["weight_scale"])
+
+
+def serve(roles: dict[str, torch.Tensor]) -> nn.Module:
+    return ServedLinear({k: roles[k] for k in ("weight", "weight_scale")}, _math)
+
+
+SCHEME = Scheme(NAME, act=QSpec("per_token", "int8", True, "minmax"),
+                weight=QSpec("per_channel", "int4", True, WEIGHT_METHODS[0]), needs_input_range=False, weight_bits=4,
+                serves_experts=True, priority=-1, roles=("weight", "weight_scale", "weight_offset", "scale_bias"),
+                quantize=quantize, serve=serve, weight_methods=WEIGHT_METHODS[1:], serves_linears=False,
+                summary="per_token int8 symmetric minmax activations, per_channel int4 symmetric ssz or minmax "
+                        "weights (W4A8_DYNAMIC, routed experts only)")

@@ -1,0 +1,110 @@
+"""W4A8_DYNAMIC experts end to end on the tiny model: every expert tensor with the key, dtype and shape vLLM Ascend's
+``AscendW4A8DynamicFusedMoEMethod`` (modelslim path, per channel) loads, derived from the parameters it creates
+(docs/w4a8-loader-facts.md 1.3: ``w13_weight [E, I, H]`` int8 filled by gate and up ``[I/2, H]`` each, ``w2_weight
+[E, H/2, I]``, ``w13_weight_scale/offset/scale_bias [E, 2I, 1]``, ``w2_weight_scale/offset [E, H, 1]``,
+``w2_scale_bias [E, H, 16]``), and their values checked with an unpacking of our own in this file; attention stays
+static W8A8; an experts-only scheme on attention is refused."""
+
+import pytest
+import torch
+import yaml
+
+from dist_quant.errors import RecipeError
+from dist_quant.recipe import DEFAULT_RECIPE, load_recipe
+from dist_quant.runtime.local import quantize_single_card
+from helpers import read_checkpoint
+
+EXPERTS = 8
+
+
+def w4a8_recipe(tmp_path, method: str = "ssz", also: str = ""):
+    """The bundled recipe with the experts' weights int4 per channel (and ``also`` added to that linear_quant)."""
+    doc = yaml.safe_load(DEFAULT_RECIPE.read_text())
+    experts = next(step for step in doc["spec"]["process"] if step.get("include") == ["*experts*"])
+    experts["qconfig"] = {**experts["qconfig"], "weight": {"scope": "per_channel", "dtype": "int4", "symmetric": True,
+                                                          "method": method}}
+    if also:
+        experts["include"].append(also)
+        doc["spec"]["process"][2]["exclude"].append(also)
+    path = tmp_path / f"w4a8_{method}.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return load_recipe(path)
+
+
+def unpack(packed: torch.Tensor) -> torch.Tensor:
+    """Nibbles to codes: the low nibble is the even output channel (two's complement in 4 bits)."""
+    byte = packed.to(torch.int32) & 0xFF
+    low, high = byte & 0xF, byte >> 4
+    low, high = low - 16 * (low >= 8).int(), high - 16 * (high >= 8).int()
+    return torch.stack([low, high], dim=1).reshape(2 * packed.shape[0], packed.shape[1])
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_model, calib_index, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("w4a8")
+    save = tmp / "quant"
+    quantize_single_card(str(tiny_model), str(save), w4a8_recipe(tmp), dataset=str(calib_index), progress=False)
+    return read_checkpoint(save)
+
+
+def test_expert_tensors_are_what_the_loader_creates(checkpoint, tiny_model):
+    import json
+
+    tc = json.loads((tiny_model / "config.json").read_text())["text_config"]
+    hidden, inter = tc["hidden_size"], tc["moe_intermediate_size"]
+    tensors, description, _ = checkpoint
+    expected = {  # per expert, from the loader's parameters narrowed to one expert (tp = 1)
+        "gate_proj": {"weight": (torch.int8, (inter // 2, hidden)), "weight_scale": (torch.float32, (inter, 1)),
+                      "weight_offset": (torch.float32, (inter, 1)), "scale_bias": (torch.float32, (inter, 1))},
+        "down_proj": {"weight": (torch.int8, (hidden // 2, inter)), "weight_scale": (torch.float32, (hidden, 1)),
+                      "weight_offset": (torch.float32, (hidden, 1)), "scale_bias": (torch.float32, (hidden, 16))},
+    }
+    expected["up_proj"] = expected["gate_proj"]
+    moe_layers = [i for i in range(tc["num_hidden_layers"]) if i not in tc.get("mlp_only_layers", [])]
+    for layer in moe_layers:
+        for e in range(EXPERTS):
+            for proj, roles in expected.items():
+                prefix = f"model.language_model.layers.{layer}.mlp.experts.{e}.{proj}"
+                keys = {k[len(prefix) + 1:] for k in tensors if k.startswith(prefix + ".")}
+                assert keys == set(roles), (prefix, keys)
+                for role, (dtype, shape) in roles.items():
+                    t = tensors[f"{prefix}.{role}"]
+                    assert (t.dtype, tuple(t.shape)) == (dtype, shape), (prefix, role)
+                    assert description[f"{prefix}.{role}"] == "W4A8_DYNAMIC"
+    assert description["version"] == "1.0.0" and description["group_size"] == 0
+    assert description["model_quant_type"] == "W8A8"  # static W8A8 attention; W4A8_DYNAMIC has no say
+    assert description["model.language_model.layers.0.self_attn.q_proj.weight"] == "W8A8"
+
+
+def test_expert_values_follow_the_kernels_rules(checkpoint):
+    tensors, _, _ = checkpoint
+    prefix = "model.language_model.layers.0.mlp.experts.3"
+    for proj, chunks in (("gate_proj", 1), ("up_proj", 1), ("down_proj", 16)):
+        codes = unpack(tensors[f"{prefix}.{proj}.weight"])
+        scale = tensors[f"{prefix}.{proj}.weight_scale"]
+        assert int(codes.min()) >= -8 and int(codes.max()) <= 7 and int(codes.abs().max()) >= 6
+        assert bool((scale > 0).all()) and not tensors[f"{prefix}.{proj}.weight_offset"].any()
+        sums = codes.reshape(codes.shape[0], chunks, -1).sum(dim=2).double()
+        assert torch.allclose(tensors[f"{prefix}.{proj}.scale_bias"].double(), 8 * scale.double() * sums,
+                              rtol=1e-6, atol=1e-9)
+
+
+def test_an_experts_only_scheme_on_attention_is_refused(tiny_model, calib_index, tmp_path):
+    recipe = w4a8_recipe(tmp_path, also="*self_attn.o_proj")
+    with pytest.raises(RecipeError, match="o_proj gets W4A8_DYNAMIC, which vLLM Ascend serves for routed experts"):
+        quantize_single_card(str(tiny_model), str(tmp_path / "out"), recipe, dataset=str(calib_index),
+                             progress=False)
+
+
+def test_minmax_and_ssz_select_the_scheme_and_differ(tmp_path):
+    from dist_quant import schemes
+
+    for method in ("ssz", "minmax"):
+        recipe = w4a8_recipe(tmp_path, method)
+        assert recipe.quant_type("model.language_model.layers.0.mlp.experts.0.down_proj") == "W4A8_DYNAMIC"
+    weight = torch.randn(16, 64)
+    weight[0, 0] = 9.0
+    spec = lambda m: schemes.LinearSpec(weight=schemes.QSpec("per_channel", "int4", True, m))  # noqa: E731
+    scheme = schemes.get("W4A8_DYNAMIC")
+    assert not torch.equal(scheme.quantize(weight, None, spec("ssz"))["weight_scale"],
+                           scheme.quantize(weight, None, spec("minmax"))["weight_scale"])
