@@ -17,6 +17,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from dist_quant import schemes
 from dist_quant.calib.inputs import ModelInputs
 from dist_quant.checkpoint.formats import ascendv1
 from dist_quant.checkpoint.reader import CheckpointReader
@@ -44,7 +45,13 @@ def check_quantized_matches_float(checkpoint: ascendv1.Checkpoint, reader: Check
     if missing:
         raise CheckpointError(f"{checkpoint.path} has no tensor {missing[0]} ({len(missing)} missing), which the float "
                               f"model {reader.model_dir} has; the checkpoint is incomplete or of another model")
-    wrong = [k for k, shape in expected.items() if checkpoint.reader.shape(k) != shape]
+    def stored(key: str, shape: tuple[int, ...]) -> tuple[int, ...]:  # packed weights (int4 in int8) by their type
+        quant_type = checkpoint.description.get(key)
+        if not key.endswith(".weight") or quant_type not in schemes.SCHEMES:
+            return shape
+        return schemes.get(quant_type).stored_shape(tuple(shape))
+
+    wrong = [k for k, shape in expected.items() if tuple(checkpoint.reader.shape(k)) != stored(k, shape)]
     if wrong:
         key = wrong[0]
         raise CheckpointError(f"tensor {key} in {checkpoint.reader.file_of(key)} has shape "

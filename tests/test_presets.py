@@ -21,6 +21,18 @@ def test_presets_resolve_to_a_valid_recipe(model_type):
     assert find_preset(model_type, "W8A8") == preset
 
 
+@pytest.mark.parametrize("model_type", ["Qwen3-VL-235B-A22B", "Qwen3-VL-30B-A3B"])
+def test_w4a8_presets_put_int4_on_the_experts_only(model_type):
+    recipe = load_recipe(find_preset(model_type, "w4a8").recipe)
+    assert recipe.quarot is not None and recipe.smooth is not None
+    types = {name: recipe.quant_type(name) for name in (
+        "model.language_model.layers.0.mlp.experts.5.down_proj", "model.language_model.layers.0.self_attn.q_proj",
+        "model.visual.blocks.0.attn.qkv", "model.language_model.layers.0.mlp.gate")}
+    assert list(types.values()) == ["W4A8_DYNAMIC", "W8A8", "W8A8", "FLOAT"]
+    w8a8 = load_recipe(find_preset(model_type, "w8a8").recipe)
+    assert recipe.quant_type("model.visual.merger.linear_fc2") == w8a8.quant_type("model.visual.merger.linear_fc2")
+
+
 def test_unknown_preset_lists_the_available_ones():
     with pytest.raises(RecipeError, match="Qwen3-VL-30B-A3B/w8a8"):
         find_preset("Qwen3-VL-8B", "w8a8")

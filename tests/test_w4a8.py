@@ -108,3 +108,20 @@ def test_minmax_and_ssz_select_the_scheme_and_differ(tmp_path):
     scheme = schemes.get("W4A8_DYNAMIC")
     assert not torch.equal(scheme.quantize(weight, None, spec("ssz"))["weight_scale"],
                            scheme.quantize(weight, None, spec("minmax"))["weight_scale"])
+
+
+def test_served_expert_is_the_integer_reference():
+    """What dist-quant eval runs for a W4A8_DYNAMIC linear, against int8 per-token activations times the codes this
+    file unpacks, summed exactly (the kernel's result before its fp16 rounding, docs/w4a8-loader-facts.md 4.2)."""
+    from dist_quant import schemes
+
+    torch.manual_seed(3)
+    weight, x = torch.randn(32, 48), torch.randn(7, 48) * 3
+    scheme = schemes.get("W4A8_DYNAMIC")
+    roles = scheme.quantize(weight, None, schemes.LinearSpec(input_split=True))
+    codes, ws = unpack(roles["weight"]).double(), roles["weight_scale"].double().reshape(1, -1)
+    a = (x.abs().amax(dim=1, keepdim=True) / 127).double()  # the per-token scale in float32, as the engine has it
+    x_q = torch.clamp(torch.round(x / a.float()), -128, 127).double()
+    expected = ((x_q @ codes.T) * a * ws).float()
+    assert torch.equal(scheme.serve(roles)(x), expected)
+    assert scheme.stored_shape((32, 48)) == (16, 48)

@@ -66,6 +66,11 @@ class Scheme:
     ext_keys: tuple[str, ...] = ()  # the qconfig ``ext`` options the scheme understands (others are refused)
     weight_methods: tuple[str, ...] = ()  # more weight ``method``s that select it (``quantize`` reads spec.weight)
     serves_linears: bool = True  # the serving engine has a method for it outside the routed experts
+    weight_packing: int = 1  # output channels per stored row of ``weight`` (2 for int4 codes packed in int8)
+
+    def stored_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape ``weight`` is stored in, for a linear whose float weight has ``shape`` [out, in]."""
+        return (shape[0] // self.weight_packing, *shape[1:])
 
     def selected_by(self, act: "QSpec", weight: "QSpec") -> bool:
         """Whether a recipe qconfig (its options aside) selects this scheme."""

@@ -59,5 +59,6 @@ SCHEME = Scheme(NAME, act=QSpec("per_token", "int8", True, "minmax"),
                 weight=QSpec("per_channel", "int4", True, WEIGHT_METHODS[0]), needs_input_range=False, weight_bits=4,
                 serves_experts=True, priority=-1, roles=("weight", "weight_scale", "weight_offset", "scale_bias"),
                 quantize=quantize, serve=serve, weight_methods=WEIGHT_METHODS[1:], serves_linears=False,
+                weight_packing=2,
                 summary="per_token int8 symmetric minmax activations, per_channel int4 symmetric ssz or minmax "
                         "weights (W4A8_DYNAMIC, routed experts only)")
