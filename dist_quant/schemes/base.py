@@ -8,7 +8,7 @@ roles into file keys, description entries and dtype encodings.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import torch
@@ -76,9 +76,7 @@ class Scheme:
         """Whether a recipe qconfig (its options aside) selects this scheme."""
         if self.act is None or act.core() != self.act:
             return False
-        methods = (self.weight.method, *self.weight_methods)
-        return any(weight.core() == QSpec(self.weight.scope, self.weight.dtype, self.weight.symmetric, m)
-                   for m in methods)
+        return any(weight.core() == replace(self.weight, method=m) for m in (self.weight.method, *self.weight_methods))
 
     def bytes_per_param(self, source_bytes: int) -> float:
         """Bytes a weight parameter takes in the checkpoint (scales are negligible)."""
