@@ -8,6 +8,7 @@ Globs are fnmatch patterns matched against whole module names, where ``*`` also 
 from __future__ import annotations
 
 import fnmatch
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,8 @@ from dist_quant import schemes
 from dist_quant.checkpoint.formats import SAVERS
 from dist_quant.errors import RecipeError
 from dist_quant.schemes import FLOAT, QSpec
+
+log = logging.getLogger("dist_quant")
 
 DEFAULT_SAVER = "ascendv1_saver"
 BUNDLED_CONFIGS = Path(__file__).parent / "configs"
@@ -136,6 +139,12 @@ def _scheme(path: Path, where: str, act: QSpec, weight: QSpec) -> str:
             if unknown:
                 raise _fail(path, f"{where}.{side}.ext", f"{scheme.name} has no option(s) {unknown}; it takes "
                                                          f"{list(scheme.ext_keys) or 'none'}")
+            try:
+                notes = scheme.check_ext(side, spec)
+            except ValueError as bad:
+                raise _fail(path, f"{where}.{side}.ext", str(bad)) from None
+            for note in notes:
+                log.warning("recipe %s: %s.%s.ext: %s", path, where, side, note)
         return scheme.name
     allowed = "; ".join(f"{s.name}: {s.summary}" for s in schemes.SELECTABLE)
     side, spec = ("weight", weight) if all(s.weight != weight for s in schemes.SELECTABLE) else ("act", act)

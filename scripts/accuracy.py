@@ -1,14 +1,22 @@
-"""What outlier suppression buys: plain min/max W8A8 against QuaRot + iterative smoothing + W8A8 (the bundled recipe)
-on tiny Qwen3-VL-MoE models with planted activation outliers, measured with `dist-quant eval`.
+"""What outlier suppression and the int4 scale search buy: W8A8 and W4A8 (int4 experts), each with plain min/max and
+with QuaRot + iterative smoothing, on tiny Qwen3-VL-MoE models with planted activation outliers, measured with
+`dist-quant eval`.
 
     python scripts/accuracy.py --out /tmp/accuracy --outliers 0 20 50
+
+Recipes: plain W8A8 is tests/data/plain_w8a8.yaml, suppressed W8A8 the bundled qwen3_vl_moe_w8a8.yaml; each W4A8 row
+is one of them with the experts' weights int4 per channel by ``minmax`` or ``ssz`` (the suppressed ssz one is the
+``--quant_type w4a8`` preset's recipe).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import shutil
 from pathlib import Path
+
+import yaml
 
 from dist_quant.calib.dataset import load_samples
 from dist_quant.calib.inputs import build_model_inputs
@@ -20,30 +28,60 @@ from dist_quant.synthetic import make_calibration_set, make_tiny_model
 PLAIN = Path(__file__).resolve().parent.parent / "tests" / "data" / "plain_w8a8.yaml"
 
 
+def int4_experts(recipe: Path, method: str, out: Path) -> Path:
+    """``recipe`` with the routed experts' weights int4 per channel by ``method`` (W4A8_DYNAMIC), written to out."""
+    doc = yaml.safe_load(recipe.read_text())
+    experts = next(step for step in doc["spec"]["process"] if "*experts*" in step.get("include", []))
+    experts["qconfig"] = copy.deepcopy(experts["qconfig"])  # YAML anchors share it with other processors
+    experts["qconfig"]["weight"].update(dtype="int4", method=method)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return out
+
+
+def recipes(out: Path) -> dict[str, Path]:
+    return {"plain W8A8": PLAIN, "QuaRot + smooth + W8A8": DEFAULT_RECIPE,
+            "plain W4A8 minmax": int4_experts(PLAIN, "minmax", out / "plain_w4a8_minmax.yaml"),
+            "plain W4A8 ssz": int4_experts(PLAIN, "ssz", out / "plain_w4a8_ssz.yaml"),
+            "QuaRot + smooth + W4A8 minmax": int4_experts(DEFAULT_RECIPE, "minmax", out / "w4a8_minmax.yaml"),
+            "QuaRot + smooth + W4A8 ssz": int4_experts(DEFAULT_RECIPE, "ssz", out / "w4a8_ssz.yaml")}
+
+
+def weight_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("/tmp/accuracy"))
     parser.add_argument("--outliers", type=float, nargs="+", default=[0, 20, 50])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", nargs="+", help="recipe names to run (default: all)")
     args = parser.parse_args()
     shutil.rmtree(args.out, ignore_errors=True)
     calib = make_calibration_set(args.out / "calib", num_images=6)
-    print("| outlier scale | recipe | KL(float ‖ quant) | top-1 agreement | last layer cosine | last layer rel. error |")
-    print("|---|---|---|---|---|---|")
+    chosen = {k: v for k, v in recipes(args.out / "recipes").items() if not args.only or k in args.only}
+    print("| outlier scale | recipe | KL(float ‖ quant) | KL / W8A8's | top-1 agreement | last layer cosine "
+          "| last layer rel. error | checkpoint MiB |")
+    print("|---|---|---|---|---|---|---|---|")
     for scale in args.outliers:
         model = make_tiny_model(args.out / f"model_{scale:g}", outliers=scale, seed=args.seed)
         inputs = build_model_inputs(model, load_samples(calib))
         kl = {}
-        for name, recipe in (("plain W8A8", PLAIN), ("QuaRot + smooth + W8A8", DEFAULT_RECIPE)):
+        for name, recipe in chosen.items():
             save = args.out / f"q_{scale:g}_{recipe.stem}"
             dist_quant(["quant", "--model_path", str(model), "--save_path", str(save), "--device", "cpu",
                         "--dataset", str(calib), "--config_path", str(recipe), "--quiet"])
             report = evaluate(str(model), str(save), inputs)
             kl[name] = report.kl_divergence
+            base = kl.get("QuaRot + smooth + W8A8" if name.startswith("QuaRot") else "plain W8A8")
+            ratio = f"{report.kl_divergence / base:.2f}x" if base else ""
             last = report.rows[-1]
-            print(f"| {scale:g} | {name} | {report.kl_divergence:.2e} | {100 * report.top1_agreement:.1f}% "
-                  f"| {last.cosine:.5f} | {last.rel_error:.4f} |", flush=True)
-        print(f"|  | ratio plain / suppressed | {kl['plain W8A8'] / kl['QuaRot + smooth + W8A8']:.1f}x | | | |")
+            print(f"| {scale:g} | {name} | {report.kl_divergence:.2e} | {ratio} | {100 * report.top1_agreement:.1f}% "
+                  f"| {last.cosine:.5f} | {last.rel_error:.4f} | {weight_bytes(save) / 2**20:.2f} |", flush=True)
+        if "plain W8A8" in kl and "QuaRot + smooth + W8A8" in kl:
+            print(f"|  | W8A8 plain / suppressed | {kl['plain W8A8'] / kl['QuaRot + smooth + W8A8']:.1f}x "
+                  "| | | | | |")
 
 
 if __name__ == "__main__":

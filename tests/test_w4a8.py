@@ -17,12 +17,17 @@ from helpers import read_checkpoint
 EXPERTS = 8
 
 
-def w4a8_recipe(tmp_path, method: str = "ssz", also: str = ""):
+def w4a8_recipe(tmp_path, method: str = "ssz", also: str = "", weight_ext=None, act_ext=None):
     """The bundled recipe with the experts' weights int4 per channel (and ``also`` added to that linear_quant)."""
     doc = yaml.safe_load(DEFAULT_RECIPE.read_text())
     experts = next(step for step in doc["spec"]["process"] if step.get("include") == ["*experts*"])
-    experts["qconfig"] = {**experts["qconfig"], "weight": {"scope": "per_channel", "dtype": "int4", "symmetric": True,
-                                                          "method": method}}
+    weight = {"scope": "per_channel", "dtype": "int4", "symmetric": True, "method": method}
+    act = dict(experts["qconfig"]["act"])
+    if weight_ext is not None:
+        weight["ext"] = weight_ext
+    if act_ext is not None:
+        act["ext"] = act_ext
+    experts["qconfig"] = {"act": act, "weight": weight}
     if also:
         experts["include"].append(also)
         doc["spec"]["process"][2]["exclude"].append(also)
@@ -125,3 +130,49 @@ def test_served_expert_is_the_integer_reference():
     expected = ((x_q @ codes.T) * a * ws).float()
     assert torch.equal(scheme.serve(roles)(x), expected)
     assert scheme.stored_shape((32, 48)) == (16, 48)
+
+
+def test_msmodelslim_group_size_under_per_channel_is_ignored_with_a_warning(tmp_path, caplog):
+    """msModelSlim's qwen3-30b-w4a8-v1.yaml writes ``ext: {group_size: 64}`` under per_channel ssz, and ignores it:
+    taken here too, with a warning, and the experts stay per channel."""
+    with caplog.at_level("WARNING", logger="dist_quant"):
+        recipe = w4a8_recipe(tmp_path, weight_ext={"group_size": 64})
+    assert "group_size 64 is ignored" in caplog.text and "qconfig.weight.ext" in caplog.text
+    assert recipe.quant_type("model.language_model.layers.0.mlp.experts.0.gate_proj") == "W4A8_DYNAMIC"
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="dist_quant"):
+        w4a8_recipe(tmp_path, weight_ext={"group_size": 0, "step": 5})
+    assert "ignored" not in caplog.text
+
+
+@pytest.mark.parametrize("weight_ext, act_ext, message", [
+    ({"group_size": -1}, None, "group_size must be a non-negative integer, got -1"),
+    ({"group_size": "64"}, None, "group_size must be a non-negative integer, got '64'"),
+    ({"step": 0}, None, "step must be a positive integer"),
+    ({"step": True}, None, "step must be a positive integer"),
+    ({"block": 2}, None, "W4A8_DYNAMIC has no option(s) ['block']"),
+    (None, {"step": 3}, "W4A8_DYNAMIC's activations take no options"),
+])
+def test_bad_w4a8_options_are_refused(tmp_path, weight_ext, act_ext, message):
+    with pytest.raises(RecipeError) as info:
+        w4a8_recipe(tmp_path, weight_ext=weight_ext, act_ext=act_ext)
+    assert message in str(info.value) and "qconfig." in str(info.value)
+
+
+def test_ssz_step_bounds_the_refinement():
+    """``ext.step`` is ssz's iteration count: one step is already the least-squares scale of the min/max codes."""
+    from dist_quant import schemes
+    from dist_quant.algorithms.int4 import int4_codes, minmax_scale
+
+    torch.manual_seed(5)
+    weight = torch.randn(24, 96) * torch.rand(24, 1)
+    spec = lambda ext: schemes.LinearSpec(weight=schemes.QSpec("per_channel", "int4", True, "ssz", ext))  # noqa: E731
+    scheme = schemes.get("W4A8_DYNAMIC")
+    one = scheme.quantize(weight, None, spec((("step", 1),)))["weight_scale"].reshape(-1)
+    codes = int4_codes(weight, minmax_scale(weight)).double()
+    least_squares = ((weight.double() * codes).sum(1) / (codes * codes).sum(1)).float()
+    err = lambda s: (weight - int4_codes(weight, s).float() * s[:, None]).square().mean(1)  # noqa: E731
+    expected = torch.where(err(least_squares) < err(minmax_scale(weight)), least_squares, minmax_scale(weight))
+    torch.testing.assert_close(one, expected, rtol=1e-6, atol=0)
+    full = scheme.quantize(weight, None, spec(()))["weight_scale"].reshape(-1)
+    assert bool((err(full) <= err(one)).all()) and bool((err(full) < err(one)).any())

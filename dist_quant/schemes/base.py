@@ -64,6 +64,9 @@ class Scheme:
     serve: Callable[[dict[str, torch.Tensor]], nn.Module]
     summary: str  # one line for error messages and docs
     ext_keys: tuple[str, ...] = ()  # the qconfig ``ext`` options the scheme understands (others are refused)
+    # checks the values of a qconfig side's options: ``check_ext(side, spec)`` raises ValueError for a bad one and
+    # returns warnings (e.g. an option the scheme accepts for msModelSlim's recipes but ignores)
+    check_ext: Callable[[str, "QSpec"], tuple[str, ...]] = lambda side, spec: ()
     weight_methods: tuple[str, ...] = ()  # more weight ``method``s that select it (``quantize`` reads spec.weight)
     serves_linears: bool = True  # the serving engine has a method for it outside the routed experts
     weight_packing: int = 1  # output channels per stored row of ``weight`` (2 for int4 codes packed in int8)

@@ -19,20 +19,45 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import is_fake
 
-from dist_quant.algorithms.int4 import int4_codes, minmax_scale, pack_int4_rows, scale_bias, ssz_scale, unpack_int4_rows
+from dist_quant.algorithms.int4 import (SSZ_ITERATIONS, int4_codes, minmax_scale, pack_int4_rows, scale_bias, ssz_scale,
+                                        unpack_int4_rows)
 from dist_quant.algorithms.quantize import dynamic_w8a8_linear
 from dist_quant.schemes.base import LinearSpec, QSpec, Scheme, ServedLinear
 
 NAME = "W4A8_DYNAMIC"
 WEIGHT_METHODS = ("ssz", "minmax")  # the qconfig weight methods that select it; ssz first: the default
+EXT_KEYS = ("step", "group_size")  # msModelSlim's weight options: ssz's iteration count, and a group size it ignores
 
 
-def weight_scale(weight: torch.Tensor, method: str) -> torch.Tensor:
-    """The per-channel int4 scale by ``method``. On fake tensors (the writer's layout pass) the refinement, whose
-    stopping test needs values, is skipped: its result has the min/max scale's shape and dtype."""
+def check_ext(side: str, spec: QSpec) -> tuple[str, ...]:
+    """``weight.ext.step``: ssz's iteration count (a positive int, msModelSlim's ``ext["step"]``). ``weight.ext.
+    group_size``: taken and ignored, as msModelSlim's per-channel ssz does (its W4A8 recipe for Qwen3-30B-A3B writes
+    64 under ``per_channel``): the checkpoint is per channel, ``group_size`` 0, because vLLM Ascend's main branch
+    refuses per-group W4A8 MoE weights (docs/w4a8-loader-facts.md 1.2, 1.4)."""
+    options = dict(spec.ext)
+    if side == "act" and options:
+        raise ValueError(f"W4A8_DYNAMIC's activations take no options, got {sorted(options)}")
+    step = options.get("step")
+    if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 1):
+        raise ValueError(f"step must be a positive integer (ssz iterations), got {step!r}")
+    group = options.get("group_size")
+    if group is None:
+        return ()
+    if isinstance(group, bool) or not isinstance(group, int) or group < 0:
+        raise ValueError(f"group_size must be a non-negative integer, got {group!r}")
+    if group == 0:
+        return ()
+    return (f"group_size {group} is ignored, as msModelSlim ignores it under scope per_channel: the experts are "
+            "quantized per channel (group_size 0), the only W4A8 layout vLLM Ascend's main branch loads",)
+
+
+def weight_scale(weight: torch.Tensor, spec: Optional[QSpec]) -> torch.Tensor:
+    """The per-channel int4 scale by the qconfig's weight ``method``. On fake tensors (the writer's layout pass) the
+    refinement, whose stopping test needs values, is skipped: its result has the min/max scale's shape and dtype."""
+    method = spec.method if spec is not None else WEIGHT_METHODS[0]
     if method == "minmax" or is_fake(weight):
         return minmax_scale(weight)
-    return ssz_scale(weight)
+    return ssz_scale(weight, spec.option("step", SSZ_ITERATIONS) if spec is not None else SSZ_ITERATIONS)
 
 
 def quantize(weight: torch.Tensor, bias: Optional[torch.Tensor], spec: LinearSpec) -> dict[str, torch.Tensor]:
@@ -40,7 +65,7 @@ def quantize(weight: torch.Tensor, bias: Optional[torch.Tensor], spec: LinearSpe
     all zero), scale_bias (float32 [out, 1], [out, 16] when ``spec.input_split``)."""
     if bias is not None:
         raise ValueError(f"{spec.name}: W4A8_DYNAMIC is for routed experts, which have no bias")
-    scale = weight_scale(weight, spec.weight.method if spec.weight is not None else WEIGHT_METHODS[0])
+    scale = weight_scale(weight, spec.weight)
     codes = int4_codes(weight, scale)
     return {"weight": pack_int4_rows(codes), "weight_scale": scale[:, None].contiguous(),
             "weight_offset": torch.zeros_like(scale)[:, None].contiguous(),
@@ -59,6 +84,6 @@ SCHEME = Scheme(NAME, act=QSpec("per_token", "int8", True, "minmax"),
                 weight=QSpec("per_channel", "int4", True, WEIGHT_METHODS[0]), needs_input_range=False, weight_bits=4,
                 serves_experts=True, priority=-1, roles=("weight", "weight_scale", "weight_offset", "scale_bias"),
                 quantize=quantize, serve=serve, weight_methods=WEIGHT_METHODS[1:], serves_linears=False,
-                weight_packing=2,
+                weight_packing=2, ext_keys=EXT_KEYS, check_ext=check_ext,
                 summary="per_token int8 symmetric minmax activations, per_channel int4 symmetric ssz or minmax "
                         "weights (W4A8_DYNAMIC, routed experts only)")
