@@ -9,6 +9,7 @@ and a 2-thread single-card run of it differ in some scales (measured on the code
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -93,3 +94,22 @@ def test_another_compute_thread_count_is_the_same_everywhere_too(model, calib, c
     assert run_cli(args(model, calib, distributed, "--compute_threads", "2", "--workers", "2", "--ray_address",
                         cluster.address), threads=4) == 0
     assert_same_checkpoint(distributed, read_checkpoint(single))
+
+
+W4A8 = ["--config_path", str(Path(__file__).resolve().parent.parent / "dist_quant" / "configs" /
+                             "qwen3_vl_moe_w4a8.yaml")]
+
+
+@pytest.mark.ray
+def test_w4a8_experts_are_the_same_on_ray_and_with_any_thread_count(model, calib, cluster, tmp_path):
+    """The W4A8 preset's recipe (ssz's iterations stop when no channel improves, a test on values): a 1-thread
+    single card, a 4-thread single card and 2 Ray actors under a 2-thread driver write the same checkpoint."""
+    single = tmp_path / "single"
+    assert run_cli(args(model, calib, single, *W4A8), threads=1) == 0
+    reference = read_checkpoint(single)
+    assert {t for k, t in reference[1].items() if ".experts." in k} == {"W4A8_DYNAMIC"}
+    assert run_cli(args(model, calib, tmp_path / "four", *W4A8), threads=4) == 0
+    assert_same_checkpoint(tmp_path / "four", reference)
+    assert run_cli(args(model, calib, tmp_path / "ray", *W4A8, "--workers", "2", "--ray_address", cluster.address),
+                   threads=2) == 0
+    assert_same_checkpoint(tmp_path / "ray", reference)
