@@ -3,6 +3,7 @@
     python scripts/bench.py --width 235b --layers 2            # Qwen3-VL-235B-A22B's exact widths (12.7 GiB)
     python scripts/bench.py --width 30b --layers 4             # Qwen3-VL-30B-A3B's widths
     python scripts/bench.py --width small --layers 5           # the small expert-dominated model of earlier figures
+    python scripts/bench.py --width 235b --layers 2 --workers --recipe dist_quant/configs/qwen3_vl_moe_w4a8.yaml
 
 Real widths come from tests/data/<model>.config.json with N decoder layers, written shard by shard in the Hub's
 layout (scripts/wide_model.py); "small" is hidden 1024, 128 experts x 384 (scripts/make_tiny_model.py). Every run is
@@ -23,6 +24,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Optional
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -45,15 +47,16 @@ def build_model(out: Path, width: str, layers: int) -> Path:
     return out
 
 
-def model_plan(model: Path, workers: int):
+def model_plan(model: Path, workers: int, recipe: Optional[Path] = None):
     from dist_quant.models.family import load_checked
+    from dist_quant.recipe import load_recipe
     from dist_quant.runtime.plan import build_plan
     raw = json.loads((model / "config.json").read_text())
-    return build_plan(load_checked(model)[2], raw, workers, calib_tokens=CALIB_TOKENS)
+    return build_plan(load_checked(model)[2], raw, workers, calib_tokens=CALIB_TOKENS, recipe=load_recipe(recipe))
 
 
-def output_estimate(model: Path) -> int:
-    return model_plan(model, 1).output_bytes
+def output_estimate(model: Path, recipe: Optional[Path] = None) -> int:
+    return model_plan(model, 1, recipe).output_bytes
 
 
 def io_floor(model: Path, scratch: Path, write_bytes: int) -> float:
@@ -143,11 +146,11 @@ def child_run(args: argparse.Namespace) -> None:
                    device=args.device)
     if args.child == "single":
         from dist_quant.runtime.local import quantize_single_card
-        summary = quantize_single_card(str(args.model), str(args.save), load_recipe(), on_unit_done=on_unit_done,
+        summary = quantize_single_card(str(args.model), str(args.save), load_recipe(args.recipe), on_unit_done=on_unit_done,
                                        **options)
     else:
         from dist_quant.runtime.ray_driver import quantize_distributed
-        summary = quantize_distributed(str(args.model), str(args.save), load_recipe(), workers=int(args.child),
+        summary = quantize_distributed(str(args.model), str(args.save), load_recipe(args.recipe), workers=int(args.child),
                                        ray_address="auto", threads_per_actor=args.compute_threads,
                                        on_unit_done=on_unit_done, **options)
     out = {k: v for k, v in vars(summary).items() if isinstance(v, (int, float, str, dict))}
@@ -160,7 +163,8 @@ def child_run(args: argparse.Namespace) -> None:
 def measured_run(mode: str, model: Path, args: argparse.Namespace) -> dict:
     result_file, save = args.out / f"summary-{mode}.json", args.out / "quant"
     command = [sys.executable, __file__, "--child", mode, "--model", str(model), "--save", str(save),
-               "--json", str(result_file), "--compute-threads", str(args.compute_threads), "--device", args.device]
+               "--json", str(result_file), "--compute-threads", str(args.compute_threads), "--device", args.device,
+               *(["--recipe", str(args.recipe)] if args.recipe else [])]
     start = time.perf_counter()
     child = subprocess.Popen(command)
     sampler = Sampler(lambda pid: pid == child.pid or ray_actor(pid))
@@ -178,7 +182,7 @@ def measured_run(mode: str, model: Path, args: argparse.Namespace) -> dict:
     driver["series"] = sampler.series.get(child.pid, [])
     from dist_quant.runtime.plan import RUNTIME_OVERHEAD
     estimates = [{u.name: peak + RUNTIME_OVERHEAD for u, peak in zip(a.units, a.unit_peaks)}
-                 for a in model_plan(model, 1 if mode == "single" else int(mode)).actors]
+                 for a in model_plan(model, 1 if mode == "single" else int(mode), args.recipe).actors]
     return {"mode": mode, "wall": wall, "summary": summary, "driver": driver, "actors": actors,
             "unit_estimates": estimates}  # by actor index (single card: the driver runs the units)
 
@@ -267,6 +271,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="--device of every run (cpu, npu, cuda)")
     parser.add_argument("--keep-model", action="store_true", help="reuse OUT/model if it is there, and keep it")
     parser.add_argument("--json", type=Path, help="also write the figures as JSON here")
+    parser.add_argument("--recipe", type=Path, help="the recipe of every run (default: the bundled W8A8 recipe)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--save", type=Path, help=argparse.SUPPRESS)
@@ -280,7 +285,7 @@ def main() -> None:
         print(f"building the {args.width}-width model with {args.layers} layers in {model} ...", flush=True)
         build_model(model, args.width, args.layers)
     source = sum(p.stat().st_size for p in model.glob("*.safetensors"))
-    output = output_estimate(model)
+    output = output_estimate(model, args.recipe)
     figures = {"width": args.width, "layers": args.layers, "source_bytes": source, "output_estimate": output,
                "compute_threads": args.compute_threads, "floor_seconds": io_floor(model, args.out / "floor.bin",
                                                                                   output), "runs": []}
