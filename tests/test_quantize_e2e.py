@@ -118,7 +118,8 @@ def test_dtypes_and_shapes_follow_format(checkpoint):
         assert tensors[f"{module}.input_scale"].dtype == torch.float32 and tensors[f"{module}.input_scale"].shape == (1,)
         offset = tensors[f"{module}.input_offset"]
         assert offset.dtype == torch.float32 and offset.shape == (1,) and offset == offset.round()
-        assert tensors[f"{module}.deq_scale"].dtype == torch.float32 and tensors[f"{module}.deq_scale"].shape == (out,)
+        # a float32 model: the int64 bit pattern (vLLM Ascend serves it in float16, where the parameter is int64)
+        assert tensors[f"{module}.deq_scale"].dtype == torch.int64 and tensors[f"{module}.deq_scale"].shape == (out,)
         assert tensors[f"{module}.quant_bias"].dtype == torch.int32 and tensors[f"{module}.quant_bias"].shape == (out,)
         if f"{module}.bias" in tensors:
             assert module.startswith("model.visual.blocks.")
@@ -177,13 +178,18 @@ def test_activation_params_from_independent_forward(checkpoint, hf_calibration):
         assert tensors[f"{module}.input_scale"].item() == pytest.approx(float(scale), rel=1e-6), module
         assert tensors[f"{module}.input_offset"].item() == float(offset), module
         _, w_scale = ref_weight_quant(source_weight(model, module).numpy())
-        deq = tensors[f"{module}.deq_scale"].numpy()
+        deq = float_deq_scale(tensors, module).numpy()
         np.testing.assert_allclose(deq, tensors[f"{module}.input_scale"].numpy() * w_scale, rtol=1e-6)
         bias = model.get_submodule(module).bias
         bias = np.zeros(deq.shape) if bias is None else bias.detach().double().numpy()
         row_sums = tensors[f"{module}.weight"].numpy().astype(np.float64).sum(axis=1)
         expected = np.round(bias / deq.astype(np.float64) - float(offset) * row_sums)
         assert np.array_equal(tensors[f"{module}.quant_bias"].numpy(), expected.astype(np.int32)), module
+
+
+def float_deq_scale(tensors, module):
+    """A float32 model's deq_scale holds float32 bit patterns in int64 (docs/FORMAT.md): reinterpret them."""
+    return tensors[f"{module}.deq_scale"].to(torch.int32).view(torch.float32)
 
 
 def relative_error(y, ref):
@@ -196,8 +202,9 @@ def test_simulated_static_linears_close_to_float(checkpoint, hf_calibration):
     for module in static_modules(description):
         linear = model.get_submodule(module)
         x = seen[module]
-        y = static_w8a8_linear(x, *(tensors[f"{module}.{s}"] for s in
-                                    ("weight", "quant_bias", "deq_scale", "input_scale", "input_offset")))
+        y = static_w8a8_linear(x, tensors[f"{module}.weight"], tensors[f"{module}.quant_bias"],
+                               float_deq_scale(tensors, module), tensors[f"{module}.input_scale"],
+                               tensors[f"{module}.input_offset"])
         assert relative_error(y, linear(x).detach()) < 0.05, module
 
 

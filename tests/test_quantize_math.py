@@ -55,7 +55,8 @@ def test_static_linear_matches_hand_computation():
 
 
 def test_fp16_models_store_deq_scale_as_int64_bits():
-    """docs/FORMAT.md: the ascendv1 format stores a float16 model's deq_scale as its float32 bits in int64."""
+    """docs/FORMAT.md: the ascendv1 format stores deq_scale as its float32 bits in int64 for every model not in
+    bfloat16 (vLLM Ascend's W8A8 ``get_perchannel_param``: float32 only when params_dtype is bfloat16)."""
     w = torch.randn(8, 16)
 
     def stored_deq_scale(dtype):
@@ -65,6 +66,7 @@ def test_fp16_models_store_deq_scale_as_int64_bits():
 
     fp16, bf16 = stored_deq_scale(torch.float16), stored_deq_scale(torch.bfloat16)
     assert fp16.dtype == torch.int64 and bf16.dtype == torch.float32
+    assert torch.equal(stored_deq_scale(torch.float32), fp16)
     assert torch.equal(deq_scale_values(fp16), bf16)
     assert int(fp16[0]) == int.from_bytes(bf16[0].numpy().tobytes(), "little")
 

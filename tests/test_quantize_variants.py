@@ -44,7 +44,8 @@ def test_transposed_and_sharded_sources_give_the_same_checkpoint(tmp_path, calib
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("dtype, deq_dtype", [("bfloat16", torch.float32), ("float16", torch.int64)])
+@pytest.mark.parametrize("dtype, deq_dtype", [("bfloat16", torch.float32), ("float16", torch.int64),
+                                              ("float32", torch.int64)])
 def test_half_precision_sources(tmp_path, calib_index, dtype, deq_dtype):
     model = make_tiny_model(tmp_path / "model", dtype=dtype)
     assert quantize(model, calib_index, tmp_path / "out") == 0

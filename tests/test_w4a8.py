@@ -176,3 +176,24 @@ def test_ssz_step_bounds_the_refinement():
     torch.testing.assert_close(one, expected, rtol=1e-6, atol=0)
     full = scheme.quantize(weight, None, spec(()))["weight_scale"].reshape(-1)
     assert bool((err(full) <= err(one)).all()) and bool((err(full) < err(one)).any())
+
+
+def test_some_layers_experts_kept_at_w8a8_dynamic(tiny_model, calib_index, tmp_path):
+    """msModelSlim's 30B W4A8 recipe keeps some layers' experts at W8A8_DYNAMIC: a W8A8_DYNAMIC linear_quant for
+    layer 0's experts placed before the W4A8 one wins there (first match), and both MoE layouts are written."""
+    doc = yaml.safe_load(DEFAULT_RECIPE.read_text())
+    procs = doc["spec"]["process"]
+    experts = next(step for step in procs if step.get("include") == ["*experts*"])
+    int4 = {"act": dict(experts["qconfig"]["act"]),
+            "weight": {"scope": "per_channel", "dtype": "int4", "symmetric": True, "method": "ssz"}}
+    procs.append({"type": "linear_quant", "qconfig": int4, "include": ["*experts*"]})
+    experts["include"] = ["*layers.0.mlp.experts*"]
+    path = tmp_path / "mixed.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    save = tmp_path / "quant"
+    quantize_single_card(str(tiny_model), str(save), load_recipe(path), dataset=str(calib_index), progress=False)
+    tensors, description, _ = read_checkpoint(save)
+    layer = "model.language_model.layers.{}.mlp.experts.0.down_proj.weight"
+    assert description[layer.format(0)] == "W8A8_DYNAMIC" and description[layer.format(1)] == "W4A8_DYNAMIC"
+    assert tensors[layer.format(0)].shape[0] == 2 * tensors[layer.format(1)].shape[0]  # int4: two rows per byte row
+    assert description["model_quant_type"] == "W8A8"

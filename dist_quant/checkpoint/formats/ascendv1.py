@@ -4,8 +4,9 @@ Files: HF-style weight parts ``quant_model_weights-0000k-of-0000n.safetensors`` 
 ``quant_model_description.json`` (a quant type per tensor key, plus version, model_quant_type, metadata, group_size
 and optional), ``optional/quarot.safetensors`` with QuaRot's rotation, and the source's config.json without any
 ``quantization_config`` (vLLM would read it as the description). Every tensor of a linear is keyed
-``{linear}.{role}``; a bias is described FLOAT; float16 models store ``deq_scale`` as the float32 bit pattern in
-int64 (as msModelSlim does), other models as float32.
+``{linear}.{role}``; a bias is described FLOAT; ``deq_scale`` is float32 for a bfloat16 model and the float32 bit
+pattern in int64 for any other (float16, float32), as msModelSlim writes it and as vLLM Ascend's W8A8 method creates
+the parameter for every serving dtype but bfloat16 (vLLM serves a float32 model in float16 by default).
 """
 
 from __future__ import annotations
@@ -43,12 +44,12 @@ def part_names(count: int) -> list[str]:
 # --- writing ---------------------------------------------------------------------------------------------------------
 
 def float32_bits_as_int64(values: torch.Tensor) -> torch.Tensor:
-    """The float32 bit pattern of ``values`` widened to int64: how fp16 checkpoints store ``deq_scale``."""
+    """The float32 bit pattern of ``values`` widened to int64: how ``deq_scale`` is stored for models not in bf16."""
     return values.to(torch.float32).contiguous().view(torch.int32).to(torch.int64)
 
 
 def deq_scale_values(deq_scale: torch.Tensor) -> torch.Tensor:
-    """Undo the fp16 checkpoints' int64 storage of ``deq_scale``."""
+    """Undo the int64 storage of ``deq_scale`` (models not in bfloat16)."""
     if deq_scale.dtype == torch.int64:
         return deq_scale.to(torch.int32).view(torch.float32)
     return deq_scale.to(torch.float32)
@@ -59,7 +60,7 @@ def linear_entries(name: str, quant_type: str, roles: dict[str, torch.Tensor],
     """(key, tensor, described type) of each role of the linear ``name``, in the scheme's order."""
     entries = []
     for role, tensor in roles.items():
-        if role == "deq_scale" and model_dtype == torch.float16:
+        if role == "deq_scale" and model_dtype != torch.bfloat16:
             tensor = float32_bits_as_int64(tensor)
         entries.append((f"{name}.{role}", tensor, schemes.FLOAT if role == "bias" else quant_type))
     return entries
