@@ -56,7 +56,8 @@ def test_static_linear_matches_hand_computation():
 
 def test_fp16_models_store_deq_scale_as_int64_bits():
     """docs/FORMAT.md: the ascendv1 format stores deq_scale as its float32 bits in int64 for every model not in
-    bfloat16 (vLLM Ascend's W8A8 ``get_perchannel_param``: float32 only when params_dtype is bfloat16)."""
+    bfloat16 (msModelSlim's rule; vLLM Ascend's W8A8 ``get_perchannel_param``: float32 for bfloat16 serving, int64
+    for float16, the dtype vLLM serves a float32 model in by default)."""
     w = torch.randn(8, 16)
 
     def stored_deq_scale(dtype):

@@ -5,8 +5,8 @@ Files: HF-style weight parts ``quant_model_weights-0000k-of-0000n.safetensors`` 
 and optional), ``optional/quarot.safetensors`` with QuaRot's rotation, and the source's config.json without any
 ``quantization_config`` (vLLM would read it as the description). Every tensor of a linear is keyed
 ``{linear}.{role}``; a bias is described FLOAT; ``deq_scale`` is float32 for a bfloat16 model and the float32 bit
-pattern in int64 for any other (float16, float32), as msModelSlim writes it and as vLLM Ascend's W8A8 method creates
-the parameter for every serving dtype but bfloat16 (vLLM serves a float32 model in float16 by default).
+pattern in int64 for any other (float16, float32), as msModelSlim writes it: vLLM Ascend's W8A8 method creates it
+float32 for bfloat16 serving and int64 for float16, which is how vLLM serves a float32 model by default.
 """
 
 from __future__ import annotations
