@@ -5,8 +5,8 @@ with QuaRot + iterative smoothing, on tiny Qwen3-VL-MoE models with planted acti
     python scripts/accuracy.py --out /tmp/accuracy --outliers 0 20 50
 
 Recipes: plain W8A8 is tests/data/plain_w8a8.yaml, suppressed W8A8 the bundled qwen3_vl_moe_w8a8.yaml; each W4A8 row
-is one of them with the experts' weights int4 per channel by ``minmax`` or ``ssz`` (the suppressed ssz one is the
-``--quant_type w4a8`` preset's recipe).
+is one of them with the experts' weights int4 per channel by ``minmax``, ``ssz`` (the suppressed ssz one is the
+``--quant_type w4a8`` preset's recipe) or ``gptq`` (ssz's scales, GPTQ's rounding on each expert's routed tokens).
 """
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ def recipes(out: Path) -> dict[str, Path]:
             "plain W4A8 minmax": int4_experts(PLAIN, "minmax", out / "plain_w4a8_minmax.yaml"),
             "plain W4A8 ssz": int4_experts(PLAIN, "ssz", out / "plain_w4a8_ssz.yaml"),
             "QuaRot + smooth + W4A8 minmax": int4_experts(DEFAULT_RECIPE, "minmax", out / "w4a8_minmax.yaml"),
-            "QuaRot + smooth + W4A8 ssz": int4_experts(DEFAULT_RECIPE, "ssz", out / "w4a8_ssz.yaml")}
+            "QuaRot + smooth + W4A8 ssz": int4_experts(DEFAULT_RECIPE, "ssz", out / "w4a8_ssz.yaml"),
+            "QuaRot + smooth + W4A8 gptq": int4_experts(DEFAULT_RECIPE, "gptq", out / "w4a8_gptq.yaml")}
 
 
 def weight_bytes(path: Path) -> int:
@@ -60,28 +61,32 @@ def main() -> None:
     args = parser.parse_args()
     shutil.rmtree(args.out, ignore_errors=True)
     calib = make_calibration_set(args.out / "calib", num_images=6)
+    heldout = make_calibration_set(args.out / "heldout", num_images=6, seed=1)  # images no method was fitted on
     chosen = {k: v for k, v in recipes(args.out / "recipes").items() if not args.only or k in args.only}
     print("| outlier scale | recipe | KL(float ‖ quant) | KL / W8A8's | top-1 agreement | last layer cosine "
-          "| last layer rel. error | checkpoint MiB |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| last layer rel. error | held-out KL | held-out KL / W8A8's | checkpoint MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for scale in args.outliers:
         model = make_tiny_model(args.out / f"model_{scale:g}", outliers=scale, seed=args.seed)
         inputs = build_model_inputs(model, load_samples(calib))
-        kl = {}
+        other = build_model_inputs(model, load_samples(heldout))
+        kl, held = {}, {}
         for name, recipe in chosen.items():
             save = args.out / f"q_{scale:g}_{recipe.stem}"
             dist_quant(["quant", "--model_path", str(model), "--save_path", str(save), "--device", "cpu",
                         "--dataset", str(calib), "--config_path", str(recipe), "--quiet"])
             report = evaluate(str(model), str(save), inputs)
-            kl[name] = report.kl_divergence
-            base = kl.get("QuaRot + smooth + W8A8" if name.startswith("QuaRot") else "plain W8A8")
-            ratio = f"{report.kl_divergence / base:.2f}x" if base else ""
+            kl[name], held[name] = report.kl_divergence, evaluate(str(model), str(save), other).kl_divergence
+            group = "QuaRot + smooth + W8A8" if name.startswith("QuaRot") else "plain W8A8"
+            ratio = f"{kl[name] / kl[group]:.2f}x" if group in kl else ""
+            held_ratio = f"{held[name] / held[group]:.2f}x" if group in held else ""
             last = report.rows[-1]
-            print(f"| {scale:g} | {name} | {report.kl_divergence:.2e} | {ratio} | {100 * report.top1_agreement:.1f}% "
-                  f"| {last.cosine:.5f} | {last.rel_error:.4f} | {weight_bytes(save) / 2**20:.2f} |", flush=True)
+            print(f"| {scale:g} | {name} | {kl[name]:.2e} | {ratio} | {100 * report.top1_agreement:.1f}% "
+                  f"| {last.cosine:.5f} | {last.rel_error:.4f} | {held[name]:.2e} | {held_ratio} "
+                  f"| {weight_bytes(save) / 2**20:.2f} |", flush=True)
         if "plain W8A8" in kl and "QuaRot + smooth + W8A8" in kl:
             print(f"|  | W8A8 plain / suppressed | {kl['plain W8A8'] / kl['QuaRot + smooth + W8A8']:.1f}x "
-                  "| | | | | |")
+                  "| | | | | | | |")
 
 
 if __name__ == "__main__":

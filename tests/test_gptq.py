@@ -61,3 +61,18 @@ def test_inputs_that_never_fire_are_rounded_plainly():
     x[:, 7] = 0.0
     codes = gptq_codes(w, ssz_scale(w), input_gram(x), QMIN4, QMAX4)
     assert codes.dtype == torch.int8 and codes.shape == w.shape
+
+
+def test_w4a8_gptq_without_tokens_is_ssz_and_with_them_uses_the_gram():
+    from dist_quant import schemes
+
+    torch.manual_seed(6)
+    w, x = torch.randn(32, 64), inputs(150, 64, 7)
+    scheme = schemes.get("W4A8_DYNAMIC")
+    spec = lambda method, gram=None: schemes.LinearSpec(  # noqa: E731
+        weight=schemes.QSpec("per_channel", "int4", True, method), input_gram=gram)
+    ssz = scheme.quantize(w, None, spec("ssz"))
+    assert all(torch.equal(t, ssz[r]) for r, t in scheme.quantize(w, None, spec("gptq")).items())
+    gptq = scheme.quantize(w, None, spec("gptq", input_gram(x)))
+    assert torch.equal(gptq["weight_scale"], ssz["weight_scale"]) and not torch.equal(gptq["weight"], ssz["weight"])
+    assert scheme.needs_input_gram(spec("gptq").weight) and not scheme.needs_input_gram(spec("ssz").weight)

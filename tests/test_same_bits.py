@@ -96,20 +96,24 @@ def test_another_compute_thread_count_is_the_same_everywhere_too(model, calib, c
     assert_same_checkpoint(distributed, read_checkpoint(single))
 
 
-W4A8 = ["--config_path", str(Path(__file__).resolve().parent.parent / "dist_quant" / "configs" /
-                             "qwen3_vl_moe_w4a8.yaml")]
+W4A8_RECIPE = Path(__file__).resolve().parent.parent / "dist_quant" / "configs" / "qwen3_vl_moe_w4a8.yaml"
 
 
 @pytest.mark.ray
-def test_w4a8_experts_are_the_same_on_ray_and_with_any_thread_count(model, calib, cluster, tmp_path):
-    """The W4A8 preset's recipe (ssz's iterations stop when no channel improves, a test on values): a 1-thread
-    single card, a 4-thread single card and 2 Ray actors under a 2-thread driver write the same checkpoint."""
+@pytest.mark.parametrize("method", ["ssz", "gptq"])
+def test_w4a8_experts_are_the_same_on_ray_and_with_any_thread_count(model, calib, cluster, tmp_path, method):
+    """The W4A8 preset's recipe (ssz's iterations stop when no channel improves, a test on values), and with GPTQ
+    rounding (matrix products over each expert's routed tokens): a 1-thread single card, a 4-thread single card and
+    2 Ray actors under a 2-thread driver write the same checkpoint."""
+    recipe = tmp_path / "w4a8.yaml"
+    recipe.write_text(W4A8_RECIPE.read_text().replace('method: "ssz"', f'method: "{method}"'))
+    w4a8 = ["--config_path", str(recipe)]
     single = tmp_path / "single"
-    assert run_cli(args(model, calib, single, *W4A8), threads=1) == 0
+    assert run_cli(args(model, calib, single, *w4a8), threads=1) == 0
     reference = read_checkpoint(single)
     assert {t for k, t in reference[1].items() if ".experts." in k} == {"W4A8_DYNAMIC"}
-    assert run_cli(args(model, calib, tmp_path / "four", *W4A8), threads=4) == 0
+    assert run_cli(args(model, calib, tmp_path / "four", *w4a8), threads=4) == 0
     assert_same_checkpoint(tmp_path / "four", reference)
-    assert run_cli(args(model, calib, tmp_path / "ray", *W4A8, "--workers", "2", "--ray_address", cluster.address),
+    assert run_cli(args(model, calib, tmp_path / "ray", *w4a8, "--workers", "2", "--ray_address", cluster.address),
                    threads=2) == 0
     assert_same_checkpoint(tmp_path / "ray", reference)

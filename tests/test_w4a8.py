@@ -197,3 +197,30 @@ def test_some_layers_experts_kept_at_w8a8_dynamic(tiny_model, calib_index, tmp_p
     assert description[layer.format(0)] == "W8A8_DYNAMIC" and description[layer.format(1)] == "W4A8_DYNAMIC"
     assert tensors[layer.format(0)].shape[0] == 2 * tensors[layer.format(1)].shape[0]  # int4: two rows per byte row
     assert description["model_quant_type"] == "W8A8"
+
+
+def test_gptq_keeps_ssz_scales_and_rounds_with_the_routed_tokens(tiny_model, calib_index, tmp_path):
+    """``method: gptq``: each expert's weight_scale is ssz's, its codes are GPTQ's over the tokens routed to it (so
+    they differ from plain rounding where an expert saw tokens), and an expert that saw none is rounded plainly."""
+    import json
+
+    runs = {}
+    for method in ("ssz", "gptq"):
+        save = tmp_path / method
+        quantize_single_card(str(tiny_model), str(save), w4a8_recipe(tmp_path, method), dataset=str(calib_index),
+                             progress=False)
+        runs[method] = read_checkpoint(save)[0]
+    coverage = json.loads((tmp_path / "gptq" / "calibration_coverage.json").read_text())["layers"]
+    seen = [(int(layer), e) for layer, c in coverage.items() for e, n in enumerate(c["tokens_per_expert"]) if n]
+    unseen = [(int(layer), e) for layer, c in coverage.items() for e in c["experts_without_tokens"]]
+    key = "model.language_model.layers.{}.mlp.experts.{}.{}_proj.{}"
+    changed = 0
+    for layer, expert in seen + unseen:
+        for proj in ("gate", "up", "down"):
+            scale, weight = key.format(layer, expert, proj, "weight_scale"), key.format(layer, expert, proj, "weight")
+            assert torch.equal(runs["gptq"][scale], runs["ssz"][scale])
+            same = torch.equal(runs["gptq"][weight], runs["ssz"][weight])
+            if (layer, expert) in unseen:
+                assert same
+            changed += not same
+    assert changed == 3 * len(seen)

@@ -16,9 +16,10 @@ BLOCK = 128  # columns per lazy-batch block
 
 
 def input_gram(x: torch.Tensor) -> torch.Tensor:
-    """``X^T X`` of calibration inputs ``x`` [tokens, in], in float64 [in, in]."""
-    x = x.reshape(-1, x.shape[-1]).to(torch.float64)
-    return x.T @ x
+    """``X^T X`` of calibration inputs ``x`` [tokens, in], accumulated in float32 (on the compute device, which may
+    have no float64), returned as float64 [in, in]."""
+    x = x.reshape(-1, x.shape[-1]).to(torch.float32)
+    return (x.T @ x).to(torch.float64)
 
 
 def inverse_cholesky(gram: torch.Tensor, damp: float = DAMP) -> torch.Tensor:

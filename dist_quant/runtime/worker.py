@@ -17,6 +17,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode  # shapes without data:
 
 from dist_quant import failpoints
 from dist_quant.algorithms import hadamard, quarot
+from dist_quant.algorithms.gptq import input_gram
 from dist_quant.calib.inputs import ModelInputs
 from dist_quant.calib.ranges import InputRanges
 from dist_quant.checkpoint import formats
@@ -188,13 +189,13 @@ class Worker:
         self.sink.add(key, tensor.detach().to("cpu", self.model_dtype), schemes.FLOAT)
 
     def _emit_linear(self, name: str, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                     ranges: Optional[InputRanges]) -> str:
+                     ranges: Optional[InputRanges], gram: Optional[torch.Tensor] = None) -> str:
         """Quantize one linear with the recipe's scheme for it and hand the format's tensors to the sink."""
         scheme, processor = self._scheme(name), self.recipe.linear_quant(name)
         weight, bias = weight.detach().cpu(), None if bias is None else bias.detach().cpu()
         spec = schemes.LinearSpec(name, processor and processor.act, processor and processor.weight,
                                   ranges.tensor_range(name) if scheme.needs_input_range else None, self.model_dtype,
-                                  self.family.splits_input(name))
+                                  self.family.splits_input(name), gram)
         with self.times.phase("quantize"):
             roles = self._quantize(scheme, weight, bias, spec)
         for key, tensor, quant_type in self.output_format.linear_entries(name, scheme.name, roles, self.model_dtype):
@@ -385,13 +386,38 @@ class Worker:
             partial = self.family.expert_group_forward(moe.x, moe.topk_ids, moe.topk_weights,
                                                        [self.family.float_expert(*e, act_fn) for e in experts], first)
         for expert, weights in zip(range(first, stop), experts):
-            self._emit_expert(layer_idx, expert, weights)
+            grams = self._expert_grams(layer_idx, expert, weights, moe, act_fn)
+            self._emit_expert(layer_idx, expert, weights, grams)
+            del grams
             failpoints.reach("experts")
         return partial
 
-    def _emit_expert(self, layer_idx: int, expert: int, weights: tuple[torch.Tensor, ...]) -> None:
-        for proj, weight in zip(self.family.EXPERT_PROJS, weights):
-            self._emit_linear(self.family.expert_key(layer_idx, expert, proj), weight, None, None)
+    def _expert_grams(self, layer_idx: int, expert: int, weights: tuple[torch.Tensor, ...], moe: MoeInput,
+                      act_fn) -> tuple[Optional[torch.Tensor], ...]:
+        """``X^T X`` of each projection's inputs over the tokens routed to the expert (gate and up: the tokens;
+        down: ``act(gate x) * up x``), for a scheme that asks for them (GPTQ rounding); Nones otherwise, or when no
+        token was routed to it."""
+        projs = self.family.EXPERT_PROJS
+        none = (None,) * len(projs)
+        key = self.family.expert_key(layer_idx, expert, projs[0])
+        processor = self.recipe.linear_quant(key)
+        if not self._scheme(key).needs_input_gram(processor and processor.weight):
+            return none
+        routed = (moe.topk_ids == expert).any(dim=-1)
+        if not bool(routed.any()):
+            return none
+        with self.times.phase("forward"):
+            x = moe.x[routed].to(torch.float32)
+            gate, up, _ = (w.to(torch.float32) for w in weights)
+            hidden = act_fn(x @ gate.T) * (x @ up.T)
+            x_gram, hidden_gram = input_gram(x).cpu(), input_gram(hidden).cpu()
+        return x_gram, x_gram, hidden_gram
+
+    def _emit_expert(self, layer_idx: int, expert: int, weights: tuple[torch.Tensor, ...],
+                     grams: Optional[tuple[Optional[torch.Tensor], ...]] = None) -> None:
+        grams = grams or (None,) * len(weights)
+        for proj, weight, gram in zip(self.family.EXPERT_PROJS, weights, grams):
+            self._emit_linear(self.family.expert_key(layer_idx, expert, proj), weight, None, None, gram)
 
     @torch.no_grad()
     def head(self) -> None:

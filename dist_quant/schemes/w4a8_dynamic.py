@@ -19,13 +19,14 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import is_fake
 
-from dist_quant.algorithms.int4 import (SSZ_ITERATIONS, int4_codes, minmax_scale, pack_int4_rows, scale_bias, ssz_scale,
+from dist_quant.algorithms.int4 import (QMAX4, QMIN4, SSZ_ITERATIONS, int4_codes, minmax_scale, pack_int4_rows, scale_bias, ssz_scale,
                                         unpack_int4_rows)
+from dist_quant.algorithms.gptq import gptq_codes
 from dist_quant.algorithms.quantize import dynamic_w8a8_linear
 from dist_quant.schemes.base import LinearSpec, QSpec, Scheme, ServedLinear
 
 NAME = "W4A8_DYNAMIC"
-WEIGHT_METHODS = ("ssz", "minmax")  # the qconfig weight methods that select it; ssz first: the default
+WEIGHT_METHODS = ("ssz", "minmax", "gptq")  # the qconfig weight methods that select it; ssz first: the default
 EXT_KEYS = ("step", "group_size")  # msModelSlim's weight options: ssz's iteration count, and a group size it ignores
 
 
@@ -51,11 +52,16 @@ def check_ext(side: str, spec: QSpec) -> tuple[str, ...]:
             "quantized per channel (group_size 0), the only W4A8 layout vLLM Ascend's main branch loads",)
 
 
+def needs_input_gram(weight: Optional[QSpec]) -> bool:
+    """``method: gptq`` rounds with the expert's routed calibration inputs."""
+    return weight is not None and weight.method == "gptq"
+
+
 def weight_scale(weight: torch.Tensor, spec: Optional[QSpec]) -> torch.Tensor:
     """The per-channel int4 scale by the qconfig's weight ``method``. On fake tensors (the writer's layout pass) the
     refinement, whose stopping test needs values, is skipped: its result has the min/max scale's shape and dtype."""
     method = spec.method if spec is not None else WEIGHT_METHODS[0]
-    if method == "minmax" or is_fake(weight):
+    if method == "minmax" or is_fake(weight):  # gptq: ssz's scales, then GPTQ's rounding
         return minmax_scale(weight)
     return ssz_scale(weight, spec.option("step", SSZ_ITERATIONS) if spec is not None else SSZ_ITERATIONS)
 
@@ -66,7 +72,10 @@ def quantize(weight: torch.Tensor, bias: Optional[torch.Tensor], spec: LinearSpe
     if bias is not None:
         raise ValueError(f"{spec.name}: W4A8_DYNAMIC is for routed experts, which have no bias")
     scale = weight_scale(weight, spec.weight)
-    codes = int4_codes(weight, scale)
+    if needs_input_gram(spec.weight) and spec.input_gram is not None and not is_fake(weight):
+        codes = gptq_codes(weight, scale, spec.input_gram, QMIN4, QMAX4)
+    else:  # also gptq for an expert without calibration tokens: plain rounding
+        codes = int4_codes(weight, scale)
     return {"weight": pack_int4_rows(codes), "weight_scale": scale[:, None].contiguous(),
             "weight_offset": torch.zeros_like(scale)[:, None].contiguous(),
             "scale_bias": scale_bias(codes, scale, spec.input_split)}
@@ -85,5 +94,6 @@ SCHEME = Scheme(NAME, act=QSpec("per_token", "int8", True, "minmax"),
                 serves_experts=True, priority=-1, roles=("weight", "weight_scale", "weight_offset", "scale_bias"),
                 quantize=quantize, serve=serve, weight_methods=WEIGHT_METHODS[1:], serves_linears=False,
                 weight_packing=2, ext_keys=EXT_KEYS, check_ext=check_ext,
+                needs_input_gram=needs_input_gram,
                 summary="per_token int8 symmetric minmax activations, per_channel int4 symmetric ssz or minmax "
                         "weights (W4A8_DYNAMIC, routed experts only)")
