@@ -56,23 +56,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("/tmp/accuracy"))
     parser.add_argument("--outliers", type=float, nargs="+", default=[0, 20, 50])
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="the tiny models' seeds (one model each)")
     parser.add_argument("--only", nargs="+", help="recipe names to run (default: all)")
     args = parser.parse_args()
     shutil.rmtree(args.out, ignore_errors=True)
     calib = make_calibration_set(args.out / "calib", num_images=6)
     heldout = make_calibration_set(args.out / "heldout", num_images=6, seed=1)  # images no method was fitted on
     chosen = {k: v for k, v in recipes(args.out / "recipes").items() if not args.only or k in args.only}
-    print("| outlier scale | recipe | KL(float ‖ quant) | KL / W8A8's | top-1 agreement | last layer cosine "
+    print("| model seed | outlier scale | recipe | KL(float ‖ quant) | KL / W8A8's | top-1 agreement | last layer cosine "
           "| last layer rel. error | held-out KL | held-out KL / W8A8's | checkpoint MiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for scale in args.outliers:
-        model = make_tiny_model(args.out / f"model_{scale:g}", outliers=scale, seed=args.seed)
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for seed, scale in ((seed, scale) for seed in args.seeds for scale in args.outliers):
+        model = make_tiny_model(args.out / f"model_{seed}_{scale:g}", outliers=scale, seed=seed)
         inputs = build_model_inputs(model, load_samples(calib))
         other = build_model_inputs(model, load_samples(heldout))
         kl, held = {}, {}
         for name, recipe in chosen.items():
-            save = args.out / f"q_{scale:g}_{recipe.stem}"
+            save = args.out / f"q_{seed}_{scale:g}_{recipe.stem}"
             dist_quant(["quant", "--model_path", str(model), "--save_path", str(save), "--device", "cpu",
                         "--dataset", str(calib), "--config_path", str(recipe), "--quiet"])
             report = evaluate(str(model), str(save), inputs)
@@ -81,11 +81,11 @@ def main() -> None:
             ratio = f"{kl[name] / kl[group]:.2f}x" if group in kl else ""
             held_ratio = f"{held[name] / held[group]:.2f}x" if group in held else ""
             last = report.rows[-1]
-            print(f"| {scale:g} | {name} | {kl[name]:.2e} | {ratio} | {100 * report.top1_agreement:.1f}% "
+            print(f"| {seed} | {scale:g} | {name} | {kl[name]:.2e} | {ratio} | {100 * report.top1_agreement:.1f}% "
                   f"| {last.cosine:.5f} | {last.rel_error:.4f} | {held[name]:.2e} | {held_ratio} "
                   f"| {weight_bytes(save) / 2**20:.2f} |", flush=True)
         if "plain W8A8" in kl and "QuaRot + smooth + W8A8" in kl:
-            print(f"|  | W8A8 plain / suppressed | {kl['plain W8A8'] / kl['QuaRot + smooth + W8A8']:.1f}x "
+            print(f"|  |  | W8A8 plain / suppressed | {kl['plain W8A8'] / kl['QuaRot + smooth + W8A8']:.1f}x "
                   "| | | | | | | |")
 
 

@@ -2,12 +2,19 @@
 input columns one at a time and spread each column's rounding error over the columns not yet quantized, weighted by
 the inverse of ``H = X^T X`` (X: the linear's calibration inputs), so that ``X W^T`` moves as little as possible.
 
-Pure functions over tensors. The Hessian is damped by ``DAMP`` times its mean diagonal and inverted in float64; the
-column updates run in float32, ``BLOCK`` columns at a time (the lazy-batch form: identical math, fewer passes).
+Pure functions over tensors, and one small class, :class:`Hessian`, which works out what depends on H alone once
+for all the linears that read the same inputs (an expert's gate and up):
+- the column order: the input channels by decreasing ``H[i, i]`` (the paper's "act order": the columns that carry
+  the most input energy are quantized first, while the most columns are left to take their error);
+- the upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``: H is damped by ``DAMP`` times its mean
+  diagonal and factored in float64, the triangular inverse is taken in float32 (where the factor is used).
+The column updates run in float32, ``BLOCK`` columns at a time (the lazy-batch form: identical math, fewer passes).
 The result is the same for a fixed intra-op thread count (the block updates are matrix products).
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
@@ -22,39 +29,74 @@ def input_gram(x: torch.Tensor) -> torch.Tensor:
     return (x.T @ x).to(torch.float64)
 
 
+def act_order(gram: torch.Tensor) -> torch.Tensor:
+    """The input channels by decreasing ``H[i, i]``, ties in channel order: int64 [in]."""
+    return torch.sort(torch.diagonal(gram), descending=True, stable=True).indices
+
+
 def inverse_cholesky(gram: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
-    """The upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``, float64. Input columns that never saw a
-    nonzero value (zero diagonal) get 1 on the diagonal, so they are rounded plainly."""
+    """The upper Cholesky factor U of ``(H + damp * mean(diag H) * I)^-1`` (``U^T U`` is that inverse), float32.
+    Input columns that never saw a nonzero value (zero diagonal) get 1 on the diagonal, so they are rounded plainly.
+
+    With J the reversal permutation and ``J H J = L L^T``, ``U = J L^-1 J``: one Cholesky factorisation (float64)
+    and one triangular inverse (float32) instead of factoring the inverse again."""
     h = gram.to(torch.float64).clone()
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
     diag = torch.diagonal(h)
     diag += damp * diag.mean()
-    inverse = torch.cholesky_inverse(torch.linalg.cholesky(h))
-    return torch.linalg.cholesky(inverse, upper=True)
+    lower = torch.linalg.cholesky(h.flip(0, 1)).to(torch.float32)
+    identity = torch.eye(lower.shape[0], dtype=torch.float32, device=lower.device)
+    return torch.linalg.solve_triangular(lower, identity, upper=False).flip(0, 1)
 
 
-def gptq_codes(weight: torch.Tensor, scale: torch.Tensor, gram: torch.Tensor, qmin: int, qmax: int,
-               block: int = BLOCK, damp: float = DAMP) -> torch.Tensor:
+class Hessian:
+    """``X^T X`` of one linear's calibration inputs, with GPTQ's column order and inverse factor computed on first
+    use and kept: pass the same object for every linear that reads those inputs."""
+
+    def __init__(self, gram: torch.Tensor, damp: float = DAMP):
+        self.gram = gram
+        self.damp = damp
+        self._prepared: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+
+    @classmethod
+    def of_inputs(cls, x: torch.Tensor) -> "Hessian":
+        """From inputs on any device; the Gram matrix is kept on the host, where weights are quantized."""
+        return cls(input_gram(x).cpu())
+
+    def prepared(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(column order, the inverse factor of H with rows and columns in that order)."""
+        if self._prepared is None:
+            order = act_order(self.gram)
+            self._prepared = order, inverse_cholesky(self.gram[order][:, order], self.damp)
+        return self._prepared
+
+
+def gptq_codes(weight: torch.Tensor, scale: torch.Tensor, hessian: Hessian, qmin: int, qmax: int,
+               block: int = BLOCK) -> torch.Tensor:
     """Integer codes in [qmin, qmax] for ``weight`` [out, in] with the per-output-channel ``scale`` [out], by GPTQ
-    against the input Gram matrix ``gram`` [in, in]: int8 [out, in]."""
-    w = weight.to(torch.float32).clone()
-    hinv = inverse_cholesky(gram, damp).to(torch.float32)
-    s = scale.to(torch.float32)[:, None]
+    against the inputs' ``hessian``, the columns in its act order: int8 [out, in], columns in the weight's order.
+
+    The work is on the transposed weight [in, out], so that each input column is one contiguous row."""
+    order, hinv = hessian.prepared()
+    w = weight.to(torch.float32)[:, order].T.contiguous()  # a copy, updated in place below
+    s = scale.to(torch.float32)
     codes = torch.empty_like(w)
-    columns = w.shape[1]
+    columns = w.shape[0]
     for i1 in range(0, columns, block):
         i2 = min(i1 + block, columns)
-        w1, h1 = w[:, i1:i2], hinv[i1:i2, i1:i2]
+        w1, h1 = w[i1:i2], hinv[i1:i2, i1:i2]
         errors = torch.empty_like(w1)
         for i in range(i2 - i1):
-            q = w1[:, i:i + 1].div(s).round_().clamp_(qmin, qmax)
-            codes[:, i1 + i:i1 + i + 1] = q
-            err = (w1[:, i:i + 1] - q * s) / h1[i, i]
-            w1[:, i:] -= err * h1[i:i + 1, i:]
-            errors[:, i:i + 1] = err
-        w[:, i2:] -= errors @ hinv[i1:i2, i2:]
-    return codes.to(torch.int8)
+            q = w1[i].div(s).round_().clamp_(qmin, qmax)
+            codes[i1 + i] = q
+            err = (w1[i] - q * s) / h1[i, i]
+            w1[i:].addr_(h1[i, i:], err, alpha=-1)  # w[c] -= hinv[i, c] / hinv[i, i] * error, for the block's c >= i
+            errors[i] = err
+        w[i2:].addmm_(hinv[i1:i2, i2:].T, errors, alpha=-1)  # the block's errors, carried to the later columns
+    out = torch.empty_like(codes)
+    out[order] = codes
+    return out.T.to(torch.int8)
 
 
-__all__ = ["BLOCK", "DAMP", "gptq_codes", "input_gram", "inverse_cholesky"]
+__all__ = ["BLOCK", "DAMP", "Hessian", "act_order", "gptq_codes", "input_gram", "inverse_cholesky"]

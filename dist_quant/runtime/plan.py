@@ -24,6 +24,9 @@ COMPUTE_BYTES = 4  # weights are computed on in float32
 # between units (~0.5 GiB): measured on CPU at 235B width (docs/benchmarks.md, "Real width"); a card adds its context
 RUNTIME_OVERHEAD = 1024**3
 ROW_CHUNK = 8192  # rows of the embeddings and lm_head in float32 at a time (runtime/worker.py)
+# GPTQ's working set per entry of an expert's input Gram matrix [hidden, hidden] (float64 Gram, its damped and
+# reordered copies, the float32 inverse factor): measured 0.66 GiB at hidden 4096 (algorithms/gptq.py)
+HESSIAN_BYTES_PER_ENTRY = 40
 GiB = 1024**3
 
 
@@ -190,6 +193,19 @@ def unit_activation_bytes(config, unit: Unit, calib_tokens: int) -> int:
     return 5 * calib_tokens * tc.hidden_size * COMPUTE_BYTES
 
 
+def unit_hessian_bytes(config, unit: Unit, recipe: Recipe) -> int:
+    """What rounding by GPTQ adds while an expert group runs (one expert's Gram matrices at a time): 0 when the
+    recipe's scheme for the group's experts does not ask for them."""
+    if unit.kind is not Kind.EXPERTS:
+        return 0
+    for name in unit_linears(config, unit):
+        processor = recipe.linear_quant(name)
+        if schemes.get(recipe.quant_type(name)).needs_hessian(processor and processor.weight):
+            tc = config.text_config
+            return HESSIAN_BYTES_PER_ENTRY * tc.hidden_size ** 2 + 8 * tc.moe_intermediate_size ** 2
+    return 0
+
+
 def unit_peak_bytes(config, unit: Unit, params: int, output: int, source_bytes: int, calib_tokens: int,
                     prefetched_params: int) -> int:
     """What a worker holds while it runs ``unit``: the unit's float32 weights (the embeddings and lm_head a chunk
@@ -256,7 +272,7 @@ def build_plan(config, raw_config: dict, workers: int, *, group_size: int = DEFA
     for actor in actors:
         actor.unit_peaks = [unit_peak_bytes(config, u, params_of[u], output_of[u], dtype_bytes, calib_tokens,
                                             next((params_of[n] for n in actor.units[i + 1:] if n.kind is Kind.EXPERTS),
-                                                 0))
+                                                 0)) + unit_hessian_bytes(config, u, recipe)
                             for i, u in enumerate(actor.units)]
         actor.peak_bytes = max(actor.unit_peaks, default=0) + RUNTIME_OVERHEAD
     source = sum(n for u, n in zip(units, params) if u.kind is not Kind.IMAGES) * dtype_bytes

@@ -17,7 +17,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode  # shapes without data:
 
 from dist_quant import failpoints
 from dist_quant.algorithms import hadamard, quarot
-from dist_quant.algorithms.gptq import input_gram
+from dist_quant.algorithms.gptq import Hessian
 from dist_quant.calib.inputs import ModelInputs
 from dist_quant.calib.ranges import InputRanges
 from dist_quant.checkpoint import formats
@@ -189,13 +189,13 @@ class Worker:
         self.sink.add(key, tensor.detach().to("cpu", self.model_dtype), schemes.FLOAT)
 
     def _emit_linear(self, name: str, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                     ranges: Optional[InputRanges], gram: Optional[torch.Tensor] = None) -> str:
+                     ranges: Optional[InputRanges], hessian: Optional[Hessian] = None) -> str:
         """Quantize one linear with the recipe's scheme for it and hand the format's tensors to the sink."""
         scheme, processor = self._scheme(name), self.recipe.linear_quant(name)
         weight, bias = weight.detach().cpu(), None if bias is None else bias.detach().cpu()
         spec = schemes.LinearSpec(name, processor and processor.act, processor and processor.weight,
                                   ranges.tensor_range(name) if scheme.needs_input_range else None, self.model_dtype,
-                                  self.family.splits_input(name), gram)
+                                  self.family.splits_input(name), hessian)
         with self.times.phase("quantize"):
             roles = self._quantize(scheme, weight, bias, spec)
         for key, tensor, quant_type in self.output_format.linear_entries(name, scheme.name, roles, self.model_dtype):
@@ -386,22 +386,22 @@ class Worker:
             partial = self.family.expert_group_forward(moe.x, moe.topk_ids, moe.topk_weights,
                                                        [self.family.float_expert(*e, act_fn) for e in experts], first)
         for expert, weights in zip(range(first, stop), experts):
-            grams = self._expert_grams(layer_idx, expert, weights, moe, act_fn)
-            self._emit_expert(layer_idx, expert, weights, grams)
-            del grams
+            hessians = self._expert_hessians(layer_idx, expert, weights, moe, act_fn)
+            self._emit_expert(layer_idx, expert, weights, hessians)
+            del hessians
             failpoints.reach("experts")
         return partial
 
-    def _expert_grams(self, layer_idx: int, expert: int, weights: tuple[torch.Tensor, ...], moe: MoeInput,
-                      act_fn) -> tuple[Optional[torch.Tensor], ...]:
+    def _expert_hessians(self, layer_idx: int, expert: int, weights: tuple[torch.Tensor, ...], moe: MoeInput,
+                      act_fn) -> tuple[Optional[Hessian], ...]:
         """``X^T X`` of each projection's inputs over the tokens routed to the expert (gate and up: the tokens;
         down: ``act(gate x) * up x``), for a scheme that asks for them (GPTQ rounding); Nones otherwise, or when no
-        token was routed to it."""
+        token was routed to it. Gate and up share one object: its factorisation is done once."""
         projs = self.family.EXPERT_PROJS
         none = (None,) * len(projs)
         key = self.family.expert_key(layer_idx, expert, projs[0])
         processor = self.recipe.linear_quant(key)
-        if not self._scheme(key).needs_input_gram(processor and processor.weight):
+        if not self._scheme(key).needs_hessian(processor and processor.weight):
             return none
         routed = (moe.topk_ids == expert).any(dim=-1)
         if not bool(routed.any()):
@@ -410,14 +410,14 @@ class Worker:
             x = moe.x[routed].to(torch.float32)
             gate, up, _ = (w.to(torch.float32) for w in weights)
             hidden = act_fn(x @ gate.T) * (x @ up.T)
-            x_gram, hidden_gram = input_gram(x).cpu(), input_gram(hidden).cpu()
-        return x_gram, x_gram, hidden_gram
+            x_hessian, hidden_hessian = Hessian.of_inputs(x), Hessian.of_inputs(hidden)
+        return x_hessian, x_hessian, hidden_hessian
 
     def _emit_expert(self, layer_idx: int, expert: int, weights: tuple[torch.Tensor, ...],
-                     grams: Optional[tuple[Optional[torch.Tensor], ...]] = None) -> None:
-        grams = grams or (None,) * len(weights)
-        for proj, weight, gram in zip(self.family.EXPERT_PROJS, weights, grams):
-            self._emit_linear(self.family.expert_key(layer_idx, expert, proj), weight, None, None, gram)
+                     hessians: Optional[tuple[Optional[Hessian], ...]] = None) -> None:
+        hessians = hessians or (None,) * len(weights)
+        for proj, weight, hessian in zip(self.family.EXPERT_PROJS, weights, hessians):
+            self._emit_linear(self.family.expert_key(layer_idx, expert, proj), weight, None, None, hessian)
 
     @torch.no_grad()
     def head(self) -> None:

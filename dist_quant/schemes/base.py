@@ -14,6 +14,8 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from dist_quant.algorithms.gptq import Hessian
+
 InputRange = tuple[float, float]  # (min, max) of a linear's calibration input
 
 
@@ -45,7 +47,7 @@ class LinearSpec:
     input_range: Optional[InputRange] = None  # its calibrated input (min, max), for schemes that need one
     model_dtype: torch.dtype = torch.float32  # the source checkpoint's float dtype
     input_split: bool = False  # the engine splits its input dimension across tensor-parallel ranks (o, down...)
-    input_gram: Optional[torch.Tensor] = None  # X^T X of its calibration inputs (float64 [in, in]), when asked for
+    hessian: Optional[Hessian] = None  # X^T X of its calibration inputs (algorithms/gptq.py), when asked for
 
 
 @dataclass(frozen=True)
@@ -68,8 +70,8 @@ class Scheme:
     # checks the values of a qconfig side's options: ``check_ext(side, spec)`` raises ValueError for a bad one and
     # returns warnings (e.g. an option the scheme accepts for msModelSlim's recipes but ignores)
     check_ext: Callable[[str, "QSpec"], tuple[str, ...]] = lambda side, spec: ()
-    # whether quantizing with this weight qconfig needs the linear's input Gram matrix (LinearSpec.input_gram)
-    needs_input_gram: Callable[[Optional["QSpec"]], bool] = lambda weight: False
+    # whether quantizing with this weight qconfig needs the Gram matrix of the linear's inputs (LinearSpec.hessian)
+    needs_hessian: Callable[[Optional["QSpec"]], bool] = lambda weight: False
     weight_methods: tuple[str, ...] = ()  # more weight ``method``s that select it (``quantize`` reads spec.weight)
     serves_linears: bool = True  # the serving engine has a method for it outside the routed experts
     weight_packing: int = 1  # output channels per stored row of ``weight`` (2 for int4 codes packed in int8)

@@ -52,7 +52,7 @@ def check_ext(side: str, spec: QSpec) -> tuple[str, ...]:
             "quantized per channel (group_size 0), the only W4A8 layout vLLM Ascend's main branch loads",)
 
 
-def needs_input_gram(weight: Optional[QSpec]) -> bool:
+def needs_hessian(weight: Optional[QSpec]) -> bool:
     """``method: gptq`` rounds with the expert's routed calibration inputs."""
     return weight is not None and weight.method == "gptq"
 
@@ -72,8 +72,8 @@ def quantize(weight: torch.Tensor, bias: Optional[torch.Tensor], spec: LinearSpe
     if bias is not None:
         raise ValueError(f"{spec.name}: W4A8_DYNAMIC is for routed experts, which have no bias")
     scale = weight_scale(weight, spec.weight)
-    if needs_input_gram(spec.weight) and spec.input_gram is not None and not is_fake(weight):
-        codes = gptq_codes(weight, scale, spec.input_gram, QMIN4, QMAX4)
+    if needs_hessian(spec.weight) and spec.hessian is not None and not is_fake(weight):
+        codes = gptq_codes(weight, scale, spec.hessian, QMIN4, QMAX4)
     else:  # also gptq for an expert without calibration tokens: plain rounding
         codes = int4_codes(weight, scale)
     return {"weight": pack_int4_rows(codes), "weight_scale": scale[:, None].contiguous(),
@@ -94,6 +94,6 @@ SCHEME = Scheme(NAME, act=QSpec("per_token", "int8", True, "minmax"),
                 serves_experts=True, priority=-1, roles=("weight", "weight_scale", "weight_offset", "scale_bias"),
                 quantize=quantize, serve=serve, weight_methods=WEIGHT_METHODS[1:], serves_linears=False,
                 weight_packing=2, ext_keys=EXT_KEYS, check_ext=check_ext,
-                needs_input_gram=needs_input_gram,
+                needs_hessian=needs_hessian,
                 summary="per_token int8 symmetric minmax activations, per_channel int4 symmetric ssz or minmax "
                         "weights (W4A8_DYNAMIC, routed experts only)")
