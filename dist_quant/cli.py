@@ -191,6 +191,38 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+CHECK_EXAMPLE = """example:
+  dist-quant check /models/Qwen3-VL-235B-A22B-w8a8 --serve_dtype bfloat16 --tp 16
+"""
+
+
+def _check_parser(sub) -> None:
+    p = _command(sub, "check", "check a checkpoint against the serving engine's loader rules before serving it",
+                 "Apply the rules vLLM Ascend's loader applies to an ascendv1 (msModelSlim) checkpoint: "
+                 "config.json keys that take over the description, the key prefixes, the description entry of "
+                 "every layer vLLM builds, fused layers sharing one type, every parameter each method creates "
+                 "with its dtype and shape for the serving dtype and tensor-parallel size. Prints a table of "
+                 "rule / verdict / first offending key; exits 1 on any violation. Works on checkpoints written "
+                 "by msModelSlim too; `quant` runs it on its own output before publishing.",
+                 CHECK_EXAMPLE)
+    p.add_argument("checkpoint", help="the quantized checkpoint directory")
+    p.add_argument("--serve_dtype", choices=("bfloat16", "float16", "float32"), default=None,
+                   help="vLLM's --dtype (default: what --dtype auto picks: bfloat16 for a bfloat16 model, "
+                        "float16 for any other)")
+    p.add_argument("--tp", type=_positive_int, default=1, help="vLLM's --tensor-parallel-size")
+
+
+def _cmd_check(args) -> int:
+    from dist_quant.check import SERVE_DTYPES, check_checkpoint, format_report
+
+    if not Path(args.checkpoint).is_dir():
+        raise DistQuantError(f"{args.checkpoint} is not a directory: pass the quantized checkpoint's folder")
+    serve_dtype = SERVE_DTYPES[args.serve_dtype] if args.serve_dtype else None
+    report = check_checkpoint(args.checkpoint, serve_dtype, args.tp)
+    print(format_report(report))
+    return 0 if report.ok else 1
+
+
 def _human_bytes(n: int) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1024 or unit == "TB":
@@ -252,11 +284,13 @@ def build_parser() -> argparse.ArgumentParser:
                "  dist-quant quant --model_path M --save_path S --device npu --model_type Qwen3-VL-235B-A22B "
                "--quant_type w8a8 --workers 8\n"
                "  dist-quant eval --model_path M --quant_path S\n"
+               "  dist-quant check S --tp 8\n"
                "Run `dist-quant COMMAND --help` for each command's options.")
     sub = parser.add_subparsers(dest="command", required=True)
     _quant_parser(sub)
     _plan_parser(sub)
     _eval_parser(sub)
+    _check_parser(sub)
     _presets_parser(sub)
     return parser
 
@@ -298,7 +332,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if _in_main_thread() else None
     try:
-        commands = {"quant": _cmd_quant, "plan": _cmd_plan, "eval": _cmd_eval, "presets": _cmd_presets}
+        commands = {"quant": _cmd_quant, "plan": _cmd_plan, "eval": _cmd_eval, "check": _cmd_check,
+                    "presets": _cmd_presets}
         return commands[args.command](args)
     except DistQuantError as exc:
         print(f"dist-quant: error: {exc}", file=sys.stderr)

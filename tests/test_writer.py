@@ -26,7 +26,9 @@ def source(tmp_path):
     config = {
         "model_type": "qwen3_vl_moe",
         "quantization_config": {"quant_method": "fp8"},
-        "text_config": {"hidden_size": 8, "quantization_config": {"quant_method": "fp8"}},
+        "compression_config": {"quant_method": "compressed-tensors"},
+        "text_config": {"hidden_size": 8, "quantization_config": {"quant_method": "fp8"},
+                        "compression_config": {}},
         "vision_config": {"depth": 2},
     }
     (model / "config.json").write_text(json.dumps(config))

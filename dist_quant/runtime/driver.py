@@ -24,6 +24,7 @@ from tqdm import tqdm
 from dist_quant import failpoints
 from dist_quant.calib.dataset import load_samples
 from dist_quant.calib.inputs import DEFAULT_MAX_SAMPLE_TOKENS, ModelInputs, build_model_inputs
+from dist_quant.check import refuse_unservable
 from dist_quant.checkpoint import formats
 from dist_quant.checkpoint.writer import CheckpointWriter
 from dist_quant.errors import CalibrationError, DistQuantError, OutputError
@@ -175,7 +176,8 @@ def quantize(model_path: str, save_path: str, recipe: Recipe, executor: Executor
         (writer.staging / RUN_FILE).write_text(json.dumps({"fingerprint": run}, indent=2) + "\n")
         run_log.write(f"publishing the checkpoint of {len(plan)} units")
         assemble_started = time.perf_counter()
-        summary = writer.publish(model_path, recipe_path=recipe.path)
+        summary = writer.publish(model_path, recipe_path=recipe.path,
+                                 check=lambda folder: run_log.write(refuse_unservable(folder)))
     except KeyboardInterrupt as interrupt:
         with _signals_held():
             kept = _give_up(writer, journal, quiet=True)

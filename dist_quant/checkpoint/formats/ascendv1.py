@@ -31,7 +31,7 @@ DESCRIPTION_FIELDS = ("version", "model_quant_type", "metadata", "group_size", "
 MARKER_FILE = DESCRIPTION_FILE  # published last: a folder without it does not look finished
 OPTIONAL_DIR = "optional"
 QUAROT_FILE = f"{OPTIONAL_DIR}/quarot.safetensors"
-HIJACKING_CONFIG_KEYS = ("quantization_config",)  # vLLM reads these from config.json before the description
+HIJACKING_CONFIG_KEYS = ("quantization_config", "compression_config")  # vLLM takes these for the description
 
 
 def part_names(count: int) -> list[str]:
@@ -96,7 +96,7 @@ def described_types(content: dict) -> dict[str, str]:
 
 def rewrite_config(config: dict, types: dict[str, str]) -> dict:
     """The source config.json without the keys vLLM would take for the quant description, from both levels (the
-    quant types live in the description file, not here)."""
+    quant types live in the description file, not here; docs/ascend-loader-rules.md R2)."""
     for key in HIJACKING_CONFIG_KEYS:
         config.pop(key, None)
         if isinstance(config.get("text_config"), dict):

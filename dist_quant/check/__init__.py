@@ -1,0 +1,113 @@
+"""``dist-quant check CKPT``: a checkpoint against the rules its serving engines' loaders apply, before serving.
+
+Each rule is what an engine's loader does (its source is cited next to it), stated as a check on the folder: files,
+config.json, the description, tensor keys, dtypes and shapes. One module per checkpoint format and the engines that
+load it (``ascend``: msModelSlim's ascendv1 format as vLLM Ascend loads it). A rule ends ``ok``, ``FAIL`` (with the
+first offending key, and how many there are) or ``n/a`` (nothing it applies to, or a rule it depends on failed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from dist_quant.check.folder import Folder, read_folder
+
+SERVE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class Rule:
+    id: str
+    text: str  # the rule, as a statement about the checkpoint
+    source: str  # where the loader does it: repository, file, function (docs/ascend-loader-rules.md has the lines)
+
+
+@dataclass
+class Verdict:
+    rule: Rule
+    violations: list[str] = field(default_factory=list)  # one line per offending key or field
+    applies: bool = True
+
+    @property
+    def status(self) -> str:
+        return "FAIL" if self.violations else ("ok" if self.applies else "n/a")
+
+
+@dataclass
+class Report:
+    path: Path
+    format: str  # the checkpoint format, in words
+    serve_dtype: torch.dtype
+    tp: int
+    verdicts: list[Verdict]
+    engines: list[str]  # the engines the checkpoint loads on, when every rule passes
+
+    @property
+    def ok(self) -> bool:
+        return not any(v.violations for v in self.verdicts)
+
+    def failed(self) -> list[str]:
+        return [v.rule.id for v in self.verdicts if v.violations]
+
+
+def default_serve_dtype(folder: Folder) -> torch.dtype:
+    """What vLLM's ``--dtype auto`` serves the model in: bfloat16 for a bfloat16 config, float16 for any other (a
+    float32 model is served in float16)."""
+    from dist_quant.models.qwen3_vl_moe import source_dtype
+
+    return torch.bfloat16 if source_dtype(folder.config or {}) == torch.bfloat16 else torch.float16
+
+
+def check_checkpoint(path: str | Path, serve_dtype: Optional[torch.dtype] = None, tp: int = 1) -> Report:
+    """Every rule of the checkpoint's format on the folder ``path``."""
+    from dist_quant.check import ascend
+
+    if tp < 1:
+        raise ValueError(f"tensor parallel size must be >= 1, got {tp}")
+    folder = read_folder(path)
+    dtype = serve_dtype if serve_dtype is not None else default_serve_dtype(folder)
+    verdicts = ascend.check(folder, dtype, tp)
+    engines = ascend.ENGINES if not any(v.violations for v in verdicts) else []
+    return Report(Path(path), ascend.FORMAT, dtype, tp, verdicts, engines)
+
+
+def refuse_unservable(path: str | Path) -> str:
+    """``quant``'s last step before publishing: the finished folder ``path`` checked with the default serving dtype
+    and no tensor parallelism; a failure raises OutputError (a checkpoint that would not load is never published).
+    Returns the line for the run's log."""
+    from dist_quant.errors import OutputError
+
+    report = check_checkpoint(path)
+    if not report.ok:
+        raise OutputError("the finished checkpoint breaks its serving engine's loader rules, so it was not published "
+                          "(a dist-quant bug: please report it with quant_run.log):\n" + format_report(report))
+    return f"check: all {len(report.verdicts)} rules of {report.format} pass"
+
+
+def _cell(text: str, width: int = 110) -> str:
+    text = text.replace("|", "/")
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def format_report(report: Report) -> str:
+    dtype = str(report.serve_dtype).replace("torch.", "")
+    lines = [f"{report.path}: {report.format}; serving dtype {dtype}, tensor parallel size {report.tp}", "",
+             "| rule | verdict | first offending key (count) | source |", "|---|---|---|---|"]
+    for v in report.verdicts:
+        example = f"{v.violations[0]} ({len(v.violations)})" if v.violations else ""
+        lines.append(f"| {v.rule.id}: {_cell(v.rule.text, 90)} | {v.status} | {_cell(example)} | {v.rule.source} |")
+    passed = sum(1 for v in report.verdicts if not v.violations)
+    lines.append("")
+    if report.ok:
+        lines.append(f"all {passed} rules pass: loads on {', '.join(report.engines)}")
+    else:
+        lines.append(f"{len(report.verdicts) - passed} of {len(report.verdicts)} rules fail "
+                     f"({', '.join(report.failed())}): it will not load as it should")
+    return "\n".join(lines)
+
+
+__all__ = ["Report", "Rule", "SERVE_DTYPES", "Verdict", "check_checkpoint", "format_report", "refuse_unservable"]

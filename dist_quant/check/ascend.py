@@ -1,0 +1,512 @@
+"""vLLM Ascend's loader rules for msModelSlim's ascendv1 checkpoint of Qwen3-VL-MoE (``--quantization ascend``).
+
+Read from vllm-project/vllm-ascend main @ 182b75ea (``vllm_ascend/quantization/modelslim_config.py``,
+``methods/w8a8_static.py``, ``methods/w8a8_dynamic.py``, ``methods/w4a8.py``, ``method_adapters.py``) and
+vllm-project/vllm (``models/qwen3_vl.py``, ``qwen3_vl_moe.py``, ``qwen3_moe.py``, ``model_loader/weight_utils.py``,
+``default_loader.py``, ``fused_moe/routed_experts.py``); the decisive lines, the commits, and what each violation does
+at load are in docs/ascend-loader-rules.md (R1-R24) and docs/w4a8-loader-facts.md. What the model holds comes from
+config.json through the transformers modules (``models/qwen3_vl_moe.py``), never from the checkpoint's own tensors,
+and the parameters each method creates are written here from the loader's code, not from dist-quant's writer: this
+check also works on checkpoints msModelSlim wrote.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import torch
+
+from dist_quant.check import Rule, Verdict
+from dist_quant.check.folder import Folder
+
+FORMAT = "ascendv1 (msModelSlim) for vLLM Ascend"
+ENGINES = ["vLLM Ascend (--quantization ascend)"]
+DESCRIPTION = "quant_model_description.json"
+FIELDS = ("version", "model_quant_type", "metadata", "group_size", "optional")
+FEATURE_FIELDS = ("fa_quant_type", "indexer_quant_type", "kv_cache_type", "hc_head_fn", "ascend_quant_method")
+HIJACKING = ("quantization_config", "compression_config")
+MODEL_TYPE = "qwen3_vl_moe"
+# checkpoint key prefixes: the Hugging Face layout, and the vLLM names hf_to_vllm_mapper maps them to (vLLM maps the
+# description's keys the same way, so either form works; the checks below speak the HF form)
+VLLM_TO_HF = (("visual.", "model.visual."), ("language_model.model.", "model.language_model."),
+              ("language_model.lm_head.", "lm_head."))
+HF_PREFIXES = ("model.visual.", "model.language_model.", "lm_head.")
+FLOAT = "FLOAT"
+# (quant type, layer kind) pairs vLLM Ascend registers a method for (methods/registry.py); FLOAT needs none
+LINEAR_METHODS = ("W8A8", "W8A8_DYNAMIC", "W8A16")
+MOE_METHODS = ("W8A8_DYNAMIC", "W4A8_DYNAMIC", "W4A16")
+FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+W4A8_SCALE_BIAS_CHUNKS = 16  # down_proj.scale_bias [H, 16], split on dim 1 under TP (w4a8.py)
+
+_SRC_MS = "vllm-ascend modelslim_config.py"
+RULES = {r.id: r for r in (
+    Rule("R1", f"{DESCRIPTION} is at the top level and holds a JSON object",
+         f"{_SRC_MS} maybe_update_config"),
+    Rule("R2", "config.json has no quantization_config (top level or text_config) and no compression_config",
+         "vllm weight_utils.get_quant_config"),
+    Rule("R3", "the description's other fields are version/model_quant_type/metadata/group_size/optional only; "
+               "W4A8 needs version 1.0.0 and group_size 0", f"{_SRC_MS} _add_kvcache_quant_metadata; w4a8.py"),
+    Rule("R4", f"config.json model_type is {MODEL_TYPE} (it keys the fused-module table)",
+         f"{_SRC_MS} get_quant_method"),
+    Rule("R5", "tensors only in top-level *.safetensors: no model.safetensors.index.json, no consolidated*, "
+               "no key in two files", "vllm default_loader._prepare_weights"),
+    Rule("R6", "keys use model.visual. / model.language_model. / lm_head. (or vLLM's names)",
+         "vllm qwen3_vl.py hf_to_vllm_mapper"),
+    Rule("R7", "every layer vLLM builds has its .weight entry (experts: expert 0's)",
+         f"{_SRC_MS} get_linear_quant_type"),
+    Rule("R8", "each described type has a vLLM Ascend method for its layer kind",
+         "vllm-ascend methods/registry.py get_scheme_class"),
+    Rule("R9", "embed_tokens.weight and lm_head.weight are described, FLOAT", f"{_SRC_MS} get_quant_method"),
+    Rule("R10", "q/k/v (and a dense gate/up) of a layer share one type", f"{_SRC_MS} is_layer_skipped_ascend"),
+    Rule("R11", "every expert is described as expert 0 is (only expert 0 is read)",
+         f"{_SRC_MS} packed_modules_model_mapping"),
+    Rule("R12", "W8A8 deq_scale: float32 for bfloat16 serving, int64 for float16, none else; input_offset "
+                "integral in [-128, 127]", "vllm-ascend w8a8_static.py get_perchannel_param"),
+    Rule("R13", "q/k/v of a layer have bitwise equal input_scale and input_offset",
+         "vllm QKVParallelLinear.weight_loader"),
+    Rule("R17", "the tensor-parallel size divides every split dimension",
+         "vllm Column/RowParallelLinear, FusedMoE; w4a8.py"),
+    Rule("R18", "experts are per expert, experts.E.{gate,up,down}_proj, E < num_experts, every suffix "
+                "its method takes", "vllm routed_experts.build_expert_params_mapping"),
+    Rule("R20", "every tensor is taken by a parameter", "vllm AutoWeightsLoader._load_module"),
+    Rule("R21", "every parameter of every layer gets a tensor", "vllm default_loader.load_weights"),
+    Rule("R22", "dtypes are those of the parameters (int8 weights, int32 quant_bias, float scales)",
+         "param.copy_ (casts silently)"),
+    Rule("R23", "shapes are those of the parameters", "vllm linear weight_loader asserts"),
+    Rule("R24", "the description and the tensors agree key for key", "docs/FORMAT.md"),
+)}
+
+
+@dataclass(frozen=True)
+class Linear:
+    name: str
+    out: int
+    inp: int
+    bias: bool
+    expert: bool = False
+    split: str = "column"  # how TP splits it: column (out), row (in), replicated
+    proj: str = ""  # an expert's projection
+
+
+@dataclass(frozen=True)
+class Param:
+    dtypes: tuple[torch.dtype, ...]
+    shape: tuple[int, ...]
+    required: bool = True
+
+
+def hf_key(key: str) -> str:
+    for vllm, hf in VLLM_TO_HF:
+        if key.startswith(vllm):
+            return hf + key[len(vllm):]
+    return key
+
+
+def method_params(quant_type: str, linear: Linear, serve_dtype: torch.dtype) -> Optional[dict[str, Param]]:
+    """The parameters vLLM Ascend's method for ``quant_type`` creates for ``linear``, by checkpoint key suffix, with
+    the dtypes a checkpoint tensor may have (the loader casts float scales to the serving dtype by design) and the
+    unsharded shapes; None for a type whose parameters this check does not know."""
+    out, inp = linear.out, linear.inp
+    bias = {"bias": Param(FLOATS, (out,))} if linear.bias and not linear.expert else {}
+    if quant_type == FLOAT:
+        return {"weight": Param(FLOATS, (out, inp)), **bias}
+    if quant_type == "W8A8" and not linear.expert:  # w8a8_static.py: the bias is created, apply uses quant_bias
+        deq = (torch.float32,) if serve_dtype == torch.bfloat16 else (torch.int64,)
+        return {"weight": Param((torch.int8,), (out, inp)), "input_scale": Param(FLOATS, (1,)),
+                "input_offset": Param((*FLOATS, torch.int8), (1,)), "quant_bias": Param((torch.int32,), (out,)),
+                "deq_scale": Param(deq, (out,)), **{k: Param(p.dtypes, p.shape, False) for k, p in bias.items()}}
+    if quant_type == "W8A8_DYNAMIC":  # w8a8_dynamic.py get_weight, get_perchannel_param; experts: no bias param
+        return {"weight": Param((torch.int8,), (out, inp)), "weight_scale": Param(FLOATS, (out, 1)),
+                "weight_offset": Param(FLOATS, (out, 1)), **bias}
+    if quant_type == "W4A8_DYNAMIC" and linear.expert:  # w4a8.py, modelslim layout, per channel
+        chunks = W4A8_SCALE_BIAS_CHUNKS if linear.proj == "down_proj" else 1
+        f32 = (torch.float32,)
+        return {"weight": Param((torch.int8,), (out // 2, inp)), "weight_scale": Param(f32, (out, 1)),
+                "weight_offset": Param(f32, (out, 1)), "scale_bias": Param(f32, (out, chunks))}
+    return None
+
+
+class Model:
+    """What config.json says vLLM builds: every linear (experts per expert), every other parameter, the layers
+    looked up in the description and the fused groups."""
+
+    def __init__(self, config: dict):
+        from dist_quant.models import qwen3_vl_moe as family
+
+        self.family = family
+        self.config = family.load_config(config)
+        tc = self.config.text_config
+        shapes = family.expected_tensors(self.config)
+        names = dict(family.vision_linears(self.config))
+        for layer in range(tc.num_hidden_layers):
+            names.update(family.layer_linears(self.config, layer))
+        self.linears: dict[str, Linear] = {}
+        for name in names:
+            out, inp = shapes[f"{name}.weight"]
+            split = "row" if family.splits_input(name) else ("replicated" if name.endswith(".mlp.gate") else "column")
+            self.linears[name] = Linear(name, out, inp, f"{name}.bias" in shapes, split=split)
+        self.moe_layers = [i for i in range(tc.num_hidden_layers) if family.is_moe_layer(tc, i)]
+        self.num_experts = tc.num_experts
+        self.fused_expert_keys = {k for k, shape in shapes.items() if shape is None}
+        for layer in self.moe_layers:
+            for expert in range(tc.num_experts):
+                for proj, (out, inp) in zip(family.EXPERT_PROJS, family.expert_shapes(self.config)):
+                    name = family.expert_key(layer, expert, proj)
+                    self.linears[name] = Linear(name, out, inp, False, True, "row" if proj == "down_proj" else
+                                                "column", proj)
+        linear_keys = {f"{n}.{s}" for n in names for s in ("weight", "bias")}
+        self.floats = {k: s for k, s in shapes.items() if s is not None and k not in linear_keys}
+        self.embeddings = (family.EMBED_KEY, family.LM_HEAD_KEY)
+        self.groups: list[tuple[str, ...]] = []  # fused groups of non-expert linears
+        for layer in range(tc.num_hidden_layers):
+            prefix = family.layer_prefix(layer)
+            for group in family.FUSED_GROUPS:
+                members = tuple(f"{prefix}.{m}" for m in group)
+                if all(m in self.linears and not self.linears[m].expert for m in members):
+                    self.groups.append(members)
+
+    def expert0(self, layer: int) -> tuple[str, ...]:
+        return tuple(self.family.expert_key(layer, 0, p) for p in self.family.EXPERT_PROJS)
+
+    def lookups(self) -> list[tuple[str, str]]:
+        """(module, layer kind) of every layer vLLM Ascend looks up in the description: each non-expert linear
+        (a fused group shard by shard), the router, and expert 0's projections for each MoE layer."""
+        found = [(n, "linear") for n, lin in self.linears.items() if not lin.expert]
+        for layer in self.moe_layers:
+            router = f"{self.family.layer_prefix(layer)}.mlp.gate"
+            if router not in self.linears:  # transformers 5.x: a router module, not an nn.Linear
+                found.append((router, "linear"))
+            found += [(n, "moe") for n in self.expert0(layer)]
+        return found
+
+
+class Checker:
+    """The rules on one folder; each ``rule_*`` method returns its violations (or None: not applicable)."""
+
+    def __init__(self, folder: Folder, serve_dtype: torch.dtype, tp: int):
+        self.folder, self.serve_dtype, self.tp = folder, serve_dtype, tp
+        self.raw_description = folder.json(DESCRIPTION)
+        self.description = self.raw_description if isinstance(self.raw_description, dict) else None
+        self.entries: dict[str, str] = {}  # tensor entries of the description, HF keys
+        self.fields: dict[str, object] = {}  # the other top-level keys
+        self.bad_prefix: list[str] = []
+        for key, value in (self.description or {}).items():
+            if key in FIELDS or key in FEATURE_FIELDS or not (isinstance(value, str) and "." in key):
+                self.fields[key] = value
+            else:
+                self.entries[hf_key(key)] = value
+        self.tensors = {hf_key(k): info for k, info in folder.tensors.items()}
+        self.raw_tensor_key = {hf_key(k): k for k in folder.tensors}
+        self.model: Optional[Model] = None
+        self.model_error = ""
+        if folder.config is not None:
+            try:
+                self.model = Model({**folder.config, "model_type": MODEL_TYPE})  # R4 reports another type
+            except Exception as error:  # a config transformers cannot build: reported, not raised
+                self.model_error = str(error)
+        self.group_ok: dict[str, bool] = {}  # linear -> its fused group shares one type (R10)
+        self.types: dict[str, Optional[str]] = {}  # linear -> the type its layer is loaded with
+
+    # --- the type vLLM loads each linear with --------------------------------------------------------------------
+
+    def resolve_types(self) -> None:
+        model = self.model
+        for name, linear in model.linears.items():
+            if not linear.expert:
+                self.types[name] = self.entries.get(f"{name}.weight")
+        for group in model.groups:
+            kinds = {self.entries.get(f"{m}.weight") for m in group}
+            for m in group:
+                self.group_ok[m] = len(kinds) == 1
+                if len(kinds) != 1:
+                    self.types[m] = None
+        for layer in model.moe_layers:
+            zero = [self.entries.get(f"{m}.weight") for m in model.expert0(layer)]
+            layer_type = zero[0] if len(set(zero)) == 1 else None
+            for expert in range(model.num_experts):
+                for proj in model.family.EXPERT_PROJS:
+                    self.types[model.family.expert_key(layer, expert, proj)] = layer_type
+
+    def known_params(self, name: str) -> Optional[dict[str, Param]]:
+        quant_type = self.types.get(name)
+        if quant_type is None:
+            return None
+        linear = self.model.linears[name]
+        if quant_type != FLOAT and quant_type not in (MOE_METHODS if linear.expert else LINEAR_METHODS):
+            return None  # R8 reports it
+        return method_params(quant_type, linear, self.serve_dtype)
+
+    # --- rules ---------------------------------------------------------------------------------------------------
+
+    def rule_R1(self):
+        if self.raw_description is None:
+            return [f"{DESCRIPTION} is missing" + (f" or unreadable ({self.folder.problems[DESCRIPTION]})"
+                                                   if DESCRIPTION in self.folder.problems else "")]
+        return [] if self.description is not None else [f"{DESCRIPTION} does not hold a JSON object"]
+
+    def rule_R2(self):
+        config = self.folder.config
+        if config is None:
+            return ["config.json is missing or unreadable"]
+        found = [k for k in HIJACKING if k in config]
+        text = config.get("text_config")
+        found += [f"text_config.{k}" for k in HIJACKING if isinstance(text, dict) and k in text]
+        return [f"config.json has {k}" for k in found]
+
+    def rule_R3(self):
+        if self.description is None:
+            return None
+        bad = [f"{k}: {self.fields[k]!r} switches on a feature" for k in self.fields if k in FEATURE_FIELDS]
+        bad += [f"{k}: an unknown field" for k in self.fields if k not in FIELDS and k not in FEATURE_FIELDS]
+        if "W4A8_DYNAMIC" in self.entries.values():
+            if self.fields.get("version") != "1.0.0":
+                bad.append(f"version is {self.fields.get('version')!r}: W4A8 needs \"1.0.0\" (the packed layout)")
+            if self.fields.get("group_size", 0) != 0:
+                bad.append(f"group_size is {self.fields.get('group_size')!r}: main refuses per-group W4A8 (0)")
+        return bad
+
+    def rule_R4(self):
+        if self.folder.config is None:
+            return None
+        model_type = self.folder.config.get("model_type")
+        return [] if model_type == MODEL_TYPE else [f"model_type is {model_type!r}"]
+
+    def rule_R5(self):
+        files = self.folder.files
+        bad = [f"{n} exists: vLLM loads only the files it lists" for n in files if n == "model.safetensors.index.json"]
+        bad += [f"{n}: vLLM then loads the Mistral format" for n in files if re.match(r"consolidated.*\.safetensors", n)]
+        bad += [f"{k} is in {', '.join(v)}" for k, v in self.folder.duplicates.items()]
+        bad += [f"{n} is unreadable ({why})" for n, why in self.folder.unreadable.items()]
+        if not self.folder.tensors:
+            bad.append("no top-level *.safetensors file holds a tensor")
+        return bad
+
+    def rule_R6(self):
+        keys = list(self.tensors) + list(self.entries)
+        self.bad_prefix = [k for k in dict.fromkeys(keys) if not k.startswith(HF_PREFIXES)]
+        return [f"{self.raw_tensor_key.get(k, k)}" for k in self.bad_prefix]
+
+    def rule_R7(self):
+        if self.model is None or self.description is None:
+            return None
+        return [f"{n}.weight (a {kind} layer)" for n, kind in self.model.lookups()
+                if f"{n}.weight" not in self.entries and f"{n}.weight" not in self.model.embeddings]
+
+    def rule_R8(self):
+        if self.model is None or self.description is None:
+            return None
+        bad = []
+        for name, kind in self.model.lookups():
+            quant_type = self.entries.get(f"{name}.weight")
+            methods = MOE_METHODS if kind == "moe" else LINEAR_METHODS
+            if quant_type is not None and quant_type != FLOAT and quant_type not in methods:
+                bad.append(f"{name}.weight: {quant_type} (no {kind} method)")
+        return bad
+
+    def rule_R9(self):
+        if self.model is None or self.description is None:
+            return None
+        return [f"{k}: {self.entries.get(k, 'no entry')}" for k in self.model.embeddings
+                if self.entries.get(k) != FLOAT]
+
+    def rule_R10(self):
+        if self.model is None or self.description is None:
+            return None
+        bad = []
+        for group in self.model.groups:
+            kinds = {m: self.entries.get(f"{m}.weight") for m in group}
+            if len(set(kinds.values())) > 1 and None not in kinds.values():
+                bad.append(", ".join(f"{m.rsplit('.', 1)[-1]} {t}" for m, t in kinds.items()) + f" in {group[0]}")
+        return bad
+
+    def rule_R11(self):
+        if self.model is None or self.description is None or not self.model.moe_layers:
+            return None
+        bad = []
+        for key, quant_type in self.entries.items():
+            match = re.match(r"(.*\.mlp\.experts)\.(\d+)\.(\w+)\.", key)
+            if match and match.group(2) != "0":
+                zero = self.entries.get(f"{match.group(1)}.0.{match.group(3)}.weight")
+                if zero is not None and quant_type != zero:
+                    bad.append(f"{key}: {quant_type}, expert 0: {zero}")
+        return bad
+
+    def rule_R12(self):
+        if self.model is None:
+            return None
+        w8a8 = [n for n, t in self.types.items() if t == "W8A8" and not self.model.linears[n].expert]
+        if not w8a8:
+            return None
+        if self.serve_dtype not in (torch.bfloat16, torch.float16):
+            return [f"{w8a8[0]}: static W8A8 creates no deq_scale when serving in {self.serve_dtype} (bfloat16 or "
+                    "float16 only)"]
+        want = torch.float32 if self.serve_dtype == torch.bfloat16 else torch.int64
+        bad = []
+        for name in w8a8:
+            info = self.tensors.get(f"{name}.deq_scale")
+            if info is not None and info.dtype != want:
+                bad.append(f"{name}.deq_scale is {info.dtype}, the parameter {want} (silently wrong values)")
+            offset = self.tensors.get(f"{name}.input_offset")
+            if offset is not None and offset.shape == (1,):
+                value = float(self.folder.value(self.raw_tensor_key[f"{name}.input_offset"]).double())
+                if value != round(value) or not -128 <= value <= 127:
+                    bad.append(f"{name}.input_offset is {value}: the parameter is int8")
+        return bad
+
+    def rule_R13(self):
+        if self.model is None:
+            return None
+        bad, seen = [], False
+        for group in self.model.groups:
+            if not all(self.types.get(m) == "W8A8" for m in group):
+                continue
+            seen = True
+            for role in ("input_scale", "input_offset"):
+                keys = [self.raw_tensor_key.get(f"{m}.{role}") for m in group]
+                if None in keys:
+                    continue
+                values = [self.folder.value(k) for k in keys]
+                if not all(v.dtype == values[0].dtype and torch.equal(v, values[0]) for v in values):
+                    bad.append(f"{group[0]}.{role}: {[v.flatten().tolist() for v in values]}")
+        return bad if seen else None
+
+    def rule_R17(self):
+        if self.model is None:
+            return None
+        tp, cfg = self.tp, self.model.config
+        bad = []
+        heads, kv = cfg.text_config.num_attention_heads, cfg.text_config.num_key_value_heads
+        if heads % tp:
+            bad.append(f"text num_attention_heads {heads}")
+        if kv % tp and tp % kv:
+            bad.append(f"text num_key_value_heads {kv} (neither divides the other)")
+        if cfg.vision_config.num_heads % tp:
+            bad.append(f"vision num_heads {cfg.vision_config.num_heads}")
+        for name, lin in self.model.linears.items():
+            if lin.expert and not name.split(".experts.")[1].startswith("0."):
+                continue  # every expert has expert 0's shapes
+            if lin.split == "column" and lin.out % tp or lin.split == "row" and lin.inp % tp:
+                bad.append(f"{name} [{lin.out}, {lin.inp}] ({lin.split}-parallel)")
+            if lin.expert and self.types.get(name) == "W4A8_DYNAMIC":
+                if W4A8_SCALE_BIAS_CHUNKS % tp and lin.proj == "down_proj":
+                    bad.append(f"{name}.scale_bias [{lin.out}, 16]: 16 chunks")
+                if lin.proj == "gate_proj" and (lin.out // tp) % 2:
+                    bad.append(f"{name}: {lin.out}/{tp} rows per rank, packed two per byte")
+        return bad
+
+    def rule_R18(self):
+        if self.model is None or not self.model.moe_layers:
+            return None
+        model, bad = self.model, []
+        for key in self.tensors:
+            match = re.match(r".*\.mlp\.experts\.(\d+)\.", key)
+            if match and int(match.group(1)) >= model.num_experts:
+                bad.append(f"{key}: expert {match.group(1)} of {model.num_experts}")
+            if key in model.fused_expert_keys and self.types.get(self._expert_of_fused(key)) != FLOAT:
+                bad.append(f"{key}: a fused 3-D expert tensor, loaded only for float experts")
+        for name, lin in model.linears.items():
+            params = self.known_params(name) if lin.expert else None
+            if params is None:
+                continue
+            have = {k[len(name) + 1:] for k in self._keys_under(name)}
+            bad += [f"{name}.{s} is missing" for s in params if params[s].required and s not in have]
+            bad += [f"{name}.{s}: no {self.types[name]} parameter takes it" for s in sorted(have - set(params))]
+        return bad
+
+    def rule_R20(self):
+        if self.model is None:
+            return None
+        bad = []
+        known = set(self.model.floats)
+        for key in self.tensors:
+            if key in known or key in self.bad_prefix or ".mlp.experts." in key:
+                continue
+            name, _, suffix = key.rpartition(".")
+            if name in self.model.linears:
+                params = self.known_params(name)
+                if params is None or suffix in params:
+                    continue
+                bad.append(f"{key}: no {self.types[name]} parameter takes it")
+            else:
+                bad.append(f"{key}: the model has no such parameter")
+        return bad
+
+    def rule_R21(self):
+        if self.model is None:
+            return None
+        bad = [f"{k} is missing" for k in self.model.floats if k not in self.tensors]
+        for name, lin in self.model.linears.items():
+            params = None if lin.expert else self.known_params(name)
+            for suffix, param in (params or {}).items():
+                if param.required and f"{name}.{suffix}" not in self.tensors:
+                    bad.append(f"{name}.{suffix} is missing")
+        return bad
+
+    def _expected(self) -> Iterable[tuple[str, Param]]:
+        """(HF key, parameter) of every present tensor whose parameter is known."""
+        for key, shape in self.model.floats.items():
+            if key in self.tensors:
+                yield key, Param(FLOATS, shape)
+        for name in self.model.linears:
+            for suffix, param in (self.known_params(name) or {}).items():
+                if f"{name}.{suffix}" in self.tensors:
+                    yield f"{name}.{suffix}", param
+
+    def rule_R22(self):
+        if self.model is None:
+            return None
+        return [f"{key} is {self.tensors[key].dtype}, the parameter {'/'.join(str(d) for d in param.dtypes)}"
+                for key, param in self._expected()
+                if not key.endswith(".deq_scale") and self.tensors[key].dtype not in param.dtypes]
+
+    def rule_R23(self):
+        if self.model is None:
+            return None
+        return [f"{key} is {list(self.tensors[key].shape)}, the parameter {list(param.shape)}"
+                for key, param in self._expected() if self.tensors[key].shape != param.shape]
+
+    def rule_R24(self):
+        if self.description is None:
+            return None
+        looked_up = set()
+        if self.model is not None:
+            looked_up = {f"{n}.weight" for n, _ in self.model.lookups()} | set(self.model.embeddings)
+        bad = [f"{k}: a tensor without a description entry" for k in self.tensors
+               if k not in self.entries and k not in looked_up and k not in self.bad_prefix]
+        bad += [f"{k}: an entry without a tensor" for k in self.entries
+                if k not in self.tensors and k not in self.bad_prefix]
+        return bad
+
+    # --- helpers -------------------------------------------------------------------------------------------------
+
+    def _keys_under(self, name: str) -> list[str]:
+        if not hasattr(self, "_by_linear"):
+            self._by_linear: dict[str, list[str]] = {}
+            for key in self.tensors:
+                self._by_linear.setdefault(key.rpartition(".")[0], []).append(key)
+        return self._by_linear.get(name, [])
+
+    def _expert_of_fused(self, key: str) -> str:
+        layer = int(re.search(r"\.layers\.(\d+)\.", key).group(1))
+        return self.model.expert0(layer)[0]
+
+    def run(self) -> list[Verdict]:
+        if self.model is not None:
+            self.resolve_types()
+        verdicts = []
+        for rule_id, rule in RULES.items():
+            violations = getattr(self, f"rule_{rule_id}")()
+            verdicts.append(Verdict(rule, list(violations or []), violations is not None))
+        if self.model is None and self.folder.config is not None:
+            verdicts[RULES_ORDER.index("R4")].violations.append(f"config.json does not describe a model transformers "
+                                                                f"can build ({self.model_error[:200]})")
+        return verdicts
+
+
+RULES_ORDER = list(RULES)
+
+
+def check(folder: Folder, serve_dtype: torch.dtype, tp: int) -> list[Verdict]:
+    return Checker(folder, serve_dtype, tp).run()
