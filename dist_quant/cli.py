@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import shlex
 import signal
@@ -10,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from dist_quant.checkpoint.formats import SAVE_FORMATS
 from dist_quant.errors import DistQuantError
 from dist_quant.presets import MODEL_TYPES, QUANT_TYPES, find_preset, format_presets
 from dist_quant.recipe import DEFAULT_RECIPE, load_recipe
@@ -74,6 +76,10 @@ def _quant_parser(sub) -> None:
     p.add_argument("--dataset", default=None,
                    help="calibration images: an index.json[l], an image folder, or a folder with one json[l]; "
                         "overrides the recipe's dataset")
+    p.add_argument("--save_format", default=None, choices=sorted(SAVE_FORMATS),
+                   help="the checkpoint format, overriding the recipe's save: type: ascendv1 (msModelSlim's, for "
+                        "vLLM Ascend and MindIE) or compressed-tensors (for vLLM on GPUs; vLLM Ascend too when "
+                        "every activation is symmetric)")
     p.add_argument("--trust_remote_code", type=_bool, default=False, help="True to allow the model dir's own code")
     p.add_argument("--overwrite", action="store_true", help="replace the content of a non-empty save_path")
     p.add_argument("--resume", action="store_true",
@@ -233,6 +239,8 @@ def _human_bytes(n: int) -> str:
 
 def _cmd_quant(args) -> int:
     recipe = load_recipe(args.config_path or find_preset(args.model_type, args.quant_type).recipe)
+    if args.save_format is not None:
+        recipe = dataclasses.replace(recipe, saver=SAVE_FORMATS[args.save_format])
     common = dict(dataset=args.dataset, device=args.device, overwrite=args.overwrite, progress=not args.quiet,
                   trust_remote_code=args.trust_remote_code, expert_group_size=args.expert_group_size,
                   resume=args.resume, compute_threads=args.compute_threads, max_sample_tokens=args.max_sample_tokens)

@@ -24,6 +24,7 @@ class Rule:
     id: str
     text: str  # the rule, as a statement about the checkpoint
     source: str  # where the loader does it: repository, file, function (docs/ascend-loader-rules.md has the lines)
+    engine: str = ""  # a rule of one engine only: failing it leaves the others (empty: a rule of every engine)
 
 
 @dataclass
@@ -48,7 +49,8 @@ class Report:
 
     @property
     def ok(self) -> bool:
-        return not any(v.violations for v in self.verdicts)
+        """No rule of every engine fails and some engine loads it."""
+        return not any(v.violations for v in self.verdicts if not v.rule.engine) and bool(self.engines)
 
     def failed(self) -> list[str]:
         return [v.rule.id for v in self.verdicts if v.violations]
@@ -64,15 +66,15 @@ def default_serve_dtype(folder: Folder) -> torch.dtype:
 
 def check_checkpoint(path: str | Path, serve_dtype: Optional[torch.dtype] = None, tp: int = 1) -> Report:
     """Every rule of the checkpoint's format on the folder ``path``."""
-    from dist_quant.check import ascend
+    from dist_quant.check import ascend, compressed_tensors
 
     if tp < 1:
         raise ValueError(f"tensor parallel size must be >= 1, got {tp}")
     folder = read_folder(path)
     dtype = serve_dtype if serve_dtype is not None else default_serve_dtype(folder)
-    verdicts = ascend.check(folder, dtype, tp)
-    engines = ascend.ENGINES if not any(v.violations for v in verdicts) else []
-    return Report(Path(path), ascend.FORMAT, dtype, tp, verdicts, engines)
+    rules = compressed_tensors if compressed_tensors.applies(folder) else ascend
+    verdicts, engines = rules.check(folder, dtype, tp)
+    return Report(Path(path), rules.FORMAT, dtype, tp, verdicts, engines)
 
 
 def refuse_unservable(path: str | Path) -> str:
@@ -85,7 +87,8 @@ def refuse_unservable(path: str | Path) -> str:
     if not report.ok:
         raise OutputError("the finished checkpoint breaks its serving engine's loader rules, so it was not published "
                           "(a dist-quant bug: please report it with quant_run.log):\n" + format_report(report))
-    return f"check: all {len(report.verdicts)} rules of {report.format} pass"
+    return f"check: {report.format}: loads on {', '.join(report.engines)} ({', '.join(report.failed()) or 'every rule'}" \
+           f"{' keeps it from the others' if report.failed() else ' passes'})"
 
 
 def _cell(text: str, width: int = 110) -> str:
@@ -99,11 +102,15 @@ def format_report(report: Report) -> str:
              "| rule | verdict | first offending key (count) | source |", "|---|---|---|---|"]
     for v in report.verdicts:
         example = f"{v.violations[0]} ({len(v.violations)})" if v.violations else ""
-        lines.append(f"| {v.rule.id}: {_cell(v.rule.text, 90)} | {v.status} | {_cell(example)} | {v.rule.source} |")
+        status = f"{v.status} ({v.rule.engine} only)" if v.violations and v.rule.engine else v.status
+        lines.append(f"| {v.rule.id}: {_cell(v.rule.text, 90)} | {status} | {_cell(example)} | {v.rule.source} |")
     passed = sum(1 for v in report.verdicts if not v.violations)
     lines.append("")
-    if report.ok:
+    if not report.failed():
         lines.append(f"all {passed} rules pass: loads on {', '.join(report.engines)}")
+    elif report.ok:
+        lines.append(f"loads on {', '.join(report.engines)}; the engine rules {', '.join(report.failed())} "
+                     "keep it from the others")
     else:
         lines.append(f"{len(report.verdicts) - passed} of {len(report.verdicts)} rules fail "
                      f"({', '.join(report.failed())}): it will not load as it should")

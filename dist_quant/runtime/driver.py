@@ -144,7 +144,8 @@ def quantize(model_path: str, save_path: str, recipe: Recipe, executor: Executor
     def inputs_and_fingerprint():
         inputs = build_model_inputs(model_path, samples, trust_remote_code=trust_remote_code,
                                     max_tokens=max_sample_tokens)
-        return inputs, fingerprint(model_path, recipe.path, inputs, expert_group_size, compute_threads, device)
+        return inputs, fingerprint(model_path, recipe.path, inputs, expert_group_size, compute_threads, device,
+                                   recipe.saver)
 
     try:
         failpoints.reach("startup")

@@ -71,7 +71,7 @@ def weights_fingerprint(model: Path) -> str:
 
 
 def fingerprint(model_path: str | Path, recipe_path: Path, inputs: list[ModelInputs], expert_group_size: int,
-                compute_threads: int, device: str) -> dict:
+                compute_threads: int, device: str, saver: str = "ascendv1_saver") -> dict:
     """What must not change between an interrupted run and its resumption: anything that changes a bit of the
     checkpoint (the thread count does: float reductions round differently with other splits)."""
     model = Path(model_path)
@@ -79,6 +79,7 @@ def fingerprint(model_path: str | Path, recipe_path: Path, inputs: list[ModelInp
     return {
         "model": _sha256((model / "config.json").read_bytes(), weights_fingerprint(model).encode()),
         "recipe": _sha256(recipe_path.read_bytes()),
+        "format": saver,  # the recipe's save type, or --save_format's
         "calibration": _sha256(*(t.contiguous().numpy().tobytes() for t in tensors)),
         "expert_group_size": expert_group_size,
         "compute_threads": compute_threads,

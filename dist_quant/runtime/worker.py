@@ -48,10 +48,12 @@ def stream_rotation(recipe: Recipe, config) -> Optional[quarot.BlockRotation]:
 
 
 def export_rotation(writer, recipe: Recipe, config) -> None:
-    """QuaRot's rotation goes to the format's side file and the description points to it (docs/FORMAT.md)."""
+    """QuaRot's rotation goes to the format's side file, when it has one, and the description points to it
+    (docs/FORMAT.md)."""
     rotation = stream_rotation(recipe, config)
-    if rotation is not None:
-        path, tensors, optional = writer.output_format.rotation_file(rotation.dense())
+    side = writer.output_format.rotation_file(rotation.dense()) if rotation is not None else None
+    if side is not None:
+        path, tensors, optional = side
         writer.add_optional(path, tensors)
         writer.set_optional_description(optional)
 

@@ -12,7 +12,9 @@ from types import ModuleType
 
 from dist_quant.errors import RecipeError
 
-SAVERS = {"ascendv1_saver": "dist_quant.checkpoint.formats.ascendv1"}  # a recipe's ``save: - type:`` -> module
+SAVERS = {"ascendv1_saver": "dist_quant.checkpoint.formats.ascendv1",  # a recipe's ``save: - type:`` -> module
+          "compressed_tensors": "dist_quant.checkpoint.formats.compressed_tensors"}
+SAVE_FORMATS = {"ascendv1": "ascendv1_saver", "compressed-tensors": "compressed_tensors"}  # --save_format -> saver
 
 
 def for_saver(saver: str) -> ModuleType:

@@ -1,0 +1,319 @@
+"""vLLM's and vLLM Ascend's loader rules for a compressed-tensors checkpoint of Qwen3-VL-MoE.
+
+Read from vllm-project/vllm (``model_executor/layers/quantization/compressed_tensors/compressed_tensors.py``
+``_get_scheme_from_parts``, ``schemes/compressed_tensors_w8a8_int8.py``, ``compressed_tensors_moe*.py``
+``get_moe_method``, ``models/qwen3_vl_moe.py`` ``load_weights``), vllm-project/vllm-ascend
+(``quantization/compressed_tensors_config.py`` ``_detect_quant_type``, ``methods/w4a8.py``) and the
+compressed-tensors library 0.20.1 (``QuantizationArgs``, ``utils/match.py``); docs/compressed-tensors-facts.md has
+the lines and the commits. Rules C1-C9 hold for every engine; V1 is vLLM's scheme selection, A1 vLLM Ascend's: a
+checkpoint that fails one of those two still loads on the other engine.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+import torch
+
+from dist_quant.check import Rule, Verdict
+from dist_quant.check.folder import Folder
+from dist_quant.check.model import Linear, Model
+
+FORMAT = "compressed-tensors for vLLM"
+QUANT_METHOD = "compressed-tensors"
+INDEX = "model.safetensors.index.json"
+ARG_KEYS = {"num_bits", "type", "symmetric", "group_size", "strategy", "dynamic"}  # older libraries refuse others
+INPUT_STRATEGIES = ("token", "tensor", "group", "tensor_group", "attn_head")  # QuantizationScheme
+TENSOR_FORMATS = ("int-quantized", "naive-quantized")  # the formats whose tensors this check knows
+FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+VLLM, VLLM_CPU, ASCEND = "vLLM (GPU)", "vLLM (CPU: its W4A8 MoE method runs only there)", "vLLM Ascend"
+
+_SRC_CT = "vllm compressed_tensors.py"
+RULES = {r.id: r for r in (
+    Rule("C1", "config.json has a compressed-tensors quantization_config (quant_method, status compressed, a "
+               "format per group)", "vllm weight_utils.get_quant_config; " + _SRC_CT),
+    Rule("C2", "no quant_model_description.json (vLLM Ascend would load it as ascendv1) and no compression_config",
+         "vllm-ascend quantization/utils.py maybe_auto_detect_quantization"),
+    Rule("C3", "each group's weights and input_activations hold the six QuantizationArgs keys, with valid "
+               "strategies", "compressed-tensors QuantizationArgs (extra forbid)"),
+    Rule("C4", "every linear vLLM builds matches a group's targets or the ignore list",
+         f"{_SRC_CT} find_matched_target"),
+    Rule("C5", "q/k/v, a dense gate/up and a layer's experts share one group",
+         f"{_SRC_CT} _match_fused_layer; compressed_tensors_moe get_moe_method"),
+    Rule("C6", "each quantized linear has exactly its scheme's tensors: int8 weight [out, in], weight_scale "
+               "[out, 1], static input_scale [1] (+ int8 input_zero_point if asymmetric)",
+         "vllm compressed_tensors_w8a8_int8.py create_weights"),
+    Rule("C7", "experts are per expert, 2-D, E < num_experts (quantized fused 3-D keys map to no parameter)",
+         "vllm qwen3_vl_moe.py load_weights"),
+    Rule("C8", "every other parameter has its tensor with the model's shape, and no tensor is unknown",
+         "vllm AutoWeightsLoader"),
+    Rule("C9", "model.safetensors.index.json lists every tensor in the file that holds it",
+         "vllm default_loader filter_duplicate_safetensors_files"),
+    Rule("V1", "every group is a scheme vLLM has for its layers (experts: W8A8 channel weights with dynamic "
+               "per-token input; W4A8 int experts on CPU only)", f"{_SRC_CT} _get_scheme_from_parts; "
+                                                                "compressed_tensors_moe get_moe_method", VLLM),
+    Rule("A1", "every group is a vLLM Ascend type: symmetric weights and inputs, channel weights (W8A8 static "
+               "linears, W8A8_DYNAMIC, W4A8_DYNAMIC experts)", "vllm-ascend compressed_tensors_config.py "
+                                                             "_detect_quant_type", ASCEND),
+)}
+
+
+def applies(folder: Folder) -> bool:
+    """A folder whose config.json says compressed-tensors."""
+    config = (folder.config or {}).get("quantization_config")
+    return isinstance(config, dict) and config.get("quant_method") == QUANT_METHOD
+
+
+def target_matches(target: str, module: str) -> bool:
+    """compressed-tensors' rule: ``re:`` + a regex matched from the start of the name, or the exact name."""
+    return bool(re.match(target[3:], module)) if target.startswith("re:") else target == module
+
+
+def vllm_scheme(weights: dict, inputs: Optional[dict], expert: bool) -> Optional[str]:
+    """The vLLM scheme for a linear (or an expert) of this group's arguments, None if vLLM has none."""
+    if inputs is None or weights.get("type") != "int" or inputs.get("type") != "int" or not weights.get("symmetric"):
+        return None
+    w_bits, a_bits = weights.get("num_bits"), inputs.get("num_bits")
+    static_tensor = inputs.get("strategy") == "tensor" and not inputs.get("dynamic")
+    dynamic_token = inputs.get("strategy") == "token" and inputs.get("dynamic")
+    if expert:
+        if w_bits == a_bits == 8 and weights.get("strategy") == "channel" and dynamic_token:
+            return "CompressedTensorsW8A8Int8MoEMethod"
+        if w_bits == 4 and a_bits == 8 and dynamic_token and weights.get("strategy") in ("channel", "group"):
+            return "CompressedTensorsW4A8Int8MoEMethod"
+        return None
+    if w_bits == a_bits == 8 and weights.get("strategy") in ("tensor", "channel") and (static_tensor or dynamic_token):
+        return "CompressedTensorsW8A8Int8"
+    if w_bits == 4 and a_bits == 8 and dynamic_token and weights.get("strategy") in ("channel", "group"):
+        return "CompressedTensorsW4A8Int"
+    return None
+
+
+def ascend_type(weights: dict, inputs: Optional[dict], expert: bool) -> Optional[str]:
+    """vLLM Ascend's quant type for a layer of this group's arguments, None if it has none."""
+    if inputs is None or not (weights.get("symmetric") and inputs.get("symmetric")):
+        return None
+    if weights.get("strategy") not in ("channel",) + (("group",) if weights.get("num_bits") == 4 else ()):
+        return None
+    w_bits, a_bits = weights.get("num_bits"), inputs.get("num_bits")
+    if w_bits == a_bits == 8 and inputs.get("strategy") == "tensor" and not inputs.get("dynamic"):
+        return None if expert else "W8A8"
+    if w_bits == a_bits == 8 and inputs.get("strategy") == "token" and inputs.get("dynamic"):
+        return "W8A8_DYNAMIC"
+    if w_bits == 4 and a_bits == 8 and inputs.get("strategy") == "token" and inputs.get("dynamic"):
+        return "W4A8_DYNAMIC" if expert else None
+    return None
+
+
+def scheme_tensors(linear: Linear, weights: dict, inputs: Optional[dict]) -> dict[str, tuple[tuple, tuple]]:
+    """{suffix: (dtypes, shape)} an int-quantized linear of these arguments is stored with."""
+    out, inp = linear.out, linear.inp
+    tensors = {"weight": ((torch.int8,), (out, inp)), "weight_scale": (FLOATS, (out, 1))}
+    if not weights.get("symmetric"):
+        tensors["weight_zero_point"] = ((torch.int8,), (out, 1))
+    if inputs is not None and not inputs.get("dynamic"):
+        tensors["input_scale"] = (FLOATS, (1,))
+        if not inputs.get("symmetric"):
+            tensors["input_zero_point"] = ((torch.int8,), (1,))
+    if linear.bias:
+        tensors["bias"] = (FLOATS, (out,))
+    return tensors
+
+
+class Checker:
+    def __init__(self, folder: Folder):
+        self.folder = folder
+        self.qc = folder.config.get("quantization_config", {})
+        groups = self.qc.get("config_groups")
+        self.groups = groups if isinstance(groups, dict) else {}
+        self.ignore = [i for i in self.qc.get("ignore", []) if isinstance(i, str)]
+        self.model: Optional[Model] = None
+        try:
+            self.model = Model(folder.config)
+        except Exception:  # noqa: BLE001 (a config transformers cannot build: C8 says so)
+            pass
+        self.group_of: dict[str, Optional[str]] = {}  # linear -> its group (None: ignored or unmatched)
+        self.unmatched: list[str] = []
+        if self.model is not None:
+            for name in self.model.linears:
+                group = next((g for g, body in self.groups.items() if isinstance(body, dict) and any(
+                    target_matches(t, name) for t in body.get("targets", []) if isinstance(t, str))), None)
+                self.group_of[name] = group
+                if group is None and not any(target_matches(i, name) or name.startswith(i + ".") for i in self.ignore):
+                    self.unmatched.append(name)
+
+    def args(self, group: str) -> tuple[dict, Optional[dict]]:
+        body = self.groups[group]
+        return body.get("weights") or {}, body.get("input_activations")
+
+    def rule_C1(self):
+        qc, bad = self.qc, []
+        if qc.get("quantization_status") != "compressed":
+            bad.append(f"quantization_status is {qc.get('quantization_status')!r}, not 'compressed'")
+        if not self.groups:
+            bad.append("config_groups is empty or missing")
+        for name, body in self.groups.items():
+            if not isinstance(body, dict) or not body.get("format"):
+                bad.append(f"group {name} has no format of its own (vLLM Ascend then drops its input activations)")
+        return bad
+
+    def rule_C2(self):
+        bad = [n for n in self.folder.files if n == "quant_model_description.json"]
+        text = self.folder.config.get("text_config")
+        bad += [f"config.json has {k}" for k in ("compression_config",) if k in self.folder.config]
+        bad += [f"text_config.{k}" for k in ("quantization_config", "compression_config")
+                if isinstance(text, dict) and k in text]
+        return bad
+
+    def rule_C3(self):
+        bad = []
+        for name, body in self.groups.items():
+            for side in ("weights", "input_activations"):
+                args = body.get(side) if isinstance(body, dict) else None
+                if args is None:
+                    continue
+                if set(args) != ARG_KEYS:
+                    bad.append(f"{name}.{side} keys {sorted(args)}")
+                elif side == "input_activations" and args.get("strategy") not in INPUT_STRATEGIES:
+                    bad.append(f"{name}.{side}.strategy {args.get('strategy')!r}")
+                elif args.get("strategy") == "token" and not args.get("dynamic"):
+                    bad.append(f"{name}.{side}: strategy token needs dynamic true")
+        return bad
+
+    def rule_C4(self):
+        return None if self.model is None else [f"{n}: no target, not ignored" for n in self.unmatched]
+
+    def rule_C5(self):
+        if self.model is None:
+            return None
+        bad = []
+        for group in self.model.groups:
+            if len({self.group_of[m] for m in group}) > 1:
+                bad.append(f"{group[0]}: " + ", ".join(f"{m.rsplit('.', 1)[-1]} {self.group_of[m]}" for m in group))
+        for layer in self.model.moe_layers:
+            zero = self.group_of[self.model.expert0(layer)[0]]
+            others = [n for n, lin in self.model.linears.items() if lin.expert and self._layer(n) == layer
+                      and self.group_of[n] != zero]
+            if others:
+                bad.append(f"{others[0]}: {self.group_of[others[0]]}, expert 0: {zero}")
+        return bad
+
+    def _layer(self, name: str) -> int:
+        return int(re.search(r"\.layers\.(\d+)\.", name).group(1))
+
+    def _expected(self, name: str) -> Optional[dict]:
+        group = self.group_of.get(name)
+        linear = self.model.linears[name]
+        if group is None:
+            tensors = {"weight": (FLOATS, (linear.out, linear.inp))}
+            return {**tensors, "bias": (FLOATS, (linear.out,))} if linear.bias else tensors
+        if self.groups[group].get("format") not in TENSOR_FORMATS:
+            return None  # a format whose tensors this check does not know
+        return scheme_tensors(linear, *self.args(group))
+
+    def _tensors_under(self) -> dict[str, list[str]]:
+        under: dict[str, list[str]] = {}
+        for key in self.folder.tensors:
+            under.setdefault(key.rpartition(".")[0], []).append(key.rpartition(".")[2])
+        return under
+
+    def _tensor_violations(self, experts: bool) -> list[str]:
+        under, bad = self._tensors_under(), []
+        for name, linear in self.model.linears.items():
+            if linear.expert != experts:
+                continue
+            expected = self._expected(name)
+            if expected is None:
+                continue
+            have = set(under.get(name, []))
+            bad += [f"{name}.{s} is missing" for s in expected if s not in have]
+            bad += [f"{name}.{s}: its scheme has no such tensor" for s in sorted(have - set(expected))]
+            for suffix in have & set(expected):
+                info, (dtypes, shape) = self.folder.tensors[f"{name}.{suffix}"], expected[suffix]
+                if info.dtype not in dtypes or info.shape != shape:
+                    bad.append(f"{name}.{suffix} is {info.dtype} {list(info.shape)}, expected "
+                               f"{'/'.join(str(d) for d in dtypes)} {list(shape)}")
+        return bad
+
+    def rule_C6(self):
+        return None if self.model is None else self._tensor_violations(experts=False)
+
+    def rule_C7(self):
+        if self.model is None or not self.model.moe_layers:
+            return None
+        bad = self._tensor_violations(experts=True)
+        for key in self.folder.tensors:
+            match = re.match(r".*\.mlp\.experts\.(\d+)\.", key)
+            if match and int(match.group(1)) >= self.model.num_experts:
+                bad.append(f"{key}: expert {match.group(1)} of {self.model.num_experts}")
+            if key.rpartition(".")[0] in self.model.fused_expert_keys or key in self.model.fused_expert_keys:
+                bad.append(f"{key}: a fused 3-D expert tensor")
+        return bad
+
+    def rule_C8(self):
+        if self.model is None:
+            return ["config.json does not describe a Qwen3-VL-MoE model transformers can build"]
+        bad = [f"{k} is missing" for k in self.model.floats if k not in self.folder.tensors]
+        bad += [f"{k} is {list(self.folder.tensors[k].shape)}, the model {list(s)}"
+                for k, s in self.model.floats.items() if k in self.folder.tensors and self.folder.tensors[k].shape != s]
+        known = set(self.model.floats) | set(self.model.linears) | self.model.fused_expert_keys
+        bad += [f"{k}: the model has no such parameter" for k in self.folder.tensors
+                if k not in known and k.rpartition(".")[0] not in known and ".mlp.experts." not in k]
+        return bad
+
+    def rule_C9(self):
+        index = self.folder.json(INDEX)
+        if index is None:
+            return None
+        weight_map = index.get("weight_map", {}) if isinstance(index, dict) else {}
+        bad = [f"{k} is in {info.file}, the index says {weight_map.get(k)}" for k, info in self.folder.tensors.items()
+               if weight_map.get(k) != info.file]
+        return bad + [f"{k}: listed, in no file" for k in weight_map if k not in self.folder.tensors]
+
+    def _engine_violations(self, accept) -> Optional[list[str]]:
+        if self.model is None:
+            return None
+        bad, seen = [], set()
+        for name, group in self.group_of.items():
+            linear = self.model.linears[name]
+            if group is None or (group, linear.expert) in seen:
+                continue
+            seen.add((group, linear.expert))
+            if accept(*self.args(group), linear.expert) is None:
+                kind = "experts" if linear.expert else "linears"
+                bad.append(f"group {group} on {kind} (e.g. {name}): no method for these arguments")
+        return bad
+
+    def rule_V1(self):
+        return self._engine_violations(vllm_scheme)
+
+    def rule_A1(self):
+        return self._engine_violations(ascend_type)
+
+    def cpu_only(self) -> bool:
+        return any(vllm_scheme(*self.args(g), True) == "CompressedTensorsW4A8Int8MoEMethod"
+                   for n, g in self.group_of.items() if g is not None and self.model.linears[n].expert)
+
+    def run(self) -> list[Verdict]:
+        verdicts = []
+        for rule_id, rule in RULES.items():
+            violations = getattr(self, f"rule_{rule_id}")()
+            verdicts.append(Verdict(rule, list(violations or []), violations is not None))
+        return verdicts
+
+
+def check(folder: Folder, serve_dtype: torch.dtype, tp: int) -> tuple[list[Verdict], list[str]]:
+    """(verdicts, the engines that load the checkpoint). The serving dtype and tensor-parallel size are not rules
+    here: vLLM's compressed-tensors parameters are float32 whatever the serving dtype."""
+    checker = Checker(folder)
+    verdicts = checker.run()
+    failed = {v.rule.id for v in verdicts if v.violations}
+    if any(not RULES[r].engine for r in failed):
+        return verdicts, []
+    found = []
+    if "V1" not in failed:
+        found.append(VLLM_CPU if checker.cpu_only() else VLLM)
+    if "A1" not in failed:
+        found.append(ASCEND)
+    return verdicts, found

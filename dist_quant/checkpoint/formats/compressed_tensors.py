@@ -1,0 +1,169 @@
+"""The compressed-tensors format: what vLLM's ``compressed-tensors`` quantization loads (on GPUs), and vLLM Ascend's
+``AscendCompressedTensorsConfig`` for symmetric schemes (docs/compressed-tensors-facts.md has the sources).
+
+Files: Hugging Face weight parts ``model-0000k-of-0000n.safetensors`` with ``model.safetensors.index.json``, and the
+source's config.json with a ``quantization_config`` laid out as the compressed-tensors library (0.20.1) writes it:
+one config group per quant type (named after it), every group ``int-quantized`` (int8 tensors; W4A8's int4 codes
+unpacked, one per int8, as the library itself writes int4-weight, int8-activation schemes), each linear of a type
+named in its group's ``targets`` (a layer's experts by one regex when they all share the type), every float module in
+``ignore``. config.json is the marker: moved in last. QuaRot and smoothing are folded into the weights, so there is no
+side file and no online transform.
+
+Per linear ``[out, in]`` (symmetric per-channel int weights; ``weight_zero_point`` is not written, as the library
+drops it for symmetric weights):
+- W8A8 (static): ``weight`` int8, ``weight_scale`` float32 ``[out, 1]``, ``input_scale`` float32 ``[1]``,
+  ``input_zero_point`` int8 ``[1]`` (asymmetric per-tensor input: ``x_q = clamp(round(x / s + zp))``, our offset as
+  is), ``bias`` as a float tensor. ``weight_scale`` is ``deq_scale / input_scale`` in float32: the scheme's roles hold
+  msModelSlim's fused ``deq_scale``; the quotient is the per-channel scale to within one float32 rounding;
+- W8A8_DYNAMIC: ``weight`` int8, ``weight_scale`` float32 ``[out, 1]``, ``bias`` (input per token, symmetric);
+- W4A8_DYNAMIC (experts): ``weight`` int8 ``[out, in]`` holding codes in [-8, 7], ``weight_scale`` float32 ``[out, 1]``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from dist_quant import schemes
+from dist_quant.algorithms.int4 import unpack_int4_rows
+
+NAME = "compressed-tensors"
+QUANT_METHOD = "compressed-tensors"
+LIBRARY_VERSION = "0.20.1"  # the compressed-tensors release whose layout is written (tests/test_compressed_tensors.py)
+WEIGHTS_PREFIX = "model"
+SINGLE_WEIGHTS_FILE = f"{WEIGHTS_PREFIX}.safetensors"
+INDEX_FILE = f"{WEIGHTS_PREFIX}.safetensors.index.json"
+MARKER_FILE = "config.json"  # its quantization_config describes the checkpoint
+OPTIONAL_DIR = "optional"  # never written (no side file)
+HIJACKING_CONFIG_KEYS = ("quantization_config", "compression_config")  # vLLM reads text_config's too
+FORMAT = "int-quantized"
+
+_INT8_CHANNEL = {"num_bits": 8, "type": "int", "symmetric": True, "group_size": None, "strategy": "channel",
+                 "dynamic": False}
+_TOKEN = {"num_bits": 8, "type": "int", "symmetric": True, "group_size": None, "strategy": "token", "dynamic": True}
+# the compressed-tensors QuantizationArgs of each quant type: (weights, input_activations)
+ARGS = {
+    "W8A8": (_INT8_CHANNEL, {**_TOKEN, "symmetric": False, "strategy": "tensor", "dynamic": False}),
+    "W8A8_DYNAMIC": (_INT8_CHANNEL, _TOKEN),
+    "W4A8_DYNAMIC": ({**_INT8_CHANNEL, "num_bits": 4}, _TOKEN),
+}
+_EXPERT = re.compile(r".*\.layers\.(?P<n>\d+)\.mlp\.experts\.\d+\.(gate_proj|up_proj|down_proj)$")
+
+
+def part_names(count: int) -> list[str]:
+    if count == 0:
+        return [SINGLE_WEIGHTS_FILE]
+    return [f"{WEIGHTS_PREFIX}-{k:05d}-of-{count:05d}.safetensors" for k in range(1, count + 1)]
+
+
+def linear_entries(name: str, quant_type: str, roles: dict[str, torch.Tensor],
+                   model_dtype: torch.dtype) -> list[tuple[str, torch.Tensor, str]]:
+    """(key, tensor, quant type) of the linear ``name`` from its scheme's roles."""
+    if quant_type == schemes.FLOAT:
+        return [(f"{name}.{role}", tensor, schemes.FLOAT) for role, tensor in roles.items()]
+    if quant_type not in ARGS:
+        raise ValueError(f"{name}: the compressed-tensors format has no layout for {quant_type}")
+    weight = roles["weight"]
+    if quant_type == "W8A8":
+        scale = (roles["deq_scale"].to(torch.float32) / roles["input_scale"].to(torch.float32))[:, None]
+        tensors = {"weight": weight, "weight_scale": scale.contiguous(),
+                   "input_scale": roles["input_scale"].to(torch.float32),
+                   "input_zero_point": roles["input_offset"].round().to(torch.int8)}
+    else:
+        if quant_type == "W4A8_DYNAMIC":
+            weight = unpack_int4_rows(weight)
+        tensors = {"weight": weight, "weight_scale": roles["weight_scale"].to(torch.float32).reshape(-1, 1)}
+    entries = [(f"{name}.{role}", tensor, quant_type) for role, tensor in tensors.items()]
+    if "bias" in roles:
+        entries.append((f"{name}.bias", roles["bias"], schemes.FLOAT))
+    return entries
+
+
+def modules_by_type(types: dict[str, str]) -> dict[str, str]:
+    """The quant type of each module, from the types of its tensors (a module is its ``.weight``'s type)."""
+    return {key[:-len(".weight")]: t for key, t in types.items() if key.endswith(".weight")}
+
+
+def _expert_layer(module: str) -> Optional[str]:
+    """The layer number of an expert projection's module name, None for any other module."""
+    match = _EXPERT.match(module)
+    return match.group("n") if match else None
+
+
+def _targets(modules: list[str], type_of: dict[str, str]) -> list[str]:
+    """A group's targets: each module's name, but one regex for a layer's experts when all of them share the group
+    (it starts with ``.*``: vLLM maps literal names to its own, not regexes, and such a regex matches both)."""
+    experts = Counter(n for n in map(_expert_layer, type_of) if n is not None)
+    mine = Counter(n for n in map(_expert_layer, modules) if n is not None)
+    whole = {n for n, count in mine.items() if count == experts[n]}
+    return ([m for m in modules if _expert_layer(m) not in whole]
+            + [rf"re:.*layers\.{n}\.mlp\.experts\.\d+\.(gate|up|down)_proj$" for n in sorted(whole, key=int)])
+
+
+def quantization_config(types: dict[str, str]) -> dict:
+    """config.json's ``quantization_config`` for a checkpoint of these tensor types (ModelCompressor.update_config's
+    layout, without the fields older library versions refuse)."""
+    type_of = modules_by_type(types)
+    groups = {}
+    for quant_type, (weights, inputs) in ARGS.items():
+        modules = [m for m, t in type_of.items() if t == quant_type]
+        if modules:
+            groups[quant_type] = {"targets": _targets(modules, type_of), "weights": dict(weights),
+                                  "input_activations": dict(inputs), "output_activations": None, "format": FORMAT}
+    return {"config_groups": groups, "format": FORMAT, "global_compression_ratio": None,
+            "ignore": sorted(m for m, t in type_of.items() if t == schemes.FLOAT), "kv_cache_scheme": None,
+            "quant_method": QUANT_METHOD, "quantization_status": "compressed", "sparsity_config": {},
+            "transform_config": {}, "version": LIBRARY_VERSION}
+
+
+def description_files(types: dict[str, str], optional: Optional[dict]) -> dict[str, dict]:
+    return {}  # the description is config.json's quantization_config (rewrite_config)
+
+
+def rewrite_config(config: dict, types: dict[str, str]) -> dict:
+    for key in HIJACKING_CONFIG_KEYS:
+        config.pop(key, None)
+        if isinstance(config.get("text_config"), dict):
+            config["text_config"].pop(key, None)
+    config["quantization_config"] = quantization_config(types)
+    return config
+
+
+def target_matches(target: str, module: str) -> bool:
+    """compressed-tensors' target rule: ``re:`` + a regex matched from the start, or the exact module name."""
+    return bool(re.match(target[3:], module)) if target.startswith("re:") else target == module
+
+
+def group_of(module: str, config: dict) -> Optional[str]:
+    """The name of the first config group whose targets match ``module`` (None: no group)."""
+    for name, group in config.get("config_groups", {}).items():
+        if any(target_matches(t, module) for t in group.get("targets", [])):
+            return name
+    return None
+
+
+def published_types(save_path: Path) -> dict[str, str]:
+    """The quant type of each tensor of a published checkpoint, from its index and quantization_config (the group
+    names are the quant types)."""
+    save_path = Path(save_path)
+    config = json.loads((save_path / MARKER_FILE).read_text())["quantization_config"]
+    keys = json.loads((save_path / INDEX_FILE).read_text())["weight_map"]
+    types = {}
+    for key in keys:
+        module, _, role = key.rpartition(".")
+        group = group_of(module, config)
+        types[key] = schemes.FLOAT if group is None or role == "bias" else group
+    return types
+
+
+def rotation_file(rotation: torch.Tensor) -> None:
+    return None  # the rotation is folded into the weights; this format has no side file for it
+
+
+def is_own_file(name: str) -> bool:
+    return name == INDEX_FILE or (name.startswith(WEIGHTS_PREFIX) and name.endswith(".safetensors"))
