@@ -61,9 +61,10 @@ def _positive_float(text: str) -> float:
 
 
 def _quant_parser(sub) -> None:
-    p = _command(sub, "quant", "quantize a Qwen3-VL-MoE checkpoint to W8A8 (ascendv1 format)",
+    p = _command(sub, "quant", "quantize a Qwen3-VL-MoE checkpoint (ascendv1 or compressed-tensors format)",
                  "Quantize a Qwen3-VL-MoE checkpoint with a recipe and write a checkpoint that "
-                 "vLLM Ascend and MindIE load.",
+                 "vLLM Ascend and MindIE load (ascendv1, the default), or that vLLM loads on GPUs "
+                 "(--save_format compressed-tensors).",
                  QUANT_EXAMPLE)
     p.add_argument("--model_path", required=True, help="float Hugging Face model directory")
     p.add_argument("--save_path", required=True, help="output directory (created; must not be inside model_path)")

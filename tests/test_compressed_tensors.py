@@ -213,3 +213,17 @@ def test_ray_and_resume_write_the_same_bytes(outputs, model, calib, cluster, tmp
         assert sorted(p.name for p in folder.glob("model*.safetensors")) == parts
         for name in [*parts, "model.safetensors.index.json", "config.json"]:
             assert (folder / name).read_bytes() == (clean / name).read_bytes(), (folder, name)
+
+
+def test_a_recipe_can_ask_for_the_format_and_eval_says_what_it_reads(outputs, model, tmp_path):
+    from dist_quant.errors import CheckpointError
+    from dist_quant.evaluate import evaluate
+    from dist_quant.recipe import load_recipe
+
+    doc = yaml.safe_load(DEFAULT_RECIPE.read_text())
+    doc["spec"]["save"] = [{"type": "compressed_tensors", "part_file_size": 4}]
+    path = tmp_path / "ct.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    assert load_recipe(path).saver == "compressed_tensors"
+    with pytest.raises(CheckpointError, match="compressed-tensors checkpoint"):
+        evaluate(str(model), str(outputs["bundled"][1]), [])

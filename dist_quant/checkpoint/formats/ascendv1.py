@@ -128,12 +128,25 @@ def needed_roles(quant_type: Optional[str]) -> tuple[str, ...]:
     return tuple(r for r in roles if r != "weight")
 
 
+def _is_compressed_tensors(path: Path) -> bool:
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and isinstance(config.get("quantization_config"), dict) and \
+        config["quantization_config"].get("quant_method") == "compressed-tensors"
+
+
 class Checkpoint:
     """An ascendv1 checkpoint read back: its description, tensors, rotation, and each linear as the engine runs it."""
 
     def __init__(self, path: str | Path, dtype: torch.dtype):
         self.path = Path(path)
         description_file = model_file(self.path, DESCRIPTION_FILE, "the quantized checkpoint")
+        if not description_file.exists() and _is_compressed_tensors(self.path):
+            raise CheckpointError(f"{path} is a compressed-tensors checkpoint; dist-quant eval runs vLLM Ascend's "
+                                  "math on ascendv1 checkpoints only: quantize again without --save_format (the same "
+                                  "recipe gives the same codes and scales) and evaluate that")
         try:
             self.description = load_json_file(description_file)
         except JSON_FILE_ERRORS as error:
