@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import shlex
 import signal
@@ -177,6 +178,9 @@ def _eval_parser(sub) -> None:
     p.add_argument("--config_path", default=None, help="recipe whose dataset/default_text to use")
     p.add_argument("--max_samples", type=_positive_int, default=None, help="evaluate on the first N samples only")
     p.add_argument("--output", default=None, help="also write the report as JSON to this file")
+    p.add_argument("--report", default=None,
+                   help="also draw the checkpoint's report page with this accuracy part, to this HTML file "
+                        "(e.g. QUANT_PATH/report.html)")
     p.add_argument("--trust_remote_code", type=_bool, default=False, help="True to allow the model dir's own code")
 
 
@@ -195,6 +199,42 @@ def _cmd_eval(args) -> int:
     if args.output:
         Path(args.output).write_text(report.to_json())
         print(f"report written to {args.output}")
+    if args.report:
+        from dist_quant.htmlreport import write_report
+
+        print(f"page drawn to {write_report(args.quant_path, json.loads(report.to_json()), args.report)}")
+    return 0
+
+
+REPORT_EXAMPLE = """example:
+  dist-quant report /models/Qwen3-VL-235B-A22B-w8a8 --eval eval.json   # eval.json: dist-quant eval --output
+"""
+
+
+def _report_parser(sub) -> None:
+    p = _command(sub, "report", "draw report.html from the files next to a checkpoint",
+                 "Draw the checkpoint's report page again (quant draws it when it publishes): a summary, the "
+                 "calibration coverage of every expert, the run's timeline per actor, what to do next, and with "
+                 "--eval the accuracy part (a `dist-quant eval --output` JSON). One self-contained HTML file.",
+                 REPORT_EXAMPLE)
+    p.add_argument("checkpoint", help="the quantized checkpoint directory")
+    p.add_argument("--eval", default=None, help="a `dist-quant eval --output` JSON file to add the accuracy part")
+    p.add_argument("--output", default=None, help="where to write the page (default: CHECKPOINT/report.html)")
+
+
+def _cmd_report(args) -> int:
+    from dist_quant.htmlreport import write_report
+
+    if not Path(args.checkpoint).is_dir():
+        raise DistQuantError(f"{args.checkpoint} is not a directory: pass the quantized checkpoint's folder")
+    evaluation = None
+    if args.eval:
+        try:
+            evaluation = json.loads(Path(args.eval).read_text())
+        except (OSError, ValueError) as error:
+            raise DistQuantError(f"cannot read {args.eval} ({error}); pass a `dist-quant eval --output` file") \
+                from None
+    print(f"page drawn to {write_report(args.checkpoint, evaluation, args.output)}")
     return 0
 
 
@@ -294,12 +334,14 @@ def build_parser() -> argparse.ArgumentParser:
                "--quant_type w8a8 --workers 8\n"
                "  dist-quant eval --model_path M --quant_path S\n"
                "  dist-quant check S --tp 8\n"
+               "  dist-quant report S\n"
                "Run `dist-quant COMMAND --help` for each command's options.")
     sub = parser.add_subparsers(dest="command", required=True)
     _quant_parser(sub)
     _plan_parser(sub)
     _eval_parser(sub)
     _check_parser(sub)
+    _report_parser(sub)
     _presets_parser(sub)
     return parser
 
@@ -341,7 +383,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if _in_main_thread() else None
     try:
-        commands = {"quant": _cmd_quant, "plan": _cmd_plan, "eval": _cmd_eval, "check": _cmd_check,
+        commands = {"quant": _cmd_quant, "plan": _cmd_plan, "eval": _cmd_eval, "check": _cmd_check, "report": _cmd_report,
                     "presets": _cmd_presets}
         return commands[args.command](args)
     except DistQuantError as exc:

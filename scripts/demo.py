@@ -7,6 +7,7 @@ check it against the float model, and explain what came out.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import time
@@ -16,6 +17,7 @@ from pathlib import Path
 from dist_quant.calib.dataset import load_samples
 from dist_quant.calib.inputs import build_model_inputs
 from dist_quant.evaluate import evaluate
+from dist_quant.htmlreport import write_report
 from dist_quant.presets import find_preset
 from dist_quant.recipe import load_recipe
 from dist_quant.runtime.driver import BUNDLED_DATASETS
@@ -75,6 +77,8 @@ def main() -> None:
     print(report.table())
     print(f"\nReading it: cosine near 1 and small relative errors mean each layer's int8 output tracks the float "
           f"one; KL {report.kl_divergence:.1e} nats/token is how far the next-token distributions moved.")
+    page = write_report(save, dataclasses.asdict(report))
+    print(f"The report page (coverage of every expert, the run's timeline per worker, this accuracy): {page}")
     print(f"Serve it on Ascend with: vllm serve {save} --quantization ascend")
     print(f"(demo took {time.perf_counter() - start:.0f} s; files in {args.out}/)")
 

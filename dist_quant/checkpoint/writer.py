@@ -302,11 +302,11 @@ class CheckpointWriter:
         source_model_dir: str | Path,
         *,
         recipe_path: str | Path | None = None,
-        check: Optional[Callable[[Path], None]] = None,
+        finish: Optional[Callable[[Path], None]] = None,
     ) -> dict:
         """Finish every file in staging (every unit of the layout added), then move them into save_path, the
-        description last. ``check`` is called on the finished staging folder before anything moves; it raises to
-        stop the publishing."""
+        description last. ``finish`` is called on the finished staging folder before anything moves (it may add
+        files; it raises to stop the publishing)."""
         if self.moving:
             return self.resume_publish()
         if self.layout is None or not self._quant_types:
@@ -323,8 +323,8 @@ class CheckpointWriter:
         for name, content in self.output_format.description_files(self._quant_types,
                                                                    self._optional_description).items():
             _write_json(self.staging / name, content)
-        if check is not None:
-            check(self.staging)
+        if finish is not None:
+            finish(self.staging)
         if self.overwrite:
             self._remove_old_checkpoint()
         entries = sorted(p.name for p in self.staging.iterdir() if p.name not in (PRIVATE_DIR, FILES_FILE)

@@ -34,7 +34,7 @@ from dist_quant.runtime.device import DEFAULT_COMPUTE_THREADS, set_compute_threa
 from dist_quant.runtime.plan import DEFAULT_EXPERT_GROUP_SIZE, Kind, Unit, plan_units
 from dist_quant.runtime.report import UnitReport
 from dist_quant.runtime.resume import Journal, ResumePoint, fingerprint, remaining_units, resume_point
-from dist_quant.runtime.run_log import RunLog, write_coverage
+from dist_quant.runtime.run_log import RunLog, write_coverage, write_timeline
 from dist_quant.runtime.timing import add_times
 from dist_quant.runtime.worker import check_recipe_for_model, checkpoint_entries, export_rotation
 
@@ -126,7 +126,7 @@ def quantize(model_path: str, save_path: str, recipe: Recipe, executor: Executor
     """Quantize ``model_path`` with ``executor`` and publish one checkpoint to ``save_path``; on failure nothing
     finished-looking is left, and finished units are kept for ``resume`` (which also finishes an interrupted
     publish, and answers at once when the checkpoint is already complete)."""
-    start = time.perf_counter()
+    start, started_at = time.perf_counter(), time.time()
     check_positive(expert_group_size=expert_group_size, compute_threads=compute_threads,
                    max_sample_tokens=max_sample_tokens, workers=executor.workers)
     set_compute_threads(compute_threads)
@@ -173,12 +173,13 @@ def quantize(model_path: str, save_path: str, recipe: Recipe, executor: Executor
         writer.create_parts()
         reports = _run_units(executor, writer, journal, plan, inputs, run_log, progress)
         coverage = write_coverage(writer.staging, journal.expert_tokens, run_log)
+        write_timeline(writer.staging, plan, reports, executor.workers, started_at)
         export_rotation(writer, recipe, config)
         (writer.staging / RUN_FILE).write_text(json.dumps({"fingerprint": run}, indent=2) + "\n")
         run_log.write(f"publishing the checkpoint of {len(plan)} units")
         assemble_started = time.perf_counter()
         summary = writer.publish(model_path, recipe_path=recipe.path,
-                                 check=lambda folder: run_log.write(refuse_unservable(folder)))
+                                 finish=lambda folder: _finish_folder(folder, run_log))
     except KeyboardInterrupt as interrupt:
         with _signals_held():
             kept = _give_up(writer, journal, quiet=True)
@@ -198,6 +199,19 @@ def quantize(model_path: str, save_path: str, recipe: Recipe, executor: Executor
     return QuantSummary(time.perf_counter() - start, len(plan), summary["tensors"], summary["bytes"],
                         dict(summary["counts"]), str(save_path), coverage["experts_without_tokens"], run_log.warnings,
                         phases, [r.unit.id for r in reports], sum(r.bytes_read for r in reports))
+
+
+def _finish_folder(folder: Path, run_log: RunLog) -> None:
+    """The last step before publishing: the serving engine's loader rules must pass (or nothing is published), then
+    report.html is drawn from the files next to the checkpoint (a failure there only warns: the checkpoint is fine)."""
+    from dist_quant.htmlreport import write_report
+
+    run_log.write(refuse_unservable(folder))
+    try:
+        write_report(folder)
+    except Exception as error:  # noqa: BLE001 (a drawing bug must not cost a finished checkpoint)
+        run_log.warn(f"report.html could not be drawn ({type(error).__name__}: {error}); `dist-quant report` "
+                     "draws it again from the published files")
 
 
 def _run_units(executor: Executor, writer: CheckpointWriter, journal: Journal, plan: list[Unit],

@@ -1,6 +1,6 @@
-"""What a run leaves next to the checkpoint besides the tensors: a log (recipe, versions, per-unit timings, warnings)
-and the calibration coverage of every expert (tokens routed to it; experts that got none were quantized data-free,
-which W8A8_DYNAMIC allows, but they deserve a look)."""
+"""What a run leaves next to the checkpoint besides the tensors: a log (recipe, versions, per-unit timings, warnings),
+the calibration coverage of every expert (tokens routed to it; experts that got none were quantized data-free,
+which W8A8_DYNAMIC allows, but they deserve a look) and the timeline of its units (which actor ran what, when)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ log = logging.getLogger("dist_quant")
 
 LOG_FILE = "quant_run.log"
 COVERAGE_FILE = "calibration_coverage.json"
+TIMELINE_FILE = "quant_timeline.json"
 PACKAGES = ("dist-quant", "torch", "torch_npu", "transformers", "safetensors", "ray")
 
 
@@ -85,3 +86,25 @@ def write_coverage(staging: Path, expert_tokens: dict[int, list[int]], run_log: 
                      f"token ({where}); they were quantized from their weights alone. More or more varied calibration "
                      f"images would exercise them (see {COVERAGE_FILE}).")
     return report
+
+
+def write_timeline(staging: Path, plan: list, reports: list, workers: int, started_at: float) -> dict:
+    """Every unit of the plan in plan order: where and when it ran (seconds since the run started), its phases, the
+    bytes it read and its process's peak RSS so far; a unit an interrupted run had finished is ``"kept"``, without
+    times (the run that computed it is gone)."""
+    ran = {r.unit.id: r for r in reports}
+    units = []
+    for unit in plan:
+        entry = {"id": unit.id, "name": unit.name, "kind": unit.kind.value, "layer": unit.layer}
+        report = ran.get(unit.id)
+        if report is None:
+            entry["kept"] = True
+        else:
+            entry.update(actor=report.actor, host=report.host, pid=report.pid,
+                         start=round(report.started_at - started_at, 4), seconds=round(report.seconds, 4),
+                         bytes_read=report.bytes_read, peak_rss=report.peak_rss,
+                         phases={k: round(v, 4) for k, v in (report.phases or {}).items()})
+        units.append(entry)
+    timeline = {"workers": workers, "started_at": started_at, "units": units}
+    (staging / TIMELINE_FILE).write_text(json.dumps(timeline, indent=1) + "\n")
+    return timeline

@@ -1,0 +1,208 @@
+"""``report.html``: one self-contained page next to a checkpoint (inline SVG and CSS; no script, font or file fetched:
+it opens offline) for the questions a person has before deploying: what was made, which experts never saw a
+calibration token, where the time went and which actor was the straggler, and, with ``dist-quant eval``, which
+layers lost the most.
+
+Everything is read from the files the run publishes (config.json, the format's description, the index,
+quant_run.json, calibration_coverage.json, quant_timeline.json, the recipe) and an optional eval report
+(``EvalReport`` as JSON): ``dist-quant report CKPT`` draws it again at any time.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import Counter
+from html import escape
+from pathlib import Path
+from typing import Optional
+
+from dist_quant.htmlreport import svg
+
+REPORT_FILE = "report.html"
+GiB = 1024 ** 3
+
+CSS = """
+:root { --bg: #ffffff; --fg: #1f2328; --muted: #59636e; --panel: #f6f8fa; --line: #d0d7de; --lane: #eef1f4; }
+@media (prefers-color-scheme: dark) {
+  :root { --bg: #0d1117; --fg: #e6edf3; --muted: #9198a1; --panel: #161b22; --line: #3d444d; --lane: #1c232c; }
+}
+body { background: var(--bg); color: var(--fg); font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif;
+       margin: 24px auto; max-width: 1080px; padding: 0 16px; }
+h1 { font-size: 22px; margin: 0 0 4px; } h2 { font-size: 17px; margin: 28px 0 8px; border-bottom: 1px solid var(--line); }
+.muted { color: var(--muted); } table { border-collapse: collapse; margin: 8px 0; }
+td, th { border: 1px solid var(--line); padding: 3px 8px; text-align: left; } th { background: var(--panel); }
+.figure { overflow-x: auto; background: var(--panel); border: 1px solid var(--line); padding: 8px; }
+svg .ink { fill: var(--fg); } svg .lane { fill: var(--lane); } svg .grid { stroke: var(--line); stroke-width: 1; }
+svg .none { fill: var(--bg); stroke: var(--fg); stroke-width: 0.4; } svg .cross { stroke: var(--fg); stroke-width: 0.8; }
+svg .bar { stroke: var(--bg); stroke-width: 0.5; }
+.advice li { margin: 4px 0; } .ok { color: #1a7f37; } .warn { color: #bc4c00; }
+@media (prefers-color-scheme: dark) { .ok { color: #3fb950; } .warn { color: #f0883e; } }
+"""
+
+
+def _json(folder: Path, name: str) -> Optional[object]:
+    try:
+        return json.loads((folder / name).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _types(folder: Path) -> dict[str, str]:
+    from dist_quant.checkpoint.formats import ascendv1, compressed_tensors
+
+    fmt = ascendv1 if (folder / ascendv1.DESCRIPTION_FILE).exists() else compressed_tensors
+    try:
+        return fmt.published_types(folder)
+    except (OSError, ValueError, KeyError):
+        return {}
+
+
+def _table(header: Optional[list[str]], rows: list[list[str]]) -> str:
+    head = "<tr>" + "".join(f"<th>{escape(h)}</th>" for h in header) + "</tr>" if header else ""
+    body = "".join("<tr>" + "".join(f"<td>{escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table>{head}{body}</table>"
+
+
+def actor_totals(timeline: dict) -> list[dict]:
+    """Per lane: units, busy seconds, idle seconds (from the first unit's start to the last one's end, minus busy),
+    bytes read, peak RSS."""
+    ran = [u for u in timeline.get("units", []) if not u.get("kept")]
+    span = max((u["start"] + u["seconds"] for u in ran), default=0.0) - min((u["start"] for u in ran), default=0.0)
+    totals = []
+    for actor in sorted({u["actor"] for u in ran}):
+        mine = [u for u in ran if u["actor"] == actor]
+        busy = sum(u["seconds"] for u in mine)
+        totals.append({"actor": actor, "units": len(mine), "busy": busy, "idle": max(span - busy, 0.0),
+                       "bytes_read": sum(u.get("bytes_read", 0) for u in mine),
+                       "peak_rss": max(u.get("peak_rss", 0) for u in mine)})
+    return totals
+
+
+def advice(coverage: Optional[dict], timeline: Optional[dict], evaluation: Optional[dict]) -> list[tuple[str, str]]:
+    """(class, sentence) of what to do next where something looks wrong; an all-clear line where nothing does."""
+    found = []
+    if coverage and coverage.get("experts_without_tokens"):
+        layers = [layer for layer, e in coverage["layers"].items() if e.get("experts_without_tokens")]
+        found.append(("warn", f"{coverage['experts_without_tokens']} of {coverage['experts']} experts (in "
+                      f"{len(layers)} layers) saw no calibration token and were quantized from their weights "
+                      "alone: calibrate with more images, or more varied ones (other scenes, text, charts), until "
+                      "the crossed-out cells of the coverage map are gone."))
+    totals = actor_totals(timeline or {})
+    if len(totals) > 1:
+        busy = [t["busy"] for t in totals]
+        worst = max(totals, key=lambda t: t["busy"])
+        if worst["busy"] > 1.25 * statistics.mean(busy):
+            found.append(("warn", f"actor {worst['actor']} was the straggler: busy {worst['busy']:.1f} s against "
+                          f"{statistics.mean(busy):.1f} s on average; smaller expert groups "
+                          "(--expert_group_size) spread the work more evenly."))
+    if evaluation and evaluation.get("rows"):
+        rows = evaluation["rows"]
+        errors = [r["rel_error"] for r in rows]
+        worst = max(rows, key=lambda r: r["rel_error"])
+        median = statistics.median(errors)
+        if worst["rel_error"] > 2 * median and worst["rel_error"] > 0.05:
+            found.append(("warn", f"{worst['name']} loses the most (relative error {worst['rel_error']:.3f}, the "
+                          f"median is {median:.3f}): with W8A8 attention, its calibration ranges are the knob (more "
+                          "images, or leave that layer's attention FLOAT with an `exclude` in its linear_quant); "
+                          "with W4A8 experts, `weight.method: gptq` rounds them with their own inputs."))
+        if evaluation.get("top1_agreement", 1.0) < 0.9:
+            found.append(("warn", f"top-1 agreement with the float model is {100 * evaluation['top1_agreement']:.1f}%"
+                          ": check the outlier suppression (QuaRot and iterative smoothing in the recipe)."))
+    if not found:
+        found.append(("ok", "nothing looks wrong: every expert saw calibration tokens, the actors were evenly loaded"
+                      + (", and no layer stands out in the comparison with the float model." if evaluation else
+                         ". Run `dist-quant eval --report` to add the accuracy part.")))
+    return found
+
+
+def build_report(folder: str | Path, evaluation: Optional[dict] = None) -> str:
+    """The page for the checkpoint in ``folder`` (with the accuracy part when ``evaluation`` is given); a run's
+    staging folder is shown as the checkpoint it becomes."""
+    from dist_quant.check import check_checkpoint
+    from dist_quant.checkpoint.writer import STAGING_DIR
+
+    folder = Path(folder)
+    shown = folder.parent if folder.name == STAGING_DIR else folder
+    config = _json(folder, "config.json") or {}
+    text = config.get("text_config", {}) if isinstance(config.get("text_config"), dict) else {}
+    run = (_json(folder, "quant_run.json") or {}).get("fingerprint", {})
+    coverage = _json(folder, "calibration_coverage.json")
+    timeline = _json(folder, "quant_timeline.json")
+    index = next((_json(folder, n) for n in ("quant_model_weights.safetensors.index.json",
+                                             "model.safetensors.index.json") if (folder / n).exists()), None) or {}
+    types = _types(folder)
+    modules = Counter(t for k, t in types.items() if k.endswith(".weight"))
+    recipe = sorted(p.name for p in folder.glob("*.yaml"))
+    report = check_checkpoint(folder)
+    ran = [u for u in (timeline or {}).get("units", []) if not u.get("kept")]
+    wall = max((u["start"] + u["seconds"] for u in ran), default=0.0)  # since the run started
+    size = index.get("metadata", {}).get("total_size", 0)
+    summary = [
+        ["model", f"{config.get('model_type', '?')}: {text.get('num_hidden_layers', '?')} layers, "
+                  f"{text.get('num_experts', '?')} experts (top-{text.get('num_experts_per_tok', '?')}), hidden "
+                  f"{text.get('hidden_size', '?')}"],
+        ["recipe", ", ".join(recipe) or "?"],
+        ["format", f"{report.format}; loads on {', '.join(report.engines) or 'no engine (see dist-quant check)'}"],
+        ["quant types (linears)", ", ".join(f"{t}: {n}" for t, n in sorted(modules.items()))],
+        ["size", f"{size / GiB:.2f} GiB in {len(set(index.get('weight_map', {}).values()))} part file(s), "
+                 f"{len(types)} tensors"],
+        ["wall time", f"{wall:.1f} s to the last unit on {(timeline or {}).get('workers', '?')} worker(s)"],
+        ["device, threads", f"{run.get('device', '?')}, {run.get('compute_threads', '?')} compute thread(s), "
+                            f"expert groups of {run.get('expert_group_size', '?')}"],
+        ["versions", f"dist-quant {run.get('dist_quant', '?')}, torch {run.get('torch', '?')}"],
+    ]
+    parts = [f"<h1>{escape(shown.name)}</h1><p class='muted'>{escape(str(shown))}</p>",
+             "<h2>Summary</h2>", _table(None, summary)]
+    parts.append("<h2>What to do next</h2><ul class='advice'>" + "".join(
+        f"<li class='{cls}'>{escape(text)}</li>" for cls, text in advice(coverage, timeline, evaluation)) + "</ul>")
+    if coverage and coverage.get("layers"):
+        tokens = {int(layer): entry["tokens_per_expert"] for layer, entry in coverage["layers"].items()}
+        parts += ["<h2>Expert coverage</h2>",
+                  f"<p>Calibration tokens routed to each expert (hover a cell); crossed-out cells got none: "
+                  f"{coverage.get('experts_without_tokens', 0)} of {coverage.get('experts', 0)} experts. The "
+                  "numbers on the right are each layer's total.</p>",
+                  f"<div class='figure'>{svg.coverage_heatmap(tokens)}</div>"]
+    if timeline:
+        totals = actor_totals(timeline)
+        kept = [u["name"] for u in timeline.get("units", []) if u.get("kept")]
+        startup = min((u["start"] for u in ran), default=0.0)
+        parts += ["<h2>Run timeline</h2>",
+                  "<p>One lane per actor; a bar per unit, coloured by kind (hover for its phases); gaps are idle "
+                  f"time. Time runs from the first unit's start; the {startup:.1f} s before it went to starting "
+                  "up (reading the calibration inputs, and on Ray the runtime and the actors)."
+                  + (f" {len(kept)} unit(s) were kept from an interrupted run and are not drawn." if kept
+                     else "") + "</p>",
+                  f"<div class='figure'>{svg.timeline(timeline.get('units', []), timeline.get('workers', 1))}</div>",
+                  _table(["actor", "units", "busy s", "idle s", "read GiB", "peak RSS GiB"],
+                         [[t["actor"], t["units"], f"{t['busy']:.1f}", f"{t['idle']:.1f}",
+                           f"{t['bytes_read'] / GiB:.2f}", f"{t['peak_rss'] / GiB:.2f}"] for t in totals])]
+    if evaluation and evaluation.get("rows"):
+        rows = evaluation["rows"]
+        names = [r["name"] for r in rows]
+        worst = sorted(range(len(rows)), key=lambda i: -rows[i]["rel_error"])[:3]
+        worst_names = ", ".join(f"{rows[i]['name']} ({rows[i]['rel_error']:.3g})" for i in worst)
+        errors = svg.line_chart(names, {"rel error": [r["rel_error"] for r in rows]}, "relative error", log=True,
+                                highlight=set(worst))
+        cosines = svg.line_chart(names, {"cosine": [r["cosine"] for r in rows]}, "cosine similarity",
+                                 highlight=set(worst))
+        parts += ["<h2>Accuracy (dist-quant eval)</h2>",
+                  f"<p>Final logits: KL(float ‖ quantized) = {evaluation.get('kl_divergence', 0):.3g} nats/token, "
+                  f"top-1 agreement {100 * evaluation.get('top1_agreement', 0):.1f}% over "
+                  f"{evaluation.get('tokens', '?')} tokens of {evaluation.get('samples', '?')} samples. "
+                  f"Largest relative errors (after the vision merger and each layer, against the float model): "
+                  f"{escape(worst_names)}.</p>",
+                  f"<div class='figure'>{errors}</div>", f"<div class='figure'>{cosines}</div>"]
+    body = "\n".join(parts)
+    return ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
+            "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+            "<meta name='color-scheme' content='light dark'>"
+            f"<title>dist-quant report: {escape(shown.name)}</title><style>{CSS}</style></head>"
+            f"<body>{body}<p class='muted'>Drawn by dist-quant from the files next to the checkpoint; "
+            "`dist-quant report` draws it again.</p></body></html>\n")
+
+
+def write_report(folder: str | Path, evaluation: Optional[dict] = None, path: Optional[str | Path] = None) -> Path:
+    target = Path(path) if path is not None else Path(folder) / REPORT_FILE
+    target.write_text(build_report(folder, evaluation), encoding="utf-8")
+    return target

@@ -1,0 +1,228 @@
+"""report.html: its drawings carry the numbers of the files they are drawn from (calibration_coverage.json,
+quant_timeline.json, an eval report), one bar per unit of the plan, and a real browser (headless Chromium) renders
+it offline: no console error, no request leaving the file, light and dark mode."""
+
+import json
+import os
+import re
+import shutil
+import socket
+import struct
+import subprocess
+import threading
+import xml.etree.ElementTree as ET
+import zlib
+
+import pytest
+
+from dist_quant.cli import main
+from dist_quant.htmlreport import REPORT_FILE, svg
+from dist_quant.models.qwen3_vl_moe import load_config
+from dist_quant.runtime.plan import plan_units
+from dist_quant.synthetic import make_calibration_set, make_tiny_model
+
+GROUP = 2
+SVG_NS = "{http://www.w3.org/2000/svg}"
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """16 experts, top-1, one image: some experts see no token (the map must mark them)."""
+    return make_tiny_model(tmp_path_factory.mktemp("report") / "model", num_layers=3, num_experts=16, top_k=1,
+                           dtype="bfloat16")
+
+
+@pytest.fixture(scope="module")
+def calib(tmp_path_factory):
+    return make_calibration_set(tmp_path_factory.mktemp("report_calib") / "images", num_images=1)
+
+
+def quant(model, calib, save, *extra):
+    assert main(["quant", "--model_path", str(model), "--save_path", str(save), "--device", "cpu", "--dataset",
+                 str(calib), "--quiet", "--expert_group_size", str(GROUP), *extra]) == 0
+    return save
+
+
+@pytest.fixture(scope="module")
+def single(model, calib, tmp_path_factory):
+    return quant(model, calib, tmp_path_factory.mktemp("single") / "q")
+
+
+def drawings(html: str) -> list[ET.Element]:
+    return [ET.fromstring(m) for m in re.findall(r"<svg .*?</svg>", html, flags=re.S)]
+
+
+def marks(html: str, attribute: str) -> list[ET.Element]:
+    return [g for s in drawings(html) for g in s.iter(f"{SVG_NS}g") if attribute in g.attrib]
+
+
+def test_the_heatmap_cell_of_layer_l_expert_e_carries_its_count(single):
+    coverage = json.loads((single / "calibration_coverage.json").read_text())
+    assert coverage["experts_without_tokens"] > 0  # the fixture's purpose
+    html = (single / REPORT_FILE).read_text()
+    cells = {(int(g.get("data-layer")), int(g.get("data-expert"))): g for g in marks(html, "data-expert")}
+    expected = {(int(layer), e): n for layer, entry in coverage["layers"].items()
+                for e, n in enumerate(entry["tokens_per_expert"])}
+    assert {k: int(g.get("data-tokens")) for k, g in cells.items()} == expected
+    for (layer, expert), g in cells.items():
+        crossed = g.find(f"{SVG_NS}path") is not None
+        assert crossed == (expected[layer, expert] == 0), (layer, expert)
+        assert f"layer {layer}, expert {expert}: {expected[layer, expert]} calibration tokens" in g.find(
+            f"{SVG_NS}title").text
+    totals = {int(g.get("data-layer-total")): int(g.get("data-tokens")) for g in marks(html, "data-layer-total")}
+    assert totals == {int(layer): sum(e["tokens_per_expert"]) for layer, e in coverage["layers"].items()}
+    assert f"{coverage['experts_without_tokens']} of {coverage['experts']} experts" in html
+
+
+def test_the_timeline_has_one_bar_per_unit_of_the_plan(single, model):
+    html = (single / REPORT_FILE).read_text()
+    config = load_config(json.loads((model / "config.json").read_text()))
+    plan = plan_units(config, GROUP, 1)
+    bars = marks(html, "data-unit")
+    assert [b.get("data-unit") for b in bars] == [u.id for u in plan]
+    timeline = json.loads((single / "quant_timeline.json").read_text())
+    for bar, unit in zip(bars, timeline["units"]):
+        assert float(bar.get("data-seconds")) == unit["seconds"] and float(bar.get("data-start")) == unit["start"]
+        assert unit["name"] in bar.find(f"{SVG_NS}title").text
+    starts = [u["start"] for u in timeline["units"]]
+    assert starts == sorted(starts) and all(u["seconds"] >= 0 for u in timeline["units"])  # one card: in order
+    assert "single card" in html and "experts 0-15" in html
+
+
+def test_two_ray_actors_get_two_lanes_and_a_totals_table(model, calib, cluster, tmp_path):
+    save = quant(model, calib, tmp_path / "ray", "--workers", "2", "--ray_address", cluster.address)
+    html = (save / REPORT_FILE).read_text()
+    timeline = json.loads((save / "quant_timeline.json").read_text())
+    assert {u["actor"] for u in timeline["units"]} == {0, 1}
+    assert {b.get("data-actor") for b in marks(html, "data-unit")} == {"0", "1"}
+    assert "actor 0" in html and "actor 1" in html and html.count("<tr><td>") >= 2 + 8  # two actor rows
+
+
+def test_eval_adds_the_accuracy_part(single, model, calib, tmp_path):
+    page = tmp_path / "with_eval.html"
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--model_path", str(model), "--quant_path", str(single), "--dataset", str(calib),
+                 "--output", str(out), "--report", str(page)]) == 0
+    evaluation = json.loads(out.read_text())
+    html = page.read_text()
+    points = {c.get("data-piece"): float(c.get("data-rel-error")) for s in drawings(html)
+              for c in s.iter(f"{SVG_NS}circle") if "data-rel-error" in c.attrib}
+    assert points == {r["name"]: r["rel_error"] for r in evaluation["rows"]}
+    worst = max(evaluation["rows"], key=lambda r: r["rel_error"])["name"]
+    assert f"{worst} (" in html and "top-1 agreement" in html
+    assert main(["report", str(single), "--eval", str(out), "--output", str(tmp_path / "again.html")]) == 0
+    assert (tmp_path / "again.html").read_text() == html
+
+
+def test_the_report_command_draws_the_published_page_again(single, tmp_path):
+    copy = tmp_path / "q"
+    shutil.copytree(single, copy)
+    published = (copy / REPORT_FILE).read_text().replace(str(single), str(copy))
+    (copy / REPORT_FILE).unlink()
+    assert main(["report", str(copy)]) == 0
+    assert (copy / REPORT_FILE).read_text() == published
+
+
+def test_readable_at_235b_and_at_a_tiny_model():
+    big = svg.coverage_heatmap({layer: [layer * e % 7 for e in range(128)] for layer in range(94)})
+    tiny = svg.coverage_heatmap({layer: [5] * 6 for layer in range(3)})
+    for drawing, cells in ((big, 94 * 128), (tiny, 18)):
+        root = ET.fromstring(drawing)
+        assert int(root.get("width")) <= 1100 and int(root.get("height")) <= 900
+        rects = [r for g in root.iter(f"{SVG_NS}g") if "data-expert" in g.attrib for r in g.iter(f"{SVG_NS}rect")]
+        assert len(rects) == cells and min(float(r.get("width")) for r in rects) >= 4
+        assert min(float(r.get("height")) for r in rects) >= 4
+
+
+def test_the_page_is_self_contained(single):
+    html = (single / REPORT_FILE).read_text()
+    assert "<script" not in html.lower() and "@import" not in html and "url(" not in html
+    assert not re.findall(r'(?:src|href)\s*=', html)
+    assert set(re.findall(r"https?://[^\s\"'<>]+", html)) == {"http://www.w3.org/2000/svg"}  # the SVG namespace
+
+
+# --- the real browser -------------------------------------------------------------------------------------------
+
+def chromium() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if found is None:
+        if os.environ.get("DIST_QUANT_BROWSER_REQUIRED"):
+            pytest.fail("chromium is required (.ci/run installs the Debian package) but is not installed")
+        pytest.skip("no chromium here: apt-get install chromium (CI installs it)")
+    return found
+
+
+# Chromium's own background traffic (update checks, clock sync), which some builds send whatever the flags say;
+# the page's references are checked statically above (no src, href or url() at all)
+BROWSER_OWN = re.compile(rb"^(CONNECT|GET|POST) (https?://)?[a-z0-9.-]*\.(googleapis\.com|google\.com|gvt1\.com)[:/ ]")
+
+
+class RequestTrap:
+    """A proxy that answers nothing and records every connection: with it as the browser's proxy, any request
+    that leaves the file shows up here."""
+
+    def __init__(self):
+        self.server = socket.socket()
+        self.server.bind(("127.0.0.1", 0))
+        self.server.listen()
+        self.port = self.server.getsockname()[1]
+        self.seen: list[bytes] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            conn.settimeout(2)
+            try:
+                self.seen.append(conn.recv(4096))
+            except OSError:
+                self.seen.append(b"?")
+            conn.close()
+
+
+def png_size_and_corner(path) -> tuple[int, int, tuple[int, int, int]]:
+    """Width, height and the top-left pixel's RGB of a PNG (8-bit RGB or RGBA, as Chromium writes), without PIL."""
+    data = path.read_bytes()
+    width, height, depth, colour = struct.unpack(">IIBB", data[16:26])
+    chunks, pos = b"", 8
+    while pos < len(data):
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        if kind == b"IDAT":
+            chunks += data[pos + 8:pos + 8 + length]
+        pos += 12 + length
+    row = zlib.decompressobj().decompress(chunks)[:1 + 4 * width]  # filter byte, then the first row
+    assert depth == 8 and colour in (2, 6)
+    pixel = row[1:4]  # filter 0 or 1 (sub) leaves the first pixel as is
+    return width, height, tuple(pixel)
+
+
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+def test_headless_chromium_renders_it_offline_without_errors(single, tmp_path, scheme):
+    browser = chromium()
+    trap = RequestTrap()
+    shot = tmp_path / f"{scheme}.png"
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--hide-scrollbars",
+             f"--proxy-server=http://127.0.0.1:{trap.port}", "--proxy-bypass-list=<-loopback>",
+             "--enable-logging=stderr", "--v=0", f"--user-data-dir={tmp_path / 'profile'}",
+             # the browser's own traffic (clock sync, component and safe-browsing updates) is not the page's
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--disable-domain-reliability", "--disable-client-side-phishing-detection", "--no-pings",
+             "--disable-features=NetworkTimeServiceQuerying,OptimizationHints,MediaRouter,Translate",
+             f"--screenshot={shot}", "--window-size=1100,1400"]
+    if scheme == "dark":
+        flags.append("--blink-settings=preferredColorScheme=0")  # Blink's PreferredColorScheme::kDark
+    run = subprocess.run([browser, *flags, (single / REPORT_FILE).as_uri()], capture_output=True, text=True,
+                         timeout=120)
+    assert shot.exists(), run.stderr[-3000:]
+    console = [line for line in run.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line
+               or "Failed to load resource" in line]
+    assert not console, console
+    page_requests = [r for r in trap.seen if not BROWSER_OWN.search(r.split(b"\r\n", 1)[0])]
+    assert page_requests == [], page_requests
+    width, height, corner = png_size_and_corner(shot)
+    assert (width, height) == (1100, 1400)
+    light = corner == (255, 255, 255)
+    assert light == (scheme == "light"), corner  # the page follows the colour scheme
