@@ -227,3 +227,56 @@ def test_a_recipe_can_ask_for_the_format_and_eval_says_what_it_reads(outputs, mo
     assert load_recipe(path).saver == "compressed_tensors"
     with pytest.raises(CheckpointError, match="compressed-tensors checkpoint"):
         evaluate(str(model), str(outputs["bundled"][1]), [])
+
+
+def test_overwrite_never_takes_a_float_model_folder_for_a_checkpoint(model, calib, tmp_path):
+    """Every Hugging Face model has a config.json, the format's marker: only one with a compressed-tensors
+    quantization_config is a checkpoint --overwrite may replace."""
+    import shutil
+
+    victim = tmp_path / "someone_elses_model"
+    shutil.copytree(model, victim)
+    before = sorted(p.name for p in victim.iterdir())
+    cmd = ["quant", "--model_path", str(model), "--save_path", str(victim), "--device", "cpu", "--dataset",
+           str(calib), "--quiet", "--overwrite", *CT]
+    assert main(cmd) == 2
+    assert sorted(p.name for p in victim.iterdir()) == before
+
+
+def edited(outputs, tmp_path, change):
+    import shutil
+
+    folder = tmp_path / "edited"
+    shutil.copytree(outputs["bundled"][1], folder)
+    config = json.loads((folder / "config.json").read_text())
+    change(config["quantization_config"])
+    (folder / "config.json").write_text(json.dumps(config))
+    return check_checkpoint(folder)
+
+
+def test_targets_and_ignore_are_matched_as_vllm_matches_them(outputs, tmp_path):
+    def linear_class(qc):  # llm-compressor's style: "Linear" for the experts' group, the rest ignored
+        qc["config_groups"]["W8A8_DYNAMIC"]["targets"] = ["Linear"]
+        del qc["config_groups"]["W8A8"]
+    assert "C4" not in edited(outputs, tmp_path / "a", linear_class).failed()
+
+    def hf_anchored(qc):  # vLLM matches regexes against its own names (language_model.model.layers...)
+        qc["config_groups"]["W8A8_DYNAMIC"]["targets"] = [
+            r"re:^model\.language_model\.layers\.\d+\.mlp\.experts\.\d+\.(gate|up|down)_proj$"]
+    assert "C4" in edited(outputs, tmp_path / "b", hf_anchored).failed()
+
+    def prefix_ignore(qc):  # ignore entries are names, not prefixes
+        qc["ignore"] = [i for i in qc["ignore"] if not i.startswith("model.visual.merger")] + ["model.visual.merger"]
+    assert edited(outputs, tmp_path / "c", prefix_ignore).failed()[:1] == ["C4"]
+
+
+def test_odd_configs_give_verdicts_not_tracebacks(outputs, tmp_path):
+    def old_library(qc):
+        qc["config_groups"]["W8A8"]["weights"].update(observer="minmax", observer_kwargs={})
+    assert edited(outputs, tmp_path / "a", old_library).ok
+    assert "C3" in edited(outputs, tmp_path / "b", lambda qc: qc["config_groups"]["W8A8"]["weights"].update(
+        bits=8)).failed()
+    assert not edited(outputs, tmp_path / "c", lambda qc: qc.update(ignore=None)).ok
+    assert not edited(outputs, tmp_path / "d", lambda qc: qc["config_groups"]["W8A8"].update(
+        input_activations="int8")).ok
+    assert check_checkpoint(outputs["bundled"][1], tp=3).failed()[:1] == ["C10"]

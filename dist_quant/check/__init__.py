@@ -25,6 +25,7 @@ class Rule:
     text: str  # the rule, as a statement about the checkpoint
     source: str  # where the loader does it: repository, file, function (docs/ascend-loader-rules.md has the lines)
     engine: str = ""  # a rule of one engine only: failing it leaves the others (empty: a rule of every engine)
+    warning: bool = False  # not a loader rule but a consistency one: reported, never blocks
 
 
 @dataclass
@@ -35,7 +36,9 @@ class Verdict:
 
     @property
     def status(self) -> str:
-        return "FAIL" if self.violations else ("ok" if self.applies else "n/a")
+        if self.violations:
+            return "warn" if self.rule.warning else "FAIL"
+        return "ok" if self.applies else "n/a"
 
 
 @dataclass
@@ -49,8 +52,9 @@ class Report:
 
     @property
     def ok(self) -> bool:
-        """No rule of every engine fails and some engine loads it."""
-        return not any(v.violations for v in self.verdicts if not v.rule.engine) and bool(self.engines)
+        """No rule of every engine fails and some engine loads it (warnings do not count)."""
+        return not any(v.violations for v in self.verdicts if not v.rule.engine and not v.rule.warning) \
+            and bool(self.engines)
 
     def failed(self) -> list[str]:
         return [v.rule.id for v in self.verdicts if v.violations]
@@ -109,8 +113,8 @@ def format_report(report: Report) -> str:
     if not report.failed():
         lines.append(f"all {passed} rules pass: loads on {', '.join(report.engines)}")
     elif report.ok:
-        lines.append(f"loads on {', '.join(report.engines)}; the engine rules {', '.join(report.failed())} "
-                     "keep it from the others")
+        lines.append(f"loads on {', '.join(report.engines)}; {', '.join(report.failed())} (warnings, or rules of "
+                     "other engines) do not stop it")
     else:
         lines.append(f"{len(report.verdicts) - passed} of {len(report.verdicts)} rules fail "
                      f"({', '.join(report.failed())}): it will not load as it should")

@@ -20,7 +20,7 @@ import torch
 
 from dist_quant.check import Rule, Verdict
 from dist_quant.check.folder import Folder
-from dist_quant.check.model import Linear, Model
+from dist_quant.check.model import W4A8_SCALE_BIAS_CHUNKS, Linear, Model, tp_violations
 
 FORMAT = "ascendv1 (msModelSlim) for vLLM Ascend"
 ENGINES = ["vLLM Ascend (--quantization ascend)"]
@@ -39,7 +39,6 @@ FLOAT = "FLOAT"
 LINEAR_METHODS = ("W8A8", "W8A8_DYNAMIC", "W8A16")
 MOE_METHODS = ("W8A8_DYNAMIC", "W4A8_DYNAMIC", "W4A16")
 FLOATS = (torch.float16, torch.bfloat16, torch.float32)
-W4A8_SCALE_BIAS_CHUNKS = 16  # down_proj.scale_bias [H, 16], split on dim 1 under TP (w4a8.py)
 
 _SRC_MS = "vllm-ascend modelslim_config.py"
 RULES = {r.id: r for r in (
@@ -47,8 +46,8 @@ RULES = {r.id: r for r in (
          f"{_SRC_MS} maybe_update_config"),
     Rule("R2", "config.json has no quantization_config (top level or text_config) and no compression_config",
          "vllm weight_utils.get_quant_config"),
-    Rule("R3", "the description's other fields are version/model_quant_type/metadata/group_size/optional only; "
-               "W4A8 needs version 1.0.0 and group_size 0", f"{_SRC_MS} _add_kvcache_quant_metadata; w4a8.py"),
+    Rule("R3", "no description field switches a feature on (kv_cache_type, fa_quant_type...); W4A8 needs version "
+               "1.0.0 and group_size 0", f"{_SRC_MS} _add_kvcache_quant_metadata; w4a8.py"),
     Rule("R4", f"config.json model_type is {MODEL_TYPE} (it keys the fused-module table)",
          f"{_SRC_MS} get_quant_method"),
     Rule("R5", "tensors only in top-level *.safetensors: no model.safetensors.index.json, no consolidated*, "
@@ -76,7 +75,8 @@ RULES = {r.id: r for r in (
     Rule("R22", "dtypes are those of the parameters (int8 weights, int32 quant_bias, float scales)",
          "param.copy_ (casts silently)"),
     Rule("R23", "shapes are those of the parameters", "vllm linear weight_loader asserts"),
-    Rule("R24", "the description and the tensors agree key for key", "docs/FORMAT.md"),
+    Rule("R24", "the description and the tensors agree key for key, no unknown field (the loader ignores the "
+                "rest: a warning)", "docs/FORMAT.md", warning=True),
 )}
 
 
@@ -106,7 +106,9 @@ def method_params(quant_type: str, linear: Linear, serve_dtype: torch.dtype) -> 
         deq = (torch.float32,) if serve_dtype == torch.bfloat16 else (torch.int64,)
         return {"weight": Param((torch.int8,), (out, inp)), "input_scale": Param(FLOATS, (1,)),
                 "input_offset": Param((*FLOATS, torch.int8), (1,)), "quant_bias": Param((torch.int32,), (out,)),
-                "deq_scale": Param(deq, (out,)), **{k: Param(p.dtypes, p.shape, False) for k, p in bias.items()}}
+                "deq_scale": Param(deq, (out,)), **{k: Param(p.dtypes, p.shape, False) for k, p in bias.items()},
+                # created, never used on the modelslim path; msModelSlim's saver may write them
+                "weight_scale": Param(FLOATS, (out, 1), False), "weight_offset": Param(FLOATS, (out, 1), False)}
     if quant_type == "W8A8_DYNAMIC":  # w8a8_dynamic.py get_weight, get_perchannel_param; experts: no bias param
         return {"weight": Param((torch.int8,), (out, inp)), "weight_scale": Param(FLOATS, (out, 1)),
                 "weight_offset": Param(FLOATS, (out, 1)), **bias}
@@ -195,7 +197,6 @@ class Checker:
         if self.description is None:
             return None
         bad = [f"{k}: {self.fields[k]!r} switches on a feature" for k in self.fields if k in FEATURE_FIELDS]
-        bad += [f"{k}: an unknown field" for k in self.fields if k not in FIELDS and k not in FEATURE_FIELDS]
         if "W4A8_DYNAMIC" in self.entries.values():
             if self.fields.get("version") != "1.0.0":
                 bad.append(f"version is {self.fields.get('version')!r}: W4A8 needs \"1.0.0\" (the packed layout)")
@@ -311,26 +312,7 @@ class Checker:
     def rule_R17(self):
         if self.model is None:
             return None
-        tp, cfg = self.tp, self.model.config
-        bad = []
-        heads, kv = cfg.text_config.num_attention_heads, cfg.text_config.num_key_value_heads
-        if heads % tp:
-            bad.append(f"text num_attention_heads {heads}")
-        if kv % tp and tp % kv:
-            bad.append(f"text num_key_value_heads {kv} (neither divides the other)")
-        if cfg.vision_config.num_heads % tp:
-            bad.append(f"vision num_heads {cfg.vision_config.num_heads}")
-        for name, lin in self.model.linears.items():
-            if lin.expert and not name.split(".experts.")[1].startswith("0."):
-                continue  # every expert has expert 0's shapes
-            if lin.split == "column" and lin.out % tp or lin.split == "row" and lin.inp % tp:
-                bad.append(f"{name} [{lin.out}, {lin.inp}] ({lin.split}-parallel)")
-            if lin.expert and self.types.get(name) == "W4A8_DYNAMIC":
-                if W4A8_SCALE_BIAS_CHUNKS % tp and lin.proj == "down_proj":
-                    bad.append(f"{name}.scale_bias [{lin.out}, 16]: 16 chunks")
-                if lin.proj == "gate_proj" and (lin.out // tp) % 2:
-                    bad.append(f"{name}: {lin.out}/{tp} rows per rank, packed two per byte")
-        return bad
+        return tp_violations(self.model, self.tp, lambda name: self.types.get(name) == "W4A8_DYNAMIC")
 
     def rule_R18(self):
         if self.model is None or not self.model.moe_layers:
@@ -413,7 +395,7 @@ class Checker:
                if k not in self.entries and k not in looked_up and k not in self.bad_prefix]
         bad += [f"{k}: an entry without a tensor" for k in self.entries
                 if k not in self.tensors and k not in self.bad_prefix]
-        return bad
+        return bad + [f"{k}: an unknown field" for k in self.fields if k not in FIELDS and k not in FEATURE_FIELDS]
 
     # --- helpers -------------------------------------------------------------------------------------------------
 
@@ -447,4 +429,4 @@ RULES_ORDER = list(RULES)
 def check(folder: Folder, serve_dtype: torch.dtype, tp: int) -> tuple[list[Verdict], list[str]]:
     """(verdicts, the engines that load the checkpoint)."""
     verdicts = Checker(folder, serve_dtype, tp).run()
-    return verdicts, ENGINES if not any(v.violations for v in verdicts) else []
+    return verdicts, ENGINES if not any(v.violations for v in verdicts if not v.rule.warning) else []

@@ -18,12 +18,16 @@ import torch
 
 from dist_quant.check import Rule, Verdict
 from dist_quant.check.folder import Folder
-from dist_quant.check.model import Linear, Model
+from dist_quant.check.model import Linear, Model, tp_violations
 
 FORMAT = "compressed-tensors for vLLM"
 QUANT_METHOD = "compressed-tensors"
 INDEX = "model.safetensors.index.json"
-ARG_KEYS = {"num_bits", "type", "symmetric", "group_size", "strategy", "dynamic"}  # older libraries refuse others
+# QuantizationArgs' fields (0.20.1; older versions wrote observer and observer_kwargs too); others are refused
+ARG_KEYS = {"num_bits", "type", "symmetric", "group_size", "strategy", "dynamic", "block_structure", "actorder",
+            "scale_dtype", "zp_dtype", "observer", "observer_kwargs"}
+ARG_DEFAULTS = {"num_bits": 8, "type": "int", "symmetric": True, "group_size": None, "dynamic": False}
+LINEAR_CLASS_TARGETS = ("linear", "linearbase")  # a class target every vLLM linear (and MoE layer) matches
 INPUT_STRATEGIES = ("token", "tensor", "group", "tensor_group", "attn_head")  # QuantizationScheme
 TENSOR_FORMATS = ("int-quantized", "naive-quantized")  # the formats whose tensors this check knows
 FLOATS = (torch.float16, torch.bfloat16, torch.float32)
@@ -35,7 +39,7 @@ RULES = {r.id: r for r in (
                "format per group)", "vllm weight_utils.get_quant_config; " + _SRC_CT),
     Rule("C2", "no quant_model_description.json (vLLM Ascend would load it as ascendv1) and no compression_config",
          "vllm-ascend quantization/utils.py maybe_auto_detect_quantization"),
-    Rule("C3", "each group's weights and input_activations hold the six QuantizationArgs keys, with valid "
+    Rule("C3", "each group's weights and input_activations are QuantizationArgs (no unknown key), with valid "
                "strategies", "compressed-tensors QuantizationArgs (extra forbid)"),
     Rule("C4", "every linear vLLM builds matches a group's targets or the ignore list",
          f"{_SRC_CT} find_matched_target"),
@@ -48,8 +52,9 @@ RULES = {r.id: r for r in (
          "vllm qwen3_vl_moe.py load_weights"),
     Rule("C8", "every other parameter has its tensor with the model's shape, and no tensor is unknown",
          "vllm AutoWeightsLoader"),
-    Rule("C9", "model.safetensors.index.json lists every tensor in the file that holds it",
-         "vllm default_loader filter_duplicate_safetensors_files"),
+    Rule("C9", "every top-level *.safetensors is readable, no key is in two files, and model.safetensors.index.json "
+               "lists every tensor in the file that holds it", "vllm default_loader filter_duplicate_safetensors_files"),
+    Rule("C10", "the tensor-parallel size divides every split dimension", "vllm Column/RowParallelLinear, FusedMoE"),
     Rule("V1", "every group is a scheme vLLM has for its layers (experts: W8A8 channel weights with dynamic "
                "per-token input; W4A8 int experts on CPU only)", f"{_SRC_CT} _get_scheme_from_parts; "
                                                                 "compressed_tensors_moe get_moe_method", VLLM),
@@ -65,9 +70,45 @@ def applies(folder: Folder) -> bool:
     return isinstance(config, dict) and config.get("quant_method") == QUANT_METHOD
 
 
-def target_matches(target: str, module: str) -> bool:
-    """compressed-tensors' rule: ``re:`` + a regex matched from the start of the name, or the exact name."""
-    return bool(re.match(target[3:], module)) if target.startswith("re:") else target == module
+def vllm_name(hf: str) -> str:
+    """The module's name in vLLM (Qwen3-VL's hf_to_vllm_mapper): what unmapped regexes are matched against."""
+    for hf_prefix, vllm_prefix in (("model.visual.", "visual."), ("model.language_model.", "language_model.model."),
+                                   ("lm_head", "language_model.lm_head")):
+        if hf.startswith(hf_prefix):
+            return vllm_prefix + hf[len(hf_prefix):]
+    return hf
+
+
+class Matcher:
+    """vLLM's matching of a layer against targets or ignore entries (compressed_tensors/utils.py
+    find_matched_target, should_ignore_layer): a literal is a checkpoint (HF) name, which vLLM maps to its own; a
+    ``re:`` regex is not mapped, so it is matched (from the start) against the vLLM name; a class name such as
+    "Linear" matches every linear layer by class."""
+
+    def __init__(self, entries: list):
+        entries = [e for e in entries if isinstance(e, str)]
+        self.every_linear = any(e.lower() in LINEAR_CLASS_TARGETS for e in entries)
+        self.literals = {e for e in entries if not e.startswith("re:")}
+        regexes = [e[3:] for e in entries if e.startswith("re:")]
+        try:
+            self.regex = re.compile("|".join(f"(?:{r})" for r in regexes)) if regexes else None
+        except re.error:
+            self.regex = None
+
+    def __call__(self, hf: str) -> bool:
+        return (self.every_linear or hf in self.literals
+                or (self.regex is not None and self.regex.match(vllm_name(hf)) is not None))
+
+
+def _args(raw) -> Optional[dict]:
+    """A QuantizationArgs dict with the library's defaults filled in (strategy from group_size), None if absent."""
+    if not isinstance(raw, dict):
+        return None
+    args = {**ARG_DEFAULTS, **raw}
+    if args.get("strategy") is None:
+        size = args.get("group_size")
+        args["strategy"] = "tensor" if size is None else ("channel" if size == -1 else "group")
+    return args
 
 
 def vllm_scheme(weights: dict, inputs: Optional[dict], expert: bool) -> Optional[str]:
@@ -122,30 +163,33 @@ def scheme_tensors(linear: Linear, weights: dict, inputs: Optional[dict]) -> dic
 
 
 class Checker:
-    def __init__(self, folder: Folder):
-        self.folder = folder
+    def __init__(self, folder: Folder, tp: int = 1):
+        self.folder, self.tp = folder, tp
         self.qc = folder.config.get("quantization_config", {})
         groups = self.qc.get("config_groups")
-        self.groups = groups if isinstance(groups, dict) else {}
-        self.ignore = [i for i in self.qc.get("ignore", []) if isinstance(i, str)]
+        self.groups = {g: b for g, b in groups.items() if isinstance(b, dict)} if isinstance(groups, dict) else {}
+        ignore = self.qc.get("ignore")
+        ignored = Matcher(ignore if isinstance(ignore, list) else [])
+        matchers = {g: Matcher(b.get("targets") if isinstance(b.get("targets"), list) else [])
+                    for g, b in self.groups.items()}
         self.model: Optional[Model] = None
         try:
             self.model = Model(folder.config)
         except Exception:  # noqa: BLE001 (a config transformers cannot build: C8 says so)
             pass
-        self.group_of: dict[str, Optional[str]] = {}  # linear -> its group (None: ignored or unmatched)
+        self.group_of: dict[str, Optional[str]] = {}  # layer -> its group (None: ignored or unmatched)
         self.unmatched: list[str] = []
         if self.model is not None:
-            for name in self.model.linears:
-                group = next((g for g, body in self.groups.items() if isinstance(body, dict) and any(
-                    target_matches(t, name) for t in body.get("targets", []) if isinstance(t, str))), None)
-                self.group_of[name] = group
-                if group is None and not any(target_matches(i, name) or name.startswith(i + ".") for i in self.ignore):
-                    self.unmatched.append(name)
+            for name, _ in self.model.lookups():  # each linear vLLM builds (experts per expert: see below)
+                self.group_of[name] = next((g for g, match in matchers.items() if match(name)), None)
+            for name, lin in self.model.linears.items():
+                if lin.expert:
+                    self.group_of[name] = next((g for g, match in matchers.items() if match(name)), None)
+            self.unmatched = [n for n, g in self.group_of.items() if g is None and not ignored(n)]
 
     def args(self, group: str) -> tuple[dict, Optional[dict]]:
         body = self.groups[group]
-        return body.get("weights") or {}, body.get("input_activations")
+        return _args(body.get("weights")) or {}, _args(body.get("input_activations"))
 
     def rule_C1(self):
         qc, bad = self.qc, []
@@ -173,8 +217,8 @@ class Checker:
                 args = body.get(side) if isinstance(body, dict) else None
                 if args is None:
                     continue
-                if set(args) != ARG_KEYS:
-                    bad.append(f"{name}.{side} keys {sorted(args)}")
+                if not isinstance(args, dict) or not set(args) <= ARG_KEYS:
+                    bad.append(f"{name}.{side}: {sorted(args) if isinstance(args, dict) else args!r}")
                 elif side == "input_activations" and args.get("strategy") not in INPUT_STRATEGIES:
                     bad.append(f"{name}.{side}.strategy {args.get('strategy')!r}")
                 elif args.get("strategy") == "token" and not args.get("dynamic"):
@@ -191,16 +235,14 @@ class Checker:
         for group in self.model.groups:
             if len({self.group_of[m] for m in group}) > 1:
                 bad.append(f"{group[0]}: " + ", ".join(f"{m.rsplit('.', 1)[-1]} {self.group_of[m]}" for m in group))
-        for layer in self.model.moe_layers:
-            zero = self.group_of[self.model.expert0(layer)[0]]
-            others = [n for n, lin in self.model.linears.items() if lin.expert and self._layer(n) == layer
-                      and self.group_of[n] != zero]
-            if others:
-                bad.append(f"{others[0]}: {self.group_of[others[0]]}, expert 0: {zero}")
+        zero = {layer: self.group_of[self.model.expert0(layer)[0]] for layer in self.model.moe_layers}
+        prefix = {self.model.family.layer_prefix(layer) + ".": layer for layer in self.model.moe_layers}
+        for name, lin in self.model.linears.items():
+            if lin.expert:
+                layer = prefix[name[:name.index(".mlp.experts.")] + "."]
+                if self.group_of[name] != zero[layer]:
+                    bad.append(f"{name}: {self.group_of[name]}, expert 0: {zero[layer]}")
         return bad
-
-    def _layer(self, name: str) -> int:
-        return int(re.search(r"\.layers\.(\d+)\.", name).group(1))
 
     def _expected(self, name: str) -> Optional[dict]:
         group = self.group_of.get(name)
@@ -263,12 +305,16 @@ class Checker:
         return bad
 
     def rule_C9(self):
+        bad = [f"{n} is unreadable ({why})" for n, why in self.folder.unreadable.items()]
+        bad += [f"{k} is in {', '.join(v)}" for k, v in self.folder.duplicates.items()]
         index = self.folder.json(INDEX)
         if index is None:
-            return None
-        weight_map = index.get("weight_map", {}) if isinstance(index, dict) else {}
-        bad = [f"{k} is in {info.file}, the index says {weight_map.get(k)}" for k, info in self.folder.tensors.items()
-               if weight_map.get(k) != info.file]
+            return bad
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict):
+            return bad + [f"{INDEX} has no weight_map object"]
+        bad += [f"{k} is in {info.file}, the index says {weight_map.get(k)}" for k, info in self.folder.tensors.items()
+                if weight_map.get(k) != info.file]
         return bad + [f"{k}: listed, in no file" for k in weight_map if k not in self.folder.tensors]
 
     def _engine_violations(self, accept) -> Optional[list[str]]:
@@ -276,12 +322,12 @@ class Checker:
             return None
         bad, seen = [], set()
         for name, group in self.group_of.items():
-            linear = self.model.linears[name]
-            if group is None or (group, linear.expert) in seen:
+            expert = name in self.model.linears and self.model.linears[name].expert
+            if group is None or (group, expert) in seen:
                 continue
-            seen.add((group, linear.expert))
-            if accept(*self.args(group), linear.expert) is None:
-                kind = "experts" if linear.expert else "linears"
+            seen.add((group, expert))
+            if accept(*self.args(group), expert) is None:
+                kind = "experts" if expert else "linears"
                 bad.append(f"group {group} on {kind} (e.g. {name}): no method for these arguments")
         return bad
 
@@ -291,9 +337,16 @@ class Checker:
     def rule_A1(self):
         return self._engine_violations(ascend_type)
 
+    def rule_C10(self):
+        if self.model is None:
+            return None
+        four_bit = {g for g in self.groups if self.args(g)[0].get("num_bits") == 4}
+        return tp_violations(self.model, self.tp, lambda name: self.group_of.get(name) in four_bit)
+
     def cpu_only(self) -> bool:
-        return any(vllm_scheme(*self.args(g), True) == "CompressedTensorsW4A8Int8MoEMethod"
-                   for n, g in self.group_of.items() if g is not None and self.model.linears[n].expert)
+        experts = {g for n, g in self.group_of.items() if g is not None and n in self.model.linears
+                   and self.model.linears[n].expert}
+        return any(vllm_scheme(*self.args(g), True) == "CompressedTensorsW4A8Int8MoEMethod" for g in experts)
 
     def run(self) -> list[Verdict]:
         verdicts = []
@@ -304,9 +357,9 @@ class Checker:
 
 
 def check(folder: Folder, serve_dtype: torch.dtype, tp: int) -> tuple[list[Verdict], list[str]]:
-    """(verdicts, the engines that load the checkpoint). The serving dtype and tensor-parallel size are not rules
-    here: vLLM's compressed-tensors parameters are float32 whatever the serving dtype."""
-    checker = Checker(folder)
+    """(verdicts, the engines that load the checkpoint). The serving dtype is not a rule here: vLLM's
+    compressed-tensors parameters are float32 whatever the serving dtype."""
+    checker = Checker(folder, tp)
     verdicts = checker.run()
     failed = {v.rule.id for v in verdicts if v.violations}
     if any(not RULES[r].engine for r in failed):

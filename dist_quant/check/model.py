@@ -6,6 +6,9 @@ every format."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
+
+W4A8_SCALE_BIAS_CHUNKS = 16  # W4A8 down_proj.scale_bias [H, 16], split on dim 1 under TP (vllm-ascend w4a8.py)
 
 
 @dataclass(frozen=True)
@@ -71,3 +74,28 @@ class Model:
                 found.append((router, "linear"))
             found += [(n, "moe") for n in self.expert0(layer)]
         return found
+
+
+def tp_violations(model: Model, tp: int, is_w4a8: Callable[[str], bool]) -> list[str]:
+    """What a tensor-parallel size of ``tp`` cannot split (vLLM's Column/RowParallelLinear and FusedMoE assert
+    divisibility; vLLM Ascend's W4A8 MoE splits the 16 scale_bias chunks of down_proj): docs/ascend-loader-rules.md
+    R17. ``is_w4a8`` says which experts are int4."""
+    cfg, bad = model.config, []
+    heads, kv = cfg.text_config.num_attention_heads, cfg.text_config.num_key_value_heads
+    if heads % tp:
+        bad.append(f"text num_attention_heads {heads}")
+    if kv % tp and tp % kv:
+        bad.append(f"text num_key_value_heads {kv} (neither divides the other)")
+    if cfg.vision_config.num_heads % tp:
+        bad.append(f"vision num_heads {cfg.vision_config.num_heads}")
+    for name, lin in model.linears.items():
+        if lin.expert and not name.split(".experts.")[1].startswith("0."):
+            continue  # every expert has expert 0's shapes
+        if lin.split == "column" and lin.out % tp or lin.split == "row" and lin.inp % tp:
+            bad.append(f"{name} [{lin.out}, {lin.inp}] ({lin.split}-parallel)")
+        if lin.expert and is_w4a8(name):
+            if W4A8_SCALE_BIAS_CHUNKS % tp and lin.proj == "down_proj":
+                bad.append(f"{name}.scale_bias [{lin.out}, 16]: 16 chunks")
+            if lin.proj == "gate_proj" and (lin.out // tp) % 2:
+                bad.append(f"{name}: {lin.out}/{tp} rows per rank, packed two per byte")
+    return bad

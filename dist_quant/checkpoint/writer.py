@@ -160,7 +160,7 @@ class CheckpointWriter:
             raise
         try:
             self.resuming = resume and self.private_dir.is_dir() and any(self.private_dir.iterdir())
-            self.published = (self.save_path / self.output_format.MARKER_FILE).exists() and not self.resuming
+            self.published = self.output_format.is_published(self.save_path) and not self.resuming
             if self.resuming:
                 self._make_staging()
             elif not (resume and self.published):
@@ -215,8 +215,8 @@ class CheckpointWriter:
                 "folder or pass --overwrite to replace the checkpoint it holds"
             )
         foreign = self._foreign(existing)
-        if not (self.save_path / self.output_format.MARKER_FILE).exists() and not (self.staging).exists():
-            foreign = [p.name for p in existing]
+        if not self.output_format.is_published(self.save_path) and not (self.staging).exists():
+            foreign = [p.name for p in existing]  # e.g. a float model folder: never replaced
         if foreign:
             raise OutputError(
                 f"save path {self.save_path} holds files that are not part of a quantized checkpoint ({foreign[:10]}"

@@ -26,7 +26,7 @@ RUNTIME_OVERHEAD = 1024**3
 ROW_CHUNK = 8192  # rows of the embeddings and lm_head in float32 at a time (runtime/worker.py)
 # GPTQ's working set per entry of an expert's input Gram matrix [hidden, hidden] (float64 Gram, its damped and
 # reordered copies, the float32 inverse factor): measured 0.66 GiB at hidden 4096 (algorithms/gptq.py)
-HESSIAN_BYTES_PER_ENTRY = 40
+HESSIAN_BYTES_PER_ENTRY = 42
 GiB = 1024**3
 
 

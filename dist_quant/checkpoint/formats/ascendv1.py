@@ -110,6 +110,11 @@ def rotation_file(rotation: torch.Tensor) -> tuple[str, dict[str, torch.Tensor],
             {"quarot": {"rotation_map": {"global_rotation": QUAROT_FILE}}})
 
 
+def is_published(save_path: Path) -> bool:
+    """A finished checkpoint of this format is in ``save_path`` (its marker is there)."""
+    return (Path(save_path) / MARKER_FILE).exists()
+
+
 def is_own_file(name: str) -> bool:
     """A file name this format writes into a checkpoint folder."""
     return name.startswith(WEIGHTS_PREFIX) or name == DESCRIPTION_FILE

@@ -134,35 +134,48 @@ def rewrite_config(config: dict, types: dict[str, str]) -> dict:
     return config
 
 
-def target_matches(target: str, module: str) -> bool:
-    """compressed-tensors' target rule: ``re:`` + a regex matched from the start, or the exact module name."""
-    return bool(re.match(target[3:], module)) if target.startswith("re:") else target == module
-
-
-def group_of(module: str, config: dict) -> Optional[str]:
-    """The name of the first config group whose targets match ``module`` (None: no group)."""
+def _group_matchers(config: dict) -> list[tuple[str, set, Optional[re.Pattern]]]:
+    """(group, literal targets, one compiled regex of its ``re:`` targets) of each config group, in order."""
+    matchers = []
     for name, group in config.get("config_groups", {}).items():
-        if any(target_matches(t, module) for t in group.get("targets", [])):
-            return name
-    return None
+        targets = [t for t in group.get("targets", []) if isinstance(t, str)]
+        regexes = [t[3:] for t in targets if t.startswith("re:")]
+        matchers.append((name, {t for t in targets if not t.startswith("re:")},
+                         re.compile("|".join(f"(?:{r})" for r in regexes)) if regexes else None))
+    return matchers
 
 
 def published_types(save_path: Path) -> dict[str, str]:
     """The quant type of each tensor of a published checkpoint, from its index and quantization_config (the group
-    names are the quant types)."""
+    names are the quant types; a module matches a group by its exact name or a regex, as the library matches)."""
     save_path = Path(save_path)
-    config = json.loads((save_path / MARKER_FILE).read_text())["quantization_config"]
+    matchers = _group_matchers(json.loads((save_path / MARKER_FILE).read_text())["quantization_config"])
     keys = json.loads((save_path / INDEX_FILE).read_text())["weight_map"]
+    group_of: dict[str, Optional[str]] = {}
     types = {}
     for key in keys:
         module, _, role = key.rpartition(".")
-        group = group_of(module, config)
+        if module not in group_of:
+            group_of[module] = next((name for name, literals, regex in matchers if module in literals
+                                     or (regex is not None and regex.match(module))), None)
+        group = group_of[module]
         types[key] = schemes.FLOAT if group is None or role == "bias" else group
     return types
 
 
 def rotation_file(rotation: torch.Tensor) -> None:
     return None  # the rotation is folded into the weights; this format has no side file for it
+
+
+def is_published(save_path: Path) -> bool:
+    """A finished checkpoint of this format is in ``save_path``: its config.json carries a compressed-tensors
+    quantization_config (every Hugging Face model has a config.json: a float model's folder is not one)."""
+    try:
+        config = json.loads((Path(save_path) / MARKER_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    qc = config.get("quantization_config") if isinstance(config, dict) else None
+    return isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD
 
 
 def is_own_file(name: str) -> bool:
