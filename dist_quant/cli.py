@@ -227,12 +227,14 @@ def _cmd_report(args) -> int:
 
     if not Path(args.checkpoint).is_dir():
         raise DistQuantError(f"{args.checkpoint} is not a directory: pass the quantized checkpoint's folder")
+    from dist_quant.htmlreport import check_evaluation
+
     evaluation = None
     if args.eval:
         try:
-            evaluation = json.loads(Path(args.eval).read_text())
+            evaluation = check_evaluation(json.loads(Path(args.eval).read_text()))
         except (OSError, ValueError) as error:
-            raise DistQuantError(f"cannot read {args.eval} ({error}); pass a `dist-quant eval --output` file") \
+            raise DistQuantError(f"cannot use {args.eval} ({error}); pass a `dist-quant eval --output` file") \
                 from None
     print(f"page drawn to {write_report(args.checkpoint, evaluation, args.output)}")
     return 0

@@ -226,3 +226,69 @@ def test_headless_chromium_renders_it_offline_without_errors(single, tmp_path, s
     assert (width, height) == (1100, 1400)
     light = corner == (255, 255, 255)
     assert light == (scheme == "light"), corner  # the page follows the colour scheme
+
+
+def test_advice_warns_about_what_is_wrong_and_claims_only_what_was_checked():
+    from dist_quant.htmlreport import advice
+
+    nan = float("nan")
+    broken = {"rows": [{"name": "layer 0", "cosine": nan, "rel_error": nan}], "kl_divergence": nan,
+              "top1_agreement": 0.95}
+    (kind, text), = advice(None, None, broken)
+    assert kind == "warn" and "not finite in layer 0, kl_divergence" in text and "do not serve it" in text
+    (kind, text), = advice(None, None, None)
+    assert kind == "ok" and "no check could run" in text
+    coverage = {"experts": 4, "experts_without_tokens": 0, "layers": {"0": {"tokens_per_expert": [1, 2, 3, 4],
+                                                                            "experts_without_tokens": []}}}
+    (kind, text), = advice(coverage, None, None)
+    assert kind == "ok" and "every expert saw calibration tokens" in text and "actors" not in text
+    timeline = {"units": [{"actor": 0, "start": 0, "seconds": 10.0}, {"actor": 1, "start": 0, "seconds": 2.0}]}
+    assert "actor 0 was the straggler" in advice(None, timeline, None)[0][1]
+    worst = {"rows": [{"name": f"layer {i}", "cosine": 0.99, "rel_error": e} for i, e in enumerate((0.02, 0.02,
+                                                                                                   0.3))],
+             "kl_divergence": 0.1, "top1_agreement": 0.8}
+    texts = [t for _, t in advice(None, None, worst)]
+    assert any("layer 2 loses the most" in t for t in texts) and any("top-1 agreement" in t for t in texts)
+
+
+def test_charts_keep_zeros_and_nans_inside_and_valid(single):
+    from dist_quant.htmlreport import build_report
+
+    evaluation = {"rows": [{"name": "vision (merger)", "cosine": 1.0, "rel_error": 0.0},
+                           {"name": "layer 0", "cosine": float("nan"), "rel_error": 0.03},
+                           {"name": "layer 1", "cosine": 0.99, "rel_error": float("inf")}],
+                  "kl_divergence": 0.01, "top1_agreement": 0.97, "tokens": 10, "samples": 1}
+    html = build_report(single, evaluation)
+    for drawing in drawings(html):
+        height = float(drawing.get("height"))
+        for circle in drawing.iter(f"{SVG_NS}circle"):
+            assert 0 <= float(circle.get("cy")) <= height
+        for line in drawing.iter(f"{SVG_NS}polyline"):
+            assert "nan" not in line.get("points") and "inf" not in line.get("points")
+    assert "not finite in layer 0, layer 1" in html
+    empty = build_report(single, {"rows": [], "kl_divergence": 0.02, "top1_agreement": 0.5})
+    assert "KL(float ‖ quantized) = 0.02" in empty and "top-1 agreement with the float model is 50.0%" in empty
+
+
+def test_a_run_whose_units_were_all_kept_says_so(single, tmp_path):
+    copy = tmp_path / "q"
+    shutil.copytree(single, copy)
+    timeline = json.loads((copy / "quant_timeline.json").read_text())
+    timeline["units"] = [{k: u[k] for k in ("id", "name", "kind", "layer")} | {"kept": True} for u in timeline["units"]]
+    (copy / "quant_timeline.json").write_text(json.dumps(timeline))
+    assert main(["report", str(copy)]) == 0
+    html = (copy / REPORT_FILE).read_text()
+    assert "every unit was kept from an earlier run" in html and not marks(html, "data-unit")
+
+
+def test_the_legend_has_no_repeated_stops_and_bad_eval_files_are_refused(single, tmp_path):
+    legend = ET.fromstring(svg.coverage_heatmap({0: [0, 1, 3], 1: [2, 0, 1]}))
+    labels = [t.text for t in legend.iter(f"{SVG_NS}text") if t.text and "token" in t.text]
+    assert labels == ["1 token", "2 tokens", "3 tokens"]
+    lanes = ET.fromstring(svg.timeline([{"id": "x", "name": "x", "kind": "layer", "actor": 0, "start": 0.0,
+                                         "seconds": 1.0}], workers=3))
+    assert [t.text for t in lanes.iter(f"{SVG_NS}text") if t.text.startswith("actor")] == ["actor 0", "actor 1",
+                                                                                           "actor 2"]
+    bad = tmp_path / "eval.json"
+    bad.write_text(json.dumps({"rows": [{"name": "layer 0"}]}))
+    assert main(["report", str(single), "--eval", str(bad), "--output", str(tmp_path / "p.html")]) == 2

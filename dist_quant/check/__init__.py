@@ -81,18 +81,23 @@ def check_checkpoint(path: str | Path, serve_dtype: Optional[torch.dtype] = None
     return Report(Path(path), rules.FORMAT, dtype, tp, verdicts, engines)
 
 
-def refuse_unservable(path: str | Path) -> str:
+def refuse_unservable(path: str | Path) -> Report:
     """``quant``'s last step before publishing: the finished folder ``path`` checked with the default serving dtype
-    and no tensor parallelism; a failure raises OutputError (a checkpoint that would not load is never published).
-    Returns the line for the run's log."""
+    and no tensor parallelism; a failure raises OutputError (a checkpoint that would not load is never published)."""
     from dist_quant.errors import OutputError
 
     report = check_checkpoint(path)
     if not report.ok:
         raise OutputError("the finished checkpoint breaks its serving engine's loader rules, so it was not published "
                           "(a dist-quant bug: please report it with quant_run.log):\n" + format_report(report))
-    return f"check: {report.format}: loads on {', '.join(report.engines)} ({', '.join(report.failed()) or 'every rule'}" \
-           f"{' keeps it from the others' if report.failed() else ' passes'})"
+    return report
+
+
+def summary_line(report: Report) -> str:
+    """One line for a run's log."""
+    failed = report.failed()
+    return (f"check: {report.format}: loads on {', '.join(report.engines)} "
+            f"({', '.join(failed) + ' (warnings or other engines)' if failed else 'every rule passes'})")
 
 
 def _cell(text: str, width: int = 110) -> str:
@@ -121,4 +126,5 @@ def format_report(report: Report) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["Report", "Rule", "SERVE_DTYPES", "Verdict", "check_checkpoint", "format_report", "refuse_unservable"]
+__all__ = ["Report", "Rule", "SERVE_DTYPES", "Verdict", "check_checkpoint", "format_report", "refuse_unservable",
+           "summary_line"]

@@ -11,6 +11,8 @@ quant_run.json, calibration_coverage.json, quant_timeline.json, the recipe) and 
 from __future__ import annotations
 
 import json
+import math
+import os
 import statistics
 from collections import Counter
 from html import escape
@@ -79,15 +81,31 @@ def actor_totals(timeline: dict) -> list[dict]:
     return totals
 
 
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
 def advice(coverage: Optional[dict], timeline: Optional[dict], evaluation: Optional[dict]) -> list[tuple[str, str]]:
-    """(class, sentence) of what to do next where something looks wrong; an all-clear line where nothing does."""
-    found = []
-    if coverage and coverage.get("experts_without_tokens"):
-        layers = [layer for layer, e in coverage["layers"].items() if e.get("experts_without_tokens")]
-        found.append(("warn", f"{coverage['experts_without_tokens']} of {coverage['experts']} experts (in "
-                      f"{len(layers)} layers) saw no calibration token and were quantized from their weights "
-                      "alone: calibrate with more images, or more varied ones (other scenes, text, charts), until "
-                      "the crossed-out cells of the coverage map are gone."))
+    """(class, sentence) of what to do next where something looks wrong; where nothing does, one line saying which
+    checks ran."""
+    found, passed = [], []
+    if evaluation is not None:
+        rows = evaluation.get("rows") or []
+        broken = [r["name"] for r in rows if not (_finite(r.get("rel_error")) and _finite(r.get("cosine")))]
+        broken += [k for k in ("kl_divergence", "top1_agreement") if not _finite(evaluation.get(k))]
+        if broken:
+            found.append(("warn", f"the comparison with the float model is not finite in {', '.join(broken[:5])}: "
+                          "the checkpoint computes NaN or infinite values there; do not serve it (check the "
+                          "source weights and the calibration inputs, then quantize again)."))
+    if coverage:
+        if coverage.get("experts_without_tokens"):
+            layers = [layer for layer, e in coverage.get("layers", {}).items() if e.get("experts_without_tokens")]
+            found.append(("warn", f"{coverage['experts_without_tokens']} of {coverage.get('experts', '?')} experts "
+                          f"(in {len(layers)} layers) saw no calibration token and were quantized from their "
+                          "weights alone: calibrate with more images, or more varied ones (other scenes, text, "
+                          "charts), until the crossed-out cells of the coverage map are gone."))
+        else:
+            passed.append("every expert saw calibration tokens")
     totals = actor_totals(timeline or {})
     if len(totals) > 1:
         busy = [t["busy"] for t in totals]
@@ -96,29 +114,51 @@ def advice(coverage: Optional[dict], timeline: Optional[dict], evaluation: Optio
             found.append(("warn", f"actor {worst['actor']} was the straggler: busy {worst['busy']:.1f} s against "
                           f"{statistics.mean(busy):.1f} s on average; smaller expert groups "
                           "(--expert_group_size) spread the work more evenly."))
-    if evaluation and evaluation.get("rows"):
-        rows = evaluation["rows"]
-        errors = [r["rel_error"] for r in rows]
-        worst = max(rows, key=lambda r: r["rel_error"])
-        median = statistics.median(errors)
-        if worst["rel_error"] > 2 * median and worst["rel_error"] > 0.05:
-            found.append(("warn", f"{worst['name']} loses the most (relative error {worst['rel_error']:.3f}, the "
-                          f"median is {median:.3f}): with W8A8 attention, its calibration ranges are the knob (more "
-                          "images, or leave that layer's attention FLOAT with an `exclude` in its linear_quant); "
-                          "with W4A8 experts, `weight.method: gptq` rounds them with their own inputs."))
-        if evaluation.get("top1_agreement", 1.0) < 0.9:
+        else:
+            passed.append("the actors were evenly loaded")
+    if evaluation is not None and not any("not finite" in text for _, text in found):
+        rows = [r for r in evaluation.get("rows") or [] if _finite(r.get("rel_error"))]
+        if rows:
+            worst = max(rows, key=lambda r: r["rel_error"])
+            median = statistics.median(r["rel_error"] for r in rows)
+            if worst["rel_error"] > 2 * median and worst["rel_error"] > 0.05:
+                found.append(("warn", f"{worst['name']} loses the most (relative error {worst['rel_error']:.3f}, "
+                              f"the median is {median:.3f}): with W8A8 attention, its calibration ranges are the "
+                              "knob (more images, or leave that layer's attention FLOAT with an `exclude` in its "
+                              "linear_quant); with W4A8 experts, `weight.method: gptq` rounds them with their own "
+                              "inputs."))
+            else:
+                passed.append("no layer stands out in the comparison with the float model")
+        if _finite(evaluation.get("top1_agreement")) and evaluation["top1_agreement"] < 0.9:
             found.append(("warn", f"top-1 agreement with the float model is {100 * evaluation['top1_agreement']:.1f}%"
                           ": check the outlier suppression (QuaRot and iterative smoothing in the recipe)."))
     if not found:
-        found.append(("ok", "nothing looks wrong: every expert saw calibration tokens, the actors were evenly loaded"
-                      + (", and no layer stands out in the comparison with the float model." if evaluation else
-                         ". Run `dist-quant eval --report` to add the accuracy part.")))
+        checked = "; ".join(passed) if passed else "no check could run (the run's files are missing)"
+        found.append(("ok", f"nothing looks wrong: {checked}."
+                      + ("" if evaluation is not None else " Run `dist-quant eval --report` to add the accuracy "
+                                                            "part.")))
     return found
 
 
-def build_report(folder: str | Path, evaluation: Optional[dict] = None) -> str:
+def check_evaluation(evaluation: object) -> dict:
+    """An eval report (``dist-quant eval --output``) as the page reads it; ValueError naming what is wrong."""
+    if not isinstance(evaluation, dict):
+        raise ValueError("it does not hold a JSON object")
+    rows = evaluation.get("rows", [])
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and isinstance(r.get("name"), str)
+                                             and isinstance(r.get("cosine"), (int, float))
+                                             and isinstance(r.get("rel_error"), (int, float)) for r in rows):
+        raise ValueError("its rows are not a list of {name, cosine, rel_error}")
+    for key in ("kl_divergence", "top1_agreement"):
+        if not isinstance(evaluation.get(key, 0.0), (int, float)):
+            raise ValueError(f"its {key} is not a number")
+    return evaluation
+
+
+def build_report(folder: str | Path, evaluation: Optional[dict] = None, check=None) -> str:
     """The page for the checkpoint in ``folder`` (with the accuracy part when ``evaluation`` is given); a run's
-    staging folder is shown as the checkpoint it becomes."""
+    staging folder is shown as the checkpoint it becomes. ``check``: the folder's check Report when the caller has
+    it (quant, which has just run it), else it is run here."""
     from dist_quant.check import check_checkpoint
     from dist_quant.checkpoint.writer import STAGING_DIR
 
@@ -132,9 +172,9 @@ def build_report(folder: str | Path, evaluation: Optional[dict] = None) -> str:
     index = next((_json(folder, n) for n in ("quant_model_weights.safetensors.index.json",
                                              "model.safetensors.index.json") if (folder / n).exists()), None) or {}
     types = _types(folder)
-    modules = Counter(t for k, t in types.items() if k.endswith(".weight"))
+    weights = Counter(t for k, t in types.items() if k.endswith(".weight"))
     recipe = sorted(p.name for p in folder.glob("*.yaml"))
-    report = check_checkpoint(folder)
+    report = check if check is not None else check_checkpoint(folder)
     ran = [u for u in (timeline or {}).get("units", []) if not u.get("kept")]
     wall = max((u["start"] + u["seconds"] for u in ran), default=0.0)  # since the run started
     size = index.get("metadata", {}).get("total_size", 0)
@@ -144,10 +184,12 @@ def build_report(folder: str | Path, evaluation: Optional[dict] = None) -> str:
                   f"{text.get('hidden_size', '?')}"],
         ["recipe", ", ".join(recipe) or "?"],
         ["format", f"{report.format}; loads on {', '.join(report.engines) or 'no engine (see dist-quant check)'}"],
-        ["quant types (linears)", ", ".join(f"{t}: {n}" for t, n in sorted(modules.items()))],
+        ["weight tensors by type", ", ".join(f"{t}: {n}" for t, n in sorted(weights.items()))
+                                   + " (FLOAT counts norms and embeddings too)"],
         ["size", f"{size / GiB:.2f} GiB in {len(set(index.get('weight_map', {}).values()))} part file(s), "
                  f"{len(types)} tensors"],
-        ["wall time", f"{wall:.1f} s to the last unit on {(timeline or {}).get('workers', '?')} worker(s)"],
+        ["wall time", (f"{wall:.1f} s to the last unit" if ran else "every unit was kept from an earlier run")
+                      + f" on {(timeline or {}).get('workers', '?')} worker(s)"],
         ["device, threads", f"{run.get('device', '?')}, {run.get('compute_threads', '?')} compute thread(s), "
                             f"expert groups of {run.get('expert_group_size', '?')}"],
         ["versions", f"dist-quant {run.get('dist_quant', '?')}, torch {run.get('torch', '?')}"],
@@ -163,7 +205,7 @@ def build_report(folder: str | Path, evaluation: Optional[dict] = None) -> str:
                   f"{coverage.get('experts_without_tokens', 0)} of {coverage.get('experts', 0)} experts. The "
                   "numbers on the right are each layer's total.</p>",
                   f"<div class='figure'>{svg.coverage_heatmap(tokens)}</div>"]
-    if timeline:
+    if timeline and ran:
         totals = actor_totals(timeline)
         kept = [u["name"] for u in timeline.get("units", []) if u.get("kept")]
         startup = min((u["start"] for u in ran), default=0.0)
@@ -177,10 +219,11 @@ def build_report(folder: str | Path, evaluation: Optional[dict] = None) -> str:
                   _table(["actor", "units", "busy s", "idle s", "read GiB", "peak RSS GiB"],
                          [[t["actor"], t["units"], f"{t['busy']:.1f}", f"{t['idle']:.1f}",
                            f"{t['bytes_read'] / GiB:.2f}", f"{t['peak_rss'] / GiB:.2f}"] for t in totals])]
-    if evaluation and evaluation.get("rows"):
-        rows = evaluation["rows"]
+    if evaluation is not None:
+        rows = evaluation.get("rows") or []
         names = [r["name"] for r in rows]
-        worst = sorted(range(len(rows)), key=lambda i: -rows[i]["rel_error"])[:3]
+        worst = sorted((i for i in range(len(rows)) if _finite(rows[i]["rel_error"])),
+                       key=lambda i: -rows[i]["rel_error"])[:3]
         worst_names = ", ".join(f"{rows[i]['name']} ({rows[i]['rel_error']:.3g})" for i in worst)
         errors = svg.line_chart(names, {"rel error": [r["rel_error"] for r in rows]}, "relative error", log=True,
                                 highlight=set(worst))
@@ -189,10 +232,12 @@ def build_report(folder: str | Path, evaluation: Optional[dict] = None) -> str:
         parts += ["<h2>Accuracy (dist-quant eval)</h2>",
                   f"<p>Final logits: KL(float ‖ quantized) = {evaluation.get('kl_divergence', 0):.3g} nats/token, "
                   f"top-1 agreement {100 * evaluation.get('top1_agreement', 0):.1f}% over "
-                  f"{evaluation.get('tokens', '?')} tokens of {evaluation.get('samples', '?')} samples. "
-                  f"Largest relative errors (after the vision merger and each layer, against the float model): "
-                  f"{escape(worst_names)}.</p>",
-                  f"<div class='figure'>{errors}</div>", f"<div class='figure'>{cosines}</div>"]
+                  f"{escape(str(evaluation.get('tokens', '?')))} tokens of "
+                  f"{escape(str(evaluation.get('samples', '?')))} samples."
+                  + (f" Largest relative errors (after the vision merger and each layer, against the float "
+                     f"model): {escape(worst_names)}." if worst_names else "") + "</p>"]
+        if rows:
+            parts += [f"<div class='figure'>{errors}</div>", f"<div class='figure'>{cosines}</div>"]
     body = "\n".join(parts)
     return ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
             "<meta name='viewport' content='width=device-width, initial-scale=1'>"
@@ -202,7 +247,11 @@ def build_report(folder: str | Path, evaluation: Optional[dict] = None) -> str:
             "`dist-quant report` draws it again.</p></body></html>\n")
 
 
-def write_report(folder: str | Path, evaluation: Optional[dict] = None, path: Optional[str | Path] = None) -> Path:
+def write_report(folder: str | Path, evaluation: Optional[dict] = None, path: Optional[str | Path] = None,
+                 check=None) -> Path:
+    """Draw the page and write it in one step (a temporary file renamed into place: never half a page)."""
     target = Path(path) if path is not None else Path(folder) / REPORT_FILE
-    target.write_text(build_report(folder, evaluation), encoding="utf-8")
+    partial = target.with_name(f".{target.name}.partial")
+    partial.write_text(build_report(folder, evaluation, check), encoding="utf-8")
+    os.replace(partial, target)
     return target

@@ -55,7 +55,7 @@ def coverage_heatmap(tokens: dict[int, Sequence[int]]) -> str:
     for row, layer in enumerate(layers):
         y = top + row * cell_h
         if row % label_every == 0:
-            body.append(_text(left - 6, y + min(cell_h, 11) - 1, f"layer {layer}", "end", size=min(11, 10 + 1)))
+            body.append(_text(left - 6, y + min(cell_h, 11) - 1, f"layer {layer}", "end", size=11))
         for expert, count in enumerate(tokens[layer]):
             x = left + expert * cell_w
             none = count == 0
@@ -70,16 +70,18 @@ def coverage_heatmap(tokens: dict[int, Sequence[int]]) -> str:
             body.append("</g>")
         total = sum(tokens[layer])
         body.append(f'<g data-layer-total="{layer}" data-tokens="{total}">'
-                    + _text(left + experts * cell_w + 6, y + min(cell_h, 11) - 1, f"{total}", size=min(11, 11))
-                    + "</g>")
+                    + _text(left + experts * cell_w + 6, y + min(cell_h, 11) - 1, f"{total}",
+                            size=int(min(11, cell_h + 1))) + "</g>")
     height = top + len(layers) * cell_h + 34
     one = math.log1p(1) / scale
-    for i, t in enumerate((one, one + (1 - one) / 4, one + (1 - one) / 2, one + 3 * (1 - one) / 4, 1)):
-        x = left + i * 110  # the legend: tokens at five points of the log scale, from 1 token to the most
-        count = round(math.expm1(t * scale))
+    stops = {}  # the legend: token counts at up to five points of the log scale, from 1 token to the most
+    for t in (one, one + (1 - one) / 4, one + (1 - one) / 2, one + 3 * (1 - one) / 4, 1):
+        stops.setdefault(max(1, round(math.expm1(t * scale))), math.log1p(max(1, round(math.expm1(t * scale)))) / scale)
+    for i, (count, t) in enumerate(stops.items()):
+        x = left + i * 110
         body.append(f'<rect x="{x}" y="{height - 20}" width="14" height="12" fill="{viridis(t)}"/>'
                     + _text(x + 18, height - 10, f"{count} token{'s' if count != 1 else ''}"))
-    x = left + 5 * 110
+    x = left + len(stops) * 110
     body.append(f'<rect x="{x}" y="{height - 20}" width="14" height="12" class="none"/>'
                 f'<path d="M{x} {height - 20}l14 12m0 -12l-14 12" class="cross"/>' + _text(x + 18, height - 10, "none"))
     width = left + experts * cell_w + right
@@ -90,7 +92,7 @@ def timeline(units: list[dict], workers: int) -> str:
     """One lane per actor (or the single card), a bar per unit that ran, coloured by kind, its phases in the
     hover text; time runs left to right from the first unit's start, gaps are idle time."""
     ran = [u for u in units if not u.get("kept")]
-    lanes = sorted({u["actor"] for u in ran}) or [0]
+    lanes = sorted({u["actor"] for u in ran} | set(range(workers)))  # an actor with nothing to do has a lane
     origin = min((u["start"] for u in ran), default=0.0)
     end = max((u["start"] + u["seconds"] - origin for u in ran), default=1.0) or 1.0
     left, top, lane_h, width = 80.0, 24.0, 26.0, 900.0
@@ -139,16 +141,21 @@ def line_chart(names: list[str], series: dict[str, list[float]], ylabel: str, lo
     """Values per piece (the vision merger, then each layer) as lines with points; the worst pieces' points are
     drawn larger."""
     left, top, width, height = 70.0, 26.0, 860.0, 220.0
-    values = [v for vals in series.values() for v in vals if v > 0 or not log]
-    lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
+    values = [v for vals in series.values() for v in vals if math.isfinite(v) and (v > 0 or not log)]
+    lo, hi = (min(values), max(values)) if values else (1.0, 10.0)
     if log:
-        lo, hi = math.log10(max(lo, 1e-12)), math.log10(max(hi, 1e-12))
+        lo, hi = math.log10(lo), math.log10(hi)
     hi = hi if hi > lo else lo + 1.0
     n = max(len(names), 1)
     x_of = (lambda i: left + (i + 0.5) * width / n)
 
     def y_of(v: float) -> float:
-        v = math.log10(max(v, 1e-12)) if log else v
+        """Inside the plot: a zero on a log scale sits on the bottom edge, a NaN or inf on the top edge."""
+        if not math.isfinite(v):
+            return top
+        if log and v <= 0:
+            return top + height
+        v = math.log10(v) if log else v
         return top + height - (v - lo) / (hi - lo) * height
 
     body = [f'<rect x="{left}" y="{top}" width="{width}" height="{height}" class="lane"/>',
@@ -160,11 +167,12 @@ def line_chart(names: list[str], series: dict[str, list[float]], ylabel: str, lo
                     + _text(left - 4, y + 4, f"{10 ** v:.2g}" if log else f"{v:.4g}", "end", 10))
     styles = ("#0072B2", "#D55E00", "#009E73")
     for (label, vals), colour in zip(series.items(), styles):
-        points = " ".join(f"{x_of(i):.1f},{y_of(v):.1f}" for i, v in enumerate(vals))
+        points = " ".join(f"{x_of(i):.1f},{y_of(v):.1f}" for i, v in enumerate(vals) if math.isfinite(v))
         body.append(f'<polyline points="{points}" fill="none" stroke="{colour}" stroke-width="1.6"/>')
         for i, v in enumerate(vals):
             r = 4.5 if highlight and i in highlight else 2.2
-            body.append(f'<circle cx="{x_of(i):.1f}" cy="{y_of(v):.1f}" r="{r}" fill="{colour}" '
+            bad = "" if math.isfinite(v) else ' stroke="#000000" stroke-width="2"'
+            body.append(f'<circle cx="{x_of(i):.1f}" cy="{y_of(v):.1f}" r="{r}" fill="{colour}"{bad} '
                         f'data-piece="{escape(names[i])}" data-{label.replace(" ", "-")}="{v}">'
                         f'<title>{escape(names[i])}: {label} {v:.5g}</title></circle>')
     label_every = max(1, math.ceil(n / 16))

@@ -204,11 +204,13 @@ def quantize(model_path: str, save_path: str, recipe: Recipe, executor: Executor
 def _finish_folder(folder: Path, run_log: RunLog) -> None:
     """The last step before publishing: the serving engine's loader rules must pass (or nothing is published), then
     report.html is drawn from the files next to the checkpoint (a failure there only warns: the checkpoint is fine)."""
+    from dist_quant.check import summary_line
     from dist_quant.htmlreport import write_report
 
-    run_log.write(refuse_unservable(folder))
+    report = refuse_unservable(folder)
+    run_log.write(summary_line(report))
     try:
-        write_report(folder)
+        write_report(folder, check=report)
     except Exception as error:  # noqa: BLE001 (a drawing bug must not cost a finished checkpoint)
         run_log.warn(f"report.html could not be drawn ({type(error).__name__}: {error}); `dist-quant report` "
                      "draws it again from the published files")
