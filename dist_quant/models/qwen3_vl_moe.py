@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import math
 import re
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -545,13 +546,40 @@ def _numel(module: nn.Module) -> int:
 
 
 def vision_param_count(config: Qwen3VLMoeConfig) -> int:
-    with torch.device("meta"):
-        return _numel(hf.Qwen3VLMoeVisionModel._from_config(config.vision_config))
+    sizes = _sizes_of(config)
+    if "vision" not in sizes:
+        with torch.device("meta"):
+            sizes["vision"] = _numel(hf.Qwen3VLMoeVisionModel._from_config(config.vision_config))
+    return sizes["vision"]
+
+
+_SIZES: dict[int, tuple] = {}  # id(config) -> (a weak reference to it, {layer kind or "vision": sizes})
+
+
+def _sizes_of(config: Qwen3VLMoeConfig) -> dict:
+    """The sizes worked out so far for this config object (the plan asks for them once per unit)."""
+    ref, sizes = _SIZES.get(id(config), (None, None))
+    if ref is None or ref() is not config:  # configs are not hashable; an id is reused only once it is gone
+        sizes = {}
+        _SIZES[id(config)] = (weakref.ref(config, lambda _, key=id(config): _SIZES.pop(key, None)), sizes)
+    return sizes
+
+
+def _layer_sizes(config: Qwen3VLMoeConfig, layer_idx: int) -> tuple[int, dict[str, int]]:
+    """(parameters, {linear name under the layer: weight parameters}) of a decoder layer without its experts: the
+    same for every layer of one kind, so worked out once per config and kind (a 235B plan asks 94 times)."""
+    kind = layer_kind(config.text_config, layer_idx)
+    per_config = _sizes_of(config)
+    if kind not in per_config:
+        layer = meta_layer(config, layer_idx)
+        per_config[kind] = (_numel(layer), {name: m.weight.numel() for name, m in layer.named_modules()
+                                            if isinstance(m, nn.Linear)})
+    return per_config[kind]
 
 
 def layer_param_count(config: Qwen3VLMoeConfig, layer_idx: int) -> int:
     """Parameters of a decoder layer without its experts (attention, norms, router or dense MLP)."""
-    return _numel(meta_layer(config, layer_idx))
+    return _layer_sizes(config, layer_idx)[0]
 
 
 def expert_shapes(config: Qwen3VLMoeConfig) -> tuple[tuple[int, int], ...]:
@@ -639,7 +667,8 @@ def meta_layer(config: Qwen3VLMoeConfig, layer_idx: int) -> nn.Module:
 
 def layer_linears(config: Qwen3VLMoeConfig, layer_idx: int) -> dict[str, int]:
     """Weight parameters of each linear of a decoder layer without its experts, by module name."""
-    return _linear_params(meta_layer(config, layer_idx), layer_prefix(layer_idx))
+    prefix = layer_prefix(layer_idx)
+    return {f"{prefix}.{name}": n for name, n in _layer_sizes(config, layer_idx)[1].items()}
 
 
 def expert_linears(config: Qwen3VLMoeConfig, layer_idx: int, first: int, stop: int) -> dict[str, int]:

@@ -198,7 +198,8 @@ def unit_hessian_bytes(config, unit: Unit, recipe: Recipe) -> int:
     recipe's scheme for the group's experts does not ask for them."""
     if unit.kind is not Kind.EXPERTS:
         return 0
-    for name in unit_linears(config, unit):
+    first = Unit(Kind.EXPERTS, unit.layer, unit.first_expert, unit.first_expert + 1)  # the group's first expert
+    for name in unit_linears(config, first):
         processor = recipe.linear_quant(name)
         if schemes.get(recipe.quant_type(name)).needs_hessian(processor and processor.weight):
             tc = config.text_config
