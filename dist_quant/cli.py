@@ -225,8 +225,7 @@ def _report_parser(sub) -> None:
 def _cmd_report(args) -> int:
     from dist_quant.htmlreport import write_report
 
-    if not Path(args.checkpoint).is_dir():
-        raise DistQuantError(f"{args.checkpoint} is not a directory: pass the quantized checkpoint's folder")
+    _checkpoint_folder(args.checkpoint)
     from dist_quant.htmlreport import check_evaluation
 
     evaluation = None
@@ -261,11 +260,15 @@ def _check_parser(sub) -> None:
     p.add_argument("--tp", type=_positive_int, default=1, help="vLLM's --tensor-parallel-size")
 
 
+def _checkpoint_folder(path: str) -> None:
+    if not Path(path).is_dir():
+        raise DistQuantError(f"{path} is not a directory: pass the quantized checkpoint's folder")
+
+
 def _cmd_check(args) -> int:
     from dist_quant.check import SERVE_DTYPES, check_checkpoint, format_report
 
-    if not Path(args.checkpoint).is_dir():
-        raise DistQuantError(f"{args.checkpoint} is not a directory: pass the quantized checkpoint's folder")
+    _checkpoint_folder(args.checkpoint)
     serve_dtype = SERVE_DTYPES[args.serve_dtype] if args.serve_dtype else None
     report = check_checkpoint(args.checkpoint, serve_dtype, args.tp)
     print(format_report(report))

@@ -20,7 +20,8 @@ import torch
 
 from dist_quant.check import Rule, Verdict
 from dist_quant.check.folder import Folder
-from dist_quant.check.model import W4A8_SCALE_BIAS_CHUNKS, Linear, Model, tp_violations
+from dist_quant.check.model import (HF_TO_VLLM_PREFIXES, W4A8_SCALE_BIAS_CHUNKS, Linear, Model, hf_name,
+                                    tp_violations)
 
 FORMAT = "ascendv1 (msModelSlim) for vLLM Ascend"
 ENGINES = ["vLLM Ascend (--quantization ascend)"]
@@ -31,9 +32,7 @@ HIJACKING = ("quantization_config", "compression_config")
 MODEL_TYPE = "qwen3_vl_moe"
 # checkpoint key prefixes: the Hugging Face layout, and the vLLM names hf_to_vllm_mapper maps them to (vLLM maps the
 # description's keys the same way, so either form works; the checks below speak the HF form)
-VLLM_TO_HF = (("visual.", "model.visual."), ("language_model.model.", "model.language_model."),
-              ("language_model.lm_head.", "lm_head."))
-HF_PREFIXES = ("model.visual.", "model.language_model.", "lm_head.")
+HF_PREFIXES = tuple(hf for hf, _ in HF_TO_VLLM_PREFIXES)
 FLOAT = "FLOAT"
 # (quant type, layer kind) pairs vLLM Ascend registers a method for (methods/registry.py); FLOAT needs none
 LINEAR_METHODS = ("W8A8", "W8A8_DYNAMIC", "W8A16")
@@ -87,13 +86,6 @@ class Param:
     required: bool = True
 
 
-def hf_key(key: str) -> str:
-    for vllm, hf in VLLM_TO_HF:
-        if key.startswith(vllm):
-            return hf + key[len(vllm):]
-    return key
-
-
 def method_params(quant_type: str, linear: Linear, serve_dtype: torch.dtype) -> Optional[dict[str, Param]]:
     """The parameters vLLM Ascend's method for ``quant_type`` creates for ``linear``, by checkpoint key suffix, with
     the dtypes a checkpoint tensor may have (the loader casts float scales to the serving dtype by design) and the
@@ -134,9 +126,9 @@ class Checker:
             if key in FIELDS or key in FEATURE_FIELDS or not (isinstance(value, str) and "." in key):
                 self.fields[key] = value
             else:
-                self.entries[hf_key(key)] = value
-        self.tensors = {hf_key(k): info for k, info in folder.tensors.items()}
-        self.raw_tensor_key = {hf_key(k): k for k in folder.tensors}
+                self.entries[hf_name(key)] = value
+        self.tensors = {hf_name(k): info for k, info in folder.tensors.items()}
+        self.raw_tensor_key = {hf_name(k): k for k in folder.tensors}
         self.model: Optional[Model] = None
         self.model_error = ""
         if folder.config is not None:

@@ -18,10 +18,10 @@ import torch
 
 from dist_quant.check import Rule, Verdict
 from dist_quant.check.folder import Folder
-from dist_quant.check.model import Linear, Model, tp_violations
+from dist_quant.checkpoint.formats.compressed_tensors import QUANT_METHOD
+from dist_quant.check.model import Linear, Model, tp_violations, vllm_name
 
 FORMAT = "compressed-tensors for vLLM"
-QUANT_METHOD = "compressed-tensors"
 INDEX = "model.safetensors.index.json"
 # QuantizationArgs' fields (0.20.1; older versions wrote observer and observer_kwargs too); others are refused
 ARG_KEYS = {"num_bits", "type", "symmetric", "group_size", "strategy", "dynamic", "block_structure", "actorder",
@@ -68,15 +68,6 @@ def applies(folder: Folder) -> bool:
     """A folder whose config.json says compressed-tensors."""
     config = (folder.config or {}).get("quantization_config")
     return isinstance(config, dict) and config.get("quant_method") == QUANT_METHOD
-
-
-def vllm_name(hf: str) -> str:
-    """The module's name in vLLM (Qwen3-VL's hf_to_vllm_mapper): what unmapped regexes are matched against."""
-    for hf_prefix, vllm_prefix in (("model.visual.", "visual."), ("model.language_model.", "language_model.model."),
-                                   ("lm_head", "language_model.lm_head")):
-        if hf.startswith(hf_prefix):
-            return vllm_prefix + hf[len(hf_prefix):]
-    return hf
 
 
 class Matcher:
@@ -177,6 +168,10 @@ class Checker:
             self.model = Model(folder.config)
         except Exception:  # noqa: BLE001 (a config transformers cannot build: C8 says so)
             pass
+        self.suffixes: dict[str, list[str]] = {}  # module -> the suffixes of its tensors (C6 and C7)
+        for key in folder.tensors:
+            module, _, suffix = key.rpartition(".")
+            self.suffixes.setdefault(module, []).append(suffix)
         self.group_of: dict[str, Optional[str]] = {}  # layer -> its group (None: ignored or unmatched)
         self.unmatched: list[str] = []
         if self.model is not None:
@@ -254,14 +249,8 @@ class Checker:
             return None  # a format whose tensors this check does not know
         return scheme_tensors(linear, *self.args(group))
 
-    def _tensors_under(self) -> dict[str, list[str]]:
-        under: dict[str, list[str]] = {}
-        for key in self.folder.tensors:
-            under.setdefault(key.rpartition(".")[0], []).append(key.rpartition(".")[2])
-        return under
-
     def _tensor_violations(self, experts: bool) -> list[str]:
-        under, bad = self._tensors_under(), []
+        under, bad = self.suffixes, []
         for name, linear in self.model.linears.items():
             if linear.expert != experts:
                 continue

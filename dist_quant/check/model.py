@@ -9,6 +9,25 @@ from dataclasses import dataclass
 from typing import Callable
 
 W4A8_SCALE_BIAS_CHUNKS = 16  # W4A8 down_proj.scale_bias [H, 16], split on dim 1 under TP (vllm-ascend w4a8.py)
+# checkpoint (Hugging Face) key prefixes and the vLLM names Qwen3-VL's hf_to_vllm_mapper maps them to
+HF_TO_VLLM_PREFIXES = (("model.visual.", "visual."), ("model.language_model.", "language_model.model."),
+                       ("lm_head.", "language_model.lm_head."))
+
+
+def hf_name(key: str) -> str:
+    """A key in vLLM's names back in the checkpoint's (other keys unchanged)."""
+    for hf, vllm in HF_TO_VLLM_PREFIXES:
+        if key.startswith(vllm):
+            return hf + key[len(vllm):]
+    return key
+
+
+def vllm_name(module: str) -> str:
+    """A checkpoint module name (``lm_head`` included) as vLLM names it (other names unchanged)."""
+    for hf, vllm in HF_TO_VLLM_PREFIXES:
+        if (module + ".").startswith(hf):
+            return (vllm + (module + ".")[len(hf):])[:-1]
+    return module
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from html import escape
 from pathlib import Path
 from typing import Optional
 
+from dist_quant.checkpoint.formats import published_format
 from dist_quant.htmlreport import svg
 
 REPORT_FILE = "report.html"
@@ -50,12 +51,9 @@ def _json(folder: Path, name: str) -> Optional[object]:
         return None
 
 
-def _types(folder: Path) -> dict[str, str]:
-    from dist_quant.checkpoint.formats import ascendv1, compressed_tensors
-
-    fmt = ascendv1 if (folder / ascendv1.DESCRIPTION_FILE).exists() else compressed_tensors
+def _types(folder: Path, fmt) -> dict[str, str]:
     try:
-        return fmt.published_types(folder)
+        return fmt.published_types(folder) if fmt is not None else {}
     except (OSError, ValueError, KeyError):
         return {}
 
@@ -169,9 +167,9 @@ def build_report(folder: str | Path, evaluation: Optional[dict] = None, check=No
     run = (_json(folder, "quant_run.json") or {}).get("fingerprint", {})
     coverage = _json(folder, "calibration_coverage.json")
     timeline = _json(folder, "quant_timeline.json")
-    index = next((_json(folder, n) for n in ("quant_model_weights.safetensors.index.json",
-                                             "model.safetensors.index.json") if (folder / n).exists()), None) or {}
-    types = _types(folder)
+    fmt = published_format(folder)
+    index = (_json(folder, fmt.INDEX_FILE) if fmt is not None else None) or {}
+    types = _types(folder, fmt)
     weights = Counter(t for k, t in types.items() if k.endswith(".weight"))
     recipe = sorted(p.name for p in folder.glob("*.yaml"))
     report = check if check is not None else check_checkpoint(folder)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from dist_quant import schemes
+from dist_quant.checkpoint.formats import compressed_tensors, drop_config_keys, hub_part_names
 from dist_quant.checkpoint.reader import JSON_FILE_ERRORS, CheckpointReader, load_json_file, model_file
 from dist_quant.errors import CheckpointError, reason
 
@@ -36,9 +37,7 @@ HIJACKING_CONFIG_KEYS = ("quantization_config", "compression_config")  # vLLM ta
 
 def part_names(count: int) -> list[str]:
     """The weight files of a checkpoint of ``count`` parts (0 parts limit: one file without a number)."""
-    if count == 0:
-        return [SINGLE_WEIGHTS_FILE]
-    return [f"{WEIGHTS_PREFIX}-{k:05d}-of-{count:05d}.safetensors" for k in range(1, count + 1)]
+    return hub_part_names(WEIGHTS_PREFIX, count)
 
 
 # --- writing ---------------------------------------------------------------------------------------------------------
@@ -97,11 +96,7 @@ def described_types(content: dict) -> dict[str, str]:
 def rewrite_config(config: dict, types: dict[str, str]) -> dict:
     """The source config.json without the keys vLLM would take for the quant description, from both levels (the
     quant types live in the description file, not here; docs/ascend-loader-rules.md R2)."""
-    for key in HIJACKING_CONFIG_KEYS:
-        config.pop(key, None)
-        if isinstance(config.get("text_config"), dict):
-            config["text_config"].pop(key, None)
-    return config
+    return drop_config_keys(config, HIJACKING_CONFIG_KEYS)
 
 
 def rotation_file(rotation: torch.Tensor) -> tuple[str, dict[str, torch.Tensor], dict]:
@@ -133,22 +128,13 @@ def needed_roles(quant_type: Optional[str]) -> tuple[str, ...]:
     return tuple(r for r in roles if r != "weight")
 
 
-def _is_compressed_tensors(path: Path) -> bool:
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(config, dict) and isinstance(config.get("quantization_config"), dict) and \
-        config["quantization_config"].get("quant_method") == "compressed-tensors"
-
-
 class Checkpoint:
     """An ascendv1 checkpoint read back: its description, tensors, rotation, and each linear as the engine runs it."""
 
     def __init__(self, path: str | Path, dtype: torch.dtype):
         self.path = Path(path)
         description_file = model_file(self.path, DESCRIPTION_FILE, "the quantized checkpoint")
-        if not description_file.exists() and _is_compressed_tensors(self.path):
+        if not description_file.exists() and compressed_tensors.is_published(self.path):
             raise CheckpointError(f"{path} is a compressed-tensors checkpoint; dist-quant eval runs vLLM Ascend's "
                                   "math on ascendv1 checkpoints only: quantize again without --save_format (the same "
                                   "recipe gives the same codes and scales) and evaluate that")

@@ -31,12 +31,12 @@ import torch
 
 from dist_quant import schemes
 from dist_quant.algorithms.int4 import unpack_int4_rows
+from dist_quant.checkpoint.formats import drop_config_keys, hub_part_names
 
 NAME = "compressed-tensors"
 QUANT_METHOD = "compressed-tensors"
 LIBRARY_VERSION = "0.20.1"  # the compressed-tensors release whose layout is written (tests/test_compressed_tensors.py)
 WEIGHTS_PREFIX = "model"
-SINGLE_WEIGHTS_FILE = f"{WEIGHTS_PREFIX}.safetensors"
 INDEX_FILE = f"{WEIGHTS_PREFIX}.safetensors.index.json"
 MARKER_FILE = "config.json"  # its quantization_config describes the checkpoint
 OPTIONAL_DIR = "optional"  # never written (no side file)
@@ -56,9 +56,7 @@ _EXPERT = re.compile(r".*\.layers\.(?P<n>\d+)\.mlp\.experts\.\d+\.(gate_proj|up_
 
 
 def part_names(count: int) -> list[str]:
-    if count == 0:
-        return [SINGLE_WEIGHTS_FILE]
-    return [f"{WEIGHTS_PREFIX}-{k:05d}-of-{count:05d}.safetensors" for k in range(1, count + 1)]
+    return hub_part_names(WEIGHTS_PREFIX, count)
 
 
 def linear_entries(name: str, quant_type: str, roles: dict[str, torch.Tensor],
@@ -126,10 +124,7 @@ def description_files(types: dict[str, str], optional: Optional[dict]) -> dict[s
 
 
 def rewrite_config(config: dict, types: dict[str, str]) -> dict:
-    for key in HIJACKING_CONFIG_KEYS:
-        config.pop(key, None)
-        if isinstance(config.get("text_config"), dict):
-            config["text_config"].pop(key, None)
+    config = drop_config_keys(config, HIJACKING_CONFIG_KEYS)
     config["quantization_config"] = quantization_config(types)
     return config
 
