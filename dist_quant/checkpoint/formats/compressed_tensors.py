@@ -129,30 +129,22 @@ def rewrite_config(config: dict, types: dict[str, str]) -> dict:
     return config
 
 
-def _group_matchers(config: dict) -> list[tuple[str, set, Optional[re.Pattern]]]:
-    """(group, literal targets, one compiled regex of its ``re:`` targets) of each config group, in order."""
-    matchers = []
-    for name, group in config.get("config_groups", {}).items():
-        targets = [t for t in group.get("targets", []) if isinstance(t, str)]
-        regexes = [t[3:] for t in targets if t.startswith("re:")]
-        matchers.append((name, {t for t in targets if not t.startswith("re:")},
-                         re.compile("|".join(f"(?:{r})" for r in regexes)) if regexes else None))
-    return matchers
-
-
 def published_types(save_path: Path) -> dict[str, str]:
     """The quant type of each tensor of a published checkpoint, from its index and quantization_config (the group
-    names are the quant types; a module matches a group by its exact name or a regex, as the library matches)."""
+    names are the quant types; a module is in the first group whose targets match it, as vLLM matches them:
+    check/compressed_tensors.py ``Matcher``)."""
+    from dist_quant.check.compressed_tensors import Matcher
+
     save_path = Path(save_path)
-    matchers = _group_matchers(json.loads((save_path / MARKER_FILE).read_text())["quantization_config"])
+    groups = json.loads((save_path / MARKER_FILE).read_text())["quantization_config"].get("config_groups", {})
+    matchers = [(name, Matcher(group.get("targets", []))) for name, group in groups.items()]
     keys = json.loads((save_path / INDEX_FILE).read_text())["weight_map"]
     group_of: dict[str, Optional[str]] = {}
     types = {}
     for key in keys:
         module, _, role = key.rpartition(".")
         if module not in group_of:
-            group_of[module] = next((name for name, literals, regex in matchers if module in literals
-                                     or (regex is not None and regex.match(module))), None)
+            group_of[module] = next((name for name, match in matchers if match(module)), None)
         group = group_of[module]
         types[key] = schemes.FLOAT if group is None or role == "bias" else group
     return types
