@@ -60,6 +60,15 @@ class Report:
         return [v.rule.id for v in self.verdicts if v.violations]
 
 
+def run_rules(checker, rules: dict[str, Rule]) -> list[Verdict]:
+    """Each rule's ``checker.rule_<id>()``: its violations, or None where it does not apply."""
+    verdicts = []
+    for rule_id, rule in rules.items():
+        violations = getattr(checker, f"rule_{rule_id}")()
+        verdicts.append(Verdict(rule, list(violations or []), violations is not None))
+    return verdicts
+
+
 def default_serve_dtype(folder: Folder) -> torch.dtype:
     """What vLLM's ``--dtype auto`` serves the model in: bfloat16 for a bfloat16 config, float16 for any other (a
     float32 model is served in float16)."""

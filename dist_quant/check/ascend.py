@@ -18,7 +18,7 @@ from typing import Iterable, Optional
 
 import torch
 
-from dist_quant.check import Rule, Verdict
+from dist_quant.check import Rule, Verdict, run_rules
 from dist_quant.check.folder import Folder
 from dist_quant.check.model import (HF_TO_VLLM_PREFIXES, W4A8_SCALE_BIAS_CHUNKS, Linear, Model, hf_name,
                                     tp_violations)
@@ -129,6 +129,10 @@ class Checker:
                 self.entries[hf_name(key)] = value
         self.tensors = {hf_name(k): info for k, info in folder.tensors.items()}
         self.raw_tensor_key = {hf_name(k): k for k in folder.tensors}
+        self.suffixes: dict[str, list[str]] = {}  # module -> the suffixes of its tensors
+        for key in self.tensors:
+            module, _, suffix = key.rpartition(".")
+            self.suffixes.setdefault(module, []).append(suffix)
         self.model: Optional[Model] = None
         self.model_error = ""
         if folder.config is not None:
@@ -320,7 +324,7 @@ class Checker:
             params = self.known_params(name) if lin.expert else None
             if params is None:
                 continue
-            have = {k[len(name) + 1:] for k in self._keys_under(name)}
+            have = set(self.suffixes.get(name, ()))
             bad += [f"{name}.{s} is missing" for s in params if params[s].required and s not in have]
             bad += [f"{name}.{s}: no {self.types[name]} parameter takes it" for s in sorted(have - set(params))]
         return bad
@@ -391,13 +395,6 @@ class Checker:
 
     # --- helpers -------------------------------------------------------------------------------------------------
 
-    def _keys_under(self, name: str) -> list[str]:
-        if not hasattr(self, "_by_linear"):
-            self._by_linear: dict[str, list[str]] = {}
-            for key in self.tensors:
-                self._by_linear.setdefault(key.rpartition(".")[0], []).append(key)
-        return self._by_linear.get(name, [])
-
     def _expert_of_fused(self, key: str) -> str:
         layer = int(re.search(r"\.layers\.(\d+)\.", key).group(1))
         return self.model.expert0(layer)[0]
@@ -405,10 +402,7 @@ class Checker:
     def run(self) -> list[Verdict]:
         if self.model is not None:
             self.resolve_types()
-        verdicts = []
-        for rule_id, rule in RULES.items():
-            violations = getattr(self, f"rule_{rule_id}")()
-            verdicts.append(Verdict(rule, list(violations or []), violations is not None))
+        verdicts = run_rules(self, RULES)
         if self.model is None and self.folder.config is not None:
             verdicts[RULES_ORDER.index("R4")].violations.append(f"config.json does not describe a model transformers "
                                                                 f"can build ({self.model_error[:200]})")

@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from dist_quant.check import Rule, Verdict
+from dist_quant.check import Rule, Verdict, run_rules
 from dist_quant.check.folder import Folder
 from dist_quant.checkpoint.formats.compressed_tensors import QUANT_METHOD
 from dist_quant.check.model import Linear, Model, tp_violations, vllm_name
@@ -337,19 +337,11 @@ class Checker:
                    and self.model.linears[n].expert}
         return any(vllm_scheme(*self.args(g), True) == "CompressedTensorsW4A8Int8MoEMethod" for g in experts)
 
-    def run(self) -> list[Verdict]:
-        verdicts = []
-        for rule_id, rule in RULES.items():
-            violations = getattr(self, f"rule_{rule_id}")()
-            verdicts.append(Verdict(rule, list(violations or []), violations is not None))
-        return verdicts
-
-
 def check(folder: Folder, serve_dtype: torch.dtype, tp: int) -> tuple[list[Verdict], list[str]]:
     """(verdicts, the engines that load the checkpoint). The serving dtype is not a rule here: vLLM's
     compressed-tensors parameters are float32 whatever the serving dtype."""
     checker = Checker(folder, tp)
-    verdicts = checker.run()
+    verdicts = run_rules(checker, RULES)
     failed = {v.rule.id for v in verdicts if v.violations}
     if any(not RULES[r].engine for r in failed):
         return verdicts, []
