@@ -67,14 +67,15 @@ def rotate_block(block: nn.Module, steps: tuple, rot: quarot.BlockRotation, head
 
 
 def rotate_experts(experts: list[tuple[torch.Tensor, ...]], post_norm_weight: torch.Tensor,
-                   rot: quarot.BlockRotation) -> list[tuple[torch.Tensor, ...]]:
+                   rot: quarot.BlockRotation) -> None:
     """Every expert reads the post-attention norm (fused into gate/up, then right-rotated) and writes the stream
-    (down: ``R^T @ W``). Expert by expert, so no group-sized stacked copy is made."""
-    rotated = []
-    for gate, up, down in experts:
+    (down: ``R^T @ W``). In place, expert by expert: each expert's float weights are dropped as its rotated ones are
+    made, so a group is never held twice and no group-sized stacked copy is made."""
+    for i in range(len(experts)):
+        gate, up, down = experts[i]
+        experts[i] = ()
         gate, up = (quarot.rotate_reader(w, rot) for w in quarot.fuse_norm_into_linears(post_norm_weight, [gate, up]))
-        rotated.append((gate, up, quarot.rotate_writer(down, None, rot)[0]))
-    return rotated
+        experts[i] = (gate, up, quarot.rotate_writer(down, None, rot)[0])
 
 
 def rotate_head(norm_weight: torch.Tensor, lm_head: torch.Tensor, rot: quarot.BlockRotation) -> torch.Tensor:

@@ -364,7 +364,7 @@ class Worker:
         if self.rotation is not None:
             post_norm = self._read(f"{self.family.layer_prefix(layer_idx)}.{self.family.EXPERT_READER_NORM}.weight")
             with self.times.phase("rotate"):
-                experts = outliers.rotate_experts(experts, post_norm, self.rotation)
+                outliers.rotate_experts(experts, post_norm, self.rotation)
         return experts
 
     def prefetch_next_experts(self, units: list, position: int) -> None:
