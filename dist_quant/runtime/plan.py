@@ -20,9 +20,14 @@ from dist_quant.recipe import Recipe, load_recipe
 DEFAULT_EXPERT_GROUP_SIZE = 16
 DEFAULT_CALIB_TOKENS = 16 * 1024  # e.g. 16 images of ~1000 tokens: the activations every text unit holds
 COMPUTE_BYTES = 4  # weights are computed on in float32
-# Python, torch, transformers and the calibration inputs (0.35-0.6 GiB), plus what the allocator keeps of freed blocks
-# between units (~0.5 GiB): measured on CPU at 235B width (docs/benchmarks.md, "Real width"); a card adds its context
-RUNTIME_OVERHEAD = 1024**3
+# Python, torch, transformers and the calibration inputs (0.52-0.55 GiB at a Ray actor's or the single card's first
+# unit), plus what the allocator keeps of freed blocks inside a unit: measured on CPU at Qwen3-VL-235B-A22B's and
+# 30B-A3B's widths (docs/benchmarks.md, "Real width"); a card adds its context
+RUNTIME_OVERHEAD = int(0.7 * 1024**3)
+# A Ray actor's layer and expert units take the token stream, the MoE inputs and the partial sums through the object
+# store, whose pages stay mapped in the actor: 0.35-0.36 GiB measured at 30B width, 0.41-0.64 GiB at 235B, i.e.
+# about this many float32 copies of the calibration token stream [tokens, hidden]
+OBJECT_STORE_STREAMS = 14
 ROW_CHUNK = 8192  # rows of the embeddings and lm_head in float32 at a time (runtime/worker.py)
 # GPTQ's working set per entry of an expert's input Gram matrix [hidden, hidden] (float64 Gram, its damped and
 # reordered copies, the float32 inverse factor): measured 0.66 GiB at hidden 4096 (algorithms/gptq.py)
@@ -208,17 +213,24 @@ def unit_hessian_bytes(config, unit: Unit, recipe: Recipe) -> int:
 
 
 def unit_peak_bytes(config, unit: Unit, params: int, output: int, source_bytes: int, calib_tokens: int,
-                    prefetched_params: int) -> int:
+                    prefetched_params: int, *, object_store: bool = False) -> int:
     """What a worker holds while it runs ``unit``: the unit's float32 weights (the embeddings and lm_head a chunk
-    of rows at a time, read, rotated and converted), its output until the unit ends, the next expert group being
-    prefetched (its float32 weights and the stored ones they are converted from) and the activations. Measured
-    against the peak RSS at Qwen3-VL-235B-A22B and 30B-A3B widths: docs/benchmarks.md, "Real width"."""
+    of rows at a time, read, rotated and converted), its activations, and the larger of the next expert group being
+    read (its stored weights and the float32 ones they are converted into; the stored copy is freed once converted)
+    and the unit's output, which grows until the unit ends, beside that group's float32 weights; with
+    ``object_store`` (a Ray actor), the object store's pages a layer or expert unit maps. Measured against the
+    resident memory of every unit at Qwen3-VL-235B-A22B and 30B-A3B widths: docs/benchmarks.md, "Real width"."""
+    tc = config.text_config
     if unit.kind in (Kind.EMBED, Kind.HEAD):
-        weights = 3 * min(ROW_CHUNK, config.text_config.vocab_size) * config.text_config.hidden_size * COMPUTE_BYTES
+        weights = 3 * min(ROW_CHUNK, tc.vocab_size) * tc.hidden_size * COMPUTE_BYTES
     else:
         weights = params * COMPUTE_BYTES
-    prefetch = prefetched_params * (COMPUTE_BYTES + source_bytes)
-    return weights + output + prefetch + unit_activation_bytes(config, unit, calib_tokens)
+    reading = prefetched_params * (COMPUTE_BYTES + source_bytes)
+    held = prefetched_params * COMPUTE_BYTES + output
+    mapped = 0
+    if object_store and unit.kind in (Kind.LAYER, Kind.EXPERTS):
+        mapped = OBJECT_STORE_STREAMS * calib_tokens * tc.hidden_size * COMPUTE_BYTES
+    return weights + max(reading, held) + unit_activation_bytes(config, unit, calib_tokens) + mapped
 
 
 @dataclass
@@ -226,7 +238,7 @@ class ActorPlan:
     index: int
     units: list[Unit] = field(default_factory=list)
     read_bytes: int = 0
-    peak_bytes: int = 0  # the largest of unit_peaks, plus the runtime's own overhead
+    peak_bytes: int = 0  # the largest of unit_peaks, plus the runtime's own overhead (a single card: workers 1)
     unit_peaks: list[int] = field(default_factory=list)  # unit_peak_bytes of each of units
 
 
@@ -273,7 +285,7 @@ def build_plan(config, raw_config: dict, workers: int, *, group_size: int = DEFA
     for actor in actors:
         actor.unit_peaks = [unit_peak_bytes(config, u, params_of[u], output_of[u], dtype_bytes, calib_tokens,
                                             next((params_of[n] for n in actor.units[i + 1:] if n.kind is Kind.EXPERTS),
-                                                 0)) + unit_hessian_bytes(config, u, recipe)
+                                                 0), object_store=workers > 1) + unit_hessian_bytes(config, u, recipe)
                             for i, u in enumerate(actor.units)]
         actor.peak_bytes = max(actor.unit_peaks, default=0) + RUNTIME_OVERHEAD
     source = sum(n for u, n in zip(units, params) if u.kind is not Kind.IMAGES) * dtype_bytes
