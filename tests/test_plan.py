@@ -14,8 +14,8 @@ from dist_quant.cli import main
 from dist_quant.models.qwen3_vl_moe import load_config
 from dist_quant.recipe import DEFAULT_RECIPE
 from dist_quant.runtime.runner import can_see
-from dist_quant.runtime.plan import (GiB, Kind, Unit, assign_units, build_plan, image_share, plan_units,
-                                     unit_peak_bytes)
+from dist_quant.runtime.plan import (OBJECT_STORE_STREAMS, RUNTIME_OVERHEAD, GiB, Kind, Unit, assign_units,
+                                     build_plan, image_share, plan_units, unit_peak_bytes)
 
 DATA = Path(__file__).parent / "data"
 PARAMS = {"Qwen3-VL-235B-A22B": 235.67e9, "Qwen3-VL-30B-A3B": 31.07e9}  # public parameter counts
@@ -76,11 +76,9 @@ def test_memory_estimate_counts_what_a_unit_holds():
     they were checked against): an expert group holds its float32 weights and activations, plus the larger of the next
     group being read (bf16 and float32 at once) and its own output beside that group's float32; a Ray actor's layer
     and expert units also map the object store's pages, its first units (the images) do not."""
-    from dist_quant.runtime.plan import OBJECT_STORE_STREAMS, RUNTIME_OVERHEAD
-
     config, raw = config_of("Qwen3-VL-235B-A22B")
     tokens, hidden, group = 2839, 4096, 16 * 3 * 4096 * 1536
-    single, ray = build_plan(config, raw, 1, calib_tokens=tokens), build_plan(config, raw, 2, calib_tokens=tokens)
+    single = build_plan(config, raw, 1, calib_tokens=tokens)
     peaks = dict(zip(single.actors[0].units, single.actors[0].unit_peaks))
     experts = Unit(Kind.EXPERTS, 0, 16, 32)
     output = group * 1 + 16 * (2 * 1536 + 4096) * 2 * 4  # int8 codes; per-channel scale and offset (float32)

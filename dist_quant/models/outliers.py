@@ -73,7 +73,6 @@ def rotate_experts(experts: list[tuple[torch.Tensor, ...]], post_norm_weight: to
     made, so a group is never held twice and no group-sized stacked copy is made."""
     for i in range(len(experts)):
         gate, up, down = experts[i]
-        experts[i] = ()
         gate, up = (quarot.rotate_reader(w, rot) for w in quarot.fuse_norm_into_linears(post_norm_weight, [gate, up]))
         experts[i] = (gate, up, quarot.rotate_writer(down, None, rot)[0])
 

@@ -238,7 +238,7 @@ class ActorPlan:
     index: int
     units: list[Unit] = field(default_factory=list)
     read_bytes: int = 0
-    peak_bytes: int = 0  # the largest of unit_peaks, plus the runtime's own overhead (a single card: workers 1)
+    peak_bytes: int = 0  # the largest of unit_peaks, plus the runtime's own overhead
     unit_peaks: list[int] = field(default_factory=list)  # unit_peak_bytes of each of units
 
 
@@ -282,10 +282,11 @@ def build_plan(config, raw_config: dict, workers: int, *, group_size: int = DEFA
         actors[actor_idx].read_bytes += unit_read_params(config, unit) * dtype_bytes
     outputs = [unit_output_bytes(config, u, recipe, dtype_bytes, n) for u, n in zip(units, params)]
     output_of = dict(zip(units, outputs))
+    distributed = workers > 1  # one worker is the single card, without Ray (the quant command's rule)
     for actor in actors:
         actor.unit_peaks = [unit_peak_bytes(config, u, params_of[u], output_of[u], dtype_bytes, calib_tokens,
                                             next((params_of[n] for n in actor.units[i + 1:] if n.kind is Kind.EXPERTS),
-                                                 0), object_store=workers > 1) + unit_hessian_bytes(config, u, recipe)
+                                                 0), object_store=distributed) + unit_hessian_bytes(config, u, recipe)
                             for i, u in enumerate(actor.units)]
         actor.peak_bytes = max(actor.unit_peaks, default=0) + RUNTIME_OVERHEAD
     source = sum(n for u, n in zip(units, params) if u.kind is not Kind.IMAGES) * dtype_bytes
