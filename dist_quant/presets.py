@@ -25,7 +25,7 @@ PRESETS = (
     Preset("Qwen3-VL-30B-A3B", "w8a8", BUNDLED_CONFIGS / "qwen3_vl_moe_w8a8.yaml",
            "the same recipe; msModelSlim has not verified its accuracy on 30B-A3B: check with dist-quant eval"),
     Preset("Qwen3-VL-235B-A22B", "w4a8", BUNDLED_CONFIGS / "qwen3_vl_moe_w4a8.yaml",
-           "the W8A8 recipe with int4 experts (W4A8_DYNAMIC, ssz scales), about half the size; no msModelSlim "
+           "the W8A8 recipe with int4 experts (W4A8_DYNAMIC, GPTQ rounding), about half the size; no msModelSlim "
            "recipe to compare with: check with dist-quant eval"),
     Preset("Qwen3-VL-30B-A3B", "w4a8", BUNDLED_CONFIGS / "qwen3_vl_moe_w4a8.yaml",
            "the same W4A8 recipe: check with dist-quant eval"),

@@ -200,10 +200,10 @@ def test_gptq_rounding_adds_its_gram_matrices_to_the_expert_groups_memory_only(t
     from dist_quant.runtime.plan import HESSIAN_BYTES_PER_ENTRY
 
     config, raw = config_of("Qwen3-VL-235B-A22B")
-    w4a8 = DEFAULT_RECIPE.parent / "qwen3_vl_moe_w4a8.yaml"
-    gptq = tmp_path / "gptq.yaml"
-    gptq.write_text(w4a8.read_text().replace('method: "ssz"', 'method: "gptq"'))
-    ssz_plan, gptq_plan = (build_plan(config, raw, 2, recipe=load_recipe(r)) for r in (w4a8, gptq))
+    gptq = DEFAULT_RECIPE.parent / "qwen3_vl_moe_w4a8.yaml"  # the preset rounds with GPTQ
+    ssz = tmp_path / "ssz.yaml"
+    ssz.write_text(gptq.read_text().replace('method: "gptq"', 'method: "ssz"'))
+    ssz_plan, gptq_plan = (build_plan(config, raw, 2, recipe=load_recipe(r)) for r in (ssz, gptq))
     extra = HESSIAN_BYTES_PER_ENTRY * 4096**2 + 8 * 1536**2
     for ssz_actor, gptq_actor in zip(ssz_plan.actors, gptq_plan.actors):
         for unit, a, b in zip(ssz_actor.units, ssz_actor.unit_peaks, gptq_actor.unit_peaks):

@@ -102,11 +102,11 @@ W4A8_RECIPE = Path(__file__).resolve().parent.parent / "dist_quant" / "configs" 
 @pytest.mark.ray
 @pytest.mark.parametrize("method", ["ssz", "gptq"])
 def test_w4a8_experts_are_the_same_on_ray_and_with_any_thread_count(model, calib, cluster, tmp_path, method):
-    """The W4A8 preset's recipe (ssz's iterations stop when no channel improves, a test on values), and with GPTQ
-    rounding (matrix products over each expert's routed tokens): a 1-thread single card, a 4-thread single card and
-    2 Ray actors under a 2-thread driver write the same checkpoint."""
+    """The W4A8 preset's recipe (GPTQ rounding: matrix products over each expert's routed tokens), and with ssz's
+    data-free rounding (its iterations stop when no channel improves, a test on values): a 1-thread single card, a
+    4-thread single card and 2 Ray actors under a 2-thread driver write the same checkpoint."""
     recipe = tmp_path / "w4a8.yaml"
-    recipe.write_text(W4A8_RECIPE.read_text().replace('method: "ssz"', f'method: "{method}"'))
+    recipe.write_text(W4A8_RECIPE.read_text().replace('method: "gptq"', f'method: "{method}"'))
     w4a8 = ["--config_path", str(recipe)]
     single = tmp_path / "single"
     assert run_cli(args(model, calib, single, *w4a8), threads=1) == 0

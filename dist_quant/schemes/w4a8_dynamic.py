@@ -6,9 +6,11 @@ and 3.2): ``weight`` int8 [out/2, in], two int4 codes per byte along the output 
 zero ``weight_offset`` float32 [out, 1]; ``scale_bias`` float32 [out, 1], or [out, 16] for a linear whose input the
 engine splits across ranks (down_proj). Routed experts only: vLLM Ascend has no W4A8 linear method on main.
 
-The weight scale is msModelSlim's "ssz" least-squares refinement by default (``method: ssz``), or plain min/max
-(``method: minmax``). The engine computes exactly dynamic W8A8 with the int4 codes as the weight (the kernel's split
-of the activations into int4 halves is undone by ``scale_bias``; section 4.2).
+The weight scale is msModelSlim's "ssz" least-squares refinement by default (``method: ssz``, data-free), or plain
+min/max (``method: minmax``); ``method: gptq`` keeps ssz's scale and rounds with GPTQ on the expert's routed
+calibration inputs (what the ``--quant_type w4a8`` preset uses: docs/accuracy.md, "W4A8"). The engine computes
+exactly dynamic W8A8 with the int4 codes as the weight (the kernel's split of the activations into int4 halves is
+undone by ``scale_bias``; section 4.2).
 """
 
 from __future__ import annotations
@@ -95,5 +97,5 @@ SCHEME = Scheme(NAME, act=QSpec("per_token", "int8", True, "minmax"),
                 quantize=quantize, serve=serve, weight_methods=WEIGHT_METHODS[1:], serves_linears=False,
                 weight_packing=2, ext_keys=EXT_KEYS, check_ext=check_ext,
                 needs_hessian=needs_hessian,
-                summary="per_token int8 symmetric minmax activations, per_channel int4 symmetric ssz or minmax "
-                        "weights (W4A8_DYNAMIC, routed experts only)")
+                summary="per_token int8 symmetric minmax activations, per_channel int4 symmetric ssz, minmax or "
+                        "gptq weights (W4A8_DYNAMIC, routed experts only)")
