@@ -49,7 +49,7 @@ PRESET = "QuaRot + smooth + W4A8 gptq (the preset)"
 
 def recipes(out: Path) -> dict[str, Path]:
     rows = {"plain W8A8": PLAIN, "QuaRot + smooth + W8A8": DEFAULT_RECIPE}
-    for base, prefix, stem in ((PLAIN, "plain", "plain_w4a8"), (DEFAULT_RECIPE, "QuaRot + smooth", "w4a8")):
+    for base, prefix, stem in ((PLAIN, "plain", "plain_w4a8"), (DEFAULT_RECIPE, "QuaRot + smooth +", "w4a8")):
         for method in ("minmax", "ssz", "gptq"):
             if base is PLAIN or method != "gptq":
                 rows[f"{prefix} W4A8 {method}"] = int4_experts(base, method, out / f"{stem}_{method}.yaml")
