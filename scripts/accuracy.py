@@ -108,7 +108,7 @@ def main() -> None:
                   f"| {last.cosine:.5f} | {last.rel_error:.4f} | {held[name]:.2e} | {held_ratio} "
                   f"| {weight_bytes(save) / 2**20:.2f} |", flush=True)
         if "plain W8A8" in kl and "QuaRot + smooth + W8A8" in kl:
-            print(f"|  |  | W8A8 plain / suppressed | {kl['plain W8A8'] / kl['QuaRot + smooth + W8A8']:.1f}x "
+            print(f"|  |  | W8A8 plain / suppressed (calibration KL) | {kl['plain W8A8'] / kl['QuaRot + smooth + W8A8']:.1f}x "
                   "| | | | | | | |")
     if held_ratios:
         summary(held_ratios)

@@ -106,7 +106,9 @@ def test_w4a8_experts_are_the_same_on_ray_and_with_any_thread_count(model, calib
     data-free rounding (its iterations stop when no channel improves, a test on values): a 1-thread single card, a
     4-thread single card and 2 Ray actors under a 2-thread driver write the same checkpoint."""
     recipe = tmp_path / "w4a8.yaml"
-    recipe.write_text(W4A8_RECIPE.read_text().replace('method: "gptq"', f'method: "{method}"'))
+    preset = W4A8_RECIPE.read_text()
+    assert preset.count('method: "gptq"') == 1  # the experts' weight method, replaced below
+    recipe.write_text(preset.replace('method: "gptq"', f'method: "{method}"'))
     w4a8 = ["--config_path", str(recipe)]
     single = tmp_path / "single"
     assert run_cli(args(model, calib, single, *w4a8), threads=1) == 0

@@ -159,14 +159,16 @@ def test_bad_w4a8_options_are_refused(tmp_path, weight_ext, act_ext, message):
     assert message in str(info.value) and "qconfig." in str(info.value)
 
 
-def test_ssz_step_bounds_the_refinement():
-    """``ext.step`` is ssz's iteration count: one step is already the least-squares scale of the min/max codes."""
+@pytest.mark.parametrize("method", ["ssz", "gptq"])
+def test_ssz_step_bounds_the_refinement(method):
+    """``ext.step`` is ssz's iteration count: one step is already the least-squares scale of the min/max codes.
+    GPTQ keeps ssz's scale (the preset: gptq with ``step: 10``), so its step count is honoured too."""
     from dist_quant import schemes
     from dist_quant.algorithms.int4 import int4_codes, minmax_scale
 
     torch.manual_seed(5)
     weight = torch.randn(24, 96) * torch.rand(24, 1)
-    spec = lambda ext: schemes.LinearSpec(weight=schemes.QSpec("per_channel", "int4", True, "ssz", ext))  # noqa: E731
+    spec = lambda ext: schemes.LinearSpec(weight=schemes.QSpec("per_channel", "int4", True, method, ext))  # noqa: E731
     scheme = schemes.get("W4A8_DYNAMIC")
     one = scheme.quantize(weight, None, spec((("step", 1),)))["weight_scale"].reshape(-1)
     codes = int4_codes(weight, minmax_scale(weight)).double()

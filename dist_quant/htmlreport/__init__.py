@@ -123,8 +123,8 @@ def advice(coverage: Optional[dict], timeline: Optional[dict], evaluation: Optio
                 found.append(("warn", f"{worst['name']} loses the most (relative error {worst['rel_error']:.3f}, "
                               f"the median is {median:.3f}): with W8A8 attention, its calibration ranges are the "
                               "knob (more images, or leave that layer's attention FLOAT with an `exclude` in its "
-                              "linear_quant); with W4A8 experts, `weight.method: gptq` rounds them with their own "
-                              "inputs."))
+                              "linear_quant); with W4A8 experts, `weight.method: gptq` (the w4a8 preset's) rounds "
+                              "them with their own inputs, and more calibration images give it more of them."))
             else:
                 passed.append("no layer stands out in the comparison with the float model")
         if _finite(evaluation.get("top1_agreement")) and evaluation["top1_agreement"] < 0.9:
