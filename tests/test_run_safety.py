@@ -47,8 +47,15 @@ def clean(model, calib, tmp_path_factory):
 
 
 def start_child(cmd, log: Path, **env) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "dist_quant.cli", *cmd], env={**ENV, **env},
-                            stdout=subprocess.DEVNULL, stderr=open(log, "wb"))
+    """The run in a child process that takes Ctrl-C: a shell starts a background job (``pytest ... &``) with SIGINT
+    ignored, which a child inherits, and Python then installs no KeyboardInterrupt handler; a handled signal is
+    reset to the default across exec, so handle it here while the child starts."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen([sys.executable, "-m", "dist_quant.cli", *cmd], env={**ENV, **env},
+                                stdout=subprocess.DEVNULL, stderr=open(log, "wb"))
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def wait_for(condition, child: subprocess.Popen, what: str, timeout: float = 120) -> None:
