@@ -3,7 +3,7 @@ paper's update rule, against plain rounding, and in W4A8_DYNAMIC's ``method: gpt
 
 import torch
 
-from dist_quant.algorithms.gptq import Hessian, gptq_codes, input_gram, inverse_cholesky
+from dist_quant.algorithms.gptq import DAMP, Hessian, gptq_codes, input_gram, inverse_cholesky
 from dist_quant.algorithms.int4 import QMAX4, QMIN4, int4_codes, ssz_scale
 
 
@@ -82,6 +82,24 @@ def test_w4a8_gptq_without_tokens_is_ssz_and_with_them_uses_the_gram():
     gptq = scheme.quantize(w, None, spec("gptq", Hessian.of_inputs(x)))
     assert torch.equal(gptq["weight_scale"], ssz["weight_scale"]) and not torch.equal(gptq["weight"], ssz["weight"])
     assert scheme.needs_hessian(spec("gptq").weight) and not scheme.needs_hessian(spec("ssz").weight)
+
+
+def test_w4a8_gptq_damping_from_the_recipe():
+    """``weight.ext.damp``: GPTQ's damping. A huge one makes H a multiple of I, where no error is fed forward and
+    GPTQ rounds as plainly as ssz; the shared factorisation is redone for another damping."""
+    from dist_quant import schemes
+
+    torch.manual_seed(9)
+    w, hessian = torch.randn(32, 64), Hessian.of_inputs(inputs(150, 64, 7))
+    scheme = schemes.get("W4A8_DYNAMIC")
+    spec = lambda method, ext=(): schemes.LinearSpec(  # noqa: E731
+        weight=schemes.QSpec("per_channel", "int4", True, method, ext), hessian=hessian)
+    plain = scheme.quantize(w, None, spec("ssz"))["weight"]
+    assert torch.equal(scheme.quantize(w, None, spec("gptq", (("damp", 1e9),)))["weight"], plain)
+    default = scheme.quantize(w, None, spec("gptq"))["weight"]
+    assert not torch.equal(default, plain)
+    assert torch.equal(scheme.quantize(w, None, spec("gptq", (("damp", DAMP),)))["weight"], default)
+    assert not torch.equal(scheme.quantize(w, None, spec("gptq", (("damp", 0.3),)))["weight"], default)
 
 
 def test_the_inverse_factor_is_the_upper_cholesky_factor_of_the_damped_inverse():

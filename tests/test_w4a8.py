@@ -150,6 +150,8 @@ def test_msmodelslim_group_size_under_per_channel_is_ignored_with_a_warning(tmp_
     ({"group_size": "64"}, None, "group_size must be a non-negative integer, got '64'"),
     ({"step": 0}, None, "step must be a positive integer"),
     ({"step": True}, None, "step must be a positive integer"),
+    ({"damp": 0}, None, "damp must be a positive number"),
+    ({"damp": "0.1"}, None, "damp must be a positive number"),
     ({"block": 2}, None, "W4A8_DYNAMIC has no option(s) ['block']"),
     (None, {"step": 3}, "W4A8_DYNAMIC's activations take no options"),
 ])

@@ -52,11 +52,11 @@ def inverse_cholesky(gram: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
 
 class Hessian:
     """``X^T X`` of one linear's calibration inputs, with GPTQ's column order and inverse factor computed on first
-    use and kept: pass the same object for every linear that reads those inputs."""
+    use for a damping and kept: pass the same object for every linear that reads those inputs."""
 
-    def __init__(self, gram: torch.Tensor, damp: float = DAMP):
+    def __init__(self, gram: torch.Tensor):
         self.gram = gram
-        self.damp = damp
+        self._damp: Optional[float] = None
         self._prepared: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
     @classmethod
@@ -64,21 +64,23 @@ class Hessian:
         """From inputs on any device; the Gram matrix is kept on the host, where weights are quantized."""
         return cls(input_gram(x).cpu())
 
-    def prepared(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(column order, the inverse factor of H with rows and columns in that order)."""
-        if self._prepared is None:
+    def prepared(self, damp: float = DAMP) -> tuple[torch.Tensor, torch.Tensor]:
+        """(column order, the inverse factor of H damped by ``damp`` with rows and columns in that order); the last
+        damping's factor is kept."""
+        if self._prepared is None or self._damp != damp:
             order = act_order(self.gram)
-            self._prepared = order, inverse_cholesky(self.gram[order][:, order], self.damp)
+            self._damp, self._prepared = damp, (order, inverse_cholesky(self.gram[order][:, order], damp))
         return self._prepared
 
 
 def gptq_codes(weight: torch.Tensor, scale: torch.Tensor, hessian: Hessian, qmin: int, qmax: int,
-               block: int = BLOCK) -> torch.Tensor:
+               block: int = BLOCK, damp: float = DAMP) -> torch.Tensor:
     """Integer codes in [qmin, qmax] for ``weight`` [out, in] with the per-output-channel ``scale`` [out], by GPTQ
-    against the inputs' ``hessian``, the columns in its act order: int8 [out, in], columns in the weight's order.
+    against the inputs' ``hessian`` damped by ``damp`` times its mean diagonal, the columns in its act order: int8
+    [out, in], columns in the weight's order.
 
     The work is on the transposed weight [in, out], so that each input column is one contiguous row."""
-    order, hinv = hessian.prepared()
+    order, hinv = hessian.prepared(damp)
     w = weight.to(torch.float32)[:, order].T.contiguous()  # a copy, updated in place below
     s = scale.to(torch.float32)
     codes = torch.empty_like(w)

@@ -23,13 +23,13 @@ from torch._subclasses.fake_tensor import is_fake
 
 from dist_quant.algorithms.int4 import (QMAX4, QMIN4, SSZ_ITERATIONS, int4_codes, minmax_scale, pack_int4_rows, scale_bias, ssz_scale,
                                         unpack_int4_rows)
-from dist_quant.algorithms.gptq import gptq_codes
+from dist_quant.algorithms.gptq import DAMP, gptq_codes
 from dist_quant.algorithms.quantize import dynamic_w8a8_linear
 from dist_quant.schemes.base import LinearSpec, QSpec, Scheme, ServedLinear
 
 NAME = "W4A8_DYNAMIC"
 WEIGHT_METHODS = ("ssz", "minmax", "gptq")  # the qconfig weight methods that select it; ssz first: the default
-EXT_KEYS = ("step", "group_size")  # msModelSlim's weight options: ssz's iteration count, and a group size it ignores
+EXT_KEYS = ("step", "group_size", "damp")  # msModelSlim's weight options: ssz's iteration count, and a group size it ignores
 
 
 def check_ext(side: str, spec: QSpec) -> tuple[str, ...]:
@@ -43,6 +43,10 @@ def check_ext(side: str, spec: QSpec) -> tuple[str, ...]:
     step = options.get("step")
     if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 1):
         raise ValueError(f"step must be a positive integer (ssz iterations), got {step!r}")
+    damp = options.get("damp")
+    if damp is not None and (isinstance(damp, bool) or not isinstance(damp, (int, float)) or not damp > 0):
+        raise ValueError(f"damp must be a positive number (GPTQ's damping, a fraction of the mean diagonal), got "
+                         f"{damp!r}")
     group = options.get("group_size")
     if group is None:
         return ()
@@ -75,7 +79,7 @@ def quantize(weight: torch.Tensor, bias: Optional[torch.Tensor], spec: LinearSpe
         raise ValueError(f"{spec.name}: W4A8_DYNAMIC is for routed experts, which have no bias")
     scale = weight_scale(weight, spec.weight)
     if needs_hessian(spec.weight) and spec.hessian is not None and not is_fake(weight):
-        codes = gptq_codes(weight, scale, spec.hessian, QMIN4, QMAX4)
+        codes = gptq_codes(weight, scale, spec.hessian, QMIN4, QMAX4, damp=spec.weight.option("damp", DAMP))
     else:  # also gptq for an expert without calibration tokens: plain rounding
         codes = int4_codes(weight, scale)
     return {"weight": pack_int4_rows(codes), "weight_scale": scale[:, None].contiguous(),
