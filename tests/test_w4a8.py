@@ -132,6 +132,16 @@ def test_served_expert_is_the_integer_reference():
     assert scheme.stored_shape((32, 48)) == (16, 48)
 
 
+def test_gptq_damping_under_another_method_is_ignored_with_a_warning(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="dist_quant"):
+        w4a8_recipe(tmp_path, method="ssz", weight_ext={"damp": 0.1})
+    assert "damp is GPTQ's option and is ignored by method ssz" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="dist_quant"):
+        w4a8_recipe(tmp_path, method="gptq", weight_ext={"damp": 0.1, "group_size": 0})
+    assert "ignored" not in caplog.text
+
+
 def test_msmodelslim_group_size_under_per_channel_is_ignored_with_a_warning(tmp_path, caplog):
     """msModelSlim's qwen3-30b-w4a8-v1.yaml writes ``ext: {group_size: 64}`` under per_channel ssz, and ignores it:
     taken here too, with a warning, and the experts stay per channel."""
@@ -152,6 +162,7 @@ def test_msmodelslim_group_size_under_per_channel_is_ignored_with_a_warning(tmp_
     ({"step": True}, None, "step must be a positive integer"),
     ({"damp": 0}, None, "damp must be a positive number"),
     ({"damp": "0.1"}, None, "damp must be a positive number"),
+    ({"damp": float("inf")}, None, "damp must be a positive number"),
     ({"block": 2}, None, "W4A8_DYNAMIC has no option(s) ['block']"),
     (None, {"step": 3}, "W4A8_DYNAMIC's activations take no options"),
 ])

@@ -15,6 +15,7 @@ undone by ``scale_bias``; section 4.2).
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -29,33 +30,38 @@ from dist_quant.schemes.base import LinearSpec, QSpec, Scheme, ServedLinear
 
 NAME = "W4A8_DYNAMIC"
 WEIGHT_METHODS = ("ssz", "minmax", "gptq")  # the qconfig weight methods that select it; ssz first: the default
-EXT_KEYS = ("step", "group_size", "damp")  # msModelSlim's weight options: ssz's iteration count, and a group size it ignores
+EXT_KEYS = ("step", "group_size", "damp")  # msModelSlim's ssz iterations and group size (ignored); GPTQ's damping
 
 
 def check_ext(side: str, spec: QSpec) -> tuple[str, ...]:
     """``weight.ext.step``: ssz's iteration count (a positive int, msModelSlim's ``ext["step"]``). ``weight.ext.
     group_size``: taken and ignored, as msModelSlim's per-channel ssz does (its W4A8 recipe for Qwen3-30B-A3B writes
     64 under ``per_channel``): the checkpoint is per channel, ``group_size`` 0, because vLLM Ascend's main branch
-    refuses per-group W4A8 MoE weights (docs/w4a8-loader-facts.md 1.2, 1.4)."""
+    refuses per-group W4A8 MoE weights (docs/w4a8-loader-facts.md 1.2, 1.4). ``weight.ext.damp``: ``method:
+    gptq``'s damping, a positive fraction of the Gram matrix's mean diagonal (default 0.01, algorithms/gptq.py)."""
     options = dict(spec.ext)
     if side == "act" and options:
         raise ValueError(f"W4A8_DYNAMIC's activations take no options, got {sorted(options)}")
     step = options.get("step")
     if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 1):
         raise ValueError(f"step must be a positive integer (ssz iterations), got {step!r}")
+    warnings = []
     damp = options.get("damp")
-    if damp is not None and (isinstance(damp, bool) or not isinstance(damp, (int, float)) or not damp > 0):
-        raise ValueError(f"damp must be a positive number (GPTQ's damping, a fraction of the mean diagonal), got "
-                         f"{damp!r}")
+    if damp is not None:
+        if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 < damp < math.inf:
+            raise ValueError(f"damp must be a positive number (GPTQ's damping, a fraction of the mean diagonal), "
+                             f"got {damp!r}")
+        if spec.method != "gptq":
+            warnings.append(f"damp is GPTQ's option and is ignored by method {spec.method}")
     group = options.get("group_size")
-    if group is None:
-        return ()
-    if isinstance(group, bool) or not isinstance(group, int) or group < 0:
-        raise ValueError(f"group_size must be a non-negative integer, got {group!r}")
-    if group == 0:
-        return ()
-    return (f"group_size {group} is ignored, as msModelSlim ignores it under scope per_channel: the experts are "
-            "quantized per channel (group_size 0), the only W4A8 layout vLLM Ascend's main branch loads",)
+    if group is not None:
+        if isinstance(group, bool) or not isinstance(group, int) or group < 0:
+            raise ValueError(f"group_size must be a non-negative integer, got {group!r}")
+        if group:
+            warnings.append(f"group_size {group} is ignored, as msModelSlim ignores it under scope per_channel: the "
+                            "experts are quantized per channel (group_size 0), the only W4A8 layout vLLM Ascend's "
+                            "main branch loads")
+    return tuple(warnings)
 
 
 def needs_hessian(weight: Optional[QSpec]) -> bool:
