@@ -7,7 +7,8 @@ for all the linears that read the same inputs (an expert's gate and up):
 - the column order: the input channels by decreasing ``H[i, i]`` (the paper's "act order": the columns that carry
   the most input energy are quantized first, while the most columns are left to take their error);
 - the upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``: H is damped by ``damp`` (``DAMP`` unless a
-  recipe's ``weight.ext.damp`` says otherwise) times its mean diagonal and factored in float64, the triangular inverse is taken in float32 (where the factor is used).
+  recipe's ``weight.ext.damp`` says otherwise) times its mean diagonal and factored in float64, the triangular
+  inverse is taken in float32 (where the factor is used).
 The column updates run in float32, ``BLOCK`` columns at a time (the lazy-batch form: identical math, fewer passes).
 The result is the same for a fixed intra-op thread count (the block updates are matrix products).
 """
