@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -19,13 +20,26 @@ from torch import nn
 
 from dist_quant import schemes
 from dist_quant.calib.inputs import ModelInputs
+from dist_quant.checkpoint.fingerprint import checkpoint_fingerprint
 from dist_quant.checkpoint.formats import ascendv1
 from dist_quant.checkpoint.reader import CheckpointReader
-from dist_quant.errors import CheckpointError
+from dist_quant.errors import CalibrationError, CheckpointError
+from dist_quant.recipe import Recipe
+from dist_quant.runtime.device import resolve_device
+from dist_quant.runtime.driver import resolve_dataset
 from dist_quant.models.family import family_for, load_checked
 from dist_quant.runtime.interpret import finish_layer, interpret, running_sum, sample_outputs
 from dist_quant.runtime.plan import DEFAULT_EXPERT_GROUP_SIZE, Kind, Unit, plan_units, samples_of
 from dist_quant.runtime.worker import MoeInput
+
+def is_calibration_set(dataset: Path, recipe: Recipe) -> bool:
+    """Whether ``dataset`` is the set the recipe calibrates on (its ``dataset``, or the bundled photos): evaluating on
+    it measures the fit, not the accuracy on other images."""
+    try:
+        return dataset.resolve() == resolve_dataset(None, recipe).resolve()
+    except CalibrationError:  # the recipe's set is not on this machine: another set was given
+        return False
+
 
 def check_quantized_matches_float(checkpoint: ascendv1.Checkpoint, reader: CheckpointReader, config) -> None:
     """Refuse, from config.json files and safetensors headers alone, a quantized checkpoint made from another model
@@ -76,17 +90,18 @@ def check_quantized_matches_float(checkpoint: ascendv1.Checkpoint, reader: Check
 # --- the two models, piece by piece ---------------------------------------------------------------------------------
 
 class FloatModel:
-    """The source model, built one piece at a time from its checkpoint."""
+    """The source model, built one piece at a time from its checkpoint, on ``device``."""
 
-    def __init__(self, reader: CheckpointReader, config, dtype: torch.dtype):
-        self.reader, self.config, self.dtype = reader, config, dtype
+    def __init__(self, reader: CheckpointReader, config, dtype: torch.dtype,
+                 device: torch.device = torch.device("cpu")):
+        self.reader, self.config, self.dtype, self.device = reader, config, dtype, device
         self.family = family_for(config.model_type)  # a module of dist_quant/models/
 
     def read(self, key: str, shape: Optional[tuple[int, ...]] = None) -> torch.Tensor:
-        return self.reader.get(key, dtype=self.dtype, shape=shape)
+        return self.reader.get(key, dtype=self.dtype, shape=shape).to(self.device)
 
-    def vision(self) -> nn.Module:
-        return self.family.build_vision(self.config, self.read, self.dtype)
+    def vision(self) -> nn.Module:  # moved: the tower's rotary table is built on the CPU
+        return self.family.build_vision(self.config, self.read, self.dtype).to(self.device)
 
     def layer(self, layer_idx: int) -> nn.Module:
         return self.family.build_layer(self.config, layer_idx, self.read, self.dtype)
@@ -94,19 +109,45 @@ class FloatModel:
     def experts(self, layer_idx: int, first: int, stop: int) -> list[Callable]:
         weights = self.family.read_experts(self.reader, self.config, layer_idx, first, stop, self.dtype)
         act_fn = self.family.activation(self.config)
-        return [self.family.float_expert(*w, act_fn) for w in weights]
+        return [self.family.float_expert(*(t.to(self.device) for t in w), act_fn) for w in weights]
+
+
+EXACT_FLOAT64_DEVICES = ("cpu", "cuda")  # float64 matmuls in IEEE double: the served int32 sums stay exact there
+
+
+class HostMath(nn.Module):
+    """A served linear whose integer math runs on the CPU, for a device without exact float64 matmuls (an NPU's cube
+    units multiply in 16/32-bit floats): the int32 sums the engine computes would otherwise round."""
+
+    def __init__(self, served: nn.Module):
+        super().__init__()
+        self.served = served
+
+    def _apply(self, fn, recurse=True):  # ``module.to(device)`` of a piece holding it leaves its math on the CPU
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.served(x.cpu()).to(x.device)
 
 
 class ServedModel(FloatModel):
-    """The quantized checkpoint as vLLM Ascend serves it: integer math for W8A8 / W8A8_DYNAMIC linears."""
+    """The quantized checkpoint as vLLM Ascend serves it: the integer math of each scheme's linears."""
 
-    def __init__(self, checkpoint: ascendv1.Checkpoint, config, dtype: torch.dtype):
-        super().__init__(checkpoint.reader, config, dtype)
+    def __init__(self, checkpoint: ascendv1.Checkpoint, config, dtype: torch.dtype,
+                 device: torch.device = torch.device("cpu")):
+        super().__init__(checkpoint.reader, config, dtype, device)
         self.checkpoint = checkpoint
+
+    def linear(self, name: str) -> nn.Module:
+        """The served linear ``name`` on the evaluation device (its integer math on the CPU where that device would
+        round it)."""
+        served = self.checkpoint.linear(name)
+        return served.to(self.device) if self.device.type in EXACT_FLOAT64_DEVICES else HostMath(served)
 
     def vision(self) -> nn.Module:
         return self.family.build_vision(self.config, None, self.dtype,
-                                load=lambda visual: self.served_module(visual, self.family.VISUAL))
+                                        load=lambda visual: self.served_module(visual, self.family.VISUAL)
+                                        ).to(self.device)
 
     def layer(self, layer_idx: int) -> nn.Module:
         layer = self.family.meta_layer(self.config, layer_idx)
@@ -116,15 +157,15 @@ class ServedModel(FloatModel):
         """Replace every nn.Linear of a meta-device module by its served form, then load the rest (norms...)."""
         for name, child in list(module.named_modules()):
             if isinstance(child, nn.Linear):
-                module.set_submodule(name, self.checkpoint.linear(f"{prefix}.{name}"))
-        return self.family.materialize(module, self.checkpoint.float_tensor, prefix, self.dtype)
+                module.set_submodule(name, self.linear(f"{prefix}.{name}"))
+        return self.family.materialize(module, lambda key, shape=None: self.checkpoint.float_tensor(key, shape).to(
+            self.device), prefix, self.dtype)
 
     def experts(self, layer_idx: int, first: int, stop: int) -> list[Callable]:
         act_fn = self.family.activation(self.config)
         experts = []
         for e in range(first, stop):
-            gate, up, down = (self.checkpoint.linear(self.family.expert_key(layer_idx, e, p)) for p in
-                              self.family.EXPERT_PROJS)
+            gate, up, down = (self.linear(self.family.expert_key(layer_idx, e, p)) for p in self.family.EXPERT_PROJS)
             experts.append(lambda x, g=gate, u=up, d=down: d(act_fn(g(x)) * u(x)))
         return experts
 
@@ -140,10 +181,16 @@ class Comparison:
 
 @dataclass
 class EvalReport:
+    """What ``dist-quant eval --output`` writes. ``quant_path`` and ``checkpoint_fingerprint`` bind it to the
+    checkpoint it measured; ``dataset`` names the images and ``held_out`` says whether they are other than the
+    calibration set (figures on the calibration images are optimistic)."""
     float_path: str
-    quant_path: str
+    quant_path: str  # absolute
     samples: int
     tokens: int
+    checkpoint_fingerprint: str = ""  # checkpoint_fingerprint(quant_path) when it was measured
+    dataset: str = ""
+    held_out: bool = False
     rows: list[Comparison] = field(default_factory=list)
     kl_divergence: float = 0.0  # mean over tokens of KL(float || quantized) of the next-token distributions
     top1_agreement: float = 0.0
@@ -163,8 +210,8 @@ class EvalReport:
 def compare(name: str, reference: list[torch.Tensor], other: list[torch.Tensor],
             rotation: Optional[torch.Tensor] = None) -> Comparison:
     """Compare token vectors; ``other`` lives in the rotated basis when a rotation is given (rotated back first)."""
-    ref = torch.cat([r.reshape(-1, r.shape[-1]) for r in reference]).to(torch.float64)
-    got = torch.cat([o.reshape(-1, o.shape[-1]) for o in other]).to(torch.float64)
+    ref = torch.cat([r.reshape(-1, r.shape[-1]).cpu() for r in reference]).to(torch.float64)
+    got = torch.cat([o.reshape(-1, o.shape[-1]).cpu() for o in other]).to(torch.float64)
     if rotation is not None:
         got = got @ rotation.T
     cosine = torch.nn.functional.cosine_similarity(got, ref, dim=-1, eps=1e-12).mean()
@@ -172,7 +219,9 @@ def compare(name: str, reference: list[torch.Tensor], other: list[torch.Tensor],
 
 
 def logit_metrics(reference: torch.Tensor, other: torch.Tensor) -> tuple[float, float]:
-    """(mean KL(p_ref || p_other), top-1 agreement) over tokens."""
+    """(mean KL(p_ref || p_other), top-1 agreement) over tokens: KL from the float model's next-token distribution
+    p, i.e. sum p (log p - log q), large where the float model is confident and the quantized one is not."""
+    reference, other = reference.cpu(), other.cpu()
     log_p = torch.log_softmax(reference.to(torch.float64), dim=-1)
     log_q = torch.log_softmax(other.to(torch.float64), dim=-1)
     kl = (log_p.exp() * (log_p - log_q)).sum(-1).mean()
@@ -201,8 +250,10 @@ class ModelRunner:
     def vision(self, unit: Unit, inputs: list[ModelInputs], *shares):
         config, dtype = self.model.config, self.model.dtype
         vision = sample_outputs(shares, len(inputs))
-        contexts = [self.family.sample_context(config, self.rotary, s.input_ids, s.attention_mask, s.image_grid_thw,
-                                       v[1] if v else [], dtype) for s, v in zip(inputs, vision)]
+        device = self.model.device
+        contexts = [self.family.sample_context(config, self.rotary, s.input_ids.to(device),
+                                               s.attention_mask.to(device), s.image_grid_thw, v[1] if v else [], dtype)
+                    for s, v in zip(inputs, vision)]
         return vision, contexts, [v[0] for v in vision if v is not None]
 
     def contexts(self, unit: Unit, inputs, vision):
@@ -214,8 +265,8 @@ class ModelRunner:
     def embed(self, unit: Unit, inputs: list[ModelInputs], *shares):
         vision = sample_outputs(shares, len(inputs))
         embed = self.model.read(self.family.EMBED_KEY)
-        return [self.family.embed_inputs(embed, s.input_ids, self.model.config.image_token_id, v[0] if v else None)
-                for s, v in zip(inputs, vision)], None
+        return [self.family.embed_inputs(embed, s.input_ids.to(embed.device), self.model.config.image_token_id,
+                                         v[0] if v else None) for s, v in zip(inputs, vision)], None
 
     @torch.no_grad()
     def layer(self, unit: Unit, contexts, hidden, *partials, combine: bool):
@@ -247,19 +298,24 @@ class ModelRunner:
 
 def evaluate(float_path: str, quant_path: str, inputs: list[ModelInputs],
              progress: Callable[[str], None] = lambda name: None,
-             expert_group_size: int = DEFAULT_EXPERT_GROUP_SIZE) -> EvalReport:
-    """Run the float and the served quantized model side by side, unit by unit of the plan, and compare them after
-    the vision tower, after every layer and at the logits."""
+             expert_group_size: int = DEFAULT_EXPERT_GROUP_SIZE, device: str = "cpu", dataset: str = "",
+             held_out: bool = False) -> EvalReport:
+    """Run the float and the served quantized model side by side, unit by unit of the plan, on ``device`` (cpu,
+    cuda, npu), and compare them after the vision tower, after every layer and at the logits. ``dataset`` and
+    ``held_out`` (the inputs' origin) are recorded in the report."""
     dtype = torch.float32
+    where = resolve_device(device)
     family, reader, config = load_checked(float_path)
     checkpoint = ascendv1.Checkpoint(quant_path, dtype)
     check_quantized_matches_float(checkpoint, reader, config)
-    rotary = family.build_text_rotary(config)
+    rotary = family.build_text_rotary(config).to(where)
     rotation = checkpoint.rotation
-    report = EvalReport(str(float_path), str(quant_path), len(inputs), sum(s.input_ids.shape[1] for s in inputs))
+    report = EvalReport(str(float_path), str(Path(quant_path).resolve()), len(inputs),
+                        sum(s.input_ids.shape[1] for s in inputs), checkpoint_fingerprint(quant_path), dataset,
+                        held_out)
     plan = plan_units(config, expert_group_size)
-    runs = zip(interpret(plan, None, inputs, ModelRunner(FloatModel(reader, config, dtype), rotary)),
-               interpret(plan, None, inputs, ModelRunner(ServedModel(checkpoint, config, dtype), rotary)))
+    runs = zip(interpret(plan, None, inputs, ModelRunner(FloatModel(reader, config, dtype, where), rotary)),
+               interpret(plan, None, inputs, ModelRunner(ServedModel(checkpoint, config, dtype, where), rotary)))
     for (unit, reference), (_, served) in runs:
         compared = len(report.rows)
         if unit.kind is Kind.VISION and reference:  # text-only inputs have no image features to compare

@@ -3,14 +3,19 @@
 The recipe is the contract users already know from msModelSlim, so the file format is theirs: a ``spec.process`` list
 of processors with include/exclude globs, a ``spec.save`` list and the calibration ``dataset``/``default_text``.
 Globs are fnmatch patterns matched against whole module names, where ``*`` also spans dots.
+
+The file is read strictly: duplicate keys, aliases that expand past a small bound and values of the wrong type are
+refused with one line naming the file and the field, and numbers follow YAML 1.2 (``1e-5`` is a number).
 """
 
 from __future__ import annotations
 
 import fnmatch
 import logging
-import math
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -34,6 +39,10 @@ _QUAROT_KEYS = {"type", "block_size", "seed"}
 _SMOOTH_KEYS = {"type", "alpha", "scale_min", "symmetric", "enable_subgraph_type", "include", "exclude"}
 SUBGRAPH_TYPES = ("norm-linear", "linear-linear", "ov", "up-down")
 PROCESSOR_TYPES = ("quarot", "iter_smooth", "linear_quant")
+MAX_BLOCK_SIZE = 2**14  # QuaRot builds a block_size x block_size float64 matrix: 2 GiB at this size
+MAX_SEED = 2**64  # torch.Generator.manual_seed takes seeds below this
+MAX_PART_FILE_GB = 2**20  # 1 PiB: anything larger is a typo
+MAX_ALIAS_EXPANSION = 100_000  # nodes and scalar characters that aliases may add (the bundled recipes add ~300)
 
 
 @dataclass(frozen=True)
@@ -45,6 +54,7 @@ class LinearQuant:
     weight: QSpec
     include: tuple[str, ...]
     exclude: tuple[str, ...]
+    where: str = "spec.process"  # its place in the recipe, e.g. "spec.process[2]", for errors
 
     def selects(self, module_name: str) -> bool:
         return _selected(module_name, self.include, self.exclude)
@@ -98,12 +108,59 @@ class Recipe:
         return FLOAT if processor is None else processor.quant_type
 
 
+def check_linear_quants_apply(recipe: Recipe, *linears: Iterable[str]) -> None:
+    """Refuse a ``linear_quant`` processor that no linear of the model gets: a typo in a glob (or globs that only
+    select linears an earlier processor takes, as the first match wins) would otherwise leave its linears FLOAT and
+    publish with exit 0. ``linears``: the model's linear module names, in one or more iterables, read lazily and only
+    until every processor has a linear, so a large model is walked in full only when a processor is refused."""
+    processors = recipe.linear_quants
+    used = [False] * len(processors)
+    taken_by: dict[int, int] = {}  # processor -> an earlier processor that took a linear it also selects
+    example = None
+    for name in chain.from_iterable(linears):
+        example = example or name
+        selecting = [i for i, processor in enumerate(processors) if processor.selects(name)]
+        if selecting and not used[selecting[0]]:
+            used[selecting[0]] = True
+            if all(used):
+                return
+        taken_by.update((i, selecting[0]) for i in selecting[1:] if i not in taken_by)
+    idle = used.index(False)
+    processor = processors[idle]
+    what = (f"linear_quant {processor.quant_type} with include {list(processor.include)} and exclude "
+            f"{list(processor.exclude)}")
+    if idle in taken_by:
+        earlier = processors[taken_by[idle]].where
+        raise _fail(recipe.path, processor.where, f"{what} only selects linears that {earlier} takes first (the first "
+                                                  "linear_quant that selects a linear wins): narrow that one's globs "
+                                                  "or remove this one")
+    raise _fail(recipe.path, processor.where, f"{what} selects no linear of this model (globs match whole module "
+                                              f"names such as {example!r}): fix its globs or remove it")
+
+
 def _fail(path: Path, where: str, message: str) -> RecipeError:
     return RecipeError(f"recipe {path}: {where}: {message}")
 
 
+def _show(value: Any) -> str:
+    """A recipe value in an error message: its repr, cut so that a huge value still gives a one-line error."""
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:77]}..."
+
+
+def _text(path: Path, where: str, raw: Any) -> str:
+    """A string field; lone surrogates (a YAML "\\ud800" escape) would fail later, in the tokenizer or a path."""
+    if not isinstance(raw, str):
+        raise _fail(path, where, f"{_show(raw)} must be a string")
+    try:
+        raw.encode("utf-8")
+    except UnicodeEncodeError as bad:
+        raise _fail(path, where, f"{_show(raw)} has a character that is not Unicode text (at {bad.start})") from None
+    return raw
+
+
 def _check_keys(path: Path, where: str, given: dict, allowed: set[str]) -> None:
-    unknown = sorted(set(given) - allowed)
+    unknown = sorted(set(given) - allowed, key=str)  # keys may be numbers or None as well as strings
     if unknown:
         raise _fail(path, where, f"unknown field(s) {unknown}; allowed: {sorted(allowed)}")
 
@@ -115,18 +172,24 @@ def _qspec(path: Path, where: str, raw: Any) -> QSpec:
     try:
         symmetric = raw["symmetric"]
         if not isinstance(symmetric, bool):  # bool("False") is True: a quoted value would flip the scheme silently
-            raise _fail(path, f"{where}.symmetric", f"{symmetric!r} must be True or False (unquoted)")
-        return QSpec(str(raw["scope"]), str(raw["dtype"]), symmetric, str(raw.get("method", "minmax")),
+            raise _fail(path, f"{where}.symmetric", f"{_show(symmetric)} must be True or False (unquoted)")
+        return QSpec(_text(path, f"{where}.scope", raw["scope"]), _text(path, f"{where}.dtype", raw["dtype"]),
+                     symmetric, _text(path, f"{where}.method", raw.get("method", "minmax")),
                      _ext(path, f"{where}.ext", raw.get("ext", {})))
     except KeyError as missing:
         raise _fail(path, where, f"missing field {missing}") from None
 
 
 def _ext(path: Path, where: str, raw: Any) -> tuple[tuple[str, object], ...]:
-    """A qconfig side's ``ext`` options (msModelSlim writes e.g. ``ext: {group_size: 64}``): plain values only."""
+    """A qconfig side's ``ext`` options (msModelSlim writes e.g. ``ext: {group_size: 64}``): plain values only, as
+    YAML 1.2 reads them (``damp: 1e-2`` is a number; a quoted ``"1e-2"`` stays a string), for the scheme to check."""
     if not isinstance(raw, dict) or not all(isinstance(k, str) and isinstance(v, (bool, int, float, str))
                                             for k, v in raw.items()):
         raise _fail(path, where, "must be a mapping of option names to plain values")
+    for key, value in raw.items():
+        _text(path, f"{where}.{key}", key)
+        if isinstance(value, str):
+            _text(path, f"{where}.{key}", value)
     return tuple(sorted(raw.items()))
 
 
@@ -159,11 +222,21 @@ def _globs(path: Path, where: str, raw: Any) -> tuple[str, ...]:
     if raw is None:
         return ()
     if not isinstance(raw, list) or not all(isinstance(p, str) and p for p in raw):
-        raise _fail(path, where, "must be a list of non-empty glob strings")
+        raise _fail(path, where, f"{_show(raw)} must be a list of non-empty glob strings")
     for pattern in raw:
+        _text(path, where, pattern)
         if pattern.count("[") != pattern.count("]"):
-            raise _fail(path, where, f"bad glob {pattern!r}: unbalanced brackets")
+            raise _fail(path, where, f"bad glob {_show(pattern)}: unbalanced brackets")
     return tuple(raw)
+
+
+def _include(path: Path, where: str, raw: Any) -> tuple[str, ...]:
+    """A processor's ``include`` globs (every module when left out); an empty list would select nothing."""
+    include = _globs(path, where, raw)
+    if not include:
+        raise _fail(path, where, "is empty, so the processor selects nothing: list globs, or leave include out to "
+                                 "select every module")
+    return include
 
 
 def _linear_quant(path: Path, where: str, raw: dict) -> LinearQuant:
@@ -174,13 +247,13 @@ def _linear_quant(path: Path, where: str, raw: dict) -> LinearQuant:
     _check_keys(path, f"{where}.qconfig", qconfig, {"act", "weight"})
     act = _qspec(path, f"{where}.qconfig.act", qconfig["act"])
     weight = _qspec(path, f"{where}.qconfig.weight", qconfig["weight"])
-    include = _globs(path, f"{where}.include", raw.get("include", ["*"]))
+    include = _include(path, f"{where}.include", raw.get("include", ["*"]))
     return LinearQuant(_scheme(path, f"{where}.qconfig", act, weight), act, weight, include,
-                       _globs(path, f"{where}.exclude", raw.get("exclude")))
+                       _globs(path, f"{where}.exclude", raw.get("exclude")), where)
 
 
 def _number(path: Path, where: str, raw: Any, low: float, high: float, low_open: bool = True) -> float:
-    if isinstance(raw, str):  # YAML 1.1 reads msModelSlim's `scale_min: 1e-5` (no dot) as a string
+    if isinstance(raw, str):  # a quoted number, which msModelSlim's own reader converts too
         try:
             raw = float(raw)
         except ValueError:
@@ -189,18 +262,19 @@ def _number(path: Path, where: str, raw: Any, low: float, high: float, low_open:
         and raw <= high
     if not ok:
         bound = f"{'(' if low_open else '['}{low}, {high}]"
-        raise _fail(path, where, f"{raw!r} must be a number in {bound}")
+        raise _fail(path, where, f"{_show(raw)} must be a number in {bound}")
     return float(raw)
 
 
 def _quarot(path: Path, where: str, raw: dict) -> QuaRot:
     _check_keys(path, where, raw, _QUAROT_KEYS)
     block = raw.get("block_size", 32)
-    if not isinstance(block, int) or isinstance(block, bool) or block < 2 or block & (block - 1):
-        raise _fail(path, f"{where}.block_size", f"{block!r} must be a power of two >= 2 (a Hadamard block size)")
+    if not isinstance(block, int) or isinstance(block, bool) or not 2 <= block <= MAX_BLOCK_SIZE or block & (block - 1):
+        raise _fail(path, f"{where}.block_size", f"{_show(block)} must be a power of two from 2 to {MAX_BLOCK_SIZE} "
+                                                 "(a Hadamard block size)")
     seed = raw.get("seed", 1234)
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise _fail(path, f"{where}.seed", f"{seed!r} must be an integer")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < MAX_SEED:
+        raise _fail(path, f"{where}.seed", f"{_show(seed)} must be an integer from 0 to 2**64 - 1")
     return QuaRot(block, seed)
 
 
@@ -209,11 +283,12 @@ def _iter_smooth(path: Path, where: str, raw: dict) -> IterSmooth:
     if raw.get("symmetric", True) is not True:
         raise _fail(path, f"{where}.symmetric", "only symmetric smoothing (True) is supported (no shift)")
     subgraphs = raw.get("enable_subgraph_type", ["norm-linear", "ov"])
-    if not isinstance(subgraphs, list) or not set(subgraphs) <= set(SUBGRAPH_TYPES):
-        raise _fail(path, f"{where}.enable_subgraph_type", f"{subgraphs!r}: allowed values {list(SUBGRAPH_TYPES)}")
+    if not isinstance(subgraphs, list) or not all(isinstance(s, str) and s in SUBGRAPH_TYPES for s in subgraphs):
+        raise _fail(path, f"{where}.enable_subgraph_type", f"{_show(subgraphs)}: must be a list of "
+                                                           f"{list(SUBGRAPH_TYPES)}")
     return IterSmooth(_number(path, f"{where}.alpha", raw.get("alpha", 0.9), 0.0, 1.0),
                       _number(path, f"{where}.scale_min", raw.get("scale_min", 1e-5), 0.0, 1.0),
-                      tuple(subgraphs), _globs(path, f"{where}.include", raw.get("include", ["*"])),
+                      tuple(subgraphs), _include(path, f"{where}.include", raw.get("include", ["*"])),
                       _globs(path, f"{where}.exclude", raw.get("exclude")))
 
 
@@ -226,11 +301,12 @@ def _saver(path: Path, raw: Any) -> tuple[str, float]:
         raise _fail(path, "spec.save", f"must be a list with one saver entry (one of {list(SAVERS)})")
     saver = raw[0]
     _check_keys(path, "spec.save[0]", saver, {"type", "part_file_size"})
-    if saver.get("type") not in SAVERS:
-        raise _fail(path, "spec.save[0].type", f"{saver.get('type')!r} is not supported; allowed: {list(SAVERS)}")
+    if not isinstance(saver.get("type"), str) or saver["type"] not in SAVERS:
+        raise _fail(path, "spec.save[0].type", f"{_show(saver.get('type'))} is not supported; allowed: {list(SAVERS)}")
     size = saver.get("part_file_size", 4)
-    if isinstance(size, bool) or not isinstance(size, (int, float)) or not 0 <= size < math.inf:
-        raise _fail(path, "spec.save[0].part_file_size", f"{size!r} must be a number of GB >= 0")
+    if isinstance(size, bool) or not isinstance(size, (int, float)) or not 0 <= size <= MAX_PART_FILE_GB:
+        raise _fail(path, "spec.save[0].part_file_size", f"{_show(size)} must be a number of GB >= 0 (at most "
+                                                         f"{MAX_PART_FILE_GB})")
     return saver["type"], float(size)
 
 
@@ -240,7 +316,8 @@ def parse_recipe(raw: Any, path: Path) -> Recipe:
         raise _fail(path, "top level", "expected a mapping with a 'spec' section")
     apiversion = raw.get("apiversion", "multimodal_vlm_modelslim_v1")
     if apiversion != "multimodal_vlm_modelslim_v1":
-        raise _fail(path, "apiversion", f"{apiversion!r} is not supported; allowed: ['multimodal_vlm_modelslim_v1']")
+        raise _fail(path, "apiversion", f"{_show(apiversion)} is not supported; allowed: "
+                                        "['multimodal_vlm_modelslim_v1']")
     spec = raw["spec"]
     _check_keys(path, "spec", spec, _SPEC_KEYS)
     process = spec.get("process")
@@ -252,7 +329,7 @@ def parse_recipe(raw: Any, path: Path) -> Recipe:
         where = f"spec.process[{i}]"
         kind = entry.get("type") if isinstance(entry, dict) else None
         if kind not in PROCESSOR_TYPES:
-            raise _fail(path, f"{where}.type", f"unknown processor {kind!r}; allowed: {list(PROCESSOR_TYPES)}")
+            raise _fail(path, f"{where}.type", f"unknown processor {_show(kind)}; allowed: {list(PROCESSOR_TYPES)}")
         if PROCESSOR_TYPES.index(kind) < last or (kind != "linear_quant" and PROCESSOR_TYPES.index(kind) == last):
             raise _fail(path, where, f"{kind!r} is out of place: use at most one quarot, then at most one "
                                      "iter_smooth, then the linear_quant entries")
@@ -266,11 +343,85 @@ def parse_recipe(raw: Any, path: Path) -> Recipe:
     if not linear_quants:
         raise _fail(path, "spec.process", "needs at least one linear_quant processor")
     dataset = spec.get("dataset")
+    if dataset is not None and (not _text(path, "spec.dataset", dataset) or "\0" in dataset):
+        raise _fail(path, "spec.dataset", f"{_show(dataset)} must be a folder name or path (non-empty, no NUL)")
     default_text = spec.get("default_text")
     saver, part_file_size = _saver(path, spec.get("save"))
-    return Recipe(path, tuple(linear_quants), part_file_size,
-                  None if dataset is None else str(dataset), None if default_text is None else str(default_text),
-                  quarot, smooth, saver)
+    return Recipe(path, tuple(linear_quants), part_file_size, dataset,
+                  None if default_text is None else _text(path, "spec.default_text", default_text), quarot, smooth,
+                  saver)
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, strict where the plain one misleads or explodes: a duplicate key is refused (the plain
+    loader keeps the last, so a second ``include:`` silently replaced the first), aliases may not expand past
+    MAX_ALIAS_EXPANSION (a "billion laughs" document is a few lines that expand to gigabytes when printed or
+    copied), a value its constructor cannot build is a YAML error at its line, and numbers follow YAML 1.2, so
+    msModelSlim's ``1e-5`` (no dot) is a number, as msModelSlim's readers treat it, not YAML 1.1's string."""
+
+    def compose_document(self) -> yaml.Node:
+        root = super().compose_document()
+        added = _alias_expansion(root)
+        if added > MAX_ALIAS_EXPANSION:
+            raise yaml.composer.ComposerError(None, None, f"its aliases expand to more than {MAX_ALIAS_EXPANSION} "
+                                              "further nodes and characters (an alias bomb?); write the repeated "
+                                              "parts out", root.start_mark)
+        return root
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` may be overridden by the keys beside it
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                earlier = first.setdefault(key, key_node)
+            except TypeError:  # unhashable: the base constructor names it
+                continue
+            if earlier is not key_node:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {_show(key)} (first at line "
+                                                        f"{earlier.start_mark.line + 1}): remove one of them",
+                                                        key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, OverflowError) as bad:  # a 5000-digit integer, the date 2024-13-45
+            raise yaml.constructor.ConstructorError(None, None, f"cannot read {_show(node.value)}: {bad}",
+                                                    node.start_mark) from None
+
+
+_RecipeLoader.add_implicit_resolver(  # YAML 1.2 floats that YAML 1.1 misses: an exponent without a dot or sign
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"))
+
+
+def _alias_expansion(root: yaml.Node) -> int:
+    """How many nodes and scalar characters a document's aliases add when written out in full: its expanded size
+    less its distinct size, counted once per distinct node (so a bomb is measured in time linear in its text).
+    An alias inside the node it names (a recursive structure) is refused."""
+    expanded: dict[int, int] = {}
+    open_nodes: set[int] = set()
+    distinct = 0
+
+    def size(node: yaml.Node) -> int:
+        nonlocal distinct
+        if id(node) in expanded:
+            return expanded[id(node)]
+        if id(node) in open_nodes:
+            raise yaml.composer.ComposerError(None, None, "an alias refers to a node that contains it (a recursive "
+                                              "structure)", node.start_mark)
+        open_nodes.add(id(node))
+        own = 1 + len(node.value) if isinstance(node, yaml.ScalarNode) else 1
+        children = node.value if isinstance(node, yaml.SequenceNode) else \
+            [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else []
+        expanded[id(node)] = own + sum(size(child) for child in children)
+        distinct += own
+        open_nodes.discard(id(node))
+        return expanded[id(node)]
+
+    return size(root) - distinct
 
 
 def _yaml_problem(error: yaml.YAMLError) -> str:
@@ -288,7 +439,7 @@ def load_recipe(path: Union[str, Path, None] = None) -> Recipe:
 
     path = Path(path) if path is not None else DEFAULT_RECIPE
     try:
-        raw = yaml.safe_load(read_text(path))
+        raw = yaml.load(read_text(path), Loader=_RecipeLoader)  # a SafeLoader: no Python objects
     except OSError as exc:
         raise RecipeError(f"cannot read recipe {path}: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:

@@ -158,3 +158,44 @@ def test_image_path_escaping_the_index_folder_is_refused(tmp_path, escape):
     index = write_jsonl(data / "index.jsonl", [{"image": image, "text": "t"}])
     with pytest.raises(CalibrationError, match="leaves the dataset folder"):
         load_samples(index)
+
+
+def test_index_path_through_its_own_folder_is_inside(tmp_path):
+    """``a/../a/index.jsonl`` is the folder ``a``: its images are inside (before the fix: "leaves the dataset
+    folder", the normalised image path compared with the unnormalised folder)."""
+    write_image(tmp_path / "a" / "x.png")
+    write_jsonl(tmp_path / "a" / "index.jsonl", [{"image": "x.png", "text": "t"}])
+    assert load_samples(f"{tmp_path}/a/../a/index.jsonl") == [CalibSample(image=tmp_path / "a" / "x.png", text="t")]
+
+
+@pytest.mark.parametrize("escape", ["../outside.png", "link.png"])
+def test_index_path_through_its_own_folder_still_refuses_escapes(tmp_path, escape):
+    outside = write_image(tmp_path / "outside.png")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "link.png").symlink_to(outside)
+    index = write_jsonl(tmp_path / "a" / "index.jsonl", [{"image": escape, "text": "t"}])
+    with pytest.raises(CalibrationError, match="leaves the dataset folder" if escape.startswith("..") else
+                       f"is a symlink to {outside}, outside the dataset folder"):
+        load_samples(f"{tmp_path}/a/../a/{index.name}")
+
+
+@pytest.mark.parametrize("field, what", [("text", "its text"), ("image", "its image path")])
+def test_lone_surrogate_is_refused_naming_the_sample(tmp_path, field, what):
+    """json.dumps writes the lone surrogate as the escape ``\\ud800``, as a hostile calibration file would."""
+    write_image(tmp_path / "x.png")
+    entry = {"image": "x.png", "text": "t"}
+    entry[field] = "a\ud800" + entry[field]
+    index = write_jsonl(tmp_path / "index.jsonl", [{"image": "x.png", "text": "fine"}, entry])
+    assert "\\ud800" in index.read_text()
+    with pytest.raises(CalibrationError) as error:
+        load_samples(index)
+    assert str(error.value) == (f"{index} line 2: {what} holds a lone surrogate (\\ud800 at character 1), which is "
+                                "not valid Unicode; fix or remove it")
+
+
+def test_lone_surrogate_in_the_default_text_is_refused(tmp_path, image_dir):
+    index = write_jsonl(tmp_path / "index.jsonl", [{"image": "imgs/a.jpg"}])
+    for dataset, where in [(index, f"{index} line 1"), (image_dir, f"image folder {image_dir}")]:
+        with pytest.raises(CalibrationError, match=rf"^{where}: the default text holds a lone surrogate \(\\udfff at "
+                                                   r"character 0\)"):
+            load_samples(dataset, "\udfff")

@@ -163,3 +163,41 @@ def test_text_only_inputs(model_dir, model):
     assert tokenizer.decode(item.input_ids[0]) == "<|im_start|>user\nHello there<|im_end|>\n<|im_start|>assistant\n"
     with torch.no_grad():
         assert model(**item.as_kwargs()).logits.shape[1] == item.input_ids.shape[1]
+
+
+def channel_values(inputs) -> torch.Tensor:
+    """pixel_values [patches, 3 * T * P * P] (channel outermost in each patch) as [3, everything else]."""
+    return inputs.pixel_values.reshape(inputs.pixel_values.shape[0], 3, -1).transpose(0, 1).reshape(3, -1)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (5, 1), (5, 3), (3, 3)])  # (width, height): heights 1 and 3 were misread
+def test_tiny_images_are_read_as_rgb(model_dir, tmp_path, size):
+    """A uniform image stays uniform through the resize: every pixel of every channel is (c / 255 - mean) / std.
+    Before the fix the processor guessed the channel order from the shape: 1 pixel high failed with transformers'
+    "mean must have 1 elements", 3 pixels high was taken as channels-first and scrambled."""
+    from dist_quant.calib.inputs import load_image_processor
+    colour = (200, 30, 90)
+    image = tmp_path / "tiny.png"
+    Image.new("RGB", size, colour).save(image)
+    processor = load_image_processor(model_dir)
+    inputs = build_model_inputs(model_dir, [CalibSample(image, "What is this?")])[0]
+    values = channel_values(inputs)
+    for channel, c in enumerate(colour):
+        expected = (c * processor.rescale_factor - processor.image_mean[channel]) / processor.image_std[channel]
+        assert torch.allclose(values[channel], torch.full_like(values[channel], expected), atol=1e-5), channel
+
+
+def test_sixteen_bit_png_is_scaled_to_eight_bits(model_dir, tmp_path):
+    """A 16-bit grayscale PNG opens as mode "I;16"; PIL's own conversion to RGB clips at 255 (all but black turns
+    white). Each value v is expected as round(v * 255 / 65535) = round(v / 257) in all three channels."""
+    import numpy as np
+    from dist_quant.calib.inputs import open_image
+    values = np.array([[0, 1000, 32896, 40000, 65535, 128]], dtype=np.uint16)
+    image = tmp_path / "deep.png"
+    Image.fromarray(values).save(image)
+    with Image.open(image) as opened:
+        assert opened.mode == "I;16"
+    rgb = open_image(CalibSample(image, "t"))
+    expected = [round(int(v) / 257) for v in values[0]]
+    assert rgb.mode == "RGB" and expected == [0, 4, 128, 156, 255, 0]
+    assert [list(rgb.getpixel((x, 0))) for x in range(values.shape[1])] == [[e] * 3 for e in expected]

@@ -93,6 +93,9 @@ def test_killed_actor_is_restarted_and_the_checkpoint_is_the_same(local_ray, mod
     assert killed
     assert len(summary.actors[1].pids) == 2, "no unit ran on the restarted actor"
     assert_same_checkpoint(tmp_path / "out", reference)
+    restarts = [w for w in summary.warnings if "was restarted" in w]  # said once, in our words, and logged
+    assert len(restarts) == 1 and f"actor 1 was restarted (pid {killed[0]} " in restarts[0]
+    assert restarts[0] in (tmp_path / "out" / "quant_run.log").read_text()
 
 
 def test_actor_that_keeps_dying_gives_a_clear_error_and_no_checkpoint(local_ray, model, calib_index, tmp_path):

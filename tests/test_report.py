@@ -230,17 +230,19 @@ def test_headless_chromium_renders_it_offline_without_errors(single, tmp_path, s
 
 def test_advice_warns_about_what_is_wrong_and_claims_only_what_was_checked():
     from dist_quant.htmlreport import advice
+    from dist_quant.htmlreport.inputs import clean_coverage
 
     nan = float("nan")
     broken = {"rows": [{"name": "layer 0", "cosine": nan, "rel_error": nan}], "kl_divergence": nan,
               "top1_agreement": 0.95}
     (kind, text), = advice(None, None, broken)
     assert kind == "warn" and "not finite in layer 0, kl_divergence" in text and "do not serve it" in text
-    (kind, text), = advice(None, None, None)
-    assert kind == "ok" and "no check could run" in text
-    coverage = {"experts": 4, "experts_without_tokens": 0, "layers": {"0": {"tokens_per_expert": [1, 2, 3, 4],
-                                                                            "experts_without_tokens": []}}}
-    (kind, text), = advice(coverage, None, None)
+    (kind, text), (_, hint) = advice(None, None, None)
+    assert kind == "ok" and "no check could run" in text and "dist-quant eval --report" in hint
+    assert "ascendv1 checkpoints only" in advice(None, None, None, evaluable=False)[1][1]
+    coverage = clean_coverage({"experts": 4, "experts_without_tokens": 0,
+                               "layers": {"0": {"tokens_per_expert": [1, 2, 3, 4], "experts_without_tokens": []}}})
+    (kind, text), _ = advice(coverage, None, None)
     assert kind == "ok" and "every expert saw calibration tokens" in text and "actors" not in text
     timeline = {"units": [{"actor": 0, "start": 0, "seconds": 10.0}, {"actor": 1, "start": 0, "seconds": 2.0}]}
     assert "actor 0 was the straggler" in advice(None, timeline, None)[0][1]

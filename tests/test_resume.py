@@ -4,6 +4,7 @@ starts afresh when nothing had finished and answers at once when the checkpoint 
 another recipe, calibration set or changed weights are refused; journal records cannot name files outside staging."""
 
 import json
+import logging
 import os
 import random
 import subprocess
@@ -107,17 +108,21 @@ def test_single_card_run_killed_anywhere_resumes_to_the_same_checkpoint(model, c
     assert_resumed_like_clean(save, clean[0])
 
 
-def test_resume_keeps_finished_layers_and_reads_only_the_rest(model, calib, recipe, clean, tmp_path):
+def test_resume_keeps_finished_layers_and_reads_only_the_rest(model, calib, recipe, clean, tmp_path, caplog):
     """Killed after 10 units (images, vision, embed, layer 0's 5 units, layer 1's attention and 1 group): layer 0's
     output was saved, so layers 1-2 and the head run again and nothing else; the bytes read are exactly those units'
-    source tensors (counted from the safetensors header, independently of the reader)."""
+    source tensors (counted from the safetensors header, independently of the reader); the run says what it kept."""
     save = tmp_path / "q"
     killed(args(model, calib, recipe, save), "unit:10", tmp_path / "child.log")
-    summary = quantize_single_card(str(model), str(save), load_recipe(recipe), dataset=str(calib), progress=False,
-                                   expert_group_size=2, resume=True)
+    with caplog.at_level(logging.INFO, logger="dist_quant"):
+        summary = quantize_single_card(str(model), str(save), load_recipe(recipe), dataset=str(calib),
+                                       progress=False, expert_group_size=2, resume=True)
     assert_resumed_like_clean(save, clean[0])
     plan = units_of(model)
     assert summary.ran_units == plan[plan.index("L001"):]
+    said = f"--resume: {plan.index('L001')} of {len(plan)} units kept from the interrupted run, " \
+           f"{len(plan) - plan.index('L001')} to run (from layer 1)"
+    assert said in caplog.text and said in (save / "quant_run.log").read_text()
     with safe_open(model / "model.safetensors", "pt") as f:
         sizes = {k: f.get_slice(k).get_shape() for k in f.keys()}
     itemsize = 2  # bfloat16

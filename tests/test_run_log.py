@@ -1,6 +1,7 @@
 """The run log and the calibration coverage report written next to the checkpoint."""
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -66,3 +67,17 @@ def test_run_log_has_recipe_versions_and_every_unit(tiny_model, calib_index, tmp
     assert 'type: "quarot"' in log
     for unit in ("vision", "embed", "layer 0", "layer 3 experts 0-7", "head"):
         assert f"unit {unit}" in log
+
+
+def test_the_single_card_run_shows_its_way_through_the_vision_forward(tiny_model, tmp_path, capsys):
+    """The images unit is one unit of the plan but minutes of work at real width: a bar counts its images."""
+    calib = make_calibration_set(tmp_path / "images", num_images=3)
+    assert main(["quant", "--model_path", str(tiny_model), "--save_path", str(tmp_path / "q"), "--device", "cpu",
+                 "--dataset", str(calib), "--config_path", str(PLAIN_RECIPE)]) == 0
+    err = capsys.readouterr().err
+    shown = [line for line in err.replace("\r", "\n").splitlines() if line.startswith("vision forward:")]
+    counts = [re.search(r"\b(\d)/3 \[", line) for line in shown]
+    assert [c.group(1) for c in counts if c] == ["0", "1", "2", "3"]
+    assert main(["quant", "--model_path", str(tiny_model), "--save_path", str(tmp_path / "q2"), "--device", "cpu",
+                 "--dataset", str(calib), "--config_path", str(PLAIN_RECIPE), "--quiet"]) == 0
+    assert "vision forward" not in capsys.readouterr().err

@@ -158,8 +158,9 @@ def test_msmodelslim_group_size_under_per_channel_is_ignored_with_a_warning(tmp_
 @pytest.mark.parametrize("weight_ext, act_ext, message", [
     ({"group_size": -1}, None, "group_size must be a non-negative integer, got -1"),
     ({"group_size": "64"}, None, "group_size must be a non-negative integer, got '64'"),
-    ({"step": 0}, None, "step must be a positive integer"),
-    ({"step": True}, None, "step must be a positive integer"),
+    ({"step": 0}, None, "step must be a whole number from 1 to 10000"),
+    ({"step": True}, None, "step must be a whole number from 1 to 10000"),
+    ({"step": 10 ** 400}, None, "step must be a whole number from 1 to 10000"),
     ({"damp": 0}, None, "damp must be a positive number"),
     ({"damp": "0.1"}, None, "damp must be a positive number"),
     ({"damp": float("inf")}, None, "damp must be a positive number"),

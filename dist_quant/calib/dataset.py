@@ -70,6 +70,16 @@ def check_inside(where: str, name: str, path: Path, folder: Path) -> None:
                                "copy the file into the dataset folder")
 
 
+def check_unicode(where: str, what: str, value: str) -> None:
+    """JSON's ``\\ud800`` escapes and YAML's ``"\\ud800"`` give Python strings holding a lone surrogate, which is
+    not Unicode text: the tokenizer and the file system refuse it with an encoding traceback."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise CalibrationError(f"{where}: {what} holds a lone surrogate ({ascii(value[error.start])[1:-1]} at "
+                               f"character {error.start}), which is not valid Unicode; fix or remove it") from None
+
+
 def _describe(entry: object) -> str:
     """What an unusable index entry is, without quoting it (an entry can hold megabytes of text)."""
     if isinstance(entry, dict):
@@ -116,7 +126,9 @@ def sample_from_entry(where: str, entry: object, folder: Path, default_text: str
     text = entry.get("text", default_text)
     if not isinstance(text, str):
         raise CalibrationError(f"{where}: no \"text\" string for {name!r}; add one or pass a default text")
-    folder = folder.absolute()
+    check_unicode(where, "its image path", entry["image"])
+    check_unicode(where, "its text" if "text" in entry else "the default text", text)
+    folder = folder.resolve()  # "a/../a" is the folder "a": compare real paths, not spellings
     if "\x00" in entry["image"]:
         raise CalibrationError(f"{where}: image path {name!r} holds a NUL character")
     image = Path(os.path.normpath(folder / entry["image"]))
@@ -141,6 +153,8 @@ def samples_from_image_folder(folder: Path, default_text: str | None) -> list[Ca
         raise CalibrationError(
             f"image folder {folder} has no index file giving texts; pass a default text or add an index.jsonl"
         )
+    if images:
+        check_unicode(f"image folder {folder}", "the default text", default_text)
     for image in images:
         check_image(f"image folder {folder}", image)
     return [CalibSample(image=image.absolute(), text=default_text) for image in images]

@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from PIL import Image
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen2VLImageProcessor
@@ -187,11 +188,20 @@ def tokenize(tokenizer: PreTrainedTokenizerBase, prompt: str) -> tuple[torch.Ten
     return encoded["input_ids"], encoded["attention_mask"]
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """The image as 8-bit RGB. PIL converts 16-bit grayscale ("I;16*", what a 16-bit PNG opens as) to RGB by
+    clipping each value at 255, which turns nearly every pixel white: scale 0..65535 to 0..255 (rounded) first."""
+    if image.mode.startswith("I;16"):
+        wide = np.asarray(image).astype(np.uint32)
+        image = Image.fromarray(((wide * 255 + 65535 // 2) // 65535).astype(np.uint8))
+    return image.convert("RGB")
+
+
 def open_image(sample: CalibSample) -> Image.Image:
     """The sample's image as RGB; decoding errors name the sample."""
     try:
         with open_regular(sample.image) as file, Image.open(file) as image:
-            return image.convert("RGB")
+            return to_rgb(image)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         text = sample.text if len(sample.text) <= 60 else sample.text[:60] + "..."  # names the sample, clipped
         raise CalibrationError(f"calibration image {sample.image} (text {text!r}) cannot be read: {reason(e)}") \
@@ -235,9 +245,11 @@ def sample_inputs(
     sample: CalibSample, tokenizer: PreTrainedTokenizerBase, image_processor: Qwen2VLImageProcessor,
     max_tokens: int = DEFAULT_MAX_SAMPLE_TOKENS,
 ) -> ModelInputs:
-    """Inputs for one image + text sample, its text cut to fit ``max_tokens`` (see :func:`fit_text`)."""
+    """Inputs for one image + text sample, its text cut to fit ``max_tokens`` (see :func:`fit_text`). The pixels
+    are channels-last RGB, said so: left to guess, the processor takes an image 1 or 3 pixels high for a
+    channels-first one (its height for the channels), which fails on 1 and silently scrambles 3."""
     try:
-        pixels = image_processor(images=[open_image(sample)], return_tensors="pt")
+        pixels = image_processor(images=[open_image(sample)], return_tensors="pt", input_data_format="channels_last")
     except (TypeError, ValueError, ArithmeticError, OSError) as error:  # e.g. an aspect ratio over 200
         raise CalibrationError(f"calibration image {sample.image} cannot be prepared for the model "
                                f"({type(error).__name__}: {reason(error)})") from None

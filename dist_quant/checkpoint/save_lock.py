@@ -36,7 +36,11 @@ class SaveLock:
     def __init__(self, save_path: Path):
         self.path = save_path / LOCK_FILE
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:  # a read-only file system, a folder without write permission (EROFS, EACCES...)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as error:
+                raise OutputError(f"cannot create the lock file {self.path}: {error.strerror}; choose a save_path "
+                                  "you can write to") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

@@ -10,7 +10,8 @@ quant_run.json, calibration_coverage.json, quant_timeline.json, the recipe) and 
 
 from __future__ import annotations
 
-import json
+import base64
+import hashlib
 import math
 import os
 import statistics
@@ -20,7 +21,8 @@ from pathlib import Path
 from typing import Optional
 
 from dist_quant.checkpoint.formats import published_format
-from dist_quant.htmlreport import svg
+from dist_quant.htmlreport import inputs, svg
+from dist_quant.runtime.run_log import COVERAGE_FILE, TIMELINE_FILE
 
 REPORT_FILE = "report.html"
 GiB = 1024 ** 3
@@ -42,20 +44,22 @@ svg .bar { stroke: var(--bg); stroke-width: 0.5; }
 .advice li { margin: 4px 0; } .ok { color: #1a7f37; } .warn { color: #bc4c00; }
 @media (prefers-color-scheme: dark) { .ok { color: #3fb950; } .warn { color: #f0883e; } }
 """
+# The second wall behind escaping: the page runs no script, fetches nothing (no image, font, frame or form target)
+# and applies no style but its own sheet, whatever markup a file might smuggle in.
+CSP = ("default-src 'none'; style-src 'sha256-" + base64.b64encode(hashlib.sha256(CSS.encode()).digest()).decode()
+       + "'; img-src 'none'; base-uri 'none'; form-action 'none'")
 
 
-def _json(folder: Path, name: str) -> Optional[object]:
+def _types(folder: Path, fmt) -> tuple[dict[str, str], Optional[str]]:
+    """Each tensor's quant type as the format reads it back, and what went wrong when it could not."""
+    if fmt is None:
+        return {}, None
     try:
-        return json.loads((folder / name).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _types(folder: Path, fmt) -> dict[str, str]:
-    try:
-        return fmt.published_types(folder) if fmt is not None else {}
-    except (OSError, ValueError, KeyError):
-        return {}
+        return {inputs.text(k): inputs.text(v) for k, v in fmt.published_types(folder).items()}, None
+    except RecursionError:
+        return {}, "the description is nested too deeply to read"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        return {}, f"the tensors' quant types cannot be read ({type(error).__name__})"
 
 
 def _table(header: Optional[list[str]], rows: list[list[str]]) -> str:
@@ -83,10 +87,19 @@ def _finite(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
-def advice(coverage: Optional[dict], timeline: Optional[dict], evaluation: Optional[dict]) -> list[tuple[str, str]]:
+def advice(coverage: Optional[dict], timeline: Optional[dict], evaluation: Optional[dict], check=None,
+           evaluable: bool = True) -> list[tuple[str, str]]:
     """(class, sentence) of what to do next where something looks wrong; where nothing does, one line saying which
-    checks ran."""
+    checks ran. ``check``: the folder's check Report (its loader rules); ``evaluable``: ``dist-quant eval`` reads
+    the checkpoint's format."""
     found, passed = [], []
+    if check is not None:
+        if not check.ok:
+            found.append(("warn", f"dist-quant check finds that it breaks its serving engine's loader rules "
+                          f"({', '.join(check.failed())}): do not serve it; `dist-quant check` prints each rule "
+                          "and the first offending key."))
+        else:
+            passed.append(f"it passes the loader rules of {', '.join(check.engines)}")
     if evaluation is not None:
         rows = evaluation.get("rows") or []
         broken = [r["name"] for r in rows if not (_finite(r.get("rel_error")) and _finite(r.get("cosine")))]
@@ -96,9 +109,9 @@ def advice(coverage: Optional[dict], timeline: Optional[dict], evaluation: Optio
                           "the checkpoint computes NaN or infinite values there; do not serve it (check the "
                           "source weights and the calibration inputs, then quantize again)."))
     if coverage:
-        if coverage.get("experts_without_tokens"):
-            layers = [layer for layer, e in coverage.get("layers", {}).items() if e.get("experts_without_tokens")]
-            found.append(("warn", f"{coverage['experts_without_tokens']} of {coverage.get('experts', '?')} experts "
+        if coverage["experts_without_tokens"]:
+            layers = [layer for layer, tokens in coverage["layers"].items() if 0 in tokens]
+            found.append(("warn", f"{coverage['experts_without_tokens']} of {coverage['experts']} experts "
                           f"(in {len(layers)} layers) saw no calibration token and were quantized from their "
                           "weights alone: calibrate with more images, or more varied ones (other scenes, text, "
                           "charts), until the crossed-out cells of the coverage map are gone."))
@@ -132,59 +145,51 @@ def advice(coverage: Optional[dict], timeline: Optional[dict], evaluation: Optio
                           ": check the outlier suppression (QuaRot and iterative smoothing in the recipe)."))
     if not found:
         checked = "; ".join(passed) if passed else "no check could run (the run's files are missing)"
-        found.append(("ok", f"nothing looks wrong: {checked}."
-                      + ("" if evaluation is not None else " Run `dist-quant eval --report` to add the accuracy "
-                                                            "part.")))
+        found.append(("ok", f"nothing looks wrong: {checked}."))
+    if evaluation is None:
+        found.append(("muted", "Run `dist-quant eval --report` (on images other than the calibration ones) to add "
+                      "the accuracy part." if evaluable else "`dist-quant eval` reads ascendv1 checkpoints only: "
+                      "measure this one's accuracy on the engine that serves it, against the float model."))
     return found
 
 
-def check_evaluation(evaluation: object) -> dict:
-    """An eval report (``dist-quant eval --output``) as the page reads it; ValueError naming what is wrong."""
-    if not isinstance(evaluation, dict):
-        raise ValueError("it does not hold a JSON object")
-    rows = evaluation.get("rows", [])
-    if not isinstance(rows, list) or not all(isinstance(r, dict) and isinstance(r.get("name"), str)
-                                             and isinstance(r.get("cosine"), (int, float))
-                                             and isinstance(r.get("rel_error"), (int, float)) for r in rows):
-        raise ValueError("its rows are not a list of {name, cosine, rel_error}")
-    for key in ("kl_divergence", "top1_agreement"):
-        if not isinstance(evaluation.get(key, 0.0), (int, float)):
-            raise ValueError(f"its {key} is not a number")
-    return evaluation
-
-
 def build_report(folder: str | Path, evaluation: Optional[dict] = None, check=None) -> str:
-    """The page for the checkpoint in ``folder`` (with the accuracy part when ``evaluation`` is given); a run's
-    staging folder is shown as the checkpoint it becomes. ``check``: the folder's check Report when the caller has
-    it (quant, which has just run it), else it is run here."""
+    """The page for the checkpoint in ``folder`` (with the accuracy part when ``evaluation``, a clean eval report, is
+    given; ValueError when it is malformed); a run's staging folder is shown as the checkpoint it becomes. ``check``: the folder's check Report when
+    the caller has it (quant, which has just run it), else it is run here."""
     from dist_quant.check import check_checkpoint
     from dist_quant.checkpoint.writer import STAGING_DIR
 
     folder = Path(folder)
     shown = folder.parent if folder.name == STAGING_DIR else folder
-    config = _json(folder, "config.json") or {}
-    text = config.get("text_config", {}) if isinstance(config.get("text_config"), dict) else {}
-    run = (_json(folder, "quant_run.json") or {}).get("fingerprint", {})
-    coverage = _json(folder, "calibration_coverage.json")
-    timeline = _json(folder, "quant_timeline.json")
     fmt = published_format(folder)
-    index = (_json(folder, fmt.INDEX_FILE) if fmt is not None else None) or {}
-    types = _types(folder, fmt)
-    weights = Counter(t for k, t in types.items() if k.endswith(".weight"))
-    recipe = sorted(p.name for p in folder.glob("*.yaml"))
+    problems = []
+
+    def read(name: str, clean):
+        value, problem = inputs.read(folder, name, clean)
+        problems.extend([problem] if problem else [])
+        return value
+
+    model = read("config.json", inputs.clean_model) or {}
+    run = read("quant_run.json", inputs.clean_run) or {}
+    coverage = read(COVERAGE_FILE, inputs.clean_coverage)
+    timeline = read(TIMELINE_FILE, inputs.clean_timeline)
+    index = (read(fmt.INDEX_FILE, inputs.clean_index) if fmt is not None else None) or {}
+    types, problem = _types(folder, fmt)
+    problems.extend([problem] if problem else [])
+    recipe = sorted(inputs.text(p.name) for p in folder.glob("*.yaml"))
     report = check if check is not None else check_checkpoint(folder)
-    ran = [u for u in (timeline or {}).get("units", []) if not u.get("kept")]
+    ran = [u for u in (timeline or {}).get("units", []) if not u["kept"]]
     wall = max((u["start"] + u["seconds"] for u in ran), default=0.0)  # since the run started
-    size = index.get("metadata", {}).get("total_size", 0)
     summary = [
-        ["model", f"{config.get('model_type', '?')}: {text.get('num_hidden_layers', '?')} layers, "
-                  f"{text.get('num_experts', '?')} experts (top-{text.get('num_experts_per_tok', '?')}), hidden "
-                  f"{text.get('hidden_size', '?')}"],
+        ["model", f"{model.get('model_type', '?')}: {model.get('num_hidden_layers', '?')} layers, "
+                  f"{model.get('num_experts', '?')} experts (top-{model.get('num_experts_per_tok', '?')}), hidden "
+                  f"{model.get('hidden_size', '?')}"],
         ["recipe", ", ".join(recipe) or "?"],
         ["format", f"{report.format}; loads on {', '.join(report.engines) or 'no engine (see dist-quant check)'}"],
-        ["weight tensors by type", ", ".join(f"{t}: {n}" for t, n in sorted(weights.items()))
-                                   + " (FLOAT counts norms and embeddings too)"],
-        ["size", f"{size / GiB:.2f} GiB in {len(set(index.get('weight_map', {}).values()))} part file(s), "
+        ["tensors by type", ", ".join(f"{t}: {n}" for t, n in sorted(Counter(types.values()).items()))
+                            + " (FLOAT counts norms and embeddings too)"],
+        ["size", f"{index.get('total_size', 0) / GiB:.2f} GiB in {index.get('parts', 0)} part file(s), "
                  f"{len(types)} tensors"],
         ["wall time", (f"{wall:.1f} s to the last unit" if ran else "every unit was kept from an earlier run")
                       + f" on {(timeline or {}).get('workers', '?')} worker(s)"],
@@ -192,57 +197,66 @@ def build_report(folder: str | Path, evaluation: Optional[dict] = None, check=No
                             f"expert groups of {run.get('expert_group_size', '?')}"],
         ["versions", f"dist-quant {run.get('dist_quant', '?')}, torch {run.get('torch', '?')}"],
     ]
-    parts = [f"<h1>{escape(shown.name)}</h1><p class='muted'>{escape(str(shown))}</p>",
+    parts = [f"<h1>{escape(inputs.text(shown.name))}</h1><p class='muted'>{escape(inputs.text(str(shown)))}</p>",
              "<h2>Summary</h2>", _table(None, summary)]
+    if problems:
+        parts.append("<p class='warn'>Not drawn from a malformed file: " + escape("; ".join(problems)) + ".</p>")
     parts.append("<h2>What to do next</h2><ul class='advice'>" + "".join(
-        f"<li class='{cls}'>{escape(text)}</li>" for cls, text in advice(coverage, timeline, evaluation)) + "</ul>")
-    if coverage and coverage.get("layers"):
-        tokens = {int(layer): entry["tokens_per_expert"] for layer, entry in coverage["layers"].items()}
+        f"<li class='{cls}'>{escape(text)}</li>"
+        for cls, text in advice(coverage, timeline, evaluation, report, fmt is None or fmt.NAME == "ascendv1"))
+        + "</ul>")
+    if coverage and coverage["layers"]:
         parts += ["<h2>Expert coverage</h2>",
                   f"<p>Calibration tokens routed to each expert (hover a cell); crossed-out cells got none: "
-                  f"{coverage.get('experts_without_tokens', 0)} of {coverage.get('experts', 0)} experts. The "
-                  "numbers on the right are each layer's total.</p>",
-                  f"<div class='figure'>{svg.coverage_heatmap(tokens)}</div>"]
+                  f"{coverage['experts_without_tokens']} of {coverage['experts']} experts. The numbers on the right "
+                  "are each layer's total.</p>",
+                  f"<div class='figure'>{svg.coverage_heatmap(coverage['layers'])}</div>"]
     if timeline and ran:
         totals = actor_totals(timeline)
-        kept = [u["name"] for u in timeline.get("units", []) if u.get("kept")]
-        startup = min((u["start"] for u in ran), default=0.0)
+        kept = [u for u in timeline["units"] if u["kept"]]
+        startup = min(u["start"] for u in ran)
         parts += ["<h2>Run timeline</h2>",
                   "<p>One lane per actor; a bar per unit, coloured by kind (hover for its phases); gaps are idle "
                   f"time. Time runs from the first unit's start; the {startup:.1f} s before it went to starting "
                   "up (reading the calibration inputs, and on Ray the runtime and the actors)."
                   + (f" {len(kept)} unit(s) were kept from an interrupted run and are not drawn." if kept
                      else "") + "</p>",
-                  f"<div class='figure'>{svg.timeline(timeline.get('units', []), timeline.get('workers', 1))}</div>",
+                  f"<div class='figure'>{svg.timeline(timeline['units'], timeline['workers'])}</div>",
                   _table(["actor", "units", "busy s", "idle s", "read GiB", "peak RSS GiB"],
                          [[t["actor"], t["units"], f"{t['busy']:.1f}", f"{t['idle']:.1f}",
                            f"{t['bytes_read'] / GiB:.2f}", f"{t['peak_rss'] / GiB:.2f}"] for t in totals])]
     if evaluation is not None:
-        rows = evaluation.get("rows") or []
-        names = [r["name"] for r in rows]
-        worst = sorted((i for i in range(len(rows)) if _finite(rows[i]["rel_error"])),
-                       key=lambda i: -rows[i]["rel_error"])[:3]
-        worst_names = ", ".join(f"{rows[i]['name']} ({rows[i]['rel_error']:.3g})" for i in worst)
+        parts += _accuracy(inputs.clean_evaluation(evaluation))
+    body = "\n".join(parts)
+    return ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
+            f"<meta http-equiv='Content-Security-Policy' content=\"{CSP}\">"
+            "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+            "<meta name='color-scheme' content='light dark'>"
+            f"<title>dist-quant report: {escape(inputs.text(shown.name))}</title><style>{CSS}</style></head>"
+            f"<body>{body}<p class='muted'>Drawn by dist-quant from the files next to the checkpoint; "
+            "`dist-quant report` draws it again.</p></body></html>\n")
+
+
+def _accuracy(evaluation: dict) -> list[str]:
+    """The accuracy part: the final logits' KL and top-1, and per piece its relative error and cosine."""
+    rows = evaluation["rows"]
+    names = [r["name"] for r in rows]
+    worst = sorted((i for i in range(len(rows)) if _finite(rows[i]["rel_error"])),
+                   key=lambda i: -rows[i]["rel_error"])[:3]
+    worst_names = ", ".join(f"{rows[i]['name']} ({rows[i]['rel_error']:.3g})" for i in worst)
+    parts = ["<h2>Accuracy (dist-quant eval)</h2>",
+             f"<p>Final logits: KL(float ‖ quantized) = {evaluation['kl_divergence']:.3g} nats/token, "
+             f"top-1 agreement {100 * evaluation['top1_agreement']:.1f}% over {evaluation['tokens']} tokens of "
+             f"{evaluation['samples']} samples."
+             + (f" Largest relative errors (after the vision merger and each layer, against the float "
+                f"model): {escape(worst_names)}." if worst_names else "") + "</p>"]
+    if rows:
         errors = svg.line_chart(names, {"rel error": [r["rel_error"] for r in rows]}, "relative error", log=True,
                                 highlight=set(worst))
         cosines = svg.line_chart(names, {"cosine": [r["cosine"] for r in rows]}, "cosine similarity",
                                  highlight=set(worst))
-        parts += ["<h2>Accuracy (dist-quant eval)</h2>",
-                  f"<p>Final logits: KL(float ‖ quantized) = {evaluation.get('kl_divergence', 0):.3g} nats/token, "
-                  f"top-1 agreement {100 * evaluation.get('top1_agreement', 0):.1f}% over "
-                  f"{escape(str(evaluation.get('tokens', '?')))} tokens of "
-                  f"{escape(str(evaluation.get('samples', '?')))} samples."
-                  + (f" Largest relative errors (after the vision merger and each layer, against the float "
-                     f"model): {escape(worst_names)}." if worst_names else "") + "</p>"]
-        if rows:
-            parts += [f"<div class='figure'>{errors}</div>", f"<div class='figure'>{cosines}</div>"]
-    body = "\n".join(parts)
-    return ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
-            "<meta name='viewport' content='width=device-width, initial-scale=1'>"
-            "<meta name='color-scheme' content='light dark'>"
-            f"<title>dist-quant report: {escape(shown.name)}</title><style>{CSS}</style></head>"
-            f"<body>{body}<p class='muted'>Drawn by dist-quant from the files next to the checkpoint; "
-            "`dist-quant report` draws it again.</p></body></html>\n")
+        parts += [f"<div class='figure'>{errors}</div>", f"<div class='figure'>{cosines}</div>"]
+    return parts
 
 
 def write_report(folder: str | Path, evaluation: Optional[dict] = None, path: Optional[str | Path] = None,

@@ -228,10 +228,13 @@ def _run_units(executor: Executor, writer: CheckpointWriter, journal: Journal, p
     point = resume_point(writer.private_dir, plan, kept, journal, len(inputs)) if writer.resuming else None
     todo = remaining_units(plan, point, kept)
     if writer.resuming:
-        run_log.write(f"resuming after layer {point.layer if point else 'none'}: {len(plan) - len(todo)} of "
-                      f"{len(plan)} units kept, {len(todo)} to run")
+        line = (f"--resume: {len(plan) - len(todo)} of {len(plan)} units kept from the interrupted run, {len(todo)} "
+                f"to run ({f'from layer {point.layer + 1}' if point else 'every layer'})")
+        run_log.write(line)
+        log.info("%s", line)
     reports: list[UnitReport] = []
     live: dict[int, list] = {}
+    processes: dict[int, tuple[int, str]] = {}  # actor -> the (pid, host) that reported its last unit
     with tqdm(total=len(plan), initial=len(plan) - len(todo), desc="quantizing", unit="unit",
               disable=not progress) as bar:
         def on_done(report: UnitReport) -> None:
@@ -244,6 +247,7 @@ def _run_units(executor: Executor, writer: CheckpointWriter, journal: Journal, p
             journal.prune_streams(plan)
             failpoints.reach("unit")
             reports.append(dataclasses.replace(report, record=record))
+            _note_restart(processes, report, run_log)
             where = f"actor {report.actor} (pid {report.pid}, {report.host})" if executor.workers > 1 else ""
             run_log.unit(report.unit.name, report.seconds, report.bytes_read, where)
             units, busy = live.setdefault(report.actor, [0, 0.0])
@@ -253,6 +257,17 @@ def _run_units(executor: Executor, writer: CheckpointWriter, journal: Journal, p
 
         executor.run(todo, point, inputs, on_done)
     return reports
+
+
+def _note_restart(processes: dict[int, tuple[int, str]], report: UnitReport, run_log: RunLog) -> None:
+    """An actor whose unit is reported by another process than its previous one was restarted (Ray restarts a
+    killed actor and runs its unit again): one warning, on the console and in quant_run.log."""
+    now = (report.pid, report.host)
+    before = processes.setdefault(report.actor, now)
+    if before != now:
+        run_log.warn(f"actor {report.actor} was restarted (pid {before[0]} on {before[1]} is gone, pid {now[0]} on "
+                     f"{now[1]} took over); the units it had in hand ran again, the checkpoint is unaffected")
+        processes[report.actor] = now
 
 
 def _progress_text(live: dict[int, list]) -> str:

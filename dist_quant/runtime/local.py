@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
+from tqdm import tqdm
+
 from dist_quant.calib.inputs import ModelInputs
 from dist_quant.checkpoint.writer import CheckpointWriter
 from dist_quant.recipe import Recipe
@@ -21,14 +23,26 @@ class LocalExecutor:
 
     workers = 1
 
-    def __init__(self, on_unit_done: Optional[Callable[[UnitReport], None]] = None):
+    def __init__(self, on_unit_done: Optional[Callable[[UnitReport], None]] = None, progress: bool = False):
         self.on_unit_done = on_unit_done
+        self.progress = progress  # a bar through the vision forward (minutes at real width, one unit of the plan)
+        self._images: Optional[tqdm] = None
 
     def start(self, model_path: str, recipe: Recipe, writer: CheckpointWriter, plan: list[Unit], device: str,
               compute_threads: int) -> None:
         self.runner = UnitRunner(0, model_path, recipe, str(writer.staging), str(writer.private_dir), device, plan,
                                  {}, compute_threads=compute_threads)
+        if self.progress:
+            self.runner.worker.on_image = self._image_done
         self.writer = writer
+
+    def _image_done(self, done: int, images: int) -> None:
+        if self._images is None:
+            self._images = tqdm(total=images, desc="vision forward", unit="image", leave=False, mininterval=0)
+        self._images.update()
+        if done == images:
+            self._images.close()
+            self._images = None
 
     def run(self, todo: list[Unit], point: Optional[ResumePoint], inputs: list[ModelInputs], on_done: OnDone) -> None:
         self.runner.reporter.places.update({unit.id: self.writer.places(unit.id) for unit in todo})
@@ -44,4 +58,5 @@ class LocalExecutor:
 def quantize_single_card(model_path: str, save_path: str, recipe: Recipe,
                          on_unit_done: Optional[Callable[[UnitReport], None]] = None, **options) -> QuantSummary:
     """Quantize a checkpoint on one device and publish it to ``save_path`` (options: see ``driver.quantize``)."""
-    return quantize(model_path, save_path, recipe, LocalExecutor(on_unit_done), **options)
+    return quantize(model_path, save_path, recipe, LocalExecutor(on_unit_done, options.get("progress", True)),
+                    **options)

@@ -26,7 +26,7 @@ from dist_quant.errors import CalibrationError, RecipeError
 from dist_quant.models import outliers
 from dist_quant.models.family import family_for, family_of
 from dist_quant import schemes
-from dist_quant.recipe import Recipe
+from dist_quant.recipe import Recipe, check_linear_quants_apply
 from dist_quant.runtime.device import DEFAULT_COMPUTE_THREADS, set_compute_threads
 from dist_quant.runtime.interpret import sample_outputs
 from dist_quant.runtime.plan import ROW_CHUNK, Kind, Unit
@@ -132,11 +132,22 @@ def check_recipe_for_model(recipe: Recipe, config) -> None:
     linears = [*family.vision_linears(config)]
     for layer_idx in range(config.text_config.num_hidden_layers):
         linears += family.layer_linears(config, layer_idx)
+    check_linear_quants_apply(recipe, linears, (name for layer in range(config.text_config.num_hidden_layers)
+                                                if family.is_moe_layer(config.text_config, layer)
+                                                for name in family.expert_linears(config, layer, 0,
+                                                                                  config.text_config.num_experts)))
     for name in linears:
         scheme = schemes.get(recipe.quant_type(name))
         if not scheme.serves_linears:
             raise RecipeError(f"recipe {recipe.path}: {name} gets {scheme.name}, which vLLM Ascend serves for routed "
                               "experts only (include only '*mlp.experts*' in that linear_quant)")
+    for layer_idx in range(config.text_config.num_hidden_layers):  # experts of one layer share their shapes
+        if family.is_moe_layer(config.text_config, layer_idx):
+            for proj, shape in zip(family.EXPERT_PROJS, family.expert_shapes(config)):
+                name = family.expert_key(layer_idx, 0, proj)
+                problem = schemes.get(recipe.quant_type(name)).check_shape(name, shape, family.splits_input(name))
+                if problem:
+                    raise RecipeError(f"recipe {recipe.path}: {problem}")
     for layer_idx in range(config.text_config.num_hidden_layers):
         for group in family.FUSED_GROUPS:
             types = {recipe.quant_type(f"{family.layer_prefix(layer_idx)}.{name}") for name in group}
@@ -174,6 +185,7 @@ class Worker:
         self._reader_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
         self._prefetched: dict[tuple[int, int, int], Future] = {}
         self._tower: Optional[nn.Module] = None  # the rotated vision tower, from ``images`` to ``vision``
+        self.on_image: Optional[Callable[[int, int], None]] = None  # (done, of) after each image's vision forward
         self._faking = False  # while ``entries`` runs
         self._role_shapes: dict = {}  # what ``entries`` worked out for each kind of linear
 
@@ -256,6 +268,7 @@ class Worker:
             return ImagesOutput({}, {}, {})
         visual = self._vision_tower()
         outputs: dict[int, VisionOutput] = {}
+        images = sum(inputs[index].pixel_values is not None for index in indexes)
         with InputRanges(self._static_linears(self.family.VISUAL, visual)) as ranges, self.times.phase("forward"):
             for index in indexes:
                 sample = inputs[index]
@@ -263,6 +276,8 @@ class Worker:
                     outputs[index] = VisionOutput(*self.family.vision_forward(visual, sample.pixel_values,
                                                                               sample.image_grid_thw))
                     failpoints.reach("vision")
+                    if self.on_image is not None:
+                        self.on_image(len(outputs), images)
         if not keep_tower:
             self._tower = None
         return ImagesOutput(outputs, ranges.channel_min, ranges.channel_max)

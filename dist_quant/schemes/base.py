@@ -8,15 +8,19 @@ roles into file keys, description entries and dtype encodings.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 
 from dist_quant.algorithms.gptq import Hessian
+from dist_quant.errors import CalibrationError, CheckpointError
 
 InputRange = tuple[float, float]  # (min, max) of a linear's calibration input
+FLOAT32_MAX = torch.finfo(torch.float32).max  # the schemes compute in float32
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,9 @@ class Scheme:
     weight_methods: tuple[str, ...] = ()  # more weight ``method``s that select it (``quantize`` reads spec.weight)
     serves_linears: bool = True  # the serving engine has a method for it outside the routed experts
     weight_packing: int = 1  # output channels per stored row of ``weight`` (2 for int4 codes packed in int8)
+    # why a linear of this [out, in] shape cannot be stored or loaded with the scheme, or None: ``check_shape(name,
+    # shape, input_split)`` (input_split: LinearSpec.input_split), for refusing a recipe before any unit runs
+    check_shape: Callable[[str, tuple[int, ...], bool], Optional[str]] = lambda name, shape, input_split: None
 
     def stored_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         """The shape ``weight`` is stored in, for a linear whose float weight has ``shape`` [out, in]."""
@@ -89,6 +96,38 @@ class Scheme:
     def bytes_per_param(self, source_bytes: int) -> float:
         """Bytes a weight parameter takes in the checkpoint (scales are negligible)."""
         return source_bytes if self.weight_bits is None else self.weight_bits / 8
+
+
+def largest_magnitude(tensor: torch.Tensor) -> float:
+    """``max |t|`` without a temporary, NaN if the tensor holds one (``torch.maximum`` propagates it)."""
+    lo, hi = torch.aminmax(tensor)
+    return float(torch.maximum(-lo, hi))
+
+
+def check_weight(spec: LinearSpec, weight: torch.Tensor, scheme: str, limit: float, why: str) -> None:
+    """Refuse, before any quantization work, a weight the scheme's math would overflow on: ``max |W| <= limit``
+    (``why`` names the computation the limit protects). The reader refuses NaN and Inf in the source, so a
+    non-finite weight here was made by QuaRot or smoothing from a source value near the float32 limit. The
+    writer's layout pass quantizes fake tensors, which hold no values: nothing to check there."""
+    if is_fake(weight) or weight.numel() == 0:
+        return
+    largest = largest_magnitude(weight)
+    if not math.isfinite(largest):
+        raise CheckpointError(f"linear {spec.name}: its weight holds NaN or Inf after rotation and smoothing (a "
+                              "source weight near the float32 limit overflowed); check the checkpoint's values")
+    if largest > limit:
+        raise CheckpointError(f"linear {spec.name}: its largest weight magnitude {largest:.9g} is above {limit:.9g}, "
+                              f"the most {scheme} can take for a {list(weight.shape)} weight ({why}); check the "
+                              "checkpoint's values, or leave this linear out of that linear_quant")
+
+
+def check_finite_inputs(spec: LinearSpec, what: str, tensor: torch.Tensor) -> None:
+    """Refuse calibration statistics (an input range, a Gram matrix) that overflowed float32: they come from a
+    calibration forward whose activations reached Inf, which only a weight of the model far beyond any trained
+    value causes."""
+    if tensor.numel() and not is_fake(tensor) and not math.isfinite(largest_magnitude(tensor)):
+        raise CalibrationError(f"linear {spec.name}: {what} overflowed float32 in the calibration forward (a "
+                               "weight before it is far too large); check the checkpoint's values")
 
 
 class ServedLinear(nn.Module):

@@ -7,12 +7,14 @@ from typing import Optional
 import torch
 from torch import nn
 
-from dist_quant.schemes.base import LinearSpec, Scheme
+from dist_quant.schemes.base import LinearSpec, Scheme, check_weight
 
 NAME = "FLOAT"
 
 
 def quantize(weight: torch.Tensor, bias: Optional[torch.Tensor], spec: LinearSpec) -> dict[str, torch.Tensor]:
+    """The weight in the source dtype, where a rotated or smoothed weight beyond that dtype's range would be Inf."""
+    check_weight(spec, weight, NAME, torch.finfo(spec.model_dtype).max, f"it is stored in {spec.model_dtype}")
     roles = {"weight": weight.detach().to("cpu", spec.model_dtype)}
     if bias is not None:
         roles["bias"] = bias.detach().to("cpu", spec.model_dtype)

@@ -22,15 +22,20 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import is_fake
 
-from dist_quant.algorithms.int4 import (QMAX4, QMIN4, SSZ_ITERATIONS, int4_codes, minmax_scale, pack_int4_rows, scale_bias, ssz_scale,
-                                        unpack_int4_rows)
+from dist_quant.algorithms.int4 import (QMAX4, QMIN4, SCALE_BIAS_CHUNKS, SSZ_ITERATIONS, int4_codes, minmax_scale,
+                                        pack_int4_rows, scale_bias, ssz_scale, unpack_int4_rows)
 from dist_quant.algorithms.gptq import DAMP, gptq_codes
 from dist_quant.algorithms.quantize import dynamic_w8a8_linear
-from dist_quant.schemes.base import LinearSpec, QSpec, Scheme, ServedLinear
+from dist_quant.errors import RecipeError
+from dist_quant.schemes.base import FLOAT32_MAX, LinearSpec, QSpec, Scheme, ServedLinear, check_finite_inputs, \
+    check_weight
 
 NAME = "W4A8_DYNAMIC"
 WEIGHT_METHODS = ("ssz", "minmax", "gptq")  # the qconfig weight methods that select it; ssz first: the default
 EXT_KEYS = ("step", "group_size", "damp")  # msModelSlim's ssz iterations and group size (ignored); GPTQ's damping
+
+
+MAX_STEP = 10_000  # ssz iterations: msModelSlim's default is 50, and each is a pass over the expert's weights
 
 
 def check_ext(side: str, spec: QSpec) -> tuple[str, ...]:
@@ -43,8 +48,8 @@ def check_ext(side: str, spec: QSpec) -> tuple[str, ...]:
     if side == "act" and options:
         raise ValueError(f"W4A8_DYNAMIC's activations take no options, got {sorted(options)}")
     step = options.get("step")
-    if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 1):
-        raise ValueError(f"step must be a positive integer (ssz iterations), got {step!r}")
+    if step is not None and (isinstance(step, bool) or not isinstance(step, int) or not 1 <= step <= MAX_STEP):
+        raise ValueError(f"step must be a whole number from 1 to {MAX_STEP} (ssz iterations), got {step!r}")
     warnings = []
     damp = options.get("damp")
     if damp is not None:
@@ -62,6 +67,35 @@ def check_ext(side: str, spec: QSpec) -> tuple[str, ...]:
                             "experts are quantized per channel (group_size 0), the only W4A8 layout vLLM Ascend's "
                             "main branch loads")
     return tuple(warnings)
+
+
+PACKED_WORD = 8  # int4 codes per int32 word: vLLM Ascend views the packed weight as int32 along the output dimension
+
+
+def check_shape(name: str, shape: tuple[int, ...], input_split: bool) -> Optional[str]:
+    """Why a [out, in] expert projection cannot be written or loaded as W4A8_DYNAMIC, or None. The output
+    dimension holds two codes per byte (pack_int4_rows), and vLLM Ascend's loader views the packed codes as int32
+    along it (docs/w4a8-loader-facts.md 1.3 and 1.5: ``H % 8`` for down_proj, ``I_p % 4`` packed rows per rank for
+    gate/up): a multiple of 8. A linear whose input the engine splits across ranks (down_proj) has one scale_bias
+    sum per 16th of its input: a multiple of 16."""
+    out, inputs = shape[0], shape[-1]
+    if out % PACKED_WORD:
+        return (f"{name} {list(shape)}: W4A8_DYNAMIC needs an output size that is a multiple of {PACKED_WORD} (int4 "
+                f"codes packed two per byte, loaded as int32 words), got {out}")
+    if input_split and inputs % SCALE_BIAS_CHUNKS:
+        return (f"{name} {list(shape)}: W4A8_DYNAMIC needs an input size that is a multiple of {SCALE_BIAS_CHUNKS} "
+                f"for a row-parallel linear (scale_bias holds one sum per 16th of the input), got {inputs}")
+    return None
+
+
+def weight_limit(inputs: int) -> float:
+    """The largest ``max |W|`` whose int4 math stays finite in float32 for a linear of ``inputs`` input channels.
+    Every scale the scheme makes (min/max, ssz's least squares ``sum W q / sum q^2``) is at most ``max |W|``
+    (``|q| >= 1`` where ``q != 0``) and codes are in [-8, 7], so a residual ``W - q s`` is at most ``9 max |W|`` and
+    ssz's ``sum_k r_k^2`` at most ``81 in max|W|^2``: the binding sum (``sum W q`` and scale_bias's ``8 s sum q``, at
+    most ``64 in max |W|``, are smaller below this limit). Beyond it ssz would compare Inf errors and silently keep the
+    min/max scale."""
+    return math.sqrt(FLOAT32_MAX / (81 * inputs))
 
 
 def needs_hessian(weight: Optional[QSpec]) -> bool:
@@ -83,8 +117,15 @@ def quantize(weight: torch.Tensor, bias: Optional[torch.Tensor], spec: LinearSpe
     all zero), scale_bias (float32 [out, 1], [out, 16] when ``spec.input_split``)."""
     if bias is not None:
         raise ValueError(f"{spec.name}: W4A8_DYNAMIC is for routed experts, which have no bias")
+    problem = check_shape(spec.name, tuple(weight.shape), spec.input_split)
+    if problem:
+        raise RecipeError(f"{problem}; leave these experts out of that linear_quant (W8A8_DYNAMIC has no such rule)")
+    check_weight(spec, weight, NAME, weight_limit(weight.shape[1]), "ssz's float32 sums of squared errors")
+    gptq = needs_hessian(spec.weight) and spec.hessian is not None and not is_fake(weight)
+    if gptq:
+        check_finite_inputs(spec, "the Gram matrix of its calibration inputs", spec.hessian.gram)
     scale = weight_scale(weight, spec.weight)
-    if needs_hessian(spec.weight) and spec.hessian is not None and not is_fake(weight):
+    if gptq:
         codes = gptq_codes(weight, scale, spec.hessian, QMIN4, QMAX4, damp=spec.weight.option("damp", DAMP))
     else:  # also gptq for an expert without calibration tokens: plain rounding
         codes = int4_codes(weight, scale)
@@ -106,6 +147,6 @@ SCHEME = Scheme(NAME, act=QSpec("per_token", "int8", True, "minmax"),
                 serves_experts=True, priority=-1, roles=("weight", "weight_scale", "weight_offset", "scale_bias"),
                 quantize=quantize, serve=serve, weight_methods=WEIGHT_METHODS[1:], serves_linears=False,
                 weight_packing=2, ext_keys=EXT_KEYS, check_ext=check_ext,
-                needs_hessian=needs_hessian,
+                needs_hessian=needs_hessian, check_shape=check_shape,
                 summary="per_token int8 symmetric minmax activations, per_channel int4 symmetric ssz, minmax or "
                         "gptq weights (W4A8_DYNAMIC, routed experts only)")

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from dist_quant.algorithms.quantize import dynamic_w8a8_linear, quantize_weight_per_channel
-from dist_quant.schemes.base import LinearSpec, QSpec, Scheme, ServedLinear
+from dist_quant.schemes.base import FLOAT32_MAX, LinearSpec, QSpec, Scheme, ServedLinear, check_weight
 
 NAME = "W8A8_DYNAMIC"
 
@@ -20,6 +20,7 @@ NAME = "W8A8_DYNAMIC"
 def quantize(weight: torch.Tensor, bias: Optional[torch.Tensor], spec: LinearSpec) -> dict[str, torch.Tensor]:
     """Roles: weight (int8 [out, in]), weight_scale and weight_offset (float32 [out, 1], the offset all zero), and
     bias (float32) when the linear has one."""
+    check_weight(spec, weight, NAME, FLOAT32_MAX, "its scales are float32")
     codes, weight_scale = quantize_weight_per_channel(weight)
     roles = {"weight": codes, "weight_scale": weight_scale[:, None].contiguous(),
              "weight_offset": torch.zeros_like(weight_scale)[:, None].contiguous()}
