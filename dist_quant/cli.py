@@ -1,4 +1,9 @@
-"""``dist-quant``: the command line, with msModelSlim's flag names for ``quant``."""
+"""``dist-quant``: the command line, with msModelSlim's flag names for ``quant``.
+
+Start-up is kept light: this module imports no torch, transformers, Ray or PIL (tests/test_startup.py), so that
+``--help``, ``presets`` and the parsing of every command answer at once; each command imports what it needs inside
+its handler.
+"""
 
 from __future__ import annotations
 
@@ -14,13 +19,16 @@ from typing import Optional, Sequence
 
 from dist_quant.checkpoint.formats import SAVE_FORMATS
 from dist_quant.errors import DistQuantError
-from dist_quant.presets import MODEL_TYPES, QUANT_TYPES, find_preset, format_presets
-from dist_quant.recipe import DEFAULT_RECIPE, load_recipe
-from dist_quant.calib.inputs import DEFAULT_MAX_SAMPLE_TOKENS
-from dist_quant.runtime.device import DEFAULT_COMPUTE_THREADS
+from dist_quant.presets import (DEFAULT_MODEL_TYPE, DEFAULT_QUANT_TYPE, MODEL_TYPES, QUANT_TYPES, find_preset,
+                                format_presets, model_type_mismatch)
 from dist_quant.runtime.plan import DEFAULT_CALIB_TOKENS, DEFAULT_EXPERT_GROUP_SIZE
 from dist_quant.runtime.cost import Hardware
 from dist_quant.runtime.timing import format_times
+
+# The defaults of runtime/device.py's DEFAULT_COMPUTE_THREADS and calib/inputs.py's DEFAULT_MAX_SAMPLE_TOKENS, whose
+# modules import torch and transformers: tests/test_cli_options.py keeps them equal
+COMPUTE_THREADS = 1
+MAX_SAMPLE_TOKENS = 4096
 
 
 QUANT_EXAMPLE = """example:
@@ -70,11 +78,7 @@ def _quant_parser(sub) -> None:
     p.add_argument("--model_path", required=True, help="float Hugging Face model directory")
     p.add_argument("--save_path", required=True, help="output directory (created; must not be inside model_path)")
     p.add_argument("--device", default="npu", choices=["cpu", "cuda", "npu"], help="device to compute on (default npu)")
-    p.add_argument("--model_type", default="Qwen3-VL-235B-A22B", choices=MODEL_TYPES,
-                   help="with --quant_type, selects a bundled recipe (see `dist-quant presets`)")
-    p.add_argument("--quant_type", default="w8a8", choices=QUANT_TYPES, help="quantization scheme")
-    p.add_argument("--config_path", default=None,
-                   help="your own recipe YAML (msModelSlim's multimodal_vlm_modelslim_v1 format); overrides the preset")
+    _recipe_options(p)
     p.add_argument("--dataset", default=None,
                    help="calibration images: an index.json[l], an image folder, or a folder with one json[l]; "
                         "overrides the recipe's dataset")
@@ -92,17 +96,68 @@ def _quant_parser(sub) -> None:
                    help="join a running Ray cluster: 'auto' or HOST:PORT (default: start a local runtime)")
     p.add_argument("--expert_group_size", type=_positive_int, default=DEFAULT_EXPERT_GROUP_SIZE,
                    help="experts per unit of work (does not change the checkpoint)")
-    p.add_argument("--compute_threads", type=_positive_int, default=DEFAULT_COMPUTE_THREADS,
-                   help="intra-op threads of every worker process (default %(default)s); the checkpoint is "
-                        "bit-identical for one value whatever ran it, but may differ in the last bit between values")
-    p.add_argument("--max_sample_tokens", type=_positive_int, default=DEFAULT_MAX_SAMPLE_TOKENS,
+    _compute_threads_option(p, "intra-op threads of every worker process (default %(default)s); the checkpoint is "
+                               "bit-identical for one value whatever ran it, but may differ in the last bit between "
+                               "values")
+    p.add_argument("--max_sample_tokens", type=_positive_int, default=MAX_SAMPLE_TOKENS,
                    help="cap on the tokens of one calibration sample (default %(default)s); longer prompts are cut, "
                         "with a warning")
+    p.add_argument("--max_samples", type=_positive_int, default=None,
+                   help="calibrate on the first N samples of the calibration set only (default: all of them)")
+    p.add_argument("--dry_run", action="store_true",
+                   help="check the model and the recipe, list which scheme each linear gets, and stop (writes "
+                        "nothing)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _recipe_options(p: argparse.ArgumentParser) -> None:
+    """The preset flags and --config_path, as quant and plan both take them (``_recipe`` reads them)."""
+    p.add_argument("--model_type", default=None, choices=MODEL_TYPES,
+                   help=f"with --quant_type, selects a bundled recipe (see `dist-quant presets`; default "
+                        f"{DEFAULT_MODEL_TYPE})")
+    p.add_argument("--quant_type", default=None, choices=QUANT_TYPES,
+                   help=f"quantization scheme (default {DEFAULT_QUANT_TYPE})")
+    p.add_argument("--config_path", default=None,
+                   help="your own recipe YAML (msModelSlim's multimodal_vlm_modelslim_v1 format); overrides the preset")
+
+
+def _compute_threads_option(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("--compute_threads", type=_positive_int, default=COMPUTE_THREADS, help=help)
+
+
+def _recipe(args):
+    """The recipe --config_path names, else the one the preset flags select. A --quant_type given beside
+    --config_path must agree with the recipe's schemes (the recipe decides: a disagreement is a mistake)."""
+    from dist_quant.recipe import load_recipe
+
+    preset = find_preset(args.model_type or DEFAULT_MODEL_TYPE, args.quant_type or DEFAULT_QUANT_TYPE)
+    if not args.config_path:
+        return load_recipe(preset.recipe)
+    recipe = load_recipe(args.config_path)
+    if args.quant_type is not None:
+        wanted, given = (sorted({q.quant_type for q in r.linear_quants}) for r in (load_recipe(preset.recipe), recipe))
+        if wanted != given:
+            raise DistQuantError(f"--quant_type {args.quant_type} quantizes to {', '.join(wanted)}, but --config_path "
+                                 f"{args.config_path} quantizes to {', '.join(given)}: the recipe decides, so drop "
+                                 "--quant_type or pass a recipe of that type")
+    return recipe
+
+
+def _warn_model_type(args) -> None:
+    """A --model_type given for a model folder whose config.json is another model's: said, not refused."""
+    if args.model_type is None:
+        return
+    try:
+        config = json.loads((Path(args.model_path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # the command's own reading of config.json names what is wrong with it
+    problem = model_type_mismatch(args.model_type, config) if isinstance(config, dict) else None
+    if problem:
+        logging.getLogger("dist_quant").warning("warning: %s", problem)
+
+
 PLAN_EXAMPLE = """example:
-  dist-quant plan --model_path /models/Qwen3-VL-235B-A22B-Instruct --workers 16
+  dist-quant plan --model_path /models/Qwen3-VL-235B-A22B-Instruct --workers 16 --quant_type w4a8
 """
 
 
@@ -113,14 +168,17 @@ def _command(sub, name: str, summary: str, description: str, example: str) -> ar
 
 
 def _plan_parser(sub) -> None:
-    p = _command(sub, "plan", "print the units, their actors and a memory estimate (reads no weights)",
+    p = _command(sub, "plan", "units, actors, memory estimate and time projection, from config.json alone",
                  "Plan a distributed quantization from config.json alone: units of work, their "
                  "assignment to actors, bytes each actor reads, its peak memory estimate and "
-                 "whether it fits one card.",
+                 "whether it fits one card, and a projection of the wall time for the recipe's schemes (the host's "
+                 "ssz / GPTQ rounding included), with the same --model_type/--quant_type/--config_path as quant.",
                  PLAN_EXAMPLE)
     p.add_argument("--model_path", required=True, help="model directory (only config.json is read)")
     p.add_argument("--workers", type=_positive_int, default=1, help="number of actors (one per card)")
-    p.add_argument("--config_path", default=None, help="recipe YAML (for part_file_size)")
+    _recipe_options(p)
+    _compute_threads_option(p, "host threads each actor rounds on, as quant's option (default %(default)s): ssz's "
+                               "and GPTQ's rounding runs on the host and divides by them")
     p.add_argument("--expert_group_size", type=_positive_int, default=DEFAULT_EXPERT_GROUP_SIZE,
                    help="experts per unit")
     p.add_argument("--calib_tokens", type=_positive_int, default=DEFAULT_CALIB_TOKENS,
@@ -145,17 +203,20 @@ def _cmd_plan(args) -> int:
     config_file = Path(args.model_path) / "config.json"
     raw = read_config(config_file)
     config = family_of(raw, str(config_file)).load_config(raw, str(config_file))
-    recipe = load_recipe(args.config_path or DEFAULT_RECIPE)
+    recipe = _recipe(args)
+    _warn_model_type(args)
     plan = build_plan(config, raw, args.workers, group_size=args.expert_group_size,
                       part_file_size_gb=recipe.part_file_size_gb, calib_tokens=args.calib_tokens,
                       card_memory_gb=args.card_memory_gb, recipe=recipe)
     tc = config.text_config
     title = (f"{args.model_path}: {tc.num_hidden_layers} layers, {tc.num_experts} experts (top-{tc.num_experts_per_tok}),"
-             f" hidden {tc.hidden_size}; {args.workers} worker(s), expert groups of {args.expert_group_size}")
+             f" hidden {tc.hidden_size}; {args.workers} worker(s), expert groups of {args.expert_group_size};"
+             f" recipe {recipe.path.name}")
     print(format_plan(plan, title))
     hw = Hardware(cards_per_node=args.cards_per_node, storage_read_gbps=args.storage_read_gbps,
                   storage_write_gbps=args.storage_write_gbps, matmul_tflops=args.matmul_tflops)
-    print(project(plan, config, raw, args.calib_tokens, hw).describe(args.workers))
+    projection = project(plan, config, raw, args.calib_tokens, hw, compute_threads=args.compute_threads)
+    print(projection.describe(args.workers))
     return 0 if all(plan.fits(a) for a in plan.actors) else 1
 
 
@@ -174,10 +235,14 @@ def _eval_parser(sub) -> None:
     p.add_argument("--model_path", required=True, help="the float model directory")
     p.add_argument("--quant_path", required=True, help="the quantized checkpoint directory")
     p.add_argument("--dataset", default=None,
-                   help="image+text samples (same forms as for quant); default: the recipe's calibration set")
+                   help="held-out image+text samples (same forms as for quant), not the ones the checkpoint was "
+                        "calibrated on; default: the recipe's calibration set (optimistic figures, with a warning)")
     p.add_argument("--config_path", default=None, help="recipe whose dataset/default_text to use")
     p.add_argument("--max_samples", type=_positive_int, default=None, help="evaluate on the first N samples only")
-    p.add_argument("--output", default=None, help="also write the report as JSON to this file")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "npu"],
+                   help="device to compute on (default cpu; npu imports torch_npu, as quant does)")
+    p.add_argument("--output", default=None,
+                   help="also write the report as JSON to this file (with the checkpoint's path and fingerprint)")
     p.add_argument("--report", default=None,
                    help="also draw the checkpoint's report page with this accuracy part, to this HTML file "
                         "(e.g. QUANT_PATH/report.html)")
@@ -187,14 +252,21 @@ def _eval_parser(sub) -> None:
 def _cmd_eval(args) -> int:
     from dist_quant.calib.dataset import load_samples
     from dist_quant.calib.inputs import build_model_inputs
-    from dist_quant.evaluate import evaluate
+    from dist_quant.evaluate import evaluate, is_calibration_set
+    from dist_quant.recipe import DEFAULT_RECIPE, load_recipe
     from dist_quant.runtime.driver import resolve_dataset
 
     recipe = load_recipe(args.config_path or DEFAULT_RECIPE)
-    samples = load_samples(resolve_dataset(args.dataset, recipe), recipe.default_text)[:args.max_samples]
+    dataset = resolve_dataset(args.dataset, recipe)
+    held_out = args.dataset is not None and not is_calibration_set(dataset, recipe)
+    if not held_out:
+        print(f"warning: evaluating on the calibration images ({dataset}): the checkpoint was fitted on them, so these "
+              "figures are optimistic; pass --dataset with images it was not calibrated on", file=sys.stderr)
+    samples = load_samples(dataset, recipe.default_text)[:args.max_samples]
     inputs = build_model_inputs(args.model_path, samples, trust_remote_code=args.trust_remote_code)
     report = evaluate(args.model_path, args.quant_path, inputs,
-                      progress=lambda name: print(f"  compared {name}", file=sys.stderr, flush=True))
+                      progress=lambda name: print(f"  compared {name}", file=sys.stderr, flush=True),
+                      device=args.device, dataset=str(dataset.resolve()), held_out=held_out)
     print(report.table())
     if args.output:
         Path(args.output).write_text(report.to_json())
@@ -223,20 +295,41 @@ def _report_parser(sub) -> None:
 
 
 def _cmd_report(args) -> int:
-    from dist_quant.htmlreport import write_report
+    from dist_quant.checkpoint.formats import published_format
+    from dist_quant.htmlreport import REPORT_FILE, write_report
 
     _checkpoint_folder(args.checkpoint)
-    from dist_quant.htmlreport import check_evaluation
-
-    evaluation = None
-    if args.eval:
-        try:
-            evaluation = check_evaluation(json.loads(Path(args.eval).read_text()))
-        except (OSError, ValueError) as error:
-            raise DistQuantError(f"cannot use {args.eval} ({error}); pass a `dist-quant eval --output` file") \
-                from None
-    print(f"page drawn to {write_report(args.checkpoint, evaluation, args.output)}")
+    if published_format(args.checkpoint) is None:
+        raise DistQuantError(f"{args.checkpoint} holds no published quantized checkpoint (no ascendv1 description, "
+                             "no compressed-tensors config): pass the folder `dist-quant quant` wrote")
+    output = Path(args.output) if args.output else Path(args.checkpoint) / REPORT_FILE
+    if output.is_dir() or not output.parent.is_dir():
+        raise DistQuantError(f"cannot write the page to {output}: "
+                             + ("it is a folder; name a file" if output.is_dir() else "its folder does not exist"))
+    evaluation = _bound_evaluation(args.eval, args.checkpoint) if args.eval else None
+    print(f"page drawn to {write_report(args.checkpoint, evaluation, output)}")
     return 0
+
+
+def _bound_evaluation(path: str, checkpoint: str) -> dict:
+    """The eval report in ``path``, refused unless it measured ``checkpoint`` (its fingerprint: the same files)."""
+    from dist_quant.checkpoint.fingerprint import checkpoint_fingerprint
+    from dist_quant.htmlreport import inputs
+
+    where = Path(path)
+    evaluation, problem = inputs.read(where.parent, where.name, inputs.clean_evaluation)
+    if evaluation is None:
+        raise DistQuantError(f"cannot use {path} ({problem or 'it does not exist'}); pass a "
+                             "`dist-quant eval --output` file")
+    recorded = evaluation.get("checkpoint_fingerprint")
+    if recorded is None:
+        raise DistQuantError(f"{path} does not say which checkpoint it measured (an eval report from before "
+                             f"dist-quant recorded it): run `dist-quant eval --quant_path {checkpoint} --output ...` "
+                             "again")
+    if recorded != checkpoint_fingerprint(checkpoint):
+        raise DistQuantError(f"{path} measured another checkpoint ({inputs.text(evaluation.get('quant_path', '?'))}) "
+                             f"than {checkpoint}: their files differ; evaluate this one with `dist-quant eval`")
+    return evaluation
 
 
 CHECK_EXAMPLE = """example:
@@ -284,12 +377,16 @@ def _human_bytes(n: int) -> str:
 
 
 def _cmd_quant(args) -> int:
-    recipe = load_recipe(args.config_path or find_preset(args.model_type, args.quant_type).recipe)
+    recipe = _recipe(args)
+    _warn_model_type(args)
     if args.save_format is not None:
         recipe = dataclasses.replace(recipe, saver=SAVE_FORMATS[args.save_format])
+    if args.dry_run:
+        return _dry_run(args.model_path, recipe)
     common = dict(dataset=args.dataset, device=args.device, overwrite=args.overwrite, progress=not args.quiet,
                   trust_remote_code=args.trust_remote_code, expert_group_size=args.expert_group_size,
-                  resume=args.resume, compute_threads=args.compute_threads, max_sample_tokens=args.max_sample_tokens)
+                  resume=args.resume, compute_threads=args.compute_threads, max_sample_tokens=args.max_sample_tokens,
+                  max_samples=args.max_samples)
     if args.workers == 1 and args.ray_address is None:
         from dist_quant.runtime.local import quantize_single_card
 
@@ -314,6 +411,21 @@ def _cmd_quant(args) -> int:
               f"read {_human_bytes(actor.bytes_read)}, wrote {_human_bytes(actor.bytes_written)}")
     if hasattr(summary, "ray_start_seconds"):
         print(f"  Ray start-up {summary.ray_start_seconds:.1f} s (included in the time above)")
+    return 0
+
+
+def _dry_run(model_path: str, recipe) -> int:
+    """The model checked against its weights and the recipe checked against the model, as quant does before any
+    work; then the scheme of every linear, grouped by name."""
+    from dist_quant.models.family import load_checked
+    from dist_quant.runtime.assignments import format_assignments, linear_assignments
+    from dist_quant.runtime.worker import check_recipe_for_model
+
+    config = load_checked(model_path)[2]
+    check_recipe_for_model(recipe, config)
+    print(f"recipe {recipe.path} on {model_path} (saved as {recipe.saver}):")
+    print(format_assignments(linear_assignments(recipe, config)))
+    print("--dry_run: nothing was written")
     return 0
 
 

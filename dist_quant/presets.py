@@ -1,5 +1,8 @@
 """One-click presets: ``--model_type`` + ``--quant_type`` pick a bundled recipe, as msModelSlim's quick quantization
-does (``msmodelslim quant --model_type Qwen3-VL-235B-A22B --quant_type w8a8``)."""
+does (``msmodelslim quant --model_type Qwen3-VL-235B-A22B --quant_type w8a8``).
+
+Light on purpose: the command line reads the presets to build its parser, before it knows whether the command needs
+torch, so this module imports nothing but the standard library and the project's errors."""
 
 from __future__ import annotations
 
@@ -7,7 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dist_quant.errors import RecipeError
-from dist_quant.recipe import BUNDLED_CONFIGS
+
+BUNDLED_CONFIGS = Path(__file__).parent / "configs"  # the recipes shipped in the package (recipe.py's too)
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,22 @@ PRESETS = (
 )
 MODEL_TYPES = tuple(dict.fromkeys(p.model_type for p in PRESETS))
 QUANT_TYPES = tuple(dict.fromkeys(p.quant_type for p in PRESETS))
+DEFAULT_MODEL_TYPE, DEFAULT_QUANT_TYPE = "Qwen3-VL-235B-A22B", "w8a8"  # msModelSlim's quick quantization example
+# (layers, routed experts, hidden size) of each model type, from its released config.json (shared/reference-configs)
+MODEL_SHAPES = {"Qwen3-VL-235B-A22B": (94, 128, 4096), "Qwen3-VL-30B-A3B": (48, 128, 2048)}
+
+
+def model_type_mismatch(model_type: str, config: dict) -> str | None:
+    """Why config.json is not the model ``--model_type`` names (its layers, experts or width differ), or None: the
+    preset's recipe still applies to any model of the family, but a mistyped model folder deserves a word."""
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    found = tuple(text.get(k) for k in ("num_hidden_layers", "num_experts", "hidden_size"))
+    expected = MODEL_SHAPES[model_type]
+    if found == expected:
+        return None
+    return (f"--model_type {model_type} names a model of {expected[0]} layers, {expected[1]} experts and hidden size "
+            f"{expected[2]}, but this config.json has {found[0]}, {found[1]} and {found[2]}: its preset recipe is "
+            "used as it is")
 
 
 def find_preset(model_type: str, quant_type: str) -> Preset:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
+import shutil
+import signal
+import subprocess
 from pathlib import Path
 
 import torch
@@ -56,3 +60,32 @@ def assert_same_checkpoint(save: Path, reference: tuple[dict, dict, dict]) -> No
     assert tensors.keys() == reference[0].keys()
     different = [k for k in tensors if not torch.equal(tensors[k], reference[0][k])]
     assert not different, different[:5]
+
+
+@contextlib.contextmanager
+def deadline(seconds: int):
+    """A hang fails the test instead of the suite: SIGALRM interrupts even an open() blocked on a FIFO."""
+    def expire(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s")
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(folder: Path, options: str):
+    """A real small or read-only file system at ``folder`` (tmpfs, mounted with ``options``), or None where this
+    machine cannot mount one (mount needs root with CAP_SYS_ADMIN)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if shutil.which("mount") is None or subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
+                                                       capture_output=True).returncode != 0:
+        yield None
+        return
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)

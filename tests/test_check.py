@@ -52,9 +52,9 @@ def good_w4a8(tmp_path_factory):
 
 
 def mutate(good, tmp_path, description=None, config=None, tensors=None):
-    """A copy of the checkpoint ``good`` with its description, config.json or tensors changed in place by the
-    functions given (tensors: one dict of every part's tensors; each key stays in its part, a new key goes to the
-    first part)."""
+    """A copy of the checkpoint ``good`` (either format) with its description, config.json or tensors changed in
+    place by the functions given (tensors: one dict of every part's tensors; each key stays in its part, a new key
+    goes to the first part; the index follows)."""
     folder = tmp_path / "mutated"
     shutil.copytree(good, folder)
     for name, change in ((DESCRIPTION, description), ("config.json", config)):
@@ -63,7 +63,7 @@ def mutate(good, tmp_path, description=None, config=None, tensors=None):
             change(content)
             (folder / name).write_text(json.dumps(content))
     if tensors is not None:
-        parts = sorted(folder.glob("quant_model_weights*.safetensors"))
+        parts = sorted(folder.glob("*.safetensors"))
         held = {part: load_file(str(part)) for part in parts}
         merged = {k: t for part in parts for k, t in held[part].items()}
         home = {k: part for part in parts for k in held[part]}
@@ -71,7 +71,7 @@ def mutate(good, tmp_path, description=None, config=None, tensors=None):
         for part in parts:
             kept = {k: t for k, t in merged.items() if home.get(k, parts[0]) == part}
             save_file(kept, str(part))
-        index_file = folder / "quant_model_weights.safetensors.index.json"
+        index_file, = folder.glob("*.safetensors.index.json")
         index = json.loads(index_file.read_text())
         index["weight_map"] = {k: home.get(k, parts[0]).name for k in merged}
         index_file.write_text(json.dumps(index))
@@ -213,6 +213,9 @@ def test_w4a8_rules(good_w4a8, tmp_path):
     report = check_checkpoint(mutate(good_w4a8, tmp_path, description=add("group_size", 64)))
     assert report.failed() == ["R3"]
     assert "group_size" in report.verdicts[2].violations[0]
+    report = check_checkpoint(mutate(good_w4a8, tmp_path / "v", description=add("version", "0.1.0")))
+    assert report.failed() == ["R3"]  # vLLM Ascend reads int4 codes packed only for version 1.0.0
+    assert report.verdicts[2].violations == ["version is '0.1.0': W4A8 needs \"1.0.0\" (the packed layout)"]
     assert check_checkpoint(good_w4a8, tp=32).failed() == ["R17"]  # and heads; also 16 scale_bias chunks
     down = f"{LAYER0}.mlp.experts.0.down_proj"
     squeezed = mutate(good_w4a8, tmp_path / "b", tensors=changed(f"{down}.scale_bias", lambda t: t[:, :1].clone()))

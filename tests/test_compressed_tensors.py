@@ -284,3 +284,131 @@ def test_odd_configs_give_verdicts_not_tracebacks(outputs, tmp_path):
     assert not edited(outputs, tmp_path / "d", lambda qc: qc["config_groups"]["W8A8"].update(
         input_activations="int8")).ok
     assert check_checkpoint(outputs["bundled"][1], tp=3).failed()[:1] == ["C10"]
+
+
+# --- one mutated checkpoint per rule, each tripping exactly its rule (as tests/test_check.py does for ascendv1) ------
+
+def _ct_mutations():
+    from test_check import add, changed, drop, mutate
+
+    layer0 = "model.language_model.layers.0"
+    k_proj, o_proj = f"{layer0}.self_attn.k_proj", f"{layer0}.self_attn.o_proj"
+    expert3 = f"{layer0}.mlp.experts.3.up_proj"
+
+    def qc(change):
+        return lambda c: change(c["quantization_config"])
+
+    def group(change):  # the dynamic recipe's one group (W8A8_DYNAMIC: linears and experts)
+        return qc(lambda q: change(q["config_groups"]["W8A8_DYNAMIC"]))
+
+    def k_in_its_own_group(q):  # same arguments, another group: only the fused-group rule can tell
+        body = q["config_groups"]["W8A8_DYNAMIC"]
+        body["targets"].remove(k_proj)
+        q["config_groups"]["W8A8_DYNAMIC_K"] = {**body, "targets": [k_proj]}
+
+    def index_misses(folder, key):
+        path = folder / "model.safetensors.index.json"
+        index = json.loads(path.read_text())
+        del index["weight_map"][key]
+        path.write_text(json.dumps(index))
+        return folder
+
+    return {  # rule: (what a user would have done, the mutation, check options)
+        "C1": ("a config saved before compression", lambda ckpt, tmp: mutate(
+            ckpt, tmp, config=qc(lambda q: q.update(quantization_status="frozen"))), {}),
+        "C2": ("an ascendv1 description copied along", lambda ckpt, tmp: _touch(
+            mutate(ckpt, tmp), "quant_model_description.json", "{}"), {}),
+        "C3": ("an argument of another library's spelling", lambda ckpt, tmp: mutate(
+            ckpt, tmp, config=group(lambda g: g["weights"].update(bits=8))), {}),
+        "C4": ("the merger's second linear no longer ignored", lambda ckpt, tmp: mutate(
+            ckpt, tmp, config=qc(lambda q: q["ignore"].remove("model.visual.merger.linear_fc2"))), {}),
+        "C5": ("k_proj in a group of its own", lambda ckpt, tmp: mutate(
+            ckpt, tmp, config=qc(k_in_its_own_group)), {}),
+        "C6": ("a linear's weight_scale lost", lambda ckpt, tmp: mutate(
+            ckpt, tmp, tensors=drop(f"{o_proj}.weight_scale")), {}),
+        "C7": ("an expert key renamed past num_experts", lambda ckpt, tmp: mutate(
+            ckpt, tmp, tensors=lambda t: t.update({f"{layer0}.mlp.experts.300.up_proj.weight_scale":
+                                                   t.pop(f"{expert3}.weight_scale")})), {}),
+        "C8": ("the final norm lost", lambda ckpt, tmp: mutate(
+            ckpt, tmp, tensors=drop("model.language_model.norm.weight")), {}),
+        "C9": ("an index that misses a tensor", lambda ckpt, tmp: index_misses(
+            mutate(ckpt, tmp), f"{o_proj}.weight"), {}),
+        "C10": ("a tensor-parallel size that does not divide the heads", lambda ckpt, tmp: mutate(ckpt, tmp),
+                {"tp": 3}),
+        "V1": ("float activations with int weights (vLLM has no such scheme)", lambda ckpt, tmp: mutate(
+            ckpt, tmp, config=group(lambda g: g["input_activations"].update(type="float"))), {}),
+        "A1": ("asymmetric dynamic activations (vLLM Ascend has symmetric ones only)", lambda ckpt, tmp: mutate(
+            ckpt, tmp, config=group(lambda g: g["input_activations"].update(symmetric=False))), {}),
+    }, changed, add
+
+
+def _touch(folder, name, text):
+    (folder / name).write_text(text)
+    return folder
+
+
+CT_MUTATIONS = _ct_mutations()[0]
+
+
+def test_every_compressed_tensors_rule_has_a_mutation():
+    from dist_quant.check.compressed_tensors import RULES
+
+    assert set(CT_MUTATIONS) == set(RULES)
+
+
+@pytest.mark.parametrize("rule", list(CT_MUTATIONS))
+def test_a_mutation_trips_exactly_its_compressed_tensors_rule(outputs, tmp_path, rule):
+    base = outputs["dynamic"][1]  # every rule passes: it loads on vLLM and vLLM Ascend
+    assert check_checkpoint(base).failed() == []
+    what, make, options = CT_MUTATIONS[rule]
+    report = check_checkpoint(make(base, tmp_path), **options)
+    assert report.failed() == [rule], f"{what}:\n{format_report(report)}"
+    engine_rule = rule in ("V1", "A1")
+    assert report.ok == engine_rule and report.engines == ([ASCEND] if rule == "V1" else [VLLM] if rule == "A1"
+                                                           else [])
+
+
+@pytest.fixture(scope="module")
+def w4a8_16_heads(calib, tmp_path_factory):
+    """A W4A8 compressed-tensors checkpoint whose heads split 16 ways, and whose int4 experts' 48 gate rows do not
+    split 16 ways into an even count per rank (3): only the int4 packing condition of C10 fails at tp 16."""
+    root = tmp_path_factory.mktemp("ct16")
+    model = make_tiny_model(root / "model", dtype="bfloat16", num_heads=16, num_kv_heads=16, vision_hidden=64,
+                            vision_heads=16, num_layers=2)
+    return quant(model, calib, root / "ct", "--config_path", str(W4A8), *CT)
+
+
+def test_int4_experts_need_an_even_row_count_per_rank(w4a8_16_heads):
+    assert "C10" not in check_checkpoint(w4a8_16_heads, tp=2).failed()
+    report = check_checkpoint(w4a8_16_heads, tp=16)
+    assert "C10" in report.failed(), format_report(report)
+    bad = next(v.violations for v in report.verdicts if v.rule.id == "C10")
+    assert bad == [f"model.language_model.layers.{i}.mlp.experts.0.gate_proj: 48/16 rows per rank, packed two per "
+                   "byte" for i in (0, 1)]  # expert 0 stands for its layer's experts
+
+
+# --- regexes from the checkpoint: bounded, and each bad one named ---------------------------------------------------
+
+def test_a_catastrophic_regex_is_named_and_does_not_hang(outputs, tmp_path):
+    import time
+
+    def hang(qc):  # Python's re backtracks 2^n on it (n: a layer name's length): vLLM would hang at load
+        qc["ignore"].append("re:(.*)*Q$")
+    start = time.monotonic()
+    report = edited(outputs, tmp_path, hang)
+    assert time.monotonic() - start < 30
+    assert report.failed() == ["C4", "A1"]  # A1: the bundled recipe's static asymmetric linears, as before
+    c4 = next(v.violations for v in report.verdicts if v.rule.id == "C4")
+    assert c4 == ["'re:(.*)*Q$' in config.json quantization_config.ignore did not finish matching the layer names in "
+                  "1 s with Python's re: it backtracks catastrophically and vLLM would hang at load; write it without "
+                  "nested repeats"]
+
+
+def test_an_invalid_regex_is_named_and_the_others_still_apply(outputs, tmp_path):
+    def broken(qc):
+        qc["config_groups"]["W8A8_DYNAMIC"]["targets"].insert(0, "re:(unclosed")
+    report = edited(outputs, tmp_path, broken)
+    assert report.failed() == ["C4", "A1"]  # the experts' regexes still match them: nothing else is unmatched
+    c4 = next(v.violations for v in report.verdicts if v.rule.id == "C4")
+    assert len(c4) == 1 and c4[0].startswith("'re:(unclosed' in config.json quantization_config.config_groups."
+                                             "W8A8_DYNAMIC.targets is not a regular expression (missing ),")

@@ -3,12 +3,10 @@ its folder, hang, exhaust memory or end in a traceback, through the real CLI whe
 exit code 2 and one line that names the culprit (never quoting a file's bytes), and leaves nothing finished-looking.
 """
 
-import contextlib
 import json
 import logging
 import os
 import shutil
-import signal
 import struct
 from pathlib import Path
 
@@ -17,7 +15,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from helpers import read_checkpoint
+from helpers import deadline, read_checkpoint
 from test_bad_inputs import PLAIN_RECIPE, WEIGHTS, calib_copy, model, quant_args, refused, sharded_model  # noqa: F401
 
 from dist_quant import synthetic
@@ -36,18 +34,6 @@ NORM_0 = "model.language_model.layers.0.input_layernorm.weight"
 NORM_0_POST = "model.language_model.layers.0.post_attention_layernorm.weight"
 
 
-@contextlib.contextmanager
-def deadline(seconds: int):
-    """A hang fails the test instead of the suite: SIGALRM interrupts even an open() blocked on a FIFO."""
-    def expire(signum, frame):
-        raise TimeoutError(f"still running after {seconds} s")
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def one_line(err: str) -> str:

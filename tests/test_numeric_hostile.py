@@ -3,20 +3,19 @@ that overflowed, expert shapes W4A8 cannot pack, and a save_path on a read-only 
 names the linear (or the path), raised before the scheme's work; the bounds are tested just under and just over.
 """
 
+import contextlib
 import math
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
+from helpers import mounted_tmpfs
 from test_bad_inputs import Q_PROJ, model, refused, rewrite_tensor  # noqa: F401
 
 from dist_quant.algorithms.gptq import Hessian
-from dist_quant.algorithms.int4 import ssz_scale, unpack_int4_rows
-from dist_quant.cli import main
+from dist_quant.algorithms.int4 import ssz_scale
 from dist_quant.errors import CalibrationError, CheckpointError, OutputError, RecipeError
 from dist_quant.schemes import SCHEMES, LinearSpec
 from dist_quant.schemes.base import QSpec
@@ -220,18 +219,22 @@ def test_cli_refuses_a_weight_of_3e38_naming_the_linear_it_overflows(capsys, mod
 # --- save_path on a read-only file system ----------------------------------------------------------------------------
 
 @pytest.fixture
-def read_only_folder(tmp_path):
-    """An existing folder on a read-only tmpfs (needs mount, i.e. root with CAP_SYS_ADMIN): permissions do not stop
-    root, a read-only file system does."""
-    folder = tmp_path / "ro"
-    folder.mkdir()
-    if shutil.which("mount") is None or subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs",
-                                                        str(folder)], capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a read-only tmpfs here")
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", str(folder)], check=True)
+def tmpfs(tmp_path):
+    """``tmpfs(name, options)``: a folder on a real tmpfs mounted with ``options`` (the test skips where this machine
+    cannot mount: that needs root with CAP_SYS_ADMIN), unmounted after the test."""
+    with contextlib.ExitStack() as mounts:
+        def mount(name: str, options: str) -> Path:
+            folder = mounts.enter_context(mounted_tmpfs(tmp_path / name, options))
+            if folder is None:
+                pytest.skip("cannot mount a tmpfs here")
+            return folder
+        yield mount
+
+
+@pytest.fixture
+def read_only_folder(tmpfs):
+    """An existing folder on a read-only file system: permissions do not stop root, a read-only file system does."""
+    return tmpfs("ro", "ro,size=1m")
 
 
 def test_save_lock_on_a_read_only_file_system(read_only_folder):
@@ -246,3 +249,20 @@ def test_cli_save_path_on_a_read_only_file_system(capsys, tiny_model, read_only_
     err = refused(capsys, tiny_model, read_only_folder, calib_index)
     assert err == (f"dist-quant: error: cannot create the lock file {read_only_folder / '.dist_quant.lock'}: "
                    "Read-only file system; choose a save_path you can write to\n")
+
+
+@pytest.fixture
+def small_folder(tmpfs):
+    """An empty folder on a 1 MiB file system: nearly full."""
+    return tmpfs("small", "size=1m")
+
+
+def test_a_save_path_without_the_space_for_the_checkpoint_is_refused_before_any_unit(capsys, tiny_model, small_folder,
+                                                                                      calib_index):
+    """The part files' size is known once the layout is: a file system with less free space is refused before
+    any unit runs (part files are sparse, so the full disk would otherwise show only hours later)."""
+    err = refused(capsys, tiny_model, small_folder / "out", calib_index)
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert re.search(r"the checkpoint needs \d+\.\d\d GiB more on the file system of .*out, which has 0\.00 GiB "
+                     r"free: free some space or choose another --save_path", err), err
+    assert not list(small_folder.rglob("*.safetensors"))

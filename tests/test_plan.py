@@ -104,15 +104,76 @@ def test_time_projection_scales_with_cards_and_bandwidth():
     from dist_quant.runtime.cost import Hardware, project
 
     config, raw = config_of("Qwen3-VL-235B-A22B")
-    times = {n: project(build_plan(config, raw, n), config, raw, 16384).seconds for n in (1, 8, 32)}
+
+    def projected(workers, hw=None, **plan_options):
+        plan = build_plan(config, raw, workers, **plan_options)
+        return project(plan, config, raw, 16384, hw or Hardware(), compute_threads=1)
+
+    times = {n: projected(n).seconds for n in (1, 8, 32)}
     assert times[1] > times[8] >= times[32]  # 8 expert groups of 16 per layer: at most 8 cards share a layer
-    small_groups = project(build_plan(config, raw, 32, group_size=4), config, raw, 16384).seconds
+    small_groups = projected(32, group_size=4).seconds
     assert small_groups < times[32]  # 32 groups of 4 per layer keep 32 cards busy
-    slow_disk = project(build_plan(config, raw, 8), config, raw, 16384, Hardware(storage_read_gbps=0.5))
-    assert slow_disk.seconds > times[8] and slow_disk.read_s > 4 * project(
-        build_plan(config, raw, 8), config, raw, 16384).read_s * 0.99
+    slow_disk = projected(8, Hardware(storage_read_gbps=0.5))
+    assert slow_disk.seconds > times[8] and slow_disk.read_s > 4 * projected(8).read_s * 0.99
     # reading 439 GiB once at 2 GiB/s per node is a hard floor for one node
     assert times[8] > 470e9 / 2e9
+
+
+# docs/benchmarks.md, "W4A8 experts at 235B width": one host thread, per expert of 235B width (3 x 1536 x 4096)
+SSZ_50_ITERATIONS_S = 5.7  # ssz's 50 iterations
+GPTQ_GRAM_S, GPTQ_ROUNDING_S = 1.3, 6.6  # after ssz's scale
+
+
+def w4a8_recipe(tmp_path, method, step=None):
+    """The W4A8 preset with another weight method and ssz iteration count (``step``; None: the default, 50)."""
+    text = (DEFAULT_RECIPE.parent / "qwen3_vl_moe_w4a8.yaml").read_text()
+    assert 'method: "gptq"\n    ext:\n      step: 10\n' in text
+    ext = f"\n    ext:\n      step: {step}\n" if step else "\n"
+    path = tmp_path / f"{method}-{step}.yaml"
+    path.write_text(text.replace('method: "gptq"\n    ext:\n      step: 10\n', f'method: "{method}"{ext}'))
+    return path
+
+
+@pytest.mark.parametrize("method, step, per_expert_s", [
+    ("gptq", 10, 10 * SSZ_50_ITERATIONS_S / 50 + GPTQ_GRAM_S + GPTQ_ROUNDING_S),  # the preset: 9.04 s
+    ("ssz", None, SSZ_50_ITERATIONS_S),  # msModelSlim's data-free default
+    ("ssz", 10, 10 * SSZ_50_ITERATIONS_S / 50),
+    ("minmax", None, 0.0),  # W8A8's rounding, counted in the elementwise passes
+])
+@pytest.mark.parametrize("workers, threads", [(4, 1), (16, 8)])
+def test_projection_adds_the_measured_host_rounding_per_expert(tmp_path, method, step, per_expert_s, workers,
+                                                               threads):
+    """The W4A8 rounding on the critical path, by hand: each of the 94 layers' 128 experts costs the measured
+    seconds of one thread; a layer's 8 groups of 16 spread over min(workers, 8) actors (the layers are a chain),
+    and each actor rounds on its threads. Everything else is the W8A8-like projection of the same plan."""
+    from dist_quant.recipe import load_recipe
+    from dist_quant.runtime.cost import project
+
+    config, raw = config_of("Qwen3-VL-235B-A22B")
+    plan = build_plan(config, raw, workers, recipe=load_recipe(w4a8_recipe(tmp_path, method, step)))
+    minmax = build_plan(config, raw, workers, recipe=load_recipe(w4a8_recipe(tmp_path, "minmax")))
+    projection = project(plan, config, raw, 16384, compute_threads=threads)
+    baseline = project(minmax, config, raw, 16384, compute_threads=threads)
+    groups_per_actor = -(-8 // min(workers, 8))
+    by_hand = 94 * groups_per_actor * 16 * per_expert_s / threads
+    assert projection.round_s == pytest.approx(by_hand, rel=1e-9)
+    assert projection.compute_s - baseline.compute_s == pytest.approx(by_hand, rel=1e-9)
+    assert projection.seconds >= by_hand
+
+
+def test_plan_takes_the_preset_flags_and_prints_the_rounding(tmp_path, capsys):
+    shutil.copy(DATA / "Qwen3-VL-235B-A22B.config.json", tmp_path / "config.json")
+    plan = ["plan", "--model_path", str(tmp_path), "--workers", "16"]
+    assert main(plan) == 0
+    w8a8 = capsys.readouterr().out
+    assert "recipe qwen3_vl_moe_w8a8.yaml" in w8a8 and "rounding" not in w8a8
+    assert main([*plan, "--quant_type", "w4a8"]) == 0  # the issue's case: 6.8 min projected before, hours
+    w4a8 = capsys.readouterr().out
+    rounding = 94 * 16 * (10 * SSZ_50_ITERATIONS_S / 50 + GPTQ_GRAM_S + GPTQ_ROUNDING_S) / 3600
+    assert "recipe qwen3_vl_moe_w4a8.yaml" in w4a8
+    assert f"of which host rounding {rounding:.1f} h on 1 thread(s) per actor" in w4a8
+    assert main([*plan, "--quant_type", "w4a8", "--config_path", str(DEFAULT_RECIPE)]) == 0  # the recipe wins
+    assert "recipe qwen3_vl_moe_w8a8.yaml" in capsys.readouterr().out
 
 
 def test_plan_prints_the_projection(tmp_path, capsys):

@@ -304,3 +304,18 @@ def test_an_older_layer_file_stays_until_the_newer_one_can_be_resumed_from(tmp_p
                                                                          "after_layer_0001.safetensors"]
     finish(plan[5])  # layer 1's experts: now a resume can start after layer 1
     assert [p.name for p in (tmp_path / STREAM_DIR).iterdir()] == ["after_layer_0001.safetensors"]
+
+
+def test_a_unit_whose_journal_line_hit_a_full_disk_is_not_counted_as_kept(tmp_path):
+    """Disk full while journaling a finished unit: the record is not on disk, so --resume will not keep that unit,
+    and the count the interrupted run prints ("N finished unit(s) are kept") must not claim it either."""
+    from dist_quant.checkpoint.unit_file import UnitRecord
+    from dist_quant.runtime.resume import Journal
+
+    journal = Journal(tmp_path, {"run": 1}, resume=False)
+    journal.record(UnitRecord("L000", (), (), 0, 0), 0)
+    journal.path.rename(tmp_path / "journal.kept")
+    journal.path.symlink_to("/dev/full")  # every write: ENOSPC, as the kernel says it
+    with pytest.raises(OSError) as info:
+        journal.record(UnitRecord("L001", (), (), 0, 0), 1)
+    assert info.value.errno == 28 and list(journal.finished) == ["L000"]

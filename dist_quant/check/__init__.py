@@ -109,9 +109,10 @@ def summary_line(report: Report) -> str:
             f"({', '.join(failed) + ' (warnings or other engines)' if failed else 'every rule passes'})")
 
 
-def _cell(text: str, width: int = 110) -> str:
-    text = text.replace("|", "/")
-    return text if len(text) <= width else text[:width - 3] + "..."
+def _cell(text: str, width: Optional[int] = 110) -> str:
+    """Text for a table cell; cut to ``width`` (None: never, as for the rule itself, which must read whole)."""
+    text = " ".join(text.replace("|", "/").split())
+    return text if width is None or len(text) <= width else text[:width - 3] + "..."
 
 
 def format_report(report: Report) -> str:
@@ -121,7 +122,7 @@ def format_report(report: Report) -> str:
     for v in report.verdicts:
         example = f"{v.violations[0]} ({len(v.violations)})" if v.violations else ""
         status = f"{v.status} ({v.rule.engine} only)" if v.violations and v.rule.engine else v.status
-        lines.append(f"| {v.rule.id}: {_cell(v.rule.text, 90)} | {status} | {_cell(example)} | {v.rule.source} |")
+        lines.append(f"| {v.rule.id}: {_cell(v.rule.text, None)} | {status} | {_cell(example)} | {v.rule.source} |")
     passed = sum(1 for v in report.verdicts if not v.violations)
     lines.append("")
     if not report.failed():

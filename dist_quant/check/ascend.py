@@ -12,6 +12,7 @@ check also works on checkpoints msModelSlim wrote.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Iterable, Optional
@@ -21,7 +22,7 @@ import torch
 from dist_quant.check import Rule, Verdict, run_rules
 from dist_quant.check.folder import Folder
 from dist_quant.check.model import (HF_TO_VLLM_PREFIXES, W4A8_SCALE_BIAS_CHUNKS, Linear, Model, hf_name,
-                                    tp_violations)
+                                    model_problem, tp_violations)
 
 FORMAT = "ascendv1 (msModelSlim) for vLLM Ascend"
 ENGINES = ["vLLM Ascend (--quantization ascend)"]
@@ -62,7 +63,8 @@ RULES = {r.id: r for r in (
     Rule("R11", "every expert is described as expert 0 is (only expert 0 is read)",
          f"{_SRC_MS} packed_modules_model_mapping"),
     Rule("R12", "W8A8 deq_scale: float32 for bfloat16 serving, int64 for float16, none else; input_offset "
-                "integral in [-128, 127]", "vllm-ascend w8a8_static.py get_perchannel_param"),
+                "integral in [-128, 127]; input_scale finite and > 0",
+         "vllm-ascend w8a8_static.py get_perchannel_param"),
     Rule("R13", "q/k/v of a layer have bitwise equal input_scale and input_offset",
          "vllm QKVParallelLinear.weight_loader"),
     Rule("R17", "the tensor-parallel size divides every split dimension",
@@ -137,9 +139,10 @@ class Checker:
         self.model_error = ""
         if folder.config is not None:
             try:
-                self.model = Model({**folder.config, "model_type": MODEL_TYPE})  # R4 reports another type
+                self.model = Model({**folder.config, "model_type": MODEL_TYPE},  # R4 reports another type
+                                   tensor_count=len(folder.tensors))
             except Exception as error:  # a config transformers cannot build: reported, not raised
-                self.model_error = str(error)
+                self.model_error = model_problem(error)
         self.group_ok: dict[str, bool] = {}  # linear -> its fused group shares one type (R10)
         self.types: dict[str, Optional[str]] = {}  # linear -> the type its layer is loaded with
 
@@ -176,14 +179,15 @@ class Checker:
 
     def rule_R1(self):
         if self.raw_description is None:
-            return [f"{DESCRIPTION} is missing" + (f" or unreadable ({self.folder.problems[DESCRIPTION]})"
-                                                   if DESCRIPTION in self.folder.problems else "")]
+            why = self.folder.problems.get(DESCRIPTION)
+            return [f"{DESCRIPTION} is unreadable ({why})" if why else f"{DESCRIPTION} is missing"]
         return [] if self.description is not None else [f"{DESCRIPTION} does not hold a JSON object"]
 
     def rule_R2(self):
         config = self.folder.config
         if config is None:
-            return ["config.json is missing or unreadable"]
+            why = self.folder.problems.get("config.json")
+            return [f"config.json is unreadable ({why})" if why else "config.json is missing or not a JSON object"]
         found = [k for k in HIJACKING if k in config]
         text = config.get("text_config")
         found += [f"text_config.{k}" for k in HIJACKING if isinstance(text, dict) and k in text]
@@ -281,11 +285,23 @@ class Checker:
             info = self.tensors.get(f"{name}.deq_scale")
             if info is not None and info.dtype != want:
                 bad.append(f"{name}.deq_scale is {info.dtype}, the parameter {want} (silently wrong values)")
-            offset = self.tensors.get(f"{name}.input_offset")
-            if offset is not None and offset.shape == (1,):
-                value = float(self.folder.value(self.raw_tensor_key[f"{name}.input_offset"]).double())
-                if value != round(value) or not -128 <= value <= 127:
-                    bad.append(f"{name}.input_offset is {value}: the parameter is int8")
+            bad += self._scalar_violations(name)
+        return bad
+
+    def _scalar_violations(self, name: str) -> list[str]:
+        """A static W8A8 linear's input_offset must be an int8 value (the parameter is int8: a float one is cast
+        silently), its input_scale finite and positive (it divides the activations); NaN and inf are violations."""
+        bad = []
+        for role in ("input_scale", "input_offset"):
+            info = self.tensors.get(f"{name}.{role}")
+            if info is None or info.shape != (1,) or info.dtype not in (*FLOATS, torch.int8):
+                continue  # missing, mis-shaped or of another dtype: R21, R23 and R22 report it
+            value = float(self.folder.value(self.raw_tensor_key[f"{name}.{role}"]).double())
+            if role == "input_offset" and not (math.isfinite(value) and value == round(value) and
+                                               -128 <= value <= 127):
+                bad.append(f"{name}.input_offset is {value}: the parameter is int8")
+            if role == "input_scale" and not (math.isfinite(value) and value > 0):
+                bad.append(f"{name}.input_scale is {value}: it divides the activations, so it must be finite and > 0")
         return bad
 
     def rule_R13(self):
@@ -298,8 +314,8 @@ class Checker:
             seen = True
             for role in ("input_scale", "input_offset"):
                 keys = [self.raw_tensor_key.get(f"{m}.{role}") for m in group]
-                if None in keys:
-                    continue
+                if None in keys or any(self.folder.tensors[k].dtype is None for k in keys):
+                    continue  # missing (R21) or of a dtype torch cannot read (R22)
                 values = [self.folder.value(k) for k in keys]
                 if not all(v.dtype == values[0].dtype and torch.equal(v, values[0]) for v in values):
                     bad.append(f"{group[0]}.{role}: {[v.flatten().tolist() for v in values]}")
@@ -404,8 +420,7 @@ class Checker:
             self.resolve_types()
         verdicts = run_rules(self, RULES)
         if self.model is None and self.folder.config is not None:
-            verdicts[RULES_ORDER.index("R4")].violations.append(f"config.json does not describe a model transformers "
-                                                                f"can build ({self.model_error[:200]})")
+            verdicts[RULES_ORDER.index("R4")].violations.append(self.model_error)
         return verdicts
 
 

@@ -19,7 +19,8 @@ import torch
 from dist_quant.check import Rule, Verdict, run_rules
 from dist_quant.check.folder import Folder
 from dist_quant.checkpoint.formats.compressed_tensors import QUANT_METHOD
-from dist_quant.check.model import Linear, Model, tp_violations, vllm_name
+from dist_quant.check.model import Linear, Model, model_problem, tp_violations, vllm_name
+from dist_quant.check.regexes import SECONDS_PER_PATTERN, compile_error, match_all, quick_match
 
 FORMAT = "compressed-tensors for vLLM"
 INDEX = "model.safetensors.index.json"
@@ -41,7 +42,8 @@ RULES = {r.id: r for r in (
          "vllm-ascend quantization/utils.py maybe_auto_detect_quantization"),
     Rule("C3", "each group's weights and input_activations are QuantizationArgs (no unknown key), with valid "
                "strategies", "compressed-tensors QuantizationArgs (extra forbid)"),
-    Rule("C4", "every linear vLLM builds matches a group's targets or the ignore list",
+    Rule("C4", "every linear vLLM builds matches a group's targets or the ignore list; every re: entry compiles "
+               "and finishes matching (Python's re, as vLLM)",
          f"{_SRC_CT} find_matched_target"),
     Rule("C5", "q/k/v, a dense gate/up and a layer's experts share one group",
          f"{_SRC_CT} _match_fused_layer; compressed_tensors_moe get_moe_method"),
@@ -74,21 +76,53 @@ class Matcher:
     """vLLM's matching of a layer against targets or ignore entries (compressed_tensors/utils.py
     find_matched_target, should_ignore_layer): a literal is a checkpoint (HF) name, which vLLM maps to its own; a
     ``re:`` regex is not mapped, so it is matched (from the start) against the vLLM name; a class name such as
-    "Linear" matches every linear layer by class."""
+    "Linear" matches every linear layer by class. The regexes are run by :func:`resolve`, in bounded time; each that
+    does not compile or does not finish is a problem naming it, and the others still apply."""
 
-    def __init__(self, entries: list):
+    def __init__(self, entries: list, where: str = "quantization_config"):
         entries = [e for e in entries if isinstance(e, str)]
         self.every_linear = any(e.lower() in LINEAR_CLASS_TARGETS for e in entries)
         self.literals = {e for e in entries if not e.startswith("re:")}
-        regexes = [e[3:] for e in entries if e.startswith("re:")]
-        try:
-            self.regex = re.compile("|".join(f"(?:{r})" for r in regexes)) if regexes else None
-        except re.error:
-            self.regex = None
+        self.where = where  # the config field, for the problems
+        self.patterns: dict[str, str] = {}  # entry -> its regex, for those Python's re compiles
+        self.problems: list[str] = []
+        for entry in dict.fromkeys(e for e in entries if e.startswith("re:")):
+            error = compile_error(entry[3:])
+            if error is None:
+                self.patterns[entry] = entry[3:]
+            else:
+                self.problems.append(f"{entry!r} in config.json {where} is not a regular expression ({error}): "
+                                     "vLLM's re.match raises at load; fix or remove it")
+        self.matched: Optional[set[str]] = None  # the vLLM names its regexes match, once resolved
+
+    def resolve(self, found: dict[str, Optional[frozenset[int]]], names: list[str]) -> None:
+        """Take each regex's matches among ``names`` (vLLM names) from ``found`` (by regex; None: it did not
+        finish)."""
+        self.matched = set()
+        for entry, pattern in self.patterns.items():
+            hits = found.get(pattern)
+            if hits is None:
+                self.problems.append(f"{entry!r} in config.json {self.where} did not finish matching the "
+                                     f"layer names in {SECONDS_PER_PATTERN:g} s with Python's re: it backtracks "
+                                     "catastrophically and vLLM would hang at load; write it without nested repeats")
+            else:
+                self.matched.update(names[i] for i in hits)
 
     def __call__(self, hf: str) -> bool:
-        return (self.every_linear or hf in self.literals
-                or (self.regex is not None and self.regex.match(vllm_name(hf)) is not None))
+        """Whether the layer ``hf`` matches; before :meth:`resolve`, its regexes run here (see quick_match)."""
+        if self.every_linear or hf in self.literals:
+            return True
+        if self.matched is not None:
+            return vllm_name(hf) in self.matched
+        return any(quick_match(p, vllm_name(hf)) for p in self.patterns.values())
+
+
+def resolve_regexes(matchers: list[Matcher], names: list[str]) -> None:
+    """Every matcher's regexes run once against ``names`` (vLLM names), each distinct pattern once."""
+    patterns = list(dict.fromkeys(p for m in matchers for p in m.patterns.values()))
+    found = dict(zip(patterns, match_all(patterns, names)))
+    for matcher in matchers:
+        matcher.resolve(found, names)
 
 
 def _args(raw) -> Optional[dict]:
@@ -160,14 +194,15 @@ class Checker:
         groups = self.qc.get("config_groups")
         self.groups = {g: b for g, b in groups.items() if isinstance(b, dict)} if isinstance(groups, dict) else {}
         ignore = self.qc.get("ignore")
-        ignored = Matcher(ignore if isinstance(ignore, list) else [])
-        matchers = {g: Matcher(b.get("targets") if isinstance(b.get("targets"), list) else [])
-                    for g, b in self.groups.items()}
+        ignored = Matcher(ignore if isinstance(ignore, list) else [], "quantization_config.ignore")
+        matchers = {g: Matcher(b.get("targets") if isinstance(b.get("targets"), list) else [],
+                               f"quantization_config.config_groups.{g}.targets") for g, b in self.groups.items()}
         self.model: Optional[Model] = None
+        self.model_error = ""
         try:
-            self.model = Model(folder.config)
-        except Exception:  # noqa: BLE001 (a config transformers cannot build: C8 says so)
-            pass
+            self.model = Model(folder.config, tensor_count=len(folder.tensors))
+        except Exception as error:  # noqa: BLE001 (a config transformers cannot build: C8 says so)
+            self.model_error = model_problem(error)
         self.suffixes: dict[str, list[str]] = {}  # module -> the suffixes of its tensors (C6 and C7)
         for key in folder.tensors:
             module, _, suffix = key.rpartition(".")
@@ -175,12 +210,13 @@ class Checker:
         self.group_of: dict[str, Optional[str]] = {}  # layer -> its group (None: ignored or unmatched)
         self.unmatched: list[str] = []
         if self.model is not None:
-            for name, _ in self.model.lookups():  # each linear vLLM builds (experts per expert: see below)
+            layers = [n for n, _ in self.model.lookups()]  # each linear vLLM builds (experts per expert: see below)
+            layers += [n for n, lin in self.model.linears.items() if lin.expert]
+            resolve_regexes([ignored, *matchers.values()], [vllm_name(n) for n in dict.fromkeys(layers)])
+            for name in layers:
                 self.group_of[name] = next((g for g, match in matchers.items() if match(name)), None)
-            for name, lin in self.model.linears.items():
-                if lin.expert:
-                    self.group_of[name] = next((g for g, match in matchers.items() if match(name)), None)
             self.unmatched = [n for n, g in self.group_of.items() if g is None and not ignored(n)]
+        self.regex_problems = [p for m in (ignored, *matchers.values()) for p in m.problems]
 
     def args(self, group: str) -> tuple[dict, Optional[dict]]:
         body = self.groups[group]
@@ -221,7 +257,9 @@ class Checker:
         return bad
 
     def rule_C4(self):
-        return None if self.model is None else [f"{n}: no target, not ignored" for n in self.unmatched]
+        if self.model is None:
+            return self.regex_problems or None
+        return self.regex_problems + [f"{n}: no target, not ignored" for n in self.unmatched]
 
     def rule_C5(self):
         if self.model is None:
@@ -284,7 +322,7 @@ class Checker:
 
     def rule_C8(self):
         if self.model is None:
-            return ["config.json does not describe a Qwen3-VL-MoE model transformers can build"]
+            return [self.model_error]
         bad = [f"{k} is missing" for k in self.model.floats if k not in self.folder.tensors]
         bad += [f"{k} is {list(self.folder.tensors[k].shape)}, the model {list(s)}"
                 for k, s in self.model.floats.items() if k in self.folder.tensors and self.folder.tensors[k].shape != s]
@@ -298,7 +336,8 @@ class Checker:
         bad += [f"{k} is in {', '.join(v)}" for k, v in self.folder.duplicates.items()]
         index = self.folder.json(INDEX)
         if index is None:
-            return bad
+            return bad + ([f"{INDEX} is unreadable ({self.folder.problems[INDEX]})"] if INDEX in self.folder.problems
+                          else [])
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict):
             return bad + [f"{INDEX} has no weight_map object"]

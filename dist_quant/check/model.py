@@ -6,10 +6,16 @@ every format."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
+
+from dist_quant.errors import CheckpointError, reason
 
 W4A8_SCALE_BIAS_CHUNKS = 16  # W4A8 down_proj.scale_bias [H, 16], split on dim 1 under TP (vllm-ascend w4a8.py)
 # checkpoint (Hugging Face) key prefixes and the vLLM names Qwen3-VL's hf_to_vllm_mapper maps them to
+# expert linears a check lists without looking at the folder: 1.8x Qwen3-VL-235B's 36096; beyond, one per tensor
+# the folder holds (each needs its weight), so a config claiming 1024 layers x 16384 experts costs no more than the
+# folder it comes with
+FREE_EXPERT_LINEARS = 2**16
 HF_TO_VLLM_PREFIXES = (("model.visual.", "visual."), ("model.language_model.", "language_model.model."),
                        ("lm_head.", "language_model.lm_head."))
 
@@ -45,12 +51,20 @@ class Model:
     """What config.json says vLLM builds: every linear (experts per expert), every other parameter, the layers
     looked up in the description and the fused groups."""
 
-    def __init__(self, config: dict):
+    def __init__(self, config: dict, tensor_count: Optional[int] = None):
+        """``tensor_count``: the tensors of the folder checked, when there is one; a config with more expert linears
+        than :func:`expert_linear_bound` allows for it is refused (CheckpointError) before any is listed."""
         from dist_quant.models import qwen3_vl_moe as family
 
         self.family = family
         self.config = family.load_config(config)
         tc = self.config.text_config
+        self.moe_layers = [i for i in range(tc.num_hidden_layers) if family.is_moe_layer(tc, i)]
+        count = len(self.moe_layers) * tc.num_experts * len(family.EXPERT_PROJS)
+        if tensor_count is not None and count > expert_linear_bound(tensor_count):
+            raise CheckpointError(f"config.json: {len(self.moe_layers)} MoE layers x {tc.num_experts} experts, "
+                                  f"{count} expert linears for {tensor_count} tensors: not this checkpoint's config "
+                                  "(each linear needs its weight); use the config.json it was written with")
         shapes = family.expected_tensors(self.config)
         names = dict(family.vision_linears(self.config))
         for layer in range(tc.num_hidden_layers):
@@ -60,7 +74,6 @@ class Model:
             out, inp = shapes[f"{name}.weight"]
             split = "row" if family.splits_input(name) else ("replicated" if name.endswith(".mlp.gate") else "column")
             self.linears[name] = Linear(name, out, inp, f"{name}.bias" in shapes, split=split)
-        self.moe_layers = [i for i in range(tc.num_hidden_layers) if family.is_moe_layer(tc, i)]
         self.num_experts = tc.num_experts
         self.fused_expert_keys = {k for k, shape in shapes.items() if shape is None}
         for layer in self.moe_layers:
@@ -93,6 +106,21 @@ class Model:
                 found.append((router, "linear"))
             found += [(n, "moe") for n in self.expert0(layer)]
         return found
+
+
+def expert_linear_bound(tensor_count: int) -> int:
+    """The most expert linears a config may describe for a folder holding ``tensor_count`` tensors: each linear
+    needs at least its weight, so a config beyond that cannot describe the folder, and listing its linears (one
+    object per expert and projection, in every rule) would cost minutes and gigabytes for nothing."""
+    return FREE_EXPERT_LINEARS + tensor_count
+
+
+def model_problem(error: Exception) -> str:
+    """The violation line for a config no :class:`Model` is built from: the family's refusals name config.json and
+    say what to do; anything else is transformers'."""
+    if isinstance(error, CheckpointError):
+        return str(error)
+    return f"config.json does not describe a Qwen3-VL-MoE model transformers can build ({reason(error)})"
 
 
 def tp_violations(model: Model, tp: int, is_w4a8: Callable[[str], bool]) -> list[str]:

@@ -42,6 +42,7 @@ LAYOUT_FILE = "layout.json"  # private: the parts and every tensor's place, as t
 MOVE_FILE = "move.json"  # private: the files to move into save_path, written once all of them are finished
 FILES_FILE = "quant_model_files.json"  # published: what this checkpoint consists of (all --overwrite may delete)
 GiB = 1024**3  # msModelSlim calls its part_file_size unit "GB"; it is 2**30 bytes
+FREE_SPACE_MARGIN = 64 * 2**20  # beyond the part files: tokenizer, description, index, logs, a resume's layer files
 MiB = 1024**2
 
 
@@ -236,6 +237,7 @@ class CheckpointWriter:
         """The part files with their headers, at their full size. A resumed run must find the same layout (the same
         model and recipe give it) and keeps the part files, rewriting only a missing or damaged part's header and
         size (the units whose bytes it held then fail their check and run again)."""
+        self._check_free_space()
         saved = self.private_dir / LAYOUT_FILE
         if self.resuming and saved.exists():
             try:
@@ -249,6 +251,23 @@ class CheckpointWriter:
         else:
             create_parts(self.layout.parts, self.staging)
             _write_json(saved, self.layout.to_json())
+
+    def space_needed(self) -> int:
+        """Bytes the part files still need on disk: their full size less what their existing files (a resumed run's)
+        already hold. Part files are created sparse, so a full disk would otherwise show only when a unit writes."""
+        held = 0
+        for part in self.layout.parts:
+            path = self.staging / part.name
+            if path.is_file() and not path.is_symlink():
+                held += min(path.stat().st_blocks * 512, part.size)
+        return sum(part.size for part in self.layout.parts) - held
+
+    def _check_free_space(self) -> None:
+        needed, free = self.space_needed() + FREE_SPACE_MARGIN, shutil.disk_usage(self.staging).free
+        if needed > free:
+            raise OutputError(f"the checkpoint needs {needed / GiB:.2f} GiB more on the file system of "
+                              f"{self.save_path}, which has {free / GiB:.2f} GiB free: free some space or choose "
+                              "another --save_path")
 
     def _part_intact(self, part) -> bool:
         path = self.staging / part.name

@@ -596,9 +596,10 @@ def expert_param_count(config: Qwen3VLMoeConfig) -> int:
 
 def source_dtype(raw_config: dict) -> torch.dtype:
     """The checkpoint's float dtype as config.json states it (bf16 when it does not say)."""
-    text = raw_config.get("text_config", {})
+    text = raw_config.get("text_config") if isinstance(raw_config.get("text_config"), dict) else {}
     name = text.get("dtype") or text.get("torch_dtype") or raw_config.get("dtype") or raw_config.get("torch_dtype")
-    return getattr(torch, name) if isinstance(name, str) and hasattr(torch, name) else torch.bfloat16
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.bfloat16
 
 
 # --- outlier suppression points (applied by models/outliers.py) ----------------------------------------------------

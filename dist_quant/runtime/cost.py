@@ -7,18 +7,37 @@ expert groups of a layer run on all actors at once. The figures below are parame
 about 1.6 TB/s each; float32 matmul throughput taken at a conservative 60 TFLOPS per card), storage that delivers
 2 GB/s read and 1 GB/s write per node, and the host-side cost of serialising and checksumming output measured on
 the development machine (docs/benchmarks.md, "Real width"). Change them to match your cluster.
+
+A weight method that searches or rounds (ssz, GPTQ) runs on the host, not the card (the worker moves each weight
+to the CPU before its scheme quantizes it), one expert after another inside its unit, on ``--compute_threads``
+threads: that time is projected from per-expert figures measured on the development machine's CPU (below), and on
+the critical path it divides by the actors a layer's expert groups spread over and by the threads, not by cards'
+TFLOPS. For the W4A8 GPTQ preset it is most of the run.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from dist_quant.models.family import family_for
-from dist_quant.runtime.plan import (COMPUTE_BYTES, Kind, QuantPlan, Unit, source_bytes_per_param, unit_params,
-                                     unit_read_params)
+from dist_quant.runtime.plan import (COMPUTE_BYTES, Kind, QuantChoice, QuantPlan, Unit, source_bytes_per_param,
+                                     unit_params, unit_read_params)
+
+if TYPE_CHECKING:
+    from dist_quant.schemes import QSpec
 
 GB = 1e9  # storage and link figures are decimal (GB/s), as vendors state them
 PARALLEL = (Kind.IMAGES, Kind.EXPERTS)  # units that run side by side on every actor
+
+# --- host-side rounding, measured --------------------------------------------------------------------------------
+# Seconds of ONE host thread of the development machine per expert of Qwen3-VL-235B-A22B's width (gate and up
+# [1536, 4096], down [4096, 1536]), at 235B width with the bundled photos (2839 calibration tokens): docs/benchmarks.md,
+# "W4A8 experts at 235B width". What a min/max rounding costs (W8A8, W4A8 minmax: a divide, a round, a clamp) is in
+# Hardware.elementwise_passes; these are what a weight method adds to it.
+MEASURED_EXPERT_PARAMS = 3 * 1536 * 4096
+SSZ_ITERATION_S = 5.7 / 50  # ssz: ~5.7 s per expert for msModelSlim's 50 iterations (1.6 s per 1536 x 4096 weight)
+GPTQ_S = 1.3 + 6.6  # gptq, after ssz's scale: ~1.3 s for the Gram matrices of the routed tokens, ~6.6 s rounding
 
 
 @dataclass(frozen=True)
@@ -37,14 +56,42 @@ class Hardware:
 class Projection:
     seconds: float
     read_s: float
-    compute_s: float
+    compute_s: float  # the cards' calibration forward and elementwise passes, plus round_s
     write_s: float
     nodes: int
+    round_s: float = 0.0  # of compute_s: the host's ssz / GPTQ work on the critical path
+    compute_threads: int = 1
 
     def describe(self, workers: int) -> str:
-        return (f"  projected wall time on {workers} card(s) ({self.nodes} node(s)): {self.seconds / 60:.1f} min "
-                f"(critical path: read {self.read_s / 60:.1f}, compute {self.compute_s / 60:.1f}, write "
-                f"{self.write_s / 60:.1f} min) - a projection, not a measurement")
+        rounding = (f" (of which host rounding {_minutes(self.round_s)} on {self.compute_threads} thread(s) per "
+                    "actor: --compute_threads)" if self.round_s else "")
+        return (f"  projected wall time on {workers} card(s) ({self.nodes} node(s)): {_minutes(self.seconds)} "
+                f"(critical path: read {_minutes(self.read_s)}, compute {_minutes(self.compute_s)}{rounding}, write "
+                f"{_minutes(self.write_s)}) - a projection, not a measurement")
+
+
+def _minutes(seconds: float) -> str:
+    """Minutes, or hours past two of them: a W4A8 GPTQ projection runs to hours, where minutes are unreadable."""
+    return f"{seconds / 3600:.1f} h" if seconds >= 7200 else f"{seconds / 60:.1f} min"
+
+
+def rounding_seconds(weight: QSpec | None, params: int) -> float:
+    """Seconds one host thread spends searching scales and rounding a linear of ``params`` weights, beyond a
+    min/max rounding, for the recipe's weight qconfig ``weight``: ssz's iterations (``ext.step``, 50 by default),
+    and for gptq its Gram matrices and column loop after ssz's scale. Scaled from the measured expert by the
+    parameter count: ssz's cost is linear in it; GPTQ's per weight grows with the input width, so it is overestimated
+    for narrower models (30B-A3B) and would be underestimated for wider ones."""
+    if weight is None or weight.method not in ("ssz", "gptq"):
+        return 0.0
+    from dist_quant.algorithms.int4 import SSZ_ITERATIONS
+
+    per_expert = weight.option("step", SSZ_ITERATIONS) * SSZ_ITERATION_S + (GPTQ_S if weight.method == "gptq" else 0.0)
+    return per_expert * params / MEASURED_EXPERT_PARAMS
+
+
+def unit_rounding_seconds(quant_params: dict[QuantChoice, int]) -> float:
+    """One host thread's rounding time of a unit's linears (``QuantPlan.unit_quant_params`` of the unit)."""
+    return sum(rounding_seconds(weight, params) for (_, weight), params in quant_params.items())
 
 
 def unit_flops(config, unit: Unit, calib_tokens: int) -> float:
@@ -62,34 +109,40 @@ def unit_flops(config, unit: Unit, calib_tokens: int) -> float:
     return 0.0
 
 
-def project(plan: QuantPlan, config, raw_config: dict, calib_tokens: int, hw: Hardware = Hardware()) -> Projection:
+def project(plan: QuantPlan, config, raw_config: dict, calib_tokens: int, hw: Hardware = Hardware(), *,
+            compute_threads: int) -> Projection:
+    """The plan's wall time for its recipe's schemes, each actor rounding on ``compute_threads`` host threads."""
     workers = len(plan.actors)
     nodes = max(1, -(-workers // hw.cards_per_node))
     per_card = min(workers, hw.cards_per_node)
     source_bytes = source_bytes_per_param(raw_config)
 
-    def unit_time(unit: Unit, out: int) -> tuple[float, float, float]:
+    def unit_time(unit: Unit, out: int, quant_params: dict[QuantChoice, int]) -> list[float]:
+        """read, compute (the rounding included), write and the rounding alone, in seconds."""
         # expert groups and shares of the images run on every card at once and share their node's storage; other
         # units run alone
         sharing = per_card if unit.kind in PARALLEL else 1
         read_bw, write_bw = hw.storage_read_gbps * GB / sharing, hw.storage_write_gbps * GB / sharing
         params = unit_params(config, unit)
         read = unit_read_params(config, unit) * source_bytes / read_bw
+        rounding = unit_rounding_seconds(quant_params) / compute_threads
         compute = unit_flops(config, unit, calib_tokens) / (hw.matmul_tflops * 1e12) \
-            + hw.elementwise_passes * params * COMPUTE_BYTES / (hw.hbm_gbps * GB)
-        return read, compute, out / write_bw + out / (hw.host_gbps * GB)
+            + hw.elementwise_passes * params * COMPUTE_BYTES / (hw.hbm_gbps * GB) + rounding
+        return [read, compute, out / write_bw + out / (hw.host_gbps * GB), rounding]
 
-    read_s = compute_s = write_s = 0.0
+    path = [0.0, 0.0, 0.0, 0.0]  # read, compute, write, rounding on the critical path
     layers: dict[tuple, dict[int, list[float]]] = {}
-    for unit, actor, out in zip(plan.units, plan.assignment, plan.unit_output_bytes):
-        read, compute, write = unit_time(unit, out)
+    for unit, actor, out, quant_params in zip(plan.units, plan.assignment, plan.unit_output_bytes,
+                                              plan.unit_quant_params):
+        times = unit_time(unit, out, quant_params)
         if unit.kind in PARALLEL:  # parallel within the layer (the images): the busiest actor sets the pace
-            load = layers.setdefault((unit.kind, unit.layer), {}).setdefault(actor, [0.0, 0.0, 0.0])
-            load[0], load[1], load[2] = load[0] + read, load[1] + compute, load[2] + write
+            load = layers.setdefault((unit.kind, unit.layer), {}).setdefault(actor, [0.0, 0.0, 0.0, 0.0])
+            load[:] = [a + b for a, b in zip(load, times)]
             continue
-        read_s, compute_s, write_s = read_s + read, compute_s + compute, write_s + write
+        path = [a + b for a, b in zip(path, times)]
     for per_actor in layers.values():
         busiest = max(per_actor.values(), key=lambda t: max(t[0], t[1]) + t[2])
-        read_s, compute_s, write_s = read_s + busiest[0], compute_s + busiest[1], write_s + busiest[2]
+        path = [a + b for a, b in zip(path, busiest)]
+    read_s, compute_s, write_s, round_s = path
     total = hw.actor_start_s + max(read_s, compute_s) + write_s
-    return Projection(total, read_s, compute_s, write_s, nodes)
+    return Projection(total, read_s, compute_s, write_s, nodes, round_s, compute_threads)

@@ -118,11 +118,22 @@ def check_positive(**values: int) -> None:
             raise DistQuantError(f"--{name} must be a whole number of at least 1, got {value!r}")
 
 
+def cap_samples(samples: list, max_samples: Optional[int], dataset: Path) -> list:
+    """The first ``max_samples`` of the calibration set (all of them when None), saying when some are left out."""
+    if max_samples is not None:
+        check_positive(max_samples=max_samples)
+        if len(samples) > max_samples:
+            log.info("calibrating on the first %d of the %d samples of %s (--max_samples)", max_samples,
+                     len(samples), dataset)
+            return samples[:max_samples]
+    return samples
+
+
 def quantize(model_path: str, save_path: str, recipe: Recipe, executor: Executor, *, dataset: Optional[str] = None,
              device: str = "cpu", overwrite: bool = False, progress: bool = True, trust_remote_code: bool = False,
              expert_group_size: int = DEFAULT_EXPERT_GROUP_SIZE, resume: bool = False,
              compute_threads: int = DEFAULT_COMPUTE_THREADS,
-             max_sample_tokens: int = DEFAULT_MAX_SAMPLE_TOKENS) -> QuantSummary:
+             max_sample_tokens: int = DEFAULT_MAX_SAMPLE_TOKENS, max_samples: Optional[int] = None) -> QuantSummary:
     """Quantize ``model_path`` with ``executor`` and publish one checkpoint to ``save_path``; on failure nothing
     finished-looking is left, and finished units are kept for ``resume`` (which also finishes an interrupted
     publish, and answers at once when the checkpoint is already complete)."""
@@ -132,7 +143,7 @@ def quantize(model_path: str, save_path: str, recipe: Recipe, executor: Executor
     set_compute_threads(compute_threads)
     config = load_checked(model_path)[2]  # checked against the weights' headers before anything is sized by it
     dataset_path = resolve_dataset(dataset, recipe)
-    samples = load_samples(dataset_path, recipe.default_text)
+    samples = cap_samples(load_samples(dataset_path, recipe.default_text), max_samples, dataset_path)
     check_recipe_for_model(recipe, config)  # before any worker process starts
     plan = plan_units(config, expert_group_size, executor.workers)  # a share of the images per worker
     writer = CheckpointWriter(save_path, part_file_size_gb=recipe.part_file_size_gb, overwrite=overwrite,

@@ -3,19 +3,22 @@
 Everything here comes from config.json alone (sizes are counted on the meta device), so a plan for a 235B model is
 printed in seconds without reading a weight. Expert groups have a fixed size that does not depend on the number of
 workers, and their partial sums are added in group order, so the checkpoint is the same whoever computes which group.
+
+The module imports no torch and no scheme: the command line takes its defaults from here to build its parser, and
+``--help`` must not wait seconds for torch. What needs a recipe's schemes imports them where it needs them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import torch
-
-from dist_quant import schemes
 from dist_quant.models.family import family_for
-from dist_quant.recipe import Recipe, load_recipe
+
+if TYPE_CHECKING:
+    from dist_quant.recipe import Recipe
+    from dist_quant.schemes import QSpec
 
 DEFAULT_EXPERT_GROUP_SIZE = 16
 DEFAULT_CALIB_TOKENS = 16 * 1024  # e.g. 16 images of ~1000 tokens: the activations every text unit holds
@@ -171,18 +174,36 @@ def unit_linears(config, unit: Unit) -> dict[str, int]:
 
 def source_bytes_per_param(raw_config: dict) -> int:
     """Bytes of one source parameter: the checkpoint's float dtype as config.json states it."""
-    return torch.finfo(family_for(raw_config.get("model_type")).source_dtype(raw_config)).bits // 8
+    return family_for(raw_config.get("model_type")).source_dtype(raw_config).itemsize
 
 
-def unit_output_bytes(config, unit: Unit, recipe: Recipe, source_bytes: int, params: int) -> int:
-    """Checkpoint bytes of a unit of ``params`` parameters: each linear at its scheme's bytes per parameter, the rest
-    in the source dtype (scales and offsets are negligible)."""
+QuantChoice = tuple[str, Optional["QSpec"]]  # a linear's quant type and the recipe's weight qconfig for it
+
+
+def unit_quant_params(config, unit: Unit, recipe: Recipe) -> dict[QuantChoice, int]:
+    """Weight parameters of a unit's linears by what the recipe does to them (quant type, weight qconfig): what its
+    output size and its rounding time depend on, looked up once per linear (a 235B plan has 36k of them)."""
+    from dist_quant.schemes import FLOAT
+
+    totals: dict[QuantChoice, int] = {}
+    for name, params in unit_linears(config, unit).items():
+        processor = recipe.linear_quant(name)  # Recipe.quant_type's lookup, done once for both
+        choice = (processor.quant_type, processor.weight) if processor is not None else (FLOAT, None)
+        totals[choice] = totals.get(choice, 0) + params
+    return totals
+
+
+def unit_output_bytes(unit: Unit, quant_params: dict[QuantChoice, int], source_bytes: int, params: int) -> int:
+    """Checkpoint bytes of a unit of ``params`` parameters whose linears are ``quant_params``
+    (``unit_quant_params``): each linear at its scheme's bytes per parameter, the rest in the source dtype (scales
+    and offsets are negligible)."""
+    from dist_quant import schemes
+
     if unit.kind is Kind.IMAGES:
         return 0
-    linears = unit_linears(config, unit)
-    output = (params - sum(linears.values())) * source_bytes
-    for name, params in linears.items():
-        output += params * schemes.get(recipe.quant_type(name)).bytes_per_param(source_bytes)
+    output = (params - sum(quant_params.values())) * source_bytes
+    for (quant_type, _), linear_params in quant_params.items():
+        output += linear_params * schemes.get(quant_type).bytes_per_param(source_bytes)
     return int(output)
 
 
@@ -201,6 +222,8 @@ def unit_activation_bytes(config, unit: Unit, calib_tokens: int) -> int:
 def unit_hessian_bytes(config, unit: Unit, recipe: Recipe) -> int:
     """What rounding by GPTQ adds while an expert group runs (one expert's Gram matrices at a time): 0 when the
     recipe's scheme for the group's experts does not ask for them."""
+    from dist_quant import schemes
+
     if unit.kind is not Kind.EXPERTS:
         return 0
     first = Unit(Kind.EXPERTS, unit.layer, unit.first_expert, unit.first_expert + 1)  # the group's first expert
@@ -252,6 +275,7 @@ class QuantPlan:
     unit_output_bytes: list[int]  # per unit, in plan order
     parts: int
     card_bytes: int
+    unit_quant_params: list[dict[QuantChoice, int]]  # per unit, in plan order
 
     def fits(self, actor: ActorPlan) -> bool:
         return actor.peak_bytes <= self.card_bytes
@@ -268,6 +292,8 @@ def build_plan(config, raw_config: dict, workers: int, *, group_size: int = DEFA
                card_memory_gb: float = 64, recipe: Optional[Recipe] = None) -> QuantPlan:
     """Units, assignment, per-actor bytes read and peak memory estimate, output size (by the recipe's schemes;
     the bundled recipe by default) and part count."""
+    from dist_quant.recipe import load_recipe
+
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     units = plan_units(config, group_size, workers)
@@ -280,7 +306,8 @@ def build_plan(config, raw_config: dict, workers: int, *, group_size: int = DEFA
     for unit, actor_idx in zip(units, assignment):
         actors[actor_idx].units.append(unit)
         actors[actor_idx].read_bytes += unit_read_params(config, unit) * dtype_bytes
-    outputs = [unit_output_bytes(config, u, recipe, dtype_bytes, n) for u, n in zip(units, params)]
+    quant_params = [unit_quant_params(config, u, recipe) for u in units]
+    outputs = [unit_output_bytes(u, q, dtype_bytes, n) for u, q, n in zip(units, quant_params, params)]
     output_of = dict(zip(units, outputs))
     distributed = workers > 1  # one worker is the single card, without Ray (the quant command's rule)
     for actor in actors:
@@ -293,7 +320,8 @@ def build_plan(config, raw_config: dict, workers: int, *, group_size: int = DEFA
     output = sum(outputs)
     part_bytes = part_file_size_gb * GiB  # msModelSlim's part_file_size 'GB' are GiB
     parts = 1 if part_bytes <= 0 else max(1, -(-output // int(part_bytes)))
-    return QuantPlan(units, assignment, actors, source, output, outputs, parts, int(card_memory_gb * GiB))
+    return QuantPlan(units, assignment, actors, source, output, outputs, parts, int(card_memory_gb * GiB),
+                     quant_params)
 
 
 def format_plan(plan: QuantPlan, title: str) -> str:

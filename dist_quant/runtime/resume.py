@@ -169,7 +169,11 @@ class Journal:
             entry["expert_tokens"] = {"layer": layer, "tokens": expert_tokens}
             self.expert_tokens[layer] = expert_tokens
         self.finished[record.unit_id] = record  # first: a signal during the append must not hide a written record
-        self._append(entry)
+        try:
+            self._append(entry)
+        except OSError:  # not on disk (disk full): a resume will not keep it, so neither does the count of kept units
+            del self.finished[record.unit_id]
+            raise
 
     def prune_streams(self, plan: list[Unit]) -> None:
         """Drop the layer files older than the newest one a resume could start from (never earlier: on Ray a layer
