@@ -195,14 +195,14 @@ def _plan_parser(sub) -> None:
 
 
 def _cmd_plan(args) -> int:
-    from dist_quant.checkpoint.reader import read_config
-    from dist_quant.models.family import family_of
+    from dist_quant.checkpoint.model_folder import read_config
+    from dist_quant.models.family import sizes_config_of
     from dist_quant.runtime.cost import project
     from dist_quant.runtime.plan import build_plan, format_plan
 
     config_file = Path(args.model_path) / "config.json"
     raw = read_config(config_file)
-    config = family_of(raw, str(config_file)).load_config(raw, str(config_file))
+    config = sizes_config_of(raw, str(config_file))
     recipe = _recipe(args)
     _warn_model_type(args)
     plan = build_plan(config, raw, args.workers, group_size=args.expert_group_size,

@@ -172,8 +172,10 @@ def test_plan_takes_the_preset_flags_and_prints_the_rounding(tmp_path, capsys):
     rounding = 94 * 16 * (10 * SSZ_50_ITERATIONS_S / 50 + GPTQ_GRAM_S + GPTQ_ROUNDING_S) / 3600
     assert "recipe qwen3_vl_moe_w4a8.yaml" in w4a8
     assert f"of which host rounding {rounding:.1f} h on 1 thread(s) per actor" in w4a8
-    assert main([*plan, "--quant_type", "w4a8", "--config_path", str(DEFAULT_RECIPE)]) == 0  # the recipe wins
+    assert main([*plan, "--config_path", str(DEFAULT_RECIPE)]) == 0
     assert "recipe qwen3_vl_moe_w8a8.yaml" in capsys.readouterr().out
+    assert main([*plan, "--quant_type", "w4a8", "--config_path", str(DEFAULT_RECIPE)]) == 2  # they contradict
+    assert "the recipe decides, so drop --quant_type" in capsys.readouterr().err
 
 
 def test_plan_prints_the_projection(tmp_path, capsys):

@@ -263,3 +263,12 @@ def test_each_bar_sits_in_its_own_actors_lane():
             bar = mark.find(f"{SVG_NS}rect")
             top, bottom = lanes[int(mark.get("data-actor"))]
             assert top <= float(bar.get("y")) and float(bar.get("y")) + float(bar.get("height")) <= bottom
+
+
+def test_the_page_and_the_command_line_count_the_same_tensors(model, calib, tmp_path, capsys):  # noqa: F811
+    save = quant(model, calib, tmp_path / "q")
+    printed = re.search(r"(\d+) tensors \(([^)]*)\)", capsys.readouterr().out)
+    html = (save / REPORT_FILE).read_text()
+    shown = re.search(r"<td>tensors by type</td><td>([^<]*) \(FLOAT counts", html).group(1)
+    assert shown == printed.group(2)
+    assert f"{printed.group(1)} tensors</td>" in html

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import torch
 
-QMIN4, QMAX4 = -8, 7
+from dist_quant.algorithms.int4_params import QMAX4, QMIN4, SCALE_BIAS_CHUNKS, SSZ_ITERATIONS
+
 EPS = torch.finfo(torch.float32).eps  # msModelSlim's floor for a min/max scale
-SSZ_ITERATIONS = 50  # msModelSlim's SCALE_SEARCH_ITER_NUM (core/quantizer/impl/ssz.py)
-SCALE_BIAS_CHUNKS = 16  # down_proj's scale_bias: one sum per 16th of the input, so each TP rank (tp | 16) has its own
 
 
 def minmax_scale(weight: torch.Tensor) -> torch.Tensor:

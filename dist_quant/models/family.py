@@ -15,17 +15,35 @@ from types import ModuleType
 
 from dist_quant.errors import CheckpointError
 
-FAMILIES = {"qwen3_vl_moe": ("dist_quant.models.qwen3_vl_moe", "Qwen3-VL-MoE")}  # model_type -> (module, name)
+# model_type -> (module, name, sizes module: its config.json reading and parameter counts without torch)
+FAMILIES = {"qwen3_vl_moe": ("dist_quant.models.qwen3_vl_moe", "Qwen3-VL-MoE", "dist_quant.models.qwen3_vl_moe_sizes")}
+
+
+def _registered(model_type: object, source: str) -> tuple[str, str, str]:
+    if not isinstance(model_type, str) or model_type not in FAMILIES:
+        shown = "missing" if model_type is None else (repr(model_type) if isinstance(model_type, str)
+                                                      and len(model_type) < 80 else "not a model name")
+        supported = ", ".join(f"{k!r} ({name})" for k, (_, name, _) in FAMILIES.items())
+        raise CheckpointError(f"{source}: model_type is {shown}; dist-quant supports {supported} checkpoints")
+    return FAMILIES[model_type]
 
 
 def family_for(model_type: object, source: str = "config.json") -> ModuleType:
     """The family module of a config's ``model_type``."""
-    if not isinstance(model_type, str) or model_type not in FAMILIES:
-        shown = "missing" if model_type is None else (repr(model_type) if isinstance(model_type, str)
-                                                      and len(model_type) < 80 else "not a model name")
-        supported = ", ".join(f"{k!r} ({name})" for k, (_, name) in FAMILIES.items())
-        raise CheckpointError(f"{source}: model_type is {shown}; dist-quant supports {supported} checkpoints")
-    return importlib.import_module(FAMILIES[model_type][0])
+    return importlib.import_module(_registered(model_type, source)[0])
+
+
+def sizes_for(model_type: object, source: str = "config.json") -> ModuleType:
+    """The sizes module of a config's ``model_type``: key names, layer kinds and parameter counts without torch
+    (the plan's), whose functions take the family's transformers config or the sizes module's own."""
+    return importlib.import_module(_registered(model_type, source)[2])
+
+
+def sizes_config_of(raw_config: object, source: str = "config.json"):
+    """What ``dist-quant plan`` needs of a config.json's content, read and checked without torch."""
+    if not isinstance(raw_config, dict):
+        raise CheckpointError(f"{source} does not hold a JSON object; restore the file from the original model")
+    return sizes_for(raw_config.get("model_type"), source).load_sizes_config(raw_config, source)
 
 
 def family_of(raw_config: object, source: str = "config.json") -> ModuleType:

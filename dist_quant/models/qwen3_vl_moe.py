@@ -11,7 +11,6 @@ from __future__ import annotations
 import inspect
 import math
 import re
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -27,25 +26,18 @@ from dist_quant.errors import CheckpointError, reason
 from dist_quant.models.family import HeadPair, Readers, Smoothing, Writer
 from dist_quant.models.qwen3_vl_moe_experts import expert_layout, fused_expert_keys
 from dist_quant.models.qwen3_vl_moe_experts import read_experts as read_fused_experts
+# the sizes and key names, for the rest of dist-quant through this family module
+from dist_quant.models.qwen3_vl_moe_sizes import (EXPERT_PROJS, MODEL_TYPE, TEXT, VISUAL, expert_key,  # noqa: F401
+                                                  expert_linears, expert_param_count, expert_shapes, is_int,
+                                                  is_moe_layer, layer_linears, layer_param_count, layer_prefix,
+                                                  show, size_errors, source_dtype_name, vision_linears,
+                                                  vision_param_count)
 
-MODEL_TYPE = "qwen3_vl_moe"
-EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")  # an expert's linears, as read_experts returns their weights
-TEXT = "model.language_model"
-VISUAL = "model.visual"
 EMBED_KEY = f"{TEXT}.embed_tokens.weight"
 NORM_KEY = f"{TEXT}.norm.weight"
 LM_HEAD_KEY = "lm_head.weight"
 
 ExpertWeights = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # gate [I, H], up [I, H], down [H, I]
-
-
-# Sizes far beyond any real checkpoint (Qwen3-VL-235B: 94 layers, 128 experts, a 27-block vision tower), refused
-# from config.json alone: the plan lists units per layer and expert group, so a config claiming 10^12 layers would
-# hang it, and `dist-quant plan` reads no weights to compare the config with.
-MAX_LAYERS = 1024
-MAX_VISION_DEPTH = 1024
-MAX_EXPERTS = 16384
-MAX_WIDTH = 2**20  # hidden, intermediate and head sizes: a worker builds rotary tables from them before any weight
 
 
 def load_config(raw: dict, source: str = "config.json") -> Qwen3VLMoeConfig:
@@ -59,7 +51,7 @@ def load_config(raw: dict, source: str = "config.json") -> Qwen3VLMoeConfig:
     model_type = raw.get("model_type")
     if model_type != MODEL_TYPE:
         raise CheckpointError(
-            f"{source}: model_type is {_show(model_type)}; dist-quant supports {MODEL_TYPE!r} (Qwen3-VL-MoE) "
+            f"{source}: model_type is {show(model_type)}; dist-quant supports {MODEL_TYPE!r} (Qwen3-VL-MoE) "
             "checkpoints"
         )
     for section in ("text_config", "vision_config"):
@@ -78,16 +70,6 @@ def load_config(raw: dict, source: str = "config.json") -> Qwen3VLMoeConfig:
     return config
 
 
-def _show(value) -> str:
-    """A config value for a message, clipped: a hostile config.json can hold megabytes in one field."""
-    text = repr(value)
-    return text if len(text) <= 60 else text[:60] + "..."
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -95,30 +77,9 @@ def _is_number(value) -> bool:
 def _config_errors(config: Qwen3VLMoeConfig, raw: dict) -> list[str]:
     """Every way the config breaks what the transformers modules (and this tool) assume, as 'field: problem'."""
     tc, vc = config.text_config, config.vision_config
-    errors = []
-
-    def positive(prefix, cfg, names, limit=None):
-        for name in names:
-            value = getattr(cfg, name, None)
-            if not _is_int(value) or value < 1:
-                errors.append(f"{prefix}{name} is {_show(value)}, not a positive integer")
-            elif limit is not None and value > limit:
-                errors.append(f"{prefix}{name} is {value}, more than the {limit} any real model has")
-
-    positive("text_config.", tc, ["vocab_size", "decoder_sparse_step", "max_position_embeddings"])
-    positive("text_config.", tc, ["hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
-                                  "head_dim", "moe_intermediate_size"], MAX_WIDTH)
-    positive("text_config.", tc, ["num_hidden_layers"], MAX_LAYERS)
-    positive("text_config.", tc, ["num_experts"], MAX_EXPERTS)
-    positive("vision_config.", vc, ["hidden_size", "intermediate_size", "num_heads", "in_channels", "patch_size",
-                                    "temporal_patch_size", "spatial_merge_size", "out_hidden_size",
-                                    "num_position_embeddings"], MAX_WIDTH)
-    positive("vision_config.", vc, ["depth"], MAX_VISION_DEPTH)
-    if errors:  # the checks below compute with these
+    errors = size_errors(config)
+    if errors:  # the checks below compute with the sizes
         return errors
-    if not _is_int(tc.num_experts_per_tok) or not 1 <= tc.num_experts_per_tok <= tc.num_experts:
-        errors.append(f"text_config.num_experts_per_tok is {_show(tc.num_experts_per_tok)}; the router picks "
-                      f"between 1 and num_experts ({tc.num_experts}) experts per token")
     if tc.num_attention_heads % tc.num_key_value_heads:
         errors.append(f"text_config.num_attention_heads ({tc.num_attention_heads}) is not a multiple of "
                       f"num_key_value_heads ({tc.num_key_value_heads})")
@@ -130,24 +91,20 @@ def _config_errors(config: Qwen3VLMoeConfig, raw: dict) -> list[str]:
     rope = tc.rope_scaling
     section = rope.get("mrope_section", [24, 20, 20]) if isinstance(rope, dict) else None
     if not isinstance(rope, dict):
-        errors.append(f"text_config.rope_scaling is {_show(rope)}; Qwen3-VL needs an object with its mrope_section")
-    elif not (isinstance(section, list) and len(section) == 3 and all(_is_int(n) and n >= 0 for n in section)
+        errors.append(f"text_config.rope_scaling is {show(rope)}; Qwen3-VL needs an object with its mrope_section")
+    elif not (isinstance(section, list) and len(section) == 3 and all(is_int(n) and n >= 0 for n in section)
               and sum(section) == tc.head_dim // 2):
-        errors.append(f"text_config.rope_scaling.mrope_section is {_show(section)}; it must be 3 non-negative "
+        errors.append(f"text_config.rope_scaling.mrope_section is {show(section)}; it must be 3 non-negative "
                       f"integers that add up to head_dim / 2 = {tc.head_dim // 2}")
     if not _is_number(tc.rope_theta) or tc.rope_theta <= 0:
-        errors.append(f"text_config.rope_theta is {_show(tc.rope_theta)}, not a positive number")
+        errors.append(f"text_config.rope_theta is {show(tc.rope_theta)}, not a positive number")
     if not _is_number(tc.rms_norm_eps) or tc.rms_norm_eps <= 0:
-        errors.append(f"text_config.rms_norm_eps is {_show(tc.rms_norm_eps)}, not a positive number")
+        errors.append(f"text_config.rms_norm_eps is {show(tc.rms_norm_eps)}, not a positive number")
     if not isinstance(tc.hidden_act, str) or tc.hidden_act not in ACT2FN:
-        errors.append(f"text_config.hidden_act is {_show(tc.hidden_act)}, not an activation transformers knows")
+        errors.append(f"text_config.hidden_act is {show(tc.hidden_act)}, not an activation transformers knows")
     if not isinstance(vc.hidden_act, str) or vc.hidden_act not in ACT2FN:
-        errors.append(f"vision_config.hidden_act is {_show(vc.hidden_act)}, not an activation transformers "
+        errors.append(f"vision_config.hidden_act is {show(vc.hidden_act)}, not an activation transformers "
                       "knows")
-    layers = tc.mlp_only_layers
-    if not isinstance(layers, list) or not all(_is_int(i) and 0 <= i < tc.num_hidden_layers for i in layers):
-        errors.append(f"text_config.mlp_only_layers must list layer indices from 0 to num_hidden_layers - 1 "
-                      f"({tc.num_hidden_layers - 1})")
     if vc.hidden_size % vc.num_heads or (vc.hidden_size // vc.num_heads) % 4:
         errors.append(f"vision_config.hidden_size ({vc.hidden_size}) / num_heads ({vc.num_heads}) must be a whole "
                       "head size divisible by 4 (2-D rotary embeddings)")
@@ -157,15 +114,10 @@ def _config_errors(config: Qwen3VLMoeConfig, raw: dict) -> list[str]:
     if vc.out_hidden_size != tc.hidden_size:
         errors.append(f"vision_config.out_hidden_size ({vc.out_hidden_size}) differs from text_config.hidden_size "
                       f"({tc.hidden_size}): image features are placed in the text embeddings")
-    deepstack = vc.deepstack_visual_indexes
-    if not isinstance(deepstack, list) or not all(_is_int(i) and 0 <= i < vc.depth for i in deepstack) \
-            or len(set(deepstack)) != len(deepstack):
-        errors.append(f"vision_config.deepstack_visual_indexes must list distinct vision block indices from 0 to "
-                      f"depth - 1 ({vc.depth - 1})")
     for name in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
         value = getattr(config, name, None)
-        if not _is_int(value) or not 0 <= value < tc.vocab_size:
-            errors.append(f"{name} is {_show(value)}, not a token id below vocab_size ({tc.vocab_size})")
+        if not is_int(value) or not 0 <= value < tc.vocab_size:
+            errors.append(f"{name} is {show(value)}, not a token id below vocab_size ({tc.vocab_size})")
     return errors
 
 
@@ -288,30 +240,12 @@ def load_checked(model_path: str | Path) -> tuple[CheckpointReader, Qwen3VLMoeCo
     return reader, config
 
 
-def layer_prefix(layer_idx: int) -> str:
-    return f"{TEXT}.layers.{layer_idx}"
-
-
-def is_moe_layer(text_config, layer_idx: int) -> bool:
-    """The same rule the HF decoder layer applies to choose between a sparse MoE block and a dense MLP."""
-    return (
-        layer_idx not in text_config.mlp_only_layers
-        and text_config.num_experts > 0
-        and (layer_idx + 1) % text_config.decoder_sparse_step == 0
-    )
-
-
 def read_experts(reader: CheckpointReader, config: Qwen3VLMoeConfig, layer_idx: int, first: int, stop: int,
                  dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(gate, up, down) nn.Linear weights of experts ``first..stop-1`` of a MoE layer, reading only their rows."""
     tc = config.text_config
     return read_fused_experts(reader, layer_prefix(layer_idx), first, stop, num_experts=tc.num_experts,
                               hidden=tc.hidden_size, intermediate=tc.moe_intermediate_size, dtype=dtype)
-
-
-def expert_key(layer_idx: int, expert: int, proj: str) -> str:
-    """The per-expert module name the output checkpoint uses (FORMAT.md), e.g. ``...mlp.experts.7.down_proj``."""
-    return f"{layer_prefix(layer_idx)}.mlp.experts.{expert}.{proj}"
 
 
 # --- building pieces ------------------------------------------------------------------------------------------------
@@ -539,67 +473,11 @@ def rms_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Te
     return norm(hidden)
 
 
-# --- sizes (no weights needed) --------------------------------------------------------------------------------------
-
-def _numel(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.state_dict().values())
-
-
-def vision_param_count(config: Qwen3VLMoeConfig) -> int:
-    sizes = _sizes_of(config)
-    if "vision" not in sizes:
-        with torch.device("meta"):
-            sizes["vision"] = _numel(hf.Qwen3VLMoeVisionModel._from_config(config.vision_config))
-    return sizes["vision"]
-
-
-_SIZES: dict[int, tuple] = {}  # id(config) -> (a weak reference to it, {layer kind or "vision": sizes})
-
-
-def _sizes_of(config: Qwen3VLMoeConfig) -> dict:
-    """The sizes worked out so far for this config object (the plan asks for them once per unit)."""
-    ref, sizes = _SIZES.get(id(config), (None, None))
-    if ref is None or ref() is not config:  # configs are not hashable; an id is reused only once it is gone
-        sizes = {}
-        _SIZES[id(config)] = (weakref.ref(config, lambda _, key=id(config): _SIZES.pop(key, None)), sizes)
-    return sizes
-
-
-def _layer_sizes(config: Qwen3VLMoeConfig, layer_idx: int) -> tuple[int, dict[str, int]]:
-    """(parameters, {linear name under the layer: weight parameters}) of a decoder layer without its experts: the
-    same for every layer of one kind, so worked out once per config and kind (a 235B plan asks 94 times)."""
-    kind = layer_kind(config.text_config, layer_idx)
-    per_config = _sizes_of(config)
-    if kind not in per_config:
-        layer = meta_layer(config, layer_idx)
-        per_config[kind] = (_numel(layer), {name: m.weight.numel() for name, m in layer.named_modules()
-                                            if isinstance(m, nn.Linear)})
-    return per_config[kind]
-
-
-def layer_param_count(config: Qwen3VLMoeConfig, layer_idx: int) -> int:
-    """Parameters of a decoder layer without its experts (attention, norms, router or dense MLP)."""
-    return _layer_sizes(config, layer_idx)[0]
-
-
-def expert_shapes(config: Qwen3VLMoeConfig) -> tuple[tuple[int, int], ...]:
-    """nn.Linear shapes [out, in] of one expert's projections, in EXPERT_PROJS order (gate, up, down)."""
-    tc = config.text_config
-    return ((tc.moe_intermediate_size, tc.hidden_size),) * 2 + ((tc.hidden_size, tc.moe_intermediate_size),)
-
-
-def expert_param_count(config: Qwen3VLMoeConfig) -> int:
-    """Parameters of one expert (gate, up and down)."""
-    tc = config.text_config
-    return 3 * tc.hidden_size * tc.moe_intermediate_size
-
+# --- sizes: closed forms in qwen3_vl_moe_sizes.py ----------------------------------------------------------------
 
 def source_dtype(raw_config: dict) -> torch.dtype:
     """The checkpoint's float dtype as config.json states it (bf16 when it does not say)."""
-    text = raw_config.get("text_config") if isinstance(raw_config.get("text_config"), dict) else {}
-    name = text.get("dtype") or text.get("torch_dtype") or raw_config.get("dtype") or raw_config.get("torch_dtype")
-    dtype = getattr(torch, name, None) if isinstance(name, str) else None
-    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.bfloat16
+    return getattr(torch, source_dtype_name(raw_config))
 
 
 # --- outlier suppression points (applied by models/outliers.py) ----------------------------------------------------
@@ -647,16 +525,6 @@ def layer_kind(text_config, layer_idx: int) -> str:
     return "moe" if is_moe_layer(text_config, layer_idx) else "dense"
 
 
-def _linear_params(module: nn.Module, prefix: str) -> dict[str, int]:
-    return {f"{prefix}.{name}": m.weight.numel() for name, m in module.named_modules() if isinstance(m, nn.Linear)}
-
-
-def vision_linears(config: Qwen3VLMoeConfig) -> dict[str, int]:
-    """Weight parameters of each vision linear, by module name (what a recipe's globs select)."""
-    with torch.device("meta"):
-        return _linear_params(hf.Qwen3VLMoeVisionModel._from_config(config.vision_config), VISUAL)
-
-
 def meta_layer(config: Qwen3VLMoeConfig, layer_idx: int) -> nn.Module:
     """A decoder layer without its experts (they are units of their own), on the meta device."""
     with torch.device("meta"):
@@ -664,19 +532,6 @@ def meta_layer(config: Qwen3VLMoeConfig, layer_idx: int) -> nn.Module:
     if is_moe_layer(config.text_config, layer_idx):
         layer.mlp.experts = None
     return layer
-
-
-def layer_linears(config: Qwen3VLMoeConfig, layer_idx: int) -> dict[str, int]:
-    """Weight parameters of each linear of a decoder layer without its experts, by module name."""
-    prefix = layer_prefix(layer_idx)
-    return {f"{prefix}.{name}": n for name, n in _layer_sizes(config, layer_idx)[1].items()}
-
-
-def expert_linears(config: Qwen3VLMoeConfig, layer_idx: int, first: int, stop: int) -> dict[str, int]:
-    """Weight parameters of each projection of experts ``first..stop-1``, by module name."""
-    tc = config.text_config
-    return {expert_key(layer_idx, e, proj): tc.hidden_size * tc.moe_intermediate_size
-            for e in range(first, stop) for proj in EXPERT_PROJS}
 
 
 # --- comparing a quantized checkpoint with its float model (dist-quant eval) ----------------------------------------
@@ -696,8 +551,8 @@ def config_differences(quantized, reference) -> list[str]:
     pairs = [("text_config", quantized.text_config, reference.text_config, TEXT_FIELDS),
              ("vision_config", quantized.vision_config, reference.vision_config, VISION_FIELDS),
              ("", quantized, reference, TOKEN_FIELDS)]
-    return [f"{section + '.' if section else ''}{name} is {_show(getattr(q, name, None))} in the quantized "
-            f"checkpoint, {_show(getattr(r, name, None))} in the float model"
+    return [f"{section + '.' if section else ''}{name} is {show(getattr(q, name, None))} in the quantized "
+            f"checkpoint, {show(getattr(r, name, None))} in the float model"
             for section, q, r, names in pairs for name in names if getattr(q, name, None) != getattr(r, name, None)]
 
 

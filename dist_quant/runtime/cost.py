@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from dist_quant.models.family import family_for
+from dist_quant.models.family import sizes_for
 from dist_quant.runtime.plan import (COMPUTE_BYTES, Kind, QuantChoice, QuantPlan, Unit, source_bytes_per_param,
                                      unit_params, unit_read_params)
 
@@ -83,7 +83,7 @@ def rounding_seconds(weight: QSpec | None, params: int) -> float:
     for narrower models (30B-A3B) and would be underestimated for wider ones."""
     if weight is None or weight.method not in ("ssz", "gptq"):
         return 0.0
-    from dist_quant.algorithms.int4 import SSZ_ITERATIONS
+    from dist_quant.algorithms.int4_params import SSZ_ITERATIONS
 
     per_expert = weight.option("step", SSZ_ITERATIONS) * SSZ_ITERATION_S + (GPTQ_S if weight.method == "gptq" else 0.0)
     return per_expert * params / MEASURED_EXPERT_PARAMS
@@ -100,7 +100,7 @@ def unit_flops(config, unit: Unit, calib_tokens: int) -> float:
     tc = config.text_config
     if unit.kind is Kind.EXPERTS:
         share = (unit.stop_expert - unit.first_expert) / tc.num_experts
-        expert_params = family_for(config.model_type).expert_param_count(config)
+        expert_params = sizes_for(config.model_type).expert_param_count(config)
         return 2.0 * calib_tokens * tc.num_experts_per_tok * share * expert_params
     if unit.kind is Kind.IMAGES:
         return 2.0 * calib_tokens / unit.shares * unit_params(config, unit)

@@ -1,11 +1,12 @@
 """The plan of one quantization: units of work, their assignment to actors, output parts, a memory estimate.
 
-Everything here comes from config.json alone (sizes are counted on the meta device), so a plan for a 235B model is
-printed in seconds without reading a weight. Expert groups have a fixed size that does not depend on the number of
+Everything here comes from config.json alone (sizes in closed form, from the family's sizes module), so a plan for a
+235B model is printed at once without reading a weight. Expert groups have a fixed size that does not depend on the number of
 workers, and their partial sums are added in group order, so the checkpoint is the same whoever computes which group.
 
-The module imports no torch and no scheme: the command line takes its defaults from here to build its parser, and
-``--help`` must not wait seconds for torch. What needs a recipe's schemes imports them where it needs them.
+The module imports no torch, no transformers and no scheme: the command line takes its defaults from here to build its
+parser, and neither ``--help`` nor ``plan`` may wait seconds for torch. What needs a recipe's schemes imports them
+where it needs them (they import torch only to quantize).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Optional
 
-from dist_quant.models.family import family_for
+from dist_quant.models.family import sizes_for
 
 if TYPE_CHECKING:
     from dist_quant.recipe import Recipe
@@ -114,7 +115,7 @@ def plan_units(config, group_size: int = DEFAULT_EXPERT_GROUP_SIZE, image_shares
     tc = config.text_config
     for layer_idx in range(tc.num_hidden_layers):
         units.append(Unit(Kind.LAYER, layer_idx))
-        if family_for(config.model_type).is_moe_layer(tc, layer_idx):
+        if sizes_for(config.model_type).is_moe_layer(tc, layer_idx):
             units += [Unit(Kind.EXPERTS, layer_idx, a, b) for a, b in expert_groups(tc.num_experts, group_size)]
     return units + [Unit(Kind.HEAD)]
 
@@ -147,7 +148,7 @@ def assign_units(plan: list[Unit], workers: int) -> list[int]:
 
 def unit_params(config, unit: Unit) -> int:
     """Parameters a unit works on (images: the tower it runs, which the vision unit of the same actor writes)."""
-    tc, family = config.text_config, family_for(config.model_type)
+    tc, family = config.text_config, sizes_for(config.model_type)
     if unit.kind in (Kind.IMAGES, Kind.VISION):
         return family.vision_param_count(config)
     if unit.kind is Kind.EMBED:
@@ -162,7 +163,7 @@ def unit_params(config, unit: Unit) -> int:
 def unit_linears(config, unit: Unit) -> dict[str, int]:
     """Weight parameters of each linear a unit quantizes per the recipe, by module name (embeddings and the head
     are always FLOAT: none)."""
-    family = family_for(config.model_type)
+    family = sizes_for(config.model_type)
     if unit.kind is Kind.VISION:
         return family.vision_linears(config)
     if unit.kind is Kind.LAYER:
@@ -174,7 +175,7 @@ def unit_linears(config, unit: Unit) -> dict[str, int]:
 
 def source_bytes_per_param(raw_config: dict) -> int:
     """Bytes of one source parameter: the checkpoint's float dtype as config.json states it."""
-    return family_for(raw_config.get("model_type")).source_dtype(raw_config).itemsize
+    return sizes_for(raw_config.get("model_type")).source_bytes(raw_config)
 
 
 QuantChoice = tuple[str, Optional["QSpec"]]  # a linear's quant type and the recipe's weight qconfig for it

@@ -4,23 +4,31 @@ and how the serving engine computes with its tensors.
 A scheme speaks in *roles* (``weight``, ``weight_scale``, ``input_scale``...): the tensors of one linear as the
 serving engine's method holds them after loading, in plain dtypes. An output format (checkpoint/formats/) turns the
 roles into file keys, description entries and dtype encodings.
+
+What a scheme declares (names, qconfigs, bits, options) is read without torch: ``dist-quant plan`` and the recipe
+need only that. The tensor work is in each scheme's ``quantize`` and ``serve``, which import torch when called, and
+in schemes/tensors.py.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, replace
-from typing import Callable, Optional
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Callable, Optional
 
-import torch
-from torch import nn
-from torch._subclasses.fake_tensor import is_fake
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
-from dist_quant.algorithms.gptq import Hessian
-from dist_quant.errors import CalibrationError, CheckpointError
+    from dist_quant.algorithms.gptq import Hessian
 
 InputRange = tuple[float, float]  # (min, max) of a linear's calibration input
-FLOAT32_MAX = torch.finfo(torch.float32).max  # the schemes compute in float32
+FLOAT32_MAX = (2 - 2**-23) * 2**127  # torch.finfo(torch.float32).max: the schemes compute in float32
+
+
+def _float32() -> torch.dtype:
+    import torch
+
+    return torch.float32
 
 
 @dataclass(frozen=True)
@@ -49,7 +57,7 @@ class LinearSpec:
     act: Optional[QSpec] = None  # the recipe's qconfig for it (None for FLOAT)
     weight: Optional[QSpec] = None
     input_range: Optional[InputRange] = None  # its calibrated input (min, max), for schemes that need one
-    model_dtype: torch.dtype = torch.float32  # the source checkpoint's float dtype
+    model_dtype: torch.dtype = field(default_factory=_float32)  # the source checkpoint's float dtype
     input_split: bool = False  # the engine splits its input dimension across tensor-parallel ranks (o, down...)
     hessian: Optional[Hessian] = None  # X^T X of its calibration inputs (algorithms/gptq.py), when asked for
 
@@ -96,50 +104,3 @@ class Scheme:
     def bytes_per_param(self, source_bytes: int) -> float:
         """Bytes a weight parameter takes in the checkpoint (scales are negligible)."""
         return source_bytes if self.weight_bits is None else self.weight_bits / 8
-
-
-def largest_magnitude(tensor: torch.Tensor) -> float:
-    """``max |t|`` without a temporary, NaN if the tensor holds one (``torch.maximum`` propagates it)."""
-    lo, hi = torch.aminmax(tensor)
-    return float(torch.maximum(-lo, hi))
-
-
-def check_weight(spec: LinearSpec, weight: torch.Tensor, scheme: str, limit: float, why: str) -> None:
-    """Refuse, before any quantization work, a weight the scheme's math would overflow on: ``max |W| <= limit``
-    (``why`` names the computation the limit protects). The reader refuses NaN and Inf in the source, so a
-    non-finite weight here was made by QuaRot or smoothing from a source value near the float32 limit. The
-    writer's layout pass quantizes fake tensors, which hold no values: nothing to check there."""
-    if is_fake(weight) or weight.numel() == 0:
-        return
-    largest = largest_magnitude(weight)
-    if not math.isfinite(largest):
-        raise CheckpointError(f"linear {spec.name}: its weight holds NaN or Inf after rotation and smoothing (a "
-                              "source weight near the float32 limit overflowed); check the checkpoint's values")
-    if largest > limit:
-        raise CheckpointError(f"linear {spec.name}: its largest weight magnitude {largest:.9g} is above {limit:.9g}, "
-                              f"the most {scheme} can take for a {list(weight.shape)} weight ({why}); check the "
-                              "checkpoint's values, or leave this linear out of that linear_quant")
-
-
-def check_finite_inputs(spec: LinearSpec, what: str, tensor: torch.Tensor) -> None:
-    """Refuse calibration statistics (an input range, a Gram matrix) that overflowed float32: they come from a
-    calibration forward whose activations reached Inf, which only a weight of the model far beyond any trained
-    value causes."""
-    if tensor.numel() and not is_fake(tensor) and not math.isfinite(largest_magnitude(tensor)):
-        raise CalibrationError(f"linear {spec.name}: {what} overflowed float32 in the calibration forward (a "
-                               "weight before it is far too large); check the checkpoint's values")
-
-
-class ServedLinear(nn.Module):
-    """A linear as the engine runs it: ``math(x2d, roles)`` on the flattened tokens, output in x's dtype."""
-
-    def __init__(self, roles: dict[str, torch.Tensor], math: Callable[..., torch.Tensor]):
-        super().__init__()
-        self.math = math
-        for name, tensor in roles.items():
-            self.register_buffer(name, tensor, persistent=False)
-        self.names = tuple(roles)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.math(x.reshape(-1, x.shape[-1]), {name: getattr(self, name) for name in self.names})
-        return y.reshape(*x.shape[:-1], -1).to(x.dtype)

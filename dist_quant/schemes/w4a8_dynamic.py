@@ -16,19 +16,15 @@ undone by ``scale_bias``; section 4.2).
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import torch
-from torch import nn
-from torch._subclasses.fake_tensor import is_fake
-
-from dist_quant.algorithms.int4 import (QMAX4, QMIN4, SCALE_BIAS_CHUNKS, SSZ_ITERATIONS, int4_codes, minmax_scale,
-                                        pack_int4_rows, scale_bias, ssz_scale, unpack_int4_rows)
-from dist_quant.algorithms.gptq import DAMP, gptq_codes
-from dist_quant.algorithms.quantize import dynamic_w8a8_linear
+from dist_quant.algorithms.int4_params import QMAX4, QMIN4, SCALE_BIAS_CHUNKS, SSZ_ITERATIONS
 from dist_quant.errors import RecipeError
-from dist_quant.schemes.base import FLOAT32_MAX, LinearSpec, QSpec, Scheme, ServedLinear, check_finite_inputs, \
-    check_weight
+from dist_quant.schemes.base import FLOAT32_MAX, LinearSpec, QSpec, Scheme
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 NAME = "W4A8_DYNAMIC"
 WEIGHT_METHODS = ("ssz", "minmax", "gptq")  # the qconfig weight methods that select it; ssz first: the default
@@ -106,6 +102,10 @@ def needs_hessian(weight: Optional[QSpec]) -> bool:
 def weight_scale(weight: torch.Tensor, spec: Optional[QSpec]) -> torch.Tensor:
     """The per-channel int4 scale by the qconfig's weight ``method``. On fake tensors (the writer's layout pass) the
     refinement, whose stopping test needs values, is skipped: its result has the min/max scale's shape and dtype."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    from dist_quant.algorithms.int4 import minmax_scale, ssz_scale
+
     method = spec.method if spec is not None else WEIGHT_METHODS[0]
     if method == "minmax" or is_fake(weight):  # gptq: ssz's scales, then GPTQ's rounding
         return minmax_scale(weight)
@@ -115,6 +115,13 @@ def weight_scale(weight: torch.Tensor, spec: Optional[QSpec]) -> torch.Tensor:
 def quantize(weight: torch.Tensor, bias: Optional[torch.Tensor], spec: LinearSpec) -> dict[str, torch.Tensor]:
     """Roles: weight (int8 [out/2, in], packed int4), weight_scale and weight_offset (float32 [out, 1], the offset
     all zero), scale_bias (float32 [out, 1], [out, 16] when ``spec.input_split``)."""
+    import torch
+    from torch._subclasses.fake_tensor import is_fake
+
+    from dist_quant.algorithms.gptq import DAMP, gptq_codes
+    from dist_quant.algorithms.int4 import int4_codes, pack_int4_rows, scale_bias
+    from dist_quant.schemes.tensors import check_finite_inputs, check_weight
+
     if bias is not None:
         raise ValueError(f"{spec.name}: W4A8_DYNAMIC is for routed experts, which have no bias")
     problem = check_shape(spec.name, tuple(weight.shape), spec.input_split)
@@ -135,10 +142,15 @@ def quantize(weight: torch.Tensor, bias: Optional[torch.Tensor], spec: LinearSpe
 
 
 def _math(x: torch.Tensor, r: dict[str, torch.Tensor]) -> torch.Tensor:
+    from dist_quant.algorithms.int4 import unpack_int4_rows
+    from dist_quant.algorithms.quantize import dynamic_w8a8_linear
+
     return dynamic_w8a8_linear(x, unpack_int4_rows(r["weight"]), r["weight_scale"])
 
 
 def serve(roles: dict[str, torch.Tensor]) -> nn.Module:
+    from dist_quant.schemes.tensors import ServedLinear
+
     return ServedLinear({k: roles[k] for k in ("weight", "weight_scale")}, _math)
 
 

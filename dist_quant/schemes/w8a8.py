@@ -7,16 +7,14 @@ method, so experts may not use it.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import torch
-from torch import nn
-from torch._subclasses.fake_tensor import is_fake
-
-from dist_quant.algorithms.quantize import activation_range_params, quantize_weight_per_channel, static_w8a8_linear
 from dist_quant.errors import CheckpointError
-from dist_quant.schemes.base import FLOAT32_MAX, LinearSpec, QSpec, Scheme, ServedLinear, check_finite_inputs, \
-    check_weight
+from dist_quant.schemes.base import FLOAT32_MAX, LinearSpec, QSpec, Scheme
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 NAME = "W8A8"
 INT32_MIN, INT32_MAX = -2**31, 2**31 - 1  # quant_bias, the engine's int32 accumulator's start
@@ -27,6 +25,9 @@ def check_int_math(spec: LinearSpec, deq_scale: torch.Tensor, quant_bias: torch.
     in units of ``deq_scale``, float64 here) within int32, where casting would wrap it silently. A bias this large
     against ``input_scale * weight_scale`` is not quantizable per tensor: the linear needs W8A8_DYNAMIC. (Fake
     tensors, in the writer's layout pass, hold no values.)"""
+    import torch
+    from torch._subclasses.fake_tensor import is_fake
+
     if is_fake(quant_bias):
         return
     if not bool(torch.isfinite(deq_scale).all() and (deq_scale > 0).all()):
@@ -43,6 +44,11 @@ def check_int_math(spec: LinearSpec, deq_scale: torch.Tensor, quant_bias: torch.
 def quantize(weight: torch.Tensor, bias: Optional[torch.Tensor], spec: LinearSpec) -> dict[str, torch.Tensor]:
     """Roles: weight (int8 [out, in]), input_scale and input_offset (float32 [1]), deq_scale (float32 [out]),
     quant_bias (int32 [out]), and bias (float32) when the linear has one."""
+    import torch
+
+    from dist_quant.algorithms.quantize import activation_range_params, quantize_weight_per_channel
+    from dist_quant.schemes.tensors import check_finite_inputs, check_weight
+
     check_weight(spec, weight, NAME, FLOAT32_MAX, "its scales are float32")
     check_finite_inputs(spec, "its calibrated input range", torch.tensor(spec.input_range, dtype=torch.float32))
     codes, weight_scale = quantize_weight_per_channel(weight)
@@ -60,11 +66,15 @@ def quantize(weight: torch.Tensor, bias: Optional[torch.Tensor], spec: LinearSpe
 
 
 def _math(x: torch.Tensor, r: dict[str, torch.Tensor]) -> torch.Tensor:
+    from dist_quant.algorithms.quantize import static_w8a8_linear
+
     return static_w8a8_linear(x, r["weight"], r["quant_bias"], r["deq_scale"], r["input_scale"], r["input_offset"])
 
 
 def serve(roles: dict[str, torch.Tensor]) -> nn.Module:
     """The bias is already folded into quant_bias: the served layer does not add it again."""
+    from dist_quant.schemes.tensors import ServedLinear
+
     return ServedLinear({k: v for k, v in roles.items() if k != "bias"}, _math)
 
 
