@@ -11,6 +11,7 @@ refused with one line naming the file and the field, and numbers follow YAML 1.2
 from __future__ import annotations
 
 import fnmatch
+import functools
 import logging
 import re
 from collections.abc import Iterable
@@ -84,7 +85,14 @@ class IterSmooth:
 
 
 def _selected(name: str, include: tuple[str, ...], exclude: tuple[str, ...]) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in include) and not any(fnmatch.fnmatchcase(name, p) for p in exclude)
+    """fnmatch's rules (case-sensitive), each glob list as one compiled alternation: a 235B's ~41,000 linears are
+    matched against every processor when the plan is made."""
+    return bool(_any_glob(include).match(name)) and not _any_glob(exclude).match(name)
+
+
+@functools.lru_cache(maxsize=256)
+def _any_glob(globs: tuple[str, ...]) -> re.Pattern:
+    return re.compile("|".join(f"(?:{fnmatch.translate(g)})" for g in globs) or "(?!)")
 
 
 @dataclass(frozen=True)

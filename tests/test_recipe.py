@@ -85,3 +85,21 @@ spec:
     assert recipe.quant_type(f"{T}.mlp.experts.1.up_proj") == W8A8_DYNAMIC
     assert recipe.quant_type(f"{T}.self_attn.o_proj") == FLOAT
     assert recipe.part_file_size_gb == 4 and recipe.dataset is None
+
+
+def test_glob_selection_is_fnmatchs():
+    """The recipe matches each glob list as one compiled alternation: the same verdicts as fnmatch.fnmatchcase,
+    glob by glob, on names with the characters globs treat specially."""
+    import fnmatch
+    import itertools
+
+    from dist_quant.recipe import _selected
+
+    globs = ["*", "*experts*", "*linear_fc2", "*merger*", "model.[a-z]*", "*mlp.gate", "a?b", "[!x]*y", "*.0.*", "[*]"]
+    names = ["model.visual.merger.linear_fc2", "model.language_model.layers.0.mlp.gate", "ab", "acb", "xy", "zy",
+             "model.x", "Model.x", "a\nb", "*", "layers.10.q"]
+    for name, include, exclude in itertools.product(names, itertools.combinations(globs, 2), [(), ("*merger*",)]):
+        expected = any(fnmatch.fnmatchcase(name, g) for g in include) and \
+            not any(fnmatch.fnmatchcase(name, g) for g in exclude)
+        assert _selected(name, include, exclude) == expected, (name, include, exclude)
+    assert not _selected("anything", (), ())
