@@ -6,6 +6,7 @@ float32 deq_scale served in float16...); the rules are vLLM Ascend's loader's, a
 them from its source."""
 
 import json
+import math
 import shutil
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dist_quant.check import check_checkpoint, format_report, refuse_unservable
+from dist_quant.check.folder import DECODABLE, read_folder
 from dist_quant.cli import main
 from dist_quant.errors import OutputError
 from dist_quant.recipe import DEFAULT_RECIPE
@@ -143,7 +145,7 @@ MUTATIONS = {  # rule: (what a user would have done, the mutation, check options
     "R11": ("one expert described differently from expert 0", lambda ckpt, tmp: mutate(
         ckpt, tmp, description=set_types(EXPERT3_UP, "W4A8_DYNAMIC")), {}),
     "R12": ("a bfloat16 checkpoint served in float16: deq_scale float32 where int64 is created",
-            lambda ckpt, tmp: mutate(ckpt, tmp), {"serve_dtype": torch.float16}),
+            lambda ckpt, tmp: mutate(ckpt, tmp), {"serve_dtype": "float16"}),
     "R13": ("k_proj calibrated apart from q_proj", lambda ckpt, tmp: mutate(
         ckpt, tmp, tensors=changed(f"{K}.input_scale", lambda t: t * 2)), {}),
     "R17": ("a tensor-parallel size that does not divide the heads", lambda ckpt, tmp: mutate(ckpt, tmp),
@@ -180,7 +182,7 @@ def test_good_checkpoints_pass_every_rule(good, good_fp32, good_w4a8):
         report = check_checkpoint(ckpt)
         assert report.ok, format_report(report)
         assert report.engines and not [v for v in report.verdicts if v.status == "n/a"]
-    assert check_checkpoint(good).serve_dtype == BF16 and check_checkpoint(good_fp32).serve_dtype == torch.float16
+    assert check_checkpoint(good).serve_dtype == "bfloat16" and check_checkpoint(good_fp32).serve_dtype == "float16"
     assert check_checkpoint(good, tp=2).ok and check_checkpoint(good_w4a8, tp=2).ok
 
 
@@ -205,8 +207,8 @@ def test_a_float32_deq_scale_in_a_float32_model_fails_float16_serving(good_fp32,
         for key in [k for k in tensors if k.endswith(".deq_scale")]:
             tensors[key] = tensors[key].to(torch.int32).view(torch.float32)
     report = check_checkpoint(mutate(good_fp32, tmp_path, tensors=floats))
-    assert report.failed() == ["R12"] and "the parameter torch.int64" in report.verdicts[11].violations[0]
-    assert check_checkpoint(good_fp32, serve_dtype=BF16).failed() == ["R12"]  # int64 where bf16 serving has float32
+    assert report.failed() == ["R12"] and "deq_scale is F32, the parameter I64" in report.verdicts[11].violations[0]
+    assert check_checkpoint(good_fp32, serve_dtype="bfloat16").failed() == ["R12"]  # bf16 serving: float32
 
 
 def test_w4a8_rules(good_w4a8, tmp_path):
@@ -256,3 +258,41 @@ def test_msmodelslim_extras_pass_and_foreign_fields_only_warn(good, tmp_path):
         description["made_by"] = "someone"
     report = check_checkpoint(mutate(good, tmp_path, description=entries, tensors=scales))
     assert report.failed() == ["R24"] and report.ok and report.verdicts[-1].status == "warn"
+
+
+def _same_value(ours, theirs) -> bool:
+    """Equal as numbers, a NaN matching a NaN and a zero's sign counted (-0.0 and 0.0 are different bits)."""
+    if isinstance(theirs, float) and math.isnan(theirs):
+        return isinstance(ours, float) and math.isnan(ours)
+    return ours == theirs and type(ours) is type(theirs) and math.copysign(1, ours) == math.copysign(1, theirs)
+
+
+def test_scalar_values_are_decoded_from_the_bytes_as_torch_decodes_them(tmp_path):
+    """The check reads the few scalars its rules look at (W8A8's input_scale and input_offset) from the file's bytes
+    without torch: every bfloat16 and float16 bit pattern, random float32/float64 bits and each integer dtype's
+    extremes decode to the values torch itself reads from the same file."""
+    gen = torch.Generator().manual_seed(0)
+    every16 = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16)
+    tensors = {"BF16": every16.view(torch.bfloat16), "F16": every16.clone().view(torch.float16),
+               "F32": torch.randint(-2**31, 2**31, (4096,), generator=gen, dtype=torch.int64).to(torch.int32)
+               .view(torch.float32),
+               "F64": torch.randint(-2**63, 2**63 - 1, (4096,), generator=gen, dtype=torch.int64).view(torch.float64),
+               "BOOL": torch.tensor([True, False, True]), "U8": torch.arange(256).to(torch.uint8),
+               "I8": torch.arange(-128, 128).to(torch.int8)}
+    for name, dtype in (("I16", torch.int16), ("I32", torch.int32), ("I64", torch.int64)):
+        info = torch.iinfo(dtype)
+        tensors[name] = torch.tensor([info.min, -1, 0, 1, info.max], dtype=dtype)
+    tensors = {k: t.reshape(-1, 1) if k == "F32" else t for k, t in tensors.items()}  # any shape: values flatten
+    save_file(tensors, str(tmp_path / "t.safetensors"))
+    folder = read_folder(tmp_path)
+    assert set(tensors) == set(DECODABLE)
+    for key, tensor in tensors.items():
+        assert folder.tensors[key].dtype == key
+        ours, theirs = folder.values(key), tensor.flatten().tolist()
+        assert len(ours) == len(theirs) and all(_same_value(a, b) for a, b in zip(ours, theirs)), key
+
+
+def test_a_serving_dtype_is_named(good):
+    assert check_checkpoint(good, serve_dtype="float16").serve_dtype == "float16"
+    with pytest.raises(ValueError, match="serving dtype must be one of"):
+        check_checkpoint(good, serve_dtype=torch.float16)  # a torch dtype would silently match no rule

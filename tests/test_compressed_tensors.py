@@ -159,7 +159,11 @@ def test_config_json_is_the_library_layout_with_floats_ignored(outputs, model):
     assert "model.visual.merger.linear_fc2" in qc["ignore"]
     source = json.loads((model / "config.json").read_text())
     assert {k: v for k, v in config.items() if k != "quantization_config"} == source
-    assert QuantizationConfig.model_validate(qc).config_groups["W8A8"].input_activations.symmetric is False
+    groups = QuantizationConfig.model_validate(qc).config_groups  # read back by the library itself
+    assert groups["W8A8"].input_activations.symmetric is False
+    assert groups["W8A8"].input_activations.dynamic is False  # static: calibrated scales in the checkpoint
+    assert groups["W8A8_DYNAMIC"].input_activations.dynamic is True  # per token, on the card
+    assert groups["W8A8_DYNAMIC"].input_activations.strategy == "token"
     assert not (outputs["bundled"][1] / "quant_model_description.json").exists()
 
 
@@ -412,3 +416,23 @@ def test_an_invalid_regex_is_named_and_the_others_still_apply(outputs, tmp_path)
     c4 = next(v.violations for v in report.verdicts if v.rule.id == "C4")
     assert len(c4) == 1 and c4[0].startswith("'re:(unclosed' in config.json quantization_config.config_groups."
                                              "W8A8_DYNAMIC.targets is not a regular expression (missing ),")
+
+
+def test_the_export_itself_ignores_every_float_linear_and_keeps_static_inputs_static():
+    """The export's own output, before any check or publish (the checker once caught these mutants only by
+    accident, inside a fixture): every FLOAT linear, the merger's among them, is in ``ignore``, and the library reads
+    W8A8's inputs as static, W8A8_DYNAMIC's as dynamic per token."""
+    from dist_quant.checkpoint.formats import compressed_tensors as ct
+
+    types = {"model.visual.merger.linear_fc1.weight": "FLOAT", "model.visual.merger.linear_fc2.weight": "FLOAT",
+             "model.visual.merger.linear_fc2.bias": "FLOAT", "model.language_model.layers.0.mlp.gate.weight": "FLOAT",
+             "model.language_model.layers.0.self_attn.q_proj.weight": "W8A8",
+             "model.language_model.layers.0.self_attn.q_proj.input_scale": "W8A8",
+             "model.language_model.layers.0.mlp.experts.0.up_proj.weight": "W8A8_DYNAMIC",
+             "lm_head.weight": "FLOAT"}
+    qc = ct.quantization_config(types)
+    floats = {k.rsplit(".", 1)[0] for k, t in types.items() if t == "FLOAT"}
+    assert floats <= set(qc["ignore"]) and "model.language_model.layers.0.self_attn.q_proj" not in qc["ignore"]
+    groups = QuantizationConfig.model_validate(qc).config_groups
+    assert groups["W8A8"].input_activations.dynamic is False
+    assert groups["W8A8_DYNAMIC"].input_activations.dynamic is True

@@ -12,11 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import torch
-
 from dist_quant.check.folder import Folder, read_folder
 
-SERVE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# the dtypes vLLM serves in (--serve_dtype), by name: no torch here, so that a check answers in well under a second
+SERVE_DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
 
 
 @dataclass(frozen=True)
@@ -45,7 +44,7 @@ class Verdict:
 class Report:
     path: Path
     format: str  # the checkpoint format, in words
-    serve_dtype: torch.dtype
+    serve_dtype: str  # a SERVE_DTYPES name
     tp: int
     verdicts: list[Verdict]
     engines: list[str]  # the engines the checkpoint loads on, when every rule passes
@@ -69,20 +68,23 @@ def run_rules(checker, rules: dict[str, Rule]) -> list[Verdict]:
     return verdicts
 
 
-def default_serve_dtype(folder: Folder) -> torch.dtype:
+def default_serve_dtype(folder: Folder) -> str:
     """What vLLM's ``--dtype auto`` serves the model in: bfloat16 for a bfloat16 config, float16 for any other (a
     float32 model is served in float16)."""
-    from dist_quant.models.qwen3_vl_moe import source_dtype
+    from dist_quant.models.qwen3_vl_moe_sizes import source_dtype_name
 
-    return torch.bfloat16 if source_dtype(folder.config or {}) == torch.bfloat16 else torch.float16
+    return "bfloat16" if source_dtype_name(folder.config or {}) == "bfloat16" else "float16"
 
 
-def check_checkpoint(path: str | Path, serve_dtype: Optional[torch.dtype] = None, tp: int = 1) -> Report:
-    """Every rule of the checkpoint's format on the folder ``path``."""
+def check_checkpoint(path: str | Path, serve_dtype: Optional[str] = None, tp: int = 1) -> Report:
+    """Every rule of the checkpoint's format on the folder ``path``, served in ``serve_dtype`` (a SERVE_DTYPES name;
+    None: what vLLM serves the model in by default) with a tensor-parallel size of ``tp``."""
     from dist_quant.check import ascend, compressed_tensors
 
     if tp < 1:
         raise ValueError(f"tensor parallel size must be >= 1, got {tp}")
+    if serve_dtype is not None and serve_dtype not in SERVE_DTYPES:
+        raise ValueError(f"serving dtype must be one of {list(SERVE_DTYPES)}, got {serve_dtype!r}")
     folder = read_folder(path)
     dtype = serve_dtype if serve_dtype is not None else default_serve_dtype(folder)
     rules = compressed_tensors if compressed_tensors.applies(folder) else ascend
@@ -116,8 +118,8 @@ def _cell(text: str, width: Optional[int] = 110) -> str:
 
 
 def format_report(report: Report) -> str:
-    dtype = str(report.serve_dtype).replace("torch.", "")
-    lines = [f"{report.path}: {report.format}; serving dtype {dtype}, tensor parallel size {report.tp}", "",
+    lines = [f"{report.path}: {report.format}; serving dtype {report.serve_dtype}, tensor parallel size {report.tp}",
+             "",
              "| rule | verdict | first offending key (count) | source |", "|---|---|---|---|"]
     for v in report.verdicts:
         example = f"{v.violations[0]} ({len(v.violations)})" if v.violations else ""

@@ -17,10 +17,8 @@ import re
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
-import torch
-
 from dist_quant.check import Rule, Verdict, run_rules
-from dist_quant.check.folder import Folder
+from dist_quant.check.folder import FLOATS, Folder
 from dist_quant.check.model import (HF_TO_VLLM_PREFIXES, W4A8_SCALE_BIAS_CHUNKS, Linear, Model, hf_name,
                                     model_problem, tp_violations)
 
@@ -38,7 +36,9 @@ FLOAT = "FLOAT"
 # (quant type, layer kind) pairs vLLM Ascend registers a method for (methods/registry.py); FLOAT needs none
 LINEAR_METHODS = ("W8A8", "W8A8_DYNAMIC", "W8A16")
 MOE_METHODS = ("W8A8_DYNAMIC", "W4A8_DYNAMIC", "W4A16")
-FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+# the dtype W8A8's deq_scale parameter is created in, by serving dtype (none for float32)
+DEQ_SCALE_DTYPES = {"bfloat16": "F32", "float16": "I64"}
+SCALAR_DTYPES = (*FLOATS, "I8")  # W8A8's input_offset parameter is int8; its tensor may be a float one too
 
 _SRC_MS = "vllm-ascend modelslim_config.py"
 RULES = {r.id: r for r in (
@@ -83,12 +83,12 @@ RULES = {r.id: r for r in (
 
 @dataclass(frozen=True)
 class Param:
-    dtypes: tuple[torch.dtype, ...]
+    dtypes: tuple[str, ...]  # safetensors dtype names
     shape: tuple[int, ...]
     required: bool = True
 
 
-def method_params(quant_type: str, linear: Linear, serve_dtype: torch.dtype) -> Optional[dict[str, Param]]:
+def method_params(quant_type: str, linear: Linear, serve_dtype: str) -> Optional[dict[str, Param]]:
     """The parameters vLLM Ascend's method for ``quant_type`` creates for ``linear``, by checkpoint key suffix, with
     the dtypes a checkpoint tensor may have (the loader casts float scales to the serving dtype by design) and the
     unsharded shapes; None for a type whose parameters this check does not know."""
@@ -97,19 +97,19 @@ def method_params(quant_type: str, linear: Linear, serve_dtype: torch.dtype) -> 
     if quant_type == FLOAT:
         return {"weight": Param(FLOATS, (out, inp)), **bias}
     if quant_type == "W8A8" and not linear.expert:  # w8a8_static.py: the bias is created, apply uses quant_bias
-        deq = (torch.float32,) if serve_dtype == torch.bfloat16 else (torch.int64,)
-        return {"weight": Param((torch.int8,), (out, inp)), "input_scale": Param(FLOATS, (1,)),
-                "input_offset": Param((*FLOATS, torch.int8), (1,)), "quant_bias": Param((torch.int32,), (out,)),
+        deq = (DEQ_SCALE_DTYPES.get(serve_dtype, "I64"),)  # float32 serving: none is created (R12 says so)
+        return {"weight": Param(("I8",), (out, inp)), "input_scale": Param(FLOATS, (1,)),
+                "input_offset": Param(SCALAR_DTYPES, (1,)), "quant_bias": Param(("I32",), (out,)),
                 "deq_scale": Param(deq, (out,)), **{k: Param(p.dtypes, p.shape, False) for k, p in bias.items()},
                 # created, never used on the modelslim path; msModelSlim's saver may write them
                 "weight_scale": Param(FLOATS, (out, 1), False), "weight_offset": Param(FLOATS, (out, 1), False)}
     if quant_type == "W8A8_DYNAMIC":  # w8a8_dynamic.py get_weight, get_perchannel_param; experts: no bias param
-        return {"weight": Param((torch.int8,), (out, inp)), "weight_scale": Param(FLOATS, (out, 1)),
+        return {"weight": Param(("I8",), (out, inp)), "weight_scale": Param(FLOATS, (out, 1)),
                 "weight_offset": Param(FLOATS, (out, 1)), **bias}
     if quant_type == "W4A8_DYNAMIC" and linear.expert:  # w4a8.py, modelslim layout, per channel
         chunks = W4A8_SCALE_BIAS_CHUNKS if linear.proj == "down_proj" else 1
-        f32 = (torch.float32,)
-        return {"weight": Param((torch.int8,), (out // 2, inp)), "weight_scale": Param(f32, (out, 1)),
+        f32 = ("F32",)
+        return {"weight": Param(("I8",), (out // 2, inp)), "weight_scale": Param(f32, (out, 1)),
                 "weight_offset": Param(f32, (out, 1)), "scale_bias": Param(f32, (out, chunks))}
     return None
 
@@ -117,7 +117,7 @@ def method_params(quant_type: str, linear: Linear, serve_dtype: torch.dtype) -> 
 class Checker:
     """The rules on one folder; each ``rule_*`` method returns its violations (or None: not applicable)."""
 
-    def __init__(self, folder: Folder, serve_dtype: torch.dtype, tp: int):
+    def __init__(self, folder: Folder, serve_dtype: str, tp: int):
         self.folder, self.serve_dtype, self.tp = folder, serve_dtype, tp
         self.raw_description = folder.json(DESCRIPTION)
         self.description = self.raw_description if isinstance(self.raw_description, dict) else None
@@ -276,10 +276,10 @@ class Checker:
         w8a8 = [n for n, t in self.types.items() if t == "W8A8" and not self.model.linears[n].expert]
         if not w8a8:
             return None
-        if self.serve_dtype not in (torch.bfloat16, torch.float16):
+        if self.serve_dtype not in DEQ_SCALE_DTYPES:
             return [f"{w8a8[0]}: static W8A8 creates no deq_scale when serving in {self.serve_dtype} (bfloat16 or "
                     "float16 only)"]
-        want = torch.float32 if self.serve_dtype == torch.bfloat16 else torch.int64
+        want = DEQ_SCALE_DTYPES[self.serve_dtype]
         bad = []
         for name in w8a8:
             info = self.tensors.get(f"{name}.deq_scale")
@@ -293,10 +293,10 @@ class Checker:
         silently), its input_scale finite and positive (it divides the activations); NaN and inf are violations."""
         bad = []
         for role in ("input_scale", "input_offset"):
-            info = self.tensors.get(f"{name}.{role}")
-            if info is None or info.shape != (1,) or info.dtype not in (*FLOATS, torch.int8):
-                continue  # missing, mis-shaped or of another dtype: R21, R23 and R22 report it
-            value = float(self.folder.value(self.raw_tensor_key[f"{name}.{role}"]).double())
+            scalar = self._scalar(f"{name}.{role}")
+            if scalar is None:
+                continue
+            value = float(scalar[0])
             if role == "input_offset" and not (math.isfinite(value) and value == round(value) and
                                                -128 <= value <= 127):
                 bad.append(f"{name}.input_offset is {value}: the parameter is int8")
@@ -313,12 +313,12 @@ class Checker:
                 continue
             seen = True
             for role in ("input_scale", "input_offset"):
-                keys = [self.raw_tensor_key.get(f"{m}.{role}") for m in group]
-                if None in keys or any(self.folder.tensors[k].dtype is None for k in keys):
-                    continue  # missing (R21) or of a dtype torch cannot read (R22)
-                values = [self.folder.value(k) for k in keys]
-                if not all(v.dtype == values[0].dtype and torch.equal(v, values[0]) for v in values):
-                    bad.append(f"{group[0]}.{role}: {[v.flatten().tolist() for v in values]}")
+                scalars = [self._scalar(f"{m}.{role}") for m in group]
+                if None in scalars:
+                    continue
+                (first, dtype), *_ = scalars
+                if not all(d == dtype and v == first for v, d in scalars):  # a NaN equals nothing, as in torch.equal
+                    bad.append(f"{group[0]}.{role}: {[[v] for v, _ in scalars]}")
         return bad if seen else None
 
     def rule_R17(self):
@@ -387,7 +387,7 @@ class Checker:
     def rule_R22(self):
         if self.model is None:
             return None
-        return [f"{key} is {self.tensors[key].dtype}, the parameter {'/'.join(str(d) for d in param.dtypes)}"
+        return [f"{key} is {self.tensors[key].dtype}, the parameter {'/'.join(param.dtypes)}"
                 for key, param in self._expected()
                 if not key.endswith(".deq_scale") and self.tensors[key].dtype not in param.dtypes]
 
@@ -411,6 +411,14 @@ class Checker:
 
     # --- helpers -------------------------------------------------------------------------------------------------
 
+    def _scalar(self, key: str) -> Optional[tuple[float | int, str]]:
+        """(value, dtype) of a static W8A8 scalar parameter's tensor (HF key); None when it is missing, mis-shaped or
+        of a dtype its parameter does not take: R21, R23 and R22 report those."""
+        info = self.tensors.get(key)
+        if info is None or info.shape != (1,) or info.dtype not in SCALAR_DTYPES:
+            return None
+        return self.folder.values(self.raw_tensor_key[key])[0], info.dtype
+
     def _expert_of_fused(self, key: str) -> str:
         layer = int(re.search(r"\.layers\.(\d+)\.", key).group(1))
         return self.model.expert0(layer)[0]
@@ -427,7 +435,7 @@ class Checker:
 RULES_ORDER = list(RULES)
 
 
-def check(folder: Folder, serve_dtype: torch.dtype, tp: int) -> tuple[list[Verdict], list[str]]:
+def check(folder: Folder, serve_dtype: str, tp: int) -> tuple[list[Verdict], list[str]]:
     """(verdicts, the engines that load the checkpoint)."""
     verdicts = Checker(folder, serve_dtype, tp).run()
     return verdicts, ENGINES if not any(v.violations for v in verdicts if not v.rule.warning) else []

@@ -14,10 +14,8 @@ from __future__ import annotations
 import re
 from typing import Optional
 
-import torch
-
 from dist_quant.check import Rule, Verdict, run_rules
-from dist_quant.check.folder import Folder
+from dist_quant.check.folder import FLOATS, Folder
 from dist_quant.checkpoint.formats.compressed_tensors import QUANT_METHOD
 from dist_quant.check.model import Linear, Model, model_problem, tp_violations, vllm_name
 from dist_quant.check.regexes import SECONDS_PER_PATTERN, compile_error, match_all, quick_match
@@ -31,7 +29,6 @@ ARG_DEFAULTS = {"num_bits": 8, "type": "int", "symmetric": True, "group_size": N
 LINEAR_CLASS_TARGETS = ("linear", "linearbase")  # a class target every vLLM linear (and MoE layer) matches
 INPUT_STRATEGIES = ("token", "tensor", "group", "tensor_group", "attn_head")  # QuantizationScheme
 TENSOR_FORMATS = ("int-quantized", "naive-quantized")  # the formats whose tensors this check knows
-FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 VLLM, VLLM_CPU, ASCEND = "vLLM (GPU)", "vLLM (CPU: its W4A8 MoE method runs only there)", "vLLM Ascend"
 
 _SRC_CT = "vllm compressed_tensors.py"
@@ -173,15 +170,15 @@ def ascend_type(weights: dict, inputs: Optional[dict], expert: bool) -> Optional
 
 
 def scheme_tensors(linear: Linear, weights: dict, inputs: Optional[dict]) -> dict[str, tuple[tuple, tuple]]:
-    """{suffix: (dtypes, shape)} an int-quantized linear of these arguments is stored with."""
+    """{suffix: (safetensors dtype names, shape)} an int-quantized linear of these arguments is stored with."""
     out, inp = linear.out, linear.inp
-    tensors = {"weight": ((torch.int8,), (out, inp)), "weight_scale": (FLOATS, (out, 1))}
+    tensors = {"weight": (("I8",), (out, inp)), "weight_scale": (FLOATS, (out, 1))}
     if not weights.get("symmetric"):
-        tensors["weight_zero_point"] = ((torch.int8,), (out, 1))
+        tensors["weight_zero_point"] = (("I8",), (out, 1))
     if inputs is not None and not inputs.get("dynamic"):
         tensors["input_scale"] = (FLOATS, (1,))
         if not inputs.get("symmetric"):
-            tensors["input_zero_point"] = ((torch.int8,), (1,))
+            tensors["input_zero_point"] = (("I8",), (1,))
     if linear.bias:
         tensors["bias"] = (FLOATS, (out,))
     return tensors
@@ -302,7 +299,7 @@ class Checker:
                 info, (dtypes, shape) = self.folder.tensors[f"{name}.{suffix}"], expected[suffix]
                 if info.dtype not in dtypes or info.shape != shape:
                     bad.append(f"{name}.{suffix} is {info.dtype} {list(info.shape)}, expected "
-                               f"{'/'.join(str(d) for d in dtypes)} {list(shape)}")
+                               f"{'/'.join(dtypes)} {list(shape)}")
         return bad
 
     def rule_C6(self):
@@ -376,7 +373,7 @@ class Checker:
                    and self.model.linears[n].expert}
         return any(vllm_scheme(*self.args(g), True) == "CompressedTensorsW4A8Int8MoEMethod" for g in experts)
 
-def check(folder: Folder, serve_dtype: torch.dtype, tp: int) -> tuple[list[Verdict], list[str]]:
+def check(folder: Folder, serve_dtype: str, tp: int) -> tuple[list[Verdict], list[str]]:
     """(verdicts, the engines that load the checkpoint). The serving dtype is not a rule here: vLLM's
     compressed-tensors parameters are float32 whatever the serving dtype."""
     checker = Checker(folder, tp)

@@ -6,29 +6,42 @@ opens a file that is not a regular one (a FIFO named ``*.safetensors`` would blo
 from __future__ import annotations
 
 import json
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
-
-import torch
-from safetensors import safe_open
 
 from dist_quant.checkpoint.safetensors_stream import HeaderError, open_regular, tensor_slices
 from dist_quant.errors import reason
 
 MAX_JSON_DEPTH = 32  # config.json nests 4 deep, an index 2, a description 1: deeper is refused before any rule walks it
 
-# the safetensors dtype names, as torch dtypes (what the rules compare with)
-DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
-          "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
-          "F64": torch.float64, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+# dtypes are the safetensors header's names, as the rules compare them: no torch (``dist-quant check`` answers in well
+# under a second, and importing torch alone takes 2-3 s)
+FLOATS = ("F16", "BF16", "F32")  # the float dtypes a float parameter's tensor may have (the loader casts them)
+# struct's little-endian formats of the dtypes decoded here (BF16 is decoded by :func:`decode_values` itself)
+STRUCT_FORMATS = {"BOOL": "?", "U8": "B", "I8": "b", "I16": "h", "I32": "i", "I64": "q", "F16": "e", "F32": "f",
+                  "F64": "d"}
+DECODABLE = (*STRUCT_FORMATS, "BF16")
+
+
+def decode_values(raw: bytes, dtype: str) -> list[bool | int | float]:
+    """The values of a tensor's little-endian bytes ``raw`` of the safetensors ``dtype`` (one of DECODABLE), in
+    order: a bfloat16 is the upper half of a float32, so its 16 bits shifted up are that float32's bits."""
+    if dtype == "BF16":
+        halves = struct.unpack(f"<{len(raw) // 2}H", raw)
+        return list(struct.unpack(f"<{len(halves)}f", struct.pack(f"<{len(halves)}I", *(h << 16 for h in halves))))
+    code = STRUCT_FORMATS[dtype]
+    return list(struct.unpack(f"<{len(raw) // struct.calcsize(code)}{code}", raw))
 
 
 @dataclass(frozen=True)
 class TensorInfo:
     file: str  # the top-level file that holds it
-    dtype: Optional[torch.dtype]  # None: a dtype torch has no name for
+    dtype: str  # the safetensors header's name, e.g. "BF16", "I8" (any the header says)
     shape: tuple[int, ...]
+    begin: int  # where its bytes lie in the file: absolute positions, begin included, end not
+    end: int
 
 
 @dataclass
@@ -57,10 +70,13 @@ class Folder:
             return None
         return content
 
-    def value(self, key: str) -> torch.Tensor:
-        """A tensor's values (for the few small ones a rule looks at)."""
-        with safe_open(str(self.path / self.tensors[key].file), "pt") as f:
-            return f.get_tensor(key)
+    def values(self, key: str) -> list[bool | int | float]:
+        """A tensor's values, flattened (for the few one-element ones a rule looks at: the caller checks the shape
+        and that the dtype is DECODABLE), from its bytes in the file."""
+        info = self.tensors[key]
+        with open_regular(self.path / info.file) as file:
+            file.seek(info.begin)
+            return decode_values(file.read(info.end - info.begin), info.dtype)
 
 
 def json_depth(content: object) -> int:
@@ -95,6 +111,7 @@ def read_folder(path: str | Path) -> Folder:
             continue
         for key, info in slices.items():
             holders.setdefault(key, []).append(name)
-            folder.tensors.setdefault(key, TensorInfo(name, DTYPES.get(info.dtype), tuple(info.shape)))
+            folder.tensors.setdefault(key, TensorInfo(name, info.dtype, tuple(info.shape), info.begin,
+                                                          info.end))
     folder.duplicates = {k: v for k, v in holders.items() if len(v) > 1}
     return folder

@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import TYPE_CHECKING, Iterable, Optional
 
-import torch
-from torch import nn
-
-from dist_quant import schemes
 from dist_quant.checkpoint.formats import compressed_tensors, drop_config_keys, hub_part_names
-from dist_quant.checkpoint.reader import JSON_FILE_ERRORS, CheckpointReader, load_json_file, model_file
+from dist_quant.checkpoint.model_folder import JSON_FILE_ERRORS, load_json_file, model_file
 from dist_quant.errors import CheckpointError, reason
+
+if TYPE_CHECKING:  # light to import (as `dist-quant check` needs its formats): torch and the schemes where they work
+    import torch
+    from torch import nn
 
 NAME = "ascendv1"
 WEIGHTS_PREFIX = "quant_model_weights"
@@ -44,11 +44,15 @@ def part_names(count: int) -> list[str]:
 
 def float32_bits_as_int64(values: torch.Tensor) -> torch.Tensor:
     """The float32 bit pattern of ``values`` widened to int64: how ``deq_scale`` is stored for models not in bf16."""
+    import torch
+
     return values.to(torch.float32).contiguous().view(torch.int32).to(torch.int64)
 
 
 def deq_scale_values(deq_scale: torch.Tensor) -> torch.Tensor:
     """Undo the int64 storage of ``deq_scale`` (models not in bfloat16)."""
+    import torch
+
     if deq_scale.dtype == torch.int64:
         return deq_scale.to(torch.int32).view(torch.float32)
     return deq_scale.to(torch.float32)
@@ -57,17 +61,23 @@ def deq_scale_values(deq_scale: torch.Tensor) -> torch.Tensor:
 def linear_entries(name: str, quant_type: str, roles: dict[str, torch.Tensor],
                    model_dtype: torch.dtype) -> list[tuple[str, torch.Tensor, str]]:
     """(key, tensor, described type) of each role of the linear ``name``, in the scheme's order."""
+    import torch
+
+    from dist_quant.schemes import FLOAT
+
     entries = []
     for role, tensor in roles.items():
         if role == "deq_scale" and model_dtype != torch.bfloat16:
             tensor = float32_bits_as_int64(tensor)
-        entries.append((f"{name}.{role}", tensor, schemes.FLOAT if role == "bias" else quant_type))
+        entries.append((f"{name}.{role}", tensor, FLOAT if role == "bias" else quant_type))
     return entries
 
 
 def model_quant_type(types: Iterable[str]) -> str:
     """The description's model_quant_type: the present scheme of highest priority (FLOAT < W8A8_DYNAMIC < W8A8)."""
-    return schemes.highest(types)
+    from dist_quant.schemes import highest
+
+    return highest(types)
 
 
 def description(types: dict[str, str], optional: Optional[dict]) -> dict:
@@ -101,6 +111,8 @@ def rewrite_config(config: dict, types: dict[str, str]) -> dict:
 
 def rotation_file(rotation: torch.Tensor) -> tuple[str, dict[str, torch.Tensor], dict]:
     """QuaRot's dense rotation as a side file: (path in the checkpoint, its tensors, the description's optional)."""
+    import torch
+
     return (QUAROT_FILE, {"global_rotation": rotation.to(torch.float32)},
             {"quarot": {"rotation_map": {"global_rotation": QUAROT_FILE}}})
 
@@ -119,12 +131,16 @@ def is_own_file(name: str) -> bool:
 
 def role_suffixes() -> tuple[str, ...]:
     """Every role a linear of any scheme may carry besides its weight."""
-    return tuple(dict.fromkeys(r for s in schemes.SCHEMES.values() for r in (*s.roles, "bias") if r != "weight"))
+    from dist_quant.schemes import SCHEMES
+
+    return tuple(dict.fromkeys(r for s in SCHEMES.values() for r in (*s.roles, "bias") if r != "weight"))
 
 
 def needed_roles(quant_type: Optional[str]) -> tuple[str, ...]:
     """The roles besides its weight a linear of that type must have to be served (none for an unknown type)."""
-    roles = schemes.SCHEMES[quant_type].roles if quant_type in schemes.SCHEMES else ()
+    from dist_quant.schemes import SCHEMES
+
+    roles = SCHEMES[quant_type].roles if quant_type in SCHEMES else ()
     return tuple(r for r in roles if r != "weight")
 
 
@@ -132,6 +148,8 @@ class Checkpoint:
     """An ascendv1 checkpoint read back: its description, tensors, rotation, and each linear as the engine runs it."""
 
     def __init__(self, path: str | Path, dtype: torch.dtype):
+        from dist_quant.checkpoint.reader import CheckpointReader
+
         self.path = Path(path)
         description_file = model_file(self.path, DESCRIPTION_FILE, "the quantized checkpoint")
         if not description_file.exists() and compressed_tensors.is_published(self.path):
@@ -153,6 +171,10 @@ class Checkpoint:
 
     def _rotation(self) -> Optional[torch.Tensor]:
         """The QuaRot rotation the description points to (a file inside the checkpoint), or None."""
+        import torch
+
+        from dist_quant.checkpoint.reader import CheckpointReader
+
         rotation_map = self.description
         for field_name in ("optional", "quarot", "rotation_map"):
             rotation_map = rotation_map.get(field_name, {}) if isinstance(rotation_map, dict) else None
@@ -179,6 +201,8 @@ class Checkpoint:
     def roles(self, name: str, quant_type: str) -> dict[str, torch.Tensor]:
         """The roles of the linear ``name`` as the engine holds them: deq_scale decoded, float tensors in the
         evaluation dtype, every role the scheme needs present."""
+        from dist_quant.schemes import FLOAT
+
         present = [r for r in ("weight", *role_suffixes()) if f"{name}.{r}" in self.reader]
         missing = [f"{name}.{r}" for r in ("weight", *needed_roles(quant_type)) if r not in present]
         if missing:
@@ -187,7 +211,7 @@ class Checkpoint:
         roles = {}
         for role in present:
             key = f"{name}.{role}"
-            if quant_type == schemes.FLOAT or role == "bias":
+            if quant_type == FLOAT or role == "bias":
                 roles[role] = self.float_tensor(key)
             elif role == "deq_scale":
                 roles[role] = deq_scale_values(self.reader.get(key))
@@ -197,6 +221,8 @@ class Checkpoint:
 
     def linear(self, name: str) -> nn.Module:
         """The module vLLM Ascend would build for the linear ``name``, by its type in the description."""
+        from dist_quant import schemes
+
         quant_type = self.description.get(f"{name}.weight")
         if quant_type is None:
             raise CheckpointError(f"{self.path / DESCRIPTION_FILE} has no entry for {name}.weight")

@@ -25,13 +25,12 @@ import json
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import torch
-
-from dist_quant import schemes
-from dist_quant.algorithms.int4 import unpack_int4_rows
 from dist_quant.checkpoint.formats import drop_config_keys, hub_part_names
+
+if TYPE_CHECKING:  # `dist-quant check` imports this module: torch and the schemes only where a checkpoint is written
+    import torch
 
 NAME = "compressed-tensors"
 QUANT_METHOD = "compressed-tensors"
@@ -62,8 +61,13 @@ def part_names(count: int) -> list[str]:
 def linear_entries(name: str, quant_type: str, roles: dict[str, torch.Tensor],
                    model_dtype: torch.dtype) -> list[tuple[str, torch.Tensor, str]]:
     """(key, tensor, quant type) of the linear ``name`` from its scheme's roles."""
-    if quant_type == schemes.FLOAT:
-        return [(f"{name}.{role}", tensor, schemes.FLOAT) for role, tensor in roles.items()]
+    import torch
+
+    from dist_quant.algorithms.int4 import unpack_int4_rows
+    from dist_quant.schemes import FLOAT
+
+    if quant_type == FLOAT:
+        return [(f"{name}.{role}", tensor, FLOAT) for role, tensor in roles.items()]
     if quant_type not in ARGS:
         raise ValueError(f"{name}: the compressed-tensors format has no layout for {quant_type}")
     weight = roles["weight"]
@@ -78,7 +82,7 @@ def linear_entries(name: str, quant_type: str, roles: dict[str, torch.Tensor],
         tensors = {"weight": weight, "weight_scale": roles["weight_scale"].to(torch.float32).reshape(-1, 1)}
     entries = [(f"{name}.{role}", tensor, quant_type) for role, tensor in tensors.items()]
     if "bias" in roles:
-        entries.append((f"{name}.bias", roles["bias"], schemes.FLOAT))
+        entries.append((f"{name}.bias", roles["bias"], FLOAT))
     return entries
 
 
@@ -106,6 +110,8 @@ def _targets(modules: list[str], type_of: dict[str, str]) -> list[str]:
 def quantization_config(types: dict[str, str]) -> dict:
     """config.json's ``quantization_config`` for a checkpoint of these tensor types (ModelCompressor.update_config's
     layout, without the fields older library versions refuse)."""
+    from dist_quant.schemes import FLOAT
+
     type_of = modules_by_type(types)
     groups = {}
     for quant_type, (weights, inputs) in ARGS.items():
@@ -114,7 +120,7 @@ def quantization_config(types: dict[str, str]) -> dict:
             groups[quant_type] = {"targets": _targets(modules, type_of), "weights": dict(weights),
                                   "input_activations": dict(inputs), "output_activations": None, "format": FORMAT}
     return {"config_groups": groups, "format": FORMAT, "global_compression_ratio": None,
-            "ignore": sorted(m for m, t in type_of.items() if t == schemes.FLOAT), "kv_cache_scheme": None,
+            "ignore": sorted(m for m, t in type_of.items() if t == FLOAT), "kv_cache_scheme": None,
             "quant_method": QUANT_METHOD, "quantization_status": "compressed", "sparsity_config": {},
             "transform_config": {}, "version": LIBRARY_VERSION}
 
@@ -134,6 +140,7 @@ def published_types(save_path: Path) -> dict[str, str]:
     names are the quant types; a module is in the first group whose targets match it, as vLLM matches them:
     check/compressed_tensors.py ``Matcher``)."""
     from dist_quant.check.compressed_tensors import Matcher
+    from dist_quant.schemes import FLOAT
 
     save_path = Path(save_path)
     groups = json.loads((save_path / MARKER_FILE).read_text())["quantization_config"].get("config_groups", {})
@@ -146,7 +153,7 @@ def published_types(save_path: Path) -> dict[str, str]:
         if module not in group_of:
             group_of[module] = next((name for name, match in matchers if match(module)), None)
         group = group_of[module]
-        types[key] = schemes.FLOAT if group is None or role == "bias" else group
+        types[key] = FLOAT if group is None or role == "bias" else group
     return types
 
 
