@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from dist_quant.checkpoint.formats import SAVE_FORMATS
-from dist_quant.errors import DistQuantError
+from dist_quant.errors import DistQuantError, printable
 from dist_quant.presets import (DEFAULT_MODEL_TYPE, DEFAULT_QUANT_TYPE, MODEL_TYPES, QUANT_TYPES, find_preset,
                                 format_presets, model_type_mismatch)
 from dist_quant.runtime.plan import DEFAULT_CALIB_TOKENS, DEFAULT_EXPERT_GROUP_SIZE
@@ -494,17 +494,28 @@ def _interrupted(interrupt: KeyboardInterrupt, argv: Sequence[str]) -> int:
     return 143 if how == "SIGTERM" else 130
 
 
+class _Printable(logging.Filter):
+    """Log lines on the terminal without control characters (warnings quote recipe values and file names)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = printable(record.getMessage()), None
+        return True
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _Printable) for f in handler.filters):
+            handler.addFilter(_Printable())
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if _in_main_thread() else None
     try:
         commands = {"quant": _cmd_quant, "plan": _cmd_plan, "eval": _cmd_eval, "check": _cmd_check, "report": _cmd_report,
                     "presets": _cmd_presets}
         return commands[args.command](args)
     except DistQuantError as exc:
-        print(f"dist-quant: error: {exc}", file=sys.stderr)
+        print(f"dist-quant: error: {printable(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as interrupt:
         return _interrupted(interrupt, argv)

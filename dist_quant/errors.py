@@ -39,3 +39,13 @@ def reason(error: BaseException) -> str:
     text = re.sub(r"""b(['"]).*?(?<!\\)\1""", "<bytes>", str(error))  # bytes literals quote the file
     text = " ".join(text.split())
     return (text[:200] + "...") if len(text) > 200 else text or type(error).__name__
+
+
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7f, *range(0x80, 0xa0)) if c not in (0x09, 0x0a)}
+
+
+def printable(text: str) -> str:
+    """``text`` safe to print on a terminal: control characters (an escape sequence in a file name or a recipe value
+    could rewrite the screen, hide the rest of a message or set the window title) shown as ``\\xNN``; tabs and
+    newlines kept."""
+    return text.translate(_CONTROL)

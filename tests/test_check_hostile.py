@@ -3,6 +3,8 @@ memory, never a traceback or a hang (issue 27)."""
 
 import json
 import os
+import subprocess
+import sys
 import time
 
 import torch
@@ -74,3 +76,37 @@ def test_the_table_prints_every_rule_text_whole(good):
     for rule in RULES.values():
         assert f"| {rule.id}: {rule.text} |" in out
     assert max(len(r.text) for r in RULES.values()) > 90  # the old cut would have shown
+
+
+def test_terminal_escapes_in_a_checkpoint_never_reach_the_terminal(good, tmp_path):
+    """A key can hold any character: printed raw, ESC sequences would rewrite the table ("ALL GOOD") or the window
+    title. They are shown as \\xNN."""
+    hostile = "\x1b[2K\x1b[1A\x1b[32mALL GOOD\x1b[0m\x1b]0;pwned\x07"
+    folder = mutate(good, tmp_path, description=lambda d: d.update({f"model.{hostile}.weight": "W8A8"}))
+    out = format_report(check_checkpoint(folder))
+    assert "\x1b" not in out and "\x07" not in out and "\\x1b[32mALL GOOD" in out
+
+
+def test_a_huge_sparse_scale_is_not_read(good, tmp_path):
+    """A part file may declare a 20M-element input_scale in a sparse file (8 KB on disk): the rules that read scale
+    values read only a scale of the parameter's shape [1], so the check stays quick and small."""
+    from safetensors.torch import save_file
+
+    folder = mutate(good, tmp_path)
+    big = folder / "big.safetensors"
+    save_file({"x": torch.zeros(1)}, str(big))  # a header to rewrite
+    header = json.dumps({f"{LAYER0}.self_attn.{p}.input_scale": {"dtype": "F32", "shape": [20_000_000],
+                                                                  "data_offsets": [0, 80_000_000]}
+                         for p in ("q_proj",)}).encode()
+    with open(big, "wb") as f:
+        f.write(len(header).to_bytes(8, "little") + header)
+        f.truncate(8 + len(header) + 80_000_000)  # sparse
+    child = ("import resource, sys; from dist_quant.check import check_checkpoint; "
+             "report = check_checkpoint(sys.argv[1]); "
+             "print(report.ok, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    peaks = []
+    for checked in (good, folder):
+        run = subprocess.run([sys.executable, "-c", child, str(checked)], capture_output=True, text=True, timeout=120)
+        ok, peak_kib = run.stdout.split()
+        peaks.append(int(peak_kib))
+    assert ok == "False" and peaks[1] - peaks[0] < 40_000, peaks  # KiB: reading the scale would be 80 MB more

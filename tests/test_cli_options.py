@@ -52,3 +52,21 @@ def test_plan_takes_only_the_presets_values(capsys, option, value):
     with pytest.raises(SystemExit) as exit_info:
         main([*PLAN, option, value])
     assert exit_info.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def test_control_characters_never_reach_the_terminal(tmp_path, capsys):
+    """An error quotes what a file says: an escape sequence in a recipe value (here one that clears the line and
+    hides what follows) is printed as \\xNN."""
+    import shutil
+    from pathlib import Path
+
+    shutil.copy(Path(__file__).parent / "data" / "Qwen3-VL-30B-A3B.config.json", tmp_path / "config.json")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("apiversion: multimodal_vlm_modelslim_v1\nspec:\n  process:\n    - type: linear_quant\n"
+                      "      qconfig:\n        act: {scope: per_tensor, dtype: int8, symmetric: false, "
+                      "method: \"\\e[2K\\rALL FINE\\e[8m\"}\n"
+                      "        weight: {scope: per_channel, dtype: int8, symmetric: true, method: minmax}\n"
+                      "      include: ['*']\n")
+    assert main(["plan", "--model_path", str(tmp_path), "--config_path", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "\r" not in err and "\\x1b[2K\\x0dALL FINE\\x1b[8m" in err

@@ -5,6 +5,7 @@ page instead of a traceback; `report` refuses folders that are not published che
 and outputs it cannot write; the advice follows the loader check."""
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -12,6 +13,7 @@ import xml.etree.ElementTree as ET
 from html.parser import HTMLParser
 
 import pytest
+from helpers import deadline
 
 from dist_quant.checkpoint.fingerprint import checkpoint_fingerprint
 from dist_quant.cli import main
@@ -162,13 +164,17 @@ MALFORMED = {
                             {"units": [{"actor": "0", "start": 0, "seconds": 1}]},
                             {"units": [{"actor": 0, "start": float("nan"), "seconds": 1}]},
                             {"units": [{"actor": 0, "start": 1e308, "seconds": 1e308, "phases": {"x": "1"}}]},
-                            {"workers": 10 ** 9, "units": []}, {"units": {"a": 1}}, [], None],
+                            {"units": [{"actor": 0, "start": 1.7e308, "seconds": 1.7e308}]},  # start + seconds: inf
+                            {"workers": 10 ** 9, "units": []}, {"workers": 65536, "units": []},
+                            {"units": [{"actor": i, "start": 0, "seconds": 1} for i in range(4097)]},  # lanes
+                            {"units": [{"kept": True}] * 50_001}, {"units": {"a": 1}}, [], None],
     "calibration_coverage.json": [{"layers": {"x": {"tokens_per_expert": [1]}}},
                                   {"layers": {"0": {"tokens_per_expert": [-1]}}},
                                   {"layers": {"0": {"tokens_per_expert": [True]}}},
                                   {"layers": {"0": {"tokens_per_expert": [1.5]}}},
                                   {"layers": {"0": {"tokens_per_expert": None}}},
                                   {"layers": {str(i): {"tokens_per_expert": [1] * 20000} for i in range(60)}},
+                                  {"layers": {str(i): {"tokens_per_expert": [1] * 2048} for i in range(65)}},
                                   {"layers": [], "experts": "many"}],
     "quant_model_weights.safetensors.index.json": [{"metadata": [], "weight_map": {}},
                                                    {"metadata": {"total_size": "big"}, "weight_map": {}}],
@@ -272,3 +278,54 @@ def test_the_page_and_the_command_line_count_the_same_tensors(model, calib, tmp_
     shown = re.search(r"<td>tensors by type</td><td>([^<]*) \(FLOAT counts", html).group(1)
     assert shown == printed.group(2)
     assert f"{printed.group(1)} tensors</td>" in html
+
+
+
+def test_the_page_is_written_through_no_planted_symlink_or_fifo(single, tmp_path):
+    """A shared folder may hold a symlink or a FIFO where the page (or its temporary file) goes: the page is written
+    to a new file of its own and renamed over report.html, so nothing outside is written and nothing blocks."""
+    folder = tmp_path / "q"
+    shutil.copytree(single, folder)
+    victim = tmp_path / "victim"
+    victim.write_text("mine")
+    (folder / ".report.html.partial").symlink_to(victim)
+    (folder / REPORT_FILE).unlink()
+    (folder / REPORT_FILE).symlink_to(victim)
+    os.mkfifo(folder / ".report.html.fifo.partial")
+    with deadline(60):
+        assert main(["report", str(folder)]) == 0
+    assert victim.read_text() == "mine"
+    assert not (folder / REPORT_FILE).is_symlink() and "<!DOCTYPE html>" in (folder / REPORT_FILE).read_text()
+    assert not [p for p in folder.iterdir() if p.name.startswith(".report.html.") and p.is_file() and not p.is_symlink()]
+
+
+@pytest.mark.parametrize("config", ["fifo", "deep"])
+def test_a_folder_whose_config_is_a_fifo_or_nested_deeply_is_no_checkpoint(tmp_path, capsys, config):
+    folder = tmp_path / "q"
+    folder.mkdir()
+    if config == "fifo":
+        os.mkfifo(folder / "config.json")
+    else:
+        (folder / "config.json").write_text("[" * 200_000 + "]" * 200_000)
+    with deadline(60):
+        assert main(["report", str(folder)]) == 2
+    assert "holds no published quantized checkpoint" in capsys.readouterr().err
+
+
+def test_an_eval_of_huge_errors_is_drawn_and_impossible_figures_are_refused(single, tmp_path, capsys):
+    rows = [{"name": f"layer {i}", "cosine": -0.5, "rel_error": 1e308} for i in range(3)]
+    html = build_report(single, {"rows": rows, "kl_divergence": 1e308, "top1_agreement": 0.0, "tokens": 1,
+                                 "samples": 1})
+    for drawing in re.findall(r"<svg .*?</svg>", html, flags=re.S):
+        ET.fromstring(drawing)
+    assert "1e308" in html
+    fingerprint = checkpoint_fingerprint(single)
+    for field, value, message in (("kl_divergence", -5, "its kl_divergence is -5, outside [0, inf]"),
+                                  ("top1_agreement", 1e308, "its top1_agreement is 1e+308, outside [0, 1]"),
+                                  ("rows", [{"name": "x", "cosine": 2.0, "rel_error": 0.1}], "row 0's cosine is 2"),
+                                  ("rows", [{"name": "x", "cosine": 1.0, "rel_error": -1}], "row 0's rel_error is -1")):
+        bad = tmp_path / f"{field}.json"
+        bad.write_text(json.dumps({"rows": [], "kl_divergence": 0.1, "top1_agreement": 0.9, "tokens": 1, "samples": 1,
+                                   "checkpoint_fingerprint": fingerprint, field: value}))
+        assert main(["report", str(single), "--eval", str(bad), "--output", str(tmp_path / "p.html")]) == 2
+        assert message in capsys.readouterr().err

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from dist_quant.check.folder import Folder, read_folder
+from dist_quant.errors import printable
 
 # the dtypes vLLM serves in (--serve_dtype), by name: no torch here, so that a check answers in well under a second
 SERVE_DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
@@ -113,7 +114,7 @@ def summary_line(report: Report) -> str:
 
 def _cell(text: str, width: Optional[int] = 110) -> str:
     """Text for a table cell; cut to ``width`` (None: never, as for the rule itself, which must read whole)."""
-    text = " ".join(text.replace("|", "/").split())
+    text = " ".join(printable(text).replace("|", "/").split())
     return text if width is None or len(text) <= width else text[:width - 3] + "..."
 
 

@@ -14,6 +14,7 @@ import base64
 import hashlib
 import math
 import os
+import tempfile
 import statistics
 from collections import Counter
 from html import escape
@@ -263,7 +264,16 @@ def write_report(folder: str | Path, evaluation: Optional[dict] = None, path: Op
                  check=None) -> Path:
     """Draw the page and write it in one step (a temporary file renamed into place: never half a page)."""
     target = Path(path) if path is not None else Path(folder) / REPORT_FILE
-    partial = target.with_name(f".{target.name}.partial")
-    partial.write_text(build_report(folder, evaluation, check), encoding="utf-8")
-    os.replace(partial, target)
+    page = build_report(folder, evaluation, check).encode("utf-8")
+    # a new file of our own (O_EXCL): never written through a symlink or FIFO someone planted in a shared folder;
+    # the rename then replaces whatever report.html was (a symlink itself, not what it points to)
+    fd, partial = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(page)
+        os.chmod(partial, 0o644)
+        os.replace(partial, target)
+    except BaseException:
+        Path(partial).unlink(missing_ok=True)
+        raise
     return target

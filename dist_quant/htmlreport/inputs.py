@@ -16,9 +16,13 @@ from typing import Any, Optional
 
 MAX_FILE_BYTES = 64 * 2 ** 20  # a 235B run's files are well under 1 MiB; a larger one is not a run file
 MAX_TEXT = 200  # characters of any one string drawn (a name, a device): longer is cut with an ellipsis
-MAX_HEATMAP_CELLS = 1_000_000  # layers x experts drawn as a map (235B: 94 x 128 = 12,032)
-MAX_UNITS = 200_000  # timeline bars (235B on 16 experts a group: ~900 units)
+# the page's size is the product of what the files list, so it is bounded here (each cell or bar is ~200 bytes)
+MAX_HEATMAP_CELLS = 2 ** 17  # layers x experts drawn as a map (235B: 94 x 128 = 12,032; 397B: 60 x 512 = 30,720)
+MAX_UNITS = 50_000  # timeline bars (235B on 16 experts a group: ~900 units)
+MAX_LANES = 4096  # timeline lanes: actors (one per card)
+MAX_SECONDS = 1e9  # ~31 years: a start or a duration beyond it is no run's (and start + seconds stays finite)
 MAX_ROWS = 10_000  # eval rows (one per layer and the merger)
+COSINE_SLACK = 1e-6  # a cosine of float64 rounding may pass 1 by a few ulps
 MAX_INT = 2 ** 53  # the largest integer a browser (and JSON everywhere) holds exactly
 
 
@@ -63,15 +67,18 @@ def count(value: Any, field: str) -> int:
 
 def seconds(value: Any, field: str) -> float:
     """A finite number of seconds, at least 0."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{field} is not a finite number of seconds")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= MAX_SECONDS:
+        raise ValueError(f"{field} is not a number of seconds from 0 to {MAX_SECONDS:g}")
     return float(value)
 
 
-def number(value: Any, field: str) -> float:
-    """A number; NaN and infinities are kept (an eval that computed them must say so)."""
+def number(value: Any, field: str, low: float = -math.inf, high: float = math.inf) -> float:
+    """A number in [low, high]; NaN and infinities are kept (an eval that computed them must say so: the page warns),
+    a finite value outside the range is refused (no measurement gives a negative KL or a top-1 of 150%)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{field} is not a number")
+    if math.isfinite(value) and not low <= value <= high:
+        raise ValueError(f"{field} is {value:g}, outside [{low:g}, {high:g}]")
     return float(value)
 
 
@@ -127,12 +134,12 @@ def clean_timeline(raw: Any) -> dict:
     ``seconds``)."""
     raw = _object(raw, "the file")
     workers = count(raw.get("workers", 1), "workers")
-    if not 1 <= workers <= 65536:
-        raise ValueError(f"workers is {workers}, not between 1 and 65536")
+    if not 1 <= workers <= MAX_LANES:
+        raise ValueError(f"workers is {workers}, not between 1 and {MAX_LANES}")
     units = [_unit(u, i) for i, u in enumerate(_list(raw.get("units", []), "units", MAX_UNITS))]
     lanes = {u["actor"] for u in units if not u["kept"]}
-    if len(lanes | set(range(workers))) > 65536:
-        raise ValueError("it has more than 65536 actors")
+    if len(lanes | set(range(workers))) > MAX_LANES:
+        raise ValueError(f"it has more than {MAX_LANES} actors")
     return {"workers": workers, "units": units}
 
 
@@ -171,11 +178,11 @@ def clean_evaluation(raw: Any) -> dict:
         row = _object(row, f"row {i}")
         if not isinstance(row.get("name"), str):
             raise ValueError(f"row {i} has no name")
-        rows.append({"name": text(row["name"]), "cosine": number(row.get("cosine"), f"row {i}'s cosine"),
-                     "rel_error": number(row.get("rel_error"), f"row {i}'s rel_error")})
-    clean = {"rows": rows}
-    for key in ("kl_divergence", "top1_agreement"):
-        clean[key] = number(raw.get(key, 0.0), f"its {key}")
+        rows.append({"name": text(row["name"]),
+                     "cosine": number(row.get("cosine"), f"row {i}'s cosine", -1 - COSINE_SLACK, 1 + COSINE_SLACK),
+                     "rel_error": number(row.get("rel_error"), f"row {i}'s rel_error", 0)})
+    clean = {"rows": rows, "kl_divergence": number(raw.get("kl_divergence", 0.0), "its kl_divergence", 0),
+             "top1_agreement": number(raw.get("top1_agreement", 0.0), "its top1_agreement", 0, 1)}
     for key in ("tokens", "samples"):
         clean[key] = count(raw.get(key, 0), f"its {key}")
     for key in ("quant_path", "checkpoint_fingerprint"):

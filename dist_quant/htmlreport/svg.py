@@ -103,8 +103,9 @@ def timeline(units: list[dict], workers: int) -> str:
         name = f"actor {lane}" if workers > 1 else "single card"
         body.append(_text(left - 6, y + 16, name, "end") + f'<rect x="{left}" y="{y + 2:.1f}" width="{width}" '
                     f'height="{lane_h - 4}" class="lane"/>')
+    lane_of = {lane: i for i, lane in enumerate(lanes)}
     for u in ran:
-        y = top + lanes.index(u["actor"]) * lane_h
+        y = top + lane_of[u["actor"]] * lane_h
         phases = ", ".join(f"{k} {v:.2f} s" for k, v in u.get("phases", {}).items() if v >= 0.005)
         title = f"{u['name']} ({u['kind']}): {u['seconds']:.2f} s from {u['start']:.2f} s" + (
             f"; {phases}" if phases else "")
@@ -136,6 +137,11 @@ def _nice_step(raw: float) -> float:
     return next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
 
 
+def _power_of_ten(exponent: float) -> str:
+    """10 ** exponent as a tick label, also where it is beyond a float (an eval that measured 1e308)."""
+    return f"{10 ** exponent:.2g}" if abs(exponent) < 300 else f"1e{exponent:.0f}"
+
+
 def line_chart(names: list[str], series: dict[str, list[float]], ylabel: str, log: bool = False,
                highlight: Optional[set[int]] = None) -> str:
     """Values per piece (the vision merger, then each layer) as lines with points; the worst pieces' points are
@@ -164,7 +170,7 @@ def line_chart(names: list[str], series: dict[str, list[float]], ylabel: str, lo
         v = lo + frac * (hi - lo)
         y = top + height - frac * height
         body.append(f'<line x1="{left}" y1="{y:.1f}" x2="{left + width}" y2="{y:.1f}" class="grid"/>'
-                    + _text(left - 4, y + 4, f"{10 ** v:.2g}" if log else f"{v:.4g}", "end", 10))
+                    + _text(left - 4, y + 4, _power_of_ten(v) if log else f"{v:.4g}", "end", 10))
     styles = ("#0072B2", "#D55E00", "#009E73")
     for (label, vals), colour in zip(series.items(), styles):
         points = " ".join(f"{x_of(i):.1f},{y_of(v):.1f}" for i, v in enumerate(vals) if math.isfinite(v))

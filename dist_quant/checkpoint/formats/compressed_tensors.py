@@ -164,9 +164,11 @@ def rotation_file(rotation: torch.Tensor) -> None:
 def is_published(save_path: Path) -> bool:
     """A finished checkpoint of this format is in ``save_path``: its config.json carries a compressed-tensors
     quantization_config (every Hugging Face model has a config.json: a float model's folder is not one)."""
-    try:
-        config = json.loads((Path(save_path) / MARKER_FILE).read_text())
-    except (OSError, ValueError):
+    from dist_quant.checkpoint.model_folder import JSON_FILE_ERRORS, load_json_file
+
+    try:  # a FIFO, a huge or a deeply nested config.json is no checkpoint of this format, and must not hang or crash
+        config = load_json_file(Path(save_path) / MARKER_FILE)
+    except JSON_FILE_ERRORS:
         return False
     qc = config.get("quantization_config") if isinstance(config, dict) else None
     return isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD
