@@ -1,10 +1,11 @@
-"""The plan's closed-form sizes (models/qwen3_vl_moe_sizes.py, read from config.json without torch) against the
-modules transformers builds for the same config on the meta device: every parameter count and every linear, by
-name and in order, for the reference configs, a tiny one and configs with odd sizes, dense-MLP layers and other
-deepstack lists."""
+"""The closed-form sizes of plan and check (models/qwen3_vl_moe_sizes.py, read from config.json without torch)
+against the modules transformers builds for the same config on the meta device: every tensor with its shape, every
+parameter count and every linear, by name and in order, for the reference configs, a tiny one and configs with odd
+sizes, attention biases, dense-MLP layers and other deepstack lists (none included)."""
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 from transformers.models.qwen3_vl_moe import modeling_qwen3_vl_moe as hf
 
+from dist_quant.check.model import Model
 from dist_quant.errors import CheckpointError
 from dist_quant.models import qwen3_vl_moe as family
 from dist_quant.models import qwen3_vl_moe_sizes as sizes
@@ -75,6 +77,24 @@ def linears(module: nn.Module, prefix: str) -> list[tuple[str, int]]:
     return [(f"{prefix}.{name}", m.weight.numel()) for name, m in module.named_modules() if isinstance(m, nn.Linear)]
 
 
+def meta_model_tensors(hf_config) -> dict:
+    """The reference: every tensor of the whole model transformers builds on the meta device, with its shape (None
+    for the fused experts, whose orientation depends on the transformers version that wrote them)."""
+    with torch.device("meta"):
+        model = hf.Qwen3VLMoeForConditionalGeneration._from_config(hf_config)
+    return {key: None if ".mlp.experts." in key else tuple(t.shape) for key, t in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_closed_form_tensors_are_those_of_the_model_transformers_builds(name):
+    raw = CONFIGS[name]
+    hf_config = family.load_config(raw)
+    reference = meta_model_tensors(hf_config)
+    for config in (sizes.load_sizes_config(raw), sizes.load_checked_sizes(raw), hf_config):  # check, plan, quant
+        assert sizes.expected_tensors(config) == reference
+    assert family.expected_tensors is sizes.expected_tensors  # quant's check against the weights uses the same
+
+
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_closed_form_counts_are_the_modules_transformers_builds(name):
     raw = CONFIGS[name]
@@ -119,13 +139,16 @@ def test_the_reference_models_have_their_public_parameter_counts():
 
 def test_a_transformers_5_config_reads_the_same_sizes():
     """transformers 5.x writes ``rope_parameters`` (no rope_theta / rope_scaling) and ``dtype``: the sizes do not
-    read the rope fields, and the dtype is read from either key."""
+    read the rope fields, and the dtype is read from either key; check describes its model as for 4.57's config
+    (transformers 4.57's config class, which check used to read it with, finds no rope_scaling there)."""
     raw = copy.deepcopy(CONFIGS["235B"])
     text = raw["text_config"]
     rope = {**text.pop("rope_scaling"), "rope_theta": text.pop("rope_theta")}
     text["rope_parameters"] = rope
     text["dtype"] = text.pop("torch_dtype", "bfloat16")
     assert sizes.load_sizes_config(raw) == sizes.load_sizes_config(CONFIGS["235B"])
+    assert sizes.load_checked_sizes(raw) == sizes.load_sizes_config(CONFIGS["235B"])
+    assert Model(raw).linears == Model(CONFIGS["235B"]).linears
     assert sizes.source_bytes(raw) == 2
     assert sizes.source_bytes({"dtype": "float32"}) == 4
 
@@ -153,6 +176,31 @@ def test_sizes_the_plan_cannot_use_are_refused_like_the_quantizer_refuses_them(t
     for load in (sizes.load_sizes_config, family.load_config):
         with pytest.raises(CheckpointError, match=field):
             load(raw, "m/config.json")
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"text": {"num_key_value_heads": 3}}, "num_attention_heads (4) is not a multiple of num_key_value_heads (3)"),
+    ({"text": {"num_attention_heads": 3, "num_key_value_heads": None, "head_dim": None}},
+     "hidden_size (64) is not a multiple of num_attention_heads (3) and no head_dim is given"),
+    ({"text": {"head_dim": 15}}, "head_dim (15) is odd"),
+    ({"vision": {"num_heads": 3}}, "vision_config.hidden_size (32) / num_heads (3) must be a whole head size"),
+    ({"vision": {"num_heads": 16}}, "vision_config.hidden_size (32) / num_heads (16) must be a whole head size"),
+    ({"vision": {"num_position_embeddings": 60}}, "num_position_embeddings (60) is not a square"),
+    ({"vision": {"out_hidden_size": 32}}, "out_hidden_size (32) differs from text_config.hidden_size (64)"),
+    ({"top": {"image_token_id": 640}}, "image_token_id is 640, not a token id below vocab_size (640)"),
+    ({"top": {"vision_end_token_id": "4"}}, "vision_end_token_id is '4', not a token id"),
+])
+def test_shapes_the_model_cannot_have_are_refused_by_check_as_by_the_quantizer(change, field):
+    """What check reads (load_checked_sizes, no transformers) refuses what the quantizer's load_config refuses of
+    the model's shapes; the plan, which only counts, takes them."""
+    raw = variant(TINY, change.get("text", {}), change.get("vision", {}))
+    raw.update(change.get("top", {}))
+    for load in (sizes.load_checked_sizes, family.load_config):
+        with pytest.raises(CheckpointError, match=re.escape(field)):
+            load(raw, "m/config.json")
+    with pytest.raises(CheckpointError, match=re.escape(field)):
+        Model(raw)
+    sizes.load_sizes_config(raw)
 
 
 def test_a_config_that_is_not_qwen3_vl_moe_is_refused():

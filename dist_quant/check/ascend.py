@@ -5,7 +5,7 @@ Read from vllm-project/vllm-ascend main @ 182b75ea (``vllm_ascend/quantization/m
 vllm-project/vllm (``models/qwen3_vl.py``, ``qwen3_vl_moe.py``, ``qwen3_moe.py``, ``model_loader/weight_utils.py``,
 ``default_loader.py``, ``fused_moe/routed_experts.py``); the decisive lines, the commits, and what each violation does
 at load are in docs/ascend-loader-rules.md (R1-R24) and docs/w4a8-loader-facts.md. What the model holds comes from
-config.json through the transformers modules (``models/qwen3_vl_moe.py``), never from the checkpoint's own tensors,
+config.json from the family's closed-form shapes (``models/qwen3_vl_moe_sizes.py``), never from the checkpoint's own tensors,
 and the parameters each method creates are written here from the loader's code, not from dist-quant's writer: this
 check also works on checkpoints msModelSlim wrote.
 """
@@ -141,7 +141,7 @@ class Checker:
             try:
                 self.model = Model({**folder.config, "model_type": MODEL_TYPE},  # R4 reports another type
                                    tensor_count=len(folder.tensors))
-            except Exception as error:  # a config transformers cannot build: reported, not raised
+            except Exception as error:  # a config the family refuses: reported, not raised
                 self.model_error = model_problem(error)
         self.group_ok: dict[str, bool] = {}  # linear -> its fused group shares one type (R10)
         self.types: dict[str, Optional[str]] = {}  # linear -> the type its layer is loaded with

@@ -198,7 +198,7 @@ class Checker:
         self.model_error = ""
         try:
             self.model = Model(folder.config, tensor_count=len(folder.tensors))
-        except Exception as error:  # noqa: BLE001 (a config transformers cannot build: C8 says so)
+        except Exception as error:  # noqa: BLE001 (a config the family refuses: C8 says so)
             self.model_error = model_problem(error)
         self.suffixes: dict[str, list[str]] = {}  # module -> the suffixes of its tensors (C6 and C7)
         for key in folder.tensors:

@@ -1,7 +1,7 @@
-"""What config.json says vLLM builds for a Qwen3-VL-MoE checkpoint, from the transformers modules the checkpoint
-keys follow (``models/qwen3_vl_moe.py``): every linear (experts per expert) with its shape and tensor-parallel split,
-every other parameter, the layers a quant config is looked up for, and the fused groups. Shared by the rules of
-every format."""
+"""What config.json says vLLM builds for a Qwen3-VL-MoE checkpoint, from the family's closed-form shapes of the
+transformers modules the checkpoint keys follow (``models/qwen3_vl_moe_sizes.py``, no torch): every linear (experts
+per expert) with its shape and tensor-parallel split, every other parameter, the layers a quant config is looked up
+for, and the fused groups. Shared by the rules of every format."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from dist_quant.errors import CheckpointError, reason
+from dist_quant.models import qwen3_vl_moe_sizes as family
 
 W4A8_SCALE_BIAS_CHUNKS = 16  # W4A8 down_proj.scale_bias [H, 16], split on dim 1 under TP (vllm-ascend w4a8.py)
 # checkpoint (Hugging Face) key prefixes and the vLLM names Qwen3-VL's hf_to_vllm_mapper maps them to
@@ -54,10 +55,8 @@ class Model:
     def __init__(self, config: dict, tensor_count: Optional[int] = None):
         """``tensor_count``: the tensors of the folder checked, when there is one; a config with more expert linears
         than :func:`expert_linear_bound` allows for it is refused (CheckpointError) before any is listed."""
-        from dist_quant.models import qwen3_vl_moe as family
-
         self.family = family
-        self.config = family.load_config(config)
+        self.config = family.load_checked_sizes(config)
         tc = self.config.text_config
         self.moe_layers = [i for i in range(tc.num_hidden_layers) if family.is_moe_layer(tc, i)]
         count = len(self.moe_layers) * tc.num_experts * len(family.EXPERT_PROJS)
@@ -117,10 +116,10 @@ def expert_linear_bound(tensor_count: int) -> int:
 
 def model_problem(error: Exception) -> str:
     """The violation line for a config no :class:`Model` is built from: the family's refusals name config.json and
-    say what to do; anything else is transformers'."""
+    the fields and say what to do; anything else is a config whose sizes the family could not compute with."""
     if isinstance(error, CheckpointError):
         return str(error)
-    return f"config.json does not describe a Qwen3-VL-MoE model transformers can build ({reason(error)})"
+    return f"config.json does not describe a Qwen3-VL-MoE model vLLM can build ({reason(error)})"
 
 
 def tp_violations(model: Model, tp: int, is_w4a8: Callable[[str], bool]) -> list[str]:

@@ -24,18 +24,16 @@ from transformers.models.qwen3_vl_moe.configuration_qwen3_vl_moe import Qwen3VLM
 from dist_quant.checkpoint.reader import CheckpointReader
 from dist_quant.errors import CheckpointError, reason
 from dist_quant.models.family import HeadPair, Readers, Smoothing, Writer
-from dist_quant.models.qwen3_vl_moe_experts import expert_layout, fused_expert_keys
+from dist_quant.models.qwen3_vl_moe_experts import expert_layout
 from dist_quant.models.qwen3_vl_moe_experts import read_experts as read_fused_experts
-# the sizes and key names, for the rest of dist-quant through this family module
-from dist_quant.models.qwen3_vl_moe_sizes import (EXPERT_PROJS, MODEL_TYPE, TEXT, VISUAL, expert_key,  # noqa: F401
-                                                  expert_linears, expert_param_count, expert_shapes, is_int,
+# the sizes, key names and config checks that need no torch, for the rest of dist-quant through this family module
+from dist_quant.models.qwen3_vl_moe_sizes import (EMBED_KEY, EXPERT_PROJS, FUSED_GROUPS, LM_HEAD_KEY,  # noqa: F401
+                                                  MODEL_TYPE, NORM_KEY, TEXT, TOKEN_FIELDS, VISUAL,
+                                                  architecture_errors, expected_tensors, expert_key, expert_linears,
+                                                  expert_param_count, expert_shapes, fused_expert_keys, is_int,
                                                   is_moe_layer, layer_linears, layer_param_count, layer_prefix,
-                                                  show, size_errors, source_dtype_name, vision_linears,
-                                                  vision_param_count)
-
-EMBED_KEY = f"{TEXT}.embed_tokens.weight"
-NORM_KEY = f"{TEXT}.norm.weight"
-LM_HEAD_KEY = "lm_head.weight"
+                                                  refuse, show, size_errors, source_dtype_name, splits_input,
+                                                  vision_linears, vision_param_count)
 
 ExpertWeights = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # gate [I, H], up [I, H], down [H, I]
 
@@ -75,19 +73,14 @@ def _is_number(value) -> bool:
 
 
 def _config_errors(config: Qwen3VLMoeConfig, raw: dict) -> list[str]:
-    """Every way the config breaks what the transformers modules (and this tool) assume, as 'field: problem'."""
+    """Every way the config breaks what the transformers modules (and this tool) assume, as 'field: problem': the
+    sizes' (torch-free, shared with ``dist-quant check``), then the rope, norm and activation fields the quantizer
+    computes with."""
     tc, vc = config.text_config, config.vision_config
     errors = size_errors(config)
     if errors:  # the checks below compute with the sizes
         return errors
-    if tc.num_attention_heads % tc.num_key_value_heads:
-        errors.append(f"text_config.num_attention_heads ({tc.num_attention_heads}) is not a multiple of "
-                      f"num_key_value_heads ({tc.num_key_value_heads})")
-    if raw.get("text_config", {}).get("head_dim") is None and tc.hidden_size % tc.num_attention_heads:
-        errors.append(f"text_config.hidden_size ({tc.hidden_size}) is not a multiple of num_attention_heads "
-                      f"({tc.num_attention_heads}) and no head_dim is given")
-    if tc.head_dim % 2:
-        errors.append(f"text_config.head_dim ({tc.head_dim}) is odd; rotary embeddings need an even head size")
+    errors = architecture_errors(config, raw)
     rope = tc.rope_scaling
     section = rope.get("mrope_section", [24, 20, 20]) if isinstance(rope, dict) else None
     if not isinstance(rope, dict):
@@ -105,30 +98,13 @@ def _config_errors(config: Qwen3VLMoeConfig, raw: dict) -> list[str]:
     if not isinstance(vc.hidden_act, str) or vc.hidden_act not in ACT2FN:
         errors.append(f"vision_config.hidden_act is {show(vc.hidden_act)}, not an activation transformers "
                       "knows")
-    if vc.hidden_size % vc.num_heads or (vc.hidden_size // vc.num_heads) % 4:
-        errors.append(f"vision_config.hidden_size ({vc.hidden_size}) / num_heads ({vc.num_heads}) must be a whole "
-                      "head size divisible by 4 (2-D rotary embeddings)")
-    if math.isqrt(vc.num_position_embeddings) ** 2 != vc.num_position_embeddings:
-        errors.append(f"vision_config.num_position_embeddings ({vc.num_position_embeddings}) is not a square: the "
-                      "position table is a square grid")
-    if vc.out_hidden_size != tc.hidden_size:
-        errors.append(f"vision_config.out_hidden_size ({vc.out_hidden_size}) differs from text_config.hidden_size "
-                      f"({tc.hidden_size}): image features are placed in the text embeddings")
-    for name in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
-        value = getattr(config, name, None)
-        if not is_int(value) or not 0 <= value < tc.vocab_size:
-            errors.append(f"{name} is {show(value)}, not a token id below vocab_size ({tc.vocab_size})")
     return errors
 
 
 def check_config(config: Qwen3VLMoeConfig, raw: dict, source: str = "config.json") -> None:
     """Refuse a config the model code would compute garbage from, crash on, or be swamped by; transformers itself
     checks almost nothing (top-k 0, or heads that do not divide the width, build a model)."""
-    errors = _config_errors(config, raw)
-    if errors:
-        more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
-        raise CheckpointError(f"{source}: {'; '.join(errors[:3])}{more}; restore the config.json that came with "
-                              "the weights")
+    refuse(_config_errors(config, raw), source)
 
 
 _LAYER_KEY = re.compile(re.escape(TEXT) + r"\.layers\.(\d+)\.")
@@ -159,36 +135,6 @@ def _check_count(source: str, field: str, count: int, found: dict[int, str], wha
         raise CheckpointError(f"{source} says {field}={count}, but the weights hold no tensors of {what} "
                               f"{missing[:5]}{' ...' if len(missing) > 5 else ''}; use the config.json that came "
                               "with these weights, or download the missing shards")
-
-
-def _state_shapes(module: nn.Module, prefix: str) -> dict[str, tuple[int, ...]]:
-    return {f"{prefix}.{name}": tuple(t.shape) for name, t in module.state_dict().items()}
-
-
-def expected_tensors(config: Qwen3VLMoeConfig) -> dict[str, Optional[tuple[int, ...]]]:
-    """Every tensor a Hugging Face checkpoint of this config holds, with its shape (None for the fused expert
-    tensors, whose orientation depends on the transformers that wrote them), built on the meta device: no memory.
-    Call only once the layer and block counts are known to match the weights (they size the lists built here)."""
-    tc = config.text_config
-    with torch.device("meta"):
-        shapes = _state_shapes(hf.Qwen3VLMoeVisionModel._from_config(config.vision_config), VISUAL)
-        templates = {}
-        for moe in (True, False):
-            layer_idx = next((i for i in range(tc.num_hidden_layers) if is_moe_layer(tc, i) == moe), None)
-            if layer_idx is not None:
-                layer = hf.Qwen3VLMoeTextDecoderLayer(tc, layer_idx)
-                if moe:
-                    layer.mlp.experts = None
-                templates[moe] = {name: tuple(t.shape) for name, t in layer.state_dict().items()}
-    for layer_idx in range(tc.num_hidden_layers):
-        moe = is_moe_layer(tc, layer_idx)
-        prefix = layer_prefix(layer_idx)
-        shapes.update({f"{prefix}.{name}": shape for name, shape in templates[moe].items()})
-        if moe:
-            shapes.update({key: None for key in fused_expert_keys(prefix)})
-    shapes[EMBED_KEY] = shapes[LM_HEAD_KEY] = (tc.vocab_size, tc.hidden_size)
-    shapes[NORM_KEY] = (tc.hidden_size,)
-    return shapes
 
 
 def check_config_against_weights(config: Qwen3VLMoeConfig, reader: CheckpointReader) -> None:
@@ -499,19 +445,6 @@ LAYER_SMOOTHING = {  # smoothing subgraphs of a layer unit (the experts are dyna
                                                ("mlp.gate_proj", "mlp.up_proj")),
                                      Smoothing("up-down", "mlp.up_proj", ("mlp.down_proj",))),
 }
-FUSED_GROUPS = (  # linears vLLM loads as one fused parameter: they must share a quant type
-    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"),
-    ("mlp.experts.0.gate_proj", "mlp.experts.0.up_proj", "mlp.experts.0.down_proj"),
-)
-
-
-INPUT_SPLIT_LINEARS = ("self_attn.o_proj", "down_proj", "attn.proj", "linear_fc2")  # row-parallel in vLLM
-
-
-def splits_input(name: str) -> bool:
-    """Whether vLLM splits the input dimension of this linear across tensor-parallel ranks (a row-parallel linear:
-    attention output, MLP and expert down projections); a scheme may need to know (W4A8's per-rank scale_bias)."""
-    return name.endswith(INPUT_SPLIT_LINEARS)
 
 
 def heads(text_config) -> tuple[int, int, int]:
@@ -543,7 +476,6 @@ TEXT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_lay
 VISION_FIELDS = ("depth", "hidden_size", "intermediate_size", "num_heads", "in_channels", "patch_size",
                  "temporal_patch_size", "spatial_merge_size", "out_hidden_size", "num_position_embeddings",
                  "deepstack_visual_indexes")
-TOKEN_FIELDS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
 
 
 def config_differences(quantized, reference) -> list[str]:

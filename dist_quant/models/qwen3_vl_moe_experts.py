@@ -13,6 +13,7 @@ import torch
 
 from dist_quant.checkpoint.reader import CheckpointReader
 from dist_quant.errors import CheckpointError
+from dist_quant.models.qwen3_vl_moe_sizes import fused_expert_keys
 
 ExpertLayout = Literal["hub", "transposed"]
 
@@ -73,11 +74,6 @@ def detect_expert_layout(
             f"{down_shape} ({fitting[0]} layout); fix transformers_version in config.json or convert the weights"
         )
     return written
-
-
-def fused_expert_keys(layer_prefix: str) -> tuple[str, str]:
-    """The fused gate_up and down expert tensors of one MoE layer."""
-    return f"{layer_prefix}.mlp.experts.gate_up_proj", f"{layer_prefix}.mlp.experts.down_proj"
 
 
 def expert_layout(reader: CheckpointReader, layer_prefix: str, *, num_experts: int, hidden: int,
