@@ -197,6 +197,7 @@ def _plan_parser(sub) -> None:
 def _cmd_plan(args) -> int:
     from dist_quant.checkpoint.model_folder import read_config
     from dist_quant.models.family import sizes_config_of
+    from dist_quant.runtime.assignments import check_recipe_for_model
     from dist_quant.runtime.cost import project
     from dist_quant.runtime.plan import build_plan, format_plan
 
@@ -205,6 +206,7 @@ def _cmd_plan(args) -> int:
     config = sizes_config_of(raw, str(config_file))
     recipe = _recipe(args)
     _warn_model_type(args)
+    check_recipe_for_model(recipe, config)
     plan = build_plan(config, raw, args.workers, group_size=args.expert_group_size,
                       part_file_size_gb=recipe.part_file_size_gb, calib_tokens=args.calib_tokens,
                       card_memory_gb=args.card_memory_gb, recipe=recipe)
@@ -418,8 +420,7 @@ def _dry_run(model_path: str, recipe) -> int:
     """The model checked against its weights and the recipe checked against the model, as quant does before any
     work; then the scheme of every linear, grouped by name."""
     from dist_quant.models.family import load_checked
-    from dist_quant.runtime.assignments import format_assignments, linear_assignments
-    from dist_quant.runtime.worker import check_recipe_for_model
+    from dist_quant.runtime.assignments import check_recipe_for_model, format_assignments, linear_assignments
 
     config = load_checked(model_path)[2]
     check_recipe_for_model(recipe, config)

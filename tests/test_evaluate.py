@@ -75,9 +75,9 @@ def float_only(recipe_path, tmp_path):
 def test_all_float_checkpoint_evaluates_as_the_float_model(tiny_model, calib_index, inputs, tmp_path, monkeypatch):
     """quant refuses a recipe that quantizes nothing (a user's typo); this checkpoint is made that way on purpose,
     with that one refusal lifted in this process, to show that identical weights compare as identical."""
-    from dist_quant.runtime import worker
+    from dist_quant.runtime import assignments
 
-    monkeypatch.setattr(worker, "check_linear_quants_apply", lambda *args: None)
+    monkeypatch.setattr(assignments, "check_linear_quants_apply", lambda *args: None)
     save = quantize(tiny_model, calib_index, tmp_path / "q", float_only(PLAIN_RECIPE, tmp_path))
     report = evaluate(str(tiny_model), str(save), inputs)
     assert report.kl_divergence == pytest.approx(0.0, abs=1e-12) and report.top1_agreement == 1.0

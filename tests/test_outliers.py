@@ -31,11 +31,11 @@ def dense_model(tmp_path_factory):
 def transformed(dense_model, calib_index, tmp_path_factory):
     """QuaRot + smoothing with quantization switched off: every tensor FLOAT, but rotated and smoothed. quant refuses
     a recipe that quantizes nothing (a user's typo); this one does so on purpose, so that refusal is lifted here."""
-    from dist_quant.runtime import worker
+    from dist_quant.runtime import assignments
 
     tmp = tmp_path_factory.mktemp("transformed")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(worker, "check_linear_quants_apply", lambda *args: None)
+        patch.setattr(assignments, "check_linear_quants_apply", lambda *args: None)
         return quantize(dense_model, calib_index, tmp / "q", float_only(DEFAULT_RECIPE, tmp))
 
 

@@ -271,3 +271,16 @@ def test_gptq_rounding_adds_its_gram_matrices_to_the_expert_groups_memory_only(t
     for ssz_actor, gptq_actor in zip(ssz_plan.actors, gptq_plan.actors):
         for unit, a, b in zip(ssz_actor.units, ssz_actor.unit_peaks, gptq_actor.unit_peaks):
             assert b - a == (extra if unit.kind is Kind.EXPERTS else 0)
+
+
+def test_plan_refuses_a_recipe_that_selects_nothing_as_quant_does(tmp_path, capsys):
+    """plan checks the recipe against the model as quant does before any unit (torch-free): a typo is not an
+    all-FLOAT projection."""
+    shutil.copy(DATA / "Qwen3-VL-235B-A22B.config.json", tmp_path / "config.json")
+    typo = tmp_path / "typo.yaml"
+    doc = yaml.safe_load(DEFAULT_RECIPE.read_text())
+    experts = next(p for p in doc["spec"]["process"] if p["type"] == "linear_quant" and p["include"] == ["*experts*"])
+    experts["include"] = ["*exprts*"]
+    typo.write_text(yaml.safe_dump(doc))
+    assert main(["plan", "--model_path", str(tmp_path), "--config_path", str(typo)]) == 2
+    assert "include ['*exprts*'] and exclude [] selects no linear of this model" in capsys.readouterr().err

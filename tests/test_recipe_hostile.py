@@ -15,7 +15,7 @@ from dist_quant.errors import RecipeError
 from dist_quant.models import qwen3_vl_moe
 from dist_quant.recipe import BUNDLED_CONFIGS, DEFAULT_RECIPE, check_linear_quants_apply, load_recipe
 from dist_quant.runtime.local import quantize_single_card
-from dist_quant.runtime.worker import check_recipe_for_model
+from dist_quant.runtime.assignments import check_recipe_for_model
 
 DATA = Path(__file__).parent / "data"
 T = "model.language_model.layers.3"

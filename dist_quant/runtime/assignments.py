@@ -1,6 +1,7 @@
-"""Which scheme each linear of a model gets from a recipe, as ``dist-quant quant --dry_run`` lists it before any work:
-the linears grouped by name with their layer, block and expert numbers taken out (a 235B has ~37,000 linears and
-~60 such names), each group with the layers it covers."""
+"""A recipe against a model, before any work: whether every processor selects a linear and vLLM Ascend can serve what
+it selects (``check_recipe_for_model``: quant, ``--dry_run`` and plan), and which scheme each linear gets, as
+``dist-quant quant --dry_run`` lists it: the linears grouped by name with their layer, block and expert numbers taken
+out (a 235B has ~37,000 linears and ~60 such names), each group with the layers it covers. Torch-free."""
 
 from __future__ import annotations
 
@@ -8,15 +9,17 @@ import re
 from collections import defaultdict
 from typing import Iterator
 
-from dist_quant.models.family import family_for
-from dist_quant.recipe import Recipe
+from dist_quant import schemes
+from dist_quant.errors import RecipeError
+from dist_quant.models.family import sizes_for
+from dist_quant.recipe import Recipe, check_linear_quants_apply
 
 _NUMBERS = re.compile(r"\.(layers|blocks|experts|deepstack_merger_list)\.(\d+)(?=\.)")
 
 
 def model_linears(config) -> Iterator[str]:
     """Every linear module name of the model, vision first, then each layer's, then its experts'."""
-    family = family_for(config.model_type)
+    family = sizes_for(config.model_type)
     yield from family.vision_linears(config)
     text = config.text_config
     for layer in range(text.num_hidden_layers):
@@ -66,3 +69,40 @@ def format_assignments(rows: list[tuple[str, str, int, str]]) -> str:
         totals[scheme] += count
     lines.append("linears by scheme: " + ", ".join(f"{s}: {n}" for s, n in sorted(totals.items())))
     return "\n".join(lines)
+
+
+def check_recipe_for_model(recipe: Recipe, config) -> None:
+    """Refuse, before any work, recipes that select nothing or that vLLM Ascend could not serve: a ``linear_quant``
+    no linear gets, static experts, an experts-only scheme elsewhere, expert shapes a scheme cannot pack, or one fused
+    projection split across types. Torch-free (the family's sizes module): ``plan`` runs it too."""
+    family = sizes_for(config.model_type)
+    expert_type = schemes.get(recipe.quant_type(family.expert_key(0, 0, family.EXPERT_PROJS[0])))
+    if not expert_type.serves_experts:
+        allowed = [s.name for s in schemes.SCHEMES.values() if s.serves_experts]
+        raise RecipeError(f"recipe {recipe.path}: experts must be one of {allowed}: vLLM Ascend has no "
+                          f"{expert_type.name} MoE method (exclude '*experts*' from that linear_quant)")
+    linears = [*family.vision_linears(config)]
+    for layer_idx in range(config.text_config.num_hidden_layers):
+        linears += family.layer_linears(config, layer_idx)
+    check_linear_quants_apply(recipe, linears, (name for layer in range(config.text_config.num_hidden_layers)
+                                                if family.is_moe_layer(config.text_config, layer)
+                                                for name in family.expert_linears(config, layer, 0,
+                                                                                  config.text_config.num_experts)))
+    for name in linears:
+        scheme = schemes.get(recipe.quant_type(name))
+        if not scheme.serves_linears:
+            raise RecipeError(f"recipe {recipe.path}: {name} gets {scheme.name}, which vLLM Ascend serves for routed "
+                              "experts only (include only '*mlp.experts*' in that linear_quant)")
+    for layer_idx in range(config.text_config.num_hidden_layers):  # experts of one layer share their shapes
+        if family.is_moe_layer(config.text_config, layer_idx):
+            for proj, shape in zip(family.EXPERT_PROJS, family.expert_shapes(config)):
+                name = family.expert_key(layer_idx, 0, proj)
+                problem = schemes.get(recipe.quant_type(name)).check_shape(name, shape, family.splits_input(name))
+                if problem:
+                    raise RecipeError(f"recipe {recipe.path}: {problem}")
+    for layer_idx in range(config.text_config.num_hidden_layers):
+        for group in family.FUSED_GROUPS:
+            types = {recipe.quant_type(f"{family.layer_prefix(layer_idx)}.{name}") for name in group}
+            if len(types) > 1:
+                raise RecipeError(f"recipe {recipe.path}: {', '.join(group)} of layer {layer_idx} get different "
+                                  f"quant types {sorted(types)}; vLLM Ascend fuses them, so they must share one")

@@ -36,7 +36,8 @@ from dist_quant.runtime.report import UnitReport
 from dist_quant.runtime.resume import Journal, ResumePoint, fingerprint, remaining_units, resume_point
 from dist_quant.runtime.run_log import RunLog, write_coverage, write_timeline
 from dist_quant.runtime.timing import add_times
-from dist_quant.runtime.worker import check_recipe_for_model, checkpoint_entries, export_rotation
+from dist_quant.runtime.assignments import check_recipe_for_model
+from dist_quant.runtime.worker import checkpoint_entries, export_rotation
 
 log = logging.getLogger("dist_quant")
 

@@ -24,9 +24,10 @@ from dist_quant.checkpoint import formats
 from dist_quant.checkpoint.reader import CheckpointReader
 from dist_quant.errors import CalibrationError, RecipeError
 from dist_quant.models import outliers
-from dist_quant.models.family import family_for, family_of
+from dist_quant.models.family import family_of
 from dist_quant import schemes
-from dist_quant.recipe import Recipe, check_linear_quants_apply
+from dist_quant.recipe import Recipe
+from dist_quant.runtime.assignments import check_recipe_for_model
 from dist_quant.runtime.device import DEFAULT_COMPUTE_THREADS, set_compute_threads
 from dist_quant.runtime.interpret import sample_outputs
 from dist_quant.runtime.plan import ROW_CHUNK, Kind, Unit
@@ -118,42 +119,6 @@ class MoeInput:
 class LayerOutput:
     stream: list[torch.Tensor]  # post-attention residual stream per sample, (1, S, H); for a dense layer the output
     moe: Optional[MoeInput]  # None for a dense-MLP layer
-
-
-def check_recipe_for_model(recipe: Recipe, config) -> None:
-    """Refuse recipes that vLLM Ascend could not serve: static experts, an experts-only scheme elsewhere, or one fused
-    projection split across types."""
-    family = family_for(config.model_type)
-    expert_type = schemes.get(recipe.quant_type(family.expert_key(0, 0, family.EXPERT_PROJS[0])))
-    if not expert_type.serves_experts:
-        allowed = [s.name for s in schemes.SCHEMES.values() if s.serves_experts]
-        raise RecipeError(f"recipe {recipe.path}: experts must be one of {allowed}: vLLM Ascend has no "
-                          f"{expert_type.name} MoE method (exclude '*experts*' from that linear_quant)")
-    linears = [*family.vision_linears(config)]
-    for layer_idx in range(config.text_config.num_hidden_layers):
-        linears += family.layer_linears(config, layer_idx)
-    check_linear_quants_apply(recipe, linears, (name for layer in range(config.text_config.num_hidden_layers)
-                                                if family.is_moe_layer(config.text_config, layer)
-                                                for name in family.expert_linears(config, layer, 0,
-                                                                                  config.text_config.num_experts)))
-    for name in linears:
-        scheme = schemes.get(recipe.quant_type(name))
-        if not scheme.serves_linears:
-            raise RecipeError(f"recipe {recipe.path}: {name} gets {scheme.name}, which vLLM Ascend serves for routed "
-                              "experts only (include only '*mlp.experts*' in that linear_quant)")
-    for layer_idx in range(config.text_config.num_hidden_layers):  # experts of one layer share their shapes
-        if family.is_moe_layer(config.text_config, layer_idx):
-            for proj, shape in zip(family.EXPERT_PROJS, family.expert_shapes(config)):
-                name = family.expert_key(layer_idx, 0, proj)
-                problem = schemes.get(recipe.quant_type(name)).check_shape(name, shape, family.splits_input(name))
-                if problem:
-                    raise RecipeError(f"recipe {recipe.path}: {problem}")
-    for layer_idx in range(config.text_config.num_hidden_layers):
-        for group in family.FUSED_GROUPS:
-            types = {recipe.quant_type(f"{family.layer_prefix(layer_idx)}.{name}") for name in group}
-            if len(types) > 1:
-                raise RecipeError(f"recipe {recipe.path}: {', '.join(group)} of layer {layer_idx} get different "
-                                  f"quant types {sorted(types)}; vLLM Ascend fuses them, so they must share one")
 
 
 class Worker:
