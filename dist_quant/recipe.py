@@ -79,9 +79,12 @@ class IterSmooth:
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = ()
 
+    def selects(self, module_name: str) -> bool:
+        return _selected(module_name, self.include, self.exclude)
+
     def smooths(self, subgraph: str, module_name: str) -> bool:
         """Whether the subgraph whose first linear is ``module_name`` is smoothed."""
-        return subgraph in self.subgraphs and _selected(module_name, self.include, self.exclude)
+        return subgraph in self.subgraphs and self.selects(module_name)
 
 
 def _selected(name: str, include: tuple[str, ...], exclude: tuple[str, ...]) -> bool:

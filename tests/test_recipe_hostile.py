@@ -69,6 +69,18 @@ def test_a_glob_matching_only_one_layers_experts_is_used(tiny_config, tmp_path):
         check_recipe_for_model(load_recipe(write(tmp_path, doc)), tiny_config)
 
 
+def test_an_iter_smooth_that_selects_no_decoder_linear_is_refused(tiny_config, tmp_path):
+    """A typo in iter_smooth's include silently turned the smoothing off: refused like a linear_quant's."""
+    doc = bundled()
+    smooth = next(p for p in doc["spec"]["process"] if p["type"] == "iter_smooth")
+    smooth["include"] = ["*self_atn*"]
+    with pytest.raises(RecipeError, match=r"iter_smooth with include \['\*self_atn\*'\] and exclude \[\] selects no "
+                                          r"linear of this model's decoder layers"):
+        check_recipe_for_model(load_recipe(write(tmp_path, doc)), tiny_config)
+    smooth["include"] = ["*self_attn*"]
+    check_recipe_for_model(load_recipe(write(tmp_path, doc)), tiny_config)
+
+
 def test_a_processor_shadowed_by_an_earlier_one_is_refused(tiny_config, tmp_path):
     doc = bundled()
     doc["spec"]["process"].append({**doc["spec"]["process"][3], "include": ["*experts.0.*"]})  # after "*experts*"

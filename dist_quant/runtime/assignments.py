@@ -74,7 +74,7 @@ def format_assignments(rows: list[tuple[str, str, int, str]]) -> str:
 def check_recipe_for_model(recipe: Recipe, config) -> None:
     """Refuse, before any work, recipes that select nothing or that vLLM Ascend could not serve: a ``linear_quant``
     no linear gets, static experts, an experts-only scheme elsewhere, expert shapes a scheme cannot pack, or one fused
-    projection split across types. Torch-free (the family's sizes module): ``plan`` runs it too."""
+    projection split across types; an ``iter_smooth`` that selects no decoder linear. Torch-free (the family's sizes module): ``plan`` runs it too."""
     family = sizes_for(config.model_type)
     expert_type = schemes.get(recipe.quant_type(family.expert_key(0, 0, family.EXPERT_PROJS[0])))
     if not expert_type.serves_experts:
@@ -88,6 +88,11 @@ def check_recipe_for_model(recipe: Recipe, config) -> None:
                                                 if family.is_moe_layer(config.text_config, layer)
                                                 for name in family.expert_linears(config, layer, 0,
                                                                                   config.text_config.num_experts)))
+    smooth = recipe.smooth
+    if smooth is not None and not any(smooth.selects(name) for name in linears if name.startswith(family.TEXT)):
+        raise RecipeError(f"recipe {recipe.path}: iter_smooth with include {list(smooth.include)} and exclude "
+                          f"{list(smooth.exclude)} selects no linear of this model's decoder layers, so nothing "
+                          "would be smoothed: fix its globs or remove it")
     for name in linears:
         scheme = schemes.get(recipe.quant_type(name))
         if not scheme.serves_linears:
