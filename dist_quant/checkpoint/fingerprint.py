@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import BinaryIO
 
 from dist_quant.errors import CheckpointError
 
@@ -20,6 +21,18 @@ SMALL_FILES = ("config.json", "quant_model_description.json", "quant_model_files
 SAMPLES = 16  # data blocks read from each part file, evenly spread
 SAMPLE_BYTES = 4096
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own bound on a header: a corrupt length never reads a whole file
+
+
+def digest_safetensors(digest, f: BinaryIO, size: int, block_bytes: int) -> None:
+    """Feed ``digest`` a safetensors file's header (tensor names, dtypes, shapes, offsets; a length beyond
+    safetensors' own bound is not read) and SAMPLES blocks of ``block_bytes`` spread over its ``size`` bytes, then its
+    last block: what changes with any other tensor layout and, most likely, with other data, read cheaply."""
+    header_length = int.from_bytes(f.read(8), "little")
+    digest.update(f.read(min(header_length, size, MAX_HEADER_BYTES)))
+    step = max(size // SAMPLES, 1)
+    for position in range(0, size, step)[:SAMPLES]:
+        digest.update(os.pread(f.fileno(), block_bytes, position))
+    digest.update(os.pread(f.fileno(), block_bytes, max(size - block_bytes, 0)))
 
 
 def checkpoint_fingerprint(folder: str | Path) -> str:
@@ -38,11 +51,7 @@ def checkpoint_fingerprint(folder: str | Path) -> str:
             size = part.stat().st_size
             digest.update(json.dumps([part.name, size]).encode())
             with open(part, "rb") as f:
-                header_length = int.from_bytes(f.read(8), "little")
-                digest.update(f.read(min(header_length, size, MAX_HEADER_BYTES)))
-                step = max(size // SAMPLES, 1)
-                for position in range(0, size, step)[:SAMPLES]:
-                    digest.update(os.pread(f.fileno(), SAMPLE_BYTES, position))
+                digest_safetensors(digest, f, size, SAMPLE_BYTES)
     except OSError as error:
         raise CheckpointError(f"cannot fingerprint checkpoint {folder} ({error.strerror or error}: "
                               f"{error.filename}); check the folder's files and permissions") from None

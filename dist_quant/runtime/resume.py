@@ -12,7 +12,7 @@ was saved, and recomputes only what follows; since every unit is deterministic, 
 uninterrupted run's.
 
 What the fingerprint sees of the source weights without reading them: each weights file's name, size, modification
-time and header, and SAMPLE_BLOCKS blocks spread over its data. A changed header, size or mtime (any copy, download
+time and header, and checkpoint.fingerprint's SAMPLES blocks spread over its data. A changed header, size or mtime (any copy, download
 or editor that rewrites a file) or bytes changed inside a sampled block are detected; an in-place change of the same
 size elsewhere whose mtime was put back is not.
 """
@@ -36,6 +36,7 @@ from dist_quant import __version__
 PLAN_LAYOUT = 3  # unit ids, stream-saving points, unit records; a journal of another layout is not resumed
 # (2: "L003" units; 3: units write into the part files, records without a unit file)
 from dist_quant.calib.inputs import ModelInputs
+from dist_quant.checkpoint.fingerprint import digest_safetensors
 from dist_quant.checkpoint.unit_file import UnitRecord, file_crc32, is_plain_name
 from dist_quant.errors import OutputError
 from dist_quant.runtime.plan import Kind, Unit
@@ -43,7 +44,6 @@ from dist_quant.runtime.plan import Kind, Unit
 JOURNAL = "journal.jsonl"
 STREAM_DIR = "stream"
 VISION_FILE = "vision.safetensors"
-SAMPLE_BLOCKS = 16
 SAMPLE_BYTES = 64 * 1024
 
 
@@ -61,12 +61,7 @@ def weights_fingerprint(model: Path) -> str:
         stat = path.stat()
         digest.update(json.dumps([path.name, stat.st_size, stat.st_mtime_ns]).encode())
         with open(path, "rb") as f:
-            header_length = int.from_bytes(f.read(8), "little")
-            digest.update(f.read(min(header_length, stat.st_size)))
-            step = max(stat.st_size // SAMPLE_BLOCKS, 1)
-            for position in range(0, stat.st_size, step)[:SAMPLE_BLOCKS]:
-                digest.update(os.pread(f.fileno(), SAMPLE_BYTES, position))
-            digest.update(os.pread(f.fileno(), SAMPLE_BYTES, max(stat.st_size - SAMPLE_BYTES, 0)))
+            digest_safetensors(digest, f, stat.st_size, SAMPLE_BYTES)
     return digest.hexdigest()
 
 
