@@ -30,19 +30,21 @@ ABSENT = object()
 
 
 def read_json(folder: Path, name: str) -> tuple[Any, Optional[str]]:
-    """(the parsed file, None), (ABSENT, None) when there is no such file, or (ABSENT, what is wrong with it)."""
+    """(the parsed file, None), (ABSENT, None) when there is no such file, or (ABSENT, what is wrong with it): read
+    as the model folder's JSON files are (a regular file only, opened so that a FIFO cannot block, bounded in size,
+    duplicate keys refused)."""
+    from dist_quant.checkpoint.model_folder import JSON_FILE_ERRORS
+    from dist_quant.checkpoint.safetensors_stream import parse_json, read_text
+    from dist_quant.errors import reason
+
     path = folder / name
+    if not (path.exists() or path.is_symlink()):
+        return ABSENT, None
     try:
-        if not path.is_file():
-            return ABSENT, (f"{name} is not a regular file" if path.exists() or path.is_symlink() else None)
-        if path.stat().st_size > MAX_FILE_BYTES:
-            return ABSENT, f"{name} is larger than {MAX_FILE_BYTES // 2 ** 20} MiB"
-        return json.loads(path.read_bytes()), None
+        return parse_json(read_text(path, MAX_FILE_BYTES)), None
     except RecursionError:
         return ABSENT, f"{name} is nested too deeply to read"
-    except (OSError, ValueError) as error:
-        from dist_quant.errors import reason
-
+    except JSON_FILE_ERRORS as error:
         return ABSENT, f"{name} cannot be read ({reason(error)})"
 
 
