@@ -18,7 +18,7 @@ from dist_quant.check import Rule, Verdict, run_rules
 from dist_quant.check.folder import FLOATS, Folder
 from dist_quant.checkpoint.formats.compressed_tensors import QUANT_METHOD
 from dist_quant.check.model import Linear, Model, model_problem, tp_violations, vllm_name
-from dist_quant.check.regexes import SECONDS_PER_PATTERN, compile_error, match_all, quick_match
+from dist_quant.check.regexes import SECONDS_PER_PATTERN, compile_error, match_all
 
 FORMAT = "compressed-tensors for vLLM"
 INDEX = "model.safetensors.index.json"
@@ -106,12 +106,12 @@ class Matcher:
                 self.matched.update(names[i] for i in hits)
 
     def __call__(self, hf: str) -> bool:
-        """Whether the layer ``hf`` matches; before :meth:`resolve`, its regexes run here (see quick_match)."""
+        """Whether the layer ``hf`` matches (a matcher with regexes is resolved first: :func:`resolve_regexes`)."""
         if self.every_linear or hf in self.literals:
             return True
-        if self.matched is not None:
-            return vllm_name(hf) in self.matched
-        return any(quick_match(p, vllm_name(hf)) for p in self.patterns.values())
+        if self.matched is None and self.patterns:
+            raise RuntimeError("a Matcher with regexes is called before resolve_regexes ran them")
+        return vllm_name(hf) in (self.matched or ())
 
 
 def resolve_regexes(matchers: list[Matcher], names: list[str]) -> None:

@@ -4,8 +4,8 @@ A pattern such as ``(.*)*Q$`` backtracks exponentially in Python's ``re``: vLLM 
 ran it in this process would hang too (``re`` cannot be interrupted). The ``regex`` package's ``timeout=`` is no
 answer: it finishes such patterns in microseconds, so it would pass a config that hangs vLLM. Each pattern is
 therefore run by ``re`` itself in a child process, under a time limit per pattern and one for all of them; a
-pattern that does not finish is reported, never waited for. Callers that need an answer rather than a verdict
-(which group a module of a published checkpoint is in) match in this process with ``regex``, bounded by its timeout.
+pattern that does not finish is reported, never waited for (and, for callers that need an answer rather than a
+verdict, such as which group a module of a published checkpoint is in, matches nothing).
 """
 
 from __future__ import annotations
@@ -17,13 +17,10 @@ import selectors
 import subprocess
 import sys
 import time
-from functools import lru_cache
 from typing import Optional
 
-import regex
 
 SECONDS_PER_PATTERN = 1.0  # one pattern against every layer name: a sane one takes milliseconds on 235B's 37k names
-SECONDS_IN_PROCESS = 0.1  # one quick_match (regex finishes the patterns re hangs on in microseconds)
 SECONDS_IN_ALL = 10.0  # every pattern of the config together (each one that hangs costs SECONDS_PER_PATTERN)
 # the child: each pattern's matches, one JSON line per pattern, in order (a line per pattern tells which one hangs)
 _CHILD = ("import json, re, sys\n"
@@ -93,17 +90,3 @@ def match_all(patterns: list[str], names: list[str]) -> list[Optional[frozenset[
         if len(results) < len(patterns):
             results.append(None)  # the pattern the child was on when it overran
     return results
-
-
-@lru_cache(maxsize=1024)
-def _compiled(pattern: str) -> regex.Pattern:
-    return regex.compile(pattern)
-
-
-def quick_match(pattern: str, name: str) -> bool:
-    """``re.match(pattern, name)``'s answer for a sane pattern, in bounded time for any (False if it does not
-    compile or finish): not a prediction of vLLM, which :func:`match_all` is."""
-    try:
-        return _compiled(pattern).match(name, timeout=SECONDS_IN_PROCESS) is not None
-    except (regex.error, TimeoutError, RecursionError, OverflowError, ValueError):
-        return False

@@ -139,19 +139,19 @@ def published_types(save_path: Path) -> dict[str, str]:
     """The quant type of each tensor of a published checkpoint, from its index and quantization_config (the group
     names are the quant types; a module is in the first group whose targets match it, as vLLM matches them:
     check/compressed_tensors.py ``Matcher``)."""
-    from dist_quant.check.compressed_tensors import Matcher
+    from dist_quant.check.compressed_tensors import Matcher, resolve_regexes, vllm_name
     from dist_quant.schemes import FLOAT
 
     save_path = Path(save_path)
     groups = json.loads((save_path / MARKER_FILE).read_text())["quantization_config"].get("config_groups", {})
     matchers = [(name, Matcher(group.get("targets", []))) for name, group in groups.items()]
     keys = json.loads((save_path / INDEX_FILE).read_text())["weight_map"]
-    group_of: dict[str, Optional[str]] = {}
+    modules = list(dict.fromkeys(key.rpartition(".")[0] for key in keys))
+    resolve_regexes([match for _, match in matchers], [vllm_name(m) for m in modules])  # bounded: a regex that
+    group_of = {m: next((name for name, match in matchers if match(m)), None) for m in modules}  # hangs matches none
     types = {}
     for key in keys:
         module, _, role = key.rpartition(".")
-        if module not in group_of:
-            group_of[module] = next((name for name, match in matchers if match(module)), None)
         group = group_of[module]
         types[key] = FLOAT if group is None or role == "bias" else group
     return types
