@@ -147,9 +147,11 @@ def _warn_model_type(args) -> None:
     """A --model_type given for a model folder whose config.json is another model's: said, not refused."""
     if args.model_type is None:
         return
+    from dist_quant.checkpoint.model_folder import JSON_FILE_ERRORS, load_json_file
+
     try:
-        config = json.loads((Path(args.model_path) / "config.json").read_text())
-    except (OSError, ValueError):
+        config = load_json_file(Path(args.model_path) / "config.json")
+    except JSON_FILE_ERRORS:
         return  # the command's own reading of config.json names what is wrong with it
     problem = model_type_mismatch(args.model_type, config) if isinstance(config, dict) else None
     if problem:

@@ -125,3 +125,15 @@ def test_presets_point_at_the_bundled_recipes():
     """presets.py names the bundled folder itself (it must not import recipe.py, which imports torch)."""
     assert BUNDLED_CONFIGS == recipe_module.BUNDLED_CONFIGS
     assert all(p.recipe.is_file() and p.recipe.parent == BUNDLED_CONFIGS for p in PRESETS)
+
+
+def test_the_model_type_warning_never_blocks_on_a_fifo_config(tmp_path, capsys):
+    """The --model_type comparison reads config.json before the command does: through the FIFO-safe reader."""
+    import os
+
+    from helpers import deadline
+
+    os.mkfifo(tmp_path / "config.json")
+    with deadline(60):
+        assert main(["plan", "--model_path", str(tmp_path), "--model_type", "Qwen3-VL-30B-A3B"]) == 2
+    assert "is a FIFO (named pipe), not a regular file" in capsys.readouterr().err
