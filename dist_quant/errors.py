@@ -49,3 +49,10 @@ def printable(text: str) -> str:
     could rewrite the screen, hide the rest of a message or set the window title) shown as ``\\xNN``; tabs and
     newlines kept."""
     return text.translate(_CONTROL)
+
+
+def show(value: object, width: int = 60) -> str:
+    """A value from a file for a message: its repr, clipped after ``width`` characters (a hostile config or recipe
+    can hold megabytes in one field, and an error is one line)."""
+    text = repr(value)
+    return text if len(text) <= width else text[:width] + "..."

@@ -24,7 +24,7 @@ import yaml
 
 from dist_quant import schemes
 from dist_quant.checkpoint.formats import SAVERS
-from dist_quant.errors import RecipeError
+from dist_quant.errors import RecipeError, show
 from dist_quant.schemes import FLOAT, QSpec
 
 log = logging.getLogger("dist_quant")
@@ -153,20 +153,14 @@ def _fail(path: Path, where: str, message: str) -> RecipeError:
     return RecipeError(f"recipe {path}: {where}: {message}")
 
 
-def _show(value: Any) -> str:
-    """A recipe value in an error message: its repr, cut so that a huge value still gives a one-line error."""
-    text = repr(value)
-    return text if len(text) <= 80 else f"{text[:77]}..."
-
-
 def _text(path: Path, where: str, raw: Any) -> str:
     """A string field; lone surrogates (a YAML "\\ud800" escape) would fail later, in the tokenizer or a path."""
     if not isinstance(raw, str):
-        raise _fail(path, where, f"{_show(raw)} must be a string")
+        raise _fail(path, where, f"{show(raw)} must be a string")
     try:
         raw.encode("utf-8")
     except UnicodeEncodeError as bad:
-        raise _fail(path, where, f"{_show(raw)} has a character that is not Unicode text (at {bad.start})") from None
+        raise _fail(path, where, f"{show(raw)} has a character that is not Unicode text (at {bad.start})") from None
     return raw
 
 
@@ -183,7 +177,7 @@ def _qspec(path: Path, where: str, raw: Any) -> QSpec:
     try:
         symmetric = raw["symmetric"]
         if not isinstance(symmetric, bool):  # bool("False") is True: a quoted value would flip the scheme silently
-            raise _fail(path, f"{where}.symmetric", f"{_show(symmetric)} must be True or False (unquoted)")
+            raise _fail(path, f"{where}.symmetric", f"{show(symmetric)} must be True or False (unquoted)")
         return QSpec(_text(path, f"{where}.scope", raw["scope"]), _text(path, f"{where}.dtype", raw["dtype"]),
                      symmetric, _text(path, f"{where}.method", raw.get("method", "minmax")),
                      _ext(path, f"{where}.ext", raw.get("ext", {})))
@@ -233,11 +227,11 @@ def _globs(path: Path, where: str, raw: Any) -> tuple[str, ...]:
     if raw is None:
         return ()
     if not isinstance(raw, list) or not all(isinstance(p, str) and p for p in raw):
-        raise _fail(path, where, f"{_show(raw)} must be a list of non-empty glob strings")
+        raise _fail(path, where, f"{show(raw)} must be a list of non-empty glob strings")
     for pattern in raw:
         _text(path, where, pattern)
         if pattern.count("[") != pattern.count("]"):
-            raise _fail(path, where, f"bad glob {_show(pattern)}: unbalanced brackets")
+            raise _fail(path, where, f"bad glob {show(pattern)}: unbalanced brackets")
     return tuple(raw)
 
 
@@ -273,7 +267,7 @@ def _number(path: Path, where: str, raw: Any, low: float, high: float, low_open:
         and raw <= high
     if not ok:
         bound = f"{'(' if low_open else '['}{low}, {high}]"
-        raise _fail(path, where, f"{_show(raw)} must be a number in {bound}")
+        raise _fail(path, where, f"{show(raw)} must be a number in {bound}")
     return float(raw)
 
 
@@ -281,11 +275,11 @@ def _quarot(path: Path, where: str, raw: dict) -> QuaRot:
     _check_keys(path, where, raw, _QUAROT_KEYS)
     block = raw.get("block_size", 32)
     if not isinstance(block, int) or isinstance(block, bool) or not 2 <= block <= MAX_BLOCK_SIZE or block & (block - 1):
-        raise _fail(path, f"{where}.block_size", f"{_show(block)} must be a power of two from 2 to {MAX_BLOCK_SIZE} "
+        raise _fail(path, f"{where}.block_size", f"{show(block)} must be a power of two from 2 to {MAX_BLOCK_SIZE} "
                                                  "(a Hadamard block size)")
     seed = raw.get("seed", 1234)
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < MAX_SEED:
-        raise _fail(path, f"{where}.seed", f"{_show(seed)} must be an integer from 0 to 2**64 - 1")
+        raise _fail(path, f"{where}.seed", f"{show(seed)} must be an integer from 0 to 2**64 - 1")
     return QuaRot(block, seed)
 
 
@@ -295,7 +289,7 @@ def _iter_smooth(path: Path, where: str, raw: dict) -> IterSmooth:
         raise _fail(path, f"{where}.symmetric", "only symmetric smoothing (True) is supported (no shift)")
     subgraphs = raw.get("enable_subgraph_type", ["norm-linear", "ov"])
     if not isinstance(subgraphs, list) or not all(isinstance(s, str) and s in SUBGRAPH_TYPES for s in subgraphs):
-        raise _fail(path, f"{where}.enable_subgraph_type", f"{_show(subgraphs)}: must be a list of "
+        raise _fail(path, f"{where}.enable_subgraph_type", f"{show(subgraphs)}: must be a list of "
                                                            f"{list(SUBGRAPH_TYPES)}")
     return IterSmooth(_number(path, f"{where}.alpha", raw.get("alpha", 0.9), 0.0, 1.0),
                       _number(path, f"{where}.scale_min", raw.get("scale_min", 1e-5), 0.0, 1.0),
@@ -313,10 +307,10 @@ def _saver(path: Path, raw: Any) -> tuple[str, float]:
     saver = raw[0]
     _check_keys(path, "spec.save[0]", saver, {"type", "part_file_size"})
     if not isinstance(saver.get("type"), str) or saver["type"] not in SAVERS:
-        raise _fail(path, "spec.save[0].type", f"{_show(saver.get('type'))} is not supported; allowed: {list(SAVERS)}")
+        raise _fail(path, "spec.save[0].type", f"{show(saver.get('type'))} is not supported; allowed: {list(SAVERS)}")
     size = saver.get("part_file_size", 4)
     if isinstance(size, bool) or not isinstance(size, (int, float)) or not 0 <= size <= MAX_PART_FILE_GB:
-        raise _fail(path, "spec.save[0].part_file_size", f"{_show(size)} must be a number of GB >= 0 (at most "
+        raise _fail(path, "spec.save[0].part_file_size", f"{show(size)} must be a number of GB >= 0 (at most "
                                                          f"{MAX_PART_FILE_GB})")
     return saver["type"], float(size)
 
@@ -327,7 +321,7 @@ def parse_recipe(raw: Any, path: Path) -> Recipe:
         raise _fail(path, "top level", "expected a mapping with a 'spec' section")
     apiversion = raw.get("apiversion", "multimodal_vlm_modelslim_v1")
     if apiversion != "multimodal_vlm_modelslim_v1":
-        raise _fail(path, "apiversion", f"{_show(apiversion)} is not supported; allowed: "
+        raise _fail(path, "apiversion", f"{show(apiversion)} is not supported; allowed: "
                                         "['multimodal_vlm_modelslim_v1']")
     spec = raw["spec"]
     _check_keys(path, "spec", spec, _SPEC_KEYS)
@@ -340,7 +334,7 @@ def parse_recipe(raw: Any, path: Path) -> Recipe:
         where = f"spec.process[{i}]"
         kind = entry.get("type") if isinstance(entry, dict) else None
         if kind not in PROCESSOR_TYPES:
-            raise _fail(path, f"{where}.type", f"unknown processor {_show(kind)}; allowed: {list(PROCESSOR_TYPES)}")
+            raise _fail(path, f"{where}.type", f"unknown processor {show(kind)}; allowed: {list(PROCESSOR_TYPES)}")
         if PROCESSOR_TYPES.index(kind) < last or (kind != "linear_quant" and PROCESSOR_TYPES.index(kind) == last):
             raise _fail(path, where, f"{kind!r} is out of place: use at most one quarot, then at most one "
                                      "iter_smooth, then the linear_quant entries")
@@ -355,7 +349,7 @@ def parse_recipe(raw: Any, path: Path) -> Recipe:
         raise _fail(path, "spec.process", "needs at least one linear_quant processor")
     dataset = spec.get("dataset")
     if dataset is not None and (not _text(path, "spec.dataset", dataset) or "\0" in dataset):
-        raise _fail(path, "spec.dataset", f"{_show(dataset)} must be a folder name or path (non-empty, no NUL)")
+        raise _fail(path, "spec.dataset", f"{show(dataset)} must be a folder name or path (non-empty, no NUL)")
     default_text = spec.get("default_text")
     saver, part_file_size = _saver(path, spec.get("save"))
     return Recipe(path, tuple(linear_quants), part_file_size, dataset,
@@ -390,7 +384,7 @@ class _RecipeLoader(yaml.SafeLoader):
             except TypeError:  # unhashable: the base constructor names it
                 continue
             if earlier is not key_node:
-                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {_show(key)} (first at line "
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {show(key)} (first at line "
                                                         f"{earlier.start_mark.line + 1}): remove one of them",
                                                         key_node.start_mark)
         return super().construct_mapping(node, deep)
@@ -399,7 +393,7 @@ class _RecipeLoader(yaml.SafeLoader):
         try:
             return super().construct_object(node, deep)
         except (ValueError, OverflowError) as bad:  # a 5000-digit integer, the date 2024-13-45
-            raise yaml.constructor.ConstructorError(None, None, f"cannot read {_show(node.value)}: {bad}",
+            raise yaml.constructor.ConstructorError(None, None, f"cannot read {show(node.value)}: {bad}",
                                                     node.start_mark) from None
 
 

@@ -22,7 +22,7 @@ from transformers.models.qwen3_vl_moe import modeling_qwen3_vl_moe as hf
 from transformers.models.qwen3_vl_moe.configuration_qwen3_vl_moe import Qwen3VLMoeConfig
 
 from dist_quant.checkpoint.reader import CheckpointReader
-from dist_quant.errors import CheckpointError, reason
+from dist_quant.errors import CheckpointError, reason, show
 from dist_quant.models.family import HeadPair, Readers, Smoothing, Writer
 from dist_quant.models.qwen3_vl_moe_experts import expert_layout
 from dist_quant.models.qwen3_vl_moe_experts import read_experts as read_fused_experts
@@ -32,7 +32,7 @@ from dist_quant.models.qwen3_vl_moe_sizes import (EMBED_KEY, EXPERT_PROJS, FUSED
                                                   architecture_errors, expected_tensors, expert_key, expert_linears,
                                                   expert_param_count, expert_shapes, fused_expert_keys, is_int,
                                                   is_moe_layer, layer_linears, layer_param_count, layer_prefix,
-                                                  refuse, show, size_errors, source_dtype_name, splits_input,
+                                                  refuse, size_errors, source_dtype_name, splits_input,
                                                   vision_linears, vision_param_count)
 
 ExpertWeights = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # gate [I, H], up [I, H], down [H, I]

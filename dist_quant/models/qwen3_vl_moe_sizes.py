@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Optional
 
-from dist_quant.errors import CheckpointError
+from dist_quant.errors import CheckpointError, show
 
 MODEL_TYPE = "qwen3_vl_moe"
 EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")  # an expert's linears, as read_experts returns their weights
@@ -145,12 +145,6 @@ def refuse(errors: list[str], source: str) -> None:
         more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
         raise CheckpointError(f"{source}: {'; '.join(errors[:3])}{more}; restore the config.json that came with "
                               "the weights")
-
-
-def show(value) -> str:
-    """A config value for a message, clipped: a hostile config.json can hold megabytes in one field."""
-    text = repr(value)
-    return text if len(text) <= 60 else text[:60] + "..."
 
 
 def is_int(value) -> bool:
