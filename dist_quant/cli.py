@@ -18,17 +18,15 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from dist_quant.checkpoint.formats import SAVE_FORMATS
+from dist_quant.calib import DEFAULT_MAX_SAMPLE_TOKENS
 from dist_quant.errors import DistQuantError, printable
 from dist_quant.presets import (DEFAULT_MODEL_TYPE, DEFAULT_QUANT_TYPE, MODEL_TYPES, QUANT_TYPES, find_preset,
                                 format_presets, model_type_mismatch)
+from dist_quant.runtime.device import DEFAULT_COMPUTE_THREADS, DEVICES
 from dist_quant.runtime.plan import DEFAULT_CALIB_TOKENS, DEFAULT_EXPERT_GROUP_SIZE
 from dist_quant.runtime.cost import Hardware
 from dist_quant.runtime.timing import format_times
 
-# The defaults of runtime/device.py's DEFAULT_COMPUTE_THREADS and calib/inputs.py's DEFAULT_MAX_SAMPLE_TOKENS, whose
-# modules import torch and transformers: tests/test_cli_options.py keeps them equal
-COMPUTE_THREADS = 1
-MAX_SAMPLE_TOKENS = 4096
 
 
 QUANT_EXAMPLE = """example:
@@ -77,7 +75,7 @@ def _quant_parser(sub) -> None:
                  QUANT_EXAMPLE)
     p.add_argument("--model_path", required=True, help="float Hugging Face model directory")
     p.add_argument("--save_path", required=True, help="output directory (created; must not be inside model_path)")
-    p.add_argument("--device", default="npu", choices=["cpu", "cuda", "npu"], help="device to compute on (default npu)")
+    p.add_argument("--device", default="npu", choices=DEVICES, help="device to compute on (default npu)")
     _recipe_options(p)
     p.add_argument("--dataset", default=None,
                    help="calibration images: an index.json[l], an image folder, or a folder with one json[l]; "
@@ -99,7 +97,7 @@ def _quant_parser(sub) -> None:
     _compute_threads_option(p, "intra-op threads of every worker process (default %(default)s); the checkpoint is "
                                "bit-identical for one value whatever ran it, but may differ in the last bit between "
                                "values")
-    p.add_argument("--max_sample_tokens", type=_positive_int, default=MAX_SAMPLE_TOKENS,
+    p.add_argument("--max_sample_tokens", type=_positive_int, default=DEFAULT_MAX_SAMPLE_TOKENS,
                    help="cap on the tokens of one calibration sample (default %(default)s); longer prompts are cut, "
                         "with a warning")
     p.add_argument("--max_samples", type=_positive_int, default=None,
@@ -122,7 +120,7 @@ def _recipe_options(p: argparse.ArgumentParser) -> None:
 
 
 def _compute_threads_option(p: argparse.ArgumentParser, help: str) -> None:
-    p.add_argument("--compute_threads", type=_positive_int, default=COMPUTE_THREADS, help=help)
+    p.add_argument("--compute_threads", type=_positive_int, default=DEFAULT_COMPUTE_THREADS, help=help)
 
 
 def _recipe(args):
@@ -243,7 +241,7 @@ def _eval_parser(sub) -> None:
                         "calibrated on; default: the recipe's calibration set (optimistic figures, with a warning)")
     p.add_argument("--config_path", default=None, help="recipe whose dataset/default_text to use")
     p.add_argument("--max_samples", type=_positive_int, default=None, help="evaluate on the first N samples only")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "npu"],
+    p.add_argument("--device", default="cpu", choices=DEVICES,
                    help="device to compute on (default cpu; npu imports torch_npu, as quant does)")
     p.add_argument("--output", default=None,
                    help="also write the report as JSON to this file (with the checkpoint's path and fingerprint)")

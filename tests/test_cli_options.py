@@ -37,7 +37,7 @@ def test_the_python_api_checks_them_too(tmp_path):
 
 
 def test_the_command_lines_defaults_are_the_librarys():
-    """The CLI spells out two defaults whose modules import torch (to start without it): they must stay the same."""
+    """The CLI shows the defaults the library uses (read from their torch-free homes: calib, runtime.device)."""
     from dist_quant.calib.inputs import DEFAULT_MAX_SAMPLE_TOKENS
     from dist_quant.runtime.device import DEFAULT_COMPUTE_THREADS
 

@@ -18,16 +18,13 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen2VLImageProcessor
 
+from dist_quant.calib import DEFAULT_MAX_SAMPLE_TOKENS
 from dist_quant.calib.dataset import CalibSample
 from dist_quant.checkpoint.reader import JSON_FILE_ERRORS, load_json_file, model_file
 from dist_quant.checkpoint.safetensors_stream import open_regular, read_text
 from dist_quant.errors import CalibrationError, CheckpointError, DistQuantError, reason
 
 IMAGE_TOKEN = "<|image_pad|>"
-# Tokens one calibration sample may hold. Its float32 attention mask takes 4*S^2 bytes and every attention layer S^2
-# scores per head, so a 1 MB prompt (~250k tokens) would need hundreds of GB; 4096 tokens (a 64 MB mask) hold an
-# image of about 4 megapixels at Qwen3-VL's 32x32 pixels per token plus a long question. Longer texts are cut.
-DEFAULT_MAX_SAMPLE_TOKENS = 4096
 # Files transformers may open when it loads the tokenizer: each must be a regular file inside the model folder.
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",

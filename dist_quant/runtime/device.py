@@ -1,10 +1,13 @@
-"""Devices by the names msModelSlim uses: ``cpu``, ``cuda``, ``npu`` (torch_npu is imported only when asked for)."""
+"""Devices by the names msModelSlim uses: ``cpu``, ``cuda``, ``npu`` (torch_npu is imported only when asked for).
+Light at import (the command line reads its defaults): torch is imported by the functions that use it."""
 
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from dist_quant.errors import DistQuantError
 
@@ -21,11 +24,15 @@ def set_compute_threads(threads: int) -> None:
     whatever ran it; the count is part of the resume fingerprint. One thread is the default: the worker's second
     core goes to its prefetch thread, and on an NPU the heavy math runs on the card anyway.
     """
+    import torch
+
     torch.set_num_threads(threads)
 
 
 def resolve_device(name: str) -> torch.device:
     """The torch device for ``--device``, with an actionable error when its runtime is missing."""
+    import torch
+
     if name not in DEVICES:
         raise DistQuantError(f"--device {name!r} is not supported; choose one of {list(DEVICES)}")
     if name == "npu":
