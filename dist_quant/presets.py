@@ -11,7 +11,7 @@ from pathlib import Path
 
 from dist_quant.errors import RecipeError
 
-BUNDLED_CONFIGS = Path(__file__).parent / "configs"  # the recipes shipped in the package (recipe.py's too)
+BUNDLED_CONFIGS = Path(__file__).parent / "configs"  # the recipes shipped in the package (recipe.py reads it here)
 
 
 @dataclass(frozen=True)

@@ -25,12 +25,12 @@ import yaml
 from dist_quant import schemes
 from dist_quant.checkpoint.formats import SAVERS
 from dist_quant.errors import RecipeError, show
+from dist_quant.presets import BUNDLED_CONFIGS
 from dist_quant.schemes import FLOAT, QSpec
 
 log = logging.getLogger("dist_quant")
 
 DEFAULT_SAVER = "ascendv1_saver"
-BUNDLED_CONFIGS = Path(__file__).parent / "configs"
 DEFAULT_RECIPE = BUNDLED_CONFIGS / "qwen3_vl_moe_w8a8.yaml"
 
 _SPEC_KEYS = {"process", "save", "dataset", "default_text"}
