@@ -17,17 +17,22 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from dist_quant.checkpoint.formats import SAVE_FORMATS
 from dist_quant.calib import DEFAULT_MAX_SAMPLE_TOKENS
+from dist_quant.checkpoint.formats import SAVE_FORMATS
 from dist_quant.errors import DistQuantError, printable
-from dist_quant.presets import (DEFAULT_MODEL_TYPE, DEFAULT_QUANT_TYPE, MODEL_TYPES, QUANT_TYPES, find_preset,
-                                format_presets, model_type_mismatch)
+from dist_quant.presets import (
+    DEFAULT_QUANT_TYPE,
+    MODEL_TYPES,
+    QUANT_TYPES,
+    default_model_type,
+    find_preset,
+    format_presets,
+    model_type_mismatch,
+)
+from dist_quant.runtime.cost import Hardware
 from dist_quant.runtime.device import DEFAULT_COMPUTE_THREADS, DEVICES
 from dist_quant.runtime.plan import DEFAULT_CALIB_TOKENS, DEFAULT_EXPERT_GROUP_SIZE
-from dist_quant.runtime.cost import Hardware
 from dist_quant.runtime.timing import format_times
-
-
 
 QUANT_EXAMPLE = """example:
   dist-quant quant --model_path /models/Qwen3-VL-235B-A22B-Instruct --save_path /models/Qwen3-VL-235B-w8a8 \\
@@ -111,33 +116,50 @@ def _quant_parser(sub) -> None:
 def _recipe_options(p: argparse.ArgumentParser) -> None:
     """The preset flags and --config_path, as quant and plan both take them (``_recipe`` reads them)."""
     p.add_argument("--model_type", default=None, choices=MODEL_TYPES,
-                   help=f"with --quant_type, selects a bundled recipe (see `dist-quant presets`; default "
-                        f"{DEFAULT_MODEL_TYPE})")
+                   help="with --quant_type, selects a bundled recipe (see `dist-quant presets`; default: the preset "
+                        "of the model folder's config.json, by its model_type and shape)")
     p.add_argument("--quant_type", default=None, choices=QUANT_TYPES,
                    help=f"quantization scheme (default {DEFAULT_QUANT_TYPE})")
     p.add_argument("--config_path", default=None,
-                   help="your own recipe YAML (msModelSlim's multimodal_vlm_modelslim_v1 format); overrides the preset")
+                   help="your own recipe YAML (msModelSlim's modelslim_v1 or multimodal_vlm_modelslim_v1 format); "
+                        "overrides the preset")
 
 
 def _compute_threads_option(p: argparse.ArgumentParser, help: str) -> None:
     p.add_argument("--compute_threads", type=_positive_int, default=DEFAULT_COMPUTE_THREADS, help=help)
 
 
+def _model_config(args) -> Optional[dict]:
+    """The model folder's config.json, or None where it cannot be read as a mapping (the command's own reading of
+    config.json names what is wrong with it)."""
+    from dist_quant.checkpoint.model_folder import JSON_FILE_ERRORS, load_json_file
+
+    try:
+        config = load_json_file(Path(args.model_path) / "config.json")
+    except JSON_FILE_ERRORS:
+        return None
+    return config if isinstance(config, dict) else None
+
+
 def _recipe(args):
-    """The recipe --config_path names, else the one the preset flags select. A --quant_type given beside
-    --config_path must agree with the recipe's schemes (the recipe decides: a disagreement is a mistake)."""
+    """The recipe --config_path names, else the one the preset flags select; without --model_type, the preset of
+    the model's config.json (its family and shape), so a Qwen3-MoE never needs a Qwen3-VL name. A --quant_type
+    given beside --config_path must agree with the recipe's schemes (the recipe decides: a disagreement is a
+    mistake)."""
     from dist_quant.recipe import load_recipe
 
-    preset = find_preset(args.model_type or DEFAULT_MODEL_TYPE, args.quant_type or DEFAULT_QUANT_TYPE)
+    if args.config_path and args.quant_type is None:
+        return load_recipe(args.config_path)
+    preset = find_preset(args.model_type or default_model_type(_model_config(args)),
+                         args.quant_type or DEFAULT_QUANT_TYPE)
     if not args.config_path:
         return load_recipe(preset.recipe)
     recipe = load_recipe(args.config_path)
-    if args.quant_type is not None:
-        wanted, given = (sorted({q.quant_type for q in r.linear_quants}) for r in (load_recipe(preset.recipe), recipe))
-        if wanted != given:
-            raise DistQuantError(f"--quant_type {args.quant_type} quantizes to {', '.join(wanted)}, but --config_path "
-                                 f"{args.config_path} quantizes to {', '.join(given)}: the recipe decides, so drop "
-                                 "--quant_type or pass a recipe of that type")
+    wanted, given = (sorted({q.quant_type for q in r.linear_quants}) for r in (load_recipe(preset.recipe), recipe))
+    if wanted != given:
+        raise DistQuantError(f"--quant_type {args.quant_type} quantizes to {', '.join(wanted)}, but --config_path "
+                             f"{args.config_path} quantizes to {', '.join(given)}: the recipe decides, so drop "
+                             "--quant_type or pass a recipe of that type")
     return recipe
 
 
@@ -145,13 +167,8 @@ def _warn_model_type(args) -> None:
     """A --model_type given for a model folder whose config.json is another model's: said, not refused."""
     if args.model_type is None:
         return
-    from dist_quant.checkpoint.model_folder import JSON_FILE_ERRORS, load_json_file
-
-    try:
-        config = load_json_file(Path(args.model_path) / "config.json")
-    except JSON_FILE_ERRORS:
-        return  # the command's own reading of config.json names what is wrong with it
-    problem = model_type_mismatch(args.model_type, config) if isinstance(config, dict) else None
+    config = _model_config(args)
+    problem = model_type_mismatch(args.model_type, config) if config is not None else None
     if problem:
         logging.getLogger("dist_quant").warning("warning: %s", problem)
 
@@ -185,7 +202,8 @@ def _plan_parser(sub) -> None:
                    help="calibration tokens assumed for the activation memory estimate")
     p.add_argument("--card_memory_gb", type=_positive_float, default=64, help="memory of one card (Atlas 800I A2: 64)")
     hw = Hardware()
-    p.add_argument("--cards_per_node", type=_positive_int, default=hw.cards_per_node, help="cards per node (A2: 8, A3: 16)")
+    p.add_argument("--cards_per_node", type=_positive_int, default=hw.cards_per_node,
+                   help="cards per node (A2: 8, A3: 16)")
     p.add_argument("--storage_read_gbps", type=_positive_float, default=hw.storage_read_gbps,
                    help="GB/s one node reads the source checkpoint at (for the time projection)")
     p.add_argument("--storage_write_gbps", type=_positive_float, default=hw.storage_write_gbps,
@@ -210,8 +228,9 @@ def _cmd_plan(args) -> int:
     plan = build_plan(config, raw, args.workers, group_size=args.expert_group_size,
                       part_file_size_gb=recipe.part_file_size_gb, calib_tokens=args.calib_tokens,
                       card_memory_gb=args.card_memory_gb, recipe=recipe)
-    tc = config.text_config
-    title = (f"{args.model_path}: {tc.num_hidden_layers} layers, {tc.num_experts} experts (top-{tc.num_experts_per_tok}),"
+    tc = config.get_text_config()
+    title = (f"{args.model_path}: {tc.num_hidden_layers} layers,"
+             f" {tc.num_experts} experts (top-{tc.num_experts_per_tok}),"
              f" hidden {tc.hidden_size}; {args.workers} worker(s), expert groups of {args.expert_group_size};"
              f" recipe {recipe.path.name}")
     print(format_plan(plan, title))
@@ -254,18 +273,25 @@ def _eval_parser(sub) -> None:
 def _cmd_eval(args) -> int:
     from dist_quant.calib.dataset import load_samples
     from dist_quant.calib.inputs import build_model_inputs
+    from dist_quant.checkpoint.model_folder import read_config
     from dist_quant.evaluate import evaluate, is_calibration_set
-    from dist_quant.recipe import DEFAULT_RECIPE, load_recipe
+    from dist_quant.models.family import family_of, reads_images
+    from dist_quant.presets import DEFAULT_QUANT_TYPE, default_model_type, find_preset
+    from dist_quant.recipe import load_recipe
     from dist_quant.runtime.driver import resolve_dataset
 
-    recipe = load_recipe(args.config_path or DEFAULT_RECIPE)
-    dataset = resolve_dataset(args.dataset, recipe)
-    held_out = args.dataset is not None and not is_calibration_set(dataset, recipe)
+    config_file = Path(args.model_path) / "config.json"
+    raw_config = read_config(config_file)
+    images = reads_images(family_of(raw_config, str(config_file)))
+    # the recipe says which calibration set the checkpoint was fitted on: the model's default preset's by default
+    recipe = load_recipe(args.config_path or find_preset(default_model_type(raw_config), DEFAULT_QUANT_TYPE).recipe)
+    dataset = resolve_dataset(args.dataset, recipe, images)
+    held_out = args.dataset is not None and not is_calibration_set(dataset, recipe, images)
     if not held_out:
         print(f"warning: evaluating on the calibration images ({dataset}): the checkpoint was fitted on them, so these "
               "figures are optimistic; pass --dataset with images it was not calibrated on", file=sys.stderr)
-    samples = load_samples(dataset, recipe.default_text)[:args.max_samples]
-    inputs = build_model_inputs(args.model_path, samples, trust_remote_code=args.trust_remote_code)
+    samples = load_samples(dataset, recipe.default_text, images=images)[:args.max_samples]
+    inputs = build_model_inputs(args.model_path, samples, images=images, trust_remote_code=args.trust_remote_code)
     report = evaluate(args.model_path, args.quant_path, inputs,
                       progress=lambda name: print(f"  compared {name}", file=sys.stderr, flush=True),
                       device=args.device, dataset=str(dataset.resolve()), held_out=held_out)
@@ -389,7 +415,8 @@ def _cmd_quant(args) -> int:
                   trust_remote_code=args.trust_remote_code, expert_group_size=args.expert_group_size,
                   resume=args.resume, compute_threads=args.compute_threads, max_sample_tokens=args.max_sample_tokens,
                   max_samples=args.max_samples)
-    if args.workers == 1 and args.ray_address is None:
+    distributed = args.workers > 1 or args.ray_address is not None
+    if not distributed:
         from dist_quant.runtime.local import quantize_single_card
 
         summary = quantize_single_card(args.model_path, args.save_path, recipe, **common)
@@ -408,10 +435,10 @@ def _cmd_quant(args) -> int:
     print(f"  time by phase (summed over units, may overlap): {format_times(summary.phases)}")
     print(f"  calibration coverage: {summary.experts_without_tokens} expert(s) received no calibration token "
           "(details in calibration_coverage.json; log in quant_run.log)")
-    for actor in getattr(summary, "actors", []):
-        print(f"  actor {actor.index} on {actor.host}: {actor.units} units, busy {actor.busy_seconds:.1f} s, "
-              f"read {_human_bytes(actor.bytes_read)}, wrote {_human_bytes(actor.bytes_written)}")
-    if hasattr(summary, "ray_start_seconds"):
+    if distributed:  # ray_driver.DistributedSummary
+        for actor in summary.actors:
+            print(f"  actor {actor.index} on {actor.host}: {actor.units} units, busy {actor.busy_seconds:.1f} s, "
+                  f"read {_human_bytes(actor.bytes_read)}, wrote {_human_bytes(actor.bytes_written)}")
         print(f"  Ray start-up {summary.ray_start_seconds:.1f} s (included in the time above)")
     return 0
 
@@ -512,8 +539,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             handler.addFilter(_Printable())
     previous = signal.signal(signal.SIGTERM, _on_sigterm) if _in_main_thread() else None
     try:
-        commands = {"quant": _cmd_quant, "plan": _cmd_plan, "eval": _cmd_eval, "check": _cmd_check, "report": _cmd_report,
-                    "presets": _cmd_presets}
+        commands = {"quant": _cmd_quant, "plan": _cmd_plan, "eval": _cmd_eval, "check": _cmd_check,
+                    "report": _cmd_report, "presets": _cmd_presets}
         return commands[args.command](args)
     except DistQuantError as exc:
         print(f"dist-quant: error: {printable(str(exc))}", file=sys.stderr)

@@ -24,19 +24,20 @@ from dist_quant.checkpoint.fingerprint import checkpoint_fingerprint
 from dist_quant.checkpoint.formats import ascendv1
 from dist_quant.checkpoint.reader import CheckpointReader
 from dist_quant.errors import CalibrationError, CheckpointError
+from dist_quant.models.family import family_for, load_checked
 from dist_quant.recipe import Recipe
 from dist_quant.runtime.device import resolve_device
 from dist_quant.runtime.driver import resolve_dataset
-from dist_quant.models.family import family_for, load_checked
 from dist_quant.runtime.interpret import finish_layer, interpret, running_sum, sample_outputs
 from dist_quant.runtime.plan import DEFAULT_EXPERT_GROUP_SIZE, Kind, Unit, plan_units, samples_of
 from dist_quant.runtime.worker import MoeInput
 
-def is_calibration_set(dataset: Path, recipe: Recipe) -> bool:
-    """Whether ``dataset`` is the set the recipe calibrates on (its ``dataset``, or the bundled photos): evaluating on
-    it measures the fit, not the accuracy on other images."""
+
+def is_calibration_set(dataset: Path, recipe: Recipe, images: bool = True) -> bool:
+    """Whether ``dataset`` is the set the recipe calibrates on (its ``dataset``, or the bundled photos or texts):
+    evaluating on it measures the fit, not the accuracy on other samples."""
     try:
-        return dataset.resolve() == resolve_dataset(None, recipe).resolve()
+        return dataset.resolve() == resolve_dataset(None, recipe, images).resolve()
     except CalibrationError:  # the recipe's set is not on this machine: another set was given
         return False
 
@@ -243,21 +244,19 @@ class ModelRunner:
     def images(self, unit: Unit, inputs: list[ModelInputs]):
         visual = self.model.vision()
         return {i: self.family.vision_forward(visual, inputs[i].pixel_values, inputs[i].image_grid_thw)
-                for i in samples_of(unit, inputs, self.model.config.vision_config)
+                for i in samples_of(unit, inputs, self.family, self.model.config)
                 if inputs[i].pixel_values is not None}, None
 
     @torch.no_grad()
     def vision(self, unit: Unit, inputs: list[ModelInputs], *shares):
-        config, dtype = self.model.config, self.model.dtype
         vision = sample_outputs(shares, len(inputs))
-        device = self.model.device
-        contexts = [self.family.sample_context(config, self.rotary, s.input_ids.to(device),
-                                               s.attention_mask.to(device), s.image_grid_thw, v[1] if v else [], dtype)
-                    for s, v in zip(inputs, vision)]
-        return vision, contexts, [v[0] for v in vision if v is not None]
+        return vision, self.contexts(unit, inputs, vision), [v.image_embeds for v in vision if v is not None]
 
-    def contexts(self, unit: Unit, inputs, vision):
-        raise NotImplementedError("an evaluation never resumes")
+    def contexts(self, unit: Unit, inputs: list[ModelInputs], vision):
+        """Each sample's positions and mask (``vision`` None: a family without a vision tower)."""
+        vision = [None] * len(inputs) if vision is None else vision
+        return [self.family.sample_context(self.model.config, self.rotary, s, v, self.model.dtype, self.model.device)
+                for s, v in zip(inputs, vision)]
 
     gather = staticmethod(running_sum)
 
@@ -265,15 +264,15 @@ class ModelRunner:
     def embed(self, unit: Unit, inputs: list[ModelInputs], *shares):
         vision = sample_outputs(shares, len(inputs))
         embed = self.model.read(self.family.EMBED_KEY)
-        return [self.family.embed_inputs(embed, s.input_ids.to(embed.device), self.model.config.image_token_id,
-                                         v[0] if v else None) for s, v in zip(inputs, vision)], None
+        return [self.family.place_images(self.model.config, nn.functional.embedding(ids, embed), ids, v)
+                for ids, v in ((s.input_ids.to(embed.device), v) for s, v in zip(inputs, vision))], None
 
     @torch.no_grad()
     def layer(self, unit: Unit, contexts, hidden, *partials, combine: bool):
         if combine:
             hidden = finish_layer(self.family, unit.layer - 1, hidden, partials, contexts)
         block = self.model.layer(unit.layer)
-        tc = self.model.config.text_config
+        tc = self.model.config.get_text_config()
         streams, x = self.family.layer_forward(block, hidden, contexts, self.family.is_moe_layer(tc, unit.layer))
         if x is None:
             return streams, None, hidden if combine else None
@@ -287,7 +286,7 @@ class ModelRunner:
 
     @torch.no_grad()
     def head(self, unit: Unit, contexts, hidden, *partials, combine: bool):
-        tc = self.model.config.text_config
+        tc = self.model.config.get_text_config()
         if combine:
             hidden = finish_layer(self.family, tc.num_hidden_layers - 1, hidden, partials, contexts)
         norm, lm_head = self.model.read(self.family.NORM_KEY), self.model.read(self.family.LM_HEAD_KEY)
@@ -323,7 +322,7 @@ def evaluate(float_path: str, quant_path: str, inputs: list[ModelInputs],
         elif unit.kind is Kind.LAYER and reference is not None:
             report.rows.append(compare(f"layer {unit.layer - 1}", reference, served, rotation))
         elif unit.kind is Kind.HEAD:
-            last = config.text_config.num_hidden_layers - 1
+            last = config.get_text_config().num_hidden_layers - 1
             report.rows.append(compare(f"layer {last}", reference[0], served[0], rotation))
             report.kl_divergence, report.top1_agreement = logit_metrics(reference[1], served[1])
             report.logits_rel_error = compare("logits", [reference[1]], [served[1]]).rel_error

@@ -1,8 +1,13 @@
-"""The quantization recipe: an msModelSlim ``multimodal_vlm_modelslim_v1`` YAML file as typed objects.
+"""The quantization recipe: an msModelSlim ``multimodal_vlm_modelslim_v1`` or ``modelslim_v1`` YAML file as typed
+objects.
 
 The recipe is the contract users already know from msModelSlim, so the file format is theirs: a ``spec.process`` list
-of processors with include/exclude globs, a ``spec.save`` list and the calibration ``dataset``/``default_text``.
-Globs are fnmatch patterns matched against whole module names, where ``*`` also spans dots.
+of processors with include/exclude globs, a ``spec.save`` list and the calibration ``dataset`` (and, for the
+multimodal format, ``default_text``). ``modelslim_v1`` is msModelSlim's format for text-only models; its ``group``
+processor, a list of ``linear_quant`` entries msModelSlim calibrates in one pass, reads here as those entries in
+order. Globs are fnmatch patterns matched against whole module names, where ``*`` also spans dots; the first
+``linear_quant`` that selects a linear wins, as in msModelSlim (a linear it has quantized is no longer an
+``nn.Linear`` that a later one selects, inside a group or not).
 
 The file is read strictly: duplicate keys, aliases that expand past a small bound and values of the wrong type are
 refused with one line naming the file and the field, and numbers follow YAML 1.2 (``1e-5`` is a number).
@@ -25,21 +30,39 @@ import yaml
 from dist_quant import schemes
 from dist_quant.checkpoint.formats import SAVERS
 from dist_quant.errors import RecipeError, show
-from dist_quant.presets import BUNDLED_CONFIGS
+from dist_quant.presets import DEFAULT_MODEL_TYPE, DEFAULT_QUANT_TYPE, find_preset
 from dist_quant.schemes import FLOAT, QSpec
 
 log = logging.getLogger("dist_quant")
 
 DEFAULT_SAVER = "ascendv1_saver"
-DEFAULT_RECIPE = BUNDLED_CONFIGS / "qwen3_vl_moe_w8a8.yaml"
+DEFAULT_RECIPE = find_preset(DEFAULT_MODEL_TYPE, DEFAULT_QUANT_TYPE).recipe  # the default preset's
 
-_SPEC_KEYS = {"process", "save", "dataset", "default_text"}
+# apiversion -> the spec fields it has (msModelSlim's prior/runner stages are not dist-quant's to run)
+APIVERSIONS = {"multimodal_vlm_modelslim_v1": {"process", "save", "dataset", "default_text"},
+               "modelslim_v1": {"process", "save", "dataset"}}
+DEFAULT_APIVERSION = "multimodal_vlm_modelslim_v1"  # a recipe without apiversion, as dist-quant has always read it
 _LINEAR_QUANT_KEYS = {"type", "qconfig", "include", "exclude"}
+_GROUP_KEYS = {"type", "configs"}
 _QSPEC_KEYS = {"scope", "dtype", "symmetric", "method", "ext"}
 _QUAROT_KEYS = {"type", "block_size", "seed"}
 _SMOOTH_KEYS = {"type", "alpha", "scale_min", "symmetric", "enable_subgraph_type", "include", "exclude"}
 SUBGRAPH_TYPES = ("norm-linear", "linear-linear", "ov", "up-down")
-PROCESSOR_TYPES = ("quarot", "iter_smooth", "linear_quant")
+PROCESSOR_TYPES = ("quarot", "iter_smooth", "linear_quant", "group")
+_STAGE = {"quarot": 0, "iter_smooth": 1, "linear_quant": 2, "group": 2}  # where each may stand in spec.process
+NOT_IMPLEMENTED = {  # msModelSlim processors a user may bring, and what to do instead
+    "flex_smooth_quant": "flex_smooth_quant (msModelSlim's alpha/beta search) is not implemented; use iter_smooth "
+                         "(SmoothQuant scales from one fixed alpha, e.g. alpha: 0.9, on the subgraphs of its "
+                         "enable_subgraph_type) in its place, or remove it",
+}
+# glob characters msModelSlim's matcher (wcmatch with BRACE) reads specially and Python's fnmatch does not
+_MSMODELSLIM_ONLY_GLOB = (
+    ("{", "msModelSlim expands braces ({a,b}) and dist-quant does not: write one glob per alternative"),
+    ("}", "msModelSlim expands braces ({a,b}) and dist-quant does not: write one glob per alternative"),
+    ("\\", "msModelSlim reads a backslash as an escape and dist-quant does not: module names have nothing to "
+            "escape, so leave it out"),
+    ("[^", "msModelSlim reads [^...] as a negated set and dist-quant reads ^ as a character: write [!...]"),
+)
 MAX_BLOCK_SIZE = 2**14  # QuaRot builds a block_size x block_size float64 matrix: 2 GiB at this size
 MAX_SEED = 2**64  # torch.Generator.manual_seed takes seeds below this
 MAX_PART_FILE_GB = 2**20  # 1 PiB: anything larger is a typo
@@ -232,6 +255,9 @@ def _globs(path: Path, where: str, raw: Any) -> tuple[str, ...]:
         _text(path, where, pattern)
         if pattern.count("[") != pattern.count("]"):
             raise _fail(path, where, f"bad glob {show(pattern)}: unbalanced brackets")
+        for text, advice in _MSMODELSLIM_ONLY_GLOB:
+            if text in pattern:
+                raise _fail(path, where, f"bad glob {show(pattern)}: {advice}")
     return tuple(raw)
 
 
@@ -255,6 +281,24 @@ def _linear_quant(path: Path, where: str, raw: dict) -> LinearQuant:
     include = _include(path, f"{where}.include", raw.get("include", ["*"]))
     return LinearQuant(_scheme(path, f"{where}.qconfig", act, weight), act, weight, include,
                        _globs(path, f"{where}.exclude", raw.get("exclude")), where)
+
+
+def _group(path: Path, where: str, raw: dict) -> list[LinearQuant]:
+    """A ``group`` processor (msModelSlim's way to calibrate several ``linear_quant`` entries in one pass): its
+    entries, in order, each named by its place (``spec.process[1].configs[0]``)."""
+    _check_keys(path, where, raw, _GROUP_KEYS)
+    configs = raw.get("configs")
+    if not isinstance(configs, list) or not configs:
+        raise _fail(path, f"{where}.configs", "must be a non-empty list of linear_quant processors")
+    entries = []
+    for j, entry in enumerate(configs):
+        kind = entry.get("type") if isinstance(entry, dict) else None
+        if kind != "linear_quant":
+            explained = NOT_IMPLEMENTED.get(kind) if isinstance(kind, str) else None
+            raise _fail(path, f"{where}.configs[{j}].type", explained or f"{show(kind)} cannot be in a group here; a "
+                                                                          "group holds linear_quant processors")
+        entries.append(_linear_quant(path, f"{where}.configs[{j}]", entry))
+    return entries
 
 
 def _number(path: Path, where: str, raw: Any, low: float, high: float, low_open: bool = True) -> float:
@@ -319,34 +363,41 @@ def parse_recipe(raw: Any, path: Path) -> Recipe:
     """Validate a loaded recipe document; errors name the field and the allowed values."""
     if not isinstance(raw, dict) or not isinstance(raw.get("spec"), dict):
         raise _fail(path, "top level", "expected a mapping with a 'spec' section")
-    apiversion = raw.get("apiversion", "multimodal_vlm_modelslim_v1")
-    if apiversion != "multimodal_vlm_modelslim_v1":
-        raise _fail(path, "apiversion", f"{show(apiversion)} is not supported; allowed: "
-                                        "['multimodal_vlm_modelslim_v1']")
+    apiversion = raw.get("apiversion", DEFAULT_APIVERSION)
+    if apiversion == "modelslim_v0":
+        raise _fail(path, "apiversion", "'modelslim_v0' is msModelSlim's legacy recipe format (anti_cfg, calib_cfg), "
+                                        "which dist-quant does not read; write it as a modelslim_v1 recipe (a "
+                                        "spec.process list: see configs/README.md) or start from a bundled one")
+    if not isinstance(apiversion, str) or apiversion not in APIVERSIONS:  # a list is unhashable
+        raise _fail(path, "apiversion", f"{show(apiversion)} is not supported; allowed: {list(APIVERSIONS)}")
     spec = raw["spec"]
-    _check_keys(path, "spec", spec, _SPEC_KEYS)
+    _check_keys(path, "spec", spec, APIVERSIONS[apiversion])
     process = spec.get("process")
     if not isinstance(process, list) or not process:
         raise _fail(path, "spec.process", "must be a non-empty list of processors")
     linear_quants, quarot, smooth = [], None, None
-    last = -1  # processors run in the order quarot -> iter_smooth -> linear_quant, as msModelSlim runs them
+    last = -1  # processors run in the order quarot -> iter_smooth -> linear_quant/group, as msModelSlim runs them
     for i, entry in enumerate(process):
         where = f"spec.process[{i}]"
         kind = entry.get("type") if isinstance(entry, dict) else None
+        if isinstance(kind, str) and kind in NOT_IMPLEMENTED:
+            raise _fail(path, f"{where}.type", NOT_IMPLEMENTED[kind])
         if kind not in PROCESSOR_TYPES:
             raise _fail(path, f"{where}.type", f"unknown processor {show(kind)}; allowed: {list(PROCESSOR_TYPES)}")
-        if PROCESSOR_TYPES.index(kind) < last or (kind != "linear_quant" and PROCESSOR_TYPES.index(kind) == last):
+        if _STAGE[kind] < last or (_STAGE[kind] == last and kind not in ("linear_quant", "group")):
             raise _fail(path, where, f"{kind!r} is out of place: use at most one quarot, then at most one "
-                                     "iter_smooth, then the linear_quant entries")
-        last = PROCESSOR_TYPES.index(kind)
+                                     "iter_smooth, then the linear_quant (and group) entries")
+        last = _STAGE[kind]
         if kind == "quarot":
             quarot = _quarot(path, where, entry)
         elif kind == "iter_smooth":
             smooth = _iter_smooth(path, where, entry)
+        elif kind == "group":
+            linear_quants.extend(_group(path, where, entry))
         else:
             linear_quants.append(_linear_quant(path, where, entry))
     if not linear_quants:
-        raise _fail(path, "spec.process", "needs at least one linear_quant processor")
+        raise _fail(path, "spec.process", "needs at least one linear_quant processor (alone or in a group)")
     dataset = spec.get("dataset")
     if dataset is not None and (not _text(path, "spec.dataset", dataset) or "\0" in dataset):
         raise _fail(path, "spec.dataset", f"{show(dataset)} must be a folder name or path (non-empty, no NUL)")

@@ -1,4 +1,4 @@
-"""Tiny Qwen3-VL-MoE checkpoints and calibration sets, built offline in seconds.
+"""Tiny Qwen3-VL-MoE and Qwen3-MoE checkpoints and calibration sets, built offline in seconds.
 
 Tests and demos cannot download the real models, so they build a model directory that looks like a Hub download:
 random (seeded) weights in the 4.57 "hub" expert layout, a small byte-level BPE tokenizer with the Qwen special
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import zlib
 from pathlib import Path
 
 import torch
@@ -19,9 +20,14 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     PreTrainedTokenizerFast,
     Qwen2VLImageProcessor,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
     Qwen3VLMoeConfig,
     Qwen3VLMoeForConditionalGeneration,
 )
+from transformers.utils import logging as hf_logging
+
+from dist_quant.models.qwen3_vl_moe_experts import layout_written_by
 
 SPECIAL_TOKENS = (
     "<|endoftext|>",
@@ -80,7 +86,12 @@ MERGE_SIZE = 2
 MIN_PIXELS = 8 * 8
 MAX_PIXELS = 32 * 32
 
+# Qwen3-VL-30B-A3B's rotary base, and transformers 4.57's default; 5.x's default is 500000, so it is set explicitly
+# (in 4.57's spelling, which 5.x reads too) for both versions to build the same model.
+ROPE_THETA = 5_000_000.0
+
 EXPERT_LAYOUTS = ("hub", "transposed")
+INIT_STD = 0.05  # of every weight matrix (see fill_weights), and the configs' initializer_range
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 CALIB_TEXTS = (
@@ -142,16 +153,42 @@ def special_token_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
     }
 
 
-def randomize_vectors(model: torch.nn.Module) -> None:
-    """Norm weights of exactly 1 and biases of exactly 0 would hide bugs that drop or misplace them."""
+def fill_weights(model: torch.nn.Module, seed: int, hub_shapes: dict[str, tuple]) -> None:
+    """Every parameter drawn from its own generator, seeded by ``seed`` and the parameter's name, instead of by
+    transformers' init: 4.57 and 5.x build and initialise the modules in other orders, and must write the same
+    model. Matrices are normal(0, INIT_STD), the expert tensors drawn in the hub layout (``hub_shapes``, by name
+    suffix) whichever layout the modules hold; norm weights are near 1 and biases near 0, but neither exactly (1 and
+    0 would hide bugs that drop or misplace them)."""
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if param.dim() != 1:
+            shape = next((hub for suffix, hub in hub_shapes.items() if name.endswith(suffix)), tuple(param.shape))
+            values = draw_weight(name, shape, seed)
+            param.copy_(values if tuple(shape) == tuple(param.shape) else values.transpose(1, 2))
+
+
+def draw_weight(name: str, shape: tuple, seed: int) -> torch.Tensor:
+    """One parameter's values (see :func:`fill_weights`), from a generator seeded by ``seed`` and its name."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    values = torch.empty(shape).normal_(generator=generator)
+    if len(shape) == 1:
+        return 1.0 + 0.1 * values if name.endswith("weight") else 0.02 * values
+    return INIT_STD * values
+
+
+def fill_text_weights(model: torch.nn.Module, seed: int) -> None:
+    """:func:`fill_weights` for a ``Qwen3MoeForCausalLM``, every expert drawn by the name save_pretrained writes it
+    under (``...mlp.experts.E.gate_proj.weight``): 4.57 holds per-expert modules of those names, 5.x a layer's experts
+    fused (gate_up [E, 2I, H], gate rows first; down [E, H, I]), and both must write the same model."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if not name.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")):
+                param.copy_(draw_weight(name, tuple(param.shape), seed))
                 continue
-            if name.endswith(".weight"):
-                param.copy_(1.0 + 0.1 * torch.randn_like(param))
-            else:
-                param.copy_(0.02 * torch.randn_like(param))
+            prefix, fused = name.rsplit(".", 1)
+            projs = ("gate_proj", "up_proj") if fused == "gate_up_proj" else ("down_proj",)
+            shape = (param.shape[1] // len(projs), param.shape[2])
+            param.copy_(torch.stack([torch.cat([draw_weight(f"{prefix}.{e}.{proj}.weight", shape, seed)
+                                                for proj in projs]) for e in range(param.shape[0])]))
 
 
 OUTLIER_CHANNELS = 3  # real LLMs have a handful of "massive activation" channels in the residual stream
@@ -162,7 +199,7 @@ def plant_outliers(model: torch.nn.Module, scale: float, seed: int) -> list[int]
     carries them from the start) and in every input/post-attention norm weight (they survive normalisation).
     Per-tensor int8 of the q/k/v and expert inputs then wastes almost all its levels on those channels, which is
     exactly what QuaRot and smoothing exist to fix. Returns the outlier channels."""
-    text = model.model.language_model
+    text = model.get_decoder()
     generator = torch.Generator().manual_seed(seed + 7)
     channels = torch.randperm(text.config.hidden_size, generator=generator)[:OUTLIER_CHANNELS].tolist()
     with torch.no_grad():
@@ -197,6 +234,34 @@ def rewrite_expert_layout(out_dir: Path, shapes: dict[str, tuple]) -> None:
                 changed = True
         if changed:
             save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def save_weights(model: torch.nn.Module, out_dir: Path, shard_size: str | None) -> None:
+    """save_pretrained (sharded when ``shard_size`` is given), without transformers 5.x's "Writing model shards"
+    progress bar: it goes to stderr, where tests read the command line's messages."""
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(out_dir, safe_serialization=True,
+                              **({"max_shard_size": shard_size} if shard_size else {}))
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+
+
+# A transformers that writes each expert layout (qwen3_vl_moe_experts.layout_written_by: 4.x the hub one)
+LAYOUT_WRITERS = {"hub": "4.57.1", "transposed": "5.0.0"}
+
+
+def name_layout_writer(out_dir: Path, layout: str) -> None:
+    """Make config.json's transformers_version name a transformers that writes the experts' ``layout``: readers
+    trust it where the shapes cannot tell the layouts apart (2I == hidden), so a hub-layout model saved by 5.x says
+    4.57.1, a transposed one saved by 4.57 says 5.0.0; a version that fits is left as save_pretrained wrote it."""
+    path = out_dir / "config.json"
+    config = json.loads(path.read_text())
+    if layout_written_by(config.get("transformers_version")) != layout:
+        config["transformers_version"] = LAYOUT_WRITERS[layout]
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")  # save_pretrained's format
 
 
 def save_image_processor(out_dir: Path) -> None:
@@ -263,8 +328,9 @@ def make_tiny_model(
         moe_intermediate_size=moe_intermediate_size,
         mlp_only_layers=list(mlp_only_layers),
         max_position_embeddings=4096,
+        rope_theta=ROPE_THETA,
         rope_scaling={"rope_type": "default", "mrope_section": mrope_section(head_dim), "mrope_interleaved": True},
-        initializer_range=0.05,
+        initializer_range=INIT_STD,
     )
     vision_config = dict(
         depth=vision_depth,
@@ -277,20 +343,65 @@ def make_tiny_model(
         out_hidden_size=hidden_size,
         num_position_embeddings=64,
         deepstack_visual_indexes=[i for i in deepstack if i < vision_depth],
-        initializer_range=0.05,
+        initializer_range=INIT_STD,
     )
     config = Qwen3VLMoeConfig(text_config=text_config, vision_config=vision_config, **special_token_ids(tokenizer))
-    torch.manual_seed(seed)
     model = Qwen3VLMoeForConditionalGeneration(config)
-    randomize_vectors(model)
+    fill_weights(model, seed, expert_shapes(num_experts, hidden_size, moe_intermediate_size, "hub"))
     if outliers:
         plant_outliers(model, outliers, seed)
-    model.to(DTYPES[dtype]).save_pretrained(
-        out_dir, safe_serialization=True, **({"max_shard_size": shard_size} if shard_size else {})
-    )
+    save_weights(model.to(DTYPES[dtype]), out_dir, shard_size)
     rewrite_expert_layout(out_dir, expert_shapes(num_experts, hidden_size, moe_intermediate_size, layout))
+    name_layout_writer(out_dir, layout)
     tokenizer.save_pretrained(out_dir)
     save_image_processor(out_dir)
+    return out_dir
+
+
+def make_tiny_text_model(
+    out_dir: str | Path,
+    *,
+    num_layers: int = 4,
+    num_experts: int = 8,
+    top_k: int = 2,
+    hidden_size: int = 64,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    head_dim: int = 16,
+    moe_intermediate_size: int = 48,
+    mlp_only_layers: tuple[int, ...] = (),
+    intermediate_size: int = 96,
+    dtype: str = "float32",
+    seed: int = 0,
+    shard_size: str | None = None,
+    outliers: float = 0.0,
+) -> Path:
+    """Write a random Qwen3-MoE (text-only ``Qwen3MoeForCausalLM``) model directory (weights with per-expert keys,
+    config, tokenizer with its chat template; no image processor) and return its path.
+
+    The same arguments always give the same weights, with transformers 4.57 and 5.x alike (:func:`fill_text_weights`);
+    ``shard_size`` and ``outliers`` as for :func:`make_tiny_model`. The router renormalises its top-k weights
+    (``norm_topk_prob``), as the released Qwen3-MoE models do.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = train_tokenizer()
+    config = Qwen3MoeConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+        head_dim=head_dim, num_experts=num_experts, num_experts_per_tok=top_k, norm_topk_prob=True,
+        moe_intermediate_size=moe_intermediate_size, mlp_only_layers=list(mlp_only_layers),
+        max_position_embeddings=4096, rope_theta=ROPE_THETA, initializer_range=INIT_STD,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    model = Qwen3MoeForCausalLM(config)
+    fill_text_weights(model, seed)
+    if outliers:
+        plant_outliers(model, outliers, seed)
+    save_weights(model.to(DTYPES[dtype]), out_dir, shard_size)
+    tokenizer.save_pretrained(out_dir)
     return out_dir
 
 

@@ -83,8 +83,8 @@ def main() -> None:
     calib = make_calibration_set(args.out / "calib", num_images=6)
     heldout = make_calibration_set(args.out / "heldout", num_images=HELD_OUT_IMAGES, seed=1)  # not fitted on
     chosen = {k: v for k, v in recipes(args.out / "recipes").items() if not args.only or k in args.only}
-    print("| model seed | outlier scale | recipe | KL(float ‖ quant) | KL / W8A8's | top-1 agreement | last layer cosine "
-          "| last layer rel. error | held-out KL | held-out KL / W8A8's | checkpoint MiB |")
+    print("| model seed | outlier scale | recipe | KL(float ‖ quant) | KL / W8A8's | top-1 agreement "
+          "| last layer cosine | last layer rel. error | held-out KL | held-out KL / W8A8's | checkpoint MiB |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     held_ratios: dict[str, dict[str, float]] = {}
     for seed, scale in ((seed, scale) for seed in args.seeds for scale in args.outliers):

@@ -146,13 +146,13 @@ def child_run(args: argparse.Namespace) -> None:
                    device=args.device)
     if args.child == "single":
         from dist_quant.runtime.local import quantize_single_card
-        summary = quantize_single_card(str(args.model), str(args.save), load_recipe(args.recipe), on_unit_done=on_unit_done,
-                                       **options)
+        summary = quantize_single_card(str(args.model), str(args.save), load_recipe(args.recipe),
+                                       on_unit_done=on_unit_done, **options)
     else:
         from dist_quant.runtime.ray_driver import quantize_distributed
-        summary = quantize_distributed(str(args.model), str(args.save), load_recipe(args.recipe), workers=int(args.child),
-                                       ray_address="auto", threads_per_actor=args.compute_threads,
-                                       on_unit_done=on_unit_done, **options)
+        summary = quantize_distributed(str(args.model), str(args.save), load_recipe(args.recipe),
+                                       workers=int(args.child), ray_address="auto",
+                                       threads_per_actor=args.compute_threads, on_unit_done=on_unit_done, **options)
     out = {k: v for k, v in vars(summary).items() if isinstance(v, (int, float, str, dict))}
     out["timeline"] = timeline
     out["actors"] = [{**dataclasses.asdict(a), "node_ids": [], "pids": sorted(a.pids)}
@@ -227,8 +227,9 @@ def report(figures: dict) -> str:
 
 
 def unit_memory_text(run: dict) -> list[str]:
-    """Per Ray actor (or the single card), the units whose resident memory while they ran (the sampled VmRSS, its anonymous and shared
-    parts at that moment) most exceeds the plan's estimate of the unit (with the runtime's overhead)."""
+    """Per Ray actor (or the single card), the units whose resident memory while they ran (the sampled VmRSS, its
+    anonymous and shared parts at that moment) most exceeds the plan's estimate of the unit (with the runtime's
+    overhead)."""
     lines = []
     processes = [run["driver"]] if run["mode"] == "single" else run["actors"]
     for index, (actor, estimate) in enumerate(zip(processes, run["unit_estimates"])):

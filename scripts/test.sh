@@ -5,4 +5,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 # shellcheck disable=SC1091
 . .venv/bin/activate
+python -m ruff check dist_quant tests scripts  # lint first (pyproject.toml [tool.ruff]): a finding stops the run
 python -m pytest -q "$@"

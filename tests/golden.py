@@ -33,6 +33,15 @@ CASES = [
      "msmodelslim_style.yaml"),
 ]
 SKIPPED_FILES = ("quant_run.log", "quant_run.json", "quant_timeline.json", "report.html")  # timings, the run's paths
+# The digests are recorded with the transformers of constraints.txt. Other versions must give the same tensors and
+# the same files, except those the running transformers writes into the tiny source model (synthetic.py's
+# save_pretrained of the config, generation config, tokenizer and image processor), which the checkpoint copies or
+# rewrites: transformers 5.x writes rope_parameters, num_local_experts and its own version string into config.json,
+# other tokenizer and processor fields, and no special_tokens_map.json (docs/reproducibility.md). The list of the
+# checkpoint's files (quant_model_files.json) names them.
+RECORDED_TRANSFORMERS = "4.57.1"
+TRANSFORMERS_FILES = ("config.json", "generation_config.json", "preprocessor_config.json", "special_tokens_map.json",
+                      "tokenizer.json", "tokenizer_config.json", "quant_model_files.json")
 
 
 def _sha(data: bytes) -> str:

@@ -39,7 +39,8 @@ def hf_kwargs(sample, model) -> dict:
     if sample.pixel_values is not None:
         kwargs.update(pixel_values=sample.pixel_values, image_grid_thw=sample.image_grid_thw)
         if "mm_token_type_ids" in inspect.signature(Qwen3VLMoeForConditionalGeneration.forward).parameters:
-            kwargs["mm_token_type_ids"] = (sample.input_ids == model.config.image_token_id).to(torch.int32)  # transformers 5.x
+            # transformers 5.x
+            kwargs["mm_token_type_ids"] = (sample.input_ids == model.config.image_token_id).to(torch.int32)
     return kwargs
 
 

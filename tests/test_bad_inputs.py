@@ -290,7 +290,7 @@ def test_full_disk(tiny_model, tmp_path, calib_index, limit, file):
 
 @pytest.mark.parametrize("mutate, message", [
     (lambda d: d["spec"]["process"].append({"type": "gptq"}),
-     "spec.process[4].type: unknown processor 'gptq'; allowed: ['quarot', 'iter_smooth', 'linear_quant']"),
+     "spec.process[4].type: unknown processor 'gptq'; allowed: ['quarot', 'iter_smooth', 'linear_quant', 'group']"),
     (lambda d: d["spec"]["process"][2].update(exclude=["*experts[*"]),
      "spec.process[2].exclude: bad glob '*experts[*': unbalanced brackets"),
     (lambda d: d["spec"]["process"][1].update(alpha=1.5), "spec.process[1].alpha: 1.5 must be a number in (0.0, 1.0]"),

@@ -1,17 +1,21 @@
-"""The bundled calibration set `calibImages`: real public-domain/CC0 photos, small, attributed, and usable as is."""
+"""The bundled calibration sets: `calibImages` (real public-domain/CC0 photos, small, attributed) and `calibText`
+(our own English and Chinese paragraphs, CC0), both usable as is."""
 
 import json
+import logging
 import re
 import shutil
 from pathlib import Path
 
 import pytest
 from PIL import Image
+from tokenizers import Tokenizer
 
 import dist_quant
+from dist_quant.calib import DEFAULT_MAX_SAMPLE_TOKENS, DEFAULT_TEXT_DATASET
 from dist_quant.calib.dataset import IMAGE_SUFFIXES, load_samples
 from dist_quant.calib.inputs import IMAGE_TOKEN, build_model_inputs, load_tokenizer
-from dist_quant.synthetic import MERGE_SIZE, make_tiny_model
+from dist_quant.synthetic import MERGE_SIZE, make_tiny_model, train_tokenizer
 
 BUNDLED = Path(dist_quant.__file__).resolve().parent / "calib_data" / "calibImages"
 MAX_SIDE = 448
@@ -107,3 +111,60 @@ def test_every_image_goes_through_the_processor(model_dir, samples, preprocessor
         assert tokens == rows // MERGE_SIZE**2, f"{sample.image.name}: {tokens} image tokens for {rows} patches"
         if preprocessor == "qwen3_vl":  # at most a 448 px side: no more than 28x28 patches of 16 px, 196 tokens
             assert 4 <= tokens <= (MAX_SIDE // 16) ** 2 // MERGE_SIZE**2, f"{sample.image.name}: {tokens} tokens"
+
+
+# --- calibText: the bundled text set for models that read text only ----------------------------------------------
+
+TEXT_SET = BUNDLED.parent / DEFAULT_TEXT_DATASET
+
+
+def is_chinese(text: str) -> bool:
+    return re.search(r"[\u4e00-\u9fff]", text) is not None
+
+
+@pytest.fixture(scope="module")
+def text_samples():
+    return load_samples(TEXT_SET, images=False)
+
+
+def test_text_set_loads_with_32_to_64_varied_english_and_chinese_samples(text_samples):
+    assert 32 <= len(text_samples) <= 64
+    assert all(s.image is None and s.text.strip() for s in text_samples)
+    assert len({s.text for s in text_samples}) == len(text_samples), "a text is listed twice"
+    chinese = sum(is_chinese(s.text) for s in text_samples)
+    assert chinese >= len(text_samples) // 3 and len(text_samples) - chinese >= len(text_samples) // 3
+    first = text_samples[:8]  # --max_samples 8 still sees both languages and some code
+    assert any(is_chinese(s.text) for s in first) and not all(is_chinese(s.text) for s in first)
+    assert any(re.search(r"^\s*(def |SELECT |fn |#include|function )", s.text, flags=re.M) for s in first)
+    assert load_samples(TEXT_SET) == text_samples  # an image+text model may calibrate on it too
+
+
+def test_text_set_states_its_origin_and_licence():
+    readme = (TEXT_SET / "README.md").read_text(encoding="utf-8")
+    assert re.search(r"^- Licence: CC0 1\.0", readme, flags=re.M)
+    assert re.search(r"^- Origin: all \d+ paragraphs were written for the dist-quant project", readme, flags=re.M)
+    assert f"all {len(load_samples(TEXT_SET, images=False))} paragraphs" in readme
+
+
+def test_bundled_sets_are_package_data():
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((Path(dist_quant.__file__).resolve().parent.parent / "pyproject.toml").read_text())
+    patterns = project["tool"]["setuptools"]["package-data"]["dist_quant"]
+    root = BUNDLED.parent.parent
+    for path in [*TEXT_SET.iterdir(), *BUNDLED.iterdir()]:
+        relative = path.relative_to(root)
+        assert any(relative.match(pattern) for pattern in patterns), f"{relative} would not be installed"
+
+
+def test_every_text_fits_the_cap_as_raw_text(text_samples, tmp_path, caplog):
+    """Raw text (no template), as a text-only model gets it: token ids as the tokenizers library encodes them, and
+    no sample long enough to be cut (the tiny tokenizer spends ~3 tokens on a Chinese character, more than a real
+    Qwen tokenizer)."""
+    train_tokenizer().save_pretrained(tmp_path)
+    tokenizer = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    with caplog.at_level(logging.WARNING, logger="dist_quant"):
+        inputs = build_model_inputs(tmp_path, text_samples, images=False)
+    assert not [r for r in caplog.records if "is cut from" in r.getMessage()]
+    for sample, item in zip(text_samples, inputs, strict=True):
+        assert item.input_ids[0].tolist() == tokenizer.encode(sample.text).ids
+        assert item.input_ids.shape[1] <= DEFAULT_MAX_SAMPLE_TOKENS // 2

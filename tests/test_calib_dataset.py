@@ -33,7 +33,8 @@ def image_dir(tmp_path) -> Path:
 def test_jsonl_index_keeps_file_order_and_resolves_relative_paths(tmp_path):
     write_image(tmp_path / "sub" / "x.png")
     write_image(tmp_path / "y.png")
-    index = write_jsonl(tmp_path / "index.jsonl", [{"image": "y.png", "text": "why"}, {"image": "sub/x.png", "text": "ex"}])
+    index = write_jsonl(tmp_path / "index.jsonl", [{"image": "y.png", "text": "why"},
+                                                   {"image": "sub/x.png", "text": "ex"}])
     samples = load_samples(index)
     assert samples == [
         CalibSample(image=(tmp_path / "y.png").absolute(), text="why"),
@@ -142,11 +143,14 @@ def test_json_index_must_be_a_list(tmp_path):
         load_samples(index)
 
 
-@pytest.mark.parametrize("entry", [["a.png", "t"], {"text": "t"}, {"image": 3, "text": "t"}])
-def test_malformed_entry_is_refused(tmp_path, entry):
-    index = write_jsonl(tmp_path / "index.jsonl", [entry])
-    with pytest.raises(CalibrationError, match=r"index\.jsonl line 1.*\"image\""):
-        load_samples(index)
+@pytest.mark.parametrize("entry, got", [(["a.png", "t"], "got a list"), ({"id": 3}, "got an object with neither"),
+                                        ({"image": 3, "text": "t"}, "its \"image\" is a number, not a path"),
+                                        ("a.png", "got a string")])
+def test_malformed_entry_is_refused(tmp_path, entry, got):
+    index = write_jsonl(tmp_path / "index.jsonl", [{"text": "fine"}, entry])
+    with pytest.raises(CalibrationError, match=r"index\.jsonl line 2: .*\"image\"") as error:
+        load_samples(index, default_text="t")
+    assert got in str(error.value)
 
 
 @pytest.mark.parametrize("escape", ["../outside.png", "sub/../../outside.png", "ABSOLUTE"])

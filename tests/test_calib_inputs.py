@@ -8,17 +8,17 @@ import pytest
 import torch
 from PIL import Image
 from transformers import AutoTokenizer, Qwen3VLMoeForConditionalGeneration
+
 try:
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 except ImportError:  # transformers 5.x without torchvision: the PIL processor's module has it
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
-from helpers import hf_kwargs
-
 from dist_quant.calib.dataset import CalibSample, load_samples
 from dist_quant.calib.inputs import build_model_inputs, model_inputs_for_text
 from dist_quant.errors import CalibrationError, CheckpointError
 from dist_quant.synthetic import make_calibration_set, make_tiny_model
+from helpers import hf_kwargs
 
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
 
@@ -57,6 +57,11 @@ def copy_tokenizer(model_dir: Path, to: Path, preprocessor: dict | None = None) 
     if preprocessor is not None:
         (to / "preprocessor_config.json").write_text(json.dumps(preprocessor))
     return to
+
+
+def chat_template_json(model_dir: Path) -> str:
+    """The model's template in the legacy chat_template.json form."""
+    return json.dumps({"chat_template": (model_dir / "chat_template.jinja").read_text()})
 
 
 def test_one_entry_per_sample_with_batch_size_one(inputs, samples):
@@ -107,7 +112,7 @@ def test_real_style_preprocessor_config_with_size_only(model_dir, samples, input
     preprocessor["image_processor_type"] = "Qwen2VLImageProcessorFast"
     preprocessor["processor_class"] = "Qwen3VLProcessor"
     real_style = copy_tokenizer(model_dir, tmp_path / "real", preprocessor)
-    (real_style / "chat_template.json").write_text(json.dumps({"chat_template": (model_dir / "chat_template.jinja").read_text()}))
+    (real_style / "chat_template.json").write_text(chat_template_json(model_dir))
     for ours, theirs in zip(inputs, build_model_inputs(real_style, samples)):
         assert torch.equal(ours.input_ids, theirs.input_ids)
         assert torch.equal(ours.pixel_values, theirs.pixel_values)
@@ -127,11 +132,12 @@ def test_real_qwen3_vl_patch_size(model_dir, samples, tmp_path):
 
 
 def test_chat_template_json_is_used_when_tokenizer_has_none(model_dir, samples, inputs, tmp_path):
-    bare = copy_tokenizer(model_dir, tmp_path / "bare", json.loads((model_dir / "preprocessor_config.json").read_text()))
+    preprocessor = json.loads((model_dir / "preprocessor_config.json").read_text())
+    bare = copy_tokenizer(model_dir, tmp_path / "bare", preprocessor)
     assert AutoTokenizer.from_pretrained(bare).chat_template is None
     with pytest.raises(CheckpointError, match="no chat template"):
         build_model_inputs(bare, samples)
-    (bare / "chat_template.json").write_text(json.dumps({"chat_template": (model_dir / "chat_template.jinja").read_text()}))
+    (bare / "chat_template.json").write_text(chat_template_json(model_dir))
     assert torch.equal(build_model_inputs(bare, samples[:1])[0].input_ids, inputs[0].input_ids)
 
 
@@ -155,12 +161,15 @@ def test_text_containing_the_image_token_is_refused(model_dir, samples):
         build_model_inputs(model_dir, [sample])
 
 
-def test_text_only_inputs(model_dir, model):
-    item = model_inputs_for_text(model_dir, "Hello there")
+def test_text_only_inputs(model_dir, model, samples, inputs):
+    """A text-only sample beside image samples is a user turn holding the text alone, and the model runs on it."""
+    image_item, item = build_model_inputs(model_dir, [samples[0], CalibSample(image=None, text="Hello there")])
+    assert torch.equal(image_item.input_ids, inputs[0].input_ids)
     assert item.pixel_values is None and item.image_grid_thw is None
     assert set(item.as_kwargs()) == {"input_ids", "attention_mask"}
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     assert tokenizer.decode(item.input_ids[0]) == "<|im_start|>user\nHello there<|im_end|>\n<|im_start|>assistant\n"
+    assert torch.equal(model_inputs_for_text(model_dir, "Hello there").input_ids, item.input_ids)
     with torch.no_grad():
         assert model(**item.as_kwargs()).logits.shape[1] == item.input_ids.shape[1]
 
@@ -191,6 +200,7 @@ def test_sixteen_bit_png_is_scaled_to_eight_bits(model_dir, tmp_path):
     """A 16-bit grayscale PNG opens as mode "I;16"; PIL's own conversion to RGB clips at 255 (all but black turns
     white). Each value v is expected as round(v * 255 / 65535) = round(v / 257) in all three channels."""
     import numpy as np
+
     from dist_quant.calib.inputs import open_image
     values = np.array([[0, 1000, 32896, 40000, 65535, 128]], dtype=np.uint16)
     image = tmp_path / "deep.png"

@@ -1,56 +1,118 @@
-"""`dist-quant check`: a good checkpoint passes every rule, and one mutated copy per rule trips exactly that rule.
+"""`dist-quant check`: a good checkpoint passes every rule, and one mutated copy per rule trips exactly that rule,
+for each model family (Qwen3-VL-MoE and the text-only Qwen3-MoE, each quantized by dist-quant from a tiny model).
 
-The mutations are the mistakes users meet when vLLM Ascend loads a quantized Qwen3-VL (a missing merger or lm_head
-description entry, renamed expert keys, q/k/v split over two types, a quantization_config left in config.json, a
-float32 deq_scale served in float16...); the rules are vLLM Ascend's loader's, as docs/ascend-loader-rules.md reads
-them from its source."""
+The mutations are the mistakes users meet when vLLM Ascend loads a quantized Qwen3-VL or Qwen3-MoE (a missing merger,
+router or lm_head description entry, renamed expert keys, q/k/v split over two types, a quantization_config left in
+config.json, a float32 deq_scale served in float16...); the rules are vLLM Ascend's loader's, as
+docs/ascend-loader-rules.md reads them from its source."""
 
 import json
 import math
 import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from dist_quant.check import check_checkpoint, format_report, refuse_unservable
+from dist_quant.check.ascend import PACKED_MODULES, RULES
 from dist_quant.check.folder import DECODABLE, read_folder
 from dist_quant.cli import main
 from dist_quant.errors import OutputError
-from dist_quant.recipe import DEFAULT_RECIPE
+from dist_quant.models.family import FAMILIES as FAMILY_MODULES
+from dist_quant.models.family import sizes_for
+from dist_quant.recipe import DEFAULT_RECIPE, load_recipe
 from dist_quant.runtime.local import quantize_single_card
-from dist_quant.recipe import load_recipe
-from dist_quant.synthetic import make_calibration_set, make_tiny_model
+from dist_quant.synthetic import make_calibration_set, make_tiny_model, make_tiny_text_model
 
 DESCRIPTION = "quant_model_description.json"
-W4A8 = DEFAULT_RECIPE.parent / "qwen3_vl_moe_w4a8.yaml"
-LAYER0 = "model.language_model.layers.0"
+RECIPES = DEFAULT_RECIPE.parent
+LAYER0 = "model.language_model.layers.0"  # Qwen3-VL-MoE's first layer (the fixture good is its checkpoint)
 BF16 = torch.bfloat16
+TEXTS = ("The quick brown fox jumps over the lazy dog near the river bank.",
+         "def add(a, b):\n    return a + b  # adds two numbers", "Seven times eight is fifty-six.")
 
 
-def quantize(tmp_path_factory, name, dtype, recipe=DEFAULT_RECIPE, **model_args):
-    root = tmp_path_factory.mktemp(name)
-    model = make_tiny_model(root / "model", dtype=dtype, **model_args)
-    save = root / "q"
-    quantize_single_card(str(model), str(save), load_recipe(recipe),
-                         dataset=str(make_calibration_set(root / "calib", num_images=2)), progress=False)
-    return save
+def text_calibration_set(folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    path = folder / "calib.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS), encoding="utf-8")
+    return path
+
+
+@dataclass(frozen=True)
+class Family:
+    """What these tests write by hand about a family's checkpoints: how to make a tiny one, its recipes, and the
+    key names and config fields its mutations touch."""
+
+    model_type: str
+    make_model: Callable  # (folder, **model_args) -> the model folder
+    make_calibration: Callable  # folder -> a calibration set for it
+    layer0: str  # the first decoder layer's module (a MoE layer)
+    float_linear: str  # a FLOAT linear vLLM builds and looks up (R7's mutation drops its entry)
+    foreign_key: str  # a key under none of the module prefixes its vLLM model loads
+    other_model_type: str  # a model_type in neither vLLM Ascend's packed table nor dist-quant's families
+    hijack: Callable  # config.json -> it, with a quantization_config where vLLM reads one
+
+    def recipe(self, quant_type: str) -> Path:
+        return RECIPES / f"{self.model_type}_{quant_type}.yaml"
+
+
+_FP8 = {"quant_method": "fp8"}
+FAMILIES = {f.model_type: f for f in (
+    Family("qwen3_vl_moe", make_tiny_model, lambda folder: make_calibration_set(folder, num_images=2), LAYER0,
+           "model.visual.merger.linear_fc1", "model.layers.0.extra.weight", "qwen3_vl",
+           lambda c: c["text_config"].update(quantization_config=_FP8)),
+    Family("qwen3_moe", make_tiny_text_model, text_calibration_set, "model.layers.0", "model.layers.0.mlp.gate",
+           "layers.0.extra.weight", "qwen3", lambda c: c.update(quantization_config=_FP8)),
+)}
+VARIANTS = {  # name: (source dtype, quant type, model arguments)
+    "good": ("bfloat16", "w8a8", {"mlp_only_layers": (2,)}),  # a dense-MLP layer: its gate/up are a fused group too
+    "fp32": ("float32", "w8a8", {"num_layers": 2}),
+    "w4a8": ("bfloat16", "w4a8", {"num_layers": 2}),
+}
+_built: dict[tuple[str, str], Path] = {}
+
+
+def quantized(tmp_path_factory, family: Family, variant: str) -> Path:
+    """A checkpoint dist-quant quantized from a tiny model of the family (each made once per session)."""
+    if (family.model_type, variant) not in _built:
+        dtype, quant_type, model_args = VARIANTS[variant]
+        root = tmp_path_factory.mktemp(f"{family.model_type}_{variant}")
+        model = family.make_model(root / "model", dtype=dtype, **model_args)
+        quantize_single_card(str(model), str(root / "q"), load_recipe(family.recipe(quant_type)),
+                             dataset=str(family.make_calibration(root / "calib")), progress=False)
+        _built[family.model_type, variant] = root / "q"
+    return _built[family.model_type, variant]
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request) -> Family:
+    return FAMILIES[request.param]
 
 
 @pytest.fixture(scope="module")
 def good(tmp_path_factory):
-    """A bfloat16 W8A8 checkpoint with a dense-MLP layer (its gate/up are a fused group too)."""
-    return quantize(tmp_path_factory, "good", "bfloat16", mlp_only_layers=(2,))
+    """Qwen3-VL-MoE's bfloat16 W8A8 checkpoint with a dense-MLP layer (tests/test_check_hostile.py's too)."""
+    return quantized(tmp_path_factory, FAMILIES["qwen3_vl_moe"], "good")
 
 
 @pytest.fixture(scope="module")
-def good_fp32(tmp_path_factory):
-    return quantize(tmp_path_factory, "fp32", "float32", num_layers=2)
+def family_good(tmp_path_factory, family):
+    return quantized(tmp_path_factory, family, "good")
 
 
 @pytest.fixture(scope="module")
-def good_w4a8(tmp_path_factory):
-    return quantize(tmp_path_factory, "w4a8", "bfloat16", W4A8, num_layers=2)
+def family_fp32(tmp_path_factory, family):
+    return quantized(tmp_path_factory, family, "fp32")
+
+
+@pytest.fixture(scope="module")
+def family_w4a8(tmp_path_factory, family):
+    return quantized(tmp_path_factory, family, "w4a8")
 
 
 def mutate(good, tmp_path, description=None, config=None, tensors=None):
@@ -113,58 +175,62 @@ def changed(key, fn):
     return change
 
 
-def both(*fns):
-    def change(d):
-        for fn in fns:
-            fn(d)
-    return change
+def mutations(f: Family) -> dict:
+    """rule: (what a user would have done, the mutation, check options), on a checkpoint of the family ``f``."""
+    q_proj, k_proj, o_proj = (f"{f.layer0}.self_attn.{p}_proj" for p in ("q", "k", "o"))
+    expert3_up = f"{f.layer0}.mlp.experts.3.up_proj"
+    return {
+        "R1": ("lost the description", lambda ckpt, tmp: _unlink(mutate(ckpt, tmp), DESCRIPTION), {}),
+        "R2": ("a quantization_config left where vLLM reads one", lambda ckpt, tmp: mutate(
+            ckpt, tmp, config=f.hijack), {}),
+        "R3": ("a feature field in the description", lambda ckpt, tmp: mutate(
+            ckpt, tmp, description=add("kv_cache_type", "C8")), {}),
+        "R4": ("another model_type", lambda ckpt, tmp: mutate(
+            ckpt, tmp, config=add("model_type", f.other_model_type)), {}),
+        "R5": ("the float model's index copied along", lambda ckpt, tmp: _touch(
+            mutate(ckpt, tmp), "model.safetensors.index.json", '{"weight_map": {}}'), {}),
+        "R6": ("a key of another layout (another family's, or saved from the inner decoder)", lambda ckpt, tmp: mutate(
+            ckpt, tmp, description=add(f.foreign_key, "FLOAT"), tensors=add(f.foreign_key, torch.zeros(2, dtype=BF16))),
+            {}),
+        "R7": ("a float layer missing from the description (vllm-ascend #7538)", lambda ckpt, tmp: mutate(
+            ckpt, tmp, description=drop(f"{f.float_linear}.weight")), {}),
+        "R8": ("a router described with a type vLLM Ascend has no linear method for", lambda ckpt, tmp: mutate(
+            ckpt, tmp, description=set_types(f"{f.layer0}.mlp.gate", "W4A8_DYNAMIC")), {}),
+        "R9": ("lm_head.weight missing from the description (vllm-ascend #8367)", lambda ckpt, tmp: mutate(
+            ckpt, tmp, description=drop("lm_head.weight")), {}),
+        "R10": ("q/k/v split over two types", lambda ckpt, tmp: mutate(
+            ckpt, tmp, description=set_types(k_proj, "W8A8_DYNAMIC")), {}),
+        "R11": ("one expert described differently from expert 0", lambda ckpt, tmp: mutate(
+            ckpt, tmp, description=set_types(expert3_up, "W4A8_DYNAMIC")), {}),
+        "R12": ("a bfloat16 checkpoint served in float16: deq_scale float32 where int64 is created",
+                lambda ckpt, tmp: mutate(ckpt, tmp), {"serve_dtype": "float16"}),
+        "R13": ("k_proj calibrated apart from q_proj", lambda ckpt, tmp: mutate(
+            ckpt, tmp, tensors=changed(f"{k_proj}.input_scale", lambda t: t * 2)), {}),
+        "R17": ("a tensor-parallel size that does not divide the heads", lambda ckpt, tmp: mutate(ckpt, tmp),
+                {"tp": 3}),
+        "R18": ("an expert key renamed (per-expert names, vllm-ascend #4035/#4797)", lambda ckpt, tmp: mutate(
+            ckpt, tmp,
+            description=rename(f"{expert3_up}.weight_scale", f"{f.layer0}.mlp.experts.300.up_proj.weight_scale"),
+            tensors=rename(f"{expert3_up}.weight_scale", f"{f.layer0}.mlp.experts.300.up_proj.weight_scale")), {}),
+        "R20": ("a tensor its method has no parameter for", lambda ckpt, tmp: mutate(
+            ckpt, tmp, description=add(f"{q_proj}.scale_bias", "W8A8"),
+            tensors=add(f"{q_proj}.scale_bias", torch.ones(64, 1))), {}),
+        "R21": ("a tensor lost", lambda ckpt, tmp: mutate(
+            ckpt, tmp, description=drop(f"{o_proj}.quant_bias"), tensors=drop(f"{o_proj}.quant_bias")), {}),
+        "R22": ("quant_bias widened to int64", lambda ckpt, tmp: mutate(
+            ckpt, tmp, tensors=changed(f"{o_proj}.quant_bias", lambda t: t.to(torch.int64))), {}),
+        "R23": ("deq_scale as a column", lambda ckpt, tmp: mutate(
+            ckpt, tmp, tensors=changed(f"{o_proj}.deq_scale", lambda t: t[:, None].contiguous())), {}),
+        "R24": ("a description entry lost", lambda ckpt, tmp: mutate(
+            ckpt, tmp, description=drop(f"{q_proj}.input_scale")), {}),
+    }
 
 
-Q, K, O = (f"{LAYER0}.self_attn.{p}_proj" for p in ("q", "k", "o"))
-EXPERT3_UP = f"{LAYER0}.mlp.experts.3.up_proj"
-MUTATIONS = {  # rule: (what a user would have done, the mutation, check options)
-    "R1": ("lost the description", lambda ckpt, tmp: _unlink(mutate(ckpt, tmp), DESCRIPTION), {}),
-    "R2": ("a quantization_config left in text_config", lambda ckpt, tmp: mutate(
-        ckpt, tmp, config=lambda c: c["text_config"].update(quantization_config={"quant_method": "fp8"})), {}),
-    "R3": ("a feature field in the description", lambda ckpt, tmp: mutate(
-        ckpt, tmp, description=add("kv_cache_type", "C8")), {}),
-    "R4": ("another model_type", lambda ckpt, tmp: mutate(ckpt, tmp, config=add("model_type", "qwen3_vl")), {}),
-    "R5": ("the float model's index copied along", lambda ckpt, tmp: _touch(
-        mutate(ckpt, tmp), "model.safetensors.index.json", '{"weight_map": {}}'), {}),
-    "R6": ("a text-only key name", lambda ckpt, tmp: mutate(
-        ckpt, tmp, description=add("model.layers.0.extra.weight", "FLOAT"),
-        tensors=add("model.layers.0.extra.weight", torch.zeros(2, dtype=BF16))), {}),
-    "R7": ("the float vision merger missing from the description (vllm-ascend #7538)", lambda ckpt, tmp: mutate(
-        ckpt, tmp, description=drop("model.visual.merger.linear_fc1.weight")), {}),
-    "R8": ("a router described with a type vLLM Ascend has no linear method for", lambda ckpt, tmp: mutate(
-        ckpt, tmp, description=set_types(f"{LAYER0}.mlp.gate", "W4A8_DYNAMIC")), {}),
-    "R9": ("lm_head.weight missing from the description (vllm-ascend #8367)", lambda ckpt, tmp: mutate(
-        ckpt, tmp, description=drop("lm_head.weight")), {}),
-    "R10": ("q/k/v split over two types", lambda ckpt, tmp: mutate(
-        ckpt, tmp, description=set_types(K, "W8A8_DYNAMIC")), {}),
-    "R11": ("one expert described differently from expert 0", lambda ckpt, tmp: mutate(
-        ckpt, tmp, description=set_types(EXPERT3_UP, "W4A8_DYNAMIC")), {}),
-    "R12": ("a bfloat16 checkpoint served in float16: deq_scale float32 where int64 is created",
-            lambda ckpt, tmp: mutate(ckpt, tmp), {"serve_dtype": "float16"}),
-    "R13": ("k_proj calibrated apart from q_proj", lambda ckpt, tmp: mutate(
-        ckpt, tmp, tensors=changed(f"{K}.input_scale", lambda t: t * 2)), {}),
-    "R17": ("a tensor-parallel size that does not divide the heads", lambda ckpt, tmp: mutate(ckpt, tmp),
-            {"tp": 3}),
-    "R18": ("an expert key renamed (per-expert names, vllm-ascend #4035/#4797)", lambda ckpt, tmp: mutate(
-        ckpt, tmp, description=rename(f"{EXPERT3_UP}.weight_scale", f"{LAYER0}.mlp.experts.300.up_proj.weight_scale"),
-        tensors=rename(f"{EXPERT3_UP}.weight_scale", f"{LAYER0}.mlp.experts.300.up_proj.weight_scale")), {}),
-    "R20": ("a tensor its method has no parameter for", lambda ckpt, tmp: mutate(
-        ckpt, tmp, description=add(f"{Q}.scale_bias", "W8A8"),
-        tensors=add(f"{Q}.scale_bias", torch.ones(64, 1))), {}),
-    "R21": ("a tensor lost", lambda ckpt, tmp: mutate(
-        ckpt, tmp, description=drop(f"{O}.quant_bias"), tensors=drop(f"{O}.quant_bias")), {}),
-    "R22": ("quant_bias widened to int64", lambda ckpt, tmp: mutate(
-        ckpt, tmp, tensors=changed(f"{O}.quant_bias", lambda t: t.to(torch.int64))), {}),
-    "R23": ("deq_scale as a column", lambda ckpt, tmp: mutate(
-        ckpt, tmp, tensors=changed(f"{O}.deq_scale", lambda t: t[:, None].contiguous())), {}),
-    "R24": ("a description entry lost", lambda ckpt, tmp: mutate(
-        ckpt, tmp, description=drop(f"{Q}.input_scale")), {}),
-}
+MUTATIONS = mutations(FAMILIES["qwen3_vl_moe"])
+
+
+def violations(report, rule):
+    return next(v.violations for v in report.verdicts if v.rule.id == rule)
 
 
 def _unlink(folder, name):
@@ -177,50 +243,122 @@ def _touch(folder, name, text):
     return folder
 
 
-def test_good_checkpoints_pass_every_rule(good, good_fp32, good_w4a8):
-    for ckpt in (good, good_fp32, good_w4a8):
+def test_good_checkpoints_pass_every_rule(family_good, family_fp32, family_w4a8):
+    for ckpt in (family_good, family_fp32, family_w4a8):
         report = check_checkpoint(ckpt)
         assert report.ok, format_report(report)
         assert report.engines and not [v for v in report.verdicts if v.status == "n/a"]
-    assert check_checkpoint(good).serve_dtype == "bfloat16" and check_checkpoint(good_fp32).serve_dtype == "float16"
-    assert check_checkpoint(good, tp=2).ok and check_checkpoint(good_w4a8, tp=2).ok
+    assert check_checkpoint(family_good).serve_dtype == "bfloat16"
+    assert check_checkpoint(family_fp32).serve_dtype == "float16"
+    assert check_checkpoint(family_good, tp=2).ok and check_checkpoint(family_w4a8, tp=2).ok
 
 
-def test_every_rule_has_a_mutation():
-    from dist_quant.check.ascend import RULES
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_every_rule_has_a_mutation(model_type):
+    assert set(mutations(FAMILIES[model_type])) == set(RULES)
 
-    assert set(MUTATIONS) == set(RULES)
 
-
-@pytest.mark.parametrize("rule", sorted(MUTATIONS, key=lambda r: int(r[1:])))
-def test_a_mutation_trips_exactly_its_rule(good, tmp_path, rule):
-    what, make, options = MUTATIONS[rule]
-    report = check_checkpoint(make(good, tmp_path), **options)
+@pytest.mark.parametrize("rule", sorted(RULES, key=lambda r: int(r[1:])))
+def test_a_mutation_trips_exactly_its_rule(family, family_good, tmp_path, rule):
+    what, make, options = mutations(family)[rule]
+    report = check_checkpoint(make(family_good, tmp_path), **options)
     assert report.failed() == [rule], f"{what}:\n{format_report(report)}"
     assert report.ok == (rule == "R24") and bool(report.engines) == (rule == "R24")  # R24 only warns
 
 
-def test_a_float32_deq_scale_in_a_float32_model_fails_float16_serving(good_fp32, tmp_path):
+def test_a_model_type_is_one_vllm_ascend_packs_and_dist_quant_has_a_family_for(good, tmp_path):
+    """R4's two halves apart: a model_type vLLM Ascend fuses the experts of but dist-quant has no family for, and one
+    that is in neither (dense Qwen3: vLLM Ascend keeps the model's own packed modules, which have no experts)."""
+    def r4(model_type, name):
+        report = check_checkpoint(mutate(good, tmp_path / name, config=add("model_type", model_type)))
+        assert report.failed() == ["R4"], format_report(report)
+        return violations(report, "R4")
+    only_ascend = r4("glm4_moe", "glm")
+    assert len(only_ascend) == 1 and only_ascend[0].startswith("config.json: model_type is 'glm4_moe'; dist-quant "
+                                                               "supports 'qwen3_vl_moe' (Qwen3-VL-MoE), 'qwen3_moe'")
+    neither = r4("qwen3", "dense")
+    assert neither[0] == ("model_type is 'qwen3': vLLM Ascend has no packed modules for it, so it would look its "
+                          "experts up as one layer (KeyError at load)") and "dist-quant supports" in neither[1]
+
+
+def test_every_family_fuses_the_modules_vllm_ascend_packs():
+    """The fused groups the rules use (each family's FUSED_GROUPS, written by hand) are the shards vLLM Ascend's
+    packed-module table (a copy of its source: dist_quant/check/vllm_ascend_packed_modules.json) looks up for the
+    family's model_type: every group is one packed module's shards under their parent module, and every packed
+    module is a group."""
+    def packed_as(group, packed):
+        """The packed module whose shards, under one parent module, are the group's members (None: none is)."""
+        for name, shards in packed.items():
+            parent = group[0][:len(group[0]) - len(shards[0])]  # "self_attn.", "mlp."
+            if parent.endswith(".") and list(group) == [parent + shard for shard in shards]:
+                return name
+        return None
+
+    for model_type in FAMILY_MODULES:
+        packed = PACKED_MODULES[model_type]
+        names = [packed_as(group, packed) for group in sizes_for(model_type).FUSED_GROUPS]
+        assert None not in names and sorted(names) == sorted(packed), (model_type, names)
+
+
+def test_the_package_ships_the_packed_module_table():
+    tomllib = pytest.importorskip("tomllib")
+    config = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text(encoding="utf-8"))
+    assert "check/*.json" in config["tool"]["setuptools"]["package-data"]["dist_quant"]
+
+
+def test_a_checkpoint_in_vllm_s_names_passes(good, tmp_path):
+    """vLLM maps the checkpoint's and the description's keys by the model's hf_to_vllm_mapper, so keys already in
+    vLLM's names load too (Qwen3-VL-MoE's: model.visual. -> visual., model.language_model. ->
+    language_model.model., lm_head. -> language_model.lm_head.)."""
+    served = (("model.visual.", "visual."), ("model.language_model.", "language_model.model."),
+              ("lm_head.", "language_model.lm_head."))
+
+    def renamed(d):
+        for key in list(d):
+            hf, vllm = next(((hf, vllm) for hf, vllm in served if key.startswith(hf)), ("", ""))
+            if hf:
+                d[vllm + key[len(hf):]] = d.pop(key)
+    folder = mutate(good, tmp_path, description=renamed, tensors=renamed)
+    assert "language_model.lm_head.weight" in json.loads((folder / DESCRIPTION).read_text())
+    report = check_checkpoint(folder)
+    assert report.ok and not report.failed(), format_report(report)
+
+
+def test_the_serving_dtype_of_a_model_type_without_a_family_is_the_one_config_json_states(good, tmp_path):
+    def config(dtype, where):
+        def change(c):
+            c["model_type"] = "qwen3"
+            for section in (c, c["text_config"]):
+                for key in ("dtype", "torch_dtype"):
+                    section.pop(key, None)
+            (c if where == "top" else c["text_config"])["torch_dtype"] = dtype
+        return change
+    for i, (dtype, where, served) in enumerate((("float32", "top", "float16"), ("bfloat16", "text", "bfloat16"),
+                                               ("float16", "text", "float16"))):
+        assert check_checkpoint(mutate(good, tmp_path / str(i), config=config(dtype, where))).serve_dtype == served
+
+
+def test_a_float32_deq_scale_in_a_float32_model_fails_float16_serving(family_fp32, tmp_path):
     """The defect dist-quant had before 2026-12-03: float32 deq_scale for a float32 source, which vLLM's --dtype auto
     serves in float16, where the parameter is int64."""
     def floats(tensors):
         for key in [k for k in tensors if k.endswith(".deq_scale")]:
             tensors[key] = tensors[key].to(torch.int32).view(torch.float32)
-    report = check_checkpoint(mutate(good_fp32, tmp_path, tensors=floats))
-    assert report.failed() == ["R12"] and "deq_scale is F32, the parameter I64" in report.verdicts[11].violations[0]
-    assert check_checkpoint(good_fp32, serve_dtype="bfloat16").failed() == ["R12"]  # bf16 serving: float32
+    report = check_checkpoint(mutate(family_fp32, tmp_path, tensors=floats))
+    assert report.failed() == ["R12"] and "deq_scale is F32, the parameter I64" in violations(report, "R12")[0]
+    assert check_checkpoint(family_fp32, serve_dtype="bfloat16").failed() == ["R12"]  # bf16 serving: float32
 
 
-def test_w4a8_rules(good_w4a8, tmp_path):
-    report = check_checkpoint(mutate(good_w4a8, tmp_path, description=add("group_size", 64)))
+def test_w4a8_rules(family, family_w4a8, tmp_path):
+    report = check_checkpoint(mutate(family_w4a8, tmp_path, description=add("group_size", 64)))
     assert report.failed() == ["R3"]
-    assert "group_size" in report.verdicts[2].violations[0]
-    report = check_checkpoint(mutate(good_w4a8, tmp_path / "v", description=add("version", "0.1.0")))
+    assert "group_size" in violations(report, "R3")[0]
+    report = check_checkpoint(mutate(family_w4a8, tmp_path / "v", description=add("version", "0.1.0")))
     assert report.failed() == ["R3"]  # vLLM Ascend reads int4 codes packed only for version 1.0.0
-    assert report.verdicts[2].violations == ["version is '0.1.0': W4A8 needs \"1.0.0\" (the packed layout)"]
-    assert check_checkpoint(good_w4a8, tp=32).failed() == ["R17"]  # and heads; also 16 scale_bias chunks
-    down = f"{LAYER0}.mlp.experts.0.down_proj"
-    squeezed = mutate(good_w4a8, tmp_path / "b", tensors=changed(f"{down}.scale_bias", lambda t: t[:, :1].clone()))
+    assert violations(report, "R3") == ["version is '0.1.0': W4A8 needs \"1.0.0\" (the packed layout)"]
+    assert check_checkpoint(family_w4a8, tp=32).failed() == ["R17"]  # and heads; also 16 scale_bias chunks
+    down = f"{family.layer0}.mlp.experts.0.down_proj"
+    squeezed = mutate(family_w4a8, tmp_path / "b", tensors=changed(f"{down}.scale_bias", lambda t: t[:, :1].clone()))
     assert check_checkpoint(squeezed).failed() == ["R23"]
 
 
@@ -236,13 +374,14 @@ def test_the_cli_prints_the_table_and_exits_1_on_a_violation(good, tmp_path, cap
     assert main(["check", str(tmp_path / "nowhere")]) == 2
 
 
-def test_quant_checks_its_output_before_publishing(good, tmp_path):
-    assert "check: ascendv1 (msModelSlim) for vLLM Ascend: loads on vLLM Ascend" in (good / "quant_run.log").read_text()
+def test_quant_checks_its_output_before_publishing(family, family_good, tmp_path):
+    log = (family_good / "quant_run.log").read_text()
+    assert "check: ascendv1 (msModelSlim) for vLLM Ascend: loads on vLLM Ascend" in log
     with pytest.raises(OutputError, match="not published"):
-        refuse_unservable(MUTATIONS["R9"][1](good, tmp_path))
+        refuse_unservable(mutations(family)["R9"][1](family_good, tmp_path))
 
 
-def test_msmodelslim_extras_pass_and_foreign_fields_only_warn(good, tmp_path):
+def test_msmodelslim_extras_pass_and_foreign_fields_only_warn(family_good, tmp_path):
     """msModelSlim's W8A8 may carry weight_scale/weight_offset (vLLM Ascend creates them, unused); an unknown
     description field is ignored by the loader: a warning, not a failure."""
     def scales(tensors):
@@ -256,7 +395,7 @@ def test_msmodelslim_extras_pass_and_foreign_fields_only_warn(good, tmp_path):
             base = key[:-len(".deq_scale")]
             description[f"{base}.weight_scale"] = description[f"{base}.weight_offset"] = "W8A8"
         description["made_by"] = "someone"
-    report = check_checkpoint(mutate(good, tmp_path, description=entries, tensors=scales))
+    report = check_checkpoint(mutate(family_good, tmp_path, description=entries, tensors=scales))
     assert report.failed() == ["R24"] and report.ok and report.verdicts[-1].status == "warn"
 
 

@@ -8,13 +8,13 @@ import sys
 import time
 
 import torch
-from helpers import deadline
 
 from dist_quant.check import check_checkpoint, format_report
 from dist_quant.check.ascend import RULES
+from helpers import deadline
 from test_check import DESCRIPTION, LAYER0, add, changed, good, mutate  # noqa: F401 (good: a fixture)
 
-O = f"{LAYER0}.self_attn.o_proj"
+O_PROJ = f"{LAYER0}.self_attn.o_proj"
 
 
 def violations(report, rule):
@@ -43,10 +43,11 @@ def test_a_folder_named_safetensors_is_a_violation(good, tmp_path):
 def test_non_finite_input_offset_and_scale_are_violations_naming_the_tensor(good, tmp_path):
     for i, (role, value) in enumerate((("input_offset", float("nan")), ("input_offset", float("inf")),
                                        ("input_scale", float("nan")), ("input_scale", 0.0))):
-        folder = mutate(good, tmp_path / str(i), tensors=changed(f"{O}.{role}", lambda t: torch.full_like(t, value)))
+        folder = mutate(good, tmp_path / str(i),
+                        tensors=changed(f"{O_PROJ}.{role}", lambda t: torch.full_like(t, value)))
         report = check_checkpoint(folder)
         assert report.failed() == ["R12"], format_report(report)
-        assert violations(report, "R12")[0].startswith(f"{O}.{role} is {value}")
+        assert violations(report, "R12")[0].startswith(f"{O_PROJ}.{role} is {value}")
 
 
 def test_a_deeply_nested_description_is_refused_naming_the_file(good, tmp_path):

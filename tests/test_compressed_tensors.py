@@ -436,3 +436,28 @@ def test_the_export_itself_ignores_every_float_linear_and_keeps_static_inputs_st
     groups = QuantizationConfig.model_validate(qc).config_groups
     assert groups["W8A8"].input_activations.dynamic is False
     assert groups["W8A8_DYNAMIC"].input_activations.dynamic is True
+
+
+@pytest.mark.parametrize("model_type, key, vllm_module", [
+    ("qwen3_vl_moe", "model.language_model.layers.0.mlp.experts.0.up_proj.weight",
+     "language_model.model.layers.0.mlp.experts.0.up_proj"),  # vLLM's Qwen3-VL-MoE renames the text model
+    ("qwen3_moe", "model.layers.0.mlp.experts.0.up_proj.weight", "model.layers.0.mlp.experts.0.up_proj"),
+])
+def test_published_types_match_regexes_against_the_familys_vllm_names(tmp_path, model_type, key, vllm_module):
+    """A ``re:`` target is matched against the name vLLM's model class of config.json's family gives the module
+    (written out here by hand): the same regex against the checkpoint's own name would match for one family only."""
+    from dist_quant.checkpoint.formats import compressed_tensors as ct
+    from dist_quant.errors import CheckpointError
+
+    def publish(config_model_type, target):
+        qc = {"config_groups": {"W8A8_DYNAMIC": {"targets": [target]}}, "quant_method": "compressed-tensors"}
+        (tmp_path / "config.json").write_text(json.dumps({"model_type": config_model_type, "quantization_config": qc}))
+        (tmp_path / ct.INDEX_FILE).write_text(json.dumps({"weight_map": {key: "model.safetensors"}}))
+
+    publish(model_type, "re:" + vllm_module.replace(".", r"\.") + "$")
+    assert ct.published_types(tmp_path) == {key: "W8A8_DYNAMIC"}
+    publish(model_type, "re:" + key.removesuffix(".weight").replace(".", r"\.") + "$")
+    assert ct.published_types(tmp_path) == {key: "W8A8_DYNAMIC" if key.startswith(vllm_module) else "FLOAT"}
+    publish("llama", "re:.*")
+    with pytest.raises(CheckpointError, match="model_type is 'llama'"):
+        ct.published_types(tmp_path)

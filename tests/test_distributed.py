@@ -8,13 +8,12 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from helpers import assert_same_checkpoint, read_checkpoint
-
 from dist_quant.errors import DistQuantError
 from dist_quant.recipe import load_recipe
 from dist_quant.runtime.local import quantize_single_card
 from dist_quant.runtime.ray_driver import quantize_distributed
 from dist_quant.synthetic import make_tiny_model
+from helpers import assert_same_checkpoint, read_checkpoint
 
 pytestmark = pytest.mark.ray
 GROUP = 2  # 8 experts -> 4 groups per layer: several units per layer to spread, and more groups than top-k

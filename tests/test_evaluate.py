@@ -12,8 +12,8 @@ from safetensors import safe_open
 
 from dist_quant.calib.dataset import load_samples
 from dist_quant.calib.inputs import build_model_inputs
-from dist_quant.cli import main
 from dist_quant.checkpoint.formats import ascendv1
+from dist_quant.cli import main
 from dist_quant.evaluate import ServedModel, checkpoint_fingerprint, evaluate, logit_metrics
 from dist_quant.models.family import load_checked
 from dist_quant.schemes import LinearSpec, w8a8, w8a8_dynamic
@@ -95,7 +95,8 @@ def test_w8a8_checkpoint_is_close_and_the_cli_writes_json(tiny_model, calib_inde
     assert 0 < report["kl_divergence"] < 0.01 and report["top1_agreement"] > 0.8
     printed = capsys.readouterr()
     assert "top-1 agreement" in printed.out
-    assert report["quant_path"] == str(save.resolve()) and report["checkpoint_fingerprint"] == checkpoint_fingerprint(save)
+    assert report["quant_path"] == str(save.resolve())
+    assert report["checkpoint_fingerprint"] == checkpoint_fingerprint(save)
     assert report["held_out"] is True and report["dataset"] == str(calib_index.resolve())  # the user's word
 
 
@@ -248,7 +249,8 @@ def test_kl_divergence_is_from_the_float_distribution():
     is 0.5152; the second token agrees (KL 0, same top-1), the first does not."""
     p, q = [0.5, 0.25, 0.25], [0.1, 0.2, 0.7]
     reference = torch.tensor([p, [0.2, 0.7, 0.1]], dtype=torch.float64).log()
-    other = torch.tensor([q, [0.2, 0.7, 0.1]], dtype=torch.float64).log() + 3.0  # logits: a shift changes no probability
+    # logits: a shift changes no probability
+    other = torch.tensor([q, [0.2, 0.7, 0.1]], dtype=torch.float64).log() + 3.0
     kl, agree = logit_metrics(reference, other)
     expected = 0.5 * math.log(0.5 / 0.1) + 0.25 * math.log(0.25 / 0.2) + 0.25 * math.log(0.25 / 0.7)
     assert kl == pytest.approx(expected / 2, rel=1e-12) and agree == 0.5

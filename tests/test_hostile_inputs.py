@@ -15,9 +15,6 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from helpers import deadline, read_checkpoint
-from test_bad_inputs import PLAIN_RECIPE, WEIGHTS, calib_copy, model, quant_args, refused, sharded_model  # noqa: F401
-
 from dist_quant import synthetic
 from dist_quant.calib.dataset import CalibSample
 from dist_quant.calib.inputs import DEFAULT_MAX_SAMPLE_TOKENS, IMAGE_TOKEN, build_model_inputs, load_tokenizer
@@ -27,6 +24,8 @@ from dist_quant.cli import main
 from dist_quant.errors import CalibrationError
 from dist_quant.models import qwen3_vl_moe as qvl
 from dist_quant.synthetic import make_tiny_model
+from helpers import deadline, read_checkpoint
+from test_bad_inputs import PLAIN_RECIPE, WEIGHTS, calib_copy, model, quant_args, refused, sharded_model  # noqa: F401
 
 INDEX = "model.safetensors.index.json"
 SECRET = b"SECRET-do-not-print-me-0123456789"

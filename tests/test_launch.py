@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+
 from helpers import assert_same_checkpoint, read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,15 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import mounted_tmpfs
-from test_bad_inputs import Q_PROJ, model, refused, rewrite_tensor  # noqa: F401
-
 from dist_quant.algorithms.gptq import Hessian
 from dist_quant.algorithms.int4 import ssz_scale
 from dist_quant.errors import CalibrationError, CheckpointError, OutputError, RecipeError
 from dist_quant.schemes import SCHEMES, LinearSpec
 from dist_quant.schemes.base import QSpec
 from dist_quant.synthetic import make_tiny_model
+from helpers import mounted_tmpfs
+from test_bad_inputs import Q_PROJ, model, refused, rewrite_tensor  # noqa: F401
 
 F32_MAX = 3.4028234663852886e38  # (2 - 2**-23) * 2**127
 BF16_MAX = 3.3895313892515355e38  # (2 - 2**-7) * 2**127

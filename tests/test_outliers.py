@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_evaluate import float_only, quantize
 
 from dist_quant.algorithms.hadamard import check_orthogonal
 from dist_quant.calib.dataset import load_samples
@@ -17,6 +16,7 @@ from dist_quant.evaluate import evaluate
 from dist_quant.models import qwen3_vl_moe as qvl
 from dist_quant.recipe import DEFAULT_RECIPE
 from dist_quant.synthetic import make_calibration_set, make_tiny_model
+from test_evaluate import float_only, quantize
 
 PLAIN_RECIPE = Path(__file__).parent / "data" / "plain_w8a8.yaml"
 
@@ -49,7 +49,8 @@ def test_transformed_float_model_gives_the_same_logits(dense_model, transformed,
 
 
 def test_the_weights_really_were_transformed(dense_model, transformed):
-    source, out = CheckpointReader(dense_model), CheckpointReader(transformed, weights_name="quant_model_weights.safetensors")
+    source = CheckpointReader(dense_model)
+    out = CheckpointReader(transformed, weights_name="quant_model_weights.safetensors")
     layer = "model.language_model.layers"
     for key in (f"{layer}.0.self_attn.q_proj.weight", f"{layer}.1.mlp.gate.weight", "lm_head.weight",
                 "model.language_model.embed_tokens.weight", "model.visual.merger.linear_fc2.weight",
@@ -61,7 +62,8 @@ def test_the_weights_really_were_transformed(dense_model, transformed):
     assert torch.equal(out.get(f"{layer}.0.post_attention_layernorm.weight"), torch.ones(64))
     assert not torch.equal(out.get(f"{layer}.0.input_layernorm.weight"), torch.ones(64))  # 1 / smoothing scales
     assert not torch.equal(out.get(f"{layer}.2.post_attention_layernorm.weight"), torch.ones(64))  # dense: smoothed
-    assert torch.equal(out.get("model.visual.blocks.0.attn.qkv.weight"), source.get("model.visual.blocks.0.attn.qkv.weight"))
+    assert torch.equal(out.get("model.visual.blocks.0.attn.qkv.weight"),
+                       source.get("model.visual.blocks.0.attn.qkv.weight"))
 
 
 def test_rotation_is_exported_and_described(transformed):
@@ -86,7 +88,8 @@ def test_static_ranges_equal_a_forward_of_the_transformed_model(dense_model, tra
 
     def observed_linear(name):
         module = linear(name)
-        module.register_forward_pre_hook(lambda m, a: seen.setdefault(name, []).append(a[0].reshape(-1, a[0].shape[-1])))
+        module.register_forward_pre_hook(
+            lambda m, a: seen.setdefault(name, []).append(a[0].reshape(-1, a[0].shape[-1])))
         return module
 
     checkpoint.linear = observed_linear
@@ -95,7 +98,8 @@ def test_static_ranges_equal_a_forward_of_the_transformed_model(dense_model, tra
     for _ in ev.interpret(ev.plan_units(config), None, inputs, runner):
         pass
     for layer in range(4):
-        for name in ("self_attn.q_proj", "self_attn.o_proj") + (("mlp.gate_proj", "mlp.down_proj") if layer == 2 else ()):
+        dense_mlp = ("mlp.gate_proj", "mlp.down_proj") if layer == 2 else ()
+        for name in ("self_attn.q_proj", "self_attn.o_proj") + dense_mlp:
             key = f"model.language_model.layers.{layer}.{name}"
             x = torch.cat(seen[key])
             lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)

@@ -13,9 +13,19 @@ from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeVis
 from dist_quant.cli import main
 from dist_quant.models.qwen3_vl_moe import load_config
 from dist_quant.recipe import DEFAULT_RECIPE
+from dist_quant.runtime.plan import (
+    OBJECT_STORE_STREAMS,
+    RUNTIME_OVERHEAD,
+    GiB,
+    Kind,
+    Unit,
+    assign_units,
+    build_plan,
+    image_share,
+    plan_units,
+    unit_peak_bytes,
+)
 from dist_quant.runtime.runner import can_see
-from dist_quant.runtime.plan import (OBJECT_STORE_STREAMS, RUNTIME_OVERHEAD, GiB, Kind, Unit, assign_units,
-                                     build_plan, image_share, plan_units, unit_peak_bytes)
 
 DATA = Path(__file__).parent / "data"
 PARAMS = {"Qwen3-VL-235B-A22B": 235.67e9, "Qwen3-VL-30B-A3B": 31.07e9}  # public parameter counts

@@ -6,13 +6,16 @@ from pathlib import Path
 import pytest
 
 from dist_quant import recipe as recipe_module
-from dist_quant.cli import main
-from dist_quant.errors import RecipeError
-from dist_quant.presets import BUNDLED_CONFIGS, PRESETS, find_preset
+from dist_quant.cli import _recipe, _warn_model_type, build_parser, main
+from dist_quant.errors import DistQuantError, RecipeError
+from dist_quant.presets import BUNDLED_CONFIGS, PRESETS, default_model_type, find_preset
 from dist_quant.recipe import load_recipe
 
 MSMODELSLIM_STYLE = Path(__file__).parent / "data" / "msmodelslim_style.yaml"
 REFERENCE_CONFIGS = Path(__file__).parent / "data"  # the released config.json files (shared/reference-configs)
+# the reference config of each model type with a preset: Qwen3-MoE's are built from the published dimensions
+CONFIG_FILES = {"Qwen3-VL-235B-A22B": "Qwen3-VL-235B-A22B", "Qwen3-VL-30B-A3B": "Qwen3-VL-30B-A3B",
+                "Qwen3-235B-A22B": "Qwen3-235B-A22B-Instruct-2507", "Qwen3-30B-A3B": "Qwen3-30B-A3B"}
 
 
 @pytest.mark.parametrize("model_type", ["Qwen3-VL-235B-A22B", "Qwen3-VL-30B-A3B"])
@@ -98,9 +101,11 @@ def test_a_model_type_that_is_not_the_model_is_said(tiny_model, tmp_path, caplog
 def test_the_model_shapes_are_the_released_configs():
     from dist_quant.presets import MODEL_SHAPES, model_type_mismatch
 
+    assert set(MODEL_SHAPES) == set(CONFIG_FILES) == {p.model_type for p in PRESETS}
     for model_type in MODEL_SHAPES:
-        config = json.loads((REFERENCE_CONFIGS / f"{model_type}.config.json").read_text())
+        config = reference_config(model_type)
         assert model_type_mismatch(model_type, config) is None
+        assert config["model_type"] == find_preset(model_type, "w8a8").family
 
 
 @pytest.mark.parametrize("command", ["quant", "plan", "eval", "presets"])
@@ -123,7 +128,7 @@ def test_a_recipe_without_dataset_uses_the_bundled_photos(tmp_path):
 
 def test_presets_point_at_the_bundled_recipes():
     """presets.py names the bundled folder itself (it must not import recipe.py, which imports torch)."""
-    assert BUNDLED_CONFIGS == recipe_module.BUNDLED_CONFIGS
+    assert recipe_module.DEFAULT_RECIPE.parent == BUNDLED_CONFIGS
     assert all(p.recipe.is_file() and p.recipe.parent == BUNDLED_CONFIGS for p in PRESETS)
 
 
@@ -137,3 +142,100 @@ def test_the_model_type_warning_never_blocks_on_a_fifo_config(tmp_path, capsys):
     with deadline(60):
         assert main(["plan", "--model_path", str(tmp_path), "--model_type", "Qwen3-VL-30B-A3B"]) == 2
     assert "is a FIFO (named pipe), not a regular file" in capsys.readouterr().err
+
+
+# --- Qwen3-MoE presets, and the preset config.json picks --------------------------------------------------------------
+
+def reference_config(model_type: str) -> dict:
+    return json.loads((REFERENCE_CONFIGS / f"{CONFIG_FILES[model_type]}.config.json").read_text())
+
+
+@pytest.mark.parametrize("model_type", ["Qwen3-235B-A22B", "Qwen3-30B-A3B"])
+def test_qwen3_moe_presets(model_type):
+    """Text-only recipes: attention static W8A8, the router float, experts W8A8_DYNAMIC (w8a8) or W4A8_DYNAMIC
+    (w4a8)."""
+    for quant_type, experts in (("w8a8", "W8A8_DYNAMIC"), ("w4a8", "W4A8_DYNAMIC")):
+        preset = find_preset(model_type, quant_type)
+        assert preset.family == "qwen3_moe" and preset.recipe.name == f"qwen3_moe_{quant_type}.yaml"
+        recipe = load_recipe(preset.recipe)
+        assert [recipe.quant_type(f"model.layers.3.{n}") for n in ("self_attn.q_proj", "self_attn.o_proj",
+                                                                  "mlp.gate", "mlp.experts.9.down_proj")] == [
+            "W8A8", "W8A8", "FLOAT", experts]
+
+
+def test_msmodelslims_names_are_accepted():
+    """msModelSlim's config.ini names Qwen3-MoE models Qwen3-235B and Qwen3-30B."""
+    assert find_preset("Qwen3-235B", "w4a8") == find_preset("Qwen3-235B-A22B", "w4a8")
+    assert find_preset("Qwen3-30B", "W8A8") == find_preset("Qwen3-30B-A3B", "w8a8")
+    args = build_parser().parse_args(["plan", "--model_path", "m", "--model_type", "Qwen3-235B"])
+    assert args.model_type == "Qwen3-235B"
+
+
+@pytest.mark.parametrize("model_type", list(CONFIG_FILES))
+def test_a_config_picks_its_own_preset(model_type):
+    assert default_model_type(reference_config(model_type)) == model_type
+
+
+def test_a_config_of_no_preset_shape_gets_its_familys_first_preset():
+    """Qwen3-VL-235B and Qwen3-235B have the same shape: the family tells them apart; a size without a preset of its
+    own gets its family's first preset (the family's recipes apply to all its sizes)."""
+    for model_type, first in (("Qwen3-30B-A3B", "Qwen3-235B-A22B"), ("Qwen3-VL-30B-A3B", "Qwen3-VL-235B-A22B")):
+        config = reference_config(model_type)
+        config.get("text_config", config)["num_hidden_layers"] = 4
+        assert default_model_type(config) == first
+    for unknown in (None, [], {}, {"model_type": "llama"}, {"model_type": ["qwen3_moe"]}):
+        assert default_model_type(unknown) == "Qwen3-VL-235B-A22B"  # the command's reading then says what is wrong
+
+
+def model_folder(tmp_path, model_type, **changes):
+    folder = tmp_path / model_type
+    folder.mkdir()
+    config = reference_config(model_type)
+    config.get("text_config", config).update(changes)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def parse(*argv):
+    return build_parser().parse_args(["quant", "--save_path", "unused", *argv])
+
+
+@pytest.mark.parametrize("model_type", ["Qwen3-235B-A22B", "Qwen3-30B-A3B"])
+def test_without_model_type_a_qwen3_moe_gets_its_recipe(tmp_path, model_type, caplog):
+    """A Qwen3-MoE needs no Qwen3-VL name: without --model_type, config.json picks the qwen3_moe preset, and no
+    mismatch is said."""
+    folder = str(model_folder(tmp_path, model_type))
+    assert _recipe(parse("--model_path", folder)).path == BUNDLED_CONFIGS / "qwen3_moe_w8a8.yaml"
+    assert _recipe(parse("--model_path", folder, "--quant_type", "w4a8")).path == \
+        BUNDLED_CONFIGS / "qwen3_moe_w4a8.yaml"
+    other = str(model_folder(tmp_path, "Qwen3-VL-30B-A3B"))
+    assert _recipe(parse("--model_path", other, "--quant_type", "w4a8")).path == \
+        BUNDLED_CONFIGS / "qwen3_vl_moe_w4a8.yaml"
+    _warn_model_type(parse("--model_path", folder))
+    assert "names a" not in caplog.text
+
+
+def test_a_config_path_is_checked_against_the_preset_of_the_configs_family(tmp_path):
+    """--config_path with --quant_type and no --model_type: the quant type is checked against the model's own
+    family's preset (a qwen3_moe model against qwen3_moe_w4a8.yaml), and agreeing is fine."""
+    folder = str(model_folder(tmp_path, "Qwen3-30B-A3B"))
+    w8a8 = str(BUNDLED_CONFIGS / "qwen3_moe_w8a8.yaml")
+    assert _recipe(parse("--model_path", folder, "--config_path", w8a8, "--quant_type", "w8a8")).path == Path(w8a8)
+    with pytest.raises(DistQuantError, match="--quant_type w4a8 quantizes to W4A8_DYNAMIC, W8A8, but --config_path"):
+        _recipe(parse("--model_path", folder, "--config_path", w8a8, "--quant_type", "w4a8"))
+    assert _recipe(parse("--model_path", str(tmp_path / "missing"), "--config_path", w8a8)).path == Path(w8a8)
+
+
+def test_a_model_type_of_another_family_is_said(tmp_path, caplog):
+    """Qwen3-VL-235B-A22B and Qwen3-235B-A22B have the same shape: the family mismatch is what is said."""
+    folder = str(model_folder(tmp_path, "Qwen3-235B-A22B"))
+    _warn_model_type(parse("--model_path", folder, "--model_type", "Qwen3-VL-235B-A22B"))
+    assert ("--model_type Qwen3-VL-235B-A22B names a qwen3_vl_moe model, but this config.json's model_type is "
+            "'qwen3_moe': its preset recipe is used as it is; leave --model_type out") in caplog.text
+    caplog.clear()
+    _warn_model_type(parse("--model_path", folder, "--model_type", "Qwen3-235B"))
+    assert "names a" not in caplog.text
+    small = str(model_folder(tmp_path, "Qwen3-30B-A3B", num_hidden_layers=4))
+    _warn_model_type(parse("--model_path", small, "--model_type", "Qwen3-30B"))
+    assert ("--model_type Qwen3-30B names a model of 48 layers, 128 experts and hidden size 2048, but this "
+            "config.json has 4, 128 and 2048") in caplog.text

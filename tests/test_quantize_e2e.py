@@ -7,15 +7,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import hf_kwargs, load_hf_model, read_checkpoint
 
 from dist_quant.algorithms.quantize import dynamic_w8a8_linear, static_w8a8_linear
 from dist_quant.calib.dataset import load_samples
 from dist_quant.calib.inputs import build_model_inputs
 from dist_quant.cli import main
+from helpers import hf_kwargs, load_hf_model, read_checkpoint
 
 STATIC_SUFFIXES = {"weight", "input_scale", "input_offset", "deq_scale", "quant_bias"}
-PLAIN_RECIPE = Path(__file__).parent / "data" / "plain_w8a8.yaml"  # no QuaRot/smoothing: compare with the plain HF model
+# no QuaRot/smoothing: compare with the plain HF model
+PLAIN_RECIPE = Path(__file__).parent / "data" / "plain_w8a8.yaml"
 TOP_LEVEL = {"version", "model_quant_type", "metadata", "group_size", "optional"}
 
 
@@ -93,7 +94,8 @@ def test_types_per_recipe(checkpoint, tiny_model):
     dynamic = dynamic_modules(description)
     assert dynamic == sorted(f"model.language_model.layers.{layer}.mlp.experts.{e}.{p}"
                              for layer in (0, 1, 3) for e in range(8) for p in ("gate_proj", "up_proj", "down_proj"))
-    for key in ("lm_head.weight", "model.language_model.embed_tokens.weight", "model.language_model.layers.0.mlp.gate.weight",
+    for key in ("lm_head.weight", "model.language_model.embed_tokens.weight",
+                "model.language_model.layers.0.mlp.gate.weight",
                 "model.visual.merger.linear_fc2.weight", "model.visual.deepstack_merger_list.0.linear_fc1.weight",
                 "model.visual.blocks.0.mlp.linear_fc2.bias", "model.visual.patch_embed.proj.weight",
                 "model.visual.pos_embed.weight", "model.language_model.layers.0.self_attn.q_norm.weight"):
@@ -115,7 +117,8 @@ def test_dtypes_and_shapes_follow_format(checkpoint):
         assert {s for s in STATIC_SUFFIXES if f"{module}.{s}" in tensors} == STATIC_SUFFIXES
         assert f"{module}.weight_scale" not in tensors
         assert tensors[f"{module}.weight"].dtype == torch.int8
-        assert tensors[f"{module}.input_scale"].dtype == torch.float32 and tensors[f"{module}.input_scale"].shape == (1,)
+        input_scale = tensors[f"{module}.input_scale"]
+        assert input_scale.dtype == torch.float32 and input_scale.shape == (1,)
         offset = tensors[f"{module}.input_offset"]
         assert offset.dtype == torch.float32 and offset.shape == (1,) and offset == offset.round()
         # a float32 model: the int64 bit pattern (vLLM Ascend serves it in float16, where the parameter is int64)

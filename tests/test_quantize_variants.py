@@ -5,10 +5,9 @@ import json
 import pytest
 import torch
 
-from helpers import read_checkpoint
-
 from dist_quant.cli import main
 from dist_quant.synthetic import make_tiny_model
+from helpers import read_checkpoint
 
 
 def quantize(model, calib_index, save, *extra):

@@ -16,9 +16,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_launch import BASH, PATH, RAY, ROOT, free_port, run, short_temp_dir
 
 from dist_quant.errors import DistQuantError
+from test_launch import BASH, PATH, RAY, ROOT, free_port, run, short_temp_dir
 
 pytestmark = [
     pytest.mark.ray,

@@ -5,10 +5,10 @@ import torch
 from safetensors.torch import save_file
 
 from dist_quant.checkpoint.reader import CheckpointReader
-from dist_quant.models.qwen3_vl_moe_experts import detect_expert_layout, read_experts
 from dist_quant.errors import CheckpointError
+from dist_quant.models.qwen3_vl_moe_experts import detect_expert_layout, read_experts
 
-E, H, I = 6, 16, 12  # experts, hidden, moe intermediate: 2I != H and I != H, so the layout is unambiguous
+E, H, M = 6, 16, 12  # experts, hidden, moe intermediate: 2M != H and M != H, so the layout is unambiguous
 PREFIX = "model.language_model.layers.3"
 
 
@@ -27,7 +27,7 @@ def write_model(model_dir, shards, config=None):
 def linear_experts():
     """Reference per-expert nn.Linear weights [out, in]."""
     torch.manual_seed(0)
-    return torch.randn(E, I, H), torch.randn(E, I, H), torch.randn(E, H, I)
+    return torch.randn(E, M, H), torch.randn(E, M, H), torch.randn(E, H, M)
 
 
 def fused(layout, gate, up, down):
@@ -155,15 +155,15 @@ def test_check_shape_and_dtype(tmp_path):
 
 
 def test_detect_expert_layout():
-    assert detect_expert_layout((E, H, 2 * I), (E, I, H), E, H, I) == "hub"
-    assert detect_expert_layout((E, 2 * I, H), (E, H, I), E, H, I) == "transposed"
+    assert detect_expert_layout((E, H, 2 * M), (E, M, H), E, H, M) == "hub"
+    assert detect_expert_layout((E, 2 * M, H), (E, H, M), E, H, M) == "transposed"
     with pytest.raises(CheckpointError, match=r"\(6, 16, 24\).*expects"):
-        detect_expert_layout((E, H, 2 * I), (E, I, H + 1), E, H, I)
+        detect_expert_layout((E, H, 2 * M), (E, M, H + 1), E, H, M)
     with pytest.raises(CheckpointError, match="num_experts=7"):
-        detect_expert_layout((E, H, 2 * I), (E, I, H), E + 1, H, I)
+        detect_expert_layout((E, H, 2 * M), (E, M, H), E + 1, H, M)
 
 
-@pytest.mark.parametrize("hidden, inter", [(16, 8), (16, 16)])  # 2I == hidden, I == hidden
+@pytest.mark.parametrize("hidden, inter", [(16, 8), (16, 16)])  # 2M == hidden, M == hidden
 def test_detect_expert_layout_refuses_ambiguous_shapes(hidden, inter):
     with pytest.raises(CheckpointError, match="cannot tell the expert layout"):
         detect_expert_layout((E, hidden, 2 * inter), (E, inter, hidden), E, hidden, inter)
@@ -179,24 +179,24 @@ def test_read_experts_returns_linear_weights_for_both_layouts(tmp_path, layout, 
         f"{PREFIX}.mlp.experts.down_proj": down_fused,
     }
     reader = CheckpointReader(write_model(tmp_path / "m", {"model.safetensors": tensors}))
-    experts = read_experts(reader, PREFIX, 2, 5, num_experts=E, hidden=H, intermediate=I)
+    experts = read_experts(reader, PREFIX, 2, 5, num_experts=E, hidden=H, intermediate=M)
     assert len(experts) == 3
     for offset, (g, u, d) in enumerate(experts):
         e = 2 + offset
-        assert g.shape == (I, H) and u.shape == (I, H) and d.shape == (H, I)
+        assert g.shape == (M, H) and u.shape == (M, H) and d.shape == (H, M)
         assert all(t.is_contiguous() and t.dtype == torch.float32 for t in (g, u, d))
         assert torch.equal(g, gate[e].float()) and torch.equal(u, up[e].float()) and torch.equal(d, down[e].float())
-    assert reader.bytes_read == 3 * (2 * I * H + H * I) * source_dtype.itemsize
+    assert reader.bytes_read == 3 * (2 * M * H + H * M) * source_dtype.itemsize
 
 
 def test_read_experts_matches_the_hub_expert_forward(tmp_path):
-    """transformers' experts: expert(x) = (silu(x @ gate) * (x @ up)) @ down, gate = gate_up[e][:, :I], up = [:, I:]."""
+    """transformers' experts: expert(x) = (silu(x @ gate) * (x @ up)) @ down, gate = gate_up[e][:, :M], up = [:, M:]."""
     gate_up_fused, down_fused = fused("hub", *linear_experts())
     tensors = {f"{PREFIX}.mlp.experts.gate_up_proj": gate_up_fused, f"{PREFIX}.mlp.experts.down_proj": down_fused}
     reader = CheckpointReader(write_model(tmp_path / "m", {"model.safetensors": tensors}))
     x = torch.randn(5, H)
-    (g, u, d), = read_experts(reader, PREFIX, 4, 5, num_experts=E, hidden=H, intermediate=I)
-    hub = (torch.nn.functional.silu(x @ gate_up_fused[4][:, :I]) * (x @ gate_up_fused[4][:, I:])) @ down_fused[4]
+    (g, u, d), = read_experts(reader, PREFIX, 4, 5, num_experts=E, hidden=H, intermediate=M)
+    hub = (torch.nn.functional.silu(x @ gate_up_fused[4][:, :M]) * (x @ gate_up_fused[4][:, M:])) @ down_fused[4]
     linear = torch.nn.functional.linear(torch.nn.functional.silu(x @ g.T) * (x @ u.T), d)
     torch.testing.assert_close(linear, hub)
 
@@ -208,4 +208,4 @@ def test_read_experts_rejects_shapes_not_matching_config(tmp_path):
     with pytest.raises(CheckpointError, match="moe_intermediate_size=10"):
         read_experts(reader, PREFIX, 0, 1, num_experts=E, hidden=H, intermediate=10)
     with pytest.raises(CheckpointError, match="layers.4.mlp.experts.gate_up_proj"):
-        read_experts(reader, "model.language_model.layers.4", 0, 1, num_experts=E, hidden=H, intermediate=I)
+        read_experts(reader, "model.language_model.layers.4", 0, 1, num_experts=E, hidden=H, intermediate=M)

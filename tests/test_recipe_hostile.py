@@ -13,9 +13,10 @@ import yaml
 
 from dist_quant.errors import RecipeError
 from dist_quant.models import qwen3_vl_moe
-from dist_quant.recipe import BUNDLED_CONFIGS, DEFAULT_RECIPE, check_linear_quants_apply, load_recipe
-from dist_quant.runtime.local import quantize_single_card
+from dist_quant.presets import BUNDLED_CONFIGS, PRESETS
+from dist_quant.recipe import DEFAULT_RECIPE, check_linear_quants_apply, load_recipe
 from dist_quant.runtime.assignments import check_recipe_for_model
+from dist_quant.runtime.local import quantize_single_card
 
 DATA = Path(__file__).parent / "data"
 T = "model.language_model.layers.3"
@@ -38,8 +39,12 @@ def tiny_config(tiny_model):
 
 # --- 1. every linear_quant must get a linear of the model -------------------------------------------------------------
 
-@pytest.mark.parametrize("recipe", [*sorted(BUNDLED_CONFIGS.glob("*.yaml")), *sorted(DATA.glob("*.yaml"))],
-                         ids=lambda p: p.name)
+# the recipes for other families than the tiny model's (Qwen3-MoE: tests/test_recipe_v1.py checks them on its names)
+OTHER_FAMILIES = {p.recipe for p in PRESETS if p.family != qwen3_vl_moe.MODEL_TYPE}
+
+
+@pytest.mark.parametrize("recipe", [*sorted(set(BUNDLED_CONFIGS.glob("*.yaml")) - OTHER_FAMILIES),
+                                    *sorted(DATA.glob("*.yaml"))], ids=lambda p: p.name)
 def test_bundled_recipes_pass_the_model_check(tiny_config, recipe):
     check_recipe_for_model(load_recipe(recipe), tiny_config)
 
@@ -262,10 +267,33 @@ FIELDS = [
 ]
 
 
+G = ("spec", "process", 0)  # the group of msModelSlim's Qwen3-235B recipe, once its flex_smooth_quant is removed
+GROUP_FIELDS = [
+    ("apiversion", _at("apiversion"), ()),
+    ("spec.process[0]", _at(*G), ()),
+    ("spec.process[0].configs", _at(*G, "configs"), ()),
+    ("spec.process[0].configs[1]", _at(*G, "configs", 1), ()),
+    ("spec.process[0].configs[1].type", _at(*G, "configs", 1, "type"), ()),
+    ("spec.process[0].configs[1].qconfig", _at(*G, "configs", 1, "qconfig"), ()),
+    ("spec.process[0].configs[1].qconfig.weight.method", _at(*G, "configs", 1, "qconfig", "weight", "method"), ()),
+    ("spec.process[0].configs[1].include", _at(*G, "configs", 1, "include"), ("list",)),
+    ("spec.process[0].configs[1].exclude", _at(*G, "configs", 1, "exclude"), ("list", "none")),
+    ("spec.dataset", _at("spec", "dataset"), ("none", "nan_str", "inf_str")),
+]
+
+
+def msmodelslim_v1_group() -> dict:
+    doc = yaml.safe_load((DATA / "msmodelslim" / "qwen3-235B-w4a8-v1.yaml").read_text())
+    doc["spec"]["process"] = doc["spec"]["process"][1:]
+    return doc
+
+
 @pytest.mark.parametrize("value", WRONG, ids=str)
-@pytest.mark.parametrize("field, set_value, valid", FIELDS, ids=[f[0] for f in FIELDS])
-def test_every_field_refuses_wrong_types_in_one_line(tmp_path, field, set_value, valid, value):
-    doc = bundled()
+@pytest.mark.parametrize("document, field, set_value, valid",
+                         [(bundled, *f) for f in FIELDS] + [(msmodelslim_v1_group, *f) for f in GROUP_FIELDS],
+                         ids=[f[0] for f in FIELDS] + [f"modelslim_v1:{f[0]}" for f in GROUP_FIELDS])
+def test_every_field_refuses_wrong_types_in_one_line(tmp_path, document, field, set_value, valid, value):
+    doc = document()
     set_value(doc, WRONG[value])
     path = write(tmp_path, doc)
     if value in valid:

@@ -13,16 +13,16 @@ import xml.etree.ElementTree as ET
 from html.parser import HTMLParser
 
 import pytest
-from helpers import deadline
 
 from dist_quant.checkpoint.fingerprint import checkpoint_fingerprint
 from dist_quant.cli import main
 from dist_quant.htmlreport import REPORT_FILE, build_report, svg
-from test_report import GROUP, RequestTrap, SVG_NS, calib, chromium, model, quant  # noqa: F401 (fixtures)
+from helpers import deadline
+from test_report import GROUP, SVG_NS, RequestTrap, calib, chromium, model, quant  # noqa: F401 (fixtures)
 
 # every element and attribute the page itself uses: anything else in it came from a file
-ELEMENTS = {"html", "head", "meta", "title", "style", "body", "h1", "h2", "p", "table", "tbody", "tr", "th", "td", "ul", "li",
-            "div", "svg", "g", "rect", "path", "text", "line", "polyline", "circle"}
+ELEMENTS = {"html", "head", "meta", "title", "style", "body", "h1", "h2", "p", "table", "tbody", "tr", "th", "td", "ul",
+            "li", "div", "svg", "g", "rect", "path", "text", "line", "polyline", "circle"}
 ATTRIBUTES = {"lang", "charset", "http-equiv", "content", "name", "class", "xmlns", "role", "aria-label", "width",
               "height", "viewbox", "x", "y", "x1", "y1", "x2", "y2", "d", "fill", "stroke", "stroke-width", "points",
               "r", "cx", "cy", "font-size", "text-anchor"}
@@ -296,7 +296,8 @@ def test_the_page_is_written_through_no_planted_symlink_or_fifo(single, tmp_path
         assert main(["report", str(folder)]) == 0
     assert victim.read_text() == "mine"
     assert not (folder / REPORT_FILE).is_symlink() and "<!DOCTYPE html>" in (folder / REPORT_FILE).read_text()
-    assert not [p for p in folder.iterdir() if p.name.startswith(".report.html.") and p.is_file() and not p.is_symlink()]
+    assert not [p for p in folder.iterdir()
+                if p.name.startswith(".report.html.") and p.is_file() and not p.is_symlink()]
 
 
 @pytest.mark.parametrize("config", ["fifo", "deep"])

@@ -15,13 +15,12 @@ import pytest
 import yaml
 from safetensors import safe_open
 
-from helpers import assert_same_checkpoint, read_checkpoint
-
 from dist_quant.cli import main
 from dist_quant.recipe import DEFAULT_RECIPE, load_recipe
 from dist_quant.runtime.local import quantize_single_card
 from dist_quant.runtime.plan import plan_units
 from dist_quant.synthetic import make_calibration_set, make_tiny_model
+from helpers import assert_same_checkpoint, read_checkpoint
 
 STAGING = ".dist_quant_staging"
 JOURNAL = Path(STAGING) / "run" / "journal.jsonl"
@@ -68,7 +67,8 @@ def clean(model, calib, recipe, tmp_path_factory):
 
 def killed(cmd: list[str], point: str, log: Path) -> None:
     """Run the CLI in a child that SIGKILLs itself at ``point`` (DIST_QUANT_KILL_AT, see dist_quant/failpoints.py)."""
-    child = subprocess.run([sys.executable, "-m", "dist_quant.cli", *cmd], env={**CLEAN_ENV, "DIST_QUANT_KILL_AT": point},
+    child = subprocess.run([sys.executable, "-m", "dist_quant.cli", *cmd],
+                           env={**CLEAN_ENV, "DIST_QUANT_KILL_AT": point},
                            stdout=subprocess.DEVNULL, stderr=open(log, "wb"), timeout=600)
     assert child.returncode == -9, f"the run was not killed at {point}: {log.read_text()[-3000:]}"
 

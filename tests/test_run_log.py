@@ -5,12 +5,12 @@ import re
 from pathlib import Path
 
 import torch
-from helpers import hf_kwargs, load_hf_model
 
 from dist_quant.calib.dataset import load_samples
 from dist_quant.calib.inputs import build_model_inputs
 from dist_quant.cli import main
 from dist_quant.synthetic import make_calibration_set, make_tiny_model
+from helpers import hf_kwargs, load_hf_model
 
 PLAIN_RECIPE = Path(__file__).parent / "data" / "plain_w8a8.yaml"
 

@@ -13,10 +13,9 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from helpers import assert_same_checkpoint, read_checkpoint
-
 from dist_quant.cli import main
 from dist_quant.synthetic import make_calibration_set, make_tiny_model
+from helpers import assert_same_checkpoint, read_checkpoint
 
 PLAIN_RECIPE = Path(__file__).parent / "data" / "plain_w8a8.yaml"
 STAGING = ".dist_quant_staging"

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from helpers import assert_same_checkpoint, read_checkpoint
-
 from dist_quant.cli import main
 from dist_quant.synthetic import make_calibration_set, make_tiny_model
+from helpers import assert_same_checkpoint, read_checkpoint
 
 GROUP = ["--expert_group_size", "2"]
 ENV = {k: v for k, v in os.environ.items() if k not in ("DIST_QUANT_KILL_AT", "OMP_NUM_THREADS")}

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from dist_quant import schemes
-from dist_quant.schemes import LinearSpec
 from dist_quant.checkpoint.formats import ascendv1
 from dist_quant.errors import RecipeError
+from dist_quant.schemes import LinearSpec
 
 CASES = [(scheme, bias) for scheme in schemes.SCHEMES.values()
          for bias in ((False, True) if scheme.serves_linears else (False,))]  # routed experts have no bias

@@ -10,14 +10,18 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
-from transformers import AutoConfig, AutoTokenizer, Qwen3VLMoeForConditionalGeneration
+from transformers import AutoConfig, AutoTokenizer, Qwen3MoeForCausalLM, Qwen3VLMoeForConditionalGeneration
 
 from dist_quant.synthetic import (
+    OUTLIER_CHANNELS,
     SPECIAL_TOKENS,
+    draw_weight,
     expert_shapes,
     make_calibration_set,
     make_tiny_model,
+    make_tiny_text_model,
     rewrite_expert_layout,
+    train_tokenizer,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -122,7 +126,8 @@ def test_tokenizer_is_offline_byte_level_bpe_with_qwen_specials(hub_dir):
     assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]}]
     rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    assert rendered == "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Hi<|im_end|>\n<|im_start|>assistant\n"
+    assert rendered == ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Hi<|im_end|>\n"
+                        "<|im_start|>assistant\n")
 
 
 def test_preprocessor_config_keeps_images_small(hub_dir):
@@ -183,3 +188,58 @@ def test_cli_writes_model_and_calibration_set(tmp_path):
     config = AutoConfig.from_pretrained(tmp_path / "m")
     assert config.text_config.num_hidden_layers == 2 and config.text_config.num_experts == 4
     assert len((tmp_path / "m" / "calib" / "index.jsonl").read_text().splitlines()) == 2
+
+
+# --- the text-only Qwen3-MoE model ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def text_dir(tmp_path_factory) -> Path:
+    return make_tiny_text_model(tmp_path_factory.mktemp("text"), mlp_only_layers=(1,), seed=2)
+
+
+def test_text_model_stores_experts_per_expert_with_its_config(text_dir):
+    tensors = read_tensors(text_dir)
+    config = json.loads((text_dir / "config.json").read_text())
+    assert config["model_type"] == "qwen3_moe" and config["architectures"] == ["Qwen3MoeForCausalLM"]
+    assert config["norm_topk_prob"] is True and config["mlp_only_layers"] == [1]
+    assert config.get("num_experts", config.get("num_local_experts")) == 8  # 5.x writes num_local_experts
+    for e in range(8):
+        assert tensors[f"model.layers.0.mlp.experts.{e}.gate_proj.weight"].shape == (48, 64)
+        assert tensors[f"model.layers.0.mlp.experts.{e}.up_proj.weight"].shape == (48, 64)
+        assert tensors[f"model.layers.0.mlp.experts.{e}.down_proj.weight"].shape == (64, 48)
+    assert tensors["model.layers.0.mlp.gate.weight"].shape == (8, 64)
+    assert tensors["model.layers.1.mlp.gate_proj.weight"].shape == (96, 64)
+    assert not any(".experts." in name for name in tensors if name.startswith("model.layers.1."))
+    assert tensors["lm_head.weight"].shape == tensors["model.embed_tokens.weight"].shape == (len(train_tokenizer()), 64)
+    assert not (text_dir / "preprocessor_config.json").exists()
+
+
+def test_text_model_weights_are_drawn_by_their_saved_names(text_dir):
+    """Every tensor is what its saved name draws (so transformers 4.57, which holds experts per expert, and 5.x,
+    which fuses them in memory, write the same model), and a second build is the same."""
+    tensors = read_tensors(text_dir)
+    assert all(torch.equal(tensor, draw_weight(name, tuple(tensor.shape), 2)) for name, tensor in tensors.items())
+    again = read_tensors(make_tiny_text_model(text_dir.parent / "again", mlp_only_layers=(1,), seed=2))
+    assert again.keys() == tensors.keys() and all(torch.equal(again[k], tensors[k]) for k in tensors)
+
+
+def test_text_model_loads_and_runs_and_renders_text_turns(text_dir):
+    model = Qwen3MoeForCausalLM.from_pretrained(text_dir).eval()
+    input_ids = torch.tensor([[1, 20, 30, 40]])
+    with torch.no_grad():
+        logits = model(input_ids=input_ids).logits
+    assert logits.shape == (1, 4, model.config.vocab_size)
+    assert torch.isfinite(logits).all() and logits.float().std() > 0.01
+    tokenizer = AutoTokenizer.from_pretrained(text_dir)
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
+                                             add_generation_prompt=True)
+    assert rendered == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_text_model_outliers_are_planted_in_its_decoder(tmp_path):
+    tensors = read_tensors(make_tiny_text_model(tmp_path, num_layers=2, outliers=30, dtype="bfloat16"))
+    assert all(t.dtype == torch.bfloat16 for t in tensors.values())
+    norm = tensors["model.layers.1.input_layernorm.weight"].float()
+    assert (norm.abs() > 10).sum() == OUTLIER_CHANNELS
+    with pytest.raises(ValueError, match="dtype"):
+        make_tiny_text_model(tmp_path / "bad", dtype="int8")

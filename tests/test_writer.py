@@ -8,8 +8,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from dist_quant.checkpoint.unit_file import UnitSink
 from dist_quant.checkpoint.formats.ascendv1 import model_quant_type
+from dist_quant.checkpoint.unit_file import UnitSink
 from dist_quant.checkpoint.writer import CheckpointWriter
 from dist_quant.errors import OutputError, RecipeError
 
@@ -327,9 +327,10 @@ def test_publish_without_tensors_is_refused(tmp_path, source):
 
 
 def reference_parts(entries, part_bytes):
-    """The part files as docs/FORMAT.md and the old copy-based assembly made them, written independently of the
-    writer: consecutive runs of the tensors in order, a new part when the next tensor would pass part_bytes; each a
-    safetensors file whose JSON header lists the tensors in that order, data in the same order."""
+    """The part files as docs/FORMAT.md describes them (the bytes earlier releases copied together at the end),
+    written independently of the writer: consecutive runs of the tensors in order, a new part when the next tensor
+    would pass part_bytes; each a safetensors file whose JSON header lists the tensors in that order, data in the
+    same order."""
     runs, size = [[]], 0
     for key, tensor, _ in entries:
         nbytes = tensor.numel() * tensor.element_size()

@@ -2,7 +2,8 @@
 
 The stock Qwen3VLProcessor (and AutoProcessor) also builds a video processor that needs torchvision, which CPU and
 NPU hosts often lack. Calibration only needs images, so this module assembles the same inputs from the model
-directory's own tokenizer, chat template and the slow Qwen2VLImageProcessor.
+directory's own tokenizer, chat template and the slow Qwen2VLImageProcessor. A model that reads text only gets its
+samples' raw text, tokenized as msModelSlim does for LLMs (see :func:`raw_text_inputs`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from PIL import Image
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen2VLImageProcessor
 
 from dist_quant.calib import DEFAULT_MAX_SAMPLE_TOKENS
-from dist_quant.calib.dataset import CalibSample
+from dist_quant.calib.dataset import TEXT_SET_HINT, CalibSample
 from dist_quant.checkpoint.reader import JSON_FILE_ERRORS, load_json_file, model_file
 from dist_quant.checkpoint.safetensors_stream import open_regular, read_text
 from dist_quant.errors import CalibrationError, CheckpointError, DistQuantError, reason
@@ -84,9 +85,10 @@ def check_tokenizer_files(model_dir: Path) -> None:
                     from None
 
 
-def load_tokenizer(model_dir: Path, trust_remote_code: bool) -> PreTrainedTokenizerBase:
-    """The model's own tokenizer, with a chat template guaranteed; a corrupt tokenizer file is one error naming the
-    model folder (transformers and the tokenizers library raise anything, down to a bare Exception)."""
+def load_tokenizer(model_dir: Path, trust_remote_code: bool, *, chat_template: bool = True) -> PreTrainedTokenizerBase:
+    """The model's own tokenizer, with a chat template guaranteed unless `chat_template` is False (raw text needs
+    none, and a base model may ship none); a corrupt tokenizer file is one error naming the model folder
+    (transformers and the tokenizers library raise anything, down to a bare Exception)."""
     check_tokenizer_files(model_dir)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
@@ -96,7 +98,7 @@ def load_tokenizer(model_dir: Path, trust_remote_code: bool) -> PreTrainedTokeni
         raise CheckpointError(f"cannot load the tokenizer of {model_dir} ({type(error).__name__}: {reason(error)}); "
                               "restore its tokenizer files (tokenizer.json, tokenizer_config.json, "
                               "chat_template.jinja) from the original model") from None
-    if tokenizer.chat_template is None:
+    if chat_template and tokenizer.chat_template is None:
         tokenizer.chat_template = chat_template_from_files(model_dir)
     return tokenizer
 
@@ -145,12 +147,13 @@ def image_processor_problems(processor: Qwen2VLImageProcessor) -> list[str]:
     def number(value) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value \
             and abs(value) != float("inf")
-    problems = [f"{name} is {getattr(processor, name, None)!r}, not a positive integer"
-                for name in ("patch_size", "temporal_patch_size", "merge_size", "min_pixels", "max_pixels")
-                if not isinstance(getattr(processor, name, None), int) or isinstance(getattr(processor, name), bool)
-                or getattr(processor, name) < 1]
-    if not problems and processor.min_pixels > processor.max_pixels:
-        problems.append(f"min_pixels ({processor.min_pixels}) is above max_pixels ({processor.max_pixels})")
+    size = getattr(processor, "size", None) or {}  # the limits: in `size` in every version (5.x has no attributes)
+    values = {name: getattr(processor, name, None) for name in ("patch_size", "temporal_patch_size", "merge_size")}
+    values.update(min_pixels=size.get("shortest_edge"), max_pixels=size.get("longest_edge"))
+    problems = [f"{name} is {value!r}, not a positive integer" for name, value in values.items()
+                if not isinstance(value, int) or isinstance(value, bool) or value < 1]
+    if not problems and values["min_pixels"] > values["max_pixels"]:
+        problems.append(f"min_pixels ({values['min_pixels']}) is above max_pixels ({values['max_pixels']})")
     for name in ("image_mean", "image_std"):
         value = getattr(processor, name, None)
         if not isinstance(value, (list, tuple)) or len(value) != 3 or not all(number(v) for v in value) \
@@ -179,9 +182,11 @@ def expand_image_tokens(prompt: str, image_grid_thw: torch.Tensor, merge_size: i
     return "".join(expanded)
 
 
-def tokenize(tokenizer: PreTrainedTokenizerBase, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask), each (1, S); the template already holds every special token."""
-    encoded = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
+def tokenize(tokenizer: PreTrainedTokenizerBase, prompt: str,
+             special_tokens: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), each (1, S). A rendered template already holds every special token; raw text
+    gets the ones the tokenizer adds itself when `special_tokens` is True."""
+    encoded = tokenizer(prompt, add_special_tokens=special_tokens, return_tensors="pt")
     return encoded["input_ids"], encoded["attention_mask"]
 
 
@@ -205,22 +210,28 @@ def open_image(sample: CalibSample) -> Image.Image:
             from None
 
 
-def count_tokens(tokenizer: PreTrainedTokenizerBase, text: str) -> int:
-    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+def count_tokens(tokenizer: PreTrainedTokenizerBase, text: str, special_tokens: bool = False) -> int:
+    return len(tokenizer(text, add_special_tokens=special_tokens)["input_ids"])
 
 
 def fit_text(where: str, text: str, tokenizer: PreTrainedTokenizerBase, render: Callable[[str], str],
-             image_tokens: int, max_tokens: int) -> str:
+             image_tokens: int, max_tokens: int, special_tokens: bool = False) -> str:
     """The sample's text, cut at its end so that the whole sample (``render(text)`` with its image pad token, if any,
-    expanded to ``image_tokens``) holds at most ``max_tokens`` tokens; counted on the unexpanded prompt, before any
-    tensor of the sample's length exists. Never cuts image tokens: a sample whose image and template alone exceed
-    the cap is refused."""
+    expanded to ``image_tokens``, and the tokenizer's own special tokens if ``special_tokens``) holds at most
+    ``max_tokens`` tokens; counted on the unexpanded prompt, before any tensor of the sample's length exists. Never
+    cuts image tokens: a sample whose image and template alone exceed the cap is refused."""
+    def count(prompt: str) -> int:
+        return count_tokens(tokenizer, prompt, special_tokens) - pads + image_tokens
     pads = render("").count(IMAGE_TOKEN)
-    total = count_tokens(tokenizer, render(text)) - pads + image_tokens
+    total = count(render(text))
     if total <= max_tokens:
         return text
-    fixed = count_tokens(tokenizer, render("")) - pads + image_tokens
+    fixed = count(render(""))
     if fixed > max_tokens:
+        if not image_tokens:
+            raise CalibrationError(f"{where} needs {fixed} tokens without any text (its template and special "
+                                   f"tokens), more than the {max_tokens} tokens a calibration sample may hold; raise "
+                                   "the cap (--max_sample_tokens)")
         raise CalibrationError(
             f"{where} needs {fixed} tokens without any text ({image_tokens} for its image), more than the "
             f"{max_tokens} tokens a calibration sample may hold; downscale the image (or lower max_pixels in the "
@@ -229,12 +240,12 @@ def fit_text(where: str, text: str, tokenizer: PreTrainedTokenizerBase, render: 
     keep = max_tokens - fixed
     while True:  # a cut can merge differently with the template around it: recount, shorten until it fits
         cut = tokenizer.decode(text_ids[:keep], skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        count = count_tokens(tokenizer, render(cut)) - pads + image_tokens
-        if count <= max_tokens or keep == 0:
+        tokens = count(render(cut))
+        if tokens <= max_tokens or keep == 0:
             break
-        keep = max(0, keep - (count - max_tokens))
+        keep = max(0, keep - (tokens - max_tokens))
     log.warning("%s: its text is cut from %d to %d tokens to stay within the %d tokens a calibration sample may "
-                "hold (--max_sample_tokens)", where, total, count, max_tokens)
+                "hold (--max_sample_tokens)", where, total, tokens, max_tokens)
     return cut
 
 
@@ -274,30 +285,75 @@ def check_max_tokens(max_tokens: object) -> int:
     return max_tokens
 
 
+def sample_name(sample: CalibSample, number: int) -> str:
+    """A text-only sample for messages: its place in the set (from 1) and, when known, its index entry."""
+    return f"text-only calibration sample {number}" + (f" ({sample.where})" if sample.where else "")
+
+
+def chat_text_inputs(where: str, text: str, tokenizer: PreTrainedTokenizerBase, max_tokens: int) -> ModelInputs:
+    """Inputs for a text-only sample of an image+text model: a user turn holding the text alone, rendered with the
+    same chat template as its image samples (and cut to ``max_tokens`` the same way)."""
+    def render(t: str) -> str:
+        return render_prompt(tokenizer, [{"type": "text", "text": t}])
+    if render(text).count(IMAGE_TOKEN):
+        raise CalibrationError(f"the prompt for {where} holds {IMAGE_TOKEN} tokens without an image: the text must "
+                               f"not contain {IMAGE_TOKEN}")
+    text = fit_text(where, text, tokenizer, render, 0, max_tokens)
+    return ModelInputs(*tokenize(tokenizer, render(text)))
+
+
+def raw_text_inputs(where: str, text: str, tokenizer: PreTrainedTokenizerBase, max_tokens: int) -> ModelInputs:
+    """Inputs for a sample of a model that reads text only: its raw text, no chat template, with the special tokens
+    the tokenizer adds itself (none for Qwen's), cut to ``max_tokens``.
+
+    This is what msModelSlim does for LLMs: it reads each line's "inputs_pretokenized" (lab_calib/*.jsonl) as a
+    plain string and tokenizes it with ``tokenizer(text, return_tensors="pt")`` (msmodelslim 26.1.0,
+    model/common/transformers.py, ``_get_tokenized_data``, used by its qwen3_moe adapter), so the calibration
+    activations are those of plain text, not of a chat turn.
+    """
+    text = fit_text(where, text, tokenizer, lambda t: t, 0, max_tokens, special_tokens=True)
+    input_ids, attention_mask = tokenize(tokenizer, text, special_tokens=True)
+    if input_ids.shape[1] == 0:
+        raise CalibrationError(f"{where} has no tokens (its text is cut to nothing within {max_tokens} tokens); "
+                               "raise the cap (--max_sample_tokens) or give it a text")
+    return ModelInputs(input_ids, attention_mask)
+
+
 def build_model_inputs(
-    model_dir: str | Path, samples: list[CalibSample], *, trust_remote_code: bool = False,
+    model_dir: str | Path, samples: list[CalibSample], *, images: bool = True, trust_remote_code: bool = False,
     max_tokens: int = DEFAULT_MAX_SAMPLE_TOKENS,
 ) -> list[ModelInputs]:
     """One ModelInputs per sample, made with the model directory's own tokenizer, template and image processor.
 
+    ``images`` says what the model reads. True (image+text models): an image sample is a user turn with the image,
+    then its text; a text-only sample is a user turn with the text alone; the image processor is loaded only when a
+    sample has an image. False (text-only models): every sample must be text-only (one with an image is refused)
+    and is tokenized as raw text (see :func:`raw_text_inputs`); no image processor or chat template is read.
     ``max_tokens`` caps the tokens of each sample: longer texts are cut (with a warning on the "dist_quant" logger),
     a sample whose image alone is longer is refused.
     """
     max_tokens = check_max_tokens(max_tokens)
     model_dir = Path(model_dir)
-    tokenizer = load_tokenizer(model_dir, trust_remote_code)
-    image_processor = load_image_processor(model_dir)
-    return [sample_inputs(sample, tokenizer, image_processor, max_tokens) for sample in samples]
+    if not images:
+        for number, sample in enumerate(samples, start=1):
+            if sample.image is not None:
+                raise CalibrationError(f"the model in {model_dir} reads text only: calibration sample {number} has "
+                                       f"an image ({sample.image}); {TEXT_SET_HINT}")
+    tokenizer = load_tokenizer(model_dir, trust_remote_code, chat_template=images)
+    image_processor = load_image_processor(model_dir) if any(s.image is not None for s in samples) else None
+    inputs = []
+    for number, sample in enumerate(samples, start=1):
+        if sample.image is not None:
+            inputs.append(sample_inputs(sample, tokenizer, image_processor, max_tokens))
+        elif images:
+            inputs.append(chat_text_inputs(sample_name(sample, number), sample.text, tokenizer, max_tokens))
+        else:
+            inputs.append(raw_text_inputs(sample_name(sample, number), sample.text, tokenizer, max_tokens))
+    return inputs
 
 
 def model_inputs_for_text(model_dir: str | Path, text: str, *, trust_remote_code: bool = False,
                           max_tokens: int = DEFAULT_MAX_SAMPLE_TOKENS) -> ModelInputs:
-    """Inputs for a text-only user turn, rendered with the same chat template as the image samples (and cut to
-    ``max_tokens`` the same way)."""
-    max_tokens = check_max_tokens(max_tokens)
-    tokenizer = load_tokenizer(Path(model_dir), trust_remote_code)
-    def render(t: str) -> str:
-        return render_prompt(tokenizer, [{"type": "text", "text": t}])
-    text = fit_text("text-only calibration prompt", text, tokenizer, render, 0, max_tokens)
-    input_ids, attention_mask = tokenize(tokenizer, render(text))
-    return ModelInputs(input_ids, attention_mask)
+    """Inputs for one text-only user turn of an image+text model, as :func:`build_model_inputs` makes them."""
+    return build_model_inputs(model_dir, [CalibSample(image=None, text=text)], images=True,
+                              trust_remote_code=trust_remote_code, max_tokens=max_tokens)[0]

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from dist_quant.check.folder import Folder, read_folder
-from dist_quant.errors import printable
+from dist_quant.errors import CheckpointError, printable
 
 # the dtypes vLLM serves in (--serve_dtype), by name: no torch here, so that a check answers in well under a second
 SERVE_DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
@@ -71,10 +71,20 @@ def run_rules(checker, rules: dict[str, Rule]) -> list[Verdict]:
 
 def default_serve_dtype(folder: Folder) -> str:
     """What vLLM's ``--dtype auto`` serves the model in: bfloat16 for a bfloat16 config, float16 for any other (a
-    float32 model is served in float16)."""
-    from dist_quant.models.qwen3_vl_moe_sizes import source_dtype_name
+    float32 model is served in float16). The family of config.json's model_type says where its dtype is stated;
+    for a model_type dist-quant has no family for (a rule says so), the first ``dtype``/``torch_dtype`` of its
+    ``text_config`` or its top level, bfloat16 where none is."""
+    from dist_quant.models.family import sizes_for
 
-    return "bfloat16" if source_dtype_name(folder.config or {}) == "bfloat16" else "float16"
+    config = folder.config or {}
+    try:
+        name = sizes_for(config.get("model_type")).source_dtype_name(config)
+    except CheckpointError:
+        text = config.get("text_config")
+        stated = [section.get(key) for section in (text, config) if isinstance(section, dict)
+                  for key in ("dtype", "torch_dtype")]
+        name = next((value for value in stated if value), "bfloat16")
+    return "bfloat16" if name == "bfloat16" else "float16"
 
 
 def check_checkpoint(path: str | Path, serve_dtype: Optional[str] = None, tp: int = 1) -> Report:

@@ -1,26 +1,41 @@
-"""vLLM Ascend's loader rules for msModelSlim's ascendv1 checkpoint of Qwen3-VL-MoE (``--quantization ascend``).
+"""vLLM Ascend's loader rules for msModelSlim's ascendv1 checkpoint of a dist-quant model family
+(``--quantization ascend``).
 
 Read from vllm-project/vllm-ascend main @ 182b75ea (``vllm_ascend/quantization/modelslim_config.py``,
 ``methods/w8a8_static.py``, ``methods/w8a8_dynamic.py``, ``methods/w4a8.py``, ``method_adapters.py``) and
-vllm-project/vllm (``models/qwen3_vl.py``, ``qwen3_vl_moe.py``, ``qwen3_moe.py``, ``model_loader/weight_utils.py``,
-``default_loader.py``, ``fused_moe/routed_experts.py``); the decisive lines, the commits, and what each violation does
-at load are in docs/ascend-loader-rules.md (R1-R24) and docs/w4a8-loader-facts.md. What the model holds comes from
-config.json from the family's closed-form shapes (``models/qwen3_vl_moe_sizes.py``), never from the checkpoint's own tensors,
-and the parameters each method creates are written here from the loader's code, not from dist-quant's writer: this
-check also works on checkpoints msModelSlim wrote.
+vllm-project/vllm (the families' model classes, ``model_loader/weight_utils.py``, ``default_loader.py``,
+``fused_moe/routed_experts.py``); the decisive lines, the commits, and what each violation does at load are in
+docs/ascend-loader-rules.md (R1-R24, with a section per family) and docs/w4a8-loader-facts.md. What the model holds
+comes from config.json through the family its model_type names (its torch-free sizes module: closed-form shapes, key
+prefixes, tensor-parallel limits), never from the checkpoint's own tensors, and the parameters each method creates
+are written here from the loader's code, not from dist-quant's writer: this check also works on checkpoints
+msModelSlim wrote. vLLM Ascend's own table of the modules it fuses per model_type is data beside this module
+(``vllm_ascend_packed_modules.json``, copied from its source).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
 from typing import Iterable, Optional
 
 from dist_quant.check import Rule, Verdict, run_rules
 from dist_quant.check.folder import FLOATS, Folder
-from dist_quant.check.model import (HF_TO_VLLM_PREFIXES, W4A8_SCALE_BIAS_CHUNKS, Linear, Model, hf_name,
-                                    model_problem, tp_violations)
+from dist_quant.check.model import (
+    W4A8_SCALE_BIAS_CHUNKS,
+    Linear,
+    Model,
+    hf_name,
+    model_problem,
+    served_prefixes,
+    tp_violations,
+)
+from dist_quant.errors import show
+from dist_quant.models.family import sizes_for
 
 FORMAT = "ascendv1 (msModelSlim) for vLLM Ascend"
 ENGINES = ["vLLM Ascend (--quantization ascend)"]
@@ -28,10 +43,10 @@ DESCRIPTION = "quant_model_description.json"
 FIELDS = ("version", "model_quant_type", "metadata", "group_size", "optional")
 FEATURE_FIELDS = ("fa_quant_type", "indexer_quant_type", "kv_cache_type", "hc_head_fn", "ascend_quant_method")
 HIJACKING = ("quantization_config", "compression_config")
-MODEL_TYPE = "qwen3_vl_moe"
-# checkpoint key prefixes: the Hugging Face layout, and the vLLM names hf_to_vllm_mapper maps them to (vLLM maps the
-# description's keys the same way, so either form works; the checks below speak the HF form)
-HF_PREFIXES = tuple(hf for hf, _ in HF_TO_VLLM_PREFIXES)
+# model_type -> {packed module: the shards looked up for it}: where vLLM Ascend finds which layers it loads as one
+# (get_quant_method; without an entry it keeps the model class's mapping, which has no "experts")
+PACKED_MODULES = json.loads((Path(__file__).parent / "vllm_ascend_packed_modules.json").read_text())[
+    "packed_modules_model_mapping"]
 FLOAT = "FLOAT"
 # (quant type, layer kind) pairs vLLM Ascend registers a method for (methods/registry.py); FLOAT needs none
 LINEAR_METHODS = ("W8A8", "W8A8_DYNAMIC", "W8A16")
@@ -48,12 +63,12 @@ RULES = {r.id: r for r in (
          "vllm weight_utils.get_quant_config"),
     Rule("R3", "no description field switches a feature on (kv_cache_type, fa_quant_type...); W4A8 needs version "
                "1.0.0 and group_size 0", f"{_SRC_MS} _add_kvcache_quant_metadata; w4a8.py"),
-    Rule("R4", f"config.json model_type is {MODEL_TYPE} (it keys the fused-module table)",
-         f"{_SRC_MS} get_quant_method"),
+    Rule("R4", "config.json model_type is one vLLM Ascend's packed-module table knows (it keys which layers load as "
+               "one: q/k/v, gate/up, the experts) and dist-quant has a family for", f"{_SRC_MS} get_quant_method"),
     Rule("R5", "tensors only in top-level *.safetensors: no model.safetensors.index.json, no consolidated*, "
                "no key in two files", "vllm default_loader._prepare_weights"),
-    Rule("R6", "keys use model.visual. / model.language_model. / lm_head. (or vLLM's names)",
-         "vllm qwen3_vl.py hf_to_vllm_mapper"),
+    Rule("R6", "keys are under the family's top-level modules, by their checkpoint names (or vLLM's)",
+         "vllm AutoWeightsLoader; the model class's hf_to_vllm_mapper"),
     Rule("R7", "every layer vLLM builds has its .weight entry (experts: expert 0's)",
          f"{_SRC_MS} get_linear_quant_type"),
     Rule("R8", "each described type has a vLLM Ascend method for its layer kind",
@@ -121,28 +136,32 @@ class Checker:
         self.folder, self.serve_dtype, self.tp = folder, serve_dtype, tp
         self.raw_description = folder.json(DESCRIPTION)
         self.description = self.raw_description if isinstance(self.raw_description, dict) else None
-        self.entries: dict[str, str] = {}  # tensor entries of the description, HF keys
+        self.family: Optional[ModuleType] = None  # config.json's family, when dist-quant has one (R4)
+        self.model: Optional[Model] = None
+        self.model_error = ""
+        if folder.config is not None:
+            try:
+                self.family = sizes_for(folder.config.get("model_type"))
+                self.model = Model(folder.config, tensor_count=len(folder.tensors))
+            except Exception as error:  # no family, or a config it refuses: reported (R4), not raised
+                self.model_error = model_problem(error)
+        # the family's key prefixes and vLLM's names for them (vLLM maps the description's keys the same way, so
+        # either form works; the checks below speak the checkpoint's)
+        self.prefixes = served_prefixes(self.family) if self.family is not None else ()
+        self.entries: dict[str, str] = {}  # tensor entries of the description, checkpoint keys
         self.fields: dict[str, object] = {}  # the other top-level keys
         self.bad_prefix: list[str] = []
         for key, value in (self.description or {}).items():
             if key in FIELDS or key in FEATURE_FIELDS or not (isinstance(value, str) and "." in key):
                 self.fields[key] = value
             else:
-                self.entries[hf_name(key)] = value
-        self.tensors = {hf_name(k): info for k, info in folder.tensors.items()}
-        self.raw_tensor_key = {hf_name(k): k for k in folder.tensors}
+                self.entries[hf_name(key, self.prefixes)] = value
+        self.tensors = {hf_name(k, self.prefixes): info for k, info in folder.tensors.items()}
+        self.raw_tensor_key = {hf_name(k, self.prefixes): k for k in folder.tensors}
         self.suffixes: dict[str, list[str]] = {}  # module -> the suffixes of its tensors
         for key in self.tensors:
             module, _, suffix = key.rpartition(".")
             self.suffixes.setdefault(module, []).append(suffix)
-        self.model: Optional[Model] = None
-        self.model_error = ""
-        if folder.config is not None:
-            try:
-                self.model = Model({**folder.config, "model_type": MODEL_TYPE},  # R4 reports another type
-                                   tensor_count=len(folder.tensors))
-            except Exception as error:  # a config the family refuses: reported, not raised
-                self.model_error = model_problem(error)
         self.group_ok: dict[str, bool] = {}  # linear -> its fused group shares one type (R10)
         self.types: dict[str, Optional[str]] = {}  # linear -> the type its layer is loaded with
 
@@ -208,12 +227,17 @@ class Checker:
         if self.folder.config is None:
             return None
         model_type = self.folder.config.get("model_type")
-        return [] if model_type == MODEL_TYPE else [f"model_type is {model_type!r}"]
+        bad = []
+        if not (isinstance(model_type, str) and model_type in PACKED_MODULES):
+            bad.append(f"model_type is {show(model_type)}: vLLM Ascend has no packed modules for it, so it would "
+                       "look its experts up as one layer (KeyError at load)")
+        return bad + ([self.model_error] if self.model is None else [])
 
     def rule_R5(self):
         files = self.folder.files
         bad = [f"{n} exists: vLLM loads only the files it lists" for n in files if n == "model.safetensors.index.json"]
-        bad += [f"{n}: vLLM then loads the Mistral format" for n in files if re.match(r"consolidated.*\.safetensors", n)]
+        bad += [f"{n}: vLLM then loads the Mistral format" for n in files
+                if re.match(r"consolidated.*\.safetensors", n)]
         bad += [f"{k} is in {', '.join(v)}" for k, v in self.folder.duplicates.items()]
         bad += [f"{n} is unreadable ({why})" for n, why in self.folder.unreadable.items()]
         if not self.folder.tensors:
@@ -221,9 +245,12 @@ class Checker:
         return bad
 
     def rule_R6(self):
+        if self.family is None:
+            return None  # R4 says why
         keys = list(self.tensors) + list(self.entries)
-        self.bad_prefix = [k for k in dict.fromkeys(keys) if not k.startswith(HF_PREFIXES)]
-        return [f"{self.raw_tensor_key.get(k, k)}" for k in self.bad_prefix]
+        allowed = tuple(hf for hf, _ in self.prefixes)
+        self.bad_prefix = [k for k in dict.fromkeys(keys) if not k.startswith(allowed)]
+        return [f"{self.raw_tensor_key.get(k, k)}: not under {' / '.join(allowed)}" for k in self.bad_prefix]
 
     def rule_R7(self):
         if self.model is None or self.description is None:
@@ -426,13 +453,7 @@ class Checker:
     def run(self) -> list[Verdict]:
         if self.model is not None:
             self.resolve_types()
-        verdicts = run_rules(self, RULES)
-        if self.model is None and self.folder.config is not None:
-            verdicts[RULES_ORDER.index("R4")].violations.append(self.model_error)
-        return verdicts
-
-
-RULES_ORDER = list(RULES)
+        return run_rules(self, RULES)
 
 
 def check(folder: Folder, serve_dtype: str, tp: int) -> tuple[list[Verdict], list[str]]:

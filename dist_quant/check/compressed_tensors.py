@@ -16,9 +16,8 @@ from typing import Optional
 
 from dist_quant.check import Rule, Verdict, run_rules
 from dist_quant.check.folder import FLOATS, Folder
-from dist_quant.checkpoint.formats.compressed_tensors import QUANT_METHOD
-from dist_quant.check.model import Linear, Model, model_problem, tp_violations, vllm_name
-from dist_quant.check.regexes import SECONDS_PER_PATTERN, compile_error, match_all
+from dist_quant.check.model import Linear, Model, model_problem, tp_violations
+from dist_quant.checkpoint.formats.compressed_tensors import QUANT_METHOD, Matcher, resolve_regexes, vllm_name
 
 FORMAT = "compressed-tensors for vLLM"
 INDEX = "model.safetensors.index.json"
@@ -26,7 +25,6 @@ INDEX = "model.safetensors.index.json"
 ARG_KEYS = {"num_bits", "type", "symmetric", "group_size", "strategy", "dynamic", "block_structure", "actorder",
             "scale_dtype", "zp_dtype", "observer", "observer_kwargs"}
 ARG_DEFAULTS = {"num_bits": 8, "type": "int", "symmetric": True, "group_size": None, "dynamic": False}
-LINEAR_CLASS_TARGETS = ("linear", "linearbase")  # a class target every vLLM linear (and MoE layer) matches
 INPUT_STRATEGIES = ("token", "tensor", "group", "tensor_group", "attn_head")  # QuantizationScheme
 TENSOR_FORMATS = ("int-quantized", "naive-quantized")  # the formats whose tensors this check knows
 VLLM, VLLM_CPU, ASCEND = "vLLM (GPU)", "vLLM (CPU: its W4A8 MoE method runs only there)", "vLLM Ascend"
@@ -48,11 +46,12 @@ RULES = {r.id: r for r in (
                "[out, 1], static input_scale [1] (+ int8 input_zero_point if asymmetric)",
          "vllm compressed_tensors_w8a8_int8.py create_weights"),
     Rule("C7", "experts are per expert, 2-D, E < num_experts (quantized fused 3-D keys map to no parameter)",
-         "vllm qwen3_vl_moe.py load_weights"),
+         "vllm's MoE models' load_weights (FusedMoE expert mapping)"),
     Rule("C8", "every other parameter has its tensor with the model's shape, and no tensor is unknown",
          "vllm AutoWeightsLoader"),
     Rule("C9", "every top-level *.safetensors is readable, no key is in two files, and model.safetensors.index.json "
-               "lists every tensor in the file that holds it", "vllm default_loader filter_duplicate_safetensors_files"),
+               "lists every tensor in the file that holds it",
+         "vllm default_loader filter_duplicate_safetensors_files"),
     Rule("C10", "the tensor-parallel size divides every split dimension", "vllm Column/RowParallelLinear, FusedMoE"),
     Rule("V1", "every group is a scheme vLLM has for its layers (experts: W8A8 channel weights with dynamic "
                "per-token input; W4A8 int experts on CPU only)", f"{_SRC_CT} _get_scheme_from_parts; "
@@ -67,59 +66,6 @@ def applies(folder: Folder) -> bool:
     """A folder whose config.json says compressed-tensors."""
     config = (folder.config or {}).get("quantization_config")
     return isinstance(config, dict) and config.get("quant_method") == QUANT_METHOD
-
-
-class Matcher:
-    """vLLM's matching of a layer against targets or ignore entries (compressed_tensors/utils.py
-    find_matched_target, should_ignore_layer): a literal is a checkpoint (HF) name, which vLLM maps to its own; a
-    ``re:`` regex is not mapped, so it is matched (from the start) against the vLLM name; a class name such as
-    "Linear" matches every linear layer by class. The regexes are run by :func:`resolve`, in bounded time; each that
-    does not compile or does not finish is a problem naming it, and the others still apply."""
-
-    def __init__(self, entries: list, where: str = "quantization_config"):
-        entries = [e for e in entries if isinstance(e, str)]
-        self.every_linear = any(e.lower() in LINEAR_CLASS_TARGETS for e in entries)
-        self.literals = {e for e in entries if not e.startswith("re:")}
-        self.where = where  # the config field, for the problems
-        self.patterns: dict[str, str] = {}  # entry -> its regex, for those Python's re compiles
-        self.problems: list[str] = []
-        for entry in dict.fromkeys(e for e in entries if e.startswith("re:")):
-            error = compile_error(entry[3:])
-            if error is None:
-                self.patterns[entry] = entry[3:]
-            else:
-                self.problems.append(f"{entry!r} in config.json {where} is not a regular expression ({error}): "
-                                     "vLLM's re.match raises at load; fix or remove it")
-        self.matched: Optional[set[str]] = None  # the vLLM names its regexes match, once resolved
-
-    def resolve(self, found: dict[str, Optional[frozenset[int]]], names: list[str]) -> None:
-        """Take each regex's matches among ``names`` (vLLM names) from ``found`` (by regex; None: it did not
-        finish)."""
-        self.matched = set()
-        for entry, pattern in self.patterns.items():
-            hits = found.get(pattern)
-            if hits is None:
-                self.problems.append(f"{entry!r} in config.json {self.where} did not finish matching the "
-                                     f"layer names in {SECONDS_PER_PATTERN:g} s with Python's re: it backtracks "
-                                     "catastrophically and vLLM would hang at load; write it without nested repeats")
-            else:
-                self.matched.update(names[i] for i in hits)
-
-    def __call__(self, hf: str) -> bool:
-        """Whether the layer ``hf`` matches (a matcher with regexes is resolved first: :func:`resolve_regexes`)."""
-        if self.every_linear or hf in self.literals:
-            return True
-        if self.matched is None and self.patterns:
-            raise RuntimeError("a Matcher with regexes is called before resolve_regexes ran them")
-        return vllm_name(hf) in (self.matched or ())
-
-
-def resolve_regexes(matchers: list[Matcher], names: list[str]) -> None:
-    """Every matcher's regexes run once against ``names`` (vLLM names), each distinct pattern once."""
-    patterns = list(dict.fromkeys(p for m in matchers for p in m.patterns.values()))
-    found = dict(zip(patterns, match_all(patterns, names)))
-    for matcher in matchers:
-        matcher.resolve(found, names)
 
 
 def _args(raw) -> Optional[dict]:
@@ -190,16 +136,18 @@ class Checker:
         self.qc = folder.config.get("quantization_config", {})
         groups = self.qc.get("config_groups")
         self.groups = {g: b for g, b in groups.items() if isinstance(b, dict)} if isinstance(groups, dict) else {}
-        ignore = self.qc.get("ignore")
-        ignored = Matcher(ignore if isinstance(ignore, list) else [], "quantization_config.ignore")
-        matchers = {g: Matcher(b.get("targets") if isinstance(b.get("targets"), list) else [],
-                               f"quantization_config.config_groups.{g}.targets") for g, b in self.groups.items()}
         self.model: Optional[Model] = None
         self.model_error = ""
         try:
             self.model = Model(folder.config, tensor_count=len(folder.tensors))
         except Exception as error:  # noqa: BLE001 (a config the family refuses: C8 says so)
             self.model_error = model_problem(error)
+        prefixes = self.model.family.SERVED_PREFIXES if self.model is not None else ()  # vLLM's names for the keys
+        ignore = self.qc.get("ignore")
+        ignored = Matcher(ignore if isinstance(ignore, list) else [], "quantization_config.ignore", prefixes)
+        matchers = {g: Matcher(b.get("targets") if isinstance(b.get("targets"), list) else [],
+                               f"quantization_config.config_groups.{g}.targets", prefixes)
+                    for g, b in self.groups.items()}
         self.suffixes: dict[str, list[str]] = {}  # module -> the suffixes of its tensors (C6 and C7)
         for key in folder.tensors:
             module, _, suffix = key.rpartition(".")
@@ -209,7 +157,7 @@ class Checker:
         if self.model is not None:
             layers = [n for n, _ in self.model.lookups()]  # each linear vLLM builds (experts per expert: see below)
             layers += [n for n, lin in self.model.linears.items() if lin.expert]
-            resolve_regexes([ignored, *matchers.values()], [vllm_name(n) for n in dict.fromkeys(layers)])
+            resolve_regexes([ignored, *matchers.values()], [vllm_name(n, prefixes) for n in dict.fromkeys(layers)])
             for name in layers:
                 self.group_of[name] = next((g for g, match in matchers.items() if match(name)), None)
             self.unmatched = [n for n, g in self.group_of.items() if g is None and not ignored(n)]

@@ -1,7 +1,8 @@
-"""What config.json says vLLM builds for a Qwen3-VL-MoE checkpoint, from the family's closed-form shapes of the
-transformers modules the checkpoint keys follow (``models/qwen3_vl_moe_sizes.py``, no torch): every linear (experts
-per expert) with its shape and tensor-parallel split, every other parameter, the layers a quant config is looked up
-for, and the fused groups. Shared by the rules of every format."""
+"""What config.json says vLLM builds for a checkpoint of one of dist-quant's model families, from the family's
+closed-form shapes of the transformers modules the checkpoint keys follow (its torch-free sizes module, found by
+config.json's ``model_type``): every linear (experts per expert) with its shape and tensor-parallel split, every
+other parameter, the layers a quant config is looked up for, the fused groups, and the names vLLM's model class
+gives the checkpoint's keys (:func:`served_prefixes`). Shared by the rules of every format."""
 
 from __future__ import annotations
 
@@ -9,32 +10,32 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from dist_quant.errors import CheckpointError, reason
-from dist_quant.models import qwen3_vl_moe_sizes as family
+from dist_quant.models.family import sizes_for
 
 W4A8_SCALE_BIAS_CHUNKS = 16  # W4A8 down_proj.scale_bias [H, 16], split on dim 1 under TP (vllm-ascend w4a8.py)
-# checkpoint (Hugging Face) key prefixes and the vLLM names Qwen3-VL's hf_to_vllm_mapper maps them to
 # expert linears a check lists without looking at the folder: 1.8x Qwen3-VL-235B's 36096; beyond, one per tensor
 # the folder holds (each needs its weight), so a config claiming 1024 layers x 16384 experts costs no more than the
 # folder it comes with
 FREE_EXPERT_LINEARS = 2**16
-HF_TO_VLLM_PREFIXES = (("model.visual.", "visual."), ("model.language_model.", "language_model.model."),
-                       ("lm_head.", "language_model.lm_head."))
+Prefixes = tuple[tuple[str, str], ...]  # a family's SERVED_PREFIXES: (checkpoint key prefix, vLLM's name for it)
 
 
-def hf_name(key: str) -> str:
+def hf_name(key: str, prefixes: Prefixes) -> str:
     """A key in vLLM's names back in the checkpoint's (other keys unchanged)."""
-    for hf, vllm in HF_TO_VLLM_PREFIXES:
+    for hf, vllm in prefixes:
         if key.startswith(vllm):
             return hf + key[len(vllm):]
     return key
 
 
-def vllm_name(module: str) -> str:
-    """A checkpoint module name (``lm_head`` included) as vLLM names it (other names unchanged)."""
-    for hf, vllm in HF_TO_VLLM_PREFIXES:
-        if (module + ".").startswith(hf):
-            return (vllm + (module + ".")[len(hf):])[:-1]
-    return module
+def served_prefixes(family) -> Prefixes:
+    """(checkpoint key prefix, vLLM's name for it) of every top-level module the family's vLLM model loads keys
+    under: its SERVED_PREFIXES, or, for a family whose vLLM model names its modules as the checkpoint does (it gives
+    none), the first name of each of its keys, unchanged (``model.``, ``lm_head.``)."""
+    if family.SERVED_PREFIXES:
+        return tuple(family.SERVED_PREFIXES)
+    keys = (family.EMBED_KEY, family.NORM_KEY, family.LM_HEAD_KEY, family.layer_prefix(0), family.VISUAL or "")
+    return tuple((root, root) for root in dict.fromkeys(key.split(".")[0] + "." for key in keys if key))
 
 
 @dataclass(frozen=True)
@@ -53,11 +54,13 @@ class Model:
     looked up in the description and the fused groups."""
 
     def __init__(self, config: dict, tensor_count: Optional[int] = None):
-        """``tensor_count``: the tensors of the folder checked, when there is one; a config with more expert linears
-        than :func:`expert_linear_bound` allows for it is refused (CheckpointError) before any is listed."""
-        self.family = family
+        """``config``: config.json's content, whose ``model_type`` picks the family (CheckpointError for one
+        dist-quant has none for). ``tensor_count``: the tensors of the folder checked, when there is one; a config
+        with more expert linears than :func:`expert_linear_bound` allows for it is refused (CheckpointError) before
+        any is listed."""
+        family = self.family = sizes_for(config.get("model_type"))
         self.config = family.load_checked_sizes(config)
-        tc = self.config.text_config
+        tc = self.config.get_text_config()
         self.moe_layers = [i for i in range(tc.num_hidden_layers) if family.is_moe_layer(tc, i)]
         count = len(self.moe_layers) * tc.num_experts * len(family.EXPERT_PROJS)
         if tensor_count is not None and count > expert_linear_bound(tensor_count):
@@ -79,9 +82,10 @@ class Model:
             for expert in range(tc.num_experts):
                 for proj, (out, inp) in zip(family.EXPERT_PROJS, family.expert_shapes(self.config)):
                     name = family.expert_key(layer, expert, proj)
-                    self.linears[name] = Linear(name, out, inp, False, True, "row" if proj == "down_proj" else
-                                                "column", proj)
-        linear_keys = {f"{n}.{s}" for n in names for s in ("weight", "bias")}
+                    self.linears[name] = Linear(name, out, inp, False, True,
+                                                "row" if family.splits_input(name) else "column", proj)
+        # a family whose source stores its experts per expert lists their weights among its tensors: linears too
+        linear_keys = {f"{n}.{s}" for n in self.linears for s in ("weight", "bias")}
         self.floats = {k: s for k, s in shapes.items() if s is not None and k not in linear_keys}
         self.embeddings = (family.EMBED_KEY, family.LM_HEAD_KEY)
         self.groups: list[tuple[str, ...]] = []  # fused groups of non-expert linears
@@ -115,25 +119,20 @@ def expert_linear_bound(tensor_count: int) -> int:
 
 
 def model_problem(error: Exception) -> str:
-    """The violation line for a config no :class:`Model` is built from: the family's refusals name config.json and
-    the fields and say what to do; anything else is a config whose sizes the family could not compute with."""
+    """The violation line for a config no :class:`Model` is built from: the family's refusals (and an unknown
+    model_type) name config.json and the fields and say what to do; anything else is a config whose sizes the
+    family could not compute with."""
     if isinstance(error, CheckpointError):
         return str(error)
-    return f"config.json does not describe a Qwen3-VL-MoE model vLLM can build ({reason(error)})"
+    return f"config.json does not describe a model vLLM can build ({reason(error)})"
 
 
 def tp_violations(model: Model, tp: int, is_w4a8: Callable[[str], bool]) -> list[str]:
-    """What a tensor-parallel size of ``tp`` cannot split (vLLM's Column/RowParallelLinear and FusedMoE assert
-    divisibility; vLLM Ascend's W4A8 MoE splits the 16 scale_bias chunks of down_proj): docs/ascend-loader-rules.md
-    R17. ``is_w4a8`` says which experts are int4."""
-    cfg, bad = model.config, []
-    heads, kv = cfg.text_config.num_attention_heads, cfg.text_config.num_key_value_heads
-    if heads % tp:
-        bad.append(f"text num_attention_heads {heads}")
-    if kv % tp and tp % kv:
-        bad.append(f"text num_key_value_heads {kv} (neither divides the other)")
-    if cfg.vision_config.num_heads % tp:
-        bad.append(f"vision num_heads {cfg.vision_config.num_heads}")
+    """What a tensor-parallel size of ``tp`` cannot split: the family's own (attention heads, kv heads, a vision
+    tower's heads: ``tp_errors``), then every linear's split dimension (vLLM's Column/RowParallelLinear and FusedMoE
+    assert divisibility; vLLM Ascend's W4A8 MoE splits the 16 scale_bias chunks of down_proj):
+    docs/ascend-loader-rules.md R17. ``is_w4a8`` says which experts are int4."""
+    bad = list(model.family.tp_errors(model.config, tp))
     for name, lin in model.linears.items():
         if lin.expert and not name.split(".experts.")[1].startswith("0."):
             continue  # every expert has expert 0's shapes

@@ -190,10 +190,6 @@ class PartFiles:
                 position += len(block)
         return crc
 
-    def sync(self) -> None:
-        for fd in self._fds.values():
-            os.fsync(fd)
-
     def close(self) -> None:
         for fd in self._fds.values():
             os.close(fd)

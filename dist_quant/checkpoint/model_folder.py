@@ -11,7 +11,6 @@ from pathlib import Path, PurePosixPath
 from dist_quant.checkpoint.safetensors_stream import DuplicateKeyError, parse_json, read_text
 from dist_quant.errors import CheckpointError, reason
 
-
 # Hugging Face cache snapshots (.../models--org--name/snapshots/<revision>/) hold symlinks into ../../blobs/
 HF_CACHE_SNAPSHOTS, HF_CACHE_BLOBS = "snapshots", "blobs"
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+
 from dist_quant.checkpoint.model_folder import JSON_FILE_ERRORS, load_json_file, model_file, read_config
 from dist_quant.checkpoint.safetensors_stream import HeaderError, TensorSlice, open_regular, tensor_slices
 from dist_quant.errors import CheckpointError, reason

@@ -1,8 +1,9 @@
-"""Read safetensors headers and assemble safetensors files from byte ranges of other ones, without loading tensors.
+"""Read safetensors headers without loading tensors: where each tensor's bytes lie in its file.
 
 The format: an 8-byte little-endian header length N, N bytes of JSON ({key: {"dtype", "shape", "data_offsets"}} plus
-an optional "__metadata__"), then the data; data_offsets count from the end of the header. Copying byte ranges lets
-the checkpoint writer build multi-GB parts out of small spill files while holding only one chunk in memory.
+an optional "__metadata__"), then the data; data_offsets count from the end of the header. The checkpoint reader
+reads tensors (or rows of them) from these byte ranges, and the loader check (check/folder.py) the published parts'
+tensors. Also here: the guarded file opening and JSON parsing that every reader of untrusted files shares.
 
 The safetensors library judges whether a file is valid (:func:`tensor_slices` opens each one with ``safe_open``);
 the header is parsed here as well because the library's Python API gives no byte offsets, and what is checked here
@@ -17,15 +18,11 @@ import os
 import stat
 import struct
 from collections.abc import Sequence
-from itertools import groupby
-from operator import itemgetter
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
 
 from safetensors import SafetensorError, safe_open
 
-CHUNK_BYTES = 16 * 1024**2
-NO_COPY_FILE_RANGE = (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)
 HEADER_ALIGNMENT = 8  # safetensors pads the JSON header with spaces so the data starts 8-byte aligned
 METADATA_KEY = "__metadata__"
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit (HeaderTooLarge)
@@ -120,13 +117,6 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
 def parse_json(text: str | bytes) -> object:
     """JSON with duplicate keys refused (DuplicateKeyError); RecursionError for absurdly deep nesting."""
     return json.loads(text, object_pairs_hook=_unique_keys)
-
-
-def read_header(path: str | Path) -> tuple[dict, int]:
-    """The parsed JSON header (with "__metadata__" when the file has one) and the byte position where data starts;
-    the entries are judged by :func:`tensor_slices`."""
-    with open_regular(path) as file:
-        return _read_header(path, file)
 
 
 def _read_header(path: str | Path, file: BinaryIO) -> tuple[dict, int]:
@@ -254,48 +244,3 @@ def tensor_slices(path: str | Path) -> dict[str, TensorSlice]:
             slices[key] = TensorSlice(key, source, info["dtype"], info["shape"], data_start + begin, data_start + end)
     return slices
 
-
-def write_concatenated(out_path: str | Path, entries: Sequence[TensorSlice]) -> None:
-    """Write a safetensors file holding the tensors (key, source, dtype, shape, begin, end) in the order given, copying
-    each one's bytes from source[begin:end] in chunks of CHUNK_BYTES: memory holds one chunk, never a tensor."""
-    header = {}
-    offset = 0
-    for key, _, dtype, shape, begin, end in entries:
-        header[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + end - begin]}
-        offset += end - begin
-    header_bytes = json.dumps(header, separators=(",", ":")).encode()
-    header_bytes += b" " * (-len(header_bytes) % HEADER_ALIGNMENT)
-    with open(out_path, "wb") as out:
-        out.write(struct.pack("<Q", len(header_bytes)))
-        out.write(header_bytes)
-        out.flush()
-        for source, group in groupby(entries, key=itemgetter(1)):
-            with open(source, "rb") as file:
-                for _, _, _, _, begin, end in group:
-                    _copy_range(file, out, begin, end)
-        out.flush()
-        os.fsync(out.fileno())  # a published checkpoint must survive a crash right after its description lands
-
-
-def _copy_range(source: BinaryIO, out: BinaryIO, begin: int, end: int) -> None:
-    """Copy bytes begin:end of source to the end of out, in the kernel where the filesystem allows it."""
-    remaining = end - begin
-    try:
-        while remaining:
-            copied = os.copy_file_range(source.fileno(), out.fileno(), remaining, end - remaining)
-            if copied == 0:
-                raise ValueError(f"{source.name} ends before byte {end}; it was truncated or changed since it was read")
-            remaining -= copied
-        return
-    except OSError as error:  # no copy_file_range between these filesystems: copy through a buffer
-        if error.errno not in NO_COPY_FILE_RANGE:
-            raise  # out of space and the like are real errors
-        out.seek(0, os.SEEK_END)
-    source.seek(end - remaining)
-    remaining = end - begin
-    while remaining:
-        chunk = source.read(min(CHUNK_BYTES, remaining))
-        if not chunk:
-            raise ValueError(f"{source.name} ends before byte {end}; it was truncated or changed since it was read")
-        out.write(chunk)
-        remaining -= len(chunk)

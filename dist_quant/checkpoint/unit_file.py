@@ -19,8 +19,10 @@ import torch
 from dist_quant.checkpoint.layout import PartFiles, Place, check_matches, tensor_bytes, writing
 from dist_quant.schemes import SCHEMES
 
+
 def file_crc32(path: Path) -> int:
-    """CRC-32 of a whole file, read in blocks: how staged files are checked before a resumed run keeps them."""
+    """CRC-32 of a whole file, read in blocks: how a saved stream file (runtime/resume.py) is checked before
+    a resumed run uses it."""
     crc = 0
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(16 * 1024**2), b""):

@@ -3,9 +3,9 @@
 The part files are laid out before any unit runs (checkpoint/layout.py: every tensor's place follows from its dtype
 and shape) and created in a staging folder with their headers; each unit writes its tensors straight into their
 places (checkpoint/unit_file.py), so every byte is written once and memory holds a unit, never a part. Nothing lands
-in save_path until publish(), and quant_model_description.json lands last: a crashed run never leaves a folder that looks like a
-finished checkpoint. The writer holds save_path's lock (one run per folder) and removes only what a checkpoint
-consists of.
+in save_path until publish(), and the format's marker file (ascendv1: quant_model_description.json) lands last: a
+crashed run never leaves a folder that looks like a finished checkpoint. The writer holds save_path's lock (one run
+per folder) and removes only what a checkpoint consists of.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import os
 import shutil
 from collections import Counter
 from collections.abc import Callable, Iterable
-from typing import Optional
 from pathlib import Path
+from typing import Optional
 
 import torch
 from safetensors.torch import save_file
@@ -109,12 +109,12 @@ def _check_apart(save_path: Path, folder: Path, what: str) -> None:
 
 
 class CheckpointWriter:
-    """Collects unit files and publishes them as one checkpoint in its output format in save_path, holding
-    save_path's lock.
+    """Lays out and creates the part files the units write into, registers the finished units, and publishes them
+    as one checkpoint in its output format in save_path, holding save_path's lock.
 
-    Publishing is recoverable: the part layout, each finished part (size, CRC-32) and the list of files to move are
-    recorded in the private folder before they are acted on, so a run killed while assembling or moving is finished
-    by ``resume_publish()`` / ``publish()`` on the next attempt.
+    A run is recoverable: the part layout and the list of files to move are recorded in the private folder before
+    they are acted on, so a resumed run keeps the part files (each kept unit checked by its CRC-32,
+    ``unit_intact``), and one killed while moving is finished by ``publish()`` on the next attempt.
     """
 
     def __init__(

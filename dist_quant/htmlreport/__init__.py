@@ -14,14 +14,15 @@ import base64
 import hashlib
 import math
 import os
-import tempfile
 import statistics
+import tempfile
 from collections import Counter
 from html import escape
 from pathlib import Path
 from typing import Optional
 
 from dist_quant.checkpoint.formats import published_format
+from dist_quant.errors import CheckpointError
 from dist_quant.htmlreport import inputs, svg
 from dist_quant.runtime.run_log import COVERAGE_FILE, TIMELINE_FILE
 
@@ -35,12 +36,14 @@ CSS = """
 }
 body { background: var(--bg); color: var(--fg); font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif;
        margin: 24px auto; max-width: 1080px; padding: 0 16px; }
-h1 { font-size: 22px; margin: 0 0 4px; } h2 { font-size: 17px; margin: 28px 0 8px; border-bottom: 1px solid var(--line); }
+h1 { font-size: 22px; margin: 0 0 4px; }
+h2 { font-size: 17px; margin: 28px 0 8px; border-bottom: 1px solid var(--line); }
 .muted { color: var(--muted); } table { border-collapse: collapse; margin: 8px 0; }
 td, th { border: 1px solid var(--line); padding: 3px 8px; text-align: left; } th { background: var(--panel); }
 .figure { overflow-x: auto; background: var(--panel); border: 1px solid var(--line); padding: 8px; }
 svg .ink { fill: var(--fg); } svg .lane { fill: var(--lane); } svg .grid { stroke: var(--line); stroke-width: 1; }
-svg .none { fill: var(--bg); stroke: var(--fg); stroke-width: 0.4; } svg .cross { stroke: var(--fg); stroke-width: 0.8; }
+svg .none { fill: var(--bg); stroke: var(--fg); stroke-width: 0.4; }
+svg .cross { stroke: var(--fg); stroke-width: 0.8; }
 svg .bar { stroke: var(--bg); stroke-width: 0.5; }
 .advice li { margin: 4px 0; } .ok { color: #1a7f37; } .warn { color: #bc4c00; }
 @media (prefers-color-scheme: dark) { .ok { color: #3fb950; } .warn { color: #f0883e; } }
@@ -61,6 +64,8 @@ def _types(folder: Path, fmt) -> tuple[dict[str, str], Optional[str]]:
         return {}, "the description is nested too deeply to read"
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         return {}, f"the tensors' quant types cannot be read ({type(error).__name__})"
+    except CheckpointError:  # compressed-tensors: its module names follow a model family dist-quant does not have
+        return {}, "the tensors' quant types cannot be read (config.json's model_type is not a model dist-quant knows)"
 
 
 def _table(header: Optional[list[str]], rows: list[list[str]]) -> str:
@@ -156,8 +161,8 @@ def advice(coverage: Optional[dict], timeline: Optional[dict], evaluation: Optio
 
 def build_report(folder: str | Path, evaluation: Optional[dict] = None, check=None) -> str:
     """The page for the checkpoint in ``folder`` (with the accuracy part when ``evaluation``, a clean eval report, is
-    given; ValueError when it is malformed); a run's staging folder is shown as the checkpoint it becomes. ``check``: the folder's check Report when
-    the caller has it (quant, which has just run it), else it is run here."""
+    given; ValueError when it is malformed); a run's staging folder is shown as the checkpoint it becomes. ``check``:
+    the folder's check Report when the caller has it (quant, which has just run it), else it is run here."""
     from dist_quant.check import check_checkpoint
     from dist_quant.checkpoint.writer import STAGING_DIR
 

@@ -153,7 +153,9 @@ def line_chart(names: list[str], series: dict[str, list[float]], ylabel: str, lo
         lo, hi = math.log10(lo), math.log10(hi)
     hi = hi if hi > lo else lo + 1.0
     n = max(len(names), 1)
-    x_of = (lambda i: left + (i + 0.5) * width / n)
+
+    def x_of(i: int) -> float:
+        return left + (i + 0.5) * width / n
 
     def y_of(v: float) -> float:
         """Inside the plot: a zero on a log scale sits on the bottom edge, a NaN or inf on the top edge."""

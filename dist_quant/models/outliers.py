@@ -1,5 +1,6 @@
-"""Outlier suppression applied to a model's pieces from the model family's tables (models/qwen3_vl_moe.py: which
-modules QuaRot rotates and fuses, which subgraphs get smoothed), as llm-compressor applies its smoothing mappings.
+"""Outlier suppression applied to a model's pieces from the model family's tables (a decoder layer's:
+models/moe_decoder.py; which modules QuaRot rotates and fuses, which subgraphs get smoothed), as llm-compressor
+applies its smoothing mappings.
 
 The math lives in dist_quant/algorithms/quarot.py and smooth.py; the family's tables say where it applies: the text
 residual stream is rotated (embeddings and the vision mergers' outputs enter it rotated; every reader is

@@ -21,7 +21,7 @@ def model_linears(config) -> Iterator[str]:
     """Every linear module name of the model, vision first, then each layer's, then its experts'."""
     family = sizes_for(config.model_type)
     yield from family.vision_linears(config)
-    text = config.text_config
+    text = config.get_text_config()
     for layer in range(text.num_hidden_layers):
         yield from family.layer_linears(config, layer)
         if family.is_moe_layer(text, layer):
@@ -74,22 +74,22 @@ def format_assignments(rows: list[tuple[str, str, int, str]]) -> str:
 def check_recipe_for_model(recipe: Recipe, config) -> None:
     """Refuse, before any work, recipes that select nothing or that vLLM Ascend could not serve: a ``linear_quant``
     no linear gets, static experts, an experts-only scheme elsewhere, expert shapes a scheme cannot pack, or one fused
-    projection split across types; an ``iter_smooth`` that selects no decoder linear. Torch-free (the family's sizes module): ``plan`` runs it too."""
+    projection split across types; an ``iter_smooth`` that selects no decoder linear. Torch-free (the family's sizes
+    module): ``plan`` runs it too."""
     family = sizes_for(config.model_type)
     expert_type = schemes.get(recipe.quant_type(family.expert_key(0, 0, family.EXPERT_PROJS[0])))
     if not expert_type.serves_experts:
         allowed = [s.name for s in schemes.SCHEMES.values() if s.serves_experts]
         raise RecipeError(f"recipe {recipe.path}: experts must be one of {allowed}: vLLM Ascend has no "
                           f"{expert_type.name} MoE method (exclude '*experts*' from that linear_quant)")
-    linears = [*family.vision_linears(config)]
-    for layer_idx in range(config.text_config.num_hidden_layers):
-        linears += family.layer_linears(config, layer_idx)
-    check_linear_quants_apply(recipe, linears, (name for layer in range(config.text_config.num_hidden_layers)
-                                                if family.is_moe_layer(config.text_config, layer)
-                                                for name in family.expert_linears(config, layer, 0,
-                                                                                  config.text_config.num_experts)))
+    text = config.get_text_config()
+    decoder = [name for layer_idx in range(text.num_hidden_layers) for name in family.layer_linears(config, layer_idx)]
+    linears = [*family.vision_linears(config), *decoder]
+    check_linear_quants_apply(recipe, linears, (name for layer in range(text.num_hidden_layers)
+                                                if family.is_moe_layer(text, layer)
+                                                for name in family.expert_linears(config, layer, 0, text.num_experts)))
     smooth = recipe.smooth
-    if smooth is not None and not any(smooth.selects(name) for name in linears if name.startswith(family.TEXT)):
+    if smooth is not None and not any(smooth.selects(name) for name in decoder):
         raise RecipeError(f"recipe {recipe.path}: iter_smooth with include {list(smooth.include)} and exclude "
                           f"{list(smooth.exclude)} selects no linear of this model's decoder layers, so nothing "
                           "would be smoothed: fix its globs or remove it")
@@ -98,14 +98,14 @@ def check_recipe_for_model(recipe: Recipe, config) -> None:
         if not scheme.serves_linears:
             raise RecipeError(f"recipe {recipe.path}: {name} gets {scheme.name}, which vLLM Ascend serves for routed "
                               "experts only (include only '*mlp.experts*' in that linear_quant)")
-    for layer_idx in range(config.text_config.num_hidden_layers):  # experts of one layer share their shapes
-        if family.is_moe_layer(config.text_config, layer_idx):
+    for layer_idx in range(text.num_hidden_layers):  # experts of one layer share their shapes
+        if family.is_moe_layer(text, layer_idx):
             for proj, shape in zip(family.EXPERT_PROJS, family.expert_shapes(config)):
                 name = family.expert_key(layer_idx, 0, proj)
                 problem = schemes.get(recipe.quant_type(name)).check_shape(name, shape, family.splits_input(name))
                 if problem:
                     raise RecipeError(f"recipe {recipe.path}: {problem}")
-    for layer_idx in range(config.text_config.num_hidden_layers):
+    for layer_idx in range(text.num_hidden_layers):
         for group in family.FUSED_GROUPS:
             types = {recipe.quant_type(f"{family.layer_prefix(layer_idx)}.{name}") for name in group}
             if len(types) > 1:

@@ -3,10 +3,11 @@
 This is a model, not a measurement: per unit, reading its weights from storage overlaps with computing on the
 previous one (prefetch), then its output is written straight into its place in the part files (checksummed on the
 way: nothing is assembled or copied at the end); layers are a chain (layer L+1 needs layer L's output) while the
-expert groups of a layer run on all actors at once. The figures below are parameters. Defaults: an Atlas 800I A2 node (8 cards of 64 GB HBM2e,
-about 1.6 TB/s each; float32 matmul throughput taken at a conservative 60 TFLOPS per card), storage that delivers
-2 GB/s read and 1 GB/s write per node, and the host-side cost of serialising and checksumming output measured on
-the development machine (docs/benchmarks.md, "Real width"). Change them to match your cluster.
+expert groups of a layer run on all actors at once. The figures below are parameters. Defaults: an Atlas 800I A2
+node (8 cards of 64 GB HBM2e, about 1.6 TB/s each; float32 matmul throughput taken at a conservative 60 TFLOPS per
+card), storage that delivers 2 GB/s read and 1 GB/s write per node, and the host-side cost of serialising and
+checksumming output measured on the development machine (docs/benchmarks.md, "Real width"). Change them to match
+your cluster.
 
 A weight method that searches or rounds (ssz, GPTQ) runs on the host, not the card (the worker moves each weight
 to the CPU before its scheme quantizes it), one expert after another inside its unit, on ``--compute_threads``
@@ -21,8 +22,16 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from dist_quant.models.family import sizes_for
-from dist_quant.runtime.plan import (COMPUTE_BYTES, Kind, QuantChoice, QuantPlan, Unit, source_bytes_per_param,
-                                     unit_params, unit_read_params)
+from dist_quant.runtime.plan import (
+    COMPUTE_BYTES,
+    Kind,
+    QuantChoice,
+    QuantPlan,
+    Unit,
+    source_bytes_per_param,
+    unit_params,
+    unit_read_params,
+)
 
 if TYPE_CHECKING:
     from dist_quant.schemes import QSpec
@@ -97,7 +106,7 @@ def unit_rounding_seconds(quant_params: dict[QuantChoice, int]) -> float:
 def unit_flops(config, unit: Unit, calib_tokens: int) -> float:
     """Multiply-adds x 2 of the calibration forward of a unit (experts: only the routed tokens; images: its share
     of them; the vision unit only quantizes)."""
-    tc = config.text_config
+    tc = config.get_text_config()
     if unit.kind is Kind.EXPERTS:
         share = (unit.stop_expert - unit.first_expert) / tc.num_experts
         expert_params = sizes_for(config.model_type).expert_param_count(config)

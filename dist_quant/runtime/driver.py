@@ -22,21 +22,22 @@ from typing import Callable, Optional, Protocol
 from tqdm import tqdm
 
 from dist_quant import failpoints
+from dist_quant.calib import DEFAULT_TEXT_DATASET
 from dist_quant.calib.dataset import load_samples
 from dist_quant.calib.inputs import DEFAULT_MAX_SAMPLE_TOKENS, ModelInputs, build_model_inputs
 from dist_quant.check import refuse_unservable
 from dist_quant.checkpoint import formats
 from dist_quant.checkpoint.writer import CheckpointWriter
 from dist_quant.errors import CalibrationError, DistQuantError, OutputError
-from dist_quant.models.family import load_checked
+from dist_quant.models.family import load_checked, reads_images
 from dist_quant.recipe import Recipe
+from dist_quant.runtime.assignments import check_recipe_for_model
 from dist_quant.runtime.device import DEFAULT_COMPUTE_THREADS, set_compute_threads
 from dist_quant.runtime.plan import DEFAULT_EXPERT_GROUP_SIZE, Kind, Unit, plan_units
 from dist_quant.runtime.report import UnitReport
 from dist_quant.runtime.resume import Journal, ResumePoint, fingerprint, remaining_units, resume_point
 from dist_quant.runtime.run_log import RunLog, write_coverage, write_timeline
 from dist_quant.runtime.timing import add_times
-from dist_quant.runtime.assignments import check_recipe_for_model
 from dist_quant.runtime.worker import checkpoint_entries, export_rotation
 
 log = logging.getLogger("dist_quant")
@@ -46,17 +47,17 @@ DEFAULT_DATASET = "calibImages"  # msModelSlim's name for its default calibratio
 RUN_FILE = "quant_run.json"  # published: the run's fingerprint, so a later --resume knows the checkpoint is its own
 
 
-def resolve_dataset(dataset: Optional[str], recipe: Recipe) -> Path:
+def resolve_dataset(dataset: Optional[str], recipe: Recipe, images: bool = True) -> Path:
     """The calibration set: ``--dataset`` if given, else the recipe's ``dataset`` resolved against the recipe's
-    folder, then the working directory, then the bundled calibration sets; the bundled photos when neither names
-    one."""
+    folder, then the working directory, then the bundled calibration sets; when neither names one, the bundled
+    photos (``images``: a family whose samples hold images) or the bundled texts."""
     if dataset is not None:
         path = Path(dataset)
         if not path.exists():
             raise CalibrationError(f"calibration dataset {path} does not exist")
         return path
     if recipe.dataset is None:
-        return BUNDLED_DATASETS / DEFAULT_DATASET
+        return BUNDLED_DATASETS / (DEFAULT_DATASET if images else DEFAULT_TEXT_DATASET)
     candidates = [recipe.path.parent / recipe.dataset, Path.cwd() / recipe.dataset, BUNDLED_DATASETS / recipe.dataset]
     for candidate in candidates:
         if candidate.exists():
@@ -67,8 +68,10 @@ def resolve_dataset(dataset: Optional[str], recipe: Recipe) -> Path:
     )
 
 
-@dataclass
+@dataclass(kw_only=True)
 class QuantSummary:
+    """What a run did (the single card's; ``ray_driver.DistributedSummary`` adds the actors'), built by keyword."""
+
     seconds: float
     units: int
     tensors: int
@@ -142,9 +145,10 @@ def quantize(model_path: str, save_path: str, recipe: Recipe, executor: Executor
     check_positive(expert_group_size=expert_group_size, compute_threads=compute_threads,
                    max_sample_tokens=max_sample_tokens, workers=executor.workers)
     set_compute_threads(compute_threads)
-    config = load_checked(model_path)[2]  # checked against the weights' headers before anything is sized by it
-    dataset_path = resolve_dataset(dataset, recipe)
-    samples = cap_samples(load_samples(dataset_path, recipe.default_text), max_samples, dataset_path)
+    family, _, config = load_checked(model_path)  # checked against the weights' headers before anything is sized
+    images = reads_images(family)
+    dataset_path = resolve_dataset(dataset, recipe, images)
+    samples = cap_samples(load_samples(dataset_path, recipe.default_text, images=images), max_samples, dataset_path)
     check_recipe_for_model(recipe, config)  # before any worker process starts
     plan = plan_units(config, expert_group_size, executor.workers)  # a share of the images per worker
     writer = CheckpointWriter(save_path, part_file_size_gb=recipe.part_file_size_gb, overwrite=overwrite,
@@ -154,7 +158,7 @@ def quantize(model_path: str, save_path: str, recipe: Recipe, executor: Executor
     journal = None
 
     def inputs_and_fingerprint():
-        inputs = build_model_inputs(model_path, samples, trust_remote_code=trust_remote_code,
+        inputs = build_model_inputs(model_path, samples, images=images, trust_remote_code=trust_remote_code,
                                     max_tokens=max_sample_tokens)
         return inputs, fingerprint(model_path, recipe.path, inputs, expert_group_size, compute_threads, device,
                                    recipe.saver)
@@ -180,8 +184,8 @@ def quantize(model_path: str, save_path: str, recipe: Recipe, executor: Executor
         if writer.moving:  # killed while moving the finished files into save_path: finish that
             run_log.write("resuming the publishing of a finished checkpoint")
             summary = writer.resume_publish()
-            return QuantSummary(time.perf_counter() - start, len(plan), summary["tensors"], summary["bytes"],
-                                summary["counts"], str(save_path))
+            return QuantSummary(seconds=time.perf_counter() - start, units=len(plan), tensors=summary["tensors"],
+                                bytes_written=summary["bytes"], counts=summary["counts"], save_path=str(save_path))
         writer.create_parts()
         reports = _run_units(executor, writer, journal, plan, inputs, run_log, progress)
         coverage = write_coverage(writer.staging, journal.expert_tokens, run_log)
@@ -208,9 +212,11 @@ def quantize(model_path: str, save_path: str, recipe: Recipe, executor: Executor
     for report in reports:
         add_times(phases, report.phases or {})
     phases["merge"] = time.perf_counter() - assemble_started
-    return QuantSummary(time.perf_counter() - start, len(plan), summary["tensors"], summary["bytes"],
-                        dict(summary["counts"]), str(save_path), coverage["experts_without_tokens"], run_log.warnings,
-                        phases, [r.unit.id for r in reports], sum(r.bytes_read for r in reports))
+    return QuantSummary(seconds=time.perf_counter() - start, units=len(plan), tensors=summary["tensors"],
+                        bytes_written=summary["bytes"], counts=dict(summary["counts"]), save_path=str(save_path),
+                        experts_without_tokens=coverage["experts_without_tokens"], warnings=run_log.warnings,
+                        phases=phases, ran_units=[r.unit.id for r in reports],
+                        bytes_read=sum(r.bytes_read for r in reports))
 
 
 def _finish_folder(folder: Path, run_log: RunLog) -> None:
@@ -320,8 +326,8 @@ def _already_complete(writer: CheckpointWriter, run: dict, start: float, units: 
         raise OutputError(f"save path {writer.save_path} holds a finished checkpoint of another run (its "
                           f"{', '.join(changed)} differ(s)); use --overwrite without --resume to replace it")
     types = writer.output_format.published_types(writer.save_path)
-    return QuantSummary(time.perf_counter() - start, units, len(types), 0, dict(Counter(types.values())),
-                        str(writer.save_path), already_complete=True)
+    return QuantSummary(seconds=time.perf_counter() - start, units=units, tensors=len(types), bytes_written=0,
+                        counts=dict(Counter(types.values())), save_path=str(writer.save_path), already_complete=True)
 
 
 def _give_up(writer: CheckpointWriter, journal: Optional[Journal], quiet: bool = False) -> int:

@@ -24,6 +24,7 @@ class UnitCalls(Protocol):
     """What executing each kind of unit takes and returns (``result`` last: a report or what the caller wants)."""
 
     def contexts(self, unit: Unit, inputs, vision) -> Any: ...
+    # the samples' contexts (positions, masks) from the vision outputs (None: a family without a vision tower)
 
     def images(self, unit: Unit, inputs) -> tuple[Any, Any]: ...  # the vision forward on a share, result
 
@@ -65,6 +66,8 @@ def interpret(units: Sequence[Unit], start, inputs, calls: UnitCalls,
             vision, contexts, result = calls.vision(unit, inputs, *shares)
         elif unit.kind is Kind.EMBED:
             hidden, result = calls.embed(unit, inputs, *shares)  # from the images: beside the vision unit
+            if contexts is None:  # a family without a vision unit: the contexts come from the token ids alone
+                contexts = calls.contexts(unit, inputs, None)
         elif unit.kind is Kind.LAYER:
             hidden, moe, result = calls.layer(unit, contexts, hidden, *partials, combine=combine)
             partials, combine = [], True

@@ -1,8 +1,9 @@
 """The plan of one quantization: units of work, their assignment to actors, output parts, a memory estimate.
 
 Everything here comes from config.json alone (sizes in closed form, from the family's sizes module), so a plan for a
-235B model is printed at once without reading a weight. Expert groups have a fixed size that does not depend on the number of
-workers, and their partial sums are added in group order, so the checkpoint is the same whoever computes which group.
+235B model is printed at once without reading a weight. Expert groups have a fixed size that does not depend on the
+number of workers, and their partial sums are added in group order, so the checkpoint is the same whoever computes
+which group.
 
 The module imports no torch, no transformers and no scheme: the command line takes its defaults from here to build its
 parser, and neither ``--help`` nor ``plan`` may wait seconds for torch. What needs a recipe's schemes imports them
@@ -82,14 +83,6 @@ def expert_groups(num_experts: int, group_size: int = DEFAULT_EXPERT_GROUP_SIZE)
     return [(first, min(first + group_size, num_experts)) for first in range(0, num_experts, group_size)]
 
 
-def image_costs(inputs, vision_config) -> list[int]:
-    """The vision tower's multiply-adds per block for each sample (0 without an image): its P patches through the
-    linears (qkv, proj, fc1, fc2), plus attention over the P patches of its own image."""
-    h, i = vision_config.hidden_size, vision_config.intermediate_size
-    patches = [0 if s.pixel_values is None else int(s.pixel_values.shape[0]) for s in inputs]
-    return [p * (4 * h * h + 2 * h * i) + 2 * p * p * h for p in patches]
-
-
 def image_share(costs: list[int], share: int, shares: int) -> list[int]:
     """The indexes, in order, of the samples in share ``share`` of ``shares`` of the vision forward: the costliest
     images first (``costs`` per sample, e.g. ``image_costs``), each to the share with the least cost so far, so the
@@ -101,21 +94,26 @@ def image_share(costs: list[int], share: int, shares: int) -> list[int]:
     return [index for index in range(len(costs)) if owner[index] == share]
 
 
-def samples_of(unit: Unit, inputs, vision_config) -> list[int]:
-    """The samples whose images the images unit ``unit`` runs (the same on every actor and in the evaluator)."""
-    return image_share(image_costs(inputs, vision_config), unit.share, unit.shares)
+def samples_of(unit: Unit, inputs, family, config) -> list[int]:
+    """The samples whose images the images unit ``unit`` runs (the same on every actor and in the evaluator), by
+    the vision tower's work per sample (``family.image_costs``)."""
+    return image_share(family.image_costs(inputs, config), unit.share, unit.shares)
 
 
 def plan_units(config, group_size: int = DEFAULT_EXPERT_GROUP_SIZE, image_shares: int = 1) -> list[Unit]:
-    """Every unit of a model in plan order: the vision forward in ``image_shares`` shares of the images (one per
-    actor: the tower's input ranges of the shares are merged exactly, by min and max, so the checkpoint is the same
-    for any number), the vision tower, embeddings, each layer and its expert groups, head."""
-    units = [Unit(Kind.IMAGES, share=s, shares=image_shares) for s in range(image_shares)]
-    units += [Unit(Kind.VISION), Unit(Kind.EMBED)]
-    tc = config.text_config
+    """Every unit of a model in plan order, of the kinds its family has (``FamilySizes.UNIT_KINDS``): the vision
+    forward in ``image_shares`` shares of the images (one per actor: the tower's input ranges of the shares are
+    merged exactly, by min and max, so the checkpoint is the same for any number), the vision tower, embeddings,
+    each layer and its expert groups, head."""
+    family = sizes_for(config.model_type)
+    kinds = {Kind(kind) for kind in family.UNIT_KINDS}
+    units = [Unit(Kind.IMAGES, share=s, shares=image_shares) for s in range(image_shares)] \
+        if Kind.IMAGES in kinds else []
+    units += [Unit(kind) for kind in (Kind.VISION, Kind.EMBED) if kind in kinds]
+    tc = config.get_text_config()
     for layer_idx in range(tc.num_hidden_layers):
         units.append(Unit(Kind.LAYER, layer_idx))
-        if sizes_for(config.model_type).is_moe_layer(tc, layer_idx):
+        if family.is_moe_layer(tc, layer_idx):
             units += [Unit(Kind.EXPERTS, layer_idx, a, b) for a, b in expert_groups(tc.num_experts, group_size)]
     return units + [Unit(Kind.HEAD)]
 
@@ -148,7 +146,7 @@ def assign_units(plan: list[Unit], workers: int) -> list[int]:
 
 def unit_params(config, unit: Unit) -> int:
     """Parameters a unit works on (images: the tower it runs, which the vision unit of the same actor writes)."""
-    tc, family = config.text_config, sizes_for(config.model_type)
+    tc, family = config.get_text_config(), sizes_for(config.model_type)
     if unit.kind in (Kind.IMAGES, Kind.VISION):
         return family.vision_param_count(config)
     if unit.kind is Kind.EMBED:
@@ -210,9 +208,9 @@ def unit_output_bytes(unit: Unit, quant_params: dict[QuantChoice, int], source_b
 
 def unit_activation_bytes(config, unit: Unit, calib_tokens: int) -> int:
     """Float32 activations a unit holds: a few copies of the token stream (input, stream, MLP input, partial sum)."""
-    tc, vc = config.text_config, config.vision_config
+    tc = config.get_text_config()
     if unit.kind is Kind.IMAGES:  # patches before the 2x2 merge, a few copies, plus one image's attention scores
-        return 8 * calib_tokens * vc.hidden_size * COMPUTE_BYTES // unit.shares
+        return 8 * calib_tokens * config.vision_config.hidden_size * COMPUTE_BYTES // unit.shares
     if unit.kind is Kind.VISION:  # every image's embeddings and deepstack features
         return 4 * calib_tokens * tc.hidden_size * COMPUTE_BYTES
     if unit.kind is Kind.HEAD:
@@ -231,7 +229,7 @@ def unit_hessian_bytes(config, unit: Unit, recipe: Recipe) -> int:
     for name in unit_linears(config, first):
         processor = recipe.linear_quant(name)
         if schemes.get(recipe.quant_type(name)).needs_hessian(processor and processor.weight):
-            tc = config.text_config
+            tc = config.get_text_config()
             return HESSIAN_BYTES_PER_ENTRY * tc.hidden_size ** 2 + 8 * tc.moe_intermediate_size ** 2
     return 0
 
@@ -244,7 +242,7 @@ def unit_peak_bytes(config, unit: Unit, params: int, output: int, source_bytes: 
     and the unit's output, which grows until the unit ends, beside that group's float32 weights; with
     ``object_store`` (a Ray actor), the object store's pages a layer or expert unit maps. Measured against the
     resident memory of every unit at Qwen3-VL-235B-A22B and 30B-A3B widths: docs/benchmarks.md, "Real width"."""
-    tc = config.text_config
+    tc = config.get_text_config()
     if unit.kind in (Kind.EMBED, Kind.HEAD):
         weights = 3 * min(ROW_CHUNK, tc.vocab_size) * tc.hidden_size * COMPUTE_BYTES
     else:

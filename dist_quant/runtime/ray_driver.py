@@ -24,9 +24,9 @@ from dist_quant.checkpoint.layout import Place
 from dist_quant.checkpoint.writer import CheckpointWriter
 from dist_quant.errors import DistQuantError
 from dist_quant.recipe import Recipe
+from dist_quant.runtime import ray_tensors
 from dist_quant.runtime.device import DEVICES
 from dist_quant.runtime.driver import OnDone, QuantSummary, quantize
-from dist_quant.runtime import ray_tensors
 from dist_quant.runtime.interpret import interpret
 from dist_quant.runtime.plan import Kind, Unit, assign_units
 from dist_quant.runtime.ray_connect import AUTH_MODE, set_token_mode

@@ -12,9 +12,9 @@ was saved, and recomputes only what follows; since every unit is deterministic, 
 uninterrupted run's.
 
 What the fingerprint sees of the source weights without reading them: each weights file's name, size, modification
-time and header, and checkpoint.fingerprint's SAMPLES blocks spread over its data. A changed header, size or mtime (any copy, download
-or editor that rewrites a file) or bytes changed inside a sampled block are detected; an in-place change of the same
-size elsewhere whose mtime was put back is not.
+time and header, and checkpoint.fingerprint's SAMPLES blocks spread over its data. A changed header, size or mtime
+(any copy, download or editor that rewrites a file) or bytes changed inside a sampled block are detected; an
+in-place change of the same size elsewhere whose mtime was put back is not.
 """
 
 from __future__ import annotations
@@ -32,15 +32,14 @@ import torch
 from safetensors.torch import load_file, save
 
 from dist_quant import __version__
-
-PLAN_LAYOUT = 3  # unit ids, stream-saving points, unit records; a journal of another layout is not resumed
-# (2: "L003" units; 3: units write into the part files, records without a unit file)
 from dist_quant.calib.inputs import ModelInputs
 from dist_quant.checkpoint.fingerprint import digest_safetensors
 from dist_quant.checkpoint.unit_file import UnitRecord, file_crc32, is_plain_name
 from dist_quant.errors import OutputError
 from dist_quant.runtime.plan import Kind, Unit
 
+PLAN_LAYOUT = 3  # unit ids, stream-saving points, unit records; a journal of another layout is not resumed
+# (2: "L003" units; 3: units write into the part files, records without a unit file)
 JOURNAL = "journal.jsonl"
 STREAM_DIR = "stream"
 VISION_FILE = "vision.safetensors"
@@ -218,7 +217,7 @@ def save_vision(private_dir: Path, vision: list) -> StreamRecord:
 
 
 def load_vision(private_dir: Path, samples: int) -> list:
-    from dist_quant.runtime.worker import VisionOutput
+    from dist_quant.models.family import VisionOutput
 
     tensors = load_file(private_dir / STREAM_DIR / VISION_FILE)
     vision = []
@@ -269,13 +268,14 @@ def resume_point(private_dir: Path, plan: list[Unit], finished: dict[str, UnitRe
                  samples: int) -> Optional[ResumePoint]:
     """Where to restart: after the last saved layer whose units (and vision, embeddings) all finished and whose
     stream files match their journal records."""
-    vision_file = private_dir / STREAM_DIR / VISION_FILE
-    if not journal.intact_stream(vision_file):
+    with_vision = any(u.kind is Kind.VISION for u in plan)  # a family without a vision tower saves no vision file
+    if with_vision and not journal.intact_stream(private_dir / STREAM_DIR / VISION_FILE):
         return None
     for layer, path in reversed(_layer_files(private_dir)):
         if all(unit_id in finished for unit_id in needed_for(plan, layer)) and journal.intact_stream(path):
             tensors = load_file(path)
-            return ResumePoint(layer, [tensors[str(i)] for i in range(samples)], load_vision(private_dir, samples))
+            vision = load_vision(private_dir, samples) if with_vision else [None] * samples
+            return ResumePoint(layer, [tensors[str(i)] for i in range(samples)], vision)
     return None
 
 

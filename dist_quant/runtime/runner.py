@@ -66,8 +66,9 @@ class UnitRunner:
     """
 
     def __init__(self, index: int, model_path: str, recipe: Recipe, staging_dir: str, private_dir: str, device: str,
-                 schedule: list[Unit], places: dict[str, list[Place]], *, ship_unit_files: Optional[bool] = False, probe: str = "", token: str = "",
-                 pin_cpus: Optional[int] = None, compute_threads: int = DEFAULT_COMPUTE_THREADS):
+                 schedule: list[Unit], places: dict[str, list[Place]], *, ship_unit_files: Optional[bool] = False,
+                 probe: str = "", token: str = "", pin_cpus: Optional[int] = None,
+                 compute_threads: int = DEFAULT_COMPUTE_THREADS):
         if device == "cpu" and pin_cpus:
             pin_to_cpu_share(index, pin_cpus)
         node_id = ray_node_id()
@@ -107,7 +108,7 @@ class UnitRunner:
 
     def images(self, unit: Unit, inputs: list[ModelInputs]):
         started = self._start(unit)
-        share = self.worker.images(inputs, samples_of(unit, inputs, self.worker.config.vision_config),
+        share = self.worker.images(inputs, samples_of(unit, inputs, self.worker.family, self.worker.config),
                                    keep_tower=Unit(Kind.VISION) in self._position)
         return share, self.reporter.report(unit, started)
 
@@ -118,7 +119,8 @@ class UnitRunner:
         return vision, self.worker.contexts(inputs, vision), self.reporter.report(unit, started, streams=streams)
 
     def contexts(self, unit: Unit, inputs: list[ModelInputs], vision):
-        """Sample contexts from saved vision outputs, when a resumed run skips the vision unit."""
+        """Sample contexts from the vision outputs (saved ones, when a resumed run skips the vision unit; None for a
+        family without a vision tower)."""
         return self.worker.contexts(inputs, vision)
 
     def embed(self, unit: Unit, inputs: list[ModelInputs], *shares: ImagesOutput):

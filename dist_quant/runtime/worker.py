@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode  # shapes without data: Worker.entries
 
-from dist_quant import failpoints
+from dist_quant import failpoints, schemes
 from dist_quant.algorithms import hadamard, quarot
 from dist_quant.algorithms.gptq import Hessian
 from dist_quant.calib.inputs import ModelInputs
@@ -24,8 +24,7 @@ from dist_quant.checkpoint import formats
 from dist_quant.checkpoint.reader import CheckpointReader
 from dist_quant.errors import CalibrationError, RecipeError
 from dist_quant.models import outliers
-from dist_quant.models.family import family_of
-from dist_quant import schemes
+from dist_quant.models.family import VisionOutput, family_of
 from dist_quant.recipe import Recipe
 from dist_quant.runtime.assignments import check_recipe_for_model
 from dist_quant.runtime.device import DEFAULT_COMPUTE_THREADS, set_compute_threads
@@ -34,12 +33,11 @@ from dist_quant.runtime.plan import ROW_CHUNK, Kind, Unit
 from dist_quant.runtime.timing import PhaseTimes
 
 
-
 def stream_rotation(recipe: Recipe, config) -> Optional[quarot.BlockRotation]:
     """The recipe's rotation of the text residual stream (None without a quarot processor), checked orthogonal."""
     if recipe.quarot is None:
         return None
-    hidden = config.text_config.hidden_size
+    hidden = config.get_text_config().hidden_size
     if hidden % recipe.quarot.block_size:
         raise RecipeError(f"recipe {recipe.path}: quarot block_size {recipe.quarot.block_size} does not divide the "
                           f"hidden size {hidden}")
@@ -91,12 +89,6 @@ _UNIT_RANGES = _UnitRanges()
 
 
 @dataclass
-class VisionOutput:
-    image_embeds: torch.Tensor
-    deepstack: list[torch.Tensor]
-
-
-@dataclass
 class ImagesOutput:
     """A share of the vision forward: the outputs of its samples (by sample index) and the per-channel input ranges
     the tower's static linears saw (merged across shares by min and max: exact, whatever the shares)."""
@@ -141,7 +133,7 @@ class Worker:
         self._rotary = self.family.build_text_rotary(self.config).to(device)
         self.rotation = stream_rotation(recipe, self.config)
         if self.rotation is not None:
-            head_dim = self.family.heads(self.config.text_config)[2]
+            head_dim = self.family.heads(self.config.get_text_config())[2]
             self.head_rotation = hadamard.head_rotation(head_dim, recipe.quarot.block_size, recipe.quarot.seed)
             hadamard.check_orthogonal(self.head_rotation, "the QuaRot head rotation")
             self.rotation = self.rotation.to(device)
@@ -238,8 +230,7 @@ class Worker:
             for index in indexes:
                 sample = inputs[index]
                 if sample.pixel_values is not None:
-                    outputs[index] = VisionOutput(*self.family.vision_forward(visual, sample.pixel_values,
-                                                                              sample.image_grid_thw))
+                    outputs[index] = self.family.vision_forward(visual, sample.pixel_values, sample.image_grid_thw)
                     failpoints.reach("vision")
                     if self.on_image is not None:
                         self.on_image(len(outputs), images)
@@ -258,13 +249,11 @@ class Worker:
         return sample_outputs([share.outputs for share in shares], samples)
 
     @torch.no_grad()
-    def contexts(self, inputs: list[ModelInputs], vision: list[Optional[VisionOutput]]) -> list:
-        return [
-            self.family.sample_context(self.config, self._rotary, s.input_ids.to(self.device),
-                                       s.attention_mask.to(self.device), s.image_grid_thw,
-                                       v.deepstack if v is not None else [], self.compute_dtype)
-            for s, v in zip(inputs, vision)
-        ]
+    def contexts(self, inputs: list[ModelInputs], vision: Optional[list[Optional[VisionOutput]]]) -> list:
+        """Each sample's positions and mask from its vision output (``vision`` None: a family without a tower)."""
+        vision = [None] * len(inputs) if vision is None else vision
+        return [self.family.sample_context(self.config, self._rotary, s, v, self.compute_dtype, self.device)
+                for s, v in zip(inputs, vision)]
 
     def _float_rows(self, key: str, transform: Callable[[torch.Tensor, int], torch.Tensor]) -> torch.Tensor:
         """A vocabulary-sized float tensor (embeddings, lm_head) read, transformed (``transform(rows, first)``) and
@@ -289,8 +278,9 @@ class Worker:
         vocab = self.reader.shape(self.family.EMBED_KEY)[0]
         if len(used) and not 0 <= int(used[0]) <= int(used[-1]) < vocab:
             raise CalibrationError(f"token ids {int(used[0])}..{int(used[-1])} of the calibration samples are outside "
-                                   f"the {vocab} rows of {self.family.EMBED_KEY}: the tokenizer does not match the model")
-        table = torch.empty(len(used), self.config.text_config.hidden_size, dtype=self.compute_dtype,
+                                   f"the {vocab} rows of {self.family.EMBED_KEY}: "
+                                   "the tokenizer does not match the model")
+        table = torch.empty(len(used), self.config.get_text_config().hidden_size, dtype=self.compute_dtype,
                             device=self.device)
 
         def rotate_and_keep(rows: torch.Tensor, first: int) -> torch.Tensor:
@@ -302,8 +292,7 @@ class Worker:
             return rows
 
         self._float(self.family.EMBED_KEY, self._float_rows(self.family.EMBED_KEY, rotate_and_keep))
-        return [self.family.scatter_images(table[torch.searchsorted(used, i)], i, self.config.image_token_id,
-                                           v.image_embeds.to(self.device) if v is not None else None)
+        return [self.family.place_images(self.config, table[torch.searchsorted(used, i)], i, v)
                 for i, v in zip(ids, vision)]
 
     @torch.no_grad()
@@ -313,7 +302,7 @@ class Worker:
         block = self.family.build_layer(self.config, layer_idx, self._read, self.compute_dtype)
         hidden = [h.to(self.device) for h in hidden]  # from another actor or a saved stream: may be on the CPU
         prefix = self.family.layer_prefix(layer_idx)
-        tc = self.config.text_config
+        tc = self.config.get_text_config()
         moe, kind = self.family.is_moe_layer(tc, layer_idx), self.family.layer_kind(tc, layer_idx)
         if self.rotation is not None:
             with self.times.phase("rotate"):
@@ -333,7 +322,7 @@ class Worker:
             ids, weights = self.family.route(self.family.router_logits(block, x), tc.num_experts_per_tok, x.dtype)
             moe_input = MoeInput(x, ids, weights)
             self.expert_tokens[layer_idx] = torch.bincount(
-                ids.reshape(-1), minlength=self.config.text_config.num_experts).tolist()
+                ids.reshape(-1), minlength=tc.num_experts).tolist()
         self._emit_module(prefix, block, ranges)
         return LayerOutput(streams, moe_input)
 

@@ -41,5 +41,5 @@ def highest(names) -> str:
     return max(present, key=lambda s: s.priority).name
 
 
-__all__ = ["FLOAT", "SCHEMES", "SELECTABLE", "W4A8_DYNAMIC", "W8A8", "W8A8_DYNAMIC", "LinearSpec", "QSpec", "Scheme", "for_qconfig",
-           "get", "highest"]
+__all__ = ["FLOAT", "SCHEMES", "SELECTABLE", "W4A8_DYNAMIC", "W8A8", "W8A8_DYNAMIC", "LinearSpec", "QSpec", "Scheme",
+           "for_qconfig", "get", "highest"]

@@ -1,6 +1,7 @@
 """Output formats, one module each. A format owns its file names, how a scheme's roles become file keys, dtypes and
 description entries, the config rewrite, its side files, and how a checkpoint of it is read back (for eval); the
-checkpoint writer keeps what is common: staging, unit files, parts and the atomic publish.
+checkpoint writer keeps what is common: staging, the part layout the units write into, the index and the atomic
+publish.
 
 Adding a format: its module (with the names and functions ascendv1.py has) and a line in ``SAVERS``.
 """

@@ -9,6 +9,11 @@ named in its group's ``targets`` (a layer's experts by one regex when they all s
 ``ignore``. config.json is the marker: moved in last. QuaRot and smoothing are folded into the weights, so there is no
 side file and no online transform.
 
+Targets and ignore entries are read back as vLLM matches them (``Matcher``: a literal is a checkpoint name, a
+``re:`` regex is matched against the name vLLM's model class gives the module, ``vllm_name`` with the family's
+``SERVED_PREFIXES``), here for ``published_types`` and in the loader check (check/compressed_tensors.py), which
+imports them from this module.
+
 Per linear ``[out, in]`` (symmetric per-channel int weights; ``weight_zero_point`` is not written, as the library
 drops it for symmetric weights):
 - W8A8 (static): ``weight`` int8, ``weight_scale`` float32 ``[out, 1]``, ``input_scale`` float32 ``[1]``,
@@ -28,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from dist_quant.checkpoint.formats import drop_config_keys, hub_part_names
+from dist_quant.checkpoint.regexes import SECONDS_PER_PATTERN, compile_error, match_all
 
 if TYPE_CHECKING:  # `dist-quant check` imports this module: torch and the schemes only where a checkpoint is written
     import torch
@@ -52,6 +58,7 @@ ARGS = {
     "W4A8_DYNAMIC": ({**_INT8_CHANNEL, "num_bits": 4}, _TOKEN),
 }
 _EXPERT = re.compile(r".*\.layers\.(?P<n>\d+)\.mlp\.experts\.\d+\.(gate_proj|up_proj|down_proj)$")
+LINEAR_CLASS_TARGETS = ("linear", "linearbase")  # a class target every vLLM linear (and MoE layer) matches
 
 
 def part_names(count: int) -> list[str]:
@@ -107,6 +114,71 @@ def _targets(modules: list[str], type_of: dict[str, str]) -> list[str]:
             + [rf"re:.*layers\.{n}\.mlp\.experts\.\d+\.(gate|up|down)_proj$" for n in sorted(whole, key=int)])
 
 
+def vllm_name(module: str, prefixes: tuple[tuple[str, str], ...]) -> str:
+    """A checkpoint module name (``lm_head`` included) as vLLM names it, by ``prefixes`` = the family's
+    SERVED_PREFIXES, (checkpoint key prefix, vLLM's name for it) pairs (other names unchanged)."""
+    for hf, vllm in prefixes:
+        if (module + ".").startswith(hf):
+            return (vllm + (module + ".")[len(hf):])[:-1]
+    return module
+
+
+class Matcher:
+    """vLLM's matching of a layer against targets or ignore entries (compressed_tensors/utils.py
+    find_matched_target, should_ignore_layer): a literal is a checkpoint (HF) name, which vLLM maps to its own; a
+    ``re:`` regex is not mapped, so it is matched (from the start) against the vLLM name; a class name such as
+    "Linear" matches every linear layer by class. The regexes are run by :func:`resolve`, in bounded time; each that
+    does not compile or does not finish is a problem naming it, and the others still apply. ``prefixes``: the
+    family's SERVED_PREFIXES (:func:`vllm_name`)."""
+
+    def __init__(self, entries: list, where: str = "quantization_config",
+                 prefixes: tuple[tuple[str, str], ...] = ()):
+        entries = [e for e in entries if isinstance(e, str)]
+        self.prefixes = prefixes
+        self.every_linear = any(e.lower() in LINEAR_CLASS_TARGETS for e in entries)
+        self.literals = {e for e in entries if not e.startswith("re:")}
+        self.where = where  # the config field, for the problems
+        self.patterns: dict[str, str] = {}  # entry -> its regex, for those Python's re compiles
+        self.problems: list[str] = []
+        for entry in dict.fromkeys(e for e in entries if e.startswith("re:")):
+            error = compile_error(entry[3:])
+            if error is None:
+                self.patterns[entry] = entry[3:]
+            else:
+                self.problems.append(f"{entry!r} in config.json {where} is not a regular expression ({error}): "
+                                     "vLLM's re.match raises at load; fix or remove it")
+        self.matched: Optional[set[str]] = None  # the vLLM names its regexes match, once resolved
+
+    def resolve(self, found: dict[str, Optional[frozenset[int]]], names: list[str]) -> None:
+        """Take each regex's matches among ``names`` (vLLM names) from ``found`` (by regex; None: it did not
+        finish)."""
+        self.matched = set()
+        for entry, pattern in self.patterns.items():
+            hits = found.get(pattern)
+            if hits is None:
+                self.problems.append(f"{entry!r} in config.json {self.where} did not finish matching the "
+                                     f"layer names in {SECONDS_PER_PATTERN:g} s with Python's re: it backtracks "
+                                     "catastrophically and vLLM would hang at load; write it without nested repeats")
+            else:
+                self.matched.update(names[i] for i in hits)
+
+    def __call__(self, hf: str) -> bool:
+        """Whether the layer ``hf`` matches (a matcher with regexes is resolved first: :func:`resolve_regexes`)."""
+        if self.every_linear or hf in self.literals:
+            return True
+        if self.matched is None and self.patterns:
+            raise RuntimeError("a Matcher with regexes is called before resolve_regexes ran them")
+        return vllm_name(hf, self.prefixes) in (self.matched or ())
+
+
+def resolve_regexes(matchers: list[Matcher], names: list[str]) -> None:
+    """Every matcher's regexes run once against ``names`` (vLLM names), each distinct pattern once."""
+    patterns = list(dict.fromkeys(p for m in matchers for p in m.patterns.values()))
+    found = dict(zip(patterns, match_all(patterns, names)))
+    for matcher in matchers:
+        matcher.resolve(found, names)
+
+
 def quantization_config(types: dict[str, str]) -> dict:
     """config.json's ``quantization_config`` for a checkpoint of these tensor types (ModelCompressor.update_config's
     layout, without the fields older library versions refuse)."""
@@ -138,17 +210,20 @@ def rewrite_config(config: dict, types: dict[str, str]) -> dict:
 def published_types(save_path: Path) -> dict[str, str]:
     """The quant type of each tensor of a published checkpoint, from its index and quantization_config (the group
     names are the quant types; a module is in the first group whose targets match it, as vLLM matches them:
-    check/compressed_tensors.py ``Matcher``)."""
-    from dist_quant.check.compressed_tensors import Matcher, resolve_regexes, vllm_name
+    ``Matcher``, with the names vLLM's model class of config.json's family gives the modules)."""
+    from dist_quant.models.family import sizes_for
     from dist_quant.schemes import FLOAT
 
     save_path = Path(save_path)
-    groups = json.loads((save_path / MARKER_FILE).read_text())["quantization_config"].get("config_groups", {})
-    matchers = [(name, Matcher(group.get("targets", []))) for name, group in groups.items()]
+    config = json.loads((save_path / MARKER_FILE).read_text())
+    prefixes = sizes_for(config.get("model_type"), str(save_path / MARKER_FILE)).SERVED_PREFIXES
+    groups = config["quantization_config"].get("config_groups", {})
+    matchers = [(name, Matcher(group.get("targets", []), prefixes=prefixes)) for name, group in groups.items()]
     keys = json.loads((save_path / INDEX_FILE).read_text())["weight_map"]
     modules = list(dict.fromkeys(key.rpartition(".")[0] for key in keys))
-    resolve_regexes([match for _, match in matchers], [vllm_name(m) for m in modules])  # bounded: a regex that
-    group_of = {m: next((name for name, match in matchers if match(m)), None) for m in modules}  # hangs matches none
+    # bounded: a regex that hangs matches none
+    resolve_regexes([match for _, match in matchers], [vllm_name(m, prefixes) for m in modules])
+    group_of = {m: next((name for name, match in matchers if match(m)), None) for m in modules}
     types = {}
     for key in keys:
         module, _, role = key.rpartition(".")

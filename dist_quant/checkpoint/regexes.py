@@ -1,4 +1,6 @@
-"""The ``re:`` entries of a checkpoint's config matched as vLLM matches them (Python's ``re.match``), in bounded time.
+"""The ``re:`` entries of a checkpoint's config matched as vLLM matches them (Python's ``re.match``), in bounded time:
+for the compressed-tensors format's ``Matcher`` (checkpoint/formats/compressed_tensors.py), which both the loader
+check and the read-back of a published checkpoint's types use.
 
 A pattern such as ``(.*)*Q$`` backtracks exponentially in Python's ``re``: vLLM would hang at load, and a check that
 ran it in this process would hang too (``re`` cannot be interrupted). The ``regex`` package's ``timeout=`` is no
@@ -18,7 +20,6 @@ import subprocess
 import sys
 import time
 from typing import Optional
-
 
 SECONDS_PER_PATTERN = 1.0  # one pattern against every layer name: a sane one takes milliseconds on 235B's 37k names
 SECONDS_IN_ALL = 10.0  # every pattern of the config together (each one that hangs costs SECONDS_PER_PATTERN)

@@ -1,0 +1,118 @@
+"""Qwen3-MoE, the text-only family, end to end: a tiny model built by transformers' own Qwen3MoeForCausalLM (per-
+expert keys, no vision tower, no image processor) quantizes from a text calibration set on one card and on 2 Ray
+workers to the same checkpoint, which `dist-quant check` accepts, and whose experts' int8 codes are the float weights
+rounded to the nearest step of a scale computed here from the source weights (within 0.5 LSB)."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from dist_quant.cli import main
+from dist_quant.recipe import load_recipe
+from dist_quant.runtime.local import quantize_single_card
+from dist_quant.runtime.ray_driver import quantize_distributed
+from dist_quant.synthetic import make_tiny_text_model
+from helpers import assert_same_checkpoint, read_checkpoint
+
+GROUP = 2
+TEXTS = ("The quick brown fox jumps over the lazy dog near the river bank.",
+         "def add(a, b):\n    return a + b  # adds two numbers",
+         "量化把浮点权重映射到八位整数。", "Seven times eight is fifty-six, and nine squared is eighty-one.")
+
+# A plain recipe: no rotation, no smoothing; static W8A8 attention, dynamic W8A8 experts, the router in float
+PLAIN = """\
+apiversion: multimodal_vlm_modelslim_v1
+spec:
+  process:
+    - type: linear_quant
+      qconfig:
+        act: {scope: per_tensor, dtype: int8, symmetric: False, method: minmax}
+        weight: {scope: per_channel, dtype: int8, symmetric: True, method: minmax}
+      include: ["*"]
+      exclude: ["*experts*", "*mlp.gate"]
+    - type: linear_quant
+      qconfig:
+        act: {scope: per_token, dtype: int8, symmetric: True, method: minmax}
+        weight: {scope: per_channel, dtype: int8, symmetric: True, method: minmax}
+      include: ["*experts*"]
+  save:
+    - type: ascendv1_saver
+      part_file_size: 4
+"""
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """Top-3 of 8 experts in groups of 2 (the order partial sums are added in shows in the bits), one dense layer."""
+    return make_tiny_text_model(tmp_path_factory.mktemp("qwen3_moe") / "model", num_layers=3, num_experts=8, top_k=3,
+                                mlp_only_layers=(1,))
+
+
+@pytest.fixture(scope="module")
+def calib(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text_calib") / "calib.jsonl"
+    path.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in TEXTS[:2])
+                    + "".join(json.dumps({"inputs_pretokenized": t}, ensure_ascii=False) + "\n" for t in TEXTS[2:]),
+                    encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory):
+    path = tmp_path_factory.mktemp("recipe") / "plain.yaml"
+    path.write_text(PLAIN)
+    return load_recipe(path)
+
+
+@pytest.fixture(scope="module")
+def single(model, calib, recipe, tmp_path_factory):
+    save = tmp_path_factory.mktemp("single") / "quant"
+    quantize_single_card(str(model), str(save), recipe, dataset=str(calib), progress=False, expert_group_size=GROUP)
+    return save
+
+
+def test_two_ray_workers_write_the_single_card_checkpoint(local_ray, model, calib, recipe, single, tmp_path):
+    quantize_distributed(str(model), str(tmp_path / "out"), recipe, workers=2, dataset=str(calib), progress=False,
+                         expert_group_size=GROUP)
+    assert_same_checkpoint(tmp_path / "out", read_checkpoint(single))
+
+
+def test_check_accepts_it(single, capsys):
+    assert main(["check", str(single)]) == 0, capsys.readouterr().out
+
+
+def source_tensors(model) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for file in sorted(model.glob("*.safetensors")):
+        with safe_open(file, "pt") as f:
+            tensors.update({key: f.get_tensor(key) for key in f.keys()})
+    return tensors
+
+
+def test_expert_codes_are_the_float_weights_rounded(model, single):
+    source = source_tensors(model)
+    quant, description, _ = read_checkpoint(single)
+    experts = [key for key in source if ".mlp.experts." in key]
+    assert len(experts) == 2 * 8 * 3  # two MoE layers (layer 1 is dense), per-expert keys
+    for key in experts:
+        weight = source[key].to(torch.float64)
+        assert description[key] == "W8A8_DYNAMIC"
+        codes = quant[key]
+        assert codes.dtype == torch.int8 and codes.shape == weight.shape
+        scale = weight.abs().amax(dim=1, keepdim=True) / 127  # per output channel, symmetric
+        stored = quant[key[:-len("weight")] + "weight_scale"].to(torch.float64).reshape(-1, 1)
+        torch.testing.assert_close(stored, scale.to(stored.dtype), rtol=1e-6, atol=0)
+        assert ((codes.to(torch.float64) * scale - weight).abs() <= 0.5 * scale * (1 + 1e-6)).all(), key
+
+
+def test_router_norms_and_embeddings_stay_the_source(model, single):
+    source = source_tensors(model)
+    quant, description, _ = read_checkpoint(single)
+    for key in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight", "model.layers.0.mlp.gate.weight",
+                "model.layers.0.input_layernorm.weight"):
+        assert description[key] == "FLOAT"
+        assert torch.equal(quant[key], source[key]), key
+    assert description["model.layers.0.self_attn.q_proj.weight"] == "W8A8"
+    assert description["model.layers.1.mlp.down_proj.weight"] == "W8A8"  # the dense layer's MLP
