@@ -4,12 +4,18 @@ workers to the same checkpoint, which `dist-quant check` accepts, and whose expe
 rounded to the nearest step of a scale computed here from the source weights (within 0.5 LSB)."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from safetensors import safe_open
 
+from dist_quant.calib.dataset import load_samples
+from dist_quant.calib.inputs import build_model_inputs
 from dist_quant.cli import main
+from dist_quant.evaluate import evaluate
 from dist_quant.recipe import load_recipe
 from dist_quant.runtime.local import quantize_single_card
 from dist_quant.runtime.ray_driver import quantize_distributed
@@ -116,3 +122,30 @@ def test_router_norms_and_embeddings_stay_the_source(model, single):
         assert torch.equal(quant[key], source[key]), key
     assert description["model.layers.0.self_attn.q_proj.weight"] == "W8A8"
     assert description["model.layers.1.mlp.down_proj.weight"] == "W8A8"  # the dense layer's MLP
+
+
+def cli_args(model, calib, recipe, save, *extra) -> list[str]:
+    return ["quant", "--model_path", str(model), "--save_path", str(save), "--config_path", str(recipe.path),
+            "--dataset", str(calib), "--expert_group_size", str(GROUP), "--device", "cpu", "--quiet", *extra]
+
+
+@pytest.mark.parametrize("point", ["experts:5", "unit:4"])
+def test_resume_after_a_kill_writes_the_same_checkpoint(model, calib, recipe, single, tmp_path, point):
+    """SIGKILL mid-run (no vision file exists for this family: the resume point is a saved layer output alone)."""
+    save, log = tmp_path / "quant", tmp_path / "killed.log"
+    env = {k: v for k, v in os.environ.items() if k != "DIST_QUANT_KILL_AT"}
+    child = subprocess.run([sys.executable, "-m", "dist_quant.cli", *cli_args(model, calib, recipe, save)],
+                           env={**env, "DIST_QUANT_KILL_AT": point}, stdout=subprocess.DEVNULL,
+                           stderr=open(log, "wb"), timeout=600)
+    assert child.returncode == -9, f"not killed at {point}: {log.read_text()[-2000:]}"
+    assert main(cli_args(model, calib, recipe, save, "--resume")) == 0
+    assert_same_checkpoint(save, read_checkpoint(single))
+
+
+def test_eval_compares_the_text_model_layer_by_layer(model, calib, single):
+    samples = load_samples(calib, images=False)
+    report = evaluate(str(model), str(single), build_model_inputs(model, samples, images=False))
+    assert [row.name for row in report.rows] == ["layer 0", "layer 1", "layer 2"]  # no vision row
+    assert report.samples == len(TEXTS) and report.tokens > len(TEXTS)
+    assert 0 <= report.kl_divergence < 0.05 and report.top1_agreement > 0.9
+    assert all(row.cosine > 0.99 for row in report.rows)
