@@ -1,4 +1,4 @@
-"""dist-quant: distributed W8A8 quantization of Qwen3-VL-MoE checkpoints for Ascend NPUs."""
+"""dist-quant: distributed W8A8 quantization of Qwen3-VL-MoE and Qwen3-MoE checkpoints for Ascend NPUs."""
 
 import os
 

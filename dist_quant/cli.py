@@ -73,8 +73,9 @@ def _positive_float(text: str) -> float:
 
 
 def _quant_parser(sub) -> None:
-    p = _command(sub, "quant", "quantize a Qwen3-VL-MoE checkpoint (ascendv1 or compressed-tensors format)",
-                 "Quantize a Qwen3-VL-MoE checkpoint with a recipe and write a checkpoint that "
+    p = _command(sub, "quant",
+                 "quantize a Qwen3-VL-MoE or Qwen3-MoE checkpoint (ascendv1 or compressed-tensors format)",
+                 "Quantize a Qwen3-VL-MoE or Qwen3-MoE checkpoint with a recipe and write a checkpoint that "
                  "vLLM Ascend and MindIE load (ascendv1, the default), or that vLLM loads on GPUs "
                  "(--save_format compressed-tensors).",
                  QUANT_EXAMPLE)
@@ -83,7 +84,8 @@ def _quant_parser(sub) -> None:
     p.add_argument("--device", default="npu", choices=DEVICES, help="device to compute on (default npu)")
     _recipe_options(p)
     p.add_argument("--dataset", default=None,
-                   help="calibration images: an index.json[l], an image folder, or a folder with one json[l]; "
+                   help="calibration samples: an index.json[l] (image+text, or text for a text-only model), an "
+                        "image folder, or a folder with one json[l]; "
                         "overrides the recipe's dataset")
     p.add_argument("--save_format", default=None, choices=sorted(SAVE_FORMATS),
                    help="the checkpoint format, overriding the recipe's save: type: ascendv1 (msModelSlim's, for "
@@ -256,7 +258,7 @@ def _eval_parser(sub) -> None:
     p.add_argument("--model_path", required=True, help="the float model directory")
     p.add_argument("--quant_path", required=True, help="the quantized checkpoint directory")
     p.add_argument("--dataset", default=None,
-                   help="held-out image+text samples (same forms as for quant), not the ones the checkpoint was "
+                   help="held-out samples (same forms as for quant), not the ones the checkpoint was "
                         "calibrated on; default: the recipe's calibration set (optimistic figures, with a warning)")
     p.add_argument("--config_path", default=None, help="recipe whose dataset/default_text to use")
     p.add_argument("--max_samples", type=_positive_int, default=None, help="evaluate on the first N samples only")
@@ -288,8 +290,8 @@ def _cmd_eval(args) -> int:
     dataset = resolve_dataset(args.dataset, recipe, images)
     held_out = args.dataset is not None and not is_calibration_set(dataset, recipe, images)
     if not held_out:
-        print(f"warning: evaluating on the calibration images ({dataset}): the checkpoint was fitted on them, so these "
-              "figures are optimistic; pass --dataset with images it was not calibrated on", file=sys.stderr)
+        print(f"warning: evaluating on the calibration samples ({dataset}): the checkpoint was fitted on them, so "
+              "these figures are optimistic; pass --dataset with samples it was not calibrated on", file=sys.stderr)
     samples = load_samples(dataset, recipe.default_text, images=images)[:args.max_samples]
     inputs = build_model_inputs(args.model_path, samples, images=images, trust_remote_code=args.trust_remote_code)
     report = evaluate(args.model_path, args.quant_path, inputs,
@@ -471,7 +473,8 @@ def _cmd_presets(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dist-quant", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Distributed W8A8 quantization of Qwen3-VL-MoE for Ascend NPUs (msModelSlim-compatible output).",
+        description="Distributed W8A8 quantization of Qwen3-VL-MoE and Qwen3-MoE for Ascend NPUs "
+                    "(msModelSlim-compatible output).",
         epilog="examples:\n"
                "  dist-quant presets\n"
                "  dist-quant plan --model_path /models/Qwen3-VL-235B-A22B-Instruct --workers 16\n"

@@ -23,7 +23,7 @@ from dist_quant.calib.inputs import ModelInputs
 from dist_quant.checkpoint.fingerprint import checkpoint_fingerprint
 from dist_quant.checkpoint.formats import ascendv1
 from dist_quant.checkpoint.reader import CheckpointReader
-from dist_quant.errors import CalibrationError, CheckpointError
+from dist_quant.errors import CalibrationError, CheckpointError, show
 from dist_quant.models.family import family_for, load_checked
 from dist_quant.recipe import Recipe
 from dist_quant.runtime.device import resolve_device
@@ -47,6 +47,11 @@ def check_quantized_matches_float(checkpoint: ascendv1.Checkpoint, reader: Check
     (other layer count, widths, experts...): compared layer by layer it would still print a table of numbers.
     Also finds up front a tensor the served model would need and the checkpoint lacks."""
     family = family_for(config.model_type)
+    quant_type = checkpoint.reader.config.get("model_type")
+    if quant_type != config.model_type:
+        raise CheckpointError(f"{checkpoint.path} is a quantization of a {show(quant_type)} model, not of the "
+                              f"{config.model_type!r} model {reader.model_dir}; evaluate a checkpoint against the "
+                              "float model it was made from")
     quant_config = family.load_config(checkpoint.reader.config, str(checkpoint.path / "config.json"))
     differences = family.config_differences(quant_config, config)
     if differences:

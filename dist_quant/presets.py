@@ -62,7 +62,8 @@ MODEL_SHAPES = {"Qwen3-VL-235B-A22B": (94, 128, 4096), "Qwen3-VL-30B-A3B": (48, 
 def _shape(config: dict) -> tuple:
     """(layers, routed experts, hidden size) of a config.json: its text_config's, or its own for a text-only model."""
     text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
-    return tuple(text.get(k) for k in ("num_hidden_layers", "num_experts", "hidden_size"))
+    experts = text.get("num_experts", text.get("num_local_experts"))  # transformers 5 writes the latter
+    return text.get("num_hidden_layers"), experts, text.get("hidden_size")
 
 
 def _family_of(model_type: str) -> str:

@@ -5,6 +5,7 @@ rounded to the nearest step of a scale computed here from the source weights (wi
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -15,6 +16,7 @@ from safetensors import safe_open
 from dist_quant.calib.dataset import load_samples
 from dist_quant.calib.inputs import build_model_inputs
 from dist_quant.cli import main
+from dist_quant.errors import CheckpointError
 from dist_quant.evaluate import evaluate
 from dist_quant.recipe import load_recipe
 from dist_quant.runtime.local import quantize_single_card
@@ -149,3 +151,13 @@ def test_eval_compares_the_text_model_layer_by_layer(model, calib, single):
     assert report.samples == len(TEXTS) and report.tokens > len(TEXTS)
     assert 0 <= report.kl_divergence < 0.05 and report.top1_agreement > 0.9
     assert all(row.cosine > 0.99 for row in report.rows)
+
+
+def test_eval_refuses_a_checkpoint_of_the_other_family(model, calib, single, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(single, other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "model_type": "qwen3_vl_moe"}))
+    inputs = build_model_inputs(model, load_samples(calib, images=False)[:1], images=False)
+    with pytest.raises(CheckpointError, match="quantization of a 'qwen3_vl_moe' model, not of the 'qwen3_moe' model"):
+        evaluate(str(model), str(other), inputs)

@@ -6,6 +6,7 @@ across threads, and for the order of the partial sums to matter: without a fixed
 and a 2-thread single-card run of it differ in some scales (measured on the code before --compute_threads).
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from dist_quant.cli import main
-from dist_quant.synthetic import make_calibration_set, make_tiny_model
+from dist_quant.synthetic import make_calibration_set, make_tiny_model, make_tiny_text_model
 from helpers import assert_same_checkpoint, read_checkpoint
 
 GROUP = ["--expert_group_size", "2"]
@@ -117,4 +118,39 @@ def test_w4a8_experts_are_the_same_on_ray_and_with_any_thread_count(model, calib
     assert_same_checkpoint(tmp_path / "four", reference)
     assert run_cli(args(model, calib, tmp_path / "ray", *w4a8, "--workers", "2", "--ray_address", cluster.address),
                    threads=2) == 0
+    assert_same_checkpoint(tmp_path / "ray", reference)
+
+
+@pytest.fixture(scope="module")
+def text_model(tmp_path_factory):
+    """The text-only family at the same width (per-expert keys, 1-D positions), one dense layer."""
+    return make_tiny_text_model(tmp_path_factory.mktemp("wide_text") / "model", num_layers=3, num_experts=8,
+                                top_k=3, hidden_size=512, num_heads=8, num_kv_heads=2, head_dim=64,
+                                moe_intermediate_size=192, mlp_only_layers=(1,), dtype="bfloat16")
+
+
+@pytest.fixture(scope="module")
+def text_calib(tmp_path_factory):
+    path = tmp_path_factory.mktemp("wide_text_calib") / "calib.jsonl"
+    texts = [" ".join(f"sentence {i} of sample {n}, with numbers {i * n} and words." for i in range(12))
+             for n in range(3)]
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return path
+
+
+@pytest.mark.ray
+def test_text_family_with_its_preset_is_the_same_on_any_thread_count_and_on_ray(text_model, text_calib, cluster,
+                                                                              tmp_path):
+    """Qwen3-MoE with its bundled W8A8 recipe (QuaRot and smoothing through the family's tables): a 1-thread and a
+    4-thread single card and 2 Ray actors under a 2-thread driver write the same checkpoint."""
+    preset = ["--quant_type", "w8a8"]  # --model_type from config.json: the text family's preset
+    single = tmp_path / "single"
+    assert run_cli(args(text_model, text_calib, single, *preset), threads=1) == 0
+    reference = read_checkpoint(single)
+    assert reference[1]["model.layers.0.self_attn.q_proj.weight"] == "W8A8"
+    assert reference[1]["model.layers.0.mlp.experts.7.down_proj.weight"] == "W8A8_DYNAMIC"
+    assert run_cli(args(text_model, text_calib, tmp_path / "four", *preset), threads=4) == 0
+    assert_same_checkpoint(tmp_path / "four", reference)
+    assert run_cli(args(text_model, text_calib, tmp_path / "ray", *preset, "--workers", "2", "--ray_address",
+                        cluster.address), threads=2) == 0
     assert_same_checkpoint(tmp_path / "ray", reference)

@@ -119,8 +119,8 @@ def advice(coverage: Optional[dict], timeline: Optional[dict], evaluation: Optio
             layers = [layer for layer, tokens in coverage["layers"].items() if 0 in tokens]
             found.append(("warn", f"{coverage['experts_without_tokens']} of {coverage['experts']} experts "
                           f"(in {len(layers)} layers) saw no calibration token and were quantized from their "
-                          "weights alone: calibrate with more images, or more varied ones (other scenes, text, "
-                          "charts), until the crossed-out cells of the coverage map are gone."))
+                          "weights alone: calibrate with more samples, or more varied ones (other scenes, topics, "
+                          "languages, code), until the crossed-out cells of the coverage map are gone."))
         else:
             passed.append("every expert saw calibration tokens")
     totals = actor_totals(timeline or {})

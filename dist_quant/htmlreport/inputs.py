@@ -167,6 +167,8 @@ def clean_model(raw: Any) -> dict[str, str]:
     shown = {"model_type": raw.get("model_type", "?")}
     for key in ("num_hidden_layers", "num_experts", "num_experts_per_tok", "hidden_size"):
         shown[key] = text_config.get(key, "?")
+    if shown["num_experts"] == "?":  # transformers 5 writes num_local_experts
+        shown["num_experts"] = text_config.get("num_local_experts", "?")
     return {key: text(value) for key, value in shown.items()}
 
 

@@ -84,7 +84,7 @@ def write_coverage(staging: Path, expert_tokens: dict[int, list[int]], run_log: 
         where = ", ".join(f"layer {layer}: {len(entry['experts_without_tokens'])}" for layer, entry in worst)
         run_log.warn(f"{report['experts_without_tokens']} of {report['experts']} experts received no calibration "
                      f"token ({where}); they were quantized from their weights alone. More or more varied calibration "
-                     f"images would exercise them (see {COVERAGE_FILE}).")
+                     f"samples would exercise them (see {COVERAGE_FILE}).")
     return report
 
 
