@@ -412,7 +412,7 @@ def _cmd_quant(args) -> int:
     if args.save_format is not None:
         recipe = dataclasses.replace(recipe, saver=SAVE_FORMATS[args.save_format])
     if args.dry_run:
-        return _dry_run(args.model_path, recipe)
+        return _dry_run(args.model_path, recipe, args.dataset)
     common = dict(dataset=args.dataset, device=args.device, overwrite=args.overwrite, progress=not args.quiet,
                   trust_remote_code=args.trust_remote_code, expert_group_size=args.expert_group_size,
                   resume=args.resume, compute_threads=args.compute_threads, max_sample_tokens=args.max_sample_tokens,
@@ -445,15 +445,22 @@ def _cmd_quant(args) -> int:
     return 0
 
 
-def _dry_run(model_path: str, recipe) -> int:
-    """The model checked against its weights and the recipe checked against the model, as quant does before any
-    work; then the scheme of every linear, grouped by name."""
-    from dist_quant.models.family import load_checked
+def _dry_run(model_path: str, recipe, dataset: Optional[str]) -> int:
+    """The model checked against its weights, the recipe against the model and the calibration samples against
+    what the model reads (images and text, or text), as quant does before any work; then the scheme of every
+    linear, grouped by name."""
+    from dist_quant.calib.dataset import load_samples
+    from dist_quant.models.family import load_checked, reads_images
     from dist_quant.runtime.assignments import check_recipe_for_model, format_assignments, linear_assignments
+    from dist_quant.runtime.driver import resolve_dataset
 
-    config = load_checked(model_path)[2]
+    family, _, config = load_checked(model_path)
     check_recipe_for_model(recipe, config)
-    print(f"recipe {recipe.path} on {model_path} (saved as {recipe.saver}):")
+    images = reads_images(family)
+    dataset_path = resolve_dataset(dataset, recipe, images)
+    samples = load_samples(dataset_path, recipe.default_text, images=images)
+    print(f"recipe {recipe.path} on {model_path} (saved as {recipe.saver}), {len(samples)} calibration samples "
+          f"from {dataset_path}:")
     print(format_assignments(linear_assignments(recipe, config)))
     print("--dry_run: nothing was written")
     return 0

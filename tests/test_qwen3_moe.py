@@ -21,7 +21,7 @@ from dist_quant.evaluate import evaluate
 from dist_quant.recipe import load_recipe
 from dist_quant.runtime.local import quantize_single_card
 from dist_quant.runtime.ray_driver import quantize_distributed
-from dist_quant.synthetic import make_tiny_text_model
+from dist_quant.synthetic import make_calibration_set, make_tiny_text_model
 from helpers import assert_same_checkpoint, read_checkpoint
 
 GROUP = 2
@@ -161,3 +161,13 @@ def test_eval_refuses_a_checkpoint_of_the_other_family(model, calib, single, tmp
     inputs = build_model_inputs(model, load_samples(calib, images=False)[:1], images=False)
     with pytest.raises(CheckpointError, match="quantization of a 'qwen3_vl_moe' model, not of the 'qwen3_moe' model"):
         evaluate(str(model), str(other), inputs)
+
+
+def test_dry_run_refuses_an_image_set_for_the_text_model(model, calib, recipe, tmp_path, capsys):
+    """--dry_run reads the calibration set as the run would: a text model given images fails there, not later."""
+    images = make_calibration_set(tmp_path / "images", num_images=1)
+    assert main(cli_args(model, images, recipe, tmp_path / "q", "--dry_run")) == 2
+    assert "reads text only" in capsys.readouterr().err
+    assert main(cli_args(model, calib, recipe, tmp_path / "q", "--dry_run")) == 0
+    assert f"{len(TEXTS)} calibration samples" in capsys.readouterr().out
+    assert not (tmp_path / "q").exists()
