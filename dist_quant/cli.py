@@ -273,26 +273,24 @@ def _eval_parser(sub) -> None:
 
 
 def _cmd_eval(args) -> int:
-    from dist_quant.calib.dataset import load_samples
     from dist_quant.calib.inputs import build_model_inputs
     from dist_quant.checkpoint.model_folder import read_config
     from dist_quant.evaluate import evaluate, is_calibration_set
-    from dist_quant.models.family import family_of, reads_images
+    from dist_quant.models.family import family_of
     from dist_quant.presets import DEFAULT_QUANT_TYPE, default_model_type, find_preset
     from dist_quant.recipe import load_recipe
-    from dist_quant.runtime.driver import resolve_dataset
+    from dist_quant.runtime.driver import calibration_samples
 
     config_file = Path(args.model_path) / "config.json"
     raw_config = read_config(config_file)
-    images = reads_images(family_of(raw_config, str(config_file)))
     # the recipe says which calibration set the checkpoint was fitted on: the model's default preset's by default
     recipe = load_recipe(args.config_path or find_preset(default_model_type(raw_config), DEFAULT_QUANT_TYPE).recipe)
-    dataset = resolve_dataset(args.dataset, recipe, images)
+    dataset, samples, images = calibration_samples(args.dataset, recipe, family_of(raw_config, str(config_file)))
     held_out = args.dataset is not None and not is_calibration_set(dataset, recipe, images)
     if not held_out:
         print(f"warning: evaluating on the calibration samples ({dataset}): the checkpoint was fitted on them, so "
               "these figures are optimistic; pass --dataset with samples it was not calibrated on", file=sys.stderr)
-    samples = load_samples(dataset, recipe.default_text, images=images)[:args.max_samples]
+    samples = samples[:args.max_samples]
     inputs = build_model_inputs(args.model_path, samples, images=images, trust_remote_code=args.trust_remote_code)
     report = evaluate(args.model_path, args.quant_path, inputs,
                       progress=lambda name: print(f"  compared {name}", file=sys.stderr, flush=True),
@@ -449,16 +447,13 @@ def _dry_run(model_path: str, recipe, dataset: Optional[str]) -> int:
     """The model checked against its weights, the recipe against the model and the calibration samples against
     what the model reads (images and text, or text), as quant does before any work; then the scheme of every
     linear, grouped by name."""
-    from dist_quant.calib.dataset import load_samples
-    from dist_quant.models.family import load_checked, reads_images
+    from dist_quant.models.family import load_checked
     from dist_quant.runtime.assignments import check_recipe_for_model, format_assignments, linear_assignments
-    from dist_quant.runtime.driver import resolve_dataset
+    from dist_quant.runtime.driver import calibration_samples
 
     family, _, config = load_checked(model_path)
     check_recipe_for_model(recipe, config)
-    images = reads_images(family)
-    dataset_path = resolve_dataset(dataset, recipe, images)
-    samples = load_samples(dataset_path, recipe.default_text, images=images)
+    dataset_path, samples, _ = calibration_samples(dataset, recipe, family)
     print(f"recipe {recipe.path} on {model_path} (saved as {recipe.saver}), {len(samples)} calibration samples "
           f"from {dataset_path}:")
     print(format_assignments(linear_assignments(recipe, config)))

@@ -28,7 +28,7 @@ from dist_quant.models.family import family_for, load_checked
 from dist_quant.recipe import Recipe
 from dist_quant.runtime.device import resolve_device
 from dist_quant.runtime.driver import resolve_dataset
-from dist_quant.runtime.interpret import finish_layer, interpret, running_sum, sample_outputs
+from dist_quant.runtime.interpret import finish_layer, interpret, running_sum, sample_contexts, sample_outputs
 from dist_quant.runtime.plan import DEFAULT_EXPERT_GROUP_SIZE, Kind, Unit, plan_units, samples_of
 from dist_quant.runtime.worker import MoeInput
 
@@ -259,9 +259,8 @@ class ModelRunner:
 
     def contexts(self, unit: Unit, inputs: list[ModelInputs], vision):
         """Each sample's positions and mask (``vision`` None: a family without a vision tower)."""
-        vision = [None] * len(inputs) if vision is None else vision
-        return [self.family.sample_context(self.model.config, self.rotary, s, v, self.model.dtype, self.model.device)
-                for s, v in zip(inputs, vision)]
+        return sample_contexts(self.family, self.model.config, self.rotary, inputs, vision, self.model.dtype,
+                               self.model.device)
 
     gather = staticmethod(running_sum)
 

@@ -68,6 +68,14 @@ def resolve_dataset(dataset: Optional[str], recipe: Recipe, images: bool = True)
     )
 
 
+def calibration_samples(dataset: Optional[str], recipe: Recipe, family) -> tuple[Path, list, bool]:
+    """(the calibration set, its samples, whether they hold images) for a model of ``family``: the set
+    ``resolve_dataset`` finds, read as the family takes its samples (images and text, or text only)."""
+    images = reads_images(family)
+    path = resolve_dataset(dataset, recipe, images)
+    return path, load_samples(path, recipe.default_text, images=images), images
+
+
 @dataclass(kw_only=True)
 class QuantSummary:
     """What a run did (the single card's; ``ray_driver.DistributedSummary`` adds the actors'), built by keyword."""
@@ -146,9 +154,8 @@ def quantize(model_path: str, save_path: str, recipe: Recipe, executor: Executor
                    max_sample_tokens=max_sample_tokens, workers=executor.workers)
     set_compute_threads(compute_threads)
     family, _, config = load_checked(model_path)  # checked against the weights' headers before anything is sized
-    images = reads_images(family)
-    dataset_path = resolve_dataset(dataset, recipe, images)
-    samples = cap_samples(load_samples(dataset_path, recipe.default_text, images=images), max_samples, dataset_path)
+    dataset_path, samples, images = calibration_samples(dataset, recipe, family)
+    samples = cap_samples(samples, max_samples, dataset_path)
     check_recipe_for_model(recipe, config)  # before any worker process starts
     plan = plan_units(config, expert_group_size, executor.workers)  # a share of the images per worker
     writer = CheckpointWriter(save_path, part_file_size_gb=recipe.part_file_size_gb, overwrite=overwrite,

@@ -79,6 +79,13 @@ def interpret(units: Sequence[Unit], start, inputs, calls: UnitCalls,
         yield unit, result
 
 
+def sample_contexts(family, config, rotary, inputs: Sequence, vision: Optional[Sequence], dtype, device) -> list:
+    """Each sample's context (positions, mask: ``family.sample_context``) from its vision output; ``vision`` None
+    for a family without a vision tower. One home for the quantizing worker and the evaluator."""
+    vision = [None] * len(inputs) if vision is None else vision
+    return [family.sample_context(config, rotary, s, v, dtype, device) for s, v in zip(inputs, vision)]
+
+
 def sample_outputs(shares: Sequence[dict[int, Any]], samples: int) -> list[Optional[Any]]:
     """The vision outputs of samples 0..samples-1 from the shares of the images ({sample index: output} each); None
     for a sample without an image."""

@@ -28,7 +28,7 @@ from dist_quant.models.family import VisionOutput, family_of
 from dist_quant.recipe import Recipe
 from dist_quant.runtime.assignments import check_recipe_for_model
 from dist_quant.runtime.device import DEFAULT_COMPUTE_THREADS, set_compute_threads
-from dist_quant.runtime.interpret import sample_outputs
+from dist_quant.runtime.interpret import sample_contexts, sample_outputs
 from dist_quant.runtime.plan import ROW_CHUNK, Kind, Unit
 from dist_quant.runtime.timing import PhaseTimes
 
@@ -251,9 +251,8 @@ class Worker:
     @torch.no_grad()
     def contexts(self, inputs: list[ModelInputs], vision: Optional[list[Optional[VisionOutput]]]) -> list:
         """Each sample's positions and mask from its vision output (``vision`` None: a family without a tower)."""
-        vision = [None] * len(inputs) if vision is None else vision
-        return [self.family.sample_context(self.config, self._rotary, s, v, self.compute_dtype, self.device)
-                for s, v in zip(inputs, vision)]
+        return sample_contexts(self.family, self.config, self._rotary, inputs, vision, self.compute_dtype,
+                               self.device)
 
     def _float_rows(self, key: str, transform: Callable[[torch.Tensor, int], torch.Tensor]) -> torch.Tensor:
         """A vocabulary-sized float tensor (embeddings, lm_head) read, transformed (``transform(rows, first)``) and
