@@ -27,10 +27,10 @@ from dist_quant.models import qwen3_vl_moe as qvl
 from dist_quant.models.family import VisionOutput, load_checked
 from dist_quant.recipe import load_recipe
 from dist_quant.runtime.interpret import interpret
+from dist_quant.runtime.layout import unit_entries
 from dist_quant.runtime.plan import Kind, plan_units
 from dist_quant.runtime.resume import STREAM_DIR
 from dist_quant.runtime.runner import UnitRunner
-from dist_quant.runtime.worker import checkpoint_entries
 from dist_quant.synthetic import make_tiny_text_model
 from helpers import hf_kwargs, load_hf_model
 
@@ -65,10 +65,10 @@ def hf_reference(model, sample):
 def quantizing_chain(model_dir, inputs, group_size, work):
     """The quantizing unit runner (untransformed recipe: comparable with plain HF) through the plan interpreter:
     every layer's output but the last, as saved at the layer boundaries for a resume."""
-    config = qvl.load_checked(model_dir)[1]
+    reader, config = qvl.load_checked(model_dir)
     plan = plan_units(config, group_size)
     recipe = load_recipe(PLAIN_RECIPE)
-    layout = plan_layout(checkpoint_entries(str(model_dir), recipe, plan), 0, ascendv1.part_names)
+    layout = plan_layout(unit_entries(qvl, reader, config, recipe, plan), 0, ascendv1.part_names)
     work.mkdir(parents=True, exist_ok=True)
     create_parts(layout.parts, work)
     runner = UnitRunner(0, str(model_dir), recipe, str(work), str(work / "run"), "cpu", plan, layout.units)

@@ -167,11 +167,6 @@ def read_experts(reader: CheckpointReader, config: Qwen3MoeConfig, layer_idx: in
     return moe_decoder.read_expert_weights(reader, DECODER, config, layer_idx, first, stop, dtype)
 
 
-def source_dtype(raw_config: dict) -> torch.dtype:
-    """The checkpoint's float dtype as config.json states it (bf16 when it does not say)."""
-    return getattr(torch, source_dtype_name(raw_config))
-
-
 # --- building pieces ------------------------------------------------------------------------------------------------
 
 def meta_layer(config: Qwen3MoeConfig, layer_idx: int) -> nn.Module:

@@ -221,11 +221,6 @@ def read_experts(reader: CheckpointReader, config: Qwen3VLMoeConfig, layer_idx: 
                               hidden=tc.hidden_size, intermediate=tc.moe_intermediate_size, dtype=dtype)
 
 
-def source_dtype(raw_config: dict) -> torch.dtype:
-    """The checkpoint's float dtype as config.json states it (bf16 when it does not say)."""
-    return getattr(torch, source_dtype_name(raw_config))
-
-
 # --- building pieces ------------------------------------------------------------------------------------------------
 
 def meta_layer(config: Qwen3VLMoeConfig, layer_idx: int) -> nn.Module:

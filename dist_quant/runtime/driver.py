@@ -33,12 +33,13 @@ from dist_quant.models.family import load_checked, reads_images
 from dist_quant.recipe import Recipe
 from dist_quant.runtime.assignments import check_recipe_for_model
 from dist_quant.runtime.device import DEFAULT_COMPUTE_THREADS, set_compute_threads
+from dist_quant.runtime.layout import unit_entries
 from dist_quant.runtime.plan import DEFAULT_EXPERT_GROUP_SIZE, Kind, Unit, plan_units
 from dist_quant.runtime.report import UnitReport
 from dist_quant.runtime.resume import Journal, ResumePoint, fingerprint, remaining_units, resume_point
+from dist_quant.runtime.rotation import export_rotation
 from dist_quant.runtime.run_log import RunLog, write_coverage, write_timeline
 from dist_quant.runtime.timing import add_times
-from dist_quant.runtime.worker import checkpoint_entries, export_rotation
 
 log = logging.getLogger("dist_quant")
 
@@ -111,7 +112,7 @@ class Executor(Protocol):
     workers: int
 
     def start(self, model_path: str, recipe: Recipe, writer: CheckpointWriter, plan: list[Unit], device: str,
-              compute_threads: int) -> None: ...
+              compute_threads: int, opened: tuple) -> None: ...  # opened: load_checked's (family, reader, config)
 
     def run(self, todo: list[Unit], point: Optional[ResumePoint], inputs: list[ModelInputs],
             on_done: OnDone) -> None: ...
@@ -153,7 +154,8 @@ def quantize(model_path: str, save_path: str, recipe: Recipe, executor: Executor
     check_positive(expert_group_size=expert_group_size, compute_threads=compute_threads,
                    max_sample_tokens=max_sample_tokens, workers=executor.workers)
     set_compute_threads(compute_threads)
-    family, _, config = load_checked(model_path)  # checked against the weights' headers before anything is sized
+    opened = load_checked(model_path)  # (family, reader, config), checked against the weights' headers
+    family, _, config = opened
     dataset_path, samples, images = calibration_samples(dataset, recipe, family)
     samples = cap_samples(samples, max_samples, dataset_path)
     check_recipe_for_model(recipe, config)  # before any worker process starts
@@ -182,10 +184,10 @@ def quantize(model_path: str, save_path: str, recipe: Recipe, executor: Executor
                      writer.save_path)
         run_log = RunLog(writer.staging, recipe.path, append=writer.resuming)
         sigterm = signal.getsignal(signal.SIGTERM)
-        executor.start(model_path, recipe, writer, plan, device, compute_threads)  # Ray: actors start meanwhile
+        executor.start(model_path, recipe, writer, plan, device, compute_threads, opened)  # Ray: actors start now
         if callable(sigterm) and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, sigterm)  # Ray's runtime installs its own handler, which aborts
-        writer.set_layout(checkpoint_entries(model_path, recipe, plan))  # every tensor's place, before any unit runs
+        writer.set_layout(unit_entries(*opened, recipe, plan))  # every tensor's place, before any unit runs
         inputs, run = inputs_and_fingerprint()
         journal = Journal(writer.private_dir, {**run, "overwrite": overwrite}, writer.resuming)
         if writer.moving:  # killed while moving the finished files into save_path: finish that

@@ -29,9 +29,9 @@ class LocalExecutor:
         self._images: Optional[tqdm] = None
 
     def start(self, model_path: str, recipe: Recipe, writer: CheckpointWriter, plan: list[Unit], device: str,
-              compute_threads: int) -> None:
+              compute_threads: int, opened: tuple) -> None:
         self.runner = UnitRunner(0, model_path, recipe, str(writer.staging), str(writer.private_dir), device, plan,
-                                 {}, compute_threads=compute_threads)
+                                 {}, compute_threads=compute_threads, opened=opened)
         if self.progress:
             self.runner.worker.on_image = self._image_done
         self.writer = writer

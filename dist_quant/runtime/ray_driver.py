@@ -166,9 +166,9 @@ class RayExecutor:
         self.ray_seconds = self.actor_seconds = self.sweep_seconds = 0.0
 
     def start(self, model_path: str, recipe: Recipe, writer: CheckpointWriter, plan: list[Unit], device: str,
-              compute_threads: int) -> None:
+              compute_threads: int, opened: tuple) -> None:
         """Join or start Ray and start the actors (they load while the driver works out the checkpoint layout and
-        builds the calibration inputs)."""
+        builds the calibration inputs; each opens the checkpoint in its own process, so ``opened`` stays here)."""
         started = time.perf_counter()
         auth_mode = os.environ.get(AUTH_MODE)
         self.ray, self.we_started = start_ray(self.ray_address, self.workers, device)

@@ -68,7 +68,7 @@ class UnitRunner:
     def __init__(self, index: int, model_path: str, recipe: Recipe, staging_dir: str, private_dir: str, device: str,
                  schedule: list[Unit], places: dict[str, list[Place]], *, ship_unit_files: Optional[bool] = False,
                  probe: str = "", token: str = "", pin_cpus: Optional[int] = None,
-                 compute_threads: int = DEFAULT_COMPUTE_THREADS):
+                 compute_threads: int = DEFAULT_COMPUTE_THREADS, opened: Optional[tuple] = None):
         if device == "cpu" and pin_cpus:
             pin_to_cpu_share(index, pin_cpus)
         node_id = ray_node_id()
@@ -78,7 +78,7 @@ class UnitRunner:
         self.ship_unit_files = not can_see(probe, token) if ship_unit_files is None else ship_unit_files
         self.private_dir = None if self.ship_unit_files else Path(private_dir)  # layer-boundary saves (--resume)
         self.worker = Worker(model_path, recipe, UnitSink(staging_dir, ship_unit_files=self.ship_unit_files),
-                             resolve_device(device), compute_threads=compute_threads)
+                             resolve_device(device), compute_threads=compute_threads, opened=opened)
         self.schedule = schedule
         self._position = {unit: i for i, unit in enumerate(schedule)}  # where each unit is in the schedule
         self.reporter = Reporter(self.worker, places, index, node_id)

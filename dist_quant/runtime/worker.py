@@ -9,83 +9,27 @@ from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Optional, Protocol
+from typing import Callable, Optional
 
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode  # shapes without data: Worker.entries
 
-from dist_quant import failpoints, schemes
-from dist_quant.algorithms import hadamard, quarot
+from dist_quant import failpoints
+from dist_quant.algorithms import quarot
 from dist_quant.algorithms.gptq import Hessian
 from dist_quant.calib.inputs import ModelInputs
 from dist_quant.calib.ranges import InputRanges
-from dist_quant.checkpoint import formats
 from dist_quant.checkpoint.reader import CheckpointReader
-from dist_quant.errors import CalibrationError, RecipeError
+from dist_quant.errors import CalibrationError
 from dist_quant.models import outliers
 from dist_quant.models.family import VisionOutput, family_of
 from dist_quant.recipe import Recipe
-from dist_quant.runtime.assignments import check_recipe_for_model
 from dist_quant.runtime.device import DEFAULT_COMPUTE_THREADS, set_compute_threads
+from dist_quant.runtime.emit import Emitter, TensorSink
 from dist_quant.runtime.interpret import sample_contexts, sample_outputs
-from dist_quant.runtime.plan import ROW_CHUNK, Kind, Unit
+from dist_quant.runtime.plan import ROW_CHUNK, Kind
+from dist_quant.runtime.rotation import head_rotation, stream_rotation
 from dist_quant.runtime.timing import PhaseTimes
-
-
-def stream_rotation(recipe: Recipe, config) -> Optional[quarot.BlockRotation]:
-    """The recipe's rotation of the text residual stream (None without a quarot processor), checked orthogonal."""
-    if recipe.quarot is None:
-        return None
-    hidden = config.get_text_config().hidden_size
-    if hidden % recipe.quarot.block_size:
-        raise RecipeError(f"recipe {recipe.path}: quarot block_size {recipe.quarot.block_size} does not divide the "
-                          f"hidden size {hidden}")
-    block = hadamard.random_hadamard(recipe.quarot.block_size, recipe.quarot.seed)
-    hadamard.check_orthogonal(block, "the QuaRot rotation block")
-    return quarot.BlockRotation(block, hidden)
-
-
-def export_rotation(writer, recipe: Recipe, config) -> None:
-    """QuaRot's rotation goes to the format's side file, when it has one, and the description points to it
-    (docs/FORMAT.md)."""
-    rotation = stream_rotation(recipe, config)
-    side = writer.output_format.rotation_file(rotation.dense()) if rotation is not None else None
-    if side is not None:
-        path, tensors, optional = side
-        writer.add_optional(path, tensors)
-        writer.set_optional_description(optional)
-
-
-def checkpoint_entries(model_path: str, recipe: Recipe, plan: list[Unit]) -> list[tuple[str, list]]:
-    """[(unit id, [(key, dtype, shape), ...]), ...]: what each unit of ``plan`` writes, in order (Worker.entries)."""
-    worker = Worker(model_path, recipe, _Recorder(), compute_threads=torch.get_num_threads())
-    return [(unit.id, [entry[:3] for entry in worker.entries(unit)]) for unit in plan]
-
-
-class TensorSink(Protocol):
-    def add(self, key: str, tensor: torch.Tensor, quant_type: str) -> None: ...
-
-
-class _Recorder:
-    """A sink that only notes what it is given (Worker.entries)."""
-
-    def __init__(self):
-        self.entries: list[tuple[str, torch.dtype, tuple[int, ...], str]] = []
-
-    def add(self, key: str, tensor: torch.Tensor, quant_type: str) -> None:
-        self.entries.append((key, tensor.dtype, tuple(tensor.shape), quant_type))
-
-
-class _UnitRanges:
-    """Input ranges for Worker.entries: a range of any value gives the same tensors' dtypes and shapes."""
-
-    @staticmethod
-    def tensor_range(name: str) -> tuple[float, float]:
-        return -1.0, 1.0
-
-
-_UNIT_RANGES = _UnitRanges()
 
 
 @dataclass
@@ -115,36 +59,40 @@ class LayerOutput:
 
 class Worker:
     """Executes units on one device, reading only the source tensors each unit needs. The checkpoint is checked
-    against its config once, by the driver (``models.family.load_checked``), before any worker starts."""
+    against its config, and the recipe against the model, once by the driver (``models.family.load_checked``,
+    ``check_recipe_for_model``) before any worker starts; ``opened``: the (family, reader, config) the driver
+    opened, when the worker runs in its process."""
 
     def __init__(self, model_path, recipe: Recipe, sink: TensorSink, device: torch.device = torch.device("cpu"),
-                 compute_dtype: torch.dtype = torch.float32, compute_threads: int = DEFAULT_COMPUTE_THREADS):
+                 compute_dtype: torch.dtype = torch.float32, compute_threads: int = DEFAULT_COMPUTE_THREADS,
+                 opened: Optional[tuple] = None):
         set_compute_threads(compute_threads)  # the same count in every process: the same bits (see device.py)
-        self.reader = CheckpointReader(model_path)
-        self.family = family_of(self.reader.config, f"{model_path}/config.json")  # a module of models/
-        self.config = self.family.load_config(self.reader.config, f"{model_path}/config.json")
-        check_recipe_for_model(recipe, self.config)
+        if opened is None:
+            self.reader = CheckpointReader(model_path)
+            self.family = family_of(self.reader.config, f"{model_path}/config.json")  # a module of models/
+            self.config = self.family.load_config(self.reader.config, f"{model_path}/config.json")
+        else:
+            self.family, self.reader, self.config = opened
         self.recipe = recipe
-        self.output_format = formats.for_saver(recipe.saver)  # how a scheme's roles are written
-        self.sink = sink
         self.device = device
         self.compute_dtype = compute_dtype
         self.model_dtype = self.reader.dtype(self.family.EMBED_KEY)
+        self.times = PhaseTimes()  # seconds per phase (timing.PHASES)
+        self.emit = Emitter(self.family, recipe, self.model_dtype, sink, times=self.times)
         self._rotary = self.family.build_text_rotary(self.config).to(device)
         self.rotation = stream_rotation(recipe, self.config)
         if self.rotation is not None:
-            head_dim = self.family.heads(self.config.get_text_config())[2]
-            self.head_rotation = hadamard.head_rotation(head_dim, recipe.quarot.block_size, recipe.quarot.seed)
-            hadamard.check_orthogonal(self.head_rotation, "the QuaRot head rotation")
+            self.head_rotation = head_rotation(recipe, self.family.heads(self.config.get_text_config())[2])
             self.rotation = self.rotation.to(device)
-        self.times = PhaseTimes()  # seconds per phase (timing.PHASES)
         self.expert_tokens: dict[int, list[int]] = {}  # calibration tokens routed to each expert, per MoE layer
         self._reader_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
         self._prefetched: dict[tuple[int, int, int], Future] = {}
         self._tower: Optional[nn.Module] = None  # the rotated vision tower, from ``images`` to ``vision``
         self.on_image: Optional[Callable[[int, int], None]] = None  # (done, of) after each image's vision forward
-        self._faking = False  # while ``entries`` runs
-        self._role_shapes: dict = {}  # what ``entries`` worked out for each kind of linear
+
+    @property
+    def sink(self) -> TensorSink:
+        return self.emit.sink
 
     # --- helpers ----------------------------------------------------------------------------------------------------
 
@@ -155,55 +103,6 @@ class Worker:
     def _loading(self):
         """Phases "read" (the reader's I/O in this thread) and "convert" (the rest) of loading weights."""
         return self.times.split("convert", "read", lambda: self.reader.io_seconds)
-
-    def _float(self, key: str, tensor: torch.Tensor) -> None:
-        self.sink.add(key, tensor.detach().to("cpu", self.model_dtype), schemes.FLOAT)
-
-    def _emit_linear(self, name: str, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                     ranges: Optional[InputRanges], hessian: Optional[Hessian] = None) -> str:
-        """Quantize one linear with the recipe's scheme for it and hand the format's tensors to the sink."""
-        scheme, processor = self._scheme(name), self.recipe.linear_quant(name)
-        weight, bias = weight.detach().cpu(), None if bias is None else bias.detach().cpu()
-        spec = schemes.LinearSpec(name, processor and processor.act, processor and processor.weight,
-                                  ranges.tensor_range(name) if scheme.needs_input_range else None, self.model_dtype,
-                                  self.family.splits_input(name), hessian)
-        with self.times.phase("quantize"):
-            roles = self._quantize(scheme, weight, bias, spec)
-        for key, tensor, quant_type in self.output_format.linear_entries(name, scheme.name, roles, self.model_dtype):
-            self.sink.add(key, tensor, quant_type)
-        return scheme.name
-
-    def _quantize(self, scheme: schemes.Scheme, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                  spec: schemes.LinearSpec) -> dict[str, torch.Tensor]:
-        """``scheme.quantize``; in ``entries`` (fake tensors) each kind of linear is worked out once: a scheme's roles'
-        dtypes and shapes depend on the weight's shape and dtype, the bias, the qconfig and the source dtype only."""
-        if not self._faking:
-            return scheme.quantize(weight, bias, spec)
-        kind = (scheme.name, tuple(weight.shape), weight.dtype, bias is None, spec.act, spec.weight, spec.model_dtype,
-                spec.input_split)
-        if kind not in self._role_shapes:
-            self._role_shapes[kind] = {role: (t.dtype, tuple(t.shape))
-                                       for role, t in scheme.quantize(weight, bias, spec).items()}
-        return {role: torch.empty(shape, dtype=dtype) for role, (dtype, shape) in self._role_shapes[kind].items()}
-
-    def _static_linears(self, prefix: str, module: nn.Module) -> dict[str, nn.Module]:
-        """The linears of a piece whose scheme needs calibrated input ranges."""
-        return {f"{prefix}.{name}": m for name, m in module.named_modules()
-                if isinstance(m, nn.Linear) and self._scheme(f"{prefix}.{name}").needs_input_range}
-
-    def _scheme(self, name: str) -> schemes.Scheme:
-        return schemes.get(self.recipe.quant_type(name))
-
-    def _emit_module(self, prefix: str, module: nn.Module, ranges: Optional[InputRanges]) -> None:
-        """Write every parameter of a piece: its linears per the recipe, everything else (norms, embeddings) FLOAT."""
-        written = set()
-        for name, m in module.named_modules():
-            if isinstance(m, nn.Linear):
-                self._emit_linear(f"{prefix}.{name}", m.weight, m.bias, ranges)
-                written |= {f"{name}.weight", f"{name}.bias"}
-        for name, tensor in module.state_dict().items():
-            if name not in written:
-                self._float(f"{prefix}.{name}", tensor)
 
     # --- units ------------------------------------------------------------------------------------------------------
 
@@ -226,7 +125,7 @@ class Worker:
         visual = self._vision_tower()
         outputs: dict[int, VisionOutput] = {}
         images = sum(inputs[index].pixel_values is not None for index in indexes)
-        with InputRanges(self._static_linears(self.family.VISUAL, visual)) as ranges, self.times.phase("forward"):
+        with InputRanges(self.emit.static_linears(self.family.VISUAL, visual)) as ranges, self.times.phase("forward"):
             for index in indexes:
                 sample = inputs[index]
                 if sample.pixel_values is not None:
@@ -245,7 +144,7 @@ class Worker:
         visual = self._vision_tower()
         self._tower = None
         ranges = InputRanges.merged([(share.channel_min, share.channel_max) for share in shares])
-        self._emit_module(self.family.VISUAL, visual, ranges)
+        self.emit.module(self.family.VISUAL, visual, ranges)
         return sample_outputs([share.outputs for share in shares], samples)
 
     @torch.no_grad()
@@ -290,7 +189,7 @@ class Worker:
             table[here] = rows[used[here] - first]
             return rows
 
-        self._float(self.family.EMBED_KEY, self._float_rows(self.family.EMBED_KEY, rotate_and_keep))
+        self.emit.float(self.family.EMBED_KEY, self._float_rows(self.family.EMBED_KEY, rotate_and_keep))
         return [self.family.place_images(self.config, table[torch.searchsorted(used, i)], i, v)
                 for i, v in zip(ids, vision)]
 
@@ -307,7 +206,7 @@ class Worker:
             with self.times.phase("rotate"):
                 outliers.rotate_block(block, self.family.LAYER_ROTATION[kind], self.rotation, self.head_rotation,
                                       self.family.heads(tc))
-        observed = self._static_linears(prefix, block)
+        observed = self.emit.static_linears(prefix, block)
         for name in outliers.smoothing_inputs(prefix, self.recipe.smooth, self.family.LAYER_SMOOTHING[kind]):
             observed[name] = block.get_submodule(name[len(prefix) + 1:])
         with InputRanges(observed) as ranges, self.times.phase("forward"):
@@ -322,7 +221,7 @@ class Worker:
             moe_input = MoeInput(x, ids, weights)
             self.expert_tokens[layer_idx] = torch.bincount(
                 ids.reshape(-1), minlength=tc.num_experts).tolist()
-        self._emit_module(prefix, block, ranges)
+        self.emit.module(prefix, block, ranges)
         return LayerOutput(streams, moe_input)
 
     def _read_experts(self, layer_idx: int, first: int, stop: int) -> list:
@@ -357,7 +256,7 @@ class Worker:
                                                        [self.family.float_expert(*e, act_fn) for e in experts], first)
         for expert, weights in zip(range(first, stop), experts):
             hessians = self._expert_hessians(layer_idx, expert, weights, moe, act_fn)
-            self._emit_expert(layer_idx, expert, weights, hessians)
+            self.emit.expert(layer_idx, expert, weights, hessians)
             del hessians
             failpoints.reach("experts")
         return partial
@@ -371,7 +270,7 @@ class Worker:
         none = (None,) * len(projs)
         key = self.family.expert_key(layer_idx, expert, projs[0])
         processor = self.recipe.linear_quant(key)
-        if not self._scheme(key).needs_hessian(processor and processor.weight):
+        if not self.emit.scheme(key).needs_hessian(processor and processor.weight):
             return none
         routed = (moe.topk_ids == expert).any(dim=-1)
         if not bool(routed.any()):
@@ -382,12 +281,6 @@ class Worker:
             hidden = act_fn(x @ gate.T) * (x @ up.T)
             x_hessian, hidden_hessian = Hessian.of_inputs(x), Hessian.of_inputs(hidden)
         return x_hessian, x_hessian, hidden_hessian
-
-    def _emit_expert(self, layer_idx: int, expert: int, weights: tuple[torch.Tensor, ...],
-                     hessians: Optional[tuple[Optional[Hessian], ...]] = None) -> None:
-        hessians = hessians or (None,) * len(weights)
-        for proj, weight, hessian in zip(self.family.EXPERT_PROJS, weights, hessians):
-            self._emit_linear(self.family.expert_key(layer_idx, expert, proj), weight, None, None, hessian)
 
     @torch.no_grad()
     def head(self) -> None:
@@ -401,46 +294,4 @@ class Worker:
                 return outliers.rotate_head(norm, rows, self.rotation)
 
         lm_head = self._float_rows(self.family.LM_HEAD_KEY, rotate)
-        self._emit_head(torch.ones_like(norm) if self.rotation is not None else norm, lm_head)
-
-    def _emit_head(self, norm: torch.Tensor, lm_head: torch.Tensor) -> None:
-        self._float(self.family.NORM_KEY, norm)
-        self._float(self.family.LM_HEAD_KEY, lm_head)
-
-    # --- what a unit writes, without running it ---------------------------------------------------------------------
-
-    def entries(self, unit: Unit) -> list[tuple[str, torch.dtype, tuple[int, ...], str]]:
-        """(key, dtype, shape, quant type) of every tensor ``unit`` writes, in the order it writes them, from the
-        checkpoint's headers and the recipe alone: the unit's own emission code run on fake tensors (no data, no
-        forward), so the writer can place each tensor in its part file before any unit runs."""
-        recorder = _Recorder()
-        sink, self.sink = self.sink, recorder
-        self._faking = True
-        family = self.family
-        try:
-            with FakeTensorMode():
-                def read(key: str, shape: Optional[tuple[int, ...]] = None) -> torch.Tensor:
-                    self.reader.check(key, shape)
-                    return torch.empty(self.reader.shape(key), dtype=self.compute_dtype)
-
-                if unit.kind is Kind.IMAGES:
-                    pass  # writes nothing
-                elif unit.kind is Kind.VISION:
-                    self._emit_module(family.VISUAL, family.build_vision(self.config, read, self.compute_dtype),
-                                      _UNIT_RANGES)
-                elif unit.kind is Kind.EMBED:
-                    self._float(family.EMBED_KEY, read(family.EMBED_KEY))
-                elif unit.kind is Kind.LAYER:
-                    self._emit_module(family.layer_prefix(unit.layer),
-                                      family.build_layer(self.config, unit.layer, read, self.compute_dtype),
-                                      _UNIT_RANGES)
-                elif unit.kind is Kind.EXPERTS:
-                    shapes = family.expert_shapes(self.config)
-                    for expert in range(unit.first_expert, unit.stop_expert):
-                        self._emit_expert(unit.layer, expert, tuple(torch.empty(s, dtype=self.compute_dtype)
-                                                                    for s in shapes))
-                else:
-                    self._emit_head(read(family.NORM_KEY), read(family.LM_HEAD_KEY))
-        finally:
-            self.sink, self._faking = sink, False
-        return recorder.entries
+        self.emit.head(torch.ones_like(norm) if self.rotation is not None else norm, lm_head)
