@@ -11,7 +11,7 @@ import ast
 from pathlib import Path
 
 from dist_quant.algorithms import hadamard
-from dist_quant.models import qwen3_vl_moe
+from dist_quant.models import qwen3_vl_moe_config
 from dist_quant.presets import find_preset
 from dist_quant.recipe import load_recipe
 from dist_quant.runtime import assignments, driver, rotation
@@ -36,7 +36,7 @@ def test_a_single_card_run_builds_config_recipe_check_and_rotations_once(tiny_mo
     assert recipe.quarot is not None
     rotation._stream_block.cache_clear()  # other tests of this process may have built them
     rotation._head.cache_clear()
-    configs_read = counting(monkeypatch, qwen3_vl_moe, "load_config")
+    configs_read = counting(monkeypatch, qwen3_vl_moe_config, "load_config")
     recipe_checks = counting(monkeypatch, assignments, "check_linear_quants_apply")
     rotations = counting(monkeypatch, hadamard, "check_orthogonal")
     quantize_single_card(str(tiny_model), str(tmp_path / "out"), recipe, dataset=str(calib_index), progress=False,

@@ -8,7 +8,7 @@ device, for several configs); they read their config by attribute, so the plan's
 transformers' ``Qwen3VLMoeConfig`` both serve. :func:`load_sizes_config` reads config.json with transformers'
 defaults (4.57 and 5.x: the rope fields, where they differ, are not read) and refuses what would hang or break the
 plan; :func:`load_checked_sizes` also refuses the sizes the model code cannot compute with (what ``check`` needs);
-the quantizer's own checks (rope, norms, activations) are ``qwen3_vl_moe.check_config``'s.
+the quantizer's own checks (rope, norms, activations) are ``qwen3_vl_moe_config.check_config``'s.
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ def load_checked_sizes(raw: dict, source: str = "config.json") -> SizesConfig:
 
 def size_errors(config) -> list[str]:
     """Every way the config's sizes break the counts and the plan, as 'field: problem' (for transformers' config
-    too: qwen3_vl_moe.check_config starts with these)."""
+    too: qwen3_vl_moe_config.check_config starts with these)."""
     vc = config.vision_config
     errors = decoder_sizes.text_size_errors(config.text_config, "text_config.")
     vision = decoder_sizes.positive_errors(
