@@ -3,7 +3,7 @@ paper's update rule, against plain rounding, and in W4A8_DYNAMIC's ``method: gpt
 
 import torch
 
-from dist_quant.algorithms.gptq import DAMP, Hessian, gptq_codes, input_gram, inverse_cholesky
+from dist_quant.algorithms.gptq import DAMP, Hessian, gptq_codes, input_gram, inverse_cholesky, lower_triangular_inverse
 from dist_quant.algorithms.int4 import QMAX4, QMIN4, int4_codes, ssz_scale
 
 
@@ -118,4 +118,25 @@ def test_linears_reading_the_same_inputs_share_one_factorisation():
     hessian = Hessian.of_inputs(inputs(120, 48, 10))
     first = hessian.prepared()
     codes = gptq_codes(torch.randn(16, 48), torch.full((16,), 0.3), hessian, QMIN4, QMAX4)
-    assert hessian.prepared() is first and codes.shape == (16, 48)
+    assert hessian.prepared()[1] is first[1] and codes.shape == (16, 48)
+
+
+def test_the_triangular_inverse_by_halves_is_the_inverse():
+    """At sizes that recurse (leaf 16: 3 levels, odd halves) and at one that does not, against float64 inversion."""
+    for n, leaf in ((100, 16), (37, 16), (12, 16)):
+        g = torch.Generator().manual_seed(n)
+        lower = (torch.randn(n, n, dtype=torch.float64, generator=g) * 0.1).tril() + 2 * torch.eye(n,
+                                                                                                  dtype=torch.float64)
+        inverse = lower_triangular_inverse(lower, leaf)
+        assert torch.equal(inverse, inverse.tril())
+        assert torch.allclose(inverse, torch.linalg.inv(lower), rtol=0, atol=1e-12)
+
+
+def test_the_hessian_of_inputs_is_their_gram_in_act_order():
+    """Built from the inputs (order from their sums of squares, Gram of the reordered inputs) as from the Gram
+    matrix itself (order from its diagonal, the matrix reordered)."""
+    x = inputs(300, 96, 11)
+    from_inputs, from_gram = Hessian.of_inputs(x), Hessian(input_gram(x))
+    assert torch.equal(from_inputs.order, from_gram.order)
+    assert not torch.equal(from_inputs.order, torch.arange(96))
+    assert torch.allclose(from_inputs.gram, from_gram.gram, rtol=1e-5, atol=1e-3)
