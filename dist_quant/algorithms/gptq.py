@@ -24,10 +24,10 @@ BLOCK = 128  # columns per lazy-batch block
 
 
 def input_gram(x: torch.Tensor) -> torch.Tensor:
-    """``X^T X`` of calibration inputs ``x`` [tokens, in], accumulated in float32 (on the compute device, which may
-    have no float64), returned as float64 [in, in]."""
+    """``X^T X`` of calibration inputs ``x`` [tokens, in], float32 [in, in] on their device (which may have no
+    float64: the factorisation takes it to the host in float64)."""
     x = x.reshape(-1, x.shape[-1]).to(torch.float32)
-    return (x.T @ x).to(torch.float64)
+    return x.T @ x
 
 
 def act_order(gram: torch.Tensor) -> torch.Tensor:
@@ -61,14 +61,15 @@ def inverse_cholesky(gram: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
     """The upper Cholesky factor U of ``(H + damp * mean(diag H) * I)^-1`` (``U^T U`` is that inverse), float32.
     Input columns that never saw a nonzero value (zero diagonal) get 1 on the diagonal, so they are rounded plainly.
 
-    With J the reversal permutation and ``J H J = L L^T``, ``U = J L^-1 J``: one Cholesky factorisation (float64)
-    and one triangular inverse (float32) instead of factoring the inverse again."""
-    h = gram.to(torch.float64).clone()
+    With J the reversal permutation and ``J H J = L L^T``, ``U = J L^-1 J``: one Cholesky factorisation (float64,
+    on the host: an NPU has no float64) and one triangular inverse (float32, on the Gram matrix's device) instead of
+    factoring the inverse again."""
+    h = gram.to("cpu", torch.float64, copy=True)
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
     diag = torch.diagonal(h)
     diag += damp * diag.mean()
-    lower = torch.linalg.cholesky(h.flip(0, 1)).to(torch.float32)
+    lower = torch.linalg.cholesky(h.flip(0, 1)).to(gram.device, torch.float32)
     return lower_triangular_inverse(lower).flip(0, 1)
 
 
@@ -87,12 +88,12 @@ class Hessian:
 
     @classmethod
     def of_inputs(cls, x: torch.Tensor) -> "Hessian":
-        """From inputs on any device, kept on the host, where weights are quantized. The order comes from the
+        """From inputs on any device, kept there (where the worker rounds its weights). The order comes from the
         channels' sums of squares (float64: ``H[i, i]``), and the Gram matrix is taken of the reordered inputs: a
         [tokens, in] gather instead of reordering the [in, in] matrix (0.5 s at in = 4096 on one thread)."""
         x = x.reshape(-1, x.shape[-1]).to(torch.float32)
         order = torch.sort(x.square().sum(0, dtype=torch.float64), descending=True, stable=True).indices
-        return cls(input_gram(x.index_select(1, order)).cpu(), order.cpu())
+        return cls(input_gram(x.index_select(1, order)), order)
 
     def prepared(self, damp: float = DAMP) -> tuple[torch.Tensor, torch.Tensor]:
         """(column order, the inverse factor of H damped by ``damp`` with rows and columns in that order); the last

@@ -55,14 +55,16 @@ class Emitter:
     def linear(self, name: str, weight: torch.Tensor, bias: Optional[torch.Tensor], ranges: Optional[InputRanges],
                hessian: Optional[Hessian] = None) -> str:
         """Quantize one linear with the recipe's scheme for it and hand the format's tensors to the sink; returns the
-        scheme's name."""
+        scheme's name. The scheme rounds where the weight is (the worker's compute device: a scheme does what needs
+        float64 on the host itself), and its roles come to the host for the sink."""
         scheme, processor = self.scheme(name), self.recipe.linear_quant(name)
-        weight, bias = weight.detach().cpu(), None if bias is None else bias.detach().cpu()
+        weight, bias = weight.detach(), None if bias is None else bias.detach()
         spec = schemes.LinearSpec(name, processor and processor.act, processor and processor.weight,
                                   ranges.tensor_range(name) if scheme.needs_input_range else None, self.model_dtype,
                                   self.family.splits_input(name), hessian)
         with self._times.phase("quantize") if self._times is not None else contextlib.nullcontext():
             roles = self._quantize(scheme, weight, bias, spec)
+        roles = {role: tensor.cpu() for role, tensor in roles.items()}
         for key, tensor, quant_type in self.output_format.linear_entries(name, scheme.name, roles, self.model_dtype):
             self.sink.add(key, tensor, quant_type)
         return scheme.name

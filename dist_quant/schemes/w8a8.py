@@ -51,8 +51,9 @@ def quantize(weight: torch.Tensor, bias: Optional[torch.Tensor], spec: LinearSpe
 
     check_weight(spec, weight, NAME, FLOAT32_MAX, "its scales are float32")
     check_finite_inputs(spec, "its calibrated input range", torch.tensor(spec.input_range, dtype=torch.float32))
-    codes, weight_scale = quantize_weight_per_channel(weight)
-    input_scale, input_offset = (t.to(weight.device) for t in activation_range_params(*spec.input_range))
+    codes, weight_scale = quantize_weight_per_channel(weight)  # on the weight's device
+    codes, weight_scale = codes.cpu(), weight_scale.cpu()  # quant_bias is float64 math: on the host (NPUs have none)
+    input_scale, input_offset = activation_range_params(*spec.input_range)
     deq_scale = (input_scale * weight_scale).to(torch.float32)
     float_bias = torch.zeros(weight.shape[0], dtype=torch.float64) if bias is None else bias.to(torch.float64)
     row_sums = codes.to(torch.float64).sum(dim=1)
@@ -61,7 +62,7 @@ def quantize(weight: torch.Tensor, bias: Optional[torch.Tensor], spec: LinearSpe
     roles = {"weight": codes, "input_scale": input_scale, "input_offset": input_offset, "deq_scale": deq_scale,
              "quant_bias": quant_bias.to(torch.int32)}
     if bias is not None:
-        roles["bias"] = bias.detach().to(torch.float32)
+        roles["bias"] = bias.detach().to("cpu", torch.float32)
     return roles
 
 
