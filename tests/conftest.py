@@ -1,13 +1,21 @@
+"""The fixtures that more than one test module uses (a module's own fixtures stay in it); helpers that are not
+fixtures are in helpers.py."""
+
+import json
 import os
+import shutil
 import sys
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple, Optional
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from dist_quant.synthetic import make_calibration_set, make_tiny_model  # noqa: E402
+from dist_quant.recipe import DEFAULT_RECIPE  # noqa: E402
+from dist_quant.synthetic import make_calibration_set, make_tiny_model, make_tiny_text_model  # noqa: E402
+from helpers import FAMILIES, FAMILY_TYPES, quantize, quantized  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -19,6 +27,96 @@ def tiny_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def calib_index(tmp_path_factory) -> Path:
     return make_calibration_set(tmp_path_factory.mktemp("calib") / "images", num_images=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_text_model(tmp_path_factory) -> Path:
+    """A tiny random fp32 Qwen3-MoE, the text-only family (per-expert keys, no vision tower): 3 layers, top-3 of 8
+    experts (in groups of 2 the order partial sums are added in shows in the bits), layer 1 a dense MLP."""
+    return make_tiny_text_model(tmp_path_factory.mktemp("tiny_text") / "model", num_layers=3, num_experts=8, top_k=3,
+                                mlp_only_layers=(1,))
+
+
+TEXT_SAMPLES = ("The quick brown fox jumps over the lazy dog near the river bank.",
+                "def add(a, b):\n    return a + b  # adds two numbers")
+
+
+@pytest.fixture(scope="session")
+def text_calib(tmp_path_factory) -> Path:
+    """Two text samples, as msModelSlim's text calibration sets hold them (one "text" and one
+    "inputs_pretokenized" line of a .jsonl)."""
+    path = tmp_path_factory.mktemp("text_calib") / "calib.jsonl"
+    path.write_text(json.dumps({"text": TEXT_SAMPLES[0]}) + "\n"
+                    + json.dumps({"inputs_pretokenized": TEXT_SAMPLES[1]}) + "\n", encoding="utf-8")
+    return path
+
+
+class FamilyModel(NamedTuple):
+    """A tiny model of one family with what quantizes it: the family's bundled W8A8 recipe and a small calibration
+    set of the family's kind (None would be quant's default, the bundled set of hundreds of samples: too slow here)."""
+
+    model: Path
+    recipe: Path
+    dataset: Optional[Path]
+    model_type: str
+
+
+@pytest.fixture(scope="module", params=FAMILY_TYPES)
+def family_model(request) -> FamilyModel:
+    """Each family's tiny model in turn (the session's tiny_model and tiny_text_model), its W8A8 preset's recipe and
+    a small calibration set of its kind (3 images; 2 texts), for tests whose property holds for every family.
+
+    Module-scoped over session-scoped models: pytest groups the tests of a parametrized session fixture across
+    modules, which would split a module's tests (and its module fixtures) in two."""
+    model_type = request.param
+    model, dataset = (("tiny_model", "calib_index") if model_type == "qwen3_vl_moe"
+                      else ("tiny_text_model", "text_calib"))
+    return FamilyModel(request.getfixturevalue(model), DEFAULT_RECIPE.parent / f"{model_type}_w8a8.yaml",
+                       request.getfixturevalue(dataset), model_type)
+
+
+_family_checkpoints: dict[str, Path] = {}
+
+
+@pytest.fixture(scope="module")
+def family_checkpoint(family_model, tmp_path_factory) -> Path:
+    """family_model quantized by `dist-quant quant` with the model's preset (its family's W8A8 recipe, expert
+    groups of the default size), once per session and family (the modules that read it do not change it)."""
+    if family_model.model_type not in _family_checkpoints:
+        save = tmp_path_factory.mktemp(f"{family_model.model_type}_w8a8") / "q"
+        _family_checkpoints[family_model.model_type] = quantize(family_model.model, family_model.dataset, save)
+    return _family_checkpoints[family_model.model_type]
+
+
+@pytest.fixture
+def model(tiny_model, tmp_path) -> Path:
+    """A private copy of the session's tiny model, free to corrupt (the bad- and hostile-input tests)."""
+    return Path(shutil.copytree(tiny_model, tmp_path / "model"))
+
+
+@pytest.fixture(scope="module")
+def sharded_model(tmp_path_factory) -> Path:
+    """The tiny model's weights in 8 shards with an index (the bad- and hostile-input tests)."""
+    return make_tiny_model(tmp_path_factory.mktemp("sharded") / "model", mlp_only_layers=(2,), shard_size="300KB")
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory):
+    """Qwen3-VL-MoE's bfloat16 W8A8 checkpoint with a dense-MLP layer, quantized once per session (helpers.quantized;
+    tests/test_check.py's family_good of this family is the same folder): the check tests mutate copies of it."""
+    return quantized(tmp_path_factory, FAMILIES["qwen3_vl_moe"], "good")
+
+
+@pytest.fixture(scope="module")
+def report_model(tmp_path_factory):
+    """16 experts, top-1, one image: some experts see no token (the report's map must mark them)."""
+    return make_tiny_model(tmp_path_factory.mktemp("report") / "model", num_layers=3, num_experts=16, top_k=1,
+                           dtype="bfloat16")
+
+
+@pytest.fixture(scope="module")
+def report_calib(tmp_path_factory):
+    return make_calibration_set(tmp_path_factory.mktemp("report_calib") / "images", num_images=1)
 
 
 @contextmanager

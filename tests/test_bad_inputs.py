@@ -19,64 +19,27 @@ import torch
 import yaml
 from PIL import Image
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from dist_quant.checkpoint.reader import CheckpointReader
 from dist_quant.checkpoint.unit_file import writing
-from dist_quant.checkpoint.writer import DESCRIPTION_FILE, STAGING_DIR
+from dist_quant.checkpoint.writer import STAGING_DIR
 from dist_quant.cli import main
 from dist_quant.errors import CheckpointError, OutputError
 from dist_quant.recipe import DEFAULT_RECIPE
-from dist_quant.synthetic import make_tiny_model
+from helpers import (
+    Q_PROJ,
+    WEIGHTS,
+    assert_nothing_finished,
+    calib_copy,
+    quant_args,
+    refused,
+    rewrite_tensor,
+)
 
-PLAIN_RECIPE = Path(__file__).parent / "data" / "plain_w8a8.yaml"
-WEIGHTS = "model.safetensors"
-Q_PROJ = "model.language_model.layers.0.self_attn.q_proj.weight"
 GATE_UP = "model.language_model.layers.1.mlp.experts.gate_up_proj"
-
-
-def assert_nothing_finished(save: Path) -> None:
-    """No description, no weights at the top; the staging folder is gone unless kept for a --resume (its journal)."""
-    if save.exists():
-        assert not (save / DESCRIPTION_FILE).exists()
-        assert not list(save.glob("*.safetensors"))
-        staging = save / STAGING_DIR
-        assert not staging.exists() or (staging / "run" / "journal.jsonl").is_file(), sorted(staging.rglob("*"))
-
-
-def quant_args(model: Path, save: Path, dataset: Path, *extra: str) -> list[str]:
-    """The plain recipe is the quickest; a later --config_path in ``extra`` replaces it."""
-    return ["quant", "--model_path", str(model), "--save_path", str(save), "--device", "cpu", "--dataset",
-            str(dataset), "--quiet", "--config_path", str(PLAIN_RECIPE), *extra]
-
-
-def refused(capsys, model: Path, save: Path, dataset: Path, *extra: str) -> str:
-    """Run the CLI, expect it to refuse with exit code 2 and leave nothing finished-looking; returns the message."""
-    rc = main(quant_args(model, save, dataset, *extra))
-    err = capsys.readouterr().err
-    assert rc == 2, err
-    assert err.startswith("dist-quant: error: "), err
-    assert_nothing_finished(save)
-    return err
-
-
-@pytest.fixture
-def model(tiny_model, tmp_path) -> Path:
-    """A private copy of the session's tiny model, free to corrupt."""
-    return Path(shutil.copytree(tiny_model, tmp_path / "model"))
-
-
-@pytest.fixture(scope="module")
-def sharded_model(tmp_path_factory) -> Path:
-    return make_tiny_model(tmp_path_factory.mktemp("sharded") / "model", mlp_only_layers=(2,), shard_size="300KB")
-
-
-def rewrite_tensor(model: Path, key: str, change) -> Path:
-    path = model / WEIGHTS
-    tensors = load_file(path)
-    tensors[key] = change(tensors[key])
-    save_file(tensors, str(path), metadata={"format": "pt"})
-    return path
+# the fixtures model (a private copy of the tiny model) and sharded_model are in conftest.py; refused, quant_args,
+# rewrite_tensor and calib_copy in helpers.py
 
 
 # --- the model directory ----------------------------------------------------------------------------------------------
@@ -174,11 +137,6 @@ def test_non_finite_weight(capsys, model, tmp_path, calib_index, bad, key):
 
 
 # --- the calibration set ----------------------------------------------------------------------------------------------
-
-def calib_copy(calib_index: Path, tmp_path: Path) -> Path:
-    """A private copy of the session's calibration set; returns its index.jsonl."""
-    return Path(shutil.copytree(calib_index.parent, tmp_path / "calib")) / calib_index.name
-
 
 @pytest.mark.parametrize("image, cut", [("img0.png", 200), ("img1.jpg", 20)])  # verify() passes that JPEG
 def test_truncated_image(capsys, tiny_model, tmp_path, calib_index, image, cut):

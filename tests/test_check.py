@@ -8,14 +8,11 @@ docs/ascend-loader-rules.md reads them from its source."""
 
 import json
 import math
-import shutil
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from dist_quant.check import check_checkpoint, format_report, refuse_unservable
 from dist_quant.check.ascend import PACKED_MODULES, RULES
@@ -24,80 +21,27 @@ from dist_quant.cli import main
 from dist_quant.errors import OutputError
 from dist_quant.models.family import FAMILIES as FAMILY_MODULES
 from dist_quant.models.family import sizes_for
-from dist_quant.recipe import DEFAULT_RECIPE, load_recipe
-from dist_quant.runtime.local import quantize_single_card
-from dist_quant.synthetic import make_calibration_set, make_tiny_model, make_tiny_text_model
+from helpers import (
+    DESCRIPTION,
+    FAMILIES,
+    Family,
+    add,
+    changed,
+    drop,
+    mutate,
+    quantized,
+    rename,
+    set_types,
+)
 
-DESCRIPTION = "quant_model_description.json"
-RECIPES = DEFAULT_RECIPE.parent
-LAYER0 = "model.language_model.layers.0"  # Qwen3-VL-MoE's first layer (the fixture good is its checkpoint)
 BF16 = torch.bfloat16
-TEXTS = ("The quick brown fox jumps over the lazy dog near the river bank.",
-         "def add(a, b):\n    return a + b  # adds two numbers", "Seven times eight is fifty-six.")
-
-
-def text_calibration_set(folder: Path) -> Path:
-    folder.mkdir(parents=True)
-    path = folder / "calib.jsonl"
-    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS), encoding="utf-8")
-    return path
-
-
-@dataclass(frozen=True)
-class Family:
-    """What these tests write by hand about a family's checkpoints: how to make a tiny one, its recipes, and the
-    key names and config fields its mutations touch."""
-
-    model_type: str
-    make_model: Callable  # (folder, **model_args) -> the model folder
-    make_calibration: Callable  # folder -> a calibration set for it
-    layer0: str  # the first decoder layer's module (a MoE layer)
-    float_linear: str  # a FLOAT linear vLLM builds and looks up (R7's mutation drops its entry)
-    foreign_key: str  # a key under none of the module prefixes its vLLM model loads
-    other_model_type: str  # a model_type in neither vLLM Ascend's packed table nor dist-quant's families
-    hijack: Callable  # config.json -> it, with a quantization_config where vLLM reads one
-
-    def recipe(self, quant_type: str) -> Path:
-        return RECIPES / f"{self.model_type}_{quant_type}.yaml"
-
-
-_FP8 = {"quant_method": "fp8"}
-FAMILIES = {f.model_type: f for f in (
-    Family("qwen3_vl_moe", make_tiny_model, lambda folder: make_calibration_set(folder, num_images=2), LAYER0,
-           "model.visual.merger.linear_fc1", "model.layers.0.extra.weight", "qwen3_vl",
-           lambda c: c["text_config"].update(quantization_config=_FP8)),
-    Family("qwen3_moe", make_tiny_text_model, text_calibration_set, "model.layers.0", "model.layers.0.mlp.gate",
-           "layers.0.extra.weight", "qwen3", lambda c: c.update(quantization_config=_FP8)),
-)}
-VARIANTS = {  # name: (source dtype, quant type, model arguments)
-    "good": ("bfloat16", "w8a8", {"mlp_only_layers": (2,)}),  # a dense-MLP layer: its gate/up are a fused group too
-    "fp32": ("float32", "w8a8", {"num_layers": 2}),
-    "w4a8": ("bfloat16", "w4a8", {"num_layers": 2}),
-}
-_built: dict[tuple[str, str], Path] = {}
-
-
-def quantized(tmp_path_factory, family: Family, variant: str) -> Path:
-    """A checkpoint dist-quant quantized from a tiny model of the family (each made once per session)."""
-    if (family.model_type, variant) not in _built:
-        dtype, quant_type, model_args = VARIANTS[variant]
-        root = tmp_path_factory.mktemp(f"{family.model_type}_{variant}")
-        model = family.make_model(root / "model", dtype=dtype, **model_args)
-        quantize_single_card(str(model), str(root / "q"), load_recipe(family.recipe(quant_type)),
-                             dataset=str(family.make_calibration(root / "calib")), progress=False)
-        _built[family.model_type, variant] = root / "q"
-    return _built[family.model_type, variant]
+# the families' tiny models, recipes and what their mutations touch (FAMILIES), each checkpoint quantized once per
+# session (quantized), the fixture good (conftest.py) and mutate are in helpers.py
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def family(request) -> Family:
     return FAMILIES[request.param]
-
-
-@pytest.fixture(scope="module")
-def good(tmp_path_factory):
-    """Qwen3-VL-MoE's bfloat16 W8A8 checkpoint with a dense-MLP layer (tests/test_check_hostile.py's too)."""
-    return quantized(tmp_path_factory, FAMILIES["qwen3_vl_moe"], "good")
 
 
 @pytest.fixture(scope="module")
@@ -113,66 +57,6 @@ def family_fp32(tmp_path_factory, family):
 @pytest.fixture(scope="module")
 def family_w4a8(tmp_path_factory, family):
     return quantized(tmp_path_factory, family, "w4a8")
-
-
-def mutate(good, tmp_path, description=None, config=None, tensors=None):
-    """A copy of the checkpoint ``good`` (either format) with its description, config.json or tensors changed in
-    place by the functions given (tensors: one dict of every part's tensors; each key stays in its part, a new key
-    goes to the first part; the index follows)."""
-    folder = tmp_path / "mutated"
-    shutil.copytree(good, folder)
-    for name, change in ((DESCRIPTION, description), ("config.json", config)):
-        if change is not None:
-            content = json.loads((folder / name).read_text())
-            change(content)
-            (folder / name).write_text(json.dumps(content))
-    if tensors is not None:
-        parts = sorted(folder.glob("*.safetensors"))
-        held = {part: load_file(str(part)) for part in parts}
-        merged = {k: t for part in parts for k, t in held[part].items()}
-        home = {k: part for part in parts for k in held[part]}
-        tensors(merged)
-        for part in parts:
-            kept = {k: t for k, t in merged.items() if home.get(k, parts[0]) == part}
-            save_file(kept, str(part))
-        index_file, = folder.glob("*.safetensors.index.json")
-        index = json.loads(index_file.read_text())
-        index["weight_map"] = {k: home.get(k, parts[0]).name for k in merged}
-        index_file.write_text(json.dumps(index))
-    return folder
-
-
-def rename(old, new):
-    def change(d):
-        d[new] = d.pop(old)
-    return change
-
-
-def set_types(prefix, quant_type):
-    def change(d):
-        for key in d:
-            if key.startswith(prefix + "."):
-                d[key] = quant_type
-    return change
-
-
-def drop(*keys):
-    def change(d):
-        for key in keys:
-            del d[key]
-    return change
-
-
-def add(key, value):
-    def change(d):
-        d[key] = value
-    return change
-
-
-def changed(key, fn):
-    def change(d):
-        d[key] = fn(d[key])
-    return change
 
 
 def mutations(f: Family) -> dict:

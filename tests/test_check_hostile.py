@@ -11,8 +11,7 @@ import torch
 
 from dist_quant.check import check_checkpoint, format_report
 from dist_quant.check.ascend import RULES
-from helpers import deadline
-from test_check import DESCRIPTION, LAYER0, add, changed, good, mutate  # noqa: F401 (good: a fixture)
+from helpers import DESCRIPTION, LAYER0, add, changed, deadline, mutate
 
 O_PROJ = f"{LAYER0}.self_attn.o_proj"
 

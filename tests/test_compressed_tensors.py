@@ -73,6 +73,23 @@ def outputs(model, calib, tmp_path_factory):
             for name, r in recipes.items()}
 
 
+@pytest.fixture(scope="module")
+def text_outputs(tiny_text_model, text_calib, tmp_path_factory):
+    """(ascendv1 checkpoint, compressed-tensors checkpoint) of the text family's tiny model with its W8A8 recipe
+    (per-expert keys, vLLM's own names for the model)."""
+    root = tmp_path_factory.mktemp("ct_text")
+    recipe = DEFAULT_RECIPE.parent / "qwen3_moe_w8a8.yaml"
+    return (quant(tiny_text_model, text_calib, root / "ascend", "--config_path", str(recipe)),
+            quant(tiny_text_model, text_calib, root / "ct", "--config_path", str(recipe), *CT))
+
+
+def run_of(request, recipe: str) -> tuple[Path, Path]:
+    """The outputs of ``recipe``: one of this module's Qwen3-VL-MoE runs, or "text" (Qwen3-MoE, its bundled one)."""
+    if recipe == "text":
+        return request.getfixturevalue("text_outputs")
+    return request.getfixturevalue("outputs")[recipe]
+
+
 def tensors_of(folder: Path, pattern: str) -> dict[str, torch.Tensor]:
     found = {}
     for part in sorted(folder.glob(pattern)):
@@ -116,9 +133,9 @@ def ascend_weights(folder: Path) -> dict[str, torch.Tensor]:
     return weights
 
 
-@pytest.mark.parametrize("recipe", ["bundled", "w4a8", "dynamic"])
-def test_the_library_decompresses_every_quantized_linear_to_our_dequantized_weight(outputs, recipe):
-    ascend, ct = outputs[recipe]
+@pytest.mark.parametrize("recipe", ["bundled", "w4a8", "dynamic", "text"])
+def test_the_library_decompresses_every_quantized_linear_to_our_dequantized_weight(request, recipe):
+    ascend, ct = run_of(request, recipe)
     ours, theirs = ascend_weights(ascend), decompressed(ct)
     assert theirs.keys() == ours.keys() and ours
     for module, weight in ours.items():
@@ -168,9 +185,9 @@ def test_config_json_is_the_library_layout_with_floats_ignored(outputs, model):
 
 
 @pytest.mark.parametrize("recipe, engines", [("bundled", [VLLM]), ("dynamic", [VLLM, ASCEND]),
-                                             ("w4a8", [VLLM_CPU])])
-def test_check_names_the_engines_each_recipe_loads_on(outputs, recipe, engines):
-    report = check_checkpoint(outputs[recipe][1])
+                                             ("w4a8", [VLLM_CPU]), ("text", [VLLM])])
+def test_check_names_the_engines_each_recipe_loads_on(request, recipe, engines):
+    report = check_checkpoint(run_of(request, recipe)[1])
     assert report.ok and report.engines == engines, format_report(report)
 
 
@@ -293,7 +310,7 @@ def test_odd_configs_give_verdicts_not_tracebacks(outputs, tmp_path):
 # --- one mutated checkpoint per rule, each tripping exactly its rule (as tests/test_check.py does for ascendv1) ------
 
 def _ct_mutations():
-    from test_check import add, changed, drop, mutate
+    from helpers import add, changed, drop, mutate
 
     layer0 = "model.language_model.layers.0"
     k_proj, o_proj = f"{layer0}.self_attn.k_proj", f"{layer0}.self_attn.o_proj"

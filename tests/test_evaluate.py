@@ -17,8 +17,7 @@ from dist_quant.cli import main
 from dist_quant.evaluate import ServedModel, checkpoint_fingerprint, evaluate, logit_metrics
 from dist_quant.models.family import load_checked
 from dist_quant.schemes import LinearSpec, w8a8, w8a8_dynamic
-
-PLAIN_RECIPE = Path(__file__).parent / "data" / "plain_w8a8.yaml"
+from helpers import LAYERS, PLAIN_RECIPE, float_only, moe_layers, quantize, text_config
 
 
 def test_static_linear_equals_integer_arithmetic_exactly():
@@ -49,48 +48,34 @@ def test_dynamic_linear_equals_integer_arithmetic_exactly():
             assert y[i, n].item() == expected.float().item()
 
 
-@pytest.fixture(scope="module")
-def inputs(tiny_model, calib_index):
-    return build_model_inputs(tiny_model, load_samples(calib_index))
+def family_inputs(family_model):
+    """The calibration inputs of the family's tiny model, images or text as its family reads them."""
+    images = family_model.model_type == "qwen3_vl_moe"  # the text family reads text only
+    return build_model_inputs(family_model.model, load_samples(family_model.dataset, images=images), images=images)
 
 
-def quantize(tiny_model, calib_index, save, recipe=None):
-    args = ["quant", "--model_path", str(tiny_model), "--save_path", str(save), "--device", "cpu",
-            "--dataset", str(calib_index), "--quiet"]
-    assert main(args + (["--config_path", str(recipe)] if recipe else [])) == 0
-    return save
-
-
-def float_only(recipe_path, tmp_path):
-    """The recipe with its linear_quant processors selecting nothing: every tensor stays FLOAT."""
-    recipe = yaml.safe_load(Path(recipe_path).read_text())
-    for processor in recipe["spec"]["process"]:
-        if processor["type"] == "linear_quant":
-            processor["include"] = ["nothing"]
-    path = tmp_path / f"float_{Path(recipe_path).stem}.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
-
-
-def test_all_float_checkpoint_evaluates_as_the_float_model(tiny_model, calib_index, inputs, tmp_path, monkeypatch):
+def test_all_float_checkpoint_evaluates_as_the_float_model(family_model, tmp_path, monkeypatch):
     """quant refuses a recipe that quantizes nothing (a user's typo); this checkpoint is made that way on purpose,
     with that one refusal lifted in this process, to show that identical weights compare as identical."""
     from dist_quant.runtime import assignments
 
     monkeypatch.setattr(assignments, "check_linear_quants_apply", lambda *args: None)
-    save = quantize(tiny_model, calib_index, tmp_path / "q", float_only(PLAIN_RECIPE, tmp_path))
-    report = evaluate(str(tiny_model), str(save), inputs)
+    model = family_model.model
+    save = quantize(model, family_model.dataset, tmp_path / "q", float_only(PLAIN_RECIPE, tmp_path))
+    report = evaluate(str(model), str(save), family_inputs(family_model))
     assert report.kl_divergence == pytest.approx(0.0, abs=1e-12) and report.top1_agreement == 1.0
     assert all(row.rel_error == 0.0 for row in report.rows)
 
 
-def test_w8a8_checkpoint_is_close_and_the_cli_writes_json(tiny_model, calib_index, tmp_path, capsys):
-    save = quantize(tiny_model, calib_index, tmp_path / "q")
+def test_w8a8_checkpoint_is_close_and_the_cli_writes_json(family_model, family_checkpoint, tmp_path, capsys):
+    model, calib_index, save = family_model.model, family_model.dataset, family_checkpoint
     out = tmp_path / "report.json"
-    assert main(["eval", "--model_path", str(tiny_model), "--quant_path", str(save), "--dataset", str(calib_index),
+    assert main(["eval", "--model_path", str(model), "--quant_path", str(save), "--dataset", str(calib_index),
                  "--output", str(out)]) == 0
     report = json.loads(out.read_text())
-    assert [row["name"] for row in report["rows"]] == ["vision (merger)"] + [f"layer {i}" for i in range(4)]
+    vision = ["vision (merger)"] if family_model.model_type == "qwen3_vl_moe" else []  # the text family has none
+    layers = text_config(model)["num_hidden_layers"]
+    assert [row["name"] for row in report["rows"]] == vision + [f"layer {i}" for i in range(layers)]
     assert all(0.99 < row["cosine"] < 1.0 and 0 < row["rel_error"] < 0.1 for row in report["rows"])
     assert 0 < report["kl_divergence"] < 0.01 and report["top1_agreement"] > 0.8
     printed = capsys.readouterr()
@@ -204,38 +189,44 @@ def with_int4_experts(tmp_path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tiny_model, calib_index, tmp_path_factory):
+def checkpoints(family_model, family_checkpoint, tmp_path_factory):
+    """The family's tiny model quantized with its preset (experts W8A8_DYNAMIC) and with int4 experts."""
     folder = tmp_path_factory.mktemp("served")
-    return {"W8A8_DYNAMIC": quantize(tiny_model, calib_index, folder / "w8a8"),
-            "W4A8_DYNAMIC": quantize(tiny_model, calib_index, folder / "w4a8", with_int4_experts(folder))}
+    return {"W8A8_DYNAMIC": family_checkpoint,
+            "W4A8_DYNAMIC": quantize(family_model.model, family_model.dataset, folder / "w4a8",
+                                     with_int4_experts(folder))}
 
 
 TIGHT = 1e-6  # float32 rounding of the same exact sums; dropping the int8 activations moves outputs by ~1e-2
 
 
 @pytest.mark.parametrize("experts", ["W8A8_DYNAMIC", "W4A8_DYNAMIC"])
-def test_served_experts_are_the_engines_integer_math(tiny_model, checkpoints, experts):
+def test_served_experts_are_the_engines_integer_math(family_model, checkpoints, experts):
     """Each routed expert eval runs is silu(gate(x)) * up(x) into down, every projection the scheme's integer math."""
     save = checkpoints[experts]
-    t, model = raw_tensors(save), served(tiny_model, save)
+    t, model = raw_tensors(save), served(family_model.model, save)
     description = json.loads((save / "quant_model_description.json").read_text())
     torch.manual_seed(2)
     x = torch.randn(7, 64) * 2
-    for layer in (0, 3):
+    layers = moe_layers(family_model.model)
+    for layer in (layers[0], layers[-1]):
         for e, expert in enumerate(model.experts(layer, 0, 8)):
-            key = f"model.language_model.layers.{layer}.mlp.experts.{e}"
+            key = f"{LAYERS[family_model.model_type]}.{layer}.mlp.experts.{e}"
             assert {description[f"{key}.{p}.weight"] for p in ("gate_proj", "up_proj", "down_proj")} == {experts}
             gate, up = (REFERENCES[experts](t, f"{key}.{p}", x) for p in ("gate_proj", "up_proj"))
             expected = REFERENCES[experts](t, f"{key}.down_proj", torch.nn.functional.silu(gate) * up)
             assert relative(expert(x), expected) < TIGHT, key
 
 
-def test_served_attention_and_vision_linears_are_static_w8a8(tiny_model, checkpoints):
+def test_served_attention_and_vision_linears_are_static_w8a8(family_model, checkpoints):
     save = checkpoints["W8A8_DYNAMIC"]
-    t, model = raw_tensors(save), served(tiny_model, save)
+    t, model = raw_tensors(save), served(family_model.model, save)
     torch.manual_seed(3)
-    layer, visual = model.layer(1), model.vision()
-    for module, prefix, width in ((layer, "model.language_model.layers.1", 64), (visual, "model.visual", 32)):
+    layer = model.layer(1)
+    modules = [(layer, f"{LAYERS[family_model.model_type]}.1", 64)]
+    if family_model.model_type == "qwen3_vl_moe":  # the vision tower's linears, of the family that has one
+        modules.append((model.vision(), "model.visual", 32))
+    for module, prefix, width in modules:
         names = ("self_attn.q_proj", "self_attn.o_proj") if module is layer else ("blocks.2.attn.qkv",
                                                                                  "blocks.2.mlp.linear_fc1")
         for name in names:

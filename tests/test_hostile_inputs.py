@@ -24,15 +24,12 @@ from dist_quant.cli import main
 from dist_quant.errors import CalibrationError
 from dist_quant.models import qwen3_vl_moe as qvl
 from dist_quant.synthetic import make_tiny_model
-from helpers import deadline, read_checkpoint
-from test_bad_inputs import PLAIN_RECIPE, WEIGHTS, calib_copy, model, quant_args, refused, sharded_model  # noqa: F401
+from helpers import PLAIN_RECIPE, WEIGHTS, calib_copy, deadline, quant_args, read_checkpoint, refused
 
 INDEX = "model.safetensors.index.json"
 SECRET = b"SECRET-do-not-print-me-0123456789"
 NORM_0 = "model.language_model.layers.0.input_layernorm.weight"
 NORM_0_POST = "model.language_model.layers.0.post_attention_layernorm.weight"
-
-
 
 
 def one_line(err: str) -> str:

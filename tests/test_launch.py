@@ -18,14 +18,19 @@ from pathlib import Path
 
 import pytest
 
-from helpers import assert_same_checkpoint, read_checkpoint
+from helpers import (
+    BASH,
+    LAUNCH,
+    PATH,
+    RAY,
+    ROOT,
+    assert_same_checkpoint,
+    free_port,
+    read_checkpoint,
+    run_script,
+    short_temp_dir,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
-LAUNCH = ROOT / "launch"
-BIN = Path(sys.executable).parent
-PATH = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
-BASH = shutil.which("bash")
-RAY = shutil.which("ray", path=PATH)
 SCRIPTS = sorted(p for p in LAUNCH.iterdir() if p.suffix in (".sh", ".sbatch"))
 
 pytestmark = [
@@ -33,12 +38,6 @@ pytestmark = [
     pytest.mark.skipif(BASH is None, reason="bash is not installed: the launch scripts are bash"),
     pytest.mark.skipif(RAY is None, reason="the 'ray' command is not installed (pip install 'ray[default]')"),
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 SCRIPT_TMP: list[str] = []  # TMPDIR of the scripts (their `ray start` logs), removed after the module
@@ -62,9 +61,8 @@ def script_env(**extra) -> dict:
 
 
 def run(script: str, *args, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run launch/SCRIPT with bash; stdout and stderr together in .stdout."""
-    return subprocess.run([BASH, str(LAUNCH / script), *map(str, args)], cwd=ROOT, env=env or script_env(),
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    """Run launch/SCRIPT with bash (in script_env() unless ``env``); stdout and stderr together in .stdout."""
+    return run_script(script, *args, timeout=timeout, env=env or script_env())
 
 
 def ray_status(address: str) -> str:
@@ -99,11 +97,6 @@ def processes_naming(text: str) -> list[str]:
         if text in cmdline:
             found.append(f"{proc.name}: {cmdline[:200]}")
     return found
-
-
-def short_temp_dir(prefix: str) -> str:
-    # Ray's socket paths (TEMP/session_<date>/sockets/plasma_store) must stay under 108 characters.
-    return tempfile.mkdtemp(prefix=prefix, dir="/tmp")
 
 
 class Cluster:

@@ -118,7 +118,7 @@ TEXTS = ("The quick brown fox jumps over the lazy dog near the river bank.",
 
 
 @pytest.fixture(scope="module")
-def tiny_text_model(tmp_path_factory) -> Path:
+def chain_text_model(tmp_path_factory) -> Path:
     """A tiny random fp32 Qwen3-MoE with one dense-MLP layer."""
     return make_tiny_text_model(tmp_path_factory.mktemp("text") / "model", mlp_only_layers=(2,))
 
@@ -164,11 +164,11 @@ def pieces_chain(model_dir, inputs, group_size):
 
 
 @pytest.mark.parametrize("group_size", [3, 16])
-def test_qwen3_moe_chain_matches_hf_forward(tiny_text_model, group_size):
-    inputs = text_inputs(tiny_text_model)
-    per_layer, logits = pieces_chain(tiny_text_model, inputs, group_size)
-    interpreted, interpreted_logits = evaluating_chain(tiny_text_model, inputs, group_size)
-    model = Qwen3MoeForCausalLM.from_pretrained(tiny_text_model, dtype=torch.float32).eval()
+def test_qwen3_moe_chain_matches_hf_forward(chain_text_model, group_size):
+    inputs = text_inputs(chain_text_model)
+    per_layer, logits = pieces_chain(chain_text_model, inputs, group_size)
+    interpreted, interpreted_logits = evaluating_chain(chain_text_model, inputs, group_size)
+    model = Qwen3MoeForCausalLM.from_pretrained(chain_text_model, dtype=torch.float32).eval()
     for i, sample in enumerate(inputs):
         ref_layers, ref_logits = hf_reference(model, sample)
         assert set(ref_layers) == set(per_layer) == set(interpreted)
@@ -201,12 +201,12 @@ def test_the_final_rms_norm_is_transformers_own_bit_for_bit(dtype):
             assert torch.equal(moe_decoder.rms_norm(hidden, weight, 1e-6), norm(hidden))
 
 
-def test_qwen3_moe_weights_must_be_what_the_config_describes(tiny_text_model, tmp_path):
+def test_qwen3_moe_weights_must_be_what_the_config_describes(chain_text_model, tmp_path):
     """load_checked refuses, from the headers, weights its config does not describe: a missing expert, another
     expert shape, a layer the config does not count; read_experts returns the stored per-expert tensors."""
-    reader, config = qwen3_moe_family.load_checked(tiny_text_model)
+    reader, config = qwen3_moe_family.load_checked(chain_text_model)
     gate, up, down = qwen3_moe_family.read_experts(reader, config, 0, 5, 6, torch.float32)[0]
-    tensors = load_file(tiny_text_model / "model.safetensors")
+    tensors = load_file(chain_text_model / "model.safetensors")
     assert torch.equal(gate, tensors["model.layers.0.mlp.experts.5.gate_proj.weight"])
     assert torch.equal(down, tensors["model.layers.0.mlp.experts.5.down_proj.weight"])
     key = "model.layers.1.mlp.experts.7.up_proj.weight"
@@ -217,7 +217,7 @@ def test_qwen3_moe_weights_must_be_what_the_config_describes(tiny_text_model, tm
          "num_hidden_layers=4, but the weights hold layers up to 4"),
     ]:
         broken = tmp_path / "broken"
-        shutil.copytree(tiny_text_model, broken, dirs_exist_ok=True)
+        shutil.copytree(chain_text_model, broken, dirs_exist_ok=True)
         changed = dict(tensors)
         change(changed)
         save_file(changed, str(broken / "model.safetensors"), metadata={"format": "pt"})

@@ -17,8 +17,7 @@ from dist_quant.errors import CalibrationError, CheckpointError, OutputError, Re
 from dist_quant.schemes import SCHEMES, LinearSpec
 from dist_quant.schemes.base import QSpec
 from dist_quant.synthetic import make_tiny_model
-from helpers import mounted_tmpfs
-from test_bad_inputs import Q_PROJ, model, refused, rewrite_tensor  # noqa: F401
+from helpers import Q_PROJ, mounted_tmpfs, refused, rewrite_tensor
 
 F32_MAX = 3.4028234663852886e38  # (2 - 2**-23) * 2**127
 BF16_MAX = 3.3895313892515355e38  # (2 - 2**-7) * 2**127

@@ -2,7 +2,6 @@
 derived without a second forward, and the accuracy they buy on a model with activation outliers."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,9 +15,7 @@ from dist_quant.evaluate import evaluate
 from dist_quant.models import qwen3_vl_moe as qvl
 from dist_quant.recipe import DEFAULT_RECIPE
 from dist_quant.synthetic import make_calibration_set, make_tiny_model
-from test_evaluate import float_only, quantize
-
-PLAIN_RECIPE = Path(__file__).parent / "data" / "plain_w8a8.yaml"
+from helpers import PLAIN_RECIPE, float_only, quantize
 
 
 @pytest.fixture(scope="module")

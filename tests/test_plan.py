@@ -1,4 +1,5 @@
-"""The plan from config.json alone, on the real 235B and 30B configs (no weights exist in these tests)."""
+"""The plan from config.json alone, on the real 235B and 30B configs of Qwen3-VL-MoE and of the text-only Qwen3-MoE
+(no weights exist in these tests, except the tiny models of the output estimate)."""
 
 import json
 import math
@@ -11,8 +12,9 @@ import yaml
 from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeVisionModel
 
 from dist_quant.cli import main
+from dist_quant.models.family import sizes_config_of
 from dist_quant.models.qwen3_vl_moe import load_config
-from dist_quant.recipe import DEFAULT_RECIPE
+from dist_quant.recipe import DEFAULT_RECIPE, load_recipe
 from dist_quant.runtime.plan import (
     OBJECT_STORE_STREAMS,
     RUNTIME_OVERHEAD,
@@ -26,31 +28,44 @@ from dist_quant.runtime.plan import (
     unit_peak_bytes,
 )
 from dist_quant.runtime.runner import can_see
+from helpers import FAMILY_TYPES, text_calibration_set
 
 DATA = Path(__file__).parent / "data"
-PARAMS = {"Qwen3-VL-235B-A22B": 235.67e9, "Qwen3-VL-30B-A3B": 31.07e9}  # public parameter counts
+RECIPES = DEFAULT_RECIPE.parent
+PARAMS = {"Qwen3-VL-235B-A22B": 235.67e9, "Qwen3-VL-30B-A3B": 31.07e9,  # public parameter counts (the model cards)
+          "Qwen3-235B-A22B-Instruct-2507": 235e9, "Qwen3-30B-A3B": 30.5e9}  # the text family's
 
 
 def config_of(name):
+    """The config of a reference model as the plan reads it (Qwen3-VL-MoE: transformers' config, whose vision tower
+    the test builds; the text family: its torch-free sizes config, as `dist-quant plan` reads every family)."""
     raw = json.loads((DATA / f"{name}.config.json").read_text())
-    return load_config(raw), raw
+    return config_of_raw(raw), raw
+
+
+def config_of_raw(raw: dict):
+    return load_config(raw) if raw["model_type"] == "qwen3_vl_moe" else sizes_config_of(raw)
 
 
 @pytest.mark.parametrize("name", sorted(PARAMS))
 @pytest.mark.parametrize("workers", [1, 3, 8])
 def test_plan_counts_every_byte_once(name, workers):
-    """Every source byte is read once, except the vision tower: once by each actor (its share of the images)."""
+    """Every source byte is read once, except the vision tower: once by each actor (its share of the images); a
+    text-only model has no images or vision units, and every byte is read once."""
     config, raw = config_of(name)
-    plan = build_plan(config, raw, workers)
-    tc = config.text_config
+    vision = raw["model_type"] == "qwen3_vl_moe"
+    plan = build_plan(config, raw, workers, recipe=load_recipe(RECIPES / f"{raw['model_type']}_w8a8.yaml"))
+    tc = config.get_text_config()
     kinds = [u.kind for u in plan.units]
     assert kinds.count(Kind.LAYER) == tc.num_hidden_layers
     assert kinds.count(Kind.EXPERTS) == tc.num_hidden_layers * (tc.num_experts // 16)
-    assert kinds.count(Kind.VISION) == kinds.count(Kind.EMBED) == kinds.count(Kind.HEAD) == 1
-    assert kinds.count(Kind.IMAGES) == workers
-    assert all(plan.actors[s].units[0] == Unit(Kind.IMAGES, share=s, shares=workers) for s in range(workers))
-    with torch.device("meta"):  # the tower as transformers builds it
-        tower = sum(p.numel() for p in Qwen3VLMoeVisionModel._from_config(config.vision_config).parameters()) * 2
+    assert kinds.count(Kind.EMBED) == kinds.count(Kind.HEAD) == 1
+    assert kinds.count(Kind.VISION) == vision and kinds.count(Kind.IMAGES) == workers * vision
+    tower = 0
+    if vision:
+        assert all(plan.actors[s].units[0] == Unit(Kind.IMAGES, share=s, shares=workers) for s in range(workers))
+        with torch.device("meta"):  # the tower as transformers builds it
+            tower = sum(p.numel() for p in Qwen3VLMoeVisionModel._from_config(config.vision_config).parameters()) * 2
     assert sum(a.read_bytes for a in plan.actors) == plan.source_bytes + (workers - 1) * tower
     assert plan.source_bytes == pytest.approx(PARAMS[name] * 2, rel=0.005)  # bf16
     assert all(plan.fits(a) for a in plan.actors)
@@ -66,11 +81,14 @@ def test_expert_groups_of_each_layer_spread_over_all_actors():
         assert sorted(o for u, o in zip(units, owners) if u.kind is Kind.EXPERTS and u.layer == layer) == list(range(8))
 
 
-def test_plan_command_reads_only_the_config(tmp_path, capsys):
-    shutil.copy(DATA / "Qwen3-VL-235B-A22B.config.json", tmp_path / "config.json")
+@pytest.mark.parametrize("name", ["Qwen3-VL-235B-A22B", "Qwen3-235B-A22B-Instruct-2507"])
+def test_plan_command_reads_only_the_config(tmp_path, capsys, name):
+    shutil.copy(DATA / f"{name}.config.json", tmp_path / "config.json")
     assert main(["plan", "--model_path", str(tmp_path), "--workers", "8"]) == 0
     out = capsys.readouterr().out
     assert "94 layers, 128 experts (top-8)" in out and "752 experts" in out and out.count(" yes ") == 8
+    model_type = json.loads((DATA / f"{name}.config.json").read_text())["model_type"]
+    assert f"recipe {model_type}_w8a8.yaml" in out  # the preset of the config's family
     assert main(["plan", "--model_path", str(tmp_path), "--workers", "1", "--card_memory_gb", "4"]) == 1
     assert " NO " in capsys.readouterr().out
 
@@ -194,19 +212,24 @@ def test_plan_prints_the_projection(tmp_path, capsys):
     assert "projected wall time on 8 card(s) (1 node(s))" in capsys.readouterr().out
 
 
-def test_output_estimate_counts_each_linear_at_its_schemes_bytes(tmp_path):
+@pytest.mark.parametrize("family", FAMILY_TYPES)
+def test_output_estimate_counts_each_linear_at_its_schemes_bytes(tmp_path, family):
     """The plan's output size is the published checkpoint's weights, each at its scheme's bytes (int8: 1, FLOAT: the
     source dtype), with biases counted in the source dtype and scales left out; an all-FLOAT recipe is the source."""
     from safetensors import safe_open
 
-    from dist_quant.recipe import load_recipe
     from dist_quant.runtime.local import quantize_single_card
-    from dist_quant.synthetic import make_calibration_set, make_tiny_model
+    from dist_quant.synthetic import make_calibration_set, make_tiny_model, make_tiny_text_model
 
-    model = make_tiny_model(tmp_path / "model", num_layers=2, mlp_only_layers=(1,), dtype="bfloat16")
+    recipe_path = RECIPES / f"{family}_w8a8.yaml"
+    if family == "qwen3_vl_moe":
+        model = make_tiny_model(tmp_path / "model", num_layers=2, mlp_only_layers=(1,), dtype="bfloat16")
+        dataset = make_calibration_set(tmp_path / "i", 1)
+    else:
+        model = make_tiny_text_model(tmp_path / "model", num_layers=2, mlp_only_layers=(1,), dtype="bfloat16")
+        dataset = text_calibration_set(tmp_path / "t", texts=("Seven times eight is fifty-six.",))
     save = tmp_path / "q"
-    quantize_single_card(str(model), str(save), load_recipe(), dataset=str(make_calibration_set(tmp_path / "i", 1)),
-                         progress=False)
+    quantize_single_card(str(model), str(save), load_recipe(recipe_path), dataset=str(dataset), progress=False)
     published = 0
     index = json.loads((save / "quant_model_weights.safetensors.index.json").read_text())
     for part in set(index["weight_map"].values()):
@@ -216,10 +239,10 @@ def test_output_estimate_counts_each_linear_at_its_schemes_bytes(tmp_path):
                 numel = math.prod(t.get_shape())
                 published += numel * (1 if t.get_dtype() == "I8" else 2) if key.endswith((".weight", ".bias")) else 0
     raw = json.loads((model / "config.json").read_text())
-    config = load_config(raw)
-    assert build_plan(config, raw, 1, recipe=load_recipe()).output_bytes == published
+    config = config_of_raw(raw)
+    assert build_plan(config, raw, 1, recipe=load_recipe(recipe_path)).output_bytes == published
     float_only = tmp_path / "float.yaml"
-    doc = yaml.safe_load(DEFAULT_RECIPE.read_text())
+    doc = yaml.safe_load(recipe_path.read_text())
     for processor in doc["spec"]["process"]:
         if processor["type"] == "linear_quant":
             processor["include"] = ["nothing"]

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from dist_quant.cli import main
-from dist_quant.synthetic import make_tiny_model
-from helpers import read_checkpoint
+from dist_quant.synthetic import make_tiny_model, make_tiny_text_model
+from helpers import FAMILY_TYPES, LAYERS, read_checkpoint
 
 
 def quantize(model, calib_index, save, *extra):
@@ -15,18 +15,34 @@ def quantize(model, calib_index, save, *extra):
                  "--dataset", str(calib_index), "--quiet", *extra])
 
 
+VISION_ARGS = ("vision_depth", "vision_heads", "deepstack")
+
+
+def family_model_of(family, folder, calib_index, text_calib, **shape):
+    """A tiny model of the family with ``shape`` (the text family takes no vision arguments) and its calibration
+    set."""
+    if family == "qwen3_vl_moe":
+        return make_tiny_model(folder, **shape), calib_index
+    return make_tiny_text_model(folder, **{k: v for k, v in shape.items() if k not in VISION_ARGS}), text_calib
+
+
+@pytest.mark.parametrize("family", FAMILY_TYPES)
 @pytest.mark.parametrize("shape", [
     dict(num_layers=2, num_experts=4, top_k=1, vision_depth=2, deepstack=(0,)),
     dict(num_layers=5, num_experts=12, top_k=3, num_heads=8, num_kv_heads=4, head_dim=8, vision_depth=6,
          vision_heads=4, deepstack=(1, 3, 5)),
 ])
-def test_other_shapes_need_no_code_change(tmp_path, calib_index, shape):
-    model = make_tiny_model(tmp_path / "model", **shape)
-    assert quantize(model, calib_index, tmp_path / "out") == 0
+def test_other_shapes_need_no_code_change(tmp_path, calib_index, text_calib, shape, family):
+    model, dataset = family_model_of(family, tmp_path / "model", calib_index, text_calib, **shape)
+    assert quantize(model, dataset, tmp_path / "out") == 0
     tensors, description, _ = read_checkpoint(tmp_path / "out")
     layers, experts = shape["num_layers"], shape["num_experts"]
     assert len([k for k in tensors if k.endswith("experts.0.gate_proj.weight")]) == layers
-    assert f"model.language_model.layers.{layers - 1}.mlp.experts.{experts - 1}.down_proj.weight_scale" in tensors
+    assert f"{LAYERS[family]}.{layers - 1}.mlp.experts.{experts - 1}.down_proj.weight_scale" in tensors
+    assert len([k for k in tensors if ".mlp.experts." in k and k.endswith(".weight")]) == layers * experts * 3
+    if family == "qwen3_moe":
+        assert not [k for k in tensors if "visual" in k]
+        return
     assert f"model.visual.blocks.{shape['vision_depth'] - 1}.attn.qkv.deq_scale" in tensors
     assert len([k for k in tensors if k.startswith("model.visual.deepstack_merger_list.")
                 and k.endswith("linear_fc2.weight")]) == len(shape["deepstack"])
@@ -43,18 +59,23 @@ def test_transposed_and_sharded_sources_give_the_same_checkpoint(tmp_path, calib
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("family", FAMILY_TYPES)
 @pytest.mark.parametrize("dtype, deq_dtype", [("bfloat16", torch.float32), ("float16", torch.int64),
                                               ("float32", torch.int64)])
-def test_half_precision_sources(tmp_path, calib_index, dtype, deq_dtype):
-    model = make_tiny_model(tmp_path / "model", dtype=dtype)
-    assert quantize(model, calib_index, tmp_path / "out") == 0
+def test_half_precision_sources(tmp_path, calib_index, text_calib, dtype, deq_dtype, family):
+    """The source dtype (config.json's, where each family keeps it) decides the float tensors' dtype and deq_scale's."""
+    model, dataset = family_model_of(family, tmp_path / "model", calib_index, text_calib, dtype=dtype)
+    assert quantize(model, dataset, tmp_path / "out") == 0
     tensors, _, _ = read_checkpoint(tmp_path / "out")
     float_dtype = getattr(torch, dtype)
+    layers = LAYERS[family]
     assert tensors["lm_head.weight"].dtype == float_dtype
-    assert tensors["model.visual.blocks.0.mlp.linear_fc2.weight"].dtype == float_dtype
-    assert tensors["model.language_model.layers.0.self_attn.q_proj.deq_scale"].dtype == deq_dtype
-    assert tensors["model.visual.blocks.0.attn.qkv.bias"].dtype == torch.float32
-    assert int(tensors["model.language_model.layers.1.mlp.experts.3.up_proj.weight"].min()) >= -127
+    assert tensors[f"{layers}.0.mlp.gate.weight"].dtype == float_dtype
+    assert tensors[f"{layers}.0.self_attn.q_proj.deq_scale"].dtype == deq_dtype
+    assert int(tensors[f"{layers}.1.mlp.experts.3.up_proj.weight"].min()) >= -127
+    if family == "qwen3_vl_moe":
+        assert tensors["model.visual.blocks.0.mlp.linear_fc2.weight"].dtype == float_dtype
+        assert tensors["model.visual.blocks.0.attn.qkv.bias"].dtype == torch.float32
 
 
 def test_npu_without_torch_npu_is_a_clear_error(tmp_path, tiny_model, calib_index, capsys):

@@ -11,35 +11,10 @@ from dist_quant.algorithms.quarot import (
     rotate_v_o_heads,
     rotate_writer,
 )
+from helpers import gqa_attention, randn, relative_error, rms_norm
 
 HIDDEN = 64
-EPS = 1e-6
-
-
-def rms_norm(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    return x / torch.sqrt(x.pow(2).mean(dim=-1, keepdim=True) + EPS) * g
-
-
-def gqa_attention(x, wq, wk, wv, bv, wo, num_heads, num_kv_heads, head_dim):
-    """Non-causal softmax attention where q head h reads kv head h // (num_heads / num_kv_heads)."""
-    q = (x @ wq.T).reshape(-1, num_heads, head_dim)
-    k = (x @ wk.T).reshape(-1, num_kv_heads, head_dim)
-    v = (x @ wv.T + bv).reshape(-1, num_kv_heads, head_dim)
-    group = num_heads // num_kv_heads
-    heads = []
-    for h in range(num_heads):
-        kv = h // group
-        probs = torch.softmax(q[:, h] @ k[:, kv].T / head_dim**0.5, dim=-1)
-        heads.append(probs @ v[:, kv])
-    return torch.cat(heads, dim=-1) @ wo.T
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual - expected).norm() / expected.norm()).item()
-
-
-def randn(*shape):
-    return torch.randn(*shape, dtype=torch.float64)
+# the float64 references (rms_norm, gqa_attention, ...) are in helpers.py: tests/test_smooth_math.py uses them too
 
 
 def test_unit_rms_norm_commutes_with_an_orthogonal_rotation():

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from dist_quant.errors import DistQuantError
-from test_launch import BASH, PATH, RAY, ROOT, free_port, run, short_temp_dir
+from helpers import BASH, PATH, RAY, ROOT, free_port, run_script, short_temp_dir
 
 pytestmark = [
     pytest.mark.ray,
@@ -65,7 +65,7 @@ class Head:
         assert result.returncode == 0, result.stdout[-3000:]
 
     def stop(self) -> None:
-        run("stop.sh", "--force", "--temp-dir", self.temp_dir, timeout=60, env=clean_env(self.home))
+        run_script("stop.sh", "--force", "--temp-dir", self.temp_dir, timeout=60, env=clean_env(self.home))
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 

@@ -1,15 +1,13 @@
 """report.html: its drawings carry the numbers of the files they are drawn from (calibration_coverage.json,
 quant_timeline.json, an eval report), one bar per unit of the plan, and a real browser (headless Chromium) renders
-it offline: no console error, no request leaving the file, light and dark mode."""
+it offline: no console error, no request leaving the file, light and dark mode. The files' numbers, the bars and the
+eval part are checked on a run of each model family (family_run); the drawing code itself on Qwen3-VL-MoE's."""
 
 import json
-import os
 import re
 import shutil
-import socket
 import struct
 import subprocess
-import threading
 import xml.etree.ElementTree as ET
 import zlib
 
@@ -17,35 +15,30 @@ import pytest
 
 from dist_quant.cli import main
 from dist_quant.htmlreport import REPORT_FILE, svg
-from dist_quant.models.qwen3_vl_moe import load_config
+from dist_quant.models.family import sizes_config_of
 from dist_quant.runtime.plan import plan_units
-from dist_quant.synthetic import make_calibration_set, make_tiny_model
+from dist_quant.synthetic import make_tiny_text_model
+from helpers import FAMILY_TYPES, REPORT_GROUP, SVG_NS, RequestTrap, chromium, report_quant, text_calibration_set
 
-GROUP = 2
-SVG_NS = "{http://www.w3.org/2000/svg}"
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    """16 experts, top-1, one image: some experts see no token (the map must mark them)."""
-    return make_tiny_model(tmp_path_factory.mktemp("report") / "model", num_layers=3, num_experts=16, top_k=1,
-                           dtype="bfloat16")
+# the fixtures report_model (16 experts, top-1: some see no token) and report_calib (one image) are in conftest.py
 
 
 @pytest.fixture(scope="module")
-def calib(tmp_path_factory):
-    return make_calibration_set(tmp_path_factory.mktemp("report_calib") / "images", num_images=1)
+def single(report_model, report_calib, tmp_path_factory):
+    return report_quant(report_model, report_calib, tmp_path_factory.mktemp("single") / "q")
 
 
-def quant(model, calib, save, *extra):
-    assert main(["quant", "--model_path", str(model), "--save_path", str(save), "--device", "cpu", "--dataset",
-                 str(calib), "--quiet", "--expert_group_size", str(GROUP), *extra]) == 0
-    return save
-
-
-@pytest.fixture(scope="module")
-def single(model, calib, tmp_path_factory):
-    return quant(model, calib, tmp_path_factory.mktemp("single") / "q")
+@pytest.fixture(scope="module", params=FAMILY_TYPES)
+def family_run(request, tmp_path_factory):
+    """(model, calibration set, checkpoint) of a run of each family with its preset: Qwen3-VL-MoE's is single;
+    Qwen3-MoE's model has the same shape (3 layers, 16 experts, top-1, bfloat16) and one short text, so that some
+    of its experts see no token too."""
+    if request.param == "qwen3_vl_moe":
+        return tuple(request.getfixturevalue(name) for name in ("report_model", "report_calib", "single"))
+    root = tmp_path_factory.mktemp("report_text")
+    model = make_tiny_text_model(root / "model", num_layers=3, num_experts=16, top_k=1, dtype="bfloat16")
+    calib = text_calibration_set(root / "calib", texts=("Seven times eight is fifty-six.",))
+    return model, calib, report_quant(model, calib, root / "q")
 
 
 def drawings(html: str) -> list[ET.Element]:
@@ -56,7 +49,8 @@ def marks(html: str, attribute: str) -> list[ET.Element]:
     return [g for s in drawings(html) for g in s.iter(f"{SVG_NS}g") if attribute in g.attrib]
 
 
-def test_the_heatmap_cell_of_layer_l_expert_e_carries_its_count(single):
+def test_the_heatmap_cell_of_layer_l_expert_e_carries_its_count(family_run):
+    single = family_run[2]
     coverage = json.loads((single / "calibration_coverage.json").read_text())
     assert coverage["experts_without_tokens"] > 0  # the fixture's purpose
     html = (single / REPORT_FILE).read_text()
@@ -74,10 +68,11 @@ def test_the_heatmap_cell_of_layer_l_expert_e_carries_its_count(single):
     assert f"{coverage['experts_without_tokens']} of {coverage['experts']} experts" in html
 
 
-def test_the_timeline_has_one_bar_per_unit_of_the_plan(single, model):
+def test_the_timeline_has_one_bar_per_unit_of_the_plan(family_run):
+    model, _, single = family_run
     html = (single / REPORT_FILE).read_text()
-    config = load_config(json.loads((model / "config.json").read_text()))
-    plan = plan_units(config, GROUP, 1)
+    config = sizes_config_of(json.loads((model / "config.json").read_text()))
+    plan = plan_units(config, REPORT_GROUP, 1)
     bars = marks(html, "data-unit")
     assert [b.get("data-unit") for b in bars] == [u.id for u in plan]
     timeline = json.loads((single / "quant_timeline.json").read_text())
@@ -89,8 +84,9 @@ def test_the_timeline_has_one_bar_per_unit_of_the_plan(single, model):
     assert "single card" in html and "experts 0-15" in html
 
 
-def test_two_ray_actors_get_two_lanes_and_a_totals_table(model, calib, cluster, tmp_path):
-    save = quant(model, calib, tmp_path / "ray", "--workers", "2", "--ray_address", cluster.address)
+def test_two_ray_actors_get_two_lanes_and_a_totals_table(report_model, report_calib, cluster, tmp_path):
+    save = report_quant(report_model, report_calib, tmp_path / "ray", "--workers", "2", "--ray_address",
+                        cluster.address)
     html = (save / REPORT_FILE).read_text()
     timeline = json.loads((save / "quant_timeline.json").read_text())
     assert {u["actor"] for u in timeline["units"]} == {0, 1}
@@ -98,7 +94,8 @@ def test_two_ray_actors_get_two_lanes_and_a_totals_table(model, calib, cluster, 
     assert "actor 0" in html and "actor 1" in html and html.count("<tr><td>") >= 2 + 8  # two actor rows
 
 
-def test_eval_adds_the_accuracy_part(single, model, calib, tmp_path):
+def test_eval_adds_the_accuracy_part(family_run, tmp_path):
+    model, calib, single = family_run
     page = tmp_path / "with_eval.html"
     out = tmp_path / "eval.json"
     assert main(["eval", "--model_path", str(model), "--quant_path", str(single), "--dataset", str(calib),
@@ -114,7 +111,8 @@ def test_eval_adds_the_accuracy_part(single, model, calib, tmp_path):
     assert (tmp_path / "again.html").read_text() == html
 
 
-def test_the_report_command_draws_the_published_page_again(single, tmp_path):
+def test_the_report_command_draws_the_published_page_again(family_run, tmp_path):
+    single = family_run[2]
     copy = tmp_path / "q"
     shutil.copytree(single, copy)
     published = (copy / REPORT_FILE).read_text().replace(str(single), str(copy))
@@ -134,7 +132,8 @@ def test_readable_at_235b_and_at_a_tiny_model():
         assert min(float(r.get("height")) for r in rects) >= 4
 
 
-def test_the_page_is_self_contained(single):
+def test_the_page_is_self_contained(family_run):
+    single = family_run[2]
     html = (single / REPORT_FILE).read_text()
     assert "<script" not in html.lower() and "@import" not in html and "url(" not in html
     assert not re.findall(r'(?:src|href)\s*=', html)
@@ -143,44 +142,9 @@ def test_the_page_is_self_contained(single):
 
 # --- the real browser -------------------------------------------------------------------------------------------
 
-def chromium() -> str:
-    found = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-    if found is None:
-        if os.environ.get("DIST_QUANT_BROWSER_REQUIRED"):
-            pytest.fail("chromium is required (.ci/run installs the Debian package) but is not installed")
-        pytest.skip("no chromium here: apt-get install chromium (CI installs it)")
-    return found
-
-
 # Chromium's own background traffic (update checks, clock sync), which some builds send whatever the flags say;
 # the page's references are checked statically above (no src, href or url() at all)
 BROWSER_OWN = re.compile(rb"^(CONNECT|GET|POST) (https?://)?[a-z0-9.-]*\.(googleapis\.com|google\.com|gvt1\.com)[:/ ]")
-
-
-class RequestTrap:
-    """A proxy that answers nothing and records every connection: with it as the browser's proxy, any request
-    that leaves the file shows up here."""
-
-    def __init__(self):
-        self.server = socket.socket()
-        self.server.bind(("127.0.0.1", 0))
-        self.server.listen()
-        self.port = self.server.getsockname()[1]
-        self.seen: list[bytes] = []
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self):
-        while True:
-            try:
-                conn, _ = self.server.accept()
-            except OSError:
-                return
-            conn.settimeout(2)
-            try:
-                self.seen.append(conn.recv(4096))
-            except OSError:
-                self.seen.append(b"?")
-            conn.close()
 
 
 def png_size_and_corner(path) -> tuple[int, int, tuple[int, int, int]]:

@@ -17,8 +17,7 @@ import pytest
 from dist_quant.checkpoint.fingerprint import checkpoint_fingerprint
 from dist_quant.cli import main
 from dist_quant.htmlreport import REPORT_FILE, build_report, svg
-from helpers import deadline
-from test_report import GROUP, SVG_NS, RequestTrap, calib, chromium, model, quant  # noqa: F401 (fixtures)
+from helpers import SVG_NS, RequestTrap, chromium, deadline, report_quant
 
 # every element and attribute the page itself uses: anything else in it came from a file
 ELEMENTS = {"html", "head", "meta", "title", "style", "body", "h1", "h2", "p", "table", "tbody", "tr", "th", "td", "ul",
@@ -56,8 +55,9 @@ def foreign(html: str) -> tuple[set, set]:
 
 
 @pytest.fixture(scope="module")
-def single(model, calib, tmp_path_factory):  # noqa: F811
-    return quant(model, calib, tmp_path_factory.mktemp("hostile") / "q")
+def single(report_model, report_calib, tmp_path_factory):
+    """The report tests' run (conftest.py's report_model and report_calib), this module's own copy."""
+    return report_quant(report_model, report_calib, tmp_path_factory.mktemp("hostile") / "q")
 
 
 def plant(folder, port: int) -> dict:
@@ -205,10 +205,10 @@ def test_deep_nesting_and_lone_surrogates_in_run_files(single, tmp_path):
     assert "quant_timeline.json is nested too deeply" in html and "?cpu" in html
 
 
-def test_report_refuses_what_is_not_a_published_checkpoint(model, tmp_path, capsys):  # noqa: F811
+def test_report_refuses_what_is_not_a_published_checkpoint(report_model, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
-    for folder in (model, empty):
+    for folder in (report_model, empty):
         assert main(["report", str(folder)]) == 2
         assert not (folder / REPORT_FILE).exists()
         assert "holds no published quantized checkpoint" in capsys.readouterr().err
@@ -221,8 +221,8 @@ def test_report_refuses_an_output_it_cannot_write(single, tmp_path, capsys):
     assert "its folder does not exist" in capsys.readouterr().err
 
 
-def test_an_eval_of_another_checkpoint_is_refused(single, model, calib, tmp_path, capsys):  # noqa: F811
-    other = quant(model, calib, tmp_path / "other", "--expert_group_size", "4")
+def test_an_eval_of_another_checkpoint_is_refused(single, report_model, report_calib, tmp_path, capsys):
+    other = report_quant(report_model, report_calib, tmp_path / "other", "--expert_group_size", "4")
     evaluation = {"rows": [{"name": "layer 0", "cosine": 0.5, "rel_error": 0.9}], "kl_divergence": 3.0,
                   "top1_agreement": 0.1, "tokens": 5, "samples": 1, "quant_path": str(other)}
     unbound = tmp_path / "unbound.json"
@@ -271,8 +271,8 @@ def test_each_bar_sits_in_its_own_actors_lane():
             assert top <= float(bar.get("y")) and float(bar.get("y")) + float(bar.get("height")) <= bottom
 
 
-def test_the_page_and_the_command_line_count_the_same_tensors(model, calib, tmp_path, capsys):  # noqa: F811
-    save = quant(model, calib, tmp_path / "q")
+def test_the_page_and_the_command_line_count_the_same_tensors(report_model, report_calib, tmp_path, capsys):
+    save = report_quant(report_model, report_calib, tmp_path / "q")
     printed = re.search(r"(\d+) tensors \(([^)]*)\)", capsys.readouterr().out)
     html = (save / REPORT_FILE).read_text()
     shown = re.search(r"<td>tensors by type</td><td>([^<]*) \(FLOAT counts", html).group(1)

@@ -42,14 +42,19 @@ def calib(tmp_path_factory):
     return make_calibration_set(tmp_path_factory.mktemp("resume_calib") / "images", num_images=3)
 
 
-@pytest.fixture(scope="module")
-def recipe(tmp_path_factory):
-    """The bundled recipe (QuaRot + smoothing) with parts of ~200 KB, so that assembly writes several parts."""
-    raw = yaml.safe_load(Path(DEFAULT_RECIPE).read_text())
+def small_parts(recipe: Path, folder: Path) -> Path:
+    """The recipe (QuaRot + smoothing) with parts of ~200 KB, so that assembly writes several parts."""
+    raw = yaml.safe_load(recipe.read_text())
     raw["spec"]["save"][0]["part_file_size"] = 0.0002
-    path = tmp_path_factory.mktemp("recipe") / "small_parts.yaml"
+    path = folder / "small_parts.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory):
+    """The bundled recipe with parts of ~200 KB."""
+    return small_parts(Path(DEFAULT_RECIPE), tmp_path_factory.mktemp("recipe"))
 
 
 def args(model, calib, recipe, save, *extra):
@@ -99,13 +104,39 @@ SINGLE_CARD_POINTS = {
 }
 
 
-@pytest.mark.parametrize("phase", list(SINGLE_CARD_POINTS))
-def test_single_card_run_killed_anywhere_resumes_to_the_same_checkpoint(model, calib, recipe, clean, tmp_path, phase):
+# Qwen3-MoE (conftest.py's tiny_text_model: 3 layers, layer 1 dense): no vision phase, so the resume point is a saved
+# layer output alone; start-up and publish are the shared driver's and writer's (above), and tests/test_qwen3_moe.py
+# kills it at two more points with the plain recipe
+TEXT_POINTS = {
+    "mid-layer": "experts:13",  # layer 2's fifth expert (layer 0 has 8, the dense layer 1 none): after a dense layer
+}
+KILL_POINTS = {"qwen3_vl_moe": SINGLE_CARD_POINTS, "qwen3_moe": TEXT_POINTS}
+
+
+@pytest.fixture(scope="module")
+def vl_run(model, calib, recipe, clean):
+    """(model, calibration set, recipe, clean checkpoint) of this module's Qwen3-VL-MoE."""
+    return model, calib, recipe, clean[0]
+
+
+@pytest.fixture(scope="module")
+def text_run(tiny_text_model, text_calib, tmp_path_factory):
+    """(model, calibration set, recipe, clean checkpoint) of the text family: its bundled recipe with small parts."""
+    recipe = small_parts(Path(DEFAULT_RECIPE).parent / "qwen3_moe_w8a8.yaml", tmp_path_factory.mktemp("text_recipe"))
+    save = tmp_path_factory.mktemp("text_clean") / "q"
+    quantize_single_card(str(tiny_text_model), str(save), load_recipe(recipe), dataset=str(text_calib),
+                         progress=False, expert_group_size=2)
+    return tiny_text_model, text_calib, recipe, read_checkpoint(save)
+
+
+@pytest.mark.parametrize("family, phase", [(f, phase) for f, points in KILL_POINTS.items() for phase in points])
+def test_single_card_run_killed_anywhere_resumes_to_the_same_checkpoint(request, tmp_path, family, phase):
+    model, calib, recipe, clean = request.getfixturevalue("vl_run" if family == "qwen3_vl_moe" else "text_run")
     save = tmp_path / "q"
-    killed(args(model, calib, recipe, save), SINGLE_CARD_POINTS[phase], tmp_path / "child.log")
+    killed(args(model, calib, recipe, save), KILL_POINTS[family][phase], tmp_path / "child.log")
     nothing_finished_looking(save)
     assert main(args(model, calib, recipe, save, "--resume")) == 0
-    assert_resumed_like_clean(save, clean[0])
+    assert_resumed_like_clean(save, clean)
 
 
 def test_resume_keeps_finished_layers_and_reads_only_the_rest(model, calib, recipe, clean, tmp_path, caplog):

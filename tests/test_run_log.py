@@ -2,17 +2,16 @@
 
 import json
 import re
-from pathlib import Path
 
+import pytest
 import torch
+from transformers import Qwen3MoeForCausalLM
 
 from dist_quant.calib.dataset import load_samples
 from dist_quant.calib.inputs import build_model_inputs
 from dist_quant.cli import main
-from dist_quant.synthetic import make_calibration_set, make_tiny_model
-from helpers import hf_kwargs, load_hf_model
-
-PLAIN_RECIPE = Path(__file__).parent / "data" / "plain_w8a8.yaml"
+from dist_quant.synthetic import make_calibration_set, make_tiny_model, make_tiny_text_model
+from helpers import FAMILY_TYPES, LAYERS, PLAIN_RECIPE, hf_kwargs, load_hf_model, text_calibration_set
 
 
 def quantize(model, calib, save, *extra):
@@ -20,18 +19,26 @@ def quantize(model, calib, save, *extra):
                  "--dataset", str(calib), "--quiet", *extra])
 
 
-def test_coverage_counts_equal_the_hf_router(tiny_model, calib_index, tmp_path, capsys):
+def test_coverage_counts_equal_the_hf_router(family_model, tmp_path, capsys):
+    tiny_model, calib_index = family_model.model, family_model.dataset
     assert quantize(tiny_model, calib_index, tmp_path / "q", "--config_path", str(PLAIN_RECIPE)) == 0
     coverage = json.loads((tmp_path / "q" / "calibration_coverage.json").read_text())
-    model = load_hf_model(tiny_model)
+    images = family_model.model_type == "qwen3_vl_moe"
+    if images:
+        model = load_hf_model(tiny_model)
+        layers = model.model.language_model.layers
+    else:  # the text family: its own transformers class, text samples only
+        model = Qwen3MoeForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+        layers = model.model.layers
+    top_k, experts = model.config.get_text_config().num_experts_per_tok, model.config.get_text_config().num_experts
     counts = {}
     hooks = [layer.mlp.gate.register_forward_hook(
         lambda m, a, out, i=i: counts.__setitem__(i, counts.get(i, 0) + torch.bincount(  # 5.x returns a tuple
-            torch.topk(out[0] if isinstance(out, tuple) else out, 2, dim=-1).indices.reshape(-1), minlength=8)))
-        for i, layer in enumerate(model.model.language_model.layers) if hasattr(layer.mlp, "gate")
-        and hasattr(layer.mlp, "experts")]
+            torch.topk(out[0] if isinstance(out, tuple) else out, top_k, dim=-1).indices.reshape(-1),
+            minlength=experts)))
+        for i, layer in enumerate(layers) if hasattr(layer.mlp, "gate") and hasattr(layer.mlp, "experts")]
     with torch.no_grad():
-        for sample in build_model_inputs(tiny_model, load_samples(calib_index)):
+        for sample in build_model_inputs(tiny_model, load_samples(calib_index, images=images), images=images):
             model(**hf_kwargs(sample, model))
     for h in hooks:
         h.remove()
@@ -41,9 +48,14 @@ def test_coverage_counts_equal_the_hf_router(tiny_model, calib_index, tmp_path, 
     assert f"calibration coverage: {coverage['experts_without_tokens']} expert(s)" in capsys.readouterr().out
 
 
-def test_experts_without_tokens_are_reported_and_logged(tmp_path, capsys):
-    model = make_tiny_model(tmp_path / "m", num_experts=32, top_k=1, num_layers=2)
-    calib = make_calibration_set(tmp_path / "calib", num_images=1, size=(16, 16))
+@pytest.mark.parametrize("family", FAMILY_TYPES)
+def test_experts_without_tokens_are_reported_and_logged(tmp_path, capsys, family):
+    if family == "qwen3_vl_moe":
+        model = make_tiny_model(tmp_path / "m", num_experts=32, top_k=1, num_layers=2)
+        calib = make_calibration_set(tmp_path / "calib", num_images=1, size=(16, 16))
+    else:  # a short text routes fewer tokens than 32 experts
+        model = make_tiny_text_model(tmp_path / "m", num_experts=32, top_k=1, num_layers=2)
+        calib = text_calibration_set(tmp_path / "calib", texts=("Seven times eight is fifty-six.",))
     assert quantize(model, calib, tmp_path / "q") == 0
     coverage = json.loads((tmp_path / "q" / "calibration_coverage.json").read_text())
     starved = coverage["experts_without_tokens"]
@@ -57,16 +69,24 @@ def test_experts_without_tokens_are_reported_and_logged(tmp_path, capsys):
     description = json.loads((tmp_path / "q" / "quant_model_description.json").read_text())
     layer, entry = next(iter(coverage["layers"].items()))
     expert = entry["experts_without_tokens"][0]
-    assert description[f"model.language_model.layers.{layer}.mlp.experts.{expert}.down_proj.weight"] == "W8A8_DYNAMIC"
+    assert description[f"{LAYERS[family]}.{layer}.mlp.experts.{expert}.down_proj.weight"] == "W8A8_DYNAMIC"
 
 
-def test_run_log_has_recipe_versions_and_every_unit(tiny_model, calib_index, tmp_path):
-    assert quantize(tiny_model, calib_index, tmp_path / "q") == 0
-    log = (tmp_path / "q" / "quant_run.log").read_text()
+UNITS = {  # some units of each tiny model's plan, named by hand (default expert groups of 16: one per layer)
+    "qwen3_vl_moe": ("vision", "embed", "layer 0", "layer 3 experts 0-7", "head"),
+    "qwen3_moe": ("embed", "layer 0", "layer 1", "layer 2 experts 0-7", "head"),
+}
+
+
+def test_run_log_has_recipe_versions_and_every_unit(family_model, family_checkpoint):
+    """The run of the model's preset (family_checkpoint: `quant` without --config_path)."""
+    log = (family_checkpoint / "quant_run.log").read_text()
     assert "transformers 4.57" in log or "transformers 5" in log
-    assert 'type: "quarot"' in log
-    for unit in ("vision", "embed", "layer 0", "layer 3 experts 0-7", "head"):
+    assert 'type: "quarot"' in log and f"config_id: {family_model.model_type}_w8a8" in log  # the family's preset
+    for unit in UNITS[family_model.model_type]:
         assert f"unit {unit}" in log
+    if family_model.model_type == "qwen3_moe":
+        assert "unit vision" not in log and "unit layer 1 experts" not in log  # no tower; layer 1 is a dense MLP
 
 
 def test_the_single_card_run_shows_its_way_through_the_vision_forward(tiny_model, tmp_path, capsys):

@@ -11,7 +11,7 @@ from dist_quant.algorithms.smooth import (
     smooth_scales,
     smooth_up_down,
 )
-from test_quarot_math import gqa_attention, randn, relative_error, rms_norm
+from helpers import gqa_attention, randn, relative_error, rms_norm
 
 
 def test_scale_formula_worked_example():

@@ -12,14 +12,15 @@ import yaml
 from dist_quant.errors import RecipeError
 from dist_quant.recipe import DEFAULT_RECIPE, load_recipe
 from dist_quant.runtime.local import quantize_single_card
-from helpers import read_checkpoint
+from helpers import LAYERS, moe_layers, read_checkpoint, text_config
 
 EXPERTS = 8
 
 
-def w4a8_recipe(tmp_path, method: str = "ssz", also: str = "", weight_ext=None, act_ext=None):
-    """The bundled recipe with the experts' weights int4 per channel (and ``also`` added to that linear_quant)."""
-    doc = yaml.safe_load(DEFAULT_RECIPE.read_text())
+def w4a8_recipe(tmp_path, method: str = "ssz", also: str = "", weight_ext=None, act_ext=None, base=DEFAULT_RECIPE):
+    """The bundled recipe (or the W8A8 recipe ``base``) with the experts' weights int4 per channel (and ``also``
+    added to that linear_quant)."""
+    doc = yaml.safe_load(base.read_text())
     experts = next(step for step in doc["spec"]["process"] if step.get("include") == ["*experts*"])
     weight = {"scope": "per_channel", "dtype": "int4", "symmetric": True, "method": method}
     act = dict(experts["qconfig"]["act"])
@@ -45,17 +46,18 @@ def unpack(packed: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tiny_model, calib_index, tmp_path_factory):
+def checkpoint(family_model, tmp_path_factory):
+    """The family's tiny model with its W8A8 recipe's experts made W4A8 (ssz), quantized on one card."""
     tmp = tmp_path_factory.mktemp("w4a8")
     save = tmp / "quant"
-    quantize_single_card(str(tiny_model), str(save), w4a8_recipe(tmp), dataset=str(calib_index), progress=False)
+    quantize_single_card(str(family_model.model), str(save), w4a8_recipe(tmp, base=family_model.recipe),
+                         dataset=str(family_model.dataset), progress=False)
     return read_checkpoint(save)
 
 
-def test_expert_tensors_are_what_the_loader_creates(checkpoint, tiny_model):
-    import json
-
-    tc = json.loads((tiny_model / "config.json").read_text())["text_config"]
+def test_expert_tensors_are_what_the_loader_creates(checkpoint, family_model):
+    tc = text_config(family_model.model)
+    layers = LAYERS[family_model.model_type]
     hidden, inter = tc["hidden_size"], tc["moe_intermediate_size"]
     tensors, description, _ = checkpoint
     expected = {  # per expert, from the loader's parameters narrowed to one expert (tp = 1)
@@ -65,11 +67,10 @@ def test_expert_tensors_are_what_the_loader_creates(checkpoint, tiny_model):
                       "weight_offset": (torch.float32, (hidden, 1)), "scale_bias": (torch.float32, (hidden, 16))},
     }
     expected["up_proj"] = expected["gate_proj"]
-    moe_layers = [i for i in range(tc["num_hidden_layers"]) if i not in tc.get("mlp_only_layers", [])]
-    for layer in moe_layers:
+    for layer in moe_layers(family_model.model):
         for e in range(EXPERTS):
             for proj, roles in expected.items():
-                prefix = f"model.language_model.layers.{layer}.mlp.experts.{e}.{proj}"
+                prefix = f"{layers}.{layer}.mlp.experts.{e}.{proj}"
                 keys = {k[len(prefix) + 1:] for k in tensors if k.startswith(prefix + ".")}
                 assert keys == set(roles), (prefix, keys)
                 for role, (dtype, shape) in roles.items():
@@ -78,12 +79,12 @@ def test_expert_tensors_are_what_the_loader_creates(checkpoint, tiny_model):
                     assert description[f"{prefix}.{role}"] == "W4A8_DYNAMIC"
     assert description["version"] == "1.0.0" and description["group_size"] == 0
     assert description["model_quant_type"] == "W8A8"  # static W8A8 attention; W4A8_DYNAMIC has no say
-    assert description["model.language_model.layers.0.self_attn.q_proj.weight"] == "W8A8"
+    assert description[f"{layers}.0.self_attn.q_proj.weight"] == "W8A8"
 
 
-def test_expert_values_follow_the_kernels_rules(checkpoint):
+def test_expert_values_follow_the_kernels_rules(checkpoint, family_model):
     tensors, _, _ = checkpoint
-    prefix = "model.language_model.layers.0.mlp.experts.3"
+    prefix = f"{LAYERS[family_model.model_type]}.0.mlp.experts.3"
     for proj, chunks in (("gate_proj", 1), ("up_proj", 1), ("down_proj", 16)):
         codes = unpack(tensors[f"{prefix}.{proj}.weight"])
         scale = tensors[f"{prefix}.{proj}.weight_scale"]

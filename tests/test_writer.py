@@ -49,9 +49,10 @@ def int8_weight(out_features, in_features):
     return torch.randint(-128, 128, (out_features, in_features), dtype=torch.int8)
 
 
-def tensors_of_a_layer():
-    """A mix of the three quant types, with the dtypes FORMAT.md prescribes."""
-    layer = "model.language_model.layers.0"
+def tensors_of_a_layer(layers="model.language_model.layers"):
+    """A mix of the three quant types, with the dtypes FORMAT.md prescribes (a Qwen3-VL-MoE layer, or a Qwen3-MoE one
+    with ``layers`` "model.layers")."""
+    layer = f"{layers}.0"
     return [
         (f"{layer}.self_attn.q_proj.weight", int8_weight(32, 16), "W8A8"),
         (f"{layer}.self_attn.q_proj.input_scale", torch.tensor([0.1]), "W8A8"),
@@ -117,10 +118,19 @@ def check_format(save_path, entries):
     return weight_files, description
 
 
-def test_publish_writes_exactly_the_format_file_set(tmp_path, source):
-    recipe = tmp_path / "qwen3_vl_moe_w8a8.yaml"
+TEXT_CONFIG = {  # a Qwen3-MoE config.json: one level, where vLLM reads a quantization_config too
+    "model_type": "qwen3_moe", "hidden_size": 8, "quantization_config": {"quant_method": "fp8"},
+    "compression_config": {"quant_method": "compressed-tensors"},
+}
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl_moe", "qwen3_moe"])
+def test_publish_writes_exactly_the_format_file_set(tmp_path, source, family):
+    if family == "qwen3_moe":
+        (source / "config.json").write_text(json.dumps(TEXT_CONFIG))
+    recipe = tmp_path / f"{family}_w8a8.yaml"
     recipe.write_text("process: []\n")
-    entries = tensors_of_a_layer()
+    entries = tensors_of_a_layer("model.language_model.layers" if family == "qwen3_vl_moe" else "model.layers")
     save_path = tmp_path / "out"
     summary = write(save_path, source, entries).publish(source, recipe_path=recipe)
 
@@ -130,14 +140,15 @@ def test_publish_writes_exactly_the_format_file_set(tmp_path, source):
     assert description["metadata"] == {}
     assert "optional" not in description
     copied = {"tokenizer.json", "generation_config.json", "chat_template.jinja", "merges.txt", "modeling_extra.py"}
-    expected = {*weight_files, INDEX, DESCRIPTION, "config.json", "qwen3_vl_moe_w8a8.yaml", *copied}
+    expected = {*weight_files, INDEX, DESCRIPTION, "config.json", recipe.name, *copied}
     listing = "quant_model_files.json"  # what --overwrite may later delete: exactly these files
     assert {p.name for p in save_path.iterdir()} == expected | {listing}  # no float weights or index, no README
     assert set(json.loads((save_path / listing).read_text())["files"]) == expected | {listing}
     assert (save_path / "tokenizer.json").read_text() == '{"tok": 1}'
 
     config = json.loads((save_path / "config.json").read_text())
-    assert config == {"model_type": "qwen3_vl_moe", "text_config": {"hidden_size": 8}, "vision_config": {"depth": 2}}
+    assert config == ({"model_type": "qwen3_vl_moe", "text_config": {"hidden_size": 8}, "vision_config": {"depth": 2}}
+                      if family == "qwen3_vl_moe" else {"model_type": "qwen3_moe", "hidden_size": 8})
 
     assert summary["tensors"] == len(entries)
     assert summary["bytes"] == sum(t.numel() * t.element_size() for _, t, _ in entries)

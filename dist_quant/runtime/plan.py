@@ -292,7 +292,8 @@ def build_plan(config, raw_config: dict, workers: int, *, group_size: int = DEFA
                part_file_size_gb: float = 4, calib_tokens: int = DEFAULT_CALIB_TOKENS,
                card_memory_gb: float = 64, recipe: Optional[Recipe] = None) -> QuantPlan:
     """Units, assignment, per-actor bytes read and peak memory estimate, output size (by the recipe's schemes;
-    the bundled recipe by default) and part count."""
+    by default the W8A8 preset of the model's family) and part count."""
+    from dist_quant.presets import DEFAULT_QUANT_TYPE, default_model_type, find_preset
     from dist_quant.recipe import load_recipe
 
     if workers < 1:
@@ -300,7 +301,8 @@ def build_plan(config, raw_config: dict, workers: int, *, group_size: int = DEFA
     units = plan_units(config, group_size, workers)
     assignment = assign_units(units, workers)
     dtype_bytes = source_bytes_per_param(raw_config)
-    recipe = recipe if recipe is not None else load_recipe()
+    if recipe is None:
+        recipe = load_recipe(find_preset(default_model_type(raw_config), DEFAULT_QUANT_TYPE).recipe)
     params = [unit_params(config, u) for u in units]
     params_of = dict(zip(units, params))
     actors = [ActorPlan(i) for i in range(workers)]
