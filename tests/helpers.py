@@ -25,6 +25,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import Qwen3VLMoeForConditionalGeneration
 
+from dist_quant.calib.dataset import CalibSample
+from dist_quant.calib.inputs import build_model_inputs
 from dist_quant.checkpoint.writer import DESCRIPTION_FILE, STAGING_DIR
 from dist_quant.cli import main
 from dist_quant.recipe import DEFAULT_RECIPE, load_recipe
@@ -419,3 +421,8 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 def randn(*shape):
     return torch.randn(*shape, dtype=torch.float64)
+
+
+def text_turn_inputs(model_dir, text: str):
+    """Inputs for one text-only user turn of an image+text model, as the quantizer makes them."""
+    return build_model_inputs(model_dir, [CalibSample(image=None, text=text)], images=True)[0]

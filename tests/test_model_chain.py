@@ -16,7 +16,7 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeRMSNorm
 from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeTextRMSNorm
 
 from dist_quant.calib.dataset import CalibSample, load_samples
-from dist_quant.calib.inputs import build_model_inputs, model_inputs_for_text
+from dist_quant.calib.inputs import build_model_inputs
 from dist_quant.checkpoint.formats import ascendv1
 from dist_quant.checkpoint.layout import create_parts, plan_layout
 from dist_quant.errors import CheckpointError
@@ -32,7 +32,7 @@ from dist_quant.runtime.plan import Kind, plan_units
 from dist_quant.runtime.resume import STREAM_DIR
 from dist_quant.runtime.runner import UnitRunner
 from dist_quant.synthetic import make_tiny_text_model
-from helpers import hf_kwargs, load_hf_model
+from helpers import hf_kwargs, load_hf_model, text_turn_inputs
 
 TOL = 1e-5
 PLAIN_RECIPE = Path(__file__).parent / "data" / "plain_w8a8.yaml"
@@ -97,7 +97,7 @@ def evaluating_chain(model_dir, inputs, group_size):
 def test_chain_matches_hf_forward(tiny_model, calib_index, group_size, tmp_path):
     samples = load_samples(calib_index)
     inputs = build_model_inputs(tiny_model, samples[:2])
-    inputs.append(model_inputs_for_text(tiny_model, "A text-only prompt about quantization."))
+    inputs.append(text_turn_inputs(tiny_model, "A text-only prompt about quantization."))
     per_layer, logits = evaluating_chain(tiny_model, inputs, group_size)
     quantizing = quantizing_chain(tiny_model, inputs, group_size, tmp_path)
     model = load_hf_model(tiny_model)

@@ -9,13 +9,13 @@ from safetensors.torch import load_file
 
 from dist_quant.algorithms.hadamard import check_orthogonal
 from dist_quant.calib.dataset import load_samples
-from dist_quant.calib.inputs import build_model_inputs, model_inputs_for_text
+from dist_quant.calib.inputs import build_model_inputs
 from dist_quant.checkpoint.reader import CheckpointReader
 from dist_quant.evaluate import evaluate
 from dist_quant.models import qwen3_vl_moe as qvl
 from dist_quant.recipe import DEFAULT_RECIPE
 from dist_quant.synthetic import make_calibration_set, make_tiny_model
-from helpers import PLAIN_RECIPE, float_only, quantize
+from helpers import PLAIN_RECIPE, float_only, quantize, text_turn_inputs
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def transformed(dense_model, calib_index, tmp_path_factory):
 
 def test_transformed_float_model_gives_the_same_logits(dense_model, transformed, calib_index):
     inputs = build_model_inputs(dense_model, load_samples(calib_index)[:2])
-    inputs.append(model_inputs_for_text(dense_model, "Only text, no image: does the rotation hold?"))
+    inputs.append(text_turn_inputs(dense_model, "Only text, no image: does the rotation hold?"))
     for sample in (inputs[:2], inputs[2:]):  # image+text, then text-only
         report = evaluate(str(dense_model), str(transformed), sample)
         assert report.logits_rel_error < 1e-4

@@ -350,10 +350,3 @@ def build_model_inputs(
         else:
             inputs.append(raw_text_inputs(sample_name(sample, number), sample.text, tokenizer, max_tokens))
     return inputs
-
-
-def model_inputs_for_text(model_dir: str | Path, text: str, *, trust_remote_code: bool = False,
-                          max_tokens: int = DEFAULT_MAX_SAMPLE_TOKENS) -> ModelInputs:
-    """Inputs for one text-only user turn of an image+text model, as :func:`build_model_inputs` makes them."""
-    return build_model_inputs(model_dir, [CalibSample(image=None, text=text)], images=True,
-                              trust_remote_code=trust_remote_code, max_tokens=max_tokens)[0]
