@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+RAY = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))  # this Python's, when no venv is active
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 SMALL_WIDTH = ["--hidden", "1024", "--heads", "16", "--kv-heads", "4", "--head-dim", "64", "--experts", "128",
@@ -293,13 +295,13 @@ def main() -> None:
     if not args.no_single:
         figures["runs"].append(measured_run("single", model, args))
     if args.workers:
-        subprocess.run(["ray", "start", "--head", f"--num-cpus={os.cpu_count()}", "--include-dashboard=false",
+        subprocess.run([RAY, "start", "--head", f"--num-cpus={os.cpu_count()}", "--include-dashboard=false",
                         "--disable-usage-stats"], check=True, stdout=subprocess.DEVNULL)
         try:
             for workers in args.workers:
                 figures["runs"].append(measured_run(str(workers), model, args))
         finally:
-            subprocess.run(["ray", "stop", "--force"], check=False, stdout=subprocess.DEVNULL)
+            subprocess.run([RAY, "stop", "--force"], check=False, stdout=subprocess.DEVNULL)
     text = report(figures)
     print(text)
     if args.json:
