@@ -5,7 +5,7 @@ The parts are consecutive runs of the tensors in plan order (each unit's in the 
 starts when the next tensor would push the current one past ``part_bytes`` (0: one part). A part file is the
 safetensors format: an 8-byte little-endian header length, the JSON header ({key: {dtype, shape, data_offsets}} in
 that order, padded with spaces to 8 bytes), then the data in the same order. Every size follows from the tensors'
-dtypes and shapes (config.json and the recipe: runtime/worker.py ``Worker.entries``), so the headers are written
+dtypes and shapes (config.json and the recipe: runtime/layout.py ``unit_entries``), so the headers are written
 first and each unit fills its byte ranges, from any process that sees the staging folder, or through the driver.
 """
 

@@ -4,8 +4,8 @@ The executor submits the whole unit graph up front through the plan interpreter 
 single-card executor and the evaluator make); hidden states move between actors as object refs and never through
 the driver. Actors
 write their unit files into the staging folder when they share its filesystem, or return them through the object
-store when they do not (probed, not assumed). The shared driver skeleton (``driver.quantize``) journals, assembles
-and publishes; the checkpoint is the same whatever the number of workers. An actor that dies is restarted by Ray and
+store when they do not (probed, not assumed). The shared driver skeleton (``driver.quantize``) journals, writes the
+index and description, and publishes; the checkpoint is the same whatever the number of workers. An actor that dies is restarted by Ray and
 its unfinished units run again.
 """
 

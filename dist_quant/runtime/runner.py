@@ -3,8 +3,8 @@ prefetching), with one method per kind of unit as ``interpret.UnitCalls`` descri
 
 Plain Python: the single-card executor calls it in this process, and ``ray_driver`` wraps the same class with
 ``ray.remote`` as an actor. Every unit method returns its outputs followed by a UnitReport, which carries the unit
-file's record (and its bytes when the driver cannot see this node's disk), so the driver can journal and assemble
-the checkpoint and show per-actor progress.
+file's record (and its bytes when the driver cannot see this node's disk), so the driver can journal it, write
+the bytes of units that could not, and show per-actor progress.
 """
 
 from __future__ import annotations
