@@ -36,30 +36,38 @@ def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def ssz_scale(weight: torch.Tensor, iterations: int = SSZ_ITERATIONS) -> torch.Tensor:
     """msModelSlim's "ssz" int4 scale: from the min/max scale, alternate least-squares scales for the current codes
     (``s = sum W q / sum q^2``) and codes for that scale, keeping per channel the scale of least weight reconstruction
-    error, until no channel improves (or ``iterations``). Data-free: it minimises ``mean_k (W - q s)^2`` per output
+    error, until no channel improves (or ``iterations``). Data-free: it minimises ``sum_k (W - q s)^2`` per output
     channel. Float32 [out], never worse than the min/max scale.
 
-    Codes stay float32 and the residual lives in one preallocated tensor, so an iteration makes four passes over
-    the weight (divide-round-clamp, the residual, and the dots): 0.9 s for a 1536 x 4096 expert weight on this
-    machine's 2 cores, where codes in int8 and product temporaries took 1.8 s; on Gaussian weights every channel
-    keeps improving for all 50 iterations."""
+    The error is ``sum W^2 - 2 s sum W q + s^2 sum q^2``, from the two row dots the next
+    scale needs anyway, so an iteration makes three passes over the weight (divide-round-clamp and two dots)
+    instead of six with a residual tensor: 2x faster. Codes stay float32 in one preallocated tensor; on Gaussian
+    weights every channel keeps improving for all 50 iterations."""
     w = weight.to(torch.float32)
     best = minmax_scale(w)
     codes = w.div(best[:, None]).round_().clamp_(QMIN4, QMAX4)
-    residual = torch.addcmul(w, codes, best[:, None], value=-1)
-    best_mse = _row_dot(residual, residual) / w.shape[1]
+    ww = _row_dot(w, w)
+    wq, qq = _row_dot(w, codes), _row_dot(codes, codes)
+    best_error = _squared_error(ww, wq, qq, best)
     for _ in range(iterations):
-        scale = _row_dot(w, codes) / _row_dot(codes, codes).clamp(min=1e-30)
+        scale = wq / qq.clamp(min=1e-30)
         scale = torch.where(scale > 0, scale, best)  # an all-zero channel: nothing to fit
         torch.div(w, scale[:, None], out=codes).round_().clamp_(QMIN4, QMAX4)
-        torch.addcmul(w, codes, scale[:, None], value=-1, out=residual)
-        mse = _row_dot(residual, residual) / w.shape[1]
-        better = mse < best_mse
+        wq, qq = _row_dot(w, codes), _row_dot(codes, codes)
+        error = _squared_error(ww, wq, qq, scale)
+        better = error < best_error
         if not bool(better.any()):
             break
         best = torch.where(better, scale, best)
-        best_mse = torch.where(better, mse, best_mse)
+        best_error = torch.where(better, error, best_error)
     return best
+
+
+def _squared_error(ww: torch.Tensor, wq: torch.Tensor, qq: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``sum_k (W - s q)^2`` per row from its row dots (float32, on the weight's device: an NPU has no float64; the
+    cancellation costs ~5 of float32's 24 bits at int4's errors, enough to rank scales). NaN or Inf where the dots
+    overflowed: never an improvement."""
+    return ww - 2 * scale * wq + scale * scale * qq
 
 
 def pack_int4_rows(codes: torch.Tensor) -> torch.Tensor:
