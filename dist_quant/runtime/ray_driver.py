@@ -5,8 +5,8 @@ single-card executor and the evaluator make); hidden states move between actors 
 the driver. Actors
 write their unit files into the staging folder when they share its filesystem, or return them through the object
 store when they do not (probed, not assumed). The shared driver skeleton (``driver.quantize``) journals, writes the
-index and description, and publishes; the checkpoint is the same whatever the number of workers. An actor that dies is restarted by Ray and
-its unfinished units run again.
+index and description, and publishes; the checkpoint is the same whatever the number of workers. An actor that
+dies is restarted by Ray and its unfinished units run again.
 """
 
 from __future__ import annotations
@@ -58,7 +58,6 @@ class DistributedSummary(QuantSummary):
     ray_start_seconds: float = 0.0  # joining or starting the Ray runtime
     actor_start_seconds: float = 0.0  # actor processes up, each with torch and the model config loaded
     sweep_seconds: float = 0.0  # first unit submitted to last unit finished
-    assemble_seconds: float = 0.0  # part files, index, description, publish
 
 
 def actor_resources(device: str) -> dict:
@@ -254,8 +253,7 @@ def quantize_distributed(model_path: str, save_path: str, recipe: Recipe, *, wor
     summary = quantize(model_path, save_path, recipe, executor, **options)
     return DistributedSummary(**vars(summary), actors=summarize_actors(executor.reports, workers),
                               ray_start_seconds=executor.ray_seconds, actor_start_seconds=executor.actor_seconds,
-                              sweep_seconds=executor.sweep_seconds,
-                              assemble_seconds=summary.phases.get("merge", 0.0))
+                              sweep_seconds=executor.sweep_seconds)
 
 
 def summarize_actors(reports, workers: int) -> list[ActorSummary]:
