@@ -45,8 +45,9 @@ PARALLEL = (Kind.IMAGES, Kind.EXPERTS)  # units that run side by side on every a
 # "W4A8 experts at 235B width". What a min/max rounding costs (W8A8, W4A8 minmax: a divide, a round, a clamp) is in
 # Hardware.elementwise_passes; these are what a weight method adds to it.
 MEASURED_EXPERT_PARAMS = 3 * 1536 * 4096
-SSZ_ITERATION_S = 5.7 / 50  # ssz: ~5.7 s per expert for msModelSlim's 50 iterations (1.6 s per 1536 x 4096 weight)
-GPTQ_S = 1.3 + 6.6  # gptq, after ssz's scale: ~1.3 s for the Gram matrices of the routed tokens, ~6.6 s rounding
+SSZ_ITERATION_S = 1.07 / 10  # ssz: 1.07 s per expert for 10 iterations on gate, up and down (2026-12-07)
+GPTQ_S = 1.3 + 4.8  # gptq, after ssz's scale: ~1.3 s for the routed tokens' Gram matrices in the run, ~4.8 s of
+# preparation (float64 Cholesky, triangular inverse) and column loops (docs/benchmarks.md, 2026-12-07)
 
 
 @dataclass(frozen=True)
