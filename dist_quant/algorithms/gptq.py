@@ -8,7 +8,7 @@ for all the linears that read the same inputs (an expert's gate and up):
   the most input energy are quantized first, while the most columns are left to take their error);
 - the upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``: H is damped by ``damp`` (``DAMP`` unless a
   recipe's ``weight.ext.damp`` says otherwise) times its mean diagonal and factored in float64, the triangular
-  inverse is taken in float32 (where the factor is used).
+  inverse is taken in float32 (both on the host; the column loop runs on the weight's device).
 The column updates run in float32, ``BLOCK`` columns at a time (the lazy-batch form: identical math, fewer passes;
 recursive halving and smaller blocks measured no faster at 1536 x 4096 on one thread). The result is the same for
 a fixed intra-op thread count (the block updates are matrix products).
@@ -62,16 +62,17 @@ def inverse_cholesky(gram: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
     """The upper Cholesky factor U of ``(H + damp * mean(diag H) * I)^-1`` (``U^T U`` is that inverse), float32.
     Input columns that never saw a nonzero value (zero diagonal) get 1 on the diagonal, so they are rounded plainly.
 
-    With J the reversal permutation and ``J H J = L L^T``, ``U = J L^-1 J``: one Cholesky factorisation (float64,
-    on the host: an NPU has no float64) and one triangular inverse (float32, on the Gram matrix's device) instead of
-    factoring the inverse again."""
+    With J the reversal permutation and ``J H J = L L^T``, ``U = J L^-1 J``: one Cholesky factorisation (float64)
+    and one triangular inverse (float32) instead of factoring the inverse again. Both run on the host: an NPU has no
+    float64, and triangular solves are not among the operations every device backend has; the factor is returned
+    on the Gram matrix's device, where the column loop uses it."""
     h = gram.to("cpu", torch.float64, copy=True)
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
     diag = torch.diagonal(h)
     diag += damp * diag.mean()
-    lower = torch.linalg.cholesky(h.flip(0, 1)).to(gram.device, torch.float32)
-    return lower_triangular_inverse(lower).flip(0, 1)
+    lower = torch.linalg.cholesky(h.flip(0, 1)).to(torch.float32)
+    return lower_triangular_inverse(lower).flip(0, 1).to(gram.device)
 
 
 class Hessian:
