@@ -447,13 +447,10 @@ def _dry_run(model_path: str, recipe, dataset: Optional[str]) -> int:
     """The model checked against its weights, the recipe against the model and the calibration samples against
     what the model reads (images and text, or text), as quant does before any work; then the scheme of every
     linear, grouped by name."""
-    from dist_quant.models.family import load_checked
-    from dist_quant.runtime.assignments import check_recipe_for_model, format_assignments, linear_assignments
-    from dist_quant.runtime.driver import calibration_samples
+    from dist_quant.runtime.assignments import format_assignments, linear_assignments
+    from dist_quant.runtime.driver import checked_start
 
-    family, _, config = load_checked(model_path)
-    check_recipe_for_model(recipe, config)
-    dataset_path, samples, _ = calibration_samples(dataset, recipe, family)
+    (_, _, config), dataset_path, samples, _ = checked_start(model_path, recipe, dataset)
     print(f"recipe {recipe.path} on {model_path} (saved as {recipe.saver}), {len(samples)} calibration samples "
           f"from {dataset_path}:")
     print(format_assignments(linear_assignments(recipe, config)))

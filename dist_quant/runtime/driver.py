@@ -77,6 +77,18 @@ def calibration_samples(dataset: Optional[str], recipe: Recipe, family) -> tuple
     return path, load_samples(path, recipe.default_text, images=images), images
 
 
+def checked_start(model_path: str, recipe: Recipe, dataset: Optional[str]) -> tuple[tuple, Path, list, bool]:
+    """What quant checks before any work, and what ``--dry_run`` checks the same way: the model against its
+    weights' headers (``load_checked``: (family, reader, config)), its calibration samples as the family reads them,
+    and the recipe against the model. Returns (that triple, the calibration set, its samples, whether they hold
+    images)."""
+    opened = load_checked(model_path)
+    family, _, config = opened
+    dataset_path, samples, images = calibration_samples(dataset, recipe, family)
+    check_recipe_for_model(recipe, config)
+    return opened, dataset_path, samples, images
+
+
 @dataclass(kw_only=True)
 class QuantSummary:
     """What a run did (the single card's; ``ray_driver.DistributedSummary`` adds the actors'), built by keyword."""
@@ -154,11 +166,9 @@ def quantize(model_path: str, save_path: str, recipe: Recipe, executor: Executor
     check_positive(expert_group_size=expert_group_size, compute_threads=compute_threads,
                    max_sample_tokens=max_sample_tokens, workers=executor.workers)
     set_compute_threads(compute_threads)
-    opened = load_checked(model_path)  # (family, reader, config), checked against the weights' headers
-    family, _, config = opened
-    dataset_path, samples, images = calibration_samples(dataset, recipe, family)
+    opened, dataset_path, samples, images = checked_start(model_path, recipe, dataset)  # before any worker starts
+    config = opened[2]
     samples = cap_samples(samples, max_samples, dataset_path)
-    check_recipe_for_model(recipe, config)  # before any worker process starts
     plan = plan_units(config, expert_group_size, executor.workers)  # a share of the images per worker
     writer = CheckpointWriter(save_path, part_file_size_gb=recipe.part_file_size_gb, overwrite=overwrite,
                               output_format=formats.for_saver(recipe.saver),

@@ -60,7 +60,8 @@ def unit_entries(family, reader, config, recipe: Recipe, plan: list[Unit],
                  compute_dtype: torch.dtype = torch.float32) -> list[tuple[str, list[Entry]]]:
     """[(unit id, [(key, dtype, shape), ...]), ...]: what each unit of ``plan`` writes, in the order it writes them,
     for a checkpoint (``reader``, its checked ``config``, its ``family`` module) and a recipe."""
-    quantize = _RoleShapes()
+    recorder = _Recorder()
+    emit = Emitter(family, recipe, reader.dtype(family.EMBED_KEY), recorder, _RoleShapes())
     layout = []
     with FakeTensorMode():
         def read(key: str, shape: Optional[tuple[int, ...]] = None) -> torch.Tensor:
@@ -68,8 +69,7 @@ def unit_entries(family, reader, config, recipe: Recipe, plan: list[Unit],
             return torch.empty(reader.shape(key), dtype=compute_dtype)
 
         for unit in plan:
-            recorder = _Recorder()
-            emit = Emitter(family, recipe, reader.dtype(family.EMBED_KEY), recorder, quantize)
+            recorder.entries = []
             if unit.kind is Kind.VISION:
                 emit.module(family.VISUAL, family.build_vision(config, read, compute_dtype), _AnyRanges())
             elif unit.kind is Kind.EMBED:
