@@ -138,7 +138,7 @@ def test_publish_writes_exactly_the_format_file_set(tmp_path, source, family):
     assert weight_files == ["quant_model_weights-00001-of-00001.safetensors"]
     assert description["model_quant_type"] == "W8A8"
     assert description["metadata"] == {}
-    assert "optional" not in description
+    assert description["optional"] == {}
     copied = {"tokenizer.json", "generation_config.json", "chat_template.jinja", "merges.txt", "modeling_extra.py"}
     expected = {*weight_files, INDEX, DESCRIPTION, "config.json", recipe.name, *copied}
     listing = "quant_model_files.json"  # what --overwrite may later delete: exactly these files

@@ -81,11 +81,11 @@ def model_quant_type(types: Iterable[str]) -> str:
 
 
 def description(types: dict[str, str], optional: Optional[dict]) -> dict:
-    content = {**types, "version": "1.0.0", "model_quant_type": model_quant_type(types.values()), "metadata": {},
-               "group_size": 0}
-    if optional is not None:
-        content["optional"] = optional
-    return content
+    """The description's content: each tensor's type, then the top-level fields in msModelSlim's order. Its saver
+    writes ``optional`` always since 2026-03 (f200bca): ``{}`` unless a side file such as QuaRot's rotation fills it
+    (vLLM Ascend reads ``optional.quarot.rotation_map`` only for an Eagle3 draft model, and tolerates its absence)."""
+    return {**types, "version": "1.0.0", "model_quant_type": model_quant_type(types.values()), "metadata": {},
+            "group_size": 0, "optional": {} if optional is None else optional}
 
 
 def description_files(types: dict[str, str], optional: Optional[dict]) -> dict[str, dict]:
