@@ -18,7 +18,6 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from dist_quant import schemes
 from dist_quant.calib.inputs import ModelInputs
 from dist_quant.checkpoint.fingerprint import checkpoint_fingerprint
 from dist_quant.checkpoint.formats import ascendv1
@@ -66,10 +65,9 @@ def check_quantized_matches_float(checkpoint: ascendv1.Checkpoint, reader: Check
         raise CheckpointError(f"{checkpoint.path} has no tensor {missing[0]} ({len(missing)} missing), which the float "
                               f"model {reader.model_dir} has; the checkpoint is incomplete or of another model")
     def stored(key: str, shape: tuple[int, ...]) -> tuple[int, ...]:  # packed weights (int4 in int8) by their type
-        quant_type = checkpoint.description.get(key)
-        if not key.endswith(".weight") or quant_type not in schemes.SCHEMES:
+        if not key.endswith(".weight"):
             return shape
-        return schemes.get(quant_type).stored_shape(tuple(shape))
+        return ascendv1.stored_shape(checkpoint.description.get(key), tuple(shape))
 
     wrong = [k for k, shape in expected.items() if tuple(checkpoint.reader.shape(k)) != stored(k, shape)]
     if wrong:

@@ -36,6 +36,11 @@ PRESETS = (
            "recipe to compare with: check with dist-quant eval", "qwen3_vl_moe"),
     Preset("Qwen3-VL-30B-A3B", "w4a8", BUNDLED_CONFIGS / "qwen3_vl_moe_w4a8.yaml",
            "the same W4A8 recipe: check with dist-quant eval", "qwen3_vl_moe"),
+    Preset("Qwen3-VL-235B-A22B", "w8a8_mxfp8", BUNDLED_CONFIGS / "qwen3_vl_moe_w8a8_mxfp8.yaml",
+           "msModelSlim's verified MXFP8 recipe for Ascend 950 / Atlas 350: QuaRot, iterative smoothing, every "
+           "linear but the router and a few vision ones in W8A8_MXFP8, experts included", "qwen3_vl_moe"),
+    Preset("Qwen3-VL-30B-A3B", "w8a8_mxfp8", BUNDLED_CONFIGS / "qwen3_vl_moe_w8a8_mxfp8.yaml",
+           "the same recipe, which msModelSlim verified on 30B-A3B too", "qwen3_vl_moe"),
     Preset("Qwen3-235B-A22B", "w8a8", BUNDLED_CONFIGS / "qwen3_moe_w8a8.yaml",
            "the Qwen3-VL-MoE W8A8 recipe for the text-only model (QuaRot, iterative smoothing, static W8A8 attention, "
            "dynamic W8A8 experts); msModelSlim's W8A8 for Qwen3-MoE is a legacy v0 recipe: check with dist-quant "

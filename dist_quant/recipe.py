@@ -28,14 +28,13 @@ from typing import Any, Optional, Union
 import yaml
 
 from dist_quant import schemes
-from dist_quant.checkpoint.formats import SAVERS
+from dist_quant.checkpoint.formats import DEFAULT_SAVER, SAVERS
 from dist_quant.errors import RecipeError, show
 from dist_quant.presets import DEFAULT_MODEL_TYPE, DEFAULT_QUANT_TYPE, find_preset
 from dist_quant.schemes import FLOAT, QSpec
 
 log = logging.getLogger("dist_quant")
 
-DEFAULT_SAVER = "ascendv1_saver"
 DEFAULT_RECIPE = find_preset(DEFAULT_MODEL_TYPE, DEFAULT_QUANT_TYPE).recipe  # the default preset's
 
 # apiversion -> the spec fields it has (msModelSlim's prior/runner stages are not dist-quant's to run)
@@ -237,7 +236,8 @@ def _scheme(path: Path, where: str, act: QSpec, weight: QSpec) -> str:
             for note in notes:
                 log.warning("recipe %s: %s.%s.ext: %s", path, where, side, note)
         return scheme.name
-    allowed = "; ".join(f"{s.name}: {s.summary}" for s in schemes.SELECTABLE)
+    allowed = "; ".join(f"{s.name}: act {_show_spec(s.act)}, weight {_show_spec(s.weight)}"
+                        for s in schemes.SELECTABLE)  # `dist-quant presets` and the README describe each
     side, spec = ("weight", weight) if all(s.weight != weight for s in schemes.SELECTABLE) else ("act", act)
     raise _fail(path, f"{where}.{side}", f"{_show_spec(spec)} is not supported; use one of: {allowed}")
 

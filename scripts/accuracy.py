@@ -1,14 +1,22 @@
-"""What outlier suppression and the int4 rounding buy: W8A8 and W4A8 (int4 experts), each with plain min/max and
-with QuaRot + iterative smoothing, on tiny Qwen3-VL-MoE models with planted activation outliers, measured with
+"""What outlier suppression and the int4 rounding buy: W8A8, W4A8 (int4 experts) and MXFP8, each with plain min/max
+and with QuaRot + iterative smoothing, on tiny Qwen3-VL-MoE models with planted activation outliers, measured with
 `dist-quant eval` on the calibration images and on held-out ones no method was fitted on.
 
     python scripts/accuracy.py --seeds 0 1 2 --outliers 0 20 50
+    python scripts/accuracy.py --seeds 0 1 2 --outliers 0 20 50 --moe-intermediate 128 \
+        --only "plain W8A8" "QuaRot + smooth + W8A8" "plain MXFP8" "QuaRot + smooth + MXFP8" \
+        "QuaRot + smooth + W4A8 gptq (the preset)"
+
+MXFP8 experts need an even number of 32-input blocks, and the tiny models' hidden size is 64: the second command
+builds the models with an expert width of 128 (the first keeps the tiny models' 48, the table W4A8 changes are
+compared on).
 
 Recipes: plain W8A8 is tests/data/plain_w8a8.yaml, suppressed W8A8 the bundled qwen3_vl_moe_w8a8.yaml; each W4A8 row
 is one of them with the experts' weights int4 per channel by ``minmax``, ``ssz`` (msModelSlim's scale search, 50
 iterations) or ``gptq`` (ssz's scales, GPTQ's rounding on each expert's routed tokens); "the preset" is
-qwen3_vl_moe_w4a8.yaml as ``--quant_type w4a8`` runs it (gptq, ssz at 10 iterations). After the full table, the
-held-out KL / W8A8's per model and over all of them (median, worst, how many within 2x).
+qwen3_vl_moe_w4a8.yaml as ``--quant_type w4a8`` runs it (gptq, ssz at 10 iterations). MXFP8 is msModelSlim's
+recipe as ``--quant_type w8a8_mxfp8`` runs it (QuaRot, smoothing) and its linear_quant alone (plain). After the full
+table, the held-out KL / W8A8's per model and over all of them (median, worst, how many within 2x).
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from dist_quant.recipe import DEFAULT_RECIPE
 from dist_quant.synthetic import make_calibration_set, make_tiny_model
 
 PLAIN = Path(__file__).resolve().parent.parent / "tests" / "data" / "plain_w8a8.yaml"
+MXFP8 = find_preset("Qwen3-VL-30B-A3B", "w8a8_mxfp8").recipe
 
 
 def int4_experts(recipe: Path, method: str, out: Path) -> Path:
@@ -38,6 +47,15 @@ def int4_experts(recipe: Path, method: str, out: Path) -> Path:
     experts = next(step for step in doc["spec"]["process"] if "*experts*" in step.get("include", []))
     experts["qconfig"] = copy.deepcopy(experts["qconfig"])  # YAML anchors share it with other processors
     experts["qconfig"]["weight"].update(dtype="int4", method=method)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return out
+
+
+def without_transforms(recipe: Path, out: Path) -> Path:
+    """``recipe`` with its linear_quant processors only (no QuaRot, no smoothing), written to out."""
+    doc = yaml.safe_load(recipe.read_text())
+    doc["spec"]["process"] = [step for step in doc["spec"]["process"] if step["type"] == "linear_quant"]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(yaml.safe_dump(doc, sort_keys=False))
     return out
@@ -54,11 +72,12 @@ def recipes(out: Path) -> dict[str, Path]:
             "plain W4A8 gptq": int4_experts(PLAIN, "gptq", out / "plain_w4a8_gptq.yaml"),
             "QuaRot + smooth + W4A8 minmax": int4_experts(DEFAULT_RECIPE, "minmax", out / "w4a8_minmax.yaml"),
             "QuaRot + smooth + W4A8 ssz": int4_experts(DEFAULT_RECIPE, "ssz", out / "w4a8_ssz.yaml"),
-            PRESET: find_preset("Qwen3-VL-30B-A3B", "w4a8").recipe}
+            PRESET: find_preset("Qwen3-VL-30B-A3B", "w4a8").recipe,
+            "plain MXFP8": without_transforms(MXFP8, out / "plain_mxfp8.yaml"), "QuaRot + smooth + MXFP8": MXFP8}
 
 
 def summary(held_ratios: dict[str, dict[str, float]]) -> None:
-    """Held-out KL / W8A8's per model (seed/scale) and over all of them, one row per W4A8 recipe."""
+    """Held-out KL / W8A8's per model (seed/scale) and over all of them, one row per W4A8 and MXFP8 recipe."""
     models = list(next(iter(held_ratios.values())))
     print("\n| recipe | " + " | ".join(models) + " | median | worst | within 2x |")
     print("|---" * (len(models) + 4) + "|")
@@ -78,6 +97,7 @@ def main() -> None:
     parser.add_argument("--outliers", type=float, nargs="+", default=[0, 20, 50])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="the tiny models' seeds (one model each)")
     parser.add_argument("--only", nargs="+", help="recipe names to run (default: all)")
+    parser.add_argument("--moe-intermediate", type=int, default=48, help="the models' expert width (MXFP8: 128)")
     args = parser.parse_args()
     shutil.rmtree(args.out, ignore_errors=True)
     calib = make_calibration_set(args.out / "calib", num_images=6)
@@ -88,7 +108,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     held_ratios: dict[str, dict[str, float]] = {}
     for seed, scale in ((seed, scale) for seed in args.seeds for scale in args.outliers):
-        model = make_tiny_model(args.out / f"model_{seed}_{scale:g}", outliers=scale, seed=seed)
+        model = make_tiny_model(args.out / f"model_{seed}_{scale:g}", outliers=scale, seed=seed,
+                                moe_intermediate_size=args.moe_intermediate)
         inputs = build_model_inputs(model, load_samples(calib))
         other = build_model_inputs(model, load_samples(heldout))
         kl, held = {}, {}
@@ -101,7 +122,7 @@ def main() -> None:
             group = "QuaRot + smooth + W8A8" if name.startswith("QuaRot") else "plain W8A8"
             ratio = f"{kl[name] / kl[group]:.2f}x" if group in kl else ""
             held_ratio = f"{held[name] / held[group]:.2f}x" if group in held else ""
-            if "W4A8" in name and group in held:
+            if ("W4A8" in name or "MXFP8" in name) and group in held:
                 held_ratios.setdefault(name, {})[f"{seed}/{scale:g}"] = held[name] / held[group]
             last = report.rows[-1]
             print(f"| {seed} | {scale:g} | {name} | {kl[name]:.2e} | {ratio} | {100 * report.top1_agreement:.1f}% "

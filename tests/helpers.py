@@ -426,3 +426,30 @@ def randn(*shape):
 def text_turn_inputs(model_dir, text: str):
     """Inputs for one text-only user turn of an image+text model, as the quantizer makes them."""
     return build_model_inputs(model_dir, [CalibSample(image=None, text=text)], images=True)[0]
+
+
+def ascend_roles(scheme, weight, bias, spec) -> dict[str, torch.Tensor]:
+    """One linear as the ascendv1 format stores it, by role: its scheme's quantization, encoded by the format."""
+    from dist_quant.checkpoint.formats.ascendv1_encoding import ENCODINGS
+
+    return ENCODINGS[scheme.name].encode(scheme.quantize(weight, bias, spec), spec)
+
+
+def ascend_served(quant_type: str, roles: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """The module vLLM Ascend's method for ``quant_type`` runs on the stored ``roles``."""
+    from dist_quant.checkpoint.formats.ascendv1_encoding import ENCODINGS
+
+    return ENCODINGS[quant_type].serve(roles)
+
+
+def source_weight(model, module):
+    """nn.Linear-orientation float weight of a module name, including unfused experts of the HF fused tensors."""
+    if ".experts." in module:
+        prefix, expert, proj = module.rsplit(".", 2)
+        experts = model.get_submodule(prefix)
+        inter = model.config.text_config.moe_intermediate_size
+        gate_up, down = experts.gate_up_proj[int(expert)], experts.down_proj[int(expert)]
+        if gate_up.shape[-1] == 2 * inter:  # transformers 4.57 holds x @ W: (hidden, 2I), (I, hidden)
+            gate_up, down = gate_up.T, down.T  # now (2I, hidden), (hidden, I), as 5.x holds them
+        return {"gate_proj": gate_up[:inter], "up_proj": gate_up[inter:], "down_proj": down}[proj].detach()
+    return model.get_submodule(module).weight.detach()

@@ -107,7 +107,26 @@ def mutations(f: Family) -> dict:
             ckpt, tmp, tensors=changed(f"{o_proj}.deq_scale", lambda t: t[:, None].contiguous())), {}),
         "R24": ("a description entry lost", lambda ckpt, tmp: mutate(
             ckpt, tmp, description=drop(f"{q_proj}.input_scale")), {}),
+        "R25": ("o_proj redone in MXFP8 (its tensors as the method takes them) without the description's "
+                "group_size 32", lambda ckpt, tmp: mutate(ckpt, tmp, *as_mxfp8(o_proj)), {}),
     }
+
+
+def as_mxfp8(linear: str):
+    """(description, tensors) mutations making ``linear`` a W8A8_MXFP8 one: a float8 weight and one uint8 scale per
+    32 inputs (vLLM Ascend's w8a8_mxfp8.py parameters), its other tensors and their entries gone."""
+    def tensors(t):
+        out, inputs = t[f"{linear}.weight"].shape
+        for key in [k for k in t if k.startswith(linear + ".")]:
+            del t[key]
+        t[f"{linear}.weight"] = torch.zeros(out, inputs).to(torch.float8_e4m3fn)
+        t[f"{linear}.weight_scale"] = torch.full((out, -(-inputs // 32)), 127, dtype=torch.uint8)
+
+    def description(d):
+        for key in [k for k in d if k.startswith(linear + ".")]:
+            del d[key]
+        d[f"{linear}.weight"] = d[f"{linear}.weight_scale"] = "W8A8_MXFP8"
+    return description, None, tensors
 
 
 MUTATIONS = mutations(FAMILIES["qwen3_vl_moe"])
@@ -249,12 +268,12 @@ def test_w4a8_rules(family, family_w4a8, tmp_path):
 def test_the_cli_prints_the_table_and_exits_1_on_a_violation(good, tmp_path, capsys):
     assert main(["check", str(good)]) == 0
     out = capsys.readouterr().out
-    assert "| R7: every layer vLLM builds has its .weight entry" in out and "all 20 rules pass" in out
+    assert "| R7: every layer vLLM builds has its .weight entry" in out and "all 21 rules pass" in out
     bad = MUTATIONS["R7"][1](good, tmp_path)
     assert main(["check", str(bad), "--serve_dtype", "bfloat16", "--tp", "2"]) == 1
     out = capsys.readouterr().out
     assert "| FAIL | model.visual.merger.linear_fc1.weight (a linear layer) (1) |" in out
-    assert "1 of 20 rules fail (R7)" in out
+    assert "1 of 21 rules fail (R7)" in out
     assert main(["check", str(tmp_path / "nowhere")]) == 2
 
 

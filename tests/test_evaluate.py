@@ -17,14 +17,15 @@ from dist_quant.cli import main
 from dist_quant.evaluate import ServedModel, checkpoint_fingerprint, evaluate, logit_metrics
 from dist_quant.models.family import load_checked
 from dist_quant.schemes import LinearSpec, w8a8, w8a8_dynamic
-from helpers import LAYERS, PLAIN_RECIPE, float_only, moe_layers, quantize, text_config
+from helpers import LAYERS, PLAIN_RECIPE, ascend_roles, ascend_served, float_only, moe_layers, quantize, text_config
 
 
 def test_static_linear_equals_integer_arithmetic_exactly():
     torch.manual_seed(0)
     w, b, x = torch.randn(6, 40), torch.randn(6), torch.randn(5, 40) * 3
-    t = w8a8.quantize(w, b, LinearSpec(input_range=(float(x.min()), float(x.max())), model_dtype=torch.bfloat16))
-    y = w8a8.serve(t)(x)
+    spec = LinearSpec(input_range=(float(x.min()), float(x.max())), model_dtype=torch.bfloat16)
+    t = ascend_roles(w8a8.SCHEME, w, b, spec)
+    y = ascend_served(w8a8.NAME, t)(x)
     s, o = t["input_scale"].item(), t["input_offset"].item()
     for i in range(5):
         xq = [max(-128, min(127, int(torch.round(torch.tensor(v) / s + o)))) for v in x[i].tolist()]
@@ -37,8 +38,8 @@ def test_static_linear_equals_integer_arithmetic_exactly():
 def test_dynamic_linear_equals_integer_arithmetic_exactly():
     torch.manual_seed(1)
     w, x = torch.randn(4, 33), torch.randn(3, 33)
-    t = w8a8_dynamic.quantize(w, None, LinearSpec())
-    y = w8a8_dynamic.serve(t)(x)
+    t = ascend_roles(w8a8_dynamic.SCHEME, w, None, LinearSpec())
+    y = ascend_served(w8a8_dynamic.NAME, t)(x)
     for i in range(3):
         a_s = (x[i].abs().max() / 127).item()
         xq = [int(torch.round(torch.tensor(v) / torch.tensor(a_s))) for v in x[i].tolist()]

@@ -1,9 +1,10 @@
 """GPTQ rounding (dist_quant/algorithms/gptq.py) against a column-by-column float64 reference written here from the
 paper's update rule, against plain rounding, and in W4A8_DYNAMIC's ``method: gptq`` end to end."""
 
+import pytest
 import torch
 
-from dist_quant.algorithms.gptq import DAMP, Hessian, gptq_codes, input_gram, inverse_cholesky, lower_triangular_inverse
+from dist_quant.algorithms.gptq import DAMP, Hessian, NotPositiveDefinite, gptq_codes, input_gram, upper_factor
 from dist_quant.algorithms.int4 import QMAX4, QMIN4, int4_codes, ssz_scale
 
 
@@ -47,6 +48,19 @@ def test_blocked_gptq_equals_the_column_by_column_reference():
     assert abs(out_error(x, w, ours, s) - out_error(x, w, ref, s)) < 1e-3
 
 
+def test_both_levels_of_blocks_equal_the_column_by_column_reference():
+    """Blocks of 256 (the default: sub-blocks of 32 inside), of 100 (a sub-block cut short at the block's end) and
+    of 64, over 300 columns (the last block partial), against the paper's rule one column at a time."""
+    torch.manual_seed(1)
+    w, x = torch.randn(24, 300), inputs(600, 300, 3)
+    s = ssz_scale(w)
+    ref = reference_codes(w, s, input_gram(x))
+    for block in (256, 100, 64):
+        ours = gptq_codes(w, s, Hessian(input_gram(x)), QMIN4, QMAX4, block=block)
+        assert (ours == ref).float().mean() > 0.99, block
+        assert abs(out_error(x, w, ours, s) - out_error(x, w, ref, s)) < 1e-3, block
+
+
 def test_gptq_lowers_the_output_error_of_plain_rounding_and_a_diagonal_hessian_changes_nothing():
     torch.manual_seed(2)
     w, x = torch.randn(64, 128), inputs(400, 128, 3)
@@ -78,9 +92,10 @@ def test_w4a8_gptq_without_tokens_is_ssz_and_with_them_uses_the_gram():
     spec = lambda method, gram=None: schemes.LinearSpec(  # noqa: E731
         weight=schemes.QSpec("per_channel", "int4", True, method), hessian=gram)
     ssz = scheme.quantize(w, None, spec("ssz"))
-    assert all(torch.equal(t, ssz[r]) for r, t in scheme.quantize(w, None, spec("gptq")).items())
+    untouched = scheme.quantize(w, None, spec("gptq"))
+    assert torch.equal(untouched.codes, ssz.codes) and torch.equal(untouched.scale, ssz.scale)
     gptq = scheme.quantize(w, None, spec("gptq", Hessian.of_inputs(x)))
-    assert torch.equal(gptq["weight_scale"], ssz["weight_scale"]) and not torch.equal(gptq["weight"], ssz["weight"])
+    assert torch.equal(gptq.scale, ssz.scale) and not torch.equal(gptq.codes, ssz.codes)
     assert scheme.needs_hessian(spec("gptq").weight) and not scheme.needs_hessian(spec("ssz").weight)
 
 
@@ -94,23 +109,32 @@ def test_w4a8_gptq_damping_from_the_recipe():
     scheme = schemes.get("W4A8_DYNAMIC")
     spec = lambda method, ext=(): schemes.LinearSpec(  # noqa: E731
         weight=schemes.QSpec("per_channel", "int4", True, method, ext), hessian=hessian)
-    plain = scheme.quantize(w, None, spec("ssz"))["weight"]
-    assert torch.equal(scheme.quantize(w, None, spec("gptq", (("damp", 1e9),)))["weight"], plain)
-    default = scheme.quantize(w, None, spec("gptq"))["weight"]
+    plain = scheme.quantize(w, None, spec("ssz")).codes
+    assert torch.equal(scheme.quantize(w, None, spec("gptq", (("damp", 1e9),))).codes, plain)
+    default = scheme.quantize(w, None, spec("gptq")).codes
     assert not torch.equal(default, plain)
-    assert torch.equal(scheme.quantize(w, None, spec("gptq", (("damp", DAMP),)))["weight"], default)
-    assert not torch.equal(scheme.quantize(w, None, spec("gptq", (("damp", 0.3),)))["weight"], default)
+    assert torch.equal(scheme.quantize(w, None, spec("gptq", (("damp", DAMP),))).codes, default)
+    assert not torch.equal(scheme.quantize(w, None, spec("gptq", (("damp", 0.3),))).codes, default)
 
 
-def test_the_inverse_factor_is_the_upper_cholesky_factor_of_the_damped_inverse():
-    """U^T U = (H + damp mean(diag H) I)^-1 with U upper triangular, against torch's float64 inverse."""
+def test_the_factor_is_upper_triangular_and_its_product_is_the_damped_gram_matrix():
+    """A A^T = H + damp mean(diag H) I with A upper triangular, against float64 arithmetic; and a damping so small
+    that float32's factorisation breaks down is refactored in float64, not refused."""
     x = inputs(300, 96, 9)
     gram = input_gram(x)
-    u = inverse_cholesky(gram, 0.05).double()
-    damped = gram + 0.05 * torch.diagonal(gram).mean() * torch.eye(96, dtype=torch.float64)
-    assert torch.equal(u, u.triu()) and bool((torch.diagonal(u) > 0).all())
-    expected = torch.linalg.inv(damped)
-    assert float((u.T @ u - expected).abs().max() / expected.abs().max()) < 1e-5
+    damped = gram.double() + 0.05 * torch.diagonal(gram.double()).mean() * torch.eye(96, dtype=torch.float64)
+    a = upper_factor(gram, 0.05).double()
+    assert torch.equal(a, a.triu()) and bool((torch.diagonal(a) > 0).all())
+    assert float((a @ a.T - damped).abs().max() / damped.abs().max()) < 1e-6
+    x = inputs(20, 96, 10).double()
+    singular = x.T @ x  # rank 20: positive definite only through the damping
+    assert int(torch.linalg.cholesky_ex(singular.float() + 1e-8 * torch.eye(96))[1]) > 0  # float32 breaks down
+    tiny = upper_factor(singular, 1e-8).double()
+    assert bool(torch.isfinite(tiny).all()) and bool((torch.diagonal(tiny) > 0).all())
+    damped = singular + 1e-8 * torch.diagonal(singular).mean() * torch.eye(96, dtype=torch.float64)
+    assert float((tiny @ tiny.T - damped).abs().max() / damped.abs().max()) < 1e-6
+    with pytest.raises(NotPositiveDefinite, match="damped by 1e-10"):
+        upper_factor(input_gram(inputs(20, 96, 10)), 1e-10)  # float32 inputs' rounding: no factor even in float64
 
 
 def test_linears_reading_the_same_inputs_share_one_factorisation():
@@ -121,17 +145,6 @@ def test_linears_reading_the_same_inputs_share_one_factorisation():
     assert hessian.prepared()[1] is first[1] and codes.shape == (16, 48)
 
 
-def test_the_triangular_inverse_by_halves_is_the_inverse():
-    """At sizes that recurse (leaf 16: 3 levels, odd halves) and at one that does not, against float64 inversion."""
-    for n, leaf in ((100, 16), (37, 16), (12, 16)):
-        g = torch.Generator().manual_seed(n)
-        lower = (torch.randn(n, n, dtype=torch.float64, generator=g) * 0.1).tril() + 2 * torch.eye(n,
-                                                                                                  dtype=torch.float64)
-        inverse = lower_triangular_inverse(lower, leaf)
-        assert torch.equal(inverse, inverse.tril())
-        assert torch.allclose(inverse, torch.linalg.inv(lower), rtol=0, atol=1e-12)
-
-
 def test_the_hessian_of_inputs_is_their_gram_in_act_order():
     """Built from the inputs (order from their sums of squares, Gram of the reordered inputs) as from the Gram
     matrix itself (order from its diagonal, the matrix reordered)."""
@@ -140,3 +153,13 @@ def test_the_hessian_of_inputs_is_their_gram_in_act_order():
     assert torch.equal(from_inputs.order, from_gram.order)
     assert not torch.equal(from_inputs.order, torch.arange(96))
     assert torch.allclose(from_inputs.gram, from_gram.gram, rtol=1e-5, atol=1e-3)
+
+
+def test_a_damping_too_small_for_the_inputs_is_refused_with_the_linear_and_the_option():
+    from dist_quant import schemes
+    from dist_quant.errors import RecipeError
+
+    spec = schemes.LinearSpec(name="model.layers.0.mlp.experts.3.up_proj", hessian=Hessian.of_inputs(
+        inputs(20, 96, 10)), weight=schemes.QSpec("per_channel", "int4", True, "gptq", (("damp", 1e-10),)))
+    with pytest.raises(RecipeError, match=r"experts\.3\.up_proj: GPTQ cannot round it: .* raise weight\.ext\.damp"):
+        schemes.get("W4A8_DYNAMIC").quantize(torch.randn(16, 96), None, spec)

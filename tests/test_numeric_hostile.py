@@ -17,7 +17,7 @@ from dist_quant.errors import CalibrationError, CheckpointError, OutputError, Re
 from dist_quant.schemes import SCHEMES, LinearSpec
 from dist_quant.schemes.base import QSpec
 from dist_quant.synthetic import make_tiny_model
-from helpers import Q_PROJ, mounted_tmpfs, refused, rewrite_tensor
+from helpers import Q_PROJ, ascend_roles, mounted_tmpfs, refused, rewrite_tensor
 
 F32_MAX = 3.4028234663852886e38  # (2 - 2**-23) * 2**127
 BF16_MAX = 3.3895313892515355e38  # (2 - 2**-7) * 2**127
@@ -58,7 +58,7 @@ def test_non_finite_weight_is_refused_naming_the_linear(scheme, bad):
     weight = weight_with_peak(1.0)
     weight[3, 5] = bad
     with pytest.raises(CheckpointError) as error:
-        SCHEMES[scheme].quantize(weight, None, spec_for(scheme))
+        ascend_roles(SCHEMES[scheme], weight, None, spec_for(scheme))
     assert str(error.value).startswith(f"linear {NAME}: its weight holds NaN or Inf after rotation and smoothing")
 
 
@@ -67,12 +67,12 @@ def test_non_finite_weight_is_refused_naming_the_linear(scheme, bad):
 def test_float_refuses_a_weight_beyond_the_source_dtype():
     """bfloat16's largest value is kept as it is; the next float32 above it would be stored as Inf."""
     spec = spec_for("FLOAT", model_dtype=torch.bfloat16)
-    kept = SCHEMES["FLOAT"].quantize(weight_with_peak(BF16_MAX), None, spec)["weight"]
+    kept = ascend_roles(SCHEMES["FLOAT"], weight_with_peak(BF16_MAX), None, spec)["weight"]
     assert kept.dtype == torch.bfloat16 and float(kept[0, 0]) == BF16_MAX
     over = f32_above(BF16_MAX)
     message = f"linear {NAME}: its largest weight magnitude {over:.9g} is above {BF16_MAX:.9g}, the most FLOAT can take"
     with pytest.raises(CheckpointError, match=re.escape(message)):
-        SCHEMES["FLOAT"].quantize(weight_with_peak(over), None, spec)
+        ascend_roles(SCHEMES["FLOAT"], weight_with_peak(over), None, spec)
 
 
 # --- int8 schemes: any finite weight; static W8A8's integer math ------------------------------------------------
@@ -80,9 +80,10 @@ def test_float_refuses_a_weight_beyond_the_source_dtype():
 @pytest.mark.parametrize("scheme", ["W8A8", "W8A8_DYNAMIC"])
 def test_int8_schemes_take_the_largest_float32_weight(scheme):
     """``max|W| / 127`` is finite for every finite weight: the codes are exact, the scale is peak / 127."""
-    roles = SCHEMES[scheme].quantize(weight_with_peak(F32_MAX), None, spec_for(scheme))
-    scale = roles["deq_scale"] / roles["input_scale"] if scheme == "W8A8" else roles["weight_scale"][:, 0]
-    assert roles["weight"][0, 0] == 127 and math.isclose(float(scale[0]), F32_MAX / 127, rel_tol=1e-6)
+    quantized = SCHEMES[scheme].quantize(weight_with_peak(F32_MAX), None, spec_for(scheme))
+    assert quantized.codes[0, 0] == 127 and math.isclose(float(quantized.scale[0]), F32_MAX / 127, rel_tol=1e-6)
+    roles = ascend_roles(SCHEMES[scheme], weight_with_peak(F32_MAX), None, spec_for(scheme))  # and it is stored
+    assert torch.equal(roles["weight"], quantized.codes)
 
 
 @pytest.mark.parametrize("input_range", [(-math.inf, 1.0), (0.0, math.nan)])
@@ -91,14 +92,14 @@ def test_w8a8_refuses_an_overflowed_input_range(input_range):
     NaN input_offset that crashed at publish."""
     spec = LinearSpec(NAME, SCHEMES["W8A8"].act, SCHEMES["W8A8"].weight, input_range)
     with pytest.raises(CalibrationError, match=rf"linear {NAME}: its calibrated input range overflowed float32"):
-        SCHEMES["W8A8"].quantize(weight_with_peak(1.0), None, spec)
+        ascend_roles(SCHEMES["W8A8"], weight_with_peak(1.0), None, spec)
 
 
 def test_w8a8_refuses_an_input_scale_beyond_float32():
     """A finite range wider than float32's largest value: ``(max - min) / 255`` is Inf, and so is deq_scale."""
     spec = LinearSpec(NAME, SCHEMES["W8A8"].act, SCHEMES["W8A8"].weight, (-3e38, 3e38))
     with pytest.raises(CheckpointError, match=rf"linear {NAME}: its deq_scale \(input_scale \* weight_scale\) leaves"):
-        SCHEMES["W8A8"].quantize(weight_with_peak(1.0), None, spec)
+        ascend_roles(SCHEMES["W8A8"], weight_with_peak(1.0), None, spec)
 
 
 @pytest.mark.parametrize("sign", [1, -1])
@@ -109,12 +110,12 @@ def test_w8a8_quant_bias_is_refused_just_beyond_int32(sign):
     weight = torch.tensor([[127.0, 0.0, 0.0, 0.0]])
     spec = LinearSpec(NAME, SCHEMES["W8A8"].act, SCHEMES["W8A8"].weight, (0.0, 255 / 256))
     inside = 8388544.0 if sign > 0 else -8388671.0
-    roles = SCHEMES["W8A8"].quantize(weight, torch.tensor([inside]), spec)
+    roles = ascend_roles(SCHEMES["W8A8"], weight, torch.tensor([inside]), spec)
     assert int(roles["quant_bias"][0]) == sign * 2147483520
     outside = inside + sign
     assert not -2**31 <= 256 * outside + 16256 <= 2**31 - 1
     with pytest.raises(CheckpointError, match=rf"linear {NAME}: its quant_bias .* beyond int32 .* W8A8_DYNAMIC"):
-        SCHEMES["W8A8"].quantize(weight, torch.tensor([outside]), spec)
+        ascend_roles(SCHEMES["W8A8"], weight, torch.tensor([outside]), spec)
 
 
 # --- W4A8_DYNAMIC: ssz's float32 sums ---------------------------------------------------------------------------------
@@ -129,11 +130,11 @@ def w4a8_limit(inputs: int) -> float:
 def test_w4a8_weight_bound_just_under_and_just_over(method):
     spec = spec_for("W4A8_DYNAMIC", weight=QSpec("per_channel", "int4", True, method))
     limit = w4a8_limit(64)
-    roles = SCHEMES["W4A8_DYNAMIC"].quantize(weight_with_peak(f32_below(limit)), None, spec)
+    roles = ascend_roles(SCHEMES["W4A8_DYNAMIC"], weight_with_peak(f32_below(limit)), None, spec)
     assert all(bool(torch.isfinite(t).all()) for t in roles.values() if t.is_floating_point())
     tail = re.escape(f"is above {limit:.9g}, the most W4A8_DYNAMIC can take for a [8, 64] weight")
     with pytest.raises(CheckpointError, match=rf"linear {NAME}: its largest weight magnitude \S+ {tail}"):
-        SCHEMES["W4A8_DYNAMIC"].quantize(weight_with_peak(f32_above(limit)), None, spec)
+        ascend_roles(SCHEMES["W4A8_DYNAMIC"], weight_with_peak(f32_above(limit)), None, spec)
 
 
 def test_w4a8_under_the_bound_is_exactly_the_scaled_result():
@@ -143,13 +144,13 @@ def test_w4a8_under_the_bound_is_exactly_the_scaled_result():
     small = weight_with_peak(1.0)
     power = 2.0 ** math.floor(math.log2(w4a8_limit(64)))
     spec = spec_for("W4A8_DYNAMIC")
-    scaled = SCHEMES["W4A8_DYNAMIC"].quantize(small * power, None, spec)
+    scaled = ascend_roles(SCHEMES["W4A8_DYNAMIC"], small * power, None, spec)
     assert torch.equal(scaled["weight_scale"][:, 0], ssz_scale(small) * power)
-    assert torch.equal(scaled["weight"], SCHEMES["W4A8_DYNAMIC"].quantize(small, None, spec)["weight"])
+    assert torch.equal(scaled["weight"], ascend_roles(SCHEMES["W4A8_DYNAMIC"], small, None, spec)["weight"])
     huge = small * 2.0 ** 100
     assert not torch.equal(ssz_scale(huge), ssz_scale(small) * 2.0 ** 100)
     with pytest.raises(CheckpointError):
-        SCHEMES["W4A8_DYNAMIC"].quantize(huge, None, spec)
+        ascend_roles(SCHEMES["W4A8_DYNAMIC"], huge, None, spec)
 
 
 def test_w4a8_gptq_refuses_an_overflowed_gram_matrix_before_cholesky():
@@ -158,7 +159,7 @@ def test_w4a8_gptq_refuses_an_overflowed_gram_matrix_before_cholesky():
     spec = spec_for("W4A8_DYNAMIC", weight=QSpec("per_channel", "int4", True, "gptq"), hessian=Hessian(gram))
     with pytest.raises(CalibrationError, match=rf"linear {NAME}: the Gram matrix of its calibration inputs "
                                                "overflowed float32"):
-        SCHEMES["W4A8_DYNAMIC"].quantize(weight_with_peak(1.0), None, spec)
+        ascend_roles(SCHEMES["W4A8_DYNAMIC"], weight_with_peak(1.0), None, spec)
 
 
 # --- W4A8_DYNAMIC: shapes it cannot pack or vLLM Ascend cannot load ---------------------------------------------------
@@ -184,7 +185,7 @@ def test_w4a8_quantize_refuses_what_check_shape_refuses(shape, input_split):
     """Before the fix: a ValueError from deep in the packing (odd rows) or in scale_bias (the 16 chunks)."""
     weight = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
     with pytest.raises(RecipeError, match=rf"{NAME} \[{shape[0]}, {shape[1]}\]: W4A8_DYNAMIC needs"):
-        SCHEMES["W4A8_DYNAMIC"].quantize(weight, None, spec_for("W4A8_DYNAMIC", input_split=input_split))
+        ascend_roles(SCHEMES["W4A8_DYNAMIC"], weight, None, spec_for("W4A8_DYNAMIC", input_split=input_split))
 
 
 # --- through the CLI: one line, nothing finished ----------------------------------------------------------------------

@@ -12,7 +12,7 @@ from dist_quant.algorithms.quantize import dynamic_w8a8_linear, static_w8a8_line
 from dist_quant.calib.dataset import load_samples
 from dist_quant.calib.inputs import build_model_inputs
 from dist_quant.cli import main
-from helpers import hf_kwargs, load_hf_model, read_checkpoint
+from helpers import hf_kwargs, load_hf_model, read_checkpoint, source_weight
 
 STATIC_SUFFIXES = {"weight", "input_scale", "input_offset", "deq_scale", "quant_bias"}
 # no QuaRot/smoothing: compare with the plain HF model
@@ -147,19 +147,6 @@ def test_qkv_share_activation_params(checkpoint):
 
 
 # --- values against independent computations ----------------------------------------------------------------------
-
-def source_weight(model, module):
-    """nn.Linear-orientation float weight of a module name, including unfused experts of the HF fused tensors."""
-    if ".experts." in module:
-        prefix, expert, proj = module.rsplit(".", 2)
-        experts = model.get_submodule(prefix)
-        inter = model.config.text_config.moe_intermediate_size
-        gate_up, down = experts.gate_up_proj[int(expert)], experts.down_proj[int(expert)]
-        if gate_up.shape[-1] == 2 * inter:  # transformers 4.57 holds x @ W: (hidden, 2I), (I, hidden)
-            gate_up, down = gate_up.T, down.T  # now (2I, hidden), (hidden, I), as 5.x holds them
-        return {"gate_proj": gate_up[:inter], "up_proj": gate_up[inter:], "down_proj": down}[proj].detach()
-    return model.get_submodule(module).weight.detach()
-
 
 def test_weights_and_scales_equal_reference(checkpoint, hf_calibration):
     tensors, description = checkpoint

@@ -8,8 +8,10 @@ from dist_quant.algorithms.quantize import (
     quantize_weight_per_channel,
     static_w8a8_linear,
 )
-from dist_quant.checkpoint.formats.ascendv1 import deq_scale_values, linear_entries
+from dist_quant.checkpoint.formats.ascendv1 import linear_entries
+from dist_quant.checkpoint.formats.ascendv1_encoding import deq_scale_values
 from dist_quant.schemes import LinearSpec, w8a8, w8a8_dynamic
+from helpers import ascend_roles
 
 
 def test_weight_per_channel_worked_example():
@@ -40,7 +42,7 @@ def test_activation_range_includes_zero_and_guards_empty_range():
 def test_static_linear_matches_hand_computation():
     w = torch.tensor([[0.5, -0.25], [0.1, 0.2]])
     bias = torch.tensor([0.3, -0.1])
-    t = w8a8.quantize(w, bias, LinearSpec(input_range=(-1.0, 1.55), model_dtype=torch.bfloat16))
+    t = ascend_roles(w8a8.SCHEME, w, bias, LinearSpec(input_range=(-1.0, 1.55), model_dtype=torch.bfloat16))
     s = 2.55 / 255
     o = round(1.0 / s) - 128
     assert t["input_offset"].item() == o == -28
@@ -61,8 +63,8 @@ def test_fp16_models_store_deq_scale_as_int64_bits():
     w = torch.randn(8, 16)
 
     def stored_deq_scale(dtype):
-        roles = w8a8.quantize(w, None, LinearSpec(input_range=(-1, 1), model_dtype=dtype))
-        entries = linear_entries("l", "W8A8", roles, dtype)
+        spec = LinearSpec(input_range=(-1, 1), model_dtype=dtype)
+        entries = linear_entries("l", "W8A8", w8a8.SCHEME.quantize(w, None, spec), spec)
         return next(tensor for key, tensor, _ in entries if key == "l.deq_scale")
 
     fp16, bf16 = stored_deq_scale(torch.float16), stored_deq_scale(torch.bfloat16)
@@ -75,7 +77,7 @@ def test_fp16_models_store_deq_scale_as_int64_bits():
 def test_static_runtime_equals_integer_arithmetic():
     torch.manual_seed(0)
     w, bias, x = torch.randn(5, 7), torch.randn(5), torch.randn(3, 7)
-    t = w8a8.quantize(w, bias, LinearSpec(input_range=(float(x.min()), float(x.max())),
+    t = ascend_roles(w8a8.SCHEME, w, bias, LinearSpec(input_range=(float(x.min()), float(x.max())),
                                                 model_dtype=torch.bfloat16))
     y = static_w8a8_linear(x, t["weight"], t["quant_bias"], t["deq_scale"], t["input_scale"], t["input_offset"])
     s, o = t["input_scale"].item(), t["input_offset"].item()
@@ -91,7 +93,7 @@ def test_static_runtime_equals_integer_arithmetic():
 def test_dynamic_runtime_equals_integer_arithmetic():
     torch.manual_seed(1)
     w, x = torch.randn(4, 6), torch.randn(2, 6)
-    t = w8a8_dynamic.quantize(w, None, LinearSpec())
+    t = ascend_roles(w8a8_dynamic.SCHEME, w, None, LinearSpec())
     assert t["weight_scale"].shape == (4, 1) and torch.equal(t["weight_offset"], torch.zeros(4, 1))
     y = dynamic_w8a8_linear(x, t["weight"], t["weight_scale"])
     for i in range(2):

@@ -121,6 +121,23 @@ def test_w4a8_experts_are_the_same_on_ray_and_with_any_thread_count(model, calib
     assert_same_checkpoint(tmp_path / "ray", reference)
 
 
+MXFP8_RECIPE = Path(__file__).resolve().parent / "data" / "msmodelslim" / "qwen3_vl_moe_w8a8_mxfp8.yaml"
+
+
+@pytest.mark.ray
+def test_mxfp8_is_the_same_on_two_ray_workers(model, calib, cluster, tmp_path):
+    """msModelSlim's W8A8_MXFP8 recipe as it is (QuaRot, smoothing, every linear in MXFP8, experts included): a
+    1-thread single card and 2 Ray actors under a 2-thread driver write the same checkpoint."""
+    mxfp8 = ["--config_path", str(MXFP8_RECIPE)]
+    single = tmp_path / "single"
+    assert run_cli(args(model, calib, single, *mxfp8), threads=1) == 0
+    reference = read_checkpoint(single)
+    assert {t for k, t in reference[1].items() if ".experts." in k} == {"W8A8_MXFP8"}
+    assert run_cli(args(model, calib, tmp_path / "ray", *mxfp8, "--workers", "2", "--ray_address", cluster.address),
+                   threads=2) == 0
+    assert_same_checkpoint(tmp_path / "ray", reference)
+
+
 @pytest.fixture(scope="module")
 def text_model(tmp_path_factory):
     """The text-only family at the same width (per-expert keys, 1-D positions), one dense layer."""

@@ -1,12 +1,14 @@
-"""Every registered scheme keeps its module's promises, checked against plain float math: it emits exactly its roles
-(plus a bias when the linear has one), its served module computes the linear (int8 rounding aside), the recipe
-selects it by its qconfig, and the output format writes each role under the linear's name."""
+"""Every registered scheme keeps its module's promises, checked against plain float math: what it makes of a linear
+dequantizes to the linear (``scale * codes``, int rounding aside), the ascendv1 format stores exactly its type's
+roles (plus a bias when the linear has one) and the engine's math on them computes the linear, the recipe selects it
+by its qconfig, and the output format writes each role under the linear's name."""
 
 import pytest
 import torch
 
 from dist_quant import schemes
 from dist_quant.checkpoint.formats import ascendv1
+from dist_quant.checkpoint.formats.ascendv1_encoding import ENCODINGS
 from dist_quant.errors import RecipeError
 from dist_quant.schemes import LinearSpec
 
@@ -20,12 +22,21 @@ def test_quantize_emits_its_roles_and_serves_the_linear(scheme, with_bias):
     weight, x = torch.randn(24, 64), torch.randn(5, 64)
     bias = torch.randn(24) if with_bias else None
     input_range = (float(x.min()), float(x.max())) if scheme.needs_input_range else None
-    roles = scheme.quantize(weight, bias, LinearSpec(input_range=input_range))
-    assert list(roles) == list(scheme.roles) + (["bias"] if with_bias else [])
+    spec = LinearSpec(input_range=input_range)
+    quantized = scheme.quantize(weight, bias, spec)
+    tolerance = {None: 1e-6, "int8": 0.03, "mxfp8": 0.05, "int4": 0.15}[scheme.weight and scheme.weight.dtype]
+    scale = torch.ones(1, 1) if quantized.scale is None else quantized.scale.reshape(len(weight), -1)
+    if quantized.group_size:  # a scale per group of inputs
+        scale = scale.repeat_interleave(quantized.group_size, dim=1)[:, :weight.shape[1]]
+    dequantized = quantized.codes.float() * scale
+    assert float((dequantized - weight).norm() / weight.norm()) < tolerance
+    encoding = ENCODINGS[scheme.name]
+    roles = encoding.encode(quantized, spec)
+    assert list(roles) == list(encoding.roles) + (["bias"] if with_bias else [])
     expected = torch.nn.functional.linear(x, weight, bias)
-    served = scheme.serve(roles)(x)
+    served = encoding.serve(roles)(x)
     error = float((served - expected).norm() / expected.norm())
-    assert error < {None: 1e-6, 8: 0.03, 4: 0.15}[scheme.weight_bits], error
+    assert error < tolerance, error
     stored_bytes = roles["weight"].numel() * roles["weight"].element_size() / weight.numel()  # packed int4: 0.5
     assert scheme.bytes_per_param(4) == (4 if scheme.weight_bits is None else stored_bytes)
 
@@ -41,9 +52,8 @@ def test_quantize_runs_on_fake_tensors_with_the_real_dtypes_and_shapes(scheme, w
     def entries(make):
         weight, bias = make((24, 64)), make((24,)) if with_bias else None
         spec = LinearSpec(input_range=(-1.0, 1.0), model_dtype=model_dtype)
-        roles = scheme.quantize(weight, bias, spec)
-        return [(key, t.dtype, tuple(t.shape))
-                for key, t, _ in ascendv1.linear_entries("m.proj", scheme.name, roles, model_dtype)]
+        return [(key, t.dtype, tuple(t.shape)) for key, t, _ in
+                ascendv1.linear_entries("m.proj", scheme.name, scheme.quantize(weight, bias, spec), spec)]
 
     real = entries(lambda shape: torch.randn(shape))
     with FakeTensorMode():
@@ -57,8 +67,11 @@ def test_the_recipe_qconfig_selects_the_scheme(scheme):
 
 
 def test_priority_orders_the_model_quant_type():
-    ranked = sorted(schemes.SCHEMES.values(), key=lambda s: s.priority)
-    assert ascendv1.model_quant_type([s.name for s in ranked]) == ranked[-1].name == "W8A8"
+    assert set(ENCODINGS) == set(schemes.SCHEMES)  # the format stores every scheme
+    # msModelSlim's AscendV1Saver.QUANT_TYPE_PRIORITY (a later entry wins): ... W8A8_DYNAMIC, W8A8, ..., W8A8_MXFP8
+    ranked = sorted(ENCODINGS, key=lambda t: ENCODINGS[t].priority)
+    assert ranked == ["W4A8_DYNAMIC", "FLOAT", "W8A8_DYNAMIC", "W8A8", "W8A8_MXFP8"]
+    assert ascendv1.model_quant_type(["FLOAT", "W8A8_DYNAMIC", "W8A8"]) == "W8A8"
     # msModelSlim's AscendV1Saver keeps W4A8_DYNAMIC out of model_quant_type ("W4A8_DYNAMIC is hidden" in its
     # QUANT_TYPE_PRIORITY; docs/w4a8-loader-facts.md, section 2): W8A8_DYNAMIC attention + W4A8 experts name the first
     assert ascendv1.model_quant_type(["FLOAT", "W4A8_DYNAMIC", "W8A8_DYNAMIC"]) == "W8A8_DYNAMIC"
@@ -69,9 +82,10 @@ def test_priority_orders_the_model_quant_type():
 
 @pytest.mark.parametrize("scheme", list(schemes.SCHEMES.values()), ids=lambda s: s.name)
 def test_the_format_writes_every_role_under_the_linear(scheme):
-    roles = scheme.quantize(torch.randn(8, 16), torch.randn(8) if scheme.serves_linears else None,
-                            LinearSpec(input_range=(-1.0, 1.0), model_dtype=torch.bfloat16))
-    entries = ascendv1.linear_entries("m.proj", scheme.name, roles, torch.bfloat16)
+    spec = LinearSpec(input_range=(-1.0, 1.0), model_dtype=torch.bfloat16)
+    quantized = scheme.quantize(torch.randn(8, 16), torch.randn(8) if scheme.serves_linears else None, spec)
+    entries = ascendv1.linear_entries("m.proj", scheme.name, quantized, spec)
+    roles = [*ENCODINGS[scheme.name].roles, *(["bias"] if quantized.bias is not None else [])]
     assert [key for key, _, _ in entries] == [f"m.proj.{role}" for role in roles]
     assert {key: t for key, _, t in entries}.get("m.proj.bias") == ("FLOAT" if scheme.serves_linears else None)
     assert all(t == scheme.name for key, _, t in entries if not key.endswith(".bias"))

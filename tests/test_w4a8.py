@@ -9,10 +9,11 @@ import pytest
 import torch
 import yaml
 
+from dist_quant.checkpoint.formats import ascendv1
 from dist_quant.errors import RecipeError
 from dist_quant.recipe import DEFAULT_RECIPE, load_recipe
 from dist_quant.runtime.local import quantize_single_card
-from helpers import LAYERS, moe_layers, read_checkpoint, text_config
+from helpers import LAYERS, ascend_roles, ascend_served, moe_layers, read_checkpoint, text_config
 
 EXPERTS = 8
 
@@ -112,8 +113,8 @@ def test_minmax_and_ssz_select_the_scheme_and_differ(tmp_path):
     weight[0, 0] = 9.0
     spec = lambda m: schemes.LinearSpec(weight=schemes.QSpec("per_channel", "int4", True, m))  # noqa: E731
     scheme = schemes.get("W4A8_DYNAMIC")
-    assert not torch.equal(scheme.quantize(weight, None, spec("ssz"))["weight_scale"],
-                           scheme.quantize(weight, None, spec("minmax"))["weight_scale"])
+    assert not torch.equal(ascend_roles(scheme, weight, None, spec("ssz"))["weight_scale"],
+                           ascend_roles(scheme, weight, None, spec("minmax"))["weight_scale"])
 
 
 def test_served_expert_is_the_integer_reference():
@@ -124,13 +125,13 @@ def test_served_expert_is_the_integer_reference():
     torch.manual_seed(3)
     weight, x = torch.randn(32, 48), torch.randn(7, 48) * 3
     scheme = schemes.get("W4A8_DYNAMIC")
-    roles = scheme.quantize(weight, None, schemes.LinearSpec(input_split=True))
+    roles = ascend_roles(scheme, weight, None, schemes.LinearSpec(input_split=True))
     codes, ws = unpack(roles["weight"]).double(), roles["weight_scale"].double().reshape(1, -1)
     a = (x.abs().amax(dim=1, keepdim=True) / 127).double()  # the per-token scale in float32, as the engine has it
     x_q = torch.clamp(torch.round(x / a.float()), -128, 127).double()
     expected = ((x_q @ codes.T) * a * ws).float()
-    assert torch.equal(scheme.serve(roles)(x), expected)
-    assert scheme.stored_shape((32, 48)) == (16, 48)
+    assert torch.equal(ascend_served(scheme.name, roles)(x), expected)
+    assert ascendv1.stored_shape(scheme.name, (32, 48)) == (16, 48) and roles["weight"].shape == (16, 48)
 
 
 def test_gptq_damping_under_another_method_is_ignored_with_a_warning(tmp_path, caplog):
@@ -185,13 +186,13 @@ def test_ssz_step_bounds_the_refinement(method):
     weight = torch.randn(24, 96) * torch.rand(24, 1)
     spec = lambda ext: schemes.LinearSpec(weight=schemes.QSpec("per_channel", "int4", True, method, ext))  # noqa: E731
     scheme = schemes.get("W4A8_DYNAMIC")
-    one = scheme.quantize(weight, None, spec((("step", 1),)))["weight_scale"].reshape(-1)
+    one = ascend_roles(scheme, weight, None, spec((("step", 1),)))["weight_scale"].reshape(-1)
     codes = int4_codes(weight, minmax_scale(weight)).double()
     least_squares = ((weight.double() * codes).sum(1) / (codes * codes).sum(1)).float()
     err = lambda s: (weight - int4_codes(weight, s).float() * s[:, None]).square().mean(1)  # noqa: E731
     expected = torch.where(err(least_squares) < err(minmax_scale(weight)), least_squares, minmax_scale(weight))
     torch.testing.assert_close(one, expected, rtol=1e-6, atol=0)
-    full = scheme.quantize(weight, None, spec(()))["weight_scale"].reshape(-1)
+    full = ascend_roles(scheme, weight, None, spec(()))["weight_scale"].reshape(-1)
     assert bool((err(full) <= err(one)).all()) and bool((err(full) < err(one)).any())
 
 

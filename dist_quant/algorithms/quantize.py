@@ -56,7 +56,7 @@ def static_w8a8_linear(
     """
     if not deq_scale.is_floating_point():
         raise TypeError("deq_scale must hold float values: decode a float16 checkpoint's int64 deq_scale first "
-                        "(checkpoint.formats.ascendv1.deq_scale_values)")
+                        "(checkpoint.formats.ascendv1_encoding.deq_scale_values)")
     x_q = torch.clamp(torch.round(x.to(torch.float32) / input_scale + input_offset), QMIN, QMAX)
     acc = x_q.to(torch.float64) @ weight.to(torch.float64).T + quant_bias.to(torch.float64)
     return acc.mul(deq_scale.to(torch.float64)).to(torch.float32)

@@ -90,7 +90,9 @@ def default_serve_dtype(folder: Folder) -> str:
 def check_checkpoint(path: str | Path, serve_dtype: Optional[str] = None, tp: int = 1) -> Report:
     """Every rule of the checkpoint's format on the folder ``path``, served in ``serve_dtype`` (a SERVE_DTYPES name;
     None: what vLLM serves the model in by default) with a tensor-parallel size of ``tp``."""
-    from dist_quant.check import ascend, compressed_tensors
+    import importlib
+
+    from dist_quant.checkpoint import formats
 
     if tp < 1:
         raise ValueError(f"tensor parallel size must be >= 1, got {tp}")
@@ -98,7 +100,8 @@ def check_checkpoint(path: str | Path, serve_dtype: Optional[str] = None, tp: in
         raise ValueError(f"serving dtype must be one of {list(SERVE_DTYPES)}, got {serve_dtype!r}")
     folder = read_folder(path)
     dtype = serve_dtype if serve_dtype is not None else default_serve_dtype(folder)
-    rules = compressed_tensors if compressed_tensors.applies(folder) else ascend
+    fmt = formats.published_format(path) or formats.DEFAULT  # an unfinished folder: the default format's rules
+    rules = importlib.import_module(fmt.CHECK_RULES)
     verdicts, engines = rules.check(folder, dtype, tp)
     return Report(Path(path), rules.FORMAT, dtype, tp, verdicts, engines)
 

@@ -2,13 +2,13 @@
 (``--quantization ascend``).
 
 Read from vllm-project/vllm-ascend main @ 182b75ea (``vllm_ascend/quantization/modelslim_config.py``,
-``methods/w8a8_static.py``, ``methods/w8a8_dynamic.py``, ``methods/w4a8.py``, ``method_adapters.py``) and
-vllm-project/vllm (the families' model classes, ``model_loader/weight_utils.py``, ``default_loader.py``,
-``fused_moe/routed_experts.py``); the decisive lines, the commits, and what each violation does at load are in
-docs/ascend-loader-rules.md (R1-R24, with a section per family) and docs/w4a8-loader-facts.md. What the model holds
-comes from config.json through the family its model_type names (its torch-free sizes module: closed-form shapes, key
-prefixes, tensor-parallel limits), never from the checkpoint's own tensors, and the parameters each method creates
-are written here from the loader's code, not from dist-quant's writer: this check also works on checkpoints
+``methods/w8a8_static.py``, ``methods/w8a8_dynamic.py``, ``methods/w4a8.py``, ``methods/w8a8_mxfp8.py``,
+``method_adapters.py``) and vllm-project/vllm (the families' model classes, ``model_loader/weight_utils.py``,
+``default_loader.py``, ``fused_moe/routed_experts.py``); the decisive lines, the commits, and what each violation does
+at load are in docs/ascend-loader-rules.md (R1-R25, with a section per family) and docs/w4a8-loader-facts.md. What the
+model holds comes from config.json through the family its model_type names (its torch-free sizes module: closed-form
+shapes, key prefixes, tensor-parallel limits), never from the checkpoint's own tensors, and the parameters each method
+creates are written here from the loader's code, not from dist-quant's writer: this check also works on checkpoints
 msModelSlim wrote. vLLM Ascend's own table of the modules it fuses per model_type is data beside this module
 (``vllm_ascend_packed_modules.json``, copied from its source).
 """
@@ -49,8 +49,10 @@ PACKED_MODULES = json.loads((Path(__file__).parent / "vllm_ascend_packed_modules
     "packed_modules_model_mapping"]
 FLOAT = "FLOAT"
 # (quant type, layer kind) pairs vLLM Ascend registers a method for (methods/registry.py); FLOAT needs none
-LINEAR_METHODS = ("W8A8", "W8A8_DYNAMIC", "W8A16")
-MOE_METHODS = ("W8A8_DYNAMIC", "W4A8_DYNAMIC", "W4A16")
+LINEAR_METHODS = ("W8A8", "W8A8_DYNAMIC", "W8A16", "W8A8_MXFP8")
+MOE_METHODS = ("W8A8_DYNAMIC", "W4A8_DYNAMIC", "W4A16", "W8A8_MXFP8")
+MX_TYPES = ("W8A8_MXFP8",)  # microscaling types: one uint8 (E8M0) scale per MX_BLOCK inputs
+MX_BLOCK = 32  # the group_size msModelSlim writes for MX types and the card's MX kernels take
 # the dtype W8A8's deq_scale parameter is created in, by serving dtype (none for float32)
 DEQ_SCALE_DTYPES = {"bfloat16": "F32", "float16": "I64"}
 SCALAR_DTYPES = (*FLOATS, "I8")  # W8A8's input_offset parameter is int8; its tensor may be a float one too
@@ -91,6 +93,10 @@ RULES = {r.id: r for r in (
     Rule("R22", "dtypes are those of the parameters (int8 weights, int32 quant_bias, float scales)",
          "param.copy_ (casts silently)"),
     Rule("R23", "shapes are those of the parameters", "vllm linear weight_loader asserts"),
+    Rule("R25", "an MX type (W8A8_MXFP8) has the description's group_size 32; each such linear's input per rank is a "
+                "whole number of 32-blocks where vLLM splits it, an expert's also an even number (the MoE method "
+                "pairs scale columns without padding)",
+         "vllm-ascend w8a8_mxfp8.py create_weights, process_weights_after_loading"),
     Rule("R24", "the description and the tensors agree key for key, no unknown field (the loader ignores the "
                 "rest: a warning)", "docs/FORMAT.md", warning=True),
 )}
@@ -121,6 +127,9 @@ def method_params(quant_type: str, linear: Linear, serve_dtype: str) -> Optional
     if quant_type == "W8A8_DYNAMIC":  # w8a8_dynamic.py get_weight, get_perchannel_param; experts: no bias param
         return {"weight": Param(("I8",), (out, inp)), "weight_scale": Param(FLOATS, (out, 1)),
                 "weight_offset": Param(FLOATS, (out, 1)), **bias}
+    if quant_type == "W8A8_MXFP8":  # w8a8_mxfp8.py: cdiv(in, 32) scale columns for a linear, in // 32 for experts
+        blocks = inp // MX_BLOCK if linear.expert else -(-inp // MX_BLOCK)
+        return {"weight": Param(("F8_E4M3",), (out, inp)), "weight_scale": Param(("U8",), (out, blocks)), **bias}
     if quant_type == "W4A8_DYNAMIC" and linear.expert:  # w4a8.py, modelslim layout, per channel
         chunks = W4A8_SCALE_BIAS_CHUNKS if linear.proj == "down_proj" else 1
         f32 = ("F32",)
@@ -352,6 +361,28 @@ class Checker:
         if self.model is None:
             return None
         return tp_violations(self.model, self.tp, lambda name: self.types.get(name) == "W4A8_DYNAMIC")
+
+    def rule_R25(self):
+        if self.description is None:
+            return None
+        mx = [name for name, t in self.types.items() if t in MX_TYPES]
+        bad = []
+        if not mx:
+            return bad
+        if self.fields.get("group_size") != MX_BLOCK:
+            bad.append(f"group_size is {self.fields.get('group_size')!r}: the MX methods read it as the scale's block "
+                       f"({MX_BLOCK}), which sizes the weight_scale parameter")
+        for name in mx:
+            lin = self.model.linears.get(name) if self.model is not None else None
+            if lin is None or lin.expert and not name.split(".experts.")[1].startswith("0."):
+                continue  # every expert has expert 0's shapes
+            split = lin.split == "row" and self.tp > 1
+            if split and lin.inp % self.tp:
+                continue  # R17
+            per_rank = lin.inp // self.tp if split else lin.inp
+            if (lin.expert or split) and per_rank % MX_BLOCK or lin.expert and per_rank // MX_BLOCK % 2:
+                bad.append(f"{name} [{lin.out}, {lin.inp}]: {per_rank} inputs per rank")
+        return bad
 
     def rule_R18(self):
         if self.model is None or not self.model.moe_layers:

@@ -17,7 +17,7 @@ from typing import Optional
 from dist_quant.check import Rule, Verdict, run_rules
 from dist_quant.check.folder import FLOATS, Folder
 from dist_quant.check.model import Linear, Model, model_problem, tp_violations
-from dist_quant.checkpoint.formats.compressed_tensors import QUANT_METHOD, Matcher, resolve_regexes, vllm_name
+from dist_quant.checkpoint.formats.compressed_tensors import Matcher, resolve_regexes, vllm_name
 
 FORMAT = "compressed-tensors for vLLM"
 INDEX = "model.safetensors.index.json"
@@ -60,12 +60,6 @@ RULES = {r.id: r for r in (
                "linears, W8A8_DYNAMIC, W4A8_DYNAMIC experts)", "vllm-ascend compressed_tensors_config.py "
                                                              "_detect_quant_type", ASCEND),
 )}
-
-
-def applies(folder: Folder) -> bool:
-    """A folder whose config.json says compressed-tensors."""
-    config = (folder.config or {}).get("quantization_config")
-    return isinstance(config, dict) and config.get("quant_method") == QUANT_METHOD
 
 
 def _args(raw) -> Optional[dict]:

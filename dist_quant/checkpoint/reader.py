@@ -44,6 +44,8 @@ def all_finite(tensor: torch.Tensor) -> bool:
     """No NaN or Inf anywhere: min and max propagate both, and one fused reduction is ~10x cheaper than isfinite()."""
     if tensor.numel() == 0 or not tensor.is_floating_point():
         return True
+    if tensor.element_size() == 1:  # float8 (MXFP8 weights): torch has no min/max for it
+        tensor = tensor.to(torch.float32)
     lo, hi = torch.aminmax(tensor)
     return bool(torch.isfinite(lo) and torch.isfinite(hi))
 

@@ -10,6 +10,7 @@ from collections import defaultdict
 from typing import Iterator
 
 from dist_quant import schemes
+from dist_quant.checkpoint import formats
 from dist_quant.errors import RecipeError
 from dist_quant.models.family import sizes_for
 from dist_quant.recipe import Recipe, check_linear_quants_apply
@@ -93,6 +94,11 @@ def check_recipe_for_model(recipe: Recipe, config) -> None:
         raise RecipeError(f"recipe {recipe.path}: iter_smooth with include {list(smooth.include)} and exclude "
                           f"{list(smooth.exclude)} selects no linear of this model's decoder layers, so nothing "
                           "would be smoothed: fix its globs or remove it")
+    expert_names = [family.expert_key(layer, 0, proj) for layer in range(text.num_hidden_layers)
+                    if family.is_moe_layer(text, layer) for proj in family.EXPERT_PROJS]
+    problem = formats.for_saver(recipe.saver).unsupported(recipe.quant_type(n) for n in (*linears, *expert_names))
+    if problem:
+        raise RecipeError(f"recipe {recipe.path}: {problem}")
     for name in linears:
         scheme = schemes.get(recipe.quant_type(name))
         if not scheme.serves_linears:

@@ -45,9 +45,9 @@ PARALLEL = (Kind.IMAGES, Kind.EXPERTS)  # units that run side by side on every a
 # "W4A8 experts at 235B width". What a min/max rounding costs (W8A8, W4A8 minmax: a divide, a round, a clamp) is in
 # Hardware.elementwise_passes; these are what a weight method adds to it.
 MEASURED_EXPERT_PARAMS = 3 * 1536 * 4096
-SSZ_ITERATION_S = 1.07 / 10  # ssz: 1.07 s per expert for 10 iterations on gate, up and down (2026-12-07)
-GPTQ_S = 1.3 + 4.8  # gptq, after ssz's scale: ~1.3 s for the routed tokens' Gram matrices in the run, ~4.8 s of
-# preparation (float64 Cholesky, triangular inverse) and column loops (docs/benchmarks.md, 2026-12-07)
+SSZ_ITERATION_S = 0.51 / 10  # ssz: 0.51 s per expert for 10 iterations on gate, up and down (2026-12-07, second)
+GPTQ_S = 0.2 + 1.25  # gptq, after ssz's scale: ~0.2 s for the routed tokens' Gram matrices in the run, ~1.25 s of
+# factorisation (float32 Cholesky) and column loops (docs/benchmarks.md, "W4A8 rounding near its floor")
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from dist_quant.recipe import Recipe
 from dist_quant.runtime.timing import PhaseTimes
 
 Quantize = Callable[[schemes.Scheme, torch.Tensor, Optional[torch.Tensor], schemes.LinearSpec],
-                    dict[str, torch.Tensor]]
+                    schemes.QuantizedLinear]
 
 
 class TensorSink(Protocol):
@@ -30,8 +30,8 @@ class TensorSink(Protocol):
 
 
 def scheme_quantize(scheme: schemes.Scheme, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                    spec: schemes.LinearSpec) -> dict[str, torch.Tensor]:
-    """The scheme's own quantization: the roles it writes for one linear (the emitter's default)."""
+                    spec: schemes.LinearSpec) -> schemes.QuantizedLinear:
+    """The scheme's own quantization of one linear (the emitter's default)."""
     return scheme.quantize(weight, bias, spec)
 
 
@@ -56,16 +56,16 @@ class Emitter:
                hessian: Optional[Hessian] = None) -> str:
         """Quantize one linear with the recipe's scheme for it and hand the format's tensors to the sink; returns the
         scheme's name. The scheme rounds where the weight is (the worker's compute device: a scheme does what needs
-        float64 on the host itself), and its roles come to the host for the sink."""
+        float64 on the host itself); what it made comes to the host, where the format encodes it."""
         scheme, processor = self.scheme(name), self.recipe.linear_quant(name)
         weight, bias = weight.detach(), None if bias is None else bias.detach()
         spec = schemes.LinearSpec(name, processor and processor.act, processor and processor.weight,
                                   ranges.tensor_range(name) if scheme.needs_input_range else None, self.model_dtype,
                                   self.family.splits_input(name), hessian)
         with self._times.phase("quantize") if self._times is not None else contextlib.nullcontext():
-            roles = self._quantize(scheme, weight, bias, spec)
-        roles = {role: tensor.cpu() for role, tensor in roles.items()}
-        for key, tensor, quant_type in self.output_format.linear_entries(name, scheme.name, roles, self.model_dtype):
+            quantized = self._quantize(scheme, weight, bias, spec)
+        quantized = quantized.map(lambda tensor: tensor.cpu())
+        for key, tensor, quant_type in self.output_format.linear_entries(name, scheme.name, quantized, spec):
             self.sink.add(key, tensor, quant_type)
         return scheme.name
 

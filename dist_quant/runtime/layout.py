@@ -1,9 +1,9 @@
 """What each unit of a plan writes, before any unit runs: (key, dtype, shape) of every tensor, in order.
 
 The unit's pieces are built on fake tensors (no data, no forward) from the checkpoint's headers and emitted through
-the worker's own ``Emitter``, with a quantizer that works out each kind of linear's roles once: a scheme's roles'
-dtypes and shapes depend only on the weight's shape and dtype, the bias, the qconfig and the source dtype. The
-writer places every tensor in its part file from this (checkpoint/writer.py ``set_layout``).
+the worker's own ``Emitter``, with a quantizer that quantizes each kind of linear once: the dtypes and shapes of what
+a scheme makes depend only on the weight's shape and dtype, the bias, the qconfig and the source dtype. The writer
+places every tensor in its part file from this (checkpoint/writer.py ``set_layout``).
 """
 
 from __future__ import annotations
@@ -39,21 +39,20 @@ class _AnyRanges:
         return -1.0, 1.0
 
 
-class _RoleShapes:
+class _KindShapes:
     """A quantizer for fake weights: runs the scheme once per kind of linear (under the fake mode: no data) and
     answers empty tensors of the dtypes and shapes it gave."""
 
     def __init__(self):
-        self._kinds: dict[tuple, dict[str, tuple[torch.dtype, tuple[int, ...]]]] = {}
+        self._kinds: dict[tuple, schemes.QuantizedLinear] = {}
 
     def __call__(self, scheme: schemes.Scheme, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                 spec: schemes.LinearSpec) -> dict[str, torch.Tensor]:
+                 spec: schemes.LinearSpec) -> schemes.QuantizedLinear:
         kind = (scheme.name, tuple(weight.shape), weight.dtype, bias is None, spec.act, spec.weight, spec.model_dtype,
                 spec.input_split)
         if kind not in self._kinds:
-            self._kinds[kind] = {role: (t.dtype, tuple(t.shape))
-                                 for role, t in scheme.quantize(weight, bias, spec).items()}
-        return {role: torch.empty(shape, dtype=dtype) for role, (dtype, shape) in self._kinds[kind].items()}
+            self._kinds[kind] = scheme.quantize(weight, bias, spec)
+        return self._kinds[kind].map(lambda t: torch.empty(t.shape, dtype=t.dtype))
 
 
 def unit_entries(family, reader, config, recipe: Recipe, plan: list[Unit],
@@ -61,7 +60,7 @@ def unit_entries(family, reader, config, recipe: Recipe, plan: list[Unit],
     """[(unit id, [(key, dtype, shape), ...]), ...]: what each unit of ``plan`` writes, in the order it writes them,
     for a checkpoint (``reader``, its checked ``config``, its ``family`` module) and a recipe."""
     recorder = _Recorder()
-    emit = Emitter(family, recipe, reader.dtype(family.EMBED_KEY), recorder, _RoleShapes())
+    emit = Emitter(family, recipe, reader.dtype(family.EMBED_KEY), recorder, _KindShapes())
     layout = []
     with FakeTensorMode():
         def read(key: str, shape: Optional[tuple[int, ...]] = None) -> torch.Tensor:

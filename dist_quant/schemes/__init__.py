@@ -1,7 +1,9 @@
 """The quant schemes, one module each; this registry is the only list of them.
 
-Adding a scheme: write its module (a ``SCHEME`` built from schemes.base.Scheme) and add it to ``_MODULES``; a recipe
-preset that uses it goes to dist_quant/configs/.
+Adding a scheme: write its module (a ``SCHEME`` built from schemes.base.Scheme) and add it to ``_MODULES``; each
+output format that stores it says how (the ascendv1 format: a row of checkpoint/formats/ascendv1_encoding.py; the
+compressed-tensors format derives its layout from the scheme's qconfig); a recipe preset that uses it goes to
+dist_quant/configs/.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ from dist_quant.schemes import unquantized as _float
 from dist_quant.schemes import w4a8_dynamic as _w4a8_dynamic
 from dist_quant.schemes import w8a8 as _w8a8
 from dist_quant.schemes import w8a8_dynamic as _w8a8_dynamic
-from dist_quant.schemes.base import LinearSpec, QSpec, Scheme
+from dist_quant.schemes import w8a8_mxfp8 as _w8a8_mxfp8
+from dist_quant.schemes.base import LinearSpec, QSpec, QuantizedLinear, Scheme
 
-_MODULES = (_float, _w8a8_dynamic, _w8a8, _w4a8_dynamic)
+_MODULES = (_float, _w8a8, _w8a8_dynamic, _w4a8_dynamic, _w8a8_mxfp8)  # compressed-tensors' config groups in order
 SCHEMES: dict[str, Scheme] = {m.SCHEME.name: m.SCHEME for m in _MODULES}
 FLOAT, W8A8, W8A8_DYNAMIC, W4A8_DYNAMIC = _float.NAME, _w8a8.NAME, _w8a8_dynamic.NAME, _w4a8_dynamic.NAME
 SELECTABLE = tuple(s for s in SCHEMES.values() if s.act is not None)
@@ -33,13 +36,5 @@ def for_qconfig(act: QSpec, weight: QSpec) -> Optional[Scheme]:
     return next((s for s in SELECTABLE if s.selected_by(act, weight)), None)
 
 
-def highest(names) -> str:
-    """The present scheme of highest priority (the description's model_quant_type)."""
-    present = {get(name) for name in names}
-    if not present:
-        raise ValueError("no quant types given")
-    return max(present, key=lambda s: s.priority).name
-
-
-__all__ = ["FLOAT", "SCHEMES", "SELECTABLE", "W4A8_DYNAMIC", "W8A8", "W8A8_DYNAMIC", "LinearSpec", "QSpec", "Scheme",
-           "for_qconfig", "get", "highest"]
+__all__ = ["FLOAT", "SCHEMES", "SELECTABLE", "W4A8_DYNAMIC", "W8A8", "W8A8_DYNAMIC", "LinearSpec", "QSpec",
+           "QuantizedLinear", "Scheme", "for_qconfig", "get"]

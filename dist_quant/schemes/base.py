@@ -1,13 +1,15 @@
-"""What a quant scheme is: the recipe qconfig that selects it, how it quantizes one linear, what it costs in bytes,
-and how the serving engine computes with its tensors.
+"""What a quant scheme is: the recipe qconfig that selects it, how it quantizes one linear, and what it costs in
+bytes.
 
-A scheme speaks in *roles* (``weight``, ``weight_scale``, ``input_scale``...): the tensors of one linear as the
-serving engine's method holds them after loading, in plain dtypes. An output format (checkpoint/formats/) turns the
-roles into file keys, description entries and dtype encodings.
+A scheme says what it made of a linear, in no file's spelling: a :class:`QuantizedLinear` (the codes, their scales
+and zero points, the group size, a static activation scale and offset, the bias). Its qconfig sides (``act``,
+``weight``: scope, element type, symmetry) say what the codes and scales mean. An output format
+(checkpoint/formats/) derives its encoding from both: file keys, description entries, dtypes, packing, fused
+scales, and the serving engine's math on them.
 
 What a scheme declares (names, qconfigs, bits, options) is read without torch: ``dist-quant plan`` and the recipe
-need only that. The tensor work is in each scheme's ``quantize`` and ``serve``, which import torch when called, and
-in schemes/tensors.py.
+need only that. The tensor work is in each scheme's ``quantize``, which imports torch when called, and in
+schemes/tensors.py.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 if TYPE_CHECKING:
     import torch
-    from torch import nn
 
     from dist_quant.algorithms.gptq import Hessian
 
@@ -63,9 +64,37 @@ class LinearSpec:
 
 
 @dataclass(frozen=True)
+class QuantizedLinear:
+    """What a scheme made of one linear [out, in]; None where the scheme has no such part.
+
+    The weight is ``scale * (codes - zero_point)`` per output channel, or per ``group_size`` consecutive inputs when
+    ``group_size`` is not 0 (scales [out, ceil(in / group_size)]). Codes are integers in an integer dtype (int4 ones
+    unpacked, one per int8) or elements of a float dtype (float8). A scheme that does not quantize (FLOAT) leaves
+    its weight in ``codes``, in the source dtype, without a scale. A static activation quantization (per tensor)
+    is ``input_scale`` and ``input_offset`` ([1] each: ``x_q = round(x / input_scale) + input_offset``); dynamic
+    ones are computed by the engine at run time and have nothing here."""
+
+    codes: torch.Tensor
+    scale: Optional[torch.Tensor] = None  # float32 [out] per channel, [out, groups] per group
+    zero_point: Optional[torch.Tensor] = None  # None: symmetric
+    group_size: int = 0  # inputs per scale (0: one scale per output channel)
+    input_scale: Optional[torch.Tensor] = None
+    input_offset: Optional[torch.Tensor] = None
+    bias: Optional[torch.Tensor] = None  # float, as the linear had it
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "QuantizedLinear":
+        """The same linear with ``fn`` applied to each of its tensors (e.g. to bring them to the host)."""
+        return replace(self, **{f: fn(t) for f, t in self.tensors().items()})
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f: getattr(self, f) for f in ("codes", "scale", "zero_point", "input_scale", "input_offset", "bias")
+                if getattr(self, f) is not None}
+
+
+@dataclass(frozen=True)
 class Scheme:
-    """One quant type. ``quantize(weight, bias, spec)`` returns its roles in the order they are written;
-    ``serve(roles)`` is the module the serving engine would run."""
+    """One quant type. ``quantize(weight, bias, spec)`` returns what it made of the linear (:class:`QuantizedLinear`);
+    an output format encodes that as its engine loads it."""
 
     name: str  # the description's quant type
     act: Optional[QSpec]  # the recipe qconfig that selects the scheme (None: not selectable, the default)
@@ -73,11 +102,7 @@ class Scheme:
     needs_input_range: bool  # quantizing needs the linear's calibrated input range
     weight_bits: Optional[int]  # None: the weight stays in the source dtype
     serves_experts: bool  # the serving engine has a MoE method for it
-    priority: int  # the description's model_quant_type is the present scheme of highest priority
-    roles: tuple[str, ...]  # what ``quantize`` emits besides an optional "bias"; serving needs all of them
-    quantize: Callable[[torch.Tensor, Optional[torch.Tensor], LinearSpec], dict[str, torch.Tensor]]
-    serve: Callable[[dict[str, torch.Tensor]], nn.Module]
-    summary: str  # one line for error messages and docs
+    quantize: Callable[[torch.Tensor, Optional[torch.Tensor], LinearSpec], QuantizedLinear]
     ext_keys: tuple[str, ...] = ()  # the qconfig ``ext`` options the scheme understands (others are refused)
     # checks the values of a qconfig side's options: ``check_ext(side, spec)`` raises ValueError for a bad one and
     # returns warnings (e.g. an option the scheme accepts for msModelSlim's recipes but ignores)
@@ -86,14 +111,9 @@ class Scheme:
     needs_hessian: Callable[[Optional["QSpec"]], bool] = lambda weight: False
     weight_methods: tuple[str, ...] = ()  # more weight ``method``s that select it (``quantize`` reads spec.weight)
     serves_linears: bool = True  # the serving engine has a method for it outside the routed experts
-    weight_packing: int = 1  # output channels per stored row of ``weight`` (2 for int4 codes packed in int8)
     # why a linear of this [out, in] shape cannot be stored or loaded with the scheme, or None: ``check_shape(name,
     # shape, input_split)`` (input_split: LinearSpec.input_split), for refusing a recipe before any unit runs
     check_shape: Callable[[str, tuple[int, ...], bool], Optional[str]] = lambda name, shape, input_split: None
-
-    def stored_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
-        """The shape ``weight`` is stored in, for a linear whose float weight has ``shape`` [out, in]."""
-        return (shape[0] // self.weight_packing, *shape[1:])
 
     def selected_by(self, act: "QSpec", weight: "QSpec") -> bool:
         """Whether a recipe qconfig (its options aside) selects this scheme."""

@@ -1,5 +1,5 @@
 """The tensor side the schemes share: checks of a weight or calibration statistic before quantizing it, and the
-served linear. Imported by a scheme's ``quantize`` and ``serve`` when they run (schemes/base.py, which declares the
+served linear the formats' serving math builds. Imported when they run (schemes/base.py, which declares the
 schemes, imports no torch)."""
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ def check_finite_inputs(spec: LinearSpec, what: str, tensor: torch.Tensor) -> No
 
 
 class ServedLinear(nn.Module):
-    """A linear as the engine runs it: ``math(x2d, roles)`` on the flattened tokens, output in x's dtype."""
+    """A linear as a serving engine runs it: ``math(x2d, roles)`` on the flattened tokens, output in x's dtype (the
+    formats' serving math, e.g. checkpoint/formats/ascendv1_encoding.py, builds it for ``dist-quant eval``)."""
 
     def __init__(self, roles: dict[str, torch.Tensor], math: Callable[..., torch.Tensor]):
         super().__init__()

@@ -1,10 +1,8 @@
 """W4A8_DYNAMIC: int4 per-channel symmetric expert weights, int8 per-token symmetric activations computed at run time.
 
-What vLLM Ascend's ``AscendW4A8DynamicFusedMoEMethod`` loads in the modelslim layout (per channel: ``group_size`` 0,
-``version`` "1.0.0"), as msModelSlim's ``AscendV1Saver.on_w4a8_dynamic`` writes it (docs/w4a8-loader-facts.md, 1.3
-and 3.2): ``weight`` int8 [out/2, in], two int4 codes per byte along the output dimension; ``weight_scale`` and a
-zero ``weight_offset`` float32 [out, 1]; ``scale_bias`` float32 [out, 1], or [out, 16] for a linear whose input the
-engine splits across ranks (down_proj). Routed experts only: vLLM Ascend has no W4A8 linear method on main.
+Routed experts only: vLLM Ascend has no W4A8 linear method on main. Its MoE method loads the codes packed two per
+byte with the kernel's ``scale_bias`` (the ascendv1 format's encoding, docs/w4a8-loader-facts.md), which constrains
+the shapes it takes (``check_shape``).
 
 The weight scale is msModelSlim's "ssz" least-squares refinement by default (``method: ssz``, data-free), or plain
 min/max (``method: minmax``); ``method: gptq`` keeps ssz's scale and rounds with GPTQ on the expert's routed
@@ -20,11 +18,10 @@ from typing import TYPE_CHECKING, Optional
 
 from dist_quant.algorithms.int4_params import QMAX4, QMIN4, SCALE_BIAS_CHUNKS, SSZ_ITERATIONS
 from dist_quant.errors import RecipeError
-from dist_quant.schemes.base import FLOAT32_MAX, LinearSpec, QSpec, Scheme
+from dist_quant.schemes.base import FLOAT32_MAX, LinearSpec, QSpec, QuantizedLinear, Scheme
 
 if TYPE_CHECKING:
     import torch
-    from torch import nn
 
 NAME = "W4A8_DYNAMIC"
 WEIGHT_METHODS = ("ssz", "minmax", "gptq")  # the qconfig weight methods that select it; ssz first: the default
@@ -112,14 +109,12 @@ def weight_scale(weight: torch.Tensor, spec: Optional[QSpec]) -> torch.Tensor:
     return ssz_scale(weight, spec.option("step", SSZ_ITERATIONS) if spec is not None else SSZ_ITERATIONS)
 
 
-def quantize(weight: torch.Tensor, bias: Optional[torch.Tensor], spec: LinearSpec) -> dict[str, torch.Tensor]:
-    """Roles: weight (int8 [out/2, in], packed int4), weight_scale and weight_offset (float32 [out, 1], the offset
-    all zero), scale_bias (float32 [out, 1], [out, 16] when ``spec.input_split``)."""
-    import torch
+def quantize(weight: torch.Tensor, bias: Optional[torch.Tensor], spec: LinearSpec) -> QuantizedLinear:
+    """Codes in [-8, 7] (int8 [out, in], one per byte) and their scale float32 [out]."""
     from torch._subclasses.fake_tensor import is_fake
 
-    from dist_quant.algorithms.gptq import DAMP, gptq_codes
-    from dist_quant.algorithms.int4 import int4_codes, pack_int4_rows, scale_bias
+    from dist_quant.algorithms.gptq import DAMP, NotPositiveDefinite, gptq_codes
+    from dist_quant.algorithms.int4 import int4_codes
     from dist_quant.schemes.tensors import check_finite_inputs, check_weight
 
     if bias is not None:
@@ -133,32 +128,19 @@ def quantize(weight: torch.Tensor, bias: Optional[torch.Tensor], spec: LinearSpe
         check_finite_inputs(spec, "the Gram matrix of its calibration inputs", spec.hessian.gram)
     scale = weight_scale(weight, spec.weight)
     if gptq:
-        codes = gptq_codes(weight, scale, spec.hessian, QMIN4, QMAX4, damp=spec.weight.option("damp", DAMP))
+        damp = spec.weight.option("damp", DAMP)
+        try:
+            codes = gptq_codes(weight, scale, spec.hessian, QMIN4, QMAX4, damp=damp)
+        except NotPositiveDefinite as error:
+            raise RecipeError(f"linear {spec.name}: GPTQ cannot round it: {error}; raise weight.ext.damp (now "
+                              f"{damp:g}; default {DAMP:g})") from None
     else:  # also gptq for an expert without calibration tokens: plain rounding
         codes = int4_codes(weight, scale)
-    return {"weight": pack_int4_rows(codes), "weight_scale": scale[:, None].contiguous(),
-            "weight_offset": torch.zeros_like(scale)[:, None].contiguous(),
-            "scale_bias": scale_bias(codes, scale, spec.input_split)}
-
-
-def _math(x: torch.Tensor, r: dict[str, torch.Tensor]) -> torch.Tensor:
-    from dist_quant.algorithms.int4 import unpack_int4_rows
-    from dist_quant.algorithms.quantize import dynamic_w8a8_linear
-
-    return dynamic_w8a8_linear(x, unpack_int4_rows(r["weight"]), r["weight_scale"])
-
-
-def serve(roles: dict[str, torch.Tensor]) -> nn.Module:
-    from dist_quant.schemes.tensors import ServedLinear
-
-    return ServedLinear({k: roles[k] for k in ("weight", "weight_scale")}, _math)
+    return QuantizedLinear(codes, scale)
 
 
 SCHEME = Scheme(NAME, act=QSpec("per_token", "int8", True, "minmax"),
                 weight=QSpec("per_channel", "int4", True, WEIGHT_METHODS[0]), needs_input_range=False, weight_bits=4,
-                serves_experts=True, priority=-1, roles=("weight", "weight_scale", "weight_offset", "scale_bias"),
-                quantize=quantize, serve=serve, weight_methods=WEIGHT_METHODS[1:], serves_linears=False,
-                weight_packing=2, ext_keys=EXT_KEYS, check_ext=check_ext,
-                needs_hessian=needs_hessian, check_shape=check_shape,
-                summary="per_token int8 symmetric minmax activations, per_channel int4 symmetric ssz, minmax or "
-                        "gptq weights (W4A8_DYNAMIC, routed experts only)")
+                serves_experts=True, quantize=quantize, weight_methods=WEIGHT_METHODS[1:], serves_linears=False,
+                ext_keys=EXT_KEYS, check_ext=check_ext,
+                needs_hessian=needs_hessian, check_shape=check_shape)

@@ -1,52 +1,74 @@
-"""Output formats, one module each. A format owns its file names, how a scheme's roles become file keys, dtypes and
-description entries, the config rewrite, its side files, and how a checkpoint of it is read back (for eval); the
-checkpoint writer keeps what is common: staging, the part layout the units write into, the index and the atomic
-publish.
+"""Output formats, one module each, on the :class:`OutputFormat` protocol: a format owns its file names, how what a
+scheme made becomes file keys, dtypes and description entries, the config rewrite, its side files, how a published
+checkpoint of it is recognised and read back, and which loader rules check it; the checkpoint writer keeps what is
+common: staging, the part layout the units write into, the index and the atomic publish.
 
-Adding a format: its module (with the names and functions ascendv1.py has) and a line in ``SAVERS``.
+``FORMATS`` is the only list of them. Adding a format: its module, with the names of ``OutputFormat`` (its
+``SAVER`` and ``CLI_NAME`` are how a recipe and ``--save_format`` name it), and its place in ``FORMATS``.
 """
 
 from __future__ import annotations
 
-import importlib
-from types import ModuleType
-from typing import Optional
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable, Optional, Protocol
 
+from dist_quant.checkpoint.formats import ascendv1 as _ascendv1
+from dist_quant.checkpoint.formats import compressed_tensors as _compressed_tensors
 from dist_quant.errors import RecipeError
 
-SAVERS = {"ascendv1_saver": "dist_quant.checkpoint.formats.ascendv1",  # a recipe's ``save: - type:`` -> module
-          "compressed_tensors": "dist_quant.checkpoint.formats.compressed_tensors"}
-SAVE_FORMATS = {"ascendv1": "ascendv1_saver", "compressed-tensors": "compressed_tensors"}  # --save_format -> saver
+if TYPE_CHECKING:
+    import torch
+
+    from dist_quant.schemes import LinearSpec, QuantizedLinear
 
 
-def hub_part_names(prefix: str, count: int) -> list[str]:
-    """Hugging Face style weight files: ``PREFIX-0000k-of-0000n.safetensors``, or one ``PREFIX.safetensors`` for a
-    checkpoint without a part size limit (count 0)."""
-    if count == 0:
-        return [f"{prefix}.safetensors"]
-    return [f"{prefix}-{k:05d}-of-{count:05d}.safetensors" for k in range(1, count + 1)]
+class OutputFormat(Protocol):
+    """What the writer, the emitter, eval, the report and ``check`` ask of a format (a module)."""
+
+    NAME: str  # in words, for messages
+    SAVER: str  # a recipe's ``save: - type:`` that selects it
+    CLI_NAME: str  # ``--save_format``'s name for it
+    CHECK_RULES: str  # the dist_quant.check module with its serving engines' loader rules
+    WEIGHTS_PREFIX: str  # of its weight part files
+    INDEX_FILE: str  # the weight parts' index
+    MARKER_FILE: str  # published last: a folder without it does not look finished
+    OPTIONAL_DIR: str  # the folder of its side files
+
+    def part_names(self, count: int) -> list[str]: ...
+
+    def unsupported(self, quant_types: Iterable[str]) -> Optional[str]: ...
+
+    def linear_entries(self, name: str, quant_type: str, quantized: QuantizedLinear,
+                       spec: LinearSpec) -> list[tuple[str, torch.Tensor, str]]: ...
+
+    def description_files(self, types: dict[str, str], optional: Optional[dict]) -> dict[str, dict]: ...
+
+    def rewrite_config(self, config: dict, types: dict[str, str]) -> dict: ...
+
+    def rotation_file(self, rotation: torch.Tensor) -> Optional[tuple[str, dict[str, torch.Tensor], dict]]: ...
+
+    def published_types(self, save_path: Path) -> dict[str, str]: ...
+
+    def is_published(self, save_path: Path) -> bool: ...
+
+    def is_own_file(self, name: str) -> bool: ...
 
 
-def drop_config_keys(config: dict, keys: tuple[str, ...]) -> dict:
-    """config.json without ``keys``, at the top level and in text_config (vLLM looks in both)."""
-    for key in keys:
-        config.pop(key, None)
-        if isinstance(config.get("text_config"), dict):
-            config["text_config"].pop(key, None)
-    return config
+# in the order a folder is recognised: a config.json saying compressed-tensors wins over a description file
+FORMATS: tuple[OutputFormat, ...] = (_compressed_tensors, _ascendv1)
+DEFAULT: OutputFormat = _ascendv1
+SAVERS = {fmt.SAVER: fmt for fmt in FORMATS}  # a recipe's ``save: - type:`` -> its format
+SAVE_FORMATS = {fmt.CLI_NAME: fmt.SAVER for fmt in FORMATS}  # --save_format -> a saver
+DEFAULT_SAVER = DEFAULT.SAVER
 
 
-def published_format(path) -> Optional[ModuleType]:
+def published_format(path) -> Optional[OutputFormat]:
     """The format of the finished checkpoint in ``path``, None when there is none."""
-    for module in SAVERS.values():
-        fmt = importlib.import_module(module)
-        if fmt.is_published(path):
-            return fmt
-    return None
+    return next((fmt for fmt in FORMATS if fmt.is_published(path)), None)
 
 
-def for_saver(saver: str) -> ModuleType:
-    """The format module a recipe's saver type names."""
+def for_saver(saver: str) -> OutputFormat:
+    """The format a recipe's saver type names."""
     if saver not in SAVERS:
         raise RecipeError(f"unknown saver {saver!r}; known: {list(SAVERS)}")
-    return importlib.import_module(SAVERS[saver])
+    return SAVERS[saver]

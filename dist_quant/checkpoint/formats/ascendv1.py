@@ -15,15 +15,20 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Optional
 
-from dist_quant.checkpoint.formats import compressed_tensors, drop_config_keys, hub_part_names
+from dist_quant.checkpoint.formats.common import drop_config_keys, hub_part_names
 from dist_quant.checkpoint.model_folder import JSON_FILE_ERRORS, load_json_file, model_file
-from dist_quant.errors import CheckpointError, reason
+from dist_quant.errors import CheckpointError, RecipeError, reason
 
 if TYPE_CHECKING:  # light to import (as `dist-quant check` needs its formats): torch and the schemes where they work
     import torch
     from torch import nn
 
+    from dist_quant.schemes import LinearSpec, QuantizedLinear
+
 NAME = "ascendv1"
+SAVER = "ascendv1_saver"  # msModelSlim's saver type
+CLI_NAME = "ascendv1"
+CHECK_RULES = "dist_quant.check.ascend"
 WEIGHTS_PREFIX = "quant_model_weights"
 SINGLE_WEIGHTS_FILE = f"{WEIGHTS_PREFIX}.safetensors"
 INDEX_FILE = f"{WEIGHTS_PREFIX}.safetensors.index.json"
@@ -42,50 +47,65 @@ def part_names(count: int) -> list[str]:
 
 # --- writing ---------------------------------------------------------------------------------------------------------
 
-def float32_bits_as_int64(values: torch.Tensor) -> torch.Tensor:
-    """The float32 bit pattern of ``values`` widened to int64: how ``deq_scale`` is stored for models not in bf16."""
-    import torch
-
-    return values.to(torch.float32).contiguous().view(torch.int32).to(torch.int64)
-
-
-def deq_scale_values(deq_scale: torch.Tensor) -> torch.Tensor:
-    """Undo the int64 storage of ``deq_scale`` (models not in bfloat16)."""
-    import torch
-
-    if deq_scale.dtype == torch.int64:
-        return deq_scale.to(torch.int32).view(torch.float32)
-    return deq_scale.to(torch.float32)
-
-
-def linear_entries(name: str, quant_type: str, roles: dict[str, torch.Tensor],
-                   model_dtype: torch.dtype) -> list[tuple[str, torch.Tensor, str]]:
-    """(key, tensor, described type) of each role of the linear ``name``, in the scheme's order."""
-    import torch
-
+def linear_entries(name: str, quant_type: str, quantized: QuantizedLinear,
+                   spec: LinearSpec) -> list[tuple[str, torch.Tensor, str]]:
+    """(key, tensor, described type) of each stored tensor of the linear ``name``, from what its scheme made (on
+    the host), by the type's encoding (ascendv1_encoding.py), in msModelSlim's order; a bias is described FLOAT."""
+    from dist_quant.checkpoint.formats.ascendv1_encoding import ENCODINGS
     from dist_quant.schemes import FLOAT
 
-    entries = []
-    for role, tensor in roles.items():
-        if role == "deq_scale" and model_dtype != torch.bfloat16:
-            tensor = float32_bits_as_int64(tensor)
-        entries.append((f"{name}.{role}", tensor, FLOAT if role == "bias" else quant_type))
-    return entries
+    roles = ENCODINGS[quant_type].encode(quantized, spec)
+    return [(f"{name}.{role}", tensor, FLOAT if role == "bias" else quant_type) for role, tensor in roles.items()]
+
+
+def unsupported(quant_types: Iterable[str]) -> Optional[str]:
+    """Why linears of these quant types cannot be written together in this format (asked before any unit runs), or
+    None: a type without an encoding, or types that need different values of the description's one group_size."""
+    types = sorted(set(quant_types))
+    try:
+        group_size(types)
+    except RecipeError as error:
+        return str(error)
+    return None
+
+
+def group_size(types: Iterable[str]) -> int:
+    """The description's group_size for a checkpoint of these types: what they need (0 when none needs one)."""
+    from dist_quant.checkpoint.formats.ascendv1_encoding import ENCODINGS
+
+    types = sorted(set(types))
+    unknown = [t for t in types if t not in ENCODINGS]
+    if unknown:
+        raise RecipeError(f"the ascendv1 format has no encoding for {unknown[0]}; it stores {list(ENCODINGS)}")
+    needed = {t: ENCODINGS[t].group_size for t in types if ENCODINGS[t].group_size is not None}
+    if len(set(needed.values())) > 1:
+        raise RecipeError("the ascendv1 description has one group_size, and these types need different ones: "
+                          + ", ".join(f"{t} {g}" for t, g in needed.items()) + " (vLLM Ascend reads it for each); "
+                          "quantize them in separate checkpoints or choose other types")
+    return next(iter(needed.values()), 0)
 
 
 def model_quant_type(types: Iterable[str]) -> str:
-    """The description's model_quant_type: the present scheme of highest priority (FLOAT < W8A8_DYNAMIC < W8A8)."""
-    from dist_quant.schemes import highest
+    """The description's model_quant_type: the present type of highest priority (msModelSlim's QUANT_TYPE_PRIORITY:
+    FLOAT < W8A8_DYNAMIC < W8A8; W4A8_DYNAMIC below FLOAT)."""
+    from dist_quant.checkpoint.formats.ascendv1_encoding import ENCODINGS
 
-    return highest(types)
+    present = set(types)
+    if not present:
+        raise ValueError("no quant types given")
+    unknown = sorted(present - set(ENCODINGS))
+    if unknown:
+        raise RecipeError(f"unknown quant type {unknown[0]!r}; the ascendv1 format stores {list(ENCODINGS)}")
+    return max(present, key=lambda t: ENCODINGS[t].priority)
 
 
 def description(types: dict[str, str], optional: Optional[dict]) -> dict:
     """The description's content: each tensor's type, then the top-level fields in msModelSlim's order. Its saver
     writes ``optional`` always since 2026-03 (f200bca): ``{}`` unless a side file such as QuaRot's rotation fills it
     (vLLM Ascend reads ``optional.quarot.rotation_map`` only for an Eagle3 draft model, and tolerates its absence)."""
-    return {**types, "version": "1.0.0", "model_quant_type": model_quant_type(types.values()), "metadata": {},
-            "group_size": 0, "optional": {} if optional is None else optional}
+    present = set(types.values())
+    return {**types, "version": "1.0.0", "model_quant_type": model_quant_type(present), "metadata": {},
+            "group_size": group_size(present), "optional": {} if optional is None else optional}
 
 
 def description_files(types: dict[str, str], optional: Optional[dict]) -> dict[str, dict]:
@@ -130,18 +150,25 @@ def is_own_file(name: str) -> bool:
 # --- reading (dist-quant eval) ---------------------------------------------------------------------------------------
 
 def role_suffixes() -> tuple[str, ...]:
-    """Every role a linear of any scheme may carry besides its weight."""
-    from dist_quant.schemes import SCHEMES
+    """Every role a linear of any type may carry besides its weight."""
+    from dist_quant.checkpoint.formats.ascendv1_encoding import ENCODINGS
 
-    return tuple(dict.fromkeys(r for s in SCHEMES.values() for r in (*s.roles, "bias") if r != "weight"))
+    return tuple(dict.fromkeys(r for e in ENCODINGS.values() for r in (*e.roles, "bias") if r != "weight"))
 
 
 def needed_roles(quant_type: Optional[str]) -> tuple[str, ...]:
     """The roles besides its weight a linear of that type must have to be served (none for an unknown type)."""
-    from dist_quant.schemes import SCHEMES
+    from dist_quant.checkpoint.formats.ascendv1_encoding import ENCODINGS
 
-    roles = SCHEMES[quant_type].roles if quant_type in SCHEMES else ()
+    roles = ENCODINGS[quant_type].roles if quant_type in ENCODINGS else ()
     return tuple(r for r in roles if r != "weight")
+
+
+def stored_shape(quant_type: Optional[str], shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape a linear's ``weight`` of that type is stored in, for a float weight of ``shape`` [out, in]."""
+    from dist_quant.checkpoint.formats.ascendv1_encoding import ENCODINGS
+
+    return ENCODINGS[quant_type].stored_shape(shape) if quant_type in ENCODINGS else shape
 
 
 class Checkpoint:
@@ -151,6 +178,8 @@ class Checkpoint:
         from dist_quant.checkpoint.reader import CheckpointReader
 
         self.path = Path(path)
+        from dist_quant.checkpoint.formats import compressed_tensors
+
         description_file = model_file(self.path, DESCRIPTION_FILE, "the quantized checkpoint")
         if not description_file.exists() and compressed_tensors.is_published(self.path):
             raise CheckpointError(f"{path} is a compressed-tensors checkpoint; dist-quant eval runs vLLM Ascend's "
@@ -199,8 +228,8 @@ class Checkpoint:
         return self.reader.get(key, dtype=self.dtype, shape=shape)
 
     def roles(self, name: str, quant_type: str) -> dict[str, torch.Tensor]:
-        """The roles of the linear ``name`` as the engine holds them: deq_scale decoded, float tensors in the
-        evaluation dtype, every role the scheme needs present."""
+        """The stored tensors of the linear ``name`` by role, float ones (a FLOAT weight, a bias) in the evaluation
+        dtype, every role its type needs present."""
         from dist_quant.schemes import FLOAT
 
         present = [r for r in ("weight", *role_suffixes()) if f"{name}.{r}" in self.reader]
@@ -211,22 +240,17 @@ class Checkpoint:
         roles = {}
         for role in present:
             key = f"{name}.{role}"
-            if quant_type == FLOAT or role == "bias":
-                roles[role] = self.float_tensor(key)
-            elif role == "deq_scale":
-                roles[role] = deq_scale_values(self.reader.get(key))
-            else:
-                roles[role] = self.reader.get(key)
+            roles[role] = self.float_tensor(key) if quant_type == FLOAT or role == "bias" else self.reader.get(key)
         return roles
 
     def linear(self, name: str) -> nn.Module:
         """The module vLLM Ascend would build for the linear ``name``, by its type in the description."""
-        from dist_quant import schemes
+        from dist_quant.checkpoint.formats.ascendv1_encoding import ENCODINGS
 
         quant_type = self.description.get(f"{name}.weight")
         if quant_type is None:
             raise CheckpointError(f"{self.path / DESCRIPTION_FILE} has no entry for {name}.weight")
-        if quant_type not in schemes.SCHEMES:
+        if quant_type not in ENCODINGS:
             raise CheckpointError(f"{self.path / DESCRIPTION_FILE} describes {name}.weight as {quant_type!r}, which "
-                                  f"this version cannot serve (known: {list(schemes.SCHEMES)})")
-        return schemes.get(quant_type).serve(self.roles(name, quant_type))
+                                  f"this version cannot serve (known: {list(ENCODINGS)})")
+        return ENCODINGS[quant_type].serve(self.roles(name, quant_type))

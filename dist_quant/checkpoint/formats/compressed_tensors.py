@@ -14,14 +14,13 @@ Targets and ignore entries are read back as vLLM matches them (``Matcher``: a li
 ``SERVED_PREFIXES``), here for ``published_types`` and in the loader check (check/compressed_tensors.py), which
 imports them from this module.
 
-Per linear ``[out, in]`` (symmetric per-channel int weights; ``weight_zero_point`` is not written, as the library
-drops it for symmetric weights):
-- W8A8 (static): ``weight`` int8, ``weight_scale`` float32 ``[out, 1]``, ``input_scale`` float32 ``[1]``,
-  ``input_zero_point`` int8 ``[1]`` (asymmetric per-tensor input: ``x_q = clamp(round(x / s + zp))``, our offset as
-  is), ``bias`` as a float tensor. ``weight_scale`` is ``deq_scale / input_scale`` in float32: the scheme's roles hold
-  msModelSlim's fused ``deq_scale``; the quotient is the per-channel scale to within one float32 rounding;
-- W8A8_DYNAMIC: ``weight`` int8, ``weight_scale`` float32 ``[out, 1]``, ``bias`` (input per token, symmetric);
-- W4A8_DYNAMIC (experts): ``weight`` int8 ``[out, in]`` holding codes in [-8, 7], ``weight_scale`` float32 ``[out, 1]``.
+Each group's QuantizationArgs are derived from its scheme's qconfig sides (``quantization_args``: element type and
+bits, scope, symmetry), and each linear's tensors from what its scheme made (symmetric per-channel int weights;
+``weight_zero_point`` is not written, as the library drops it for symmetric weights): ``weight`` int8 ``[out, in]``
+(int4 codes one per int8, in [-8, 7], as the library writes int4-weight, int8-activation schemes), ``weight_scale``
+float32 ``[out, 1]``, and for a static activation quantization (W8A8) ``input_scale`` float32 ``[1]`` and
+``input_zero_point`` int8 ``[1]`` (asymmetric per-tensor input: ``x_q = clamp(round(x / s + zp))``); ``bias`` as a
+float tensor.
 """
 
 from __future__ import annotations
@@ -30,15 +29,20 @@ import json
 import re
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Iterable, Optional
 
-from dist_quant.checkpoint.formats import drop_config_keys, hub_part_names
+from dist_quant.checkpoint.formats.common import drop_config_keys, hub_part_names
 from dist_quant.checkpoint.regexes import SECONDS_PER_PATTERN, compile_error, match_all
 
 if TYPE_CHECKING:  # `dist-quant check` imports this module: torch and the schemes only where a checkpoint is written
     import torch
 
+    from dist_quant.schemes import LinearSpec, QSpec, QuantizedLinear
+
 NAME = "compressed-tensors"
+SAVER = "compressed_tensors"
+CLI_NAME = "compressed-tensors"
+CHECK_RULES = "dist_quant.check.compressed_tensors"
 QUANT_METHOD = "compressed-tensors"
 LIBRARY_VERSION = "0.20.1"  # the compressed-tensors release whose layout is written (tests/test_compressed_tensors.py)
 WEIGHTS_PREFIX = "model"
@@ -48,15 +52,9 @@ OPTIONAL_DIR = "optional"  # never written (no side file)
 HIJACKING_CONFIG_KEYS = ("quantization_config", "compression_config")  # vLLM reads text_config's too
 FORMAT = "int-quantized"
 
-_INT8_CHANNEL = {"num_bits": 8, "type": "int", "symmetric": True, "group_size": None, "strategy": "channel",
-                 "dynamic": False}
-_TOKEN = {"num_bits": 8, "type": "int", "symmetric": True, "group_size": None, "strategy": "token", "dynamic": True}
-# the compressed-tensors QuantizationArgs of each quant type: (weights, input_activations)
-ARGS = {
-    "W8A8": (_INT8_CHANNEL, {**_TOKEN, "symmetric": False, "strategy": "tensor", "dynamic": False}),
-    "W8A8_DYNAMIC": (_INT8_CHANNEL, _TOKEN),
-    "W4A8_DYNAMIC": ({**_INT8_CHANNEL, "num_bits": 4}, _TOKEN),
-}
+_ELEMENTS = {"int8": ("int", 8), "int4": ("int", 4)}  # a qconfig dtype -> QuantizationArgs (type, num_bits)
+_STRATEGIES = {"per_channel": ("channel", False), "per_token": ("token", True),  # a qconfig scope -> (strategy,
+               "per_tensor": ("tensor", False)}                                    # dynamic)
 _EXPERT = re.compile(r".*\.layers\.(?P<n>\d+)\.mlp\.experts\.\d+\.(gate_proj|up_proj|down_proj)$")
 LINEAR_CLASS_TARGETS = ("linear", "linearbase")  # a class target every vLLM linear (and MoE layer) matches
 
@@ -65,31 +63,63 @@ def part_names(count: int) -> list[str]:
     return hub_part_names(WEIGHTS_PREFIX, count)
 
 
-def linear_entries(name: str, quant_type: str, roles: dict[str, torch.Tensor],
-                   model_dtype: torch.dtype) -> list[tuple[str, torch.Tensor, str]]:
-    """(key, tensor, quant type) of the linear ``name`` from its scheme's roles."""
-    import torch
+def quantization_args(side: QSpec) -> dict:
+    """compressed-tensors' QuantizationArgs (as the library writes them) for one side of a scheme's qconfig, or
+    ValueError for a side this format has no layout for."""
+    if side.dtype not in _ELEMENTS or side.scope not in _STRATEGIES:
+        raise ValueError(f"the compressed-tensors format has no layout for {side.scope} {side.dtype}")
+    (kind, bits), (strategy, dynamic) = _ELEMENTS[side.dtype], _STRATEGIES[side.scope]
+    return {"num_bits": bits, "type": kind, "symmetric": side.symmetric, "group_size": None, "strategy": strategy,
+            "dynamic": dynamic}
 
-    from dist_quant.algorithms.int4 import unpack_int4_rows
+
+def scheme_args(quant_type: str) -> tuple[dict, dict]:
+    """(weights, input_activations) QuantizationArgs of a quant type, from its scheme's qconfig."""
+    from dist_quant import schemes
+
+    scheme = schemes.get(quant_type)
+    if scheme.weight is None or scheme.act is None:
+        raise ValueError(f"the compressed-tensors format has no layout for {quant_type}")
+    return quantization_args(scheme.weight), quantization_args(scheme.act)
+
+
+def unsupported(quant_types: Iterable[str]) -> Optional[str]:
+    """Why linears of these quant types cannot be written in this format (asked before any unit runs), or None.
+    MXFP8 (the library's ``mxfp8-quantized``, which upstream vLLM serves on GPUs and vLLM Ascend's compressed-tensors
+    path does not map) is not written yet: README, "Serving"."""
     from dist_quant.schemes import FLOAT
 
+    for quant_type in sorted(set(quant_types) - {FLOAT}):
+        try:
+            scheme_args(quant_type)
+        except ValueError as error:
+            return (f"{error} ({quant_type}): write it in the ascendv1 format (without --save_format, with the "
+                    "recipe's save type ascendv1_saver)")
+    return None
+
+
+def linear_entries(name: str, quant_type: str, quantized: QuantizedLinear,
+                   spec: LinearSpec) -> list[tuple[str, torch.Tensor, str]]:
+    """(key, tensor, quant type) of the linear ``name`` from what its scheme made (on the host)."""
+    import torch
+
+    from dist_quant.schemes import FLOAT
+
+    q = quantized
     if quant_type == FLOAT:
-        return [(f"{name}.{role}", tensor, FLOAT) for role, tensor in roles.items()]
-    if quant_type not in ARGS:
-        raise ValueError(f"{name}: the compressed-tensors format has no layout for {quant_type}")
-    weight = roles["weight"]
-    if quant_type == "W8A8":
-        scale = (roles["deq_scale"].to(torch.float32) / roles["input_scale"].to(torch.float32))[:, None]
-        tensors = {"weight": weight, "weight_scale": scale.contiguous(),
-                   "input_scale": roles["input_scale"].to(torch.float32),
-                   "input_zero_point": roles["input_offset"].round().to(torch.int8)}
+        tensors = {"weight": q.codes}
     else:
-        if quant_type == "W4A8_DYNAMIC":
-            weight = unpack_int4_rows(weight)
-        tensors = {"weight": weight, "weight_scale": roles["weight_scale"].to(torch.float32).reshape(-1, 1)}
+        try:
+            scheme_args(quant_type)
+        except ValueError as error:
+            raise ValueError(f"{name}: {error}") from None
+        tensors = {"weight": q.codes, "weight_scale": q.scale.to(torch.float32).reshape(-1, 1)}
+        if q.input_scale is not None:
+            tensors.update(input_scale=q.input_scale.to(torch.float32),
+                           input_zero_point=q.input_offset.round().to(torch.int8))
     entries = [(f"{name}.{role}", tensor, quant_type) for role, tensor in tensors.items()]
-    if "bias" in roles:
-        entries.append((f"{name}.bias", roles["bias"], FLOAT))
+    if q.bias is not None:
+        entries.append((f"{name}.bias", q.bias, FLOAT))
     return entries
 
 
@@ -182,11 +212,12 @@ def resolve_regexes(matchers: list[Matcher], names: list[str]) -> None:
 def quantization_config(types: dict[str, str]) -> dict:
     """config.json's ``quantization_config`` for a checkpoint of these tensor types (ModelCompressor.update_config's
     layout, without the fields older library versions refuse)."""
-    from dist_quant.schemes import FLOAT
+    from dist_quant.schemes import FLOAT, SCHEMES
 
     type_of = modules_by_type(types)
     groups = {}
-    for quant_type, (weights, inputs) in ARGS.items():
+    for quant_type in sorted(set(type_of.values()) - {FLOAT}, key=list(SCHEMES).index):  # the registry's order
+        weights, inputs = scheme_args(quant_type)
         modules = [m for m, t in type_of.items() if t == quant_type]
         if modules:
             groups[quant_type] = {"targets": _targets(modules, type_of), "weights": dict(weights),
