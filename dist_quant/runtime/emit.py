@@ -37,8 +37,9 @@ def scheme_quantize(scheme: schemes.Scheme, weight: torch.Tensor, bias: Optional
 
 class Emitter:
     """Writes a unit's tensors to ``sink`` as the recipe and the output format say (``family``: a module of models/,
-    for key names and which linears split their input in vLLM). ``quantize`` computes a linear's roles (the layout
-    passes one that only works out their dtypes and shapes); ``times`` gets the "quantize" phase when given."""
+    for key names and which linears split their input in vLLM). ``quantize`` quantizes a linear with its scheme (the
+    layout passes one that only works out the dtypes and shapes of what the scheme makes); ``times`` gets the
+    "quantize" phase when given."""
 
     def __init__(self, family, recipe: Recipe, model_dtype: torch.dtype, sink: TensorSink,
                  quantize: Quantize = scheme_quantize, times: Optional[PhaseTimes] = None):

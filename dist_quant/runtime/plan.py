@@ -35,10 +35,10 @@ RUNTIME_OVERHEAD = int(0.7 * 1024**3)
 OBJECT_STORE_STREAMS = 14
 ROW_CHUNK = 8192  # rows of the embeddings and lm_head in float32 at a time (runtime/worker.py)
 # GPTQ's working set per entry of an expert's input Gram matrix [hidden, hidden] (float32 Gram in act order, its
-# float64 damped copy and factor on the host, the float32 inverse factor, a weight's working copies). Measured alone
-# it is 0.45 GiB at hidden 4096 with a 1536 x 4096 weight rounded (29 bytes an entry; 0.66 GiB before the Gram
-# matrix was float32 and taken in order), but the W4A8 preset's expert groups at 235B width still peak 0.46 GiB
-# over the estimate made with 29 (docs/benchmarks.md): kept at the older 42 until that excess is explained
+# damped reversed copy and float32 factor on the host, the feedback matrix, a weight's working copies). Before the
+# nearest-plane form (float64 copies, an inverse factor) it measured 0.45 GiB alone at hidden 4096 (29 bytes an
+# entry) while the W4A8 preset's expert groups at 235B width peaked 0.46 GiB over the estimate made with 29; kept
+# at 42, with which they now peak within 1.4% of it (docs/benchmarks.md, "W4A8 rounding near its floor")
 HESSIAN_BYTES_PER_ENTRY = 42
 GiB = 1024**3
 

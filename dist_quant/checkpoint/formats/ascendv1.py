@@ -61,23 +61,28 @@ def linear_entries(name: str, quant_type: str, quantized: QuantizedLinear,
 def unsupported(quant_types: Iterable[str]) -> Optional[str]:
     """Why linears of these quant types cannot be written together in this format (asked before any unit runs), or
     None: a type without an encoding, or types that need different values of the description's one group_size."""
-    types = sorted(set(quant_types))
     try:
-        group_size(types)
+        group_size(quant_types)
     except RecipeError as error:
         return str(error)
     return None
 
 
-def group_size(types: Iterable[str]) -> int:
-    """The description's group_size for a checkpoint of these types: what they need (0 when none needs one)."""
+def _encodings(types: Iterable[str]) -> dict:
+    """The encoding of each of these types (ascendv1_encoding.py), sorted by name; RecipeError for a type without
+    one."""
     from dist_quant.checkpoint.formats.ascendv1_encoding import ENCODINGS
 
-    types = sorted(set(types))
-    unknown = [t for t in types if t not in ENCODINGS]
+    present = sorted(set(types))
+    unknown = [t for t in present if t not in ENCODINGS]
     if unknown:
         raise RecipeError(f"the ascendv1 format has no encoding for {unknown[0]}; it stores {list(ENCODINGS)}")
-    needed = {t: ENCODINGS[t].group_size for t in types if ENCODINGS[t].group_size is not None}
+    return {t: ENCODINGS[t] for t in present}
+
+
+def group_size(types: Iterable[str]) -> int:
+    """The description's group_size for a checkpoint of these types: what they need (0 when none needs one)."""
+    needed = {t: e.group_size for t, e in _encodings(types).items() if e.group_size is not None}
     if len(set(needed.values())) > 1:
         raise RecipeError("the ascendv1 description has one group_size, and these types need different ones: "
                           + ", ".join(f"{t} {g}" for t, g in needed.items()) + " (vLLM Ascend reads it for each); "
@@ -87,16 +92,11 @@ def group_size(types: Iterable[str]) -> int:
 
 def model_quant_type(types: Iterable[str]) -> str:
     """The description's model_quant_type: the present type of highest priority (msModelSlim's QUANT_TYPE_PRIORITY:
-    FLOAT < W8A8_DYNAMIC < W8A8; W4A8_DYNAMIC below FLOAT)."""
-    from dist_quant.checkpoint.formats.ascendv1_encoding import ENCODINGS
-
-    present = set(types)
-    if not present:
+    FLOAT < W8A8_DYNAMIC < W8A8 < W8A8_MXFP8; W4A8_DYNAMIC below FLOAT)."""
+    encodings = _encodings(types)
+    if not encodings:
         raise ValueError("no quant types given")
-    unknown = sorted(present - set(ENCODINGS))
-    if unknown:
-        raise RecipeError(f"unknown quant type {unknown[0]!r}; the ascendv1 format stores {list(ENCODINGS)}")
-    return max(present, key=lambda t: ENCODINGS[t].priority)
+    return max(encodings, key=lambda t: encodings[t].priority)
 
 
 def description(types: dict[str, str], optional: Optional[dict]) -> dict:
