@@ -49,12 +49,15 @@ class NotPositiveDefinite(ValueError):
 
 def _damped(gram: torch.Tensor, damp: float, dtype: torch.dtype) -> torch.Tensor:
     """``H + damp * mean(diag H) * I`` in ``dtype`` on the host, reversed in rows and columns (``J H J``), with 1 on
-    the diagonal of input columns that never saw a nonzero value (so that they are rounded plainly)."""
-    h = gram.to("cpu", dtype, copy=True)
-    diag = torch.diagonal(h)
+    the diagonal of input columns that never saw a nonzero value (so that they are rounded plainly). One copy of H
+    (the reversal), changed in place."""
+    diag = torch.diagonal(gram).to("cpu", torch.float64, copy=True)
     diag[diag == 0] = 1.0
-    diag += damp * diag.to(torch.float64).mean().item()
-    return h.flip(0, 1)
+    h = gram.flip(0, 1).to("cpu", dtype)
+    reversed_diag = torch.diagonal(h)
+    reversed_diag[reversed_diag == 0] = 1.0
+    reversed_diag += damp * diag.mean().item()
+    return h
 
 
 def upper_factor(gram: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
@@ -67,11 +70,12 @@ def upper_factor(gram: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
     default on inputs of low rank) it is redone in float64; :class:`NotPositiveDefinite` if that breaks down too."""
     lower, info = torch.linalg.cholesky_ex(_damped(gram, damp, torch.float32))
     if int(info):
+        del lower  # the float64 attempt's copies are larger
         lower, info = torch.linalg.cholesky_ex(_damped(gram, damp, torch.float64))
         if int(info):
             raise NotPositiveDefinite(f"the Gram matrix damped by {damp:g} of its mean diagonal is not positive "
                                       f"definite (leading minor {int(info)} of {gram.shape[0]})")
-    return lower.to(torch.float32).flip(0, 1).to(gram.device)
+    return lower.flip(0, 1).to(gram.device, torch.float32)
 
 
 class Hessian:

@@ -9,11 +9,11 @@ card), storage that delivers 2 GB/s read and 1 GB/s write per node, and the host
 checksumming output measured on the development machine (docs/benchmarks.md, "Real width"). Change them to match
 your cluster.
 
-A weight method that searches or rounds (ssz, GPTQ) runs on the host, not the card (the worker moves each weight
-to the CPU before its scheme quantizes it), one expert after another inside its unit, on ``--compute_threads``
-threads: that time is projected from per-expert figures measured on the development machine's CPU (below), and on
-the critical path it divides by the actors a layer's expert groups spread over and by the threads, not by cards'
-TFLOPS. For the W4A8 GPTQ preset it is most of the run.
+A weight method that searches or rounds (ssz, GPTQ) is projected as host work, one expert after another inside
+its unit, on ``--compute_threads`` threads: that time is projected from per-expert figures measured on the
+development machine's CPU (below; no card has measured it), and on the critical path it divides by the actors a
+layer's expert groups spread over and by the threads, not by cards' TFLOPS. For the W4A8 GPTQ preset it is most of
+the run.
 """
 
 from __future__ import annotations
@@ -46,8 +46,9 @@ PARALLEL = (Kind.IMAGES, Kind.EXPERTS)  # units that run side by side on every a
 # Hardware.elementwise_passes; these are what a weight method adds to it.
 MEASURED_EXPERT_PARAMS = 3 * 1536 * 4096
 SSZ_ITERATION_S = 0.51 / 10  # ssz: 0.51 s per expert for 10 iterations on gate, up and down (2026-12-07, second)
-GPTQ_S = 0.2 + 1.25  # gptq, after ssz's scale: ~0.2 s for the routed tokens' Gram matrices in the run, ~1.25 s of
-# factorisation (float32 Cholesky) and column loops (docs/benchmarks.md, "W4A8 rounding near its floor")
+GPTQ_S = 1.05  # gptq, after ssz's scale: the column loops on the compute thread; the Gram matrices and the
+# factorisation (~0.6 s) run in the prefetch thread while the expert before rounds, off the critical path
+# (docs/benchmarks.md, "Hessians one expert ahead")
 
 
 @dataclass(frozen=True)

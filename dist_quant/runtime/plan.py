@@ -38,8 +38,9 @@ ROW_CHUNK = 8192  # rows of the embeddings and lm_head in float32 at a time (run
 # damped reversed copy and float32 factor on the host, the feedback matrix, a weight's working copies). Before the
 # nearest-plane form (float64 copies, an inverse factor) it measured 0.45 GiB alone at hidden 4096 (29 bytes an
 # entry) while the W4A8 preset's expert groups at 235B width peaked 0.46 GiB over the estimate made with 29; kept
-# at 42, with which they now peak within 1.4% of it (docs/benchmarks.md, "W4A8 rounding near its floor")
-HESSIAN_BYTES_PER_ENTRY = 42
+# at 42, with which they peaked within 1.4% of it (docs/benchmarks.md, "W4A8 rounding near its floor"). The next
+# expert's Gram matrix and factor (8 bytes an entry), made in the prefetch thread while this one rounds, add to it
+HESSIAN_BYTES_PER_ENTRY = 42 + 8
 GiB = 1024**3
 
 

@@ -7,6 +7,7 @@ activations the next unit needs, and its quantized tensors go straight to the si
 
 from __future__ import annotations
 
+import functools
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -254,23 +255,31 @@ class Worker:
         with self.times.phase("forward"):
             partial = self.family.expert_group_forward(moe.x, moe.topk_ids, moe.topk_weights,
                                                        [self.family.float_expert(*e, act_fn) for e in experts], first)
-        for expert, weights in zip(range(first, stop), experts):
-            hessians = self._expert_hessians(layer_idx, expert, weights, moe, act_fn)
+        prepare = [functools.partial(self._expert_hessians, layer_idx, expert, weights, moe, act_fn)
+                   for expert, weights in zip(range(first, stop), experts)]
+        ahead: Optional[Future] = None
+        for i, (expert, weights) in enumerate(zip(range(first, stop), experts)):
+            hessians = ahead.result() if ahead is not None and not ahead.cancel() else prepare[i]()
+            # the next expert's Gram matrices and factorisations in the prefetch thread, while this one rounds; done
+            # here instead when that thread has not started them (it was still reading the next group)
+            ahead = self._reader_thread.submit(prepare[i + 1]) if i + 1 < len(prepare) else None
             self.emit.expert(layer_idx, expert, weights, hessians)
             del hessians
             failpoints.reach("experts")
         return partial
 
+    @torch.no_grad()  # also in the prefetch thread (grad mode is per thread)
     def _expert_hessians(self, layer_idx: int, expert: int, weights: tuple[torch.Tensor, ...], moe: MoeInput,
                       act_fn) -> tuple[Optional[Hessian], ...]:
         """``X^T X`` of each projection's inputs over the tokens routed to the expert (gate and up: the tokens;
-        down: ``act(gate x) * up x``), for a scheme that asks for them (GPTQ rounding); Nones otherwise, or when no
-        token was routed to it. Gate and up share one object: its factorisation is done once."""
+        down: ``act(gate x) * up x``), for a scheme that asks for them (GPTQ rounding), prepared as each projection's
+        scheme will use them (``Scheme.prepare_hessian``); Nones otherwise, or when no token was routed to it. Gate
+        and up share one object: its factorisation is done once."""
         projs = self.family.EXPERT_PROJS
         none = (None,) * len(projs)
-        key = self.family.expert_key(layer_idx, expert, projs[0])
-        processor = self.recipe.linear_quant(key)
-        if not self.emit.scheme(key).needs_hessian(processor and processor.weight):
+        keys = [self.family.expert_key(layer_idx, expert, proj) for proj in projs]
+        processors = [self.recipe.linear_quant(key) for key in keys]
+        if not self.emit.scheme(keys[0]).needs_hessian(processors[0] and processors[0].weight):
             return none
         routed = (moe.topk_ids == expert).any(dim=-1)
         if not bool(routed.any()):
@@ -280,7 +289,11 @@ class Worker:
             gate, up, _ = (w.to(torch.float32) for w in weights)
             hidden = act_fn(x @ gate.T) * (x @ up.T)
             x_hessian, hidden_hessian = Hessian.of_inputs(x), Hessian.of_inputs(hidden)
-        return x_hessian, x_hessian, hidden_hessian
+        hessians = (x_hessian, x_hessian, hidden_hessian)
+        with self.times.phase("quantize"):
+            for key, processor, hessian in zip(keys, processors, hessians):
+                self.emit.scheme(key).prepare_hessian(hessian, processor and processor.weight)
+        return hessians
 
     @torch.no_grad()
     def head(self) -> None:

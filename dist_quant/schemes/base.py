@@ -50,6 +50,10 @@ class QSpec:
         return QSpec(self.scope, self.dtype, self.symmetric, self.method)
 
 
+# msModelSlim's qconfig ``act`` where a recipe leaves it out (core/quantizer/linear.py): activations not quantized
+UNQUANTIZED_ACT = QSpec("per_tensor", "float", True, "none")
+
+
 @dataclass(frozen=True)
 class LinearSpec:
     """What a scheme is told about the linear it quantizes."""
@@ -109,6 +113,10 @@ class Scheme:
     check_ext: Callable[[str, "QSpec"], tuple[str, ...]] = lambda side, spec: ()
     # whether quantizing with this weight qconfig needs the Gram matrix of the linear's inputs (LinearSpec.hessian)
     needs_hessian: Callable[[Optional["QSpec"]], bool] = lambda weight: False
+    # the work on a linear's Gram matrix alone that ``quantize`` would start with (GPTQ's factorisation), done
+    # ahead, possibly in another thread, and kept in the Hessian: ``prepare_hessian(hessian, weight)``. A failure is
+    # left for ``quantize``, which names the linear
+    prepare_hessian: Callable[["Hessian", Optional["QSpec"]], None] = lambda hessian, weight: None
     weight_methods: tuple[str, ...] = ()  # more weight ``method``s that select it (``quantize`` reads spec.weight)
     serves_linears: bool = True  # the serving engine has a method for it outside the routed experts
     # why a linear of this [out, in] shape cannot be stored or loaded with the scheme, or None: ``check_shape(name,

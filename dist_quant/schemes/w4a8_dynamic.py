@@ -13,6 +13,7 @@ undone by ``scale_bias``; section 4.2).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import TYPE_CHECKING, Optional
 
@@ -22,6 +23,8 @@ from dist_quant.schemes.base import FLOAT32_MAX, LinearSpec, QSpec, QuantizedLin
 
 if TYPE_CHECKING:
     import torch
+
+    from dist_quant.algorithms.gptq import Hessian
 
 NAME = "W4A8_DYNAMIC"
 WEIGHT_METHODS = ("ssz", "minmax", "gptq")  # the qconfig weight methods that select it; ssz first: the default
@@ -96,6 +99,16 @@ def needs_hessian(weight: Optional[QSpec]) -> bool:
     return weight is not None and weight.method == "gptq"
 
 
+def prepare_hessian(hessian: Hessian, weight: Optional[QSpec]) -> None:
+    """GPTQ's factorisation for the damping ``quantize`` will ask for, kept in ``hessian``. A Gram matrix that
+    cannot be factored is left for ``quantize``, which refuses it naming the linear and ``weight.ext.damp``."""
+    from dist_quant.algorithms.gptq import DAMP, NotPositiveDefinite
+
+    if needs_hessian(weight):
+        with contextlib.suppress(NotPositiveDefinite):
+            hessian.prepared(weight.option("damp", DAMP))
+
+
 def weight_scale(weight: torch.Tensor, spec: Optional[QSpec]) -> torch.Tensor:
     """The per-channel int4 scale by the qconfig's weight ``method``. On fake tensors (the writer's layout pass) the
     refinement, whose stopping test needs values, is skipped: its result has the min/max scale's shape and dtype."""
@@ -143,4 +156,4 @@ SCHEME = Scheme(NAME, act=QSpec("per_token", "int8", True, "minmax"),
                 weight=QSpec("per_channel", "int4", True, WEIGHT_METHODS[0]), needs_input_range=False, weight_bits=4,
                 serves_experts=True, quantize=quantize, weight_methods=WEIGHT_METHODS[1:], serves_linears=False,
                 ext_keys=EXT_KEYS, check_ext=check_ext,
-                needs_hessian=needs_hessian, check_shape=check_shape)
+                needs_hessian=needs_hessian, prepare_hessian=prepare_hessian, check_shape=check_shape)
