@@ -236,14 +236,18 @@ def _scheme(path: Path, where: str, act: QSpec, weight: QSpec) -> str:
             for note in notes:
                 log.warning("recipe %s: %s.%s.ext: %s", path, where, side, note)
         return scheme.name
-    allowed = "; ".join(f"{s.name}: act {_show_spec(s.act)}, weight {_show_spec(s.weight)}"
+    allowed = "; ".join(f"{s.name}: act {_show_spec(s.act, True)}, weight {_show_spec(s.weight, True)}"
                         for s in schemes.SELECTABLE)  # `dist-quant presets` and the README describe each
     side, spec = ("weight", weight) if all(s.weight != weight for s in schemes.SELECTABLE) else ("act", act)
     raise _fail(path, f"{where}.{side}", f"{_show_spec(spec)} is not supported; use one of: {allowed}")
 
 
-def _show_spec(spec: QSpec) -> str:
-    return (f"{spec.scope} {spec.dtype} {'symmetric' if spec.symmetric else 'asymmetric'} {spec.method}")
+def _show_spec(spec: QSpec, short: bool = False) -> str:
+    """A qconfig side in a message; ``short``: as the list of every scheme's spells it (one line for all)."""
+    if spec == schemes.UNQUANTIZED_ACT:
+        return "left out (not quantized)"
+    symmetry = ("sym" if short else "symmetric") if spec.symmetric else ("asym" if short else "asymmetric")
+    return f"{spec.scope} {spec.dtype} {symmetry} {spec.method}"
 
 
 def _globs(path: Path, where: str, raw: Any) -> tuple[str, ...]:
@@ -273,10 +277,11 @@ def _include(path: Path, where: str, raw: Any) -> tuple[str, ...]:
 def _linear_quant(path: Path, where: str, raw: dict) -> LinearQuant:
     _check_keys(path, where, raw, _LINEAR_QUANT_KEYS)
     qconfig = raw.get("qconfig")
-    if not isinstance(qconfig, dict) or "act" not in qconfig or "weight" not in qconfig:
-        raise _fail(path, f"{where}.qconfig", "must be a mapping with act and weight")
+    if not isinstance(qconfig, dict) or "weight" not in qconfig:
+        raise _fail(path, f"{where}.qconfig", "must be a mapping with weight, and act unless the activations stay "
+                                              "unquantized (W8A16)")
     _check_keys(path, f"{where}.qconfig", qconfig, {"act", "weight"})
-    act = _qspec(path, f"{where}.qconfig.act", qconfig["act"])
+    act = _qspec(path, f"{where}.qconfig.act", qconfig["act"]) if "act" in qconfig else schemes.UNQUANTIZED_ACT
     weight = _qspec(path, f"{where}.qconfig.weight", qconfig["weight"])
     include = _include(path, f"{where}.include", raw.get("include", ["*"]))
     return LinearQuant(_scheme(path, f"{where}.qconfig", act, weight), act, weight, include,

@@ -68,9 +68,13 @@ def test_the_recipe_qconfig_selects_the_scheme(scheme):
 
 def test_priority_orders_the_model_quant_type():
     assert set(ENCODINGS) == set(schemes.SCHEMES)  # the format stores every scheme
-    # msModelSlim's AscendV1Saver.QUANT_TYPE_PRIORITY (a later entry wins): ... W8A8_DYNAMIC, W8A8, ..., W8A8_MXFP8
+    # msModelSlim's AscendV1Saver.QUANT_TYPE_PRIORITY (a later entry wins; save/ascendv1.py, 26.1), W4A8_DYNAMIC
+    # hidden below all of them
+    msmodelslim = ["FLOAT", "W16A16S", "W8A16", "W8A8_DYNAMIC", "W8A8_MIX", "W8A8", "WFP8AFP8_DYNAMIC", "W8A8_MXFP8",
+                   "W4A8_MXFP", "W4A4_DYNAMIC", "W4A4_MXFP4", "W4A4_MXFP4_DUALSCALE", "W4A4_MXFP4_SVD"]
     ranked = sorted(ENCODINGS, key=lambda t: ENCODINGS[t].priority)
-    assert ranked == ["W4A8_DYNAMIC", "FLOAT", "W8A8_DYNAMIC", "W8A8", "W8A8_MXFP8"]
+    assert ranked == ["W4A8_DYNAMIC"] + [t for t in msmodelslim if t in ENCODINGS]
+    assert ranked == ["W4A8_DYNAMIC", "FLOAT", "W8A16", "W8A8_DYNAMIC", "W8A8", "W8A8_MXFP8"]
     assert ascendv1.model_quant_type(["FLOAT", "W8A8_DYNAMIC", "W8A8"]) == "W8A8"
     # msModelSlim's AscendV1Saver keeps W4A8_DYNAMIC out of model_quant_type ("W4A8_DYNAMIC is hidden" in its
     # QUANT_TYPE_PRIORITY; docs/w4a8-loader-facts.md, section 2): W8A8_DYNAMIC attention + W4A8 experts name the first

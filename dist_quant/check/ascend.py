@@ -124,6 +124,9 @@ def method_params(quant_type: str, linear: Linear, serve_dtype: str) -> Optional
                 "deq_scale": Param(deq, (out,)), **{k: Param(p.dtypes, p.shape, False) for k, p in bias.items()},
                 # created, never used on the modelslim path; msModelSlim's saver may write them
                 "weight_scale": Param(FLOATS, (out, 1), False), "weight_offset": Param(FLOATS, (out, 1), False)}
+    if quant_type == "W8A16" and not linear.expert:  # w8a16.py get_weight, get_perchannel_param
+        return {"weight": Param(("I8",), (out, inp)), "weight_scale": Param(FLOATS, (out, 1)),
+                "weight_offset": Param(FLOATS, (out, 1)), **bias}
     if quant_type == "W8A8_DYNAMIC":  # w8a8_dynamic.py get_weight, get_perchannel_param; experts: no bias param
         return {"weight": Param(("I8",), (out, inp)), "weight_scale": Param(FLOATS, (out, 1)),
                 "weight_offset": Param(FLOATS, (out, 1)), **bias}

@@ -16,9 +16,11 @@ from dist_quant.schemes import w4a8_dynamic as _w4a8_dynamic
 from dist_quant.schemes import w8a8 as _w8a8
 from dist_quant.schemes import w8a8_dynamic as _w8a8_dynamic
 from dist_quant.schemes import w8a8_mxfp8 as _w8a8_mxfp8
-from dist_quant.schemes.base import LinearSpec, QSpec, QuantizedLinear, Scheme
+from dist_quant.schemes import w8a16 as _w8a16
+from dist_quant.schemes.base import UNQUANTIZED_ACT, LinearSpec, QSpec, QuantizedLinear, Scheme
 
-_MODULES = (_float, _w8a8, _w8a8_dynamic, _w4a8_dynamic, _w8a8_mxfp8)  # compressed-tensors' config groups in order
+# compressed-tensors' config groups in this order
+_MODULES = (_float, _w8a8, _w8a8_dynamic, _w4a8_dynamic, _w8a8_mxfp8, _w8a16)
 SCHEMES: dict[str, Scheme] = {m.SCHEME.name: m.SCHEME for m in _MODULES}
 FLOAT, W8A8, W8A8_DYNAMIC, W4A8_DYNAMIC = _float.NAME, _w8a8.NAME, _w8a8_dynamic.NAME, _w4a8_dynamic.NAME
 SELECTABLE = tuple(s for s in SCHEMES.values() if s.act is not None)
@@ -37,4 +39,4 @@ def for_qconfig(act: QSpec, weight: QSpec) -> Optional[Scheme]:
 
 
 __all__ = ["FLOAT", "SCHEMES", "SELECTABLE", "W4A8_DYNAMIC", "W8A8", "W8A8_DYNAMIC", "LinearSpec", "QSpec",
-           "QuantizedLinear", "Scheme", "for_qconfig", "get"]
+           "QuantizedLinear", "Scheme", "UNQUANTIZED_ACT", "for_qconfig", "get"]

@@ -16,6 +16,9 @@ Per type (docs/FORMAT.md; vLLM Ascend's methods, docs/ascend-loader-rules.md and
   ``weight_scale`` and a zero ``weight_offset`` float32 [out, 1]; ``scale_bias`` float32 [out, 1], or [out, 16] for
   a linear whose input the engine splits across ranks (the A8W4 kernel's correction for splitting int8 activations
   into int4 halves).
+- W8A16 (linears only): ``weight`` int8, ``weight_scale`` and a zero ``weight_offset`` float32 [out, 1], the bias
+  FLOAT (msModelSlim's ``on_w8a16_static_per_channel``); the engine dequantizes ``(w + offset) * scale`` in the
+  activations' dtype and multiplies in float (vLLM Ascend's ``methods/w8a16.py``).
 - W8A8_MXFP8: ``weight`` float8_e4m3fn [out, in], ``weight_scale`` uint8 [out, ceil(in/32)] (each block's
   power-of-two scale as its E8M0 byte, exponent + 127), the bias FLOAT; the description's ``group_size`` is 32
   (msModelSlim's ``on_w8a8_mx_dynamic_per_block``; vLLM Ascend's ``methods/w8a8_mxfp8.py`` reads it).
@@ -86,7 +89,7 @@ def _serve_float(roles: Roles) -> nn.Module:
 
 # --- W8A8_DYNAMIC ----------------------------------------------------------------------------------------------------
 
-def _encode_dynamic(q: QuantizedLinear, spec: LinearSpec) -> Roles:
+def _encode_per_channel(q: QuantizedLinear, spec: LinearSpec) -> Roles:
     return _with_bias({"weight": q.codes, **_channel_params(q.scale)}, q)
 
 
@@ -101,6 +104,23 @@ def _serve_dynamic(roles: Roles) -> nn.Module:
     from dist_quant.schemes.tensors import ServedLinear
 
     return ServedLinear({k: v for k, v in roles.items() if k != "weight_offset"}, _dynamic_math)
+
+
+# --- W8A16 -----------------------------------------------------------------------------------------------------------
+
+def _weight_only_math(x: torch.Tensor, r: Roles) -> torch.Tensor:
+    """``npu_weight_quant_batchmatmul``: the weight dequantized in the activations' dtype (the loader casts the
+    scale and offset to it), then a float matmul and the bias."""
+    import torch.nn.functional as F
+
+    weight = (r["weight"].to(x.dtype) + r["weight_offset"].to(x.dtype)) * r["weight_scale"].to(x.dtype)
+    return F.linear(x, weight, r["bias"].to(x.dtype) if "bias" in r else None)
+
+
+def _serve_weight_only(roles: Roles) -> nn.Module:
+    from dist_quant.schemes.tensors import ServedLinear
+
+    return ServedLinear(roles, _weight_only_math)
 
 
 # --- W8A8 (static) ---------------------------------------------------------------------------------------------------
@@ -228,12 +248,14 @@ def _serve_mxfp8(roles: Roles) -> nn.Module:
     return ServedLinear(roles, _mxfp8_math)
 
 
+_PER_CHANNEL = ("weight", "weight_scale", "weight_offset")
 ENCODINGS: dict[str, Encoding] = {
     "FLOAT": Encoding(("weight",), _encode_float, _serve_float, priority=0),
-    "W8A8_DYNAMIC": Encoding(("weight", "weight_scale", "weight_offset"), _encode_dynamic, _serve_dynamic, priority=1),
+    "W8A16": Encoding(_PER_CHANNEL, _encode_per_channel, _serve_weight_only, priority=1),
+    "W8A8_DYNAMIC": Encoding(_PER_CHANNEL, _encode_per_channel, _serve_dynamic, priority=2),
     "W8A8": Encoding(("weight", "input_scale", "input_offset", "deq_scale", "quant_bias"), _encode_static,
-                     _serve_static, priority=2),
+                     _serve_static, priority=3),
     "W4A8_DYNAMIC": Encoding(("weight", "weight_scale", "weight_offset", "scale_bias"), _encode_int4, _serve_int4,
                              priority=-1, packing=2, group_size=0),  # main refuses per-group W4A8
-    "W8A8_MXFP8": Encoding(("weight", "weight_scale"), _encode_mxfp8, _serve_mxfp8, priority=3, group_size=32),
+    "W8A8_MXFP8": Encoding(("weight", "weight_scale"), _encode_mxfp8, _serve_mxfp8, priority=4, group_size=32),
 }

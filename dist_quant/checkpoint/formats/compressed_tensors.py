@@ -80,13 +80,16 @@ def scheme_args(quant_type: str) -> tuple[dict, dict]:
     scheme = schemes.get(quant_type)
     if scheme.weight is None or scheme.act is None:
         raise ValueError(f"the compressed-tensors format has no layout for {quant_type}")
+    if scheme.act == schemes.UNQUANTIZED_ACT:  # the library's pack-quantized (int32 words, weight_shape)
+        raise ValueError("the compressed-tensors format has no weight-only layout here (the library's "
+                         "pack-quantized, which upstream vLLM serves on GPUs and vLLM Ascend does not)")
     return quantization_args(scheme.weight), quantization_args(scheme.act)
 
 
 def unsupported(quant_types: Iterable[str]) -> Optional[str]:
     """Why linears of these quant types cannot be written in this format (asked before any unit runs), or None.
-    MXFP8 (the library's ``mxfp8-quantized``, which upstream vLLM serves on GPUs and vLLM Ascend's compressed-tensors
-    path does not map) is not written yet: README, "Serving"."""
+    MXFP8 (the library's ``mxfp8-quantized``) and weight-only W8A16 (``pack-quantized``), which upstream vLLM serves
+    on GPUs and vLLM Ascend's compressed-tensors path does not map, are not written: README, "Serving"."""
     from dist_quant.schemes import FLOAT
 
     for quant_type in sorted(set(quant_types) - {FLOAT}):
