@@ -236,9 +236,15 @@ def _scheme(path: Path, where: str, act: QSpec, weight: QSpec) -> str:
             for note in notes:
                 log.warning("recipe %s: %s.%s.ext: %s", path, where, side, note)
         return scheme.name
+    takers = [s for s in schemes.SELECTABLE if s.takes_weight(weight)]
+    if takers and act == schemes.UNQUANTIZED_ACT:
+        needed = " or ".join(f"{_show_spec(s.act)} ({s.name})" for s in takers)
+        raise _fail(path, where, f"has no act (weight-only), which its weight {_show_spec(weight)} is not offered "
+                                 f"with: add act {needed}")
     allowed = "; ".join(f"{s.name}: act {_show_spec(s.act, True)}, weight {_show_spec(s.weight, True)}"
+                        + "".join(f"|{m}" for m in s.weight_methods)
                         for s in schemes.SELECTABLE)  # `dist-quant presets` and the README describe each
-    side, spec = ("weight", weight) if all(s.weight != weight for s in schemes.SELECTABLE) else ("act", act)
+    side, spec = ("act", act) if takers else ("weight", weight)
     raise _fail(path, f"{where}.{side}", f"{_show_spec(spec)} is not supported; use one of: {allowed}")
 
 

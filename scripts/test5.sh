@@ -13,6 +13,6 @@ python -c "import transformers; print('transformers', transformers.__version__)"
 if [ $# -eq 0 ]; then
   set -- tests/test_quantize_e2e.py tests/test_same_bits.py tests/test_golden.py tests/test_model_chain.py \
     tests/test_counts.py tests/test_config_fields.py tests/test_qwen3_moe.py tests/test_family_protocol.py \
-    tests/test_evaluate.py tests/test_dry_run.py tests/test_mxfp8_checkpoint.py
+    tests/test_evaluate.py tests/test_dry_run.py tests/test_mxfp8_checkpoint.py tests/test_w8a16.py
 fi
 python -m pytest -q "$@"

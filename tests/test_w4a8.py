@@ -242,3 +242,13 @@ def test_gptq_keeps_ssz_scales_and_rounds_with_the_routed_tokens(tiny_model, cal
                 assert same
             changed += not same
     assert changed == 3 * len(seen)
+
+
+def test_a_gram_matrix_that_cannot_be_factored_is_refused_naming_the_linear(tiny_model, calib_index, tmp_path):
+    """Through the worker (the next expert's factorisation is tried in the prefetch thread, which leaves a failure
+    to the scheme): a damping far too small for an expert's few routed tokens (fewer than its 64 inputs) is refused
+    with the linear's name and the option to raise."""
+    recipe = w4a8_recipe(tmp_path, "gptq", weight_ext={"damp": 1e-12})
+    with pytest.raises(RecipeError, match=r"linear model\.language_model\.layers\.\d+\.mlp\.experts\.\d+\.\w+_proj: "
+                                          r"GPTQ cannot round it: .* raise weight\.ext\.damp \(now 1e-12"):
+        quantize_single_card(str(tiny_model), str(tmp_path / "q"), recipe, dataset=str(calib_index), progress=False)

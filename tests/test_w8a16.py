@@ -148,3 +148,23 @@ def test_compressed_tensors_output_is_refused_before_any_work(tiny):
     recipe = dataclasses.replace(load_recipe(RECIPE), saver="compressed_tensors")
     with pytest.raises(RecipeError, match=r"\(W8A16\): write it in the ascendv1 format"):
         check_recipe_for_model(recipe, config)
+
+
+def test_experts_of_any_layer_are_checked_and_share_one_type_per_layer(tiny, tmp_path):
+    """vLLM Ascend reads a layer's MoE method from expert 0; every expert of every layer must get a type with a MoE
+    method, and one type per layer: W8A16 on a later layer's experts, or on one expert only, is refused up front."""
+    from dist_quant.models.family import load_checked
+
+    _, _, config = load_checked(tiny[0])
+    layer = max(i for i in range(config.text_config.num_hidden_layers) if i not in (config.text_config.mlp_only_layers
+                                                                                    or []))
+    for glob, message in ((f"*layers.{layer}.mlp.experts*", "vLLM Ascend has no W8A16 MoE method"),
+                          (f"*layers.{layer}.mlp.experts.3.*", f"the routed experts of layer {layer} get different "
+                                                               r"quant types \['W8A16', 'W8A8_DYNAMIC'\]")):
+        doc = yaml.safe_load(RECIPE.read_text())
+        doc["spec"]["process"][0]["include"] = ["*self_attn*", glob]
+        doc["spec"]["process"][0]["exclude"].remove("*experts*")
+        path = tmp_path / "later.yaml"
+        path.write_text(yaml.safe_dump(doc))
+        with pytest.raises(RecipeError, match=message):
+            check_recipe_for_model(load_recipe(path), config)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from dist_quant import schemes
 from dist_quant.checkpoint import formats
@@ -72,18 +72,31 @@ def format_assignments(rows: list[tuple[str, str, int, str]]) -> str:
     return "\n".join(lines)
 
 
+def _check_layer_experts(recipe: Recipe, layer: int, names: Iterable[str]) -> None:
+    """vLLM Ascend builds a layer's routed experts as one MoE layer of one method, the type it reads for expert 0
+    (its gate, up and down must agree): every expert of the layer gets that type, and it has a MoE method."""
+    types = {recipe.quant_type(name) for name in names}
+    if len(types) > 1:
+        raise RecipeError(f"recipe {recipe.path}: the routed experts of layer {layer} get different quant types "
+                          f"{sorted(types)}; vLLM Ascend serves a layer's experts with one method (the type of expert "
+                          "0's gate, up and down), so select all of a layer's experts in one linear_quant")
+    expert_type = schemes.get(types.pop())
+    if not expert_type.serves_experts:
+        allowed = [s.name for s in schemes.SCHEMES.values() if s.serves_experts]
+        raise RecipeError(f"recipe {recipe.path}: experts must be one of {allowed}: vLLM Ascend has no "
+                          f"{expert_type.name} MoE method (exclude '*experts*' from that linear_quant)")
+
+
 def check_recipe_for_model(recipe: Recipe, config) -> None:
     """Refuse, before any work, recipes that select nothing or that vLLM Ascend could not serve: a ``linear_quant``
     no linear gets, static experts, an experts-only scheme elsewhere, expert shapes a scheme cannot pack, or one fused
     projection split across types; an ``iter_smooth`` that selects no decoder linear. Torch-free (the family's sizes
     module): ``plan`` runs it too."""
     family = sizes_for(config.model_type)
-    expert_type = schemes.get(recipe.quant_type(family.expert_key(0, 0, family.EXPERT_PROJS[0])))
-    if not expert_type.serves_experts:
-        allowed = [s.name for s in schemes.SCHEMES.values() if s.serves_experts]
-        raise RecipeError(f"recipe {recipe.path}: experts must be one of {allowed}: vLLM Ascend has no "
-                          f"{expert_type.name} MoE method (exclude '*experts*' from that linear_quant)")
     text = config.get_text_config()
+    for layer in range(text.num_hidden_layers):
+        if family.is_moe_layer(text, layer):
+            _check_layer_experts(recipe, layer, family.expert_linears(config, layer, 0, text.num_experts))
     decoder = [name for layer_idx in range(text.num_hidden_layers) for name in family.layer_linears(config, layer_idx)]
     linears = [*family.vision_linears(config), *decoder]
     check_linear_quants_apply(recipe, linears, (name for layer in range(text.num_hidden_layers)

@@ -58,6 +58,36 @@ class LayerOutput:
     moe: Optional[MoeInput]  # None for a dense-MLP layer
 
 
+def _use_device(device: torch.device) -> None:
+    """A new thread's current device: torch_npu keeps it per thread (one that never sets it works on card 0)."""
+    if device.type != "cpu" and device.index is not None:
+        getattr(torch, device.type).set_device(device)
+
+
+class _Ahead:
+    """Work handed to the prefetch thread ahead of need: ``result`` waits for it, or, when the thread has not
+    started it (it is still reading the next expert group), cancels it and does it here. A cancelled job no longer
+    holds what it was given (the executor's queue keeps the job until the thread reaches it)."""
+
+    def __init__(self, executor: ThreadPoolExecutor, work: Callable):
+        self._work: Optional[Callable] = work
+        self._future: Future = executor.submit(self._run)
+
+    def _run(self):
+        return self._work()
+
+    def result(self):
+        if self._future.cancel():
+            work, self._work = self._work, None
+            return work()
+        return self._future.result()
+
+    def drop(self) -> None:
+        """Give up on it: cancelled if not started (a running job finishes and its result is dropped)."""
+        if self._future.cancel():
+            self._work = None
+
+
 class Worker:
     """Executes units on one device, reading only the source tensors each unit needs. The checkpoint is checked
     against its config, and the recipe against the model, once by the driver (``models.family.load_checked``,
@@ -86,7 +116,10 @@ class Worker:
             self.head_rotation = head_rotation(recipe, self.family.heads(self.config.get_text_config())[2])
             self.rotation = self.rotation.to(device)
         self.expert_tokens: dict[int, list[int]] = {}  # calibration tokens routed to each expert, per MoE layer
-        self._reader_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
+        # after set_compute_threads: a thread keeps the intra-op thread count it started with, and the prefetch
+        # thread computes too (rotations, Gram matrices, factorisations) with the same count, for the same bits
+        self._reader_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch",
+                                                 initializer=_use_device, initargs=(device,))
         self._prefetched: dict[tuple[int, int, int], Future] = {}
         self._tower: Optional[nn.Module] = None  # the rotated vision tower, from ``images`` to ``vision``
         self.on_image: Optional[Callable[[int, int], None]] = None  # (done, of) after each image's vision forward
@@ -255,18 +288,30 @@ class Worker:
         with self.times.phase("forward"):
             partial = self.family.expert_group_forward(moe.x, moe.topk_ids, moe.topk_weights,
                                                        [self.family.float_expert(*e, act_fn) for e in experts], first)
-        prepare = [functools.partial(self._expert_hessians, layer_idx, expert, weights, moe, act_fn)
-                   for expert, weights in zip(range(first, stop), experts)]
-        ahead: Optional[Future] = None
-        for i, (expert, weights) in enumerate(zip(range(first, stop), experts)):
-            hessians = ahead.result() if ahead is not None and not ahead.cancel() else prepare[i]()
-            # the next expert's Gram matrices and factorisations in the prefetch thread, while this one rounds; done
-            # here instead when that thread has not started them (it was still reading the next group)
-            ahead = self._reader_thread.submit(prepare[i + 1]) if i + 1 < len(prepare) else None
-            self.emit.expert(layer_idx, expert, weights, hessians)
-            del hessians
-            failpoints.reach("experts")
+        ahead: Optional[_Ahead] = None
+        try:
+            for i, (expert, weights) in enumerate(zip(range(first, stop), experts)):
+                hessians = (ahead.result() if ahead is not None
+                            else self._expert_hessians(layer_idx, expert, weights, moe, act_fn))
+                ahead = None
+                if i + 1 < len(experts) and self._wants_hessians(layer_idx, expert + 1):
+                    # the next expert's Gram matrices and factorisations in the prefetch thread while this one rounds
+                    ahead = _Ahead(self._reader_thread, functools.partial(
+                        self._expert_hessians, layer_idx, expert + 1, experts[i + 1], moe, act_fn))
+                self.emit.expert(layer_idx, expert, weights, hessians)
+                del hessians
+                failpoints.reach("experts")
+        finally:
+            if ahead is not None:  # the unit failed: nothing may keep its weights alive
+                ahead.drop()
         return partial
+
+    def _wants_hessians(self, layer_idx: int, expert: int) -> bool:
+        """Whether the expert's scheme rounds with its inputs' Gram matrices (GPTQ; the recipe check makes a layer's
+        experts share one type)."""
+        key = self.family.expert_key(layer_idx, expert, self.family.EXPERT_PROJS[0])
+        processor = self.recipe.linear_quant(key)
+        return self.emit.scheme(key).needs_hessian(processor and processor.weight)
 
     @torch.no_grad()  # also in the prefetch thread (grad mode is per thread)
     def _expert_hessians(self, layer_idx: int, expert: int, weights: tuple[torch.Tensor, ...], moe: MoeInput,
@@ -277,10 +322,10 @@ class Worker:
         and up share one object: its factorisation is done once."""
         projs = self.family.EXPERT_PROJS
         none = (None,) * len(projs)
+        if not self._wants_hessians(layer_idx, expert):
+            return none
         keys = [self.family.expert_key(layer_idx, expert, proj) for proj in projs]
         processors = [self.recipe.linear_quant(key) for key in keys]
-        if not self.emit.scheme(keys[0]).needs_hessian(processors[0] and processors[0].weight):
-            return none
         routed = (moe.topk_ids == expert).any(dim=-1)
         if not bool(routed.any()):
             return none

@@ -125,9 +125,12 @@ class Scheme:
 
     def selected_by(self, act: "QSpec", weight: "QSpec") -> bool:
         """Whether a recipe qconfig (its options aside) selects this scheme."""
-        if self.act is None or act.core() != self.act:
-            return False
-        return any(weight.core() == replace(self.weight, method=m) for m in (self.weight.method, *self.weight_methods))
+        return self.act is not None and act.core() == self.act and self.takes_weight(weight)
+
+    def takes_weight(self, weight: "QSpec") -> bool:
+        """Whether a recipe qconfig's weight side (its options aside) is one this scheme takes."""
+        return self.weight is not None and any(weight.core() == replace(self.weight, method=m)
+                                               for m in (self.weight.method, *self.weight_methods))
 
     def bytes_per_param(self, source_bytes: int) -> float:
         """Bytes a weight parameter takes in the checkpoint (scales are negligible)."""

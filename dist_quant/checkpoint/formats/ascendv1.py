@@ -92,7 +92,7 @@ def group_size(types: Iterable[str]) -> int:
 
 def model_quant_type(types: Iterable[str]) -> str:
     """The description's model_quant_type: the present type of highest priority (msModelSlim's QUANT_TYPE_PRIORITY:
-    FLOAT < W8A8_DYNAMIC < W8A8 < W8A8_MXFP8; W4A8_DYNAMIC below FLOAT)."""
+    FLOAT < W8A16 < W8A8_DYNAMIC < W8A8 < W8A8_MXFP8; W4A8_DYNAMIC below FLOAT)."""
     encodings = _encodings(types)
     if not encodings:
         raise ValueError("no quant types given")
