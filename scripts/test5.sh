@@ -2,7 +2,7 @@
 # The second line: the newest transformers 5.x in .venv5 (scripts/setup.sh with VENV and TRANSFORMERS) and the tests
 # that hold the checkpoint to the baseline's: end to end, same bits, golden digests (the same tensors;
 # docs/reproducibility.md), the model chain against transformers' forward, the closed-form counts, the config fields,
-# the second family end to end, the family protocol, eval and --dry_run on both families, and MXFP8 end to end.
+# the second family end to end, the family protocol, eval and --dry_run on both families, and MXFP8 and W8A16 end to end.
 # Extra arguments go to pytest instead of that list.
 set -euo pipefail
 cd "$(dirname "$0")/.."
