@@ -140,6 +140,11 @@ class Recipe:
         processor = self.linear_quant(module_name)
         return FLOAT if processor is None else processor.quant_type
 
+    def needs_hessian(self, module_name: str) -> bool:
+        """Whether a linear's scheme rounds it with the Gram matrix of its calibration inputs (GPTQ)."""
+        processor = self.linear_quant(module_name)
+        return processor is not None and schemes.get(processor.quant_type).needs_hessian(processor.weight)
+
 
 def check_linear_quants_apply(recipe: Recipe, *linears: Iterable[str]) -> None:
     """Refuse a ``linear_quant`` processor that no linear of the model gets: a typo in a glob (or globs that only

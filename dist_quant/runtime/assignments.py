@@ -72,9 +72,10 @@ def format_assignments(rows: list[tuple[str, str, int, str]]) -> str:
     return "\n".join(lines)
 
 
-def _check_layer_experts(recipe: Recipe, layer: int, names: Iterable[str]) -> None:
-    """vLLM Ascend builds a layer's routed experts as one MoE layer of one method, the type it reads for expert 0
-    (its gate, up and down must agree): every expert of the layer gets that type, and it has a MoE method."""
+def _layer_expert_type(recipe: Recipe, layer: int, names: Iterable[str]) -> str:
+    """The quant type of a layer's routed experts (``names``: all their linears). vLLM Ascend builds them as one MoE
+    layer of one method, the type it reads for expert 0 (its gate, up and down must agree): every expert of the
+    layer gets that type, and it has a MoE method."""
     types = {recipe.quant_type(name) for name in names}
     if len(types) > 1:
         raise RecipeError(f"recipe {recipe.path}: the routed experts of layer {layer} get different quant types "
@@ -85,6 +86,7 @@ def _check_layer_experts(recipe: Recipe, layer: int, names: Iterable[str]) -> No
         allowed = [s.name for s in schemes.SCHEMES.values() if s.serves_experts]
         raise RecipeError(f"recipe {recipe.path}: experts must be one of {allowed}: vLLM Ascend has no "
                           f"{expert_type.name} MoE method (exclude '*experts*' from that linear_quant)")
+    return expert_type.name
 
 
 def check_recipe_for_model(recipe: Recipe, config) -> None:
@@ -94,9 +96,8 @@ def check_recipe_for_model(recipe: Recipe, config) -> None:
     module): ``plan`` runs it too."""
     family = sizes_for(config.model_type)
     text = config.get_text_config()
-    for layer in range(text.num_hidden_layers):
-        if family.is_moe_layer(text, layer):
-            _check_layer_experts(recipe, layer, family.expert_linears(config, layer, 0, text.num_experts))
+    expert_types = [_layer_expert_type(recipe, layer, family.expert_linears(config, layer, 0, text.num_experts))
+                    for layer in range(text.num_hidden_layers) if family.is_moe_layer(text, layer)]
     decoder = [name for layer_idx in range(text.num_hidden_layers) for name in family.layer_linears(config, layer_idx)]
     linears = [*family.vision_linears(config), *decoder]
     check_linear_quants_apply(recipe, linears, (name for layer in range(text.num_hidden_layers)
@@ -107,9 +108,7 @@ def check_recipe_for_model(recipe: Recipe, config) -> None:
         raise RecipeError(f"recipe {recipe.path}: iter_smooth with include {list(smooth.include)} and exclude "
                           f"{list(smooth.exclude)} selects no linear of this model's decoder layers, so nothing "
                           "would be smoothed: fix its globs or remove it")
-    expert_names = [family.expert_key(layer, 0, proj) for layer in range(text.num_hidden_layers)
-                    if family.is_moe_layer(text, layer) for proj in family.EXPERT_PROJS]
-    problem = formats.for_saver(recipe.saver).unsupported(recipe.quant_type(n) for n in (*linears, *expert_names))
+    problem = formats.for_saver(recipe.saver).unsupported([*map(recipe.quant_type, linears), *expert_types])
     if problem:
         raise RecipeError(f"recipe {recipe.path}: {problem}")
     for name in linears:

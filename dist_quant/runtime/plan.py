@@ -225,14 +225,11 @@ def unit_activation_bytes(config, unit: Unit, calib_tokens: int) -> int:
 def unit_hessian_bytes(config, unit: Unit, recipe: Recipe) -> int:
     """What rounding by GPTQ adds while an expert group runs (the Gram matrices of the expert being rounded and of
     the next one, with their factors): 0 when the recipe's scheme for the group's experts does not ask for them."""
-    from dist_quant import schemes
-
     if unit.kind is not Kind.EXPERTS:
         return 0
     first = Unit(Kind.EXPERTS, unit.layer, unit.first_expert, unit.first_expert + 1)  # the group's first expert
     for name in unit_linears(config, first):
-        processor = recipe.linear_quant(name)
-        if schemes.get(recipe.quant_type(name)).needs_hessian(processor and processor.weight):
+        if recipe.needs_hessian(name):
             tc = config.get_text_config()
             return HESSIAN_BYTES_PER_ENTRY * tc.hidden_size ** 2 + 16 * tc.moe_intermediate_size ** 2
     return 0

@@ -309,9 +309,7 @@ class Worker:
     def _wants_hessians(self, layer_idx: int, expert: int) -> bool:
         """Whether the expert's scheme rounds with its inputs' Gram matrices (GPTQ; the recipe check makes a layer's
         experts share one type)."""
-        key = self.family.expert_key(layer_idx, expert, self.family.EXPERT_PROJS[0])
-        processor = self.recipe.linear_quant(key)
-        return self.emit.scheme(key).needs_hessian(processor and processor.weight)
+        return self.recipe.needs_hessian(self.family.expert_key(layer_idx, expert, self.family.EXPERT_PROJS[0]))
 
     @torch.no_grad()  # also in the prefetch thread (grad mode is per thread)
     def _expert_hessians(self, layer_idx: int, expert: int, weights: tuple[torch.Tensor, ...], moe: MoeInput,
