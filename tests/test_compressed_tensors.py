@@ -485,3 +485,110 @@ def test_published_types_match_regexes_against_the_familys_vllm_names(tmp_path, 
     publish("llama", "re:.*")
     with pytest.raises(CheckpointError, match="model_type is 'llama'"):
         ct.published_types(tmp_path)
+
+
+# --- MXFP8: the library's mxfp8-quantized format (upstream vLLM's CompressedTensorsW8A8Mxfp8) ----------------------
+
+MXFP8 = DEFAULT_RECIPE.parent / "qwen3_vl_moe_w8a8_mxfp8.yaml"
+MX_LINEAR = "model.language_model.layers.0.self_attn.o_proj"
+
+
+@pytest.fixture(scope="module")
+def mx_outputs(calib, tmp_path_factory):
+    """(ascendv1, compressed-tensors) checkpoints of the bundled MXFP8 recipe (QuaRot, smoothing, MXFP8 experts) on
+    a tiny model whose expert widths MXFP8 experts take (intermediate 128: an even number of 32-blocks)."""
+    root = tmp_path_factory.mktemp("ct_mx")
+    model = make_tiny_model(root / "model", dtype="bfloat16", moe_intermediate_size=128, mlp_only_layers=(2,))
+    return (quant(model, calib, root / "ascend", "--config_path", str(MXFP8)),
+            quant(model, calib, root / "ct", "--config_path", str(MXFP8), *CT))
+
+
+def mx_decoded(folder: Path) -> dict[str, torch.Tensor]:
+    """Each MXFP8 linear's weight from the ascendv1 checkpoint, decoded here: float8_e4m3fn elements times
+    2^(byte - 127) per 32 inputs (float64: exact)."""
+    description = json.loads((folder / "quant_model_description.json").read_text())
+    tensors = tensors_of(folder, "quant_model_weights*.safetensors")
+    weights = {}
+    for key, quant_type in description.items():
+        if key.endswith(".weight") and quant_type == "W8A8_MXFP8":
+            module = key[:-len(".weight")]
+            factor = torch.exp2(tensors[f"{module}.weight_scale"].to(torch.float64) - 127)
+            weights[module] = tensors[key].to(torch.float64) * factor.repeat_interleave(32, dim=1)
+    return weights
+
+
+def test_the_library_decompresses_every_mxfp8_linear_to_the_ascendv1_weights(mx_outputs):
+    """The same elements and scales as the ascendv1 checkpoint of the same run, experts included, read back by the
+    library's own MXFP8 compressor (E8M0 bytes to bf16 powers of two, times the float8 elements)."""
+    ascend, ct = mx_outputs
+    ours, theirs = mx_decoded(ascend), decompressed(ct)
+    assert theirs.keys() == ours.keys() and f"{MX_LINEAR}" in ours
+    assert any(".mlp.experts." in m for m in ours)
+    for module, weight in ours.items():
+        assert torch.equal(theirs[module].to(torch.float64), weight), module
+    raw = tensors_of(ct, "model*.safetensors")
+    assert raw[f"{MX_LINEAR}.weight"].dtype == torch.float8_e4m3fn
+    assert raw[f"{MX_LINEAR}.weight_scale"].dtype == torch.uint8
+
+
+def test_mxfp8_groups_are_the_librarys_own_mxfp8_preset_and_format(mx_outputs):
+    """The group's arguments are the library's MXFP8 preset as it serializes it (weights and dynamic activations), the
+    library's own format inference gives the group's format; config.json's top-level format is the group's."""
+    from compressed_tensors.compressors.format import infer_module_format
+    from compressed_tensors.quantization import QuantizationScheme
+    from compressed_tensors.quantization.quant_scheme import MXFP8 as LIBRARY_MXFP8
+
+    qc = json.loads((mx_outputs[1] / "config.json").read_text())["quantization_config"]
+    assert set(qc["config_groups"]) == {"W8A8_MXFP8"} and qc["format"] == "mxfp8-quantized"
+    body = qc["config_groups"]["W8A8_MXFP8"]
+    scheme = QuantizationScheme.model_validate(body)
+    for side in ("weights", "input_activations"):  # as the library writes the preset into config.json
+        assert body[side] == getattr(scheme, side).model_dump() == LIBRARY_MXFP8[side].model_dump(), side
+    assert infer_module_format(torch.nn.Linear, scheme).value == body["format"] == "mxfp8-quantized"
+
+
+def test_a_checkpoint_of_mxfp8_and_int8_groups_is_mixed_precision():
+    from compressed_tensors.compressors.format import infer_module_format
+
+    from dist_quant.checkpoint.formats import compressed_tensors as ct
+
+    qc = ct.quantization_config({"model.language_model.layers.0.self_attn.q_proj.weight": "W8A8_MXFP8",
+                                 "model.language_model.layers.0.mlp.experts.0.up_proj.weight": "W8A8_DYNAMIC"})
+    assert qc["format"] == "mixed-precision"
+    for name, scheme in QuantizationConfig.model_validate(qc).config_groups.items():
+        assert infer_module_format(torch.nn.Linear, scheme).value == qc["config_groups"][name]["format"], name
+
+
+def test_check_accepts_mxfp8_for_vllm_on_gpus_only(mx_outputs):
+    report = check_checkpoint(mx_outputs[1])
+    assert report.ok and report.engines == [VLLM], format_report(report)  # vLLM Ascend's CT path has no MXFP8
+
+
+@pytest.mark.parametrize("rule, what, change, options", [
+    ("C6", "float32 scales in an MXFP8 group (the library's compressor writes E8M0 bytes)",
+     lambda t: t.update({f"{MX_LINEAR}.weight_scale": t[f"{MX_LINEAR}.weight_scale"].to(torch.float32)}), {}),
+    ("C6", "int8 codes in an MXFP8 group",
+     lambda t: t.update({f"{MX_LINEAR}.weight": t[f"{MX_LINEAR}.weight"].view(torch.int8)}), {}),
+    ("C10", "a tensor-parallel size that leaves part of a 32-block per rank (the dense MLP's down_proj: 96 / 2)",
+     None, {"tp": 2}),
+])
+def test_an_mxfp8_mutation_trips_its_rule(mx_outputs, tmp_path, rule, what, change, options):
+    from helpers import mutate
+
+    report = check_checkpoint(mutate(mx_outputs[1], tmp_path, tensors=change), **options)
+    assert report.failed() == [rule, "A1"], f"{what}:\n{format_report(report)}"  # A1: vLLM Ascend, as unmutated
+    if rule == "C10":
+        assert next(v.violations for v in report.verdicts if v.rule.id == "C10") == [
+            "model.language_model.layers.2.mlp.down_proj [64, 96]: 48 inputs per rank, not whole MXFP8 groups of 32"]
+
+
+def test_vllm_picks_its_mxfp8_scheme_by_the_weights_alone():
+    """vLLM's ``_is_mxfp8`` looks at the weights (uint8 scale_dtype included) and at nothing else."""
+    mx = {"num_bits": 8, "type": "float", "symmetric": True, "group_size": 32, "strategy": "group", "dynamic": False,
+          "scale_dtype": "torch.uint8"}
+    for inputs in ({**mx, "dynamic": True}, None):
+        assert vllm_scheme(mx, inputs, expert=False) == "CompressedTensorsW8A8Mxfp8"
+        assert vllm_scheme(mx, inputs, expert=True) == "CompressedTensorsW8A8Mxfp8MoEMethod"
+        assert ascend_type(mx, inputs, expert=False) is None  # vLLM Ascend's compressed-tensors path has no MXFP8
+    without = {k: v for k, v in mx.items() if k != "scale_dtype"}  # float scales: the library's float-quantized
+    assert vllm_scheme(without, {**without, "dynamic": True}, expert=False) is None

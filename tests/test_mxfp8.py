@@ -210,3 +210,16 @@ def test_activation_fake_quant_is_the_weight_round_trip_on_float32():
     assert fake.dtype == torch.float32 and fake.shape == x.shape
     assert torch.equal(fake.reshape(8, 70), expected)
     assert not torch.equal(fake.reshape(8, 70), mxfp8.dequantize_mxfp8(*mxfp8.quantize_mxfp8(x.reshape(8, 70))))
+
+
+def test_scale_bytes_are_the_e8m0_bytes_of_power_of_two_scales():
+    """Every E8M0 power of two (2^-127, a float32 subnormal, to 2^127) gives its byte, as torch's float8_e8m0fnu
+    cast stores it where torch has that dtype; anything else is refused."""
+    exponents = torch.arange(-127, 128)
+    scales = torch.tensor([math.ldexp(1.0, int(e)) for e in exponents], dtype=torch.float32)
+    assert torch.equal(mxfp8.scale_bytes(scales), (exponents + 127).to(torch.uint8))
+    if hasattr(torch, "float8_e8m0fnu"):
+        assert torch.equal(mxfp8.scale_bytes(scales), scales.to(torch.float8_e8m0fnu).view(torch.uint8))
+    for bad in (0.0, 0.75, 3.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="powers of two"):
+            mxfp8.scale_bytes(torch.tensor([1.0, bad]))

@@ -183,20 +183,6 @@ def test_experts_of_an_odd_number_of_blocks_are_refused_before_any_work(tmp_path
         check_recipe_for_model(load_recipe(MSMODELSLIM_RECIPE), config)
 
 
-def test_compressed_tensors_output_is_refused_before_any_work(mx_model):
-    """The compressed-tensors library's mxfp8-quantized format is served by upstream vLLM on GPUs, not by vLLM
-    Ascend's compressed-tensors path; dist-quant does not write it (README, "Serving"), and says so up front."""
-    import dataclasses
-
-    from dist_quant.models.family import load_checked
-
-    _, _, config = load_checked(mx_model[0])
-    recipe = dataclasses.replace(load_recipe(MSMODELSLIM_RECIPE), saver="compressed_tensors")
-    with pytest.raises(RecipeError, match=r"the compressed-tensors format has no layout for per_block mxfp8 "
-                                          r"\(W8A8_MXFP8\): write it in the ascendv1 format"):
-        check_recipe_for_model(recipe, config)
-
-
 def test_mxfp8_and_w4a8_in_one_checkpoint_are_refused_before_any_work(mx_model, tmp_path):
     """The description has one group_size: MXFP8 needs 32, W4A8_DYNAMIC 0 (vLLM Ascend's main refuses per-group
     W4A8), so a recipe mixing them is refused naming both."""

@@ -90,6 +90,16 @@ def dequantize_mxfp8(elements: torch.Tensor, scale: torch.Tensor) -> torch.Tenso
     return elements.to(torch.float32) * _per_element(factor, elements.shape[-1])
 
 
+def scale_bytes(scale: torch.Tensor) -> torch.Tensor:
+    """Power-of-two scales (float32, 2^-127 to 2^127) as their E8M0 bytes ``exponent + 127``: uint8 of the same shape.
+    Exact (``frexp`` of a power of two is 0.5 * 2^(e + 1), subnormal 2^-127 included); ValueError for a scale that is
+    not a power of two (a zero, a rounded or a non-finite one)."""
+    mantissa, exponent = torch.frexp(scale)
+    if not bool((mantissa == 0.5).all()):
+        raise ValueError("MXFP8 scales must be powers of two (a zero, rounded or non-finite scale has no E8M0 byte)")
+    return (exponent - 1 + E8M0_BIAS).to(torch.uint8)
+
+
 def quantize_mxfp8_activations(x: torch.Tensor) -> torch.Tensor:
     """Activations through MXFP8 and back (fake quantization), float32 of ``x``'s shape, blocks of 32 along the last
     dimension: emulates vLLM Ascend's ``npu_dynamic_mx_quant(..., scale_alg=0)`` (floor exponent of the block amax) in
@@ -100,4 +110,4 @@ def quantize_mxfp8_activations(x: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = ["BLOCK", "E4M3_EMAX", "E4M3_MAX", "E8M0_BIAS", "dequantize_mxfp8", "quantize_mxfp8",
-           "quantize_mxfp8_activations", "round_to_e4m3", "shared_exponents"]
+           "quantize_mxfp8_activations", "round_to_e4m3", "scale_bytes", "shared_exponents"]

@@ -26,7 +26,8 @@ ARG_KEYS = {"num_bits", "type", "symmetric", "group_size", "strategy", "dynamic"
             "scale_dtype", "zp_dtype", "observer", "observer_kwargs"}
 ARG_DEFAULTS = {"num_bits": 8, "type": "int", "symmetric": True, "group_size": None, "dynamic": False}
 INPUT_STRATEGIES = ("token", "tensor", "group", "tensor_group", "attn_head")  # QuantizationScheme
-TENSOR_FORMATS = ("int-quantized", "naive-quantized")  # the formats whose tensors this check knows
+TENSOR_FORMATS = ("int-quantized", "naive-quantized", "mxfp8-quantized")  # the formats whose tensors this check knows
+MX_GROUP = 32  # inputs per E8M0 scale of an MXFP8 group
 VLLM, VLLM_CPU, ASCEND = "vLLM (GPU)", "vLLM (CPU: its W4A8 MoE method runs only there)", "vLLM Ascend"
 
 _SRC_CT = "vllm compressed_tensors.py"
@@ -43,8 +44,9 @@ RULES = {r.id: r for r in (
     Rule("C5", "q/k/v, a dense gate/up and a layer's experts share one group",
          f"{_SRC_CT} _match_fused_layer; compressed_tensors_moe get_moe_method"),
     Rule("C6", "each quantized linear has exactly its scheme's tensors: int8 weight [out, in], weight_scale "
-               "[out, 1], static input_scale [1] (+ int8 input_zero_point if asymmetric)",
-         "vllm compressed_tensors_w8a8_int8.py create_weights"),
+               "[out, 1], static input_scale [1] (+ int8 input_zero_point if asymmetric); MXFP8: F8_E4M3 weight "
+               "[out, in], U8 weight_scale [out, in // 32]",
+         "vllm compressed_tensors_w8a8_int8.py, compressed_tensors_w8a8_mxfp8.py create_weights"),
     Rule("C7", "experts are per expert, 2-D, E < num_experts (quantized fused 3-D keys map to no parameter)",
          "vllm's MoE models' load_weights (FusedMoE expert mapping)"),
     Rule("C8", "every other parameter has its tensor with the model's shape, and no tensor is unknown",
@@ -52,9 +54,10 @@ RULES = {r.id: r for r in (
     Rule("C9", "every top-level *.safetensors is readable, no key is in two files, and model.safetensors.index.json "
                "lists every tensor in the file that holds it",
          "vllm default_loader filter_duplicate_safetensors_files"),
-    Rule("C10", "the tensor-parallel size divides every split dimension", "vllm Column/RowParallelLinear, FusedMoE"),
+    Rule("C10", "the tensor-parallel size divides every split dimension (an MXFP8 row-parallel input into whole "
+                "32-blocks per rank)", "vllm Column/RowParallelLinear, FusedMoE, GroupQuantScaleParameter"),
     Rule("V1", "every group is a scheme vLLM has for its layers (experts: W8A8 channel weights with dynamic "
-               "per-token input; W4A8 int experts on CPU only)", f"{_SRC_CT} _get_scheme_from_parts; "
+               "per-token input, MXFP8; W4A8 int experts on CPU only)", f"{_SRC_CT} _get_scheme_from_parts; "
                                                                 "compressed_tensors_moe get_moe_method", VLLM),
     Rule("A1", "every group is a vLLM Ascend type: symmetric weights and inputs, channel weights (W8A8 static "
                "linears, W8A8_DYNAMIC, W4A8_DYNAMIC experts)", "vllm-ascend compressed_tensors_config.py "
@@ -73,8 +76,19 @@ def _args(raw) -> Optional[dict]:
     return args
 
 
+def is_mx(args: dict) -> bool:
+    """MXFP8 arguments, as vLLM's ``_is_mxfp8`` (asked of the weights only, for linears and experts) and the
+    library's MXFP8 compressor tell them: float 8-bit, group strategy, groups of 32, symmetric, uint8 (E8M0)
+    scales; without ``scale_dtype`` no vLLM scheme matches."""
+    return (args.get("type") == "float" and args.get("num_bits") == 8 and args.get("strategy") == "group"
+            and args.get("group_size") == MX_GROUP and bool(args.get("symmetric"))
+            and args.get("scale_dtype") in ("torch.uint8", "uint8"))
+
+
 def vllm_scheme(weights: dict, inputs: Optional[dict], expert: bool) -> Optional[str]:
     """The vLLM scheme for a linear (or an expert) of this group's arguments, None if vLLM has none."""
+    if is_mx(weights):  # chosen by the weights alone: the activations are MX-quantized at run time whatever they say
+        return "CompressedTensorsW8A8Mxfp8MoEMethod" if expert else "CompressedTensorsW8A8Mxfp8"
     if inputs is None or weights.get("type") != "int" or inputs.get("type") != "int" or not weights.get("symmetric"):
         return None
     w_bits, a_bits = weights.get("num_bits"), inputs.get("num_bits")
@@ -112,6 +126,9 @@ def ascend_type(weights: dict, inputs: Optional[dict], expert: bool) -> Optional
 def scheme_tensors(linear: Linear, weights: dict, inputs: Optional[dict]) -> dict[str, tuple[tuple, tuple]]:
     """{suffix: (safetensors dtype names, shape)} an int-quantized linear of these arguments is stored with."""
     out, inp = linear.out, linear.inp
+    if is_mx(weights):
+        tensors = {"weight": (("F8_E4M3",), (out, inp)), "weight_scale": (("U8",), (out, inp // MX_GROUP))}
+        return {**tensors, "bias": (FLOATS, (out,))} if linear.bias else tensors
     tensors = {"weight": (("I8",), (out, inp)), "weight_scale": (FLOATS, (out, 1))}
     if not weights.get("symmetric"):
         tensors["weight_zero_point"] = (("I8",), (out, 1))
@@ -308,7 +325,15 @@ class Checker:
         if self.model is None:
             return None
         four_bit = {g for g in self.groups if self.args(g)[0].get("num_bits") == 4}
-        return tp_violations(self.model, self.tp, lambda name: self.group_of.get(name) in four_bit)
+        mx = {g for g in self.groups if is_mx(self.args(g)[0])}
+        bad = tp_violations(self.model, self.tp, lambda name: self.group_of.get(name) in four_bit)
+        for name, lin in self.model.linears.items():  # an MX scale splits with its inputs, one per 32 of them
+            per_rank, rest = divmod(lin.inp, self.tp)
+            first = not lin.expert or name.split(".experts.")[1].startswith("0.")  # expert 0 stands for the others
+            if first and lin.split == "row" and self.group_of.get(name) in mx and not rest and per_rank % MX_GROUP:
+                bad.append(f"{name} [{lin.out}, {lin.inp}]: {per_rank} inputs per rank, not whole MXFP8 groups of "
+                           f"{MX_GROUP}")
+        return bad
 
     def cpu_only(self) -> bool:
         experts = {g for n, g in self.group_of.items() if g is not None and n in self.model.linears

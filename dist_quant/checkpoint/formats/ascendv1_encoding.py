@@ -220,13 +220,14 @@ def _encode_mxfp8(q: QuantizedLinear, spec: LinearSpec) -> Roles:
     import torch
     from torch._subclasses.fake_tensor import is_fake
 
-    from dist_quant.algorithms.mxfp8 import E8M0_BIAS
+    from dist_quant.algorithms.mxfp8 import scale_bytes
 
-    mantissa, exponent = torch.frexp(q.scale)  # exact for a power of two: 2^e = 0.5 * 2^(e + 1)
-    if not is_fake(mantissa) and not bool((mantissa == 0.5).all()):
-        raise CheckpointError(f"linear {spec.name}: its MXFP8 scales are not all powers of two (a zero or a rounded "
-                              "scale); this is a dist-quant bug: please report it")
-    return _with_bias({"weight": q.codes, "weight_scale": (exponent - 1 + E8M0_BIAS).to(torch.uint8)}, q)
+    if is_fake(q.scale):  # the writer's layout pass: shapes and dtypes only
+        return _with_bias({"weight": q.codes, "weight_scale": torch.empty(q.scale.shape, dtype=torch.uint8)}, q)
+    try:
+        return _with_bias({"weight": q.codes, "weight_scale": scale_bytes(q.scale)}, q)
+    except ValueError as error:
+        raise CheckpointError(f"linear {spec.name}: {error}; this is a dist-quant bug: please report it") from None
 
 
 def _mxfp8_math(x: torch.Tensor, r: Roles) -> torch.Tensor:

@@ -3,11 +3,12 @@
 
 Files: Hugging Face weight parts ``model-0000k-of-0000n.safetensors`` with ``model.safetensors.index.json``, and the
 source's config.json with a ``quantization_config`` laid out as the compressed-tensors library (0.20.1) writes it:
-one config group per quant type (named after it), every group ``int-quantized`` (int8 tensors; W4A8's int4 codes
-unpacked, one per int8, as the library itself writes int4-weight, int8-activation schemes), each linear of a type
-named in its group's ``targets`` (a layer's experts by one regex when they all share the type), every float module in
-``ignore``. config.json is the marker: moved in last. QuaRot and smoothing are folded into the weights, so there is no
-side file and no online transform.
+one config group per quant type (named after it) with the library's format for it (``int-quantized`` for the int8
+schemes, W4A8's int4 codes unpacked one per int8 as the library itself writes int4-weight, int8-activation schemes;
+``mxfp8-quantized`` for W8A8_MXFP8) and a top-level format that is the groups' one, or ``mixed-precision`` when they
+differ; each linear of a type named in its group's ``targets`` (a layer's experts by one regex when they all share
+the type), every float module in ``ignore``. config.json is the marker: moved in last. QuaRot and smoothing are
+folded into the weights, so there is no side file and no online transform.
 
 Targets and ignore entries are read back as vLLM matches them (``Matcher``: a literal is a checkpoint name, a
 ``re:`` regex is matched against the name vLLM's model class gives the module, ``vllm_name`` with the family's
@@ -15,12 +16,14 @@ Targets and ignore entries are read back as vLLM matches them (``Matcher``: a li
 imports them from this module.
 
 Each group's QuantizationArgs are derived from its scheme's qconfig sides (``quantization_args``: element type and
-bits, scope, symmetry), and each linear's tensors from what its scheme made (symmetric per-channel int weights;
-``weight_zero_point`` is not written, as the library drops it for symmetric weights): ``weight`` int8 ``[out, in]``
-(int4 codes one per int8, in [-8, 7], as the library writes int4-weight, int8-activation schemes), ``weight_scale``
-float32 ``[out, 1]``, and for a static activation quantization (W8A8) ``input_scale`` float32 ``[1]`` and
-``input_zero_point`` int8 ``[1]`` (asymmetric per-tensor input: ``x_q = clamp(round(x / s + zp))``); ``bias`` as a
-float tensor.
+bits, scope, symmetry), and each linear's tensors from what its scheme made (symmetric weights;
+``weight_zero_point`` is not written, as the library drops it for symmetric weights). Integer schemes: ``weight``
+int8 ``[out, in]`` (int4 codes one per int8, in [-8, 7]), ``weight_scale`` float32 ``[out, 1]``, and for a static
+activation quantization (W8A8) ``input_scale`` float32 ``[1]`` and ``input_zero_point`` int8 ``[1]`` (asymmetric
+per-tensor input: ``x_q = clamp(round(x / s + zp))``). MXFP8 (the library's MXFP8 preset, served by upstream vLLM's
+``CompressedTensorsW8A8Mxfp8``): ``weight`` float8_e4m3fn ``[out, in]`` and ``weight_scale`` uint8
+``[out, ceil(in/32)]``, each byte a block's exponent + 127 (the library's ``compress_mx_scale``), the same elements
+and scales as the ascendv1 checkpoint of the run. ``bias`` as a float tensor.
 """
 
 from __future__ import annotations
@@ -50,11 +53,15 @@ INDEX_FILE = f"{WEIGHTS_PREFIX}.safetensors.index.json"
 MARKER_FILE = "config.json"  # its quantization_config describes the checkpoint
 OPTIONAL_DIR = "optional"  # never written (no side file)
 HIJACKING_CONFIG_KEYS = ("quantization_config", "compression_config")  # vLLM reads text_config's too
-FORMAT = "int-quantized"
+INT_FORMAT, MX_FORMAT = "int-quantized", "mxfp8-quantized"  # the library's CompressionFormat of a group
+MIXED_FORMAT = "mixed-precision"  # the top-level format of a checkpoint whose groups have different ones
+MX_SCALE_DTYPE = "torch.uint8"  # an MX group's scale_dtype, as the library serializes it: E8M0 bytes
 
-_ELEMENTS = {"int8": ("int", 8), "int4": ("int", 4)}  # a qconfig dtype -> QuantizationArgs (type, num_bits)
-_STRATEGIES = {"per_channel": ("channel", False), "per_token": ("token", True),  # a qconfig scope -> (strategy,
-               "per_tensor": ("tensor", False)}                                    # dynamic)
+# a qconfig dtype -> (QuantizationArgs type, num_bits, the group's format)
+_ELEMENTS = {"int8": ("int", 8, INT_FORMAT), "int4": ("int", 4, INT_FORMAT), "mxfp8": ("float", 8, MX_FORMAT)}
+# a qconfig scope -> (strategy, dynamic as an activation side)
+_STRATEGIES = {"per_channel": ("channel", False), "per_token": ("token", True), "per_tensor": ("tensor", False),
+               "per_block": ("group", True)}
 _EXPERT = re.compile(r".*\.layers\.(?P<n>\d+)\.mlp\.experts\.\d+\.(gate_proj|up_proj|down_proj)$")
 LINEAR_CLASS_TARGETS = ("linear", "linearbase")  # a class target every vLLM linear (and MoE layer) matches
 
@@ -63,14 +70,21 @@ def part_names(count: int) -> list[str]:
     return hub_part_names(WEIGHTS_PREFIX, count)
 
 
-def quantization_args(side: QSpec) -> dict:
+def quantization_args(side: QSpec, activation: bool) -> dict:
     """compressed-tensors' QuantizationArgs (as the library writes them) for one side of a scheme's qconfig, or
-    ValueError for a side this format has no layout for."""
-    if side.dtype not in _ELEMENTS or side.scope not in _STRATEGIES:
+    ValueError for a side this format has no layout for. An MX side is the library's MXFP8 preset: float 8-bit
+    elements in groups of 32 with uint8 (E8M0) scales; its activations are quantized by the engine at run time."""
+    from dist_quant.schemes.w8a8_mxfp8 import MX_BLOCK
+
+    if side.dtype not in _ELEMENTS or side.scope not in _STRATEGIES or (side.scope == "per_block") != (
+            _ELEMENTS[side.dtype][2] == MX_FORMAT):
         raise ValueError(f"the compressed-tensors format has no layout for {side.scope} {side.dtype}")
-    (kind, bits), (strategy, dynamic) = _ELEMENTS[side.dtype], _STRATEGIES[side.scope]
-    return {"num_bits": bits, "type": kind, "symmetric": side.symmetric, "group_size": None, "strategy": strategy,
-            "dynamic": dynamic}
+    (kind, bits, fmt), (strategy, dynamic) = _ELEMENTS[side.dtype], _STRATEGIES[side.scope]
+    args = {"num_bits": bits, "type": kind, "symmetric": side.symmetric, "group_size": None, "strategy": strategy,
+            "dynamic": dynamic and activation}
+    if fmt == MX_FORMAT:
+        args.update(group_size=MX_BLOCK, scale_dtype=MX_SCALE_DTYPE)
+    return args
 
 
 def scheme_args(quant_type: str) -> tuple[dict, dict]:
@@ -83,13 +97,18 @@ def scheme_args(quant_type: str) -> tuple[dict, dict]:
     if scheme.act == schemes.UNQUANTIZED_ACT:  # the library's pack-quantized (int32 words, weight_shape)
         raise ValueError("the compressed-tensors format has no weight-only layout here (the library's "
                          "pack-quantized, which upstream vLLM serves on GPUs and vLLM Ascend does not)")
-    return quantization_args(scheme.weight), quantization_args(scheme.act)
+    return quantization_args(scheme.weight, activation=False), quantization_args(scheme.act, activation=True)
+
+
+def group_format(weights: dict) -> str:
+    """The library's CompressionFormat of a group with these weight arguments."""
+    return MX_FORMAT if weights.get("scale_dtype") == MX_SCALE_DTYPE else INT_FORMAT
 
 
 def unsupported(quant_types: Iterable[str]) -> Optional[str]:
     """Why linears of these quant types cannot be written in this format (asked before any unit runs), or None.
-    MXFP8 (the library's ``mxfp8-quantized``) and weight-only W8A16 (``pack-quantized``), which upstream vLLM serves
-    on GPUs and vLLM Ascend's compressed-tensors path does not map, are not written: README, "Serving"."""
+    Weight-only W8A16 (the library's ``pack-quantized``, which upstream vLLM serves on GPUs and vLLM Ascend's
+    compressed-tensors path does not map) is not written: README, "Serving"."""
     from dist_quant.schemes import FLOAT
 
     for quant_type in sorted(set(quant_types) - {FLOAT}):
@@ -105,6 +124,7 @@ def linear_entries(name: str, quant_type: str, quantized: QuantizedLinear,
                    spec: LinearSpec) -> list[tuple[str, torch.Tensor, str]]:
     """(key, tensor, quant type) of the linear ``name`` from what its scheme made (on the host)."""
     import torch
+    from torch._subclasses.fake_tensor import is_fake
 
     from dist_quant.schemes import FLOAT
 
@@ -113,10 +133,16 @@ def linear_entries(name: str, quant_type: str, quantized: QuantizedLinear,
         tensors = {"weight": q.codes}
     else:
         try:
-            scheme_args(quant_type)
+            weights, _ = scheme_args(quant_type)
         except ValueError as error:
             raise ValueError(f"{name}: {error}") from None
-        tensors = {"weight": q.codes, "weight_scale": q.scale.to(torch.float32).reshape(-1, 1)}
+        if group_format(weights) == MX_FORMAT:  # E8M0 bytes [out, ceil(in / 32)], as the library compresses them
+            from dist_quant.algorithms.mxfp8 import scale_bytes
+
+            scale = torch.empty(q.scale.shape, dtype=torch.uint8) if is_fake(q.scale) else scale_bytes(q.scale)
+        else:
+            scale = q.scale.to(torch.float32).reshape(-1, 1)
+        tensors = {"weight": q.codes, "weight_scale": scale}
         if q.input_scale is not None:
             tensors.update(input_scale=q.input_scale.to(torch.float32),
                            input_zero_point=q.input_offset.round().to(torch.int8))
@@ -224,8 +250,11 @@ def quantization_config(types: dict[str, str]) -> dict:
         modules = [m for m, t in type_of.items() if t == quant_type]
         if modules:
             groups[quant_type] = {"targets": _targets(modules, type_of), "weights": dict(weights),
-                                  "input_activations": dict(inputs), "output_activations": None, "format": FORMAT}
-    return {"config_groups": groups, "format": FORMAT, "global_compression_ratio": None,
+                                  "input_activations": dict(inputs), "output_activations": None,
+                                  "format": group_format(weights)}
+    formats = {group["format"] for group in groups.values()} or {INT_FORMAT}
+    return {"config_groups": groups, "format": formats.pop() if len(formats) == 1 else MIXED_FORMAT,
+            "global_compression_ratio": None,
             "ignore": sorted(m for m, t in type_of.items() if t == FLOAT), "kv_cache_scheme": None,
             "quant_method": QUANT_METHOD, "quantization_status": "compressed", "sparsity_config": {},
             "transform_config": {}, "version": LIBRARY_VERSION}
