@@ -442,3 +442,103 @@ def make_calibration_set(
     index = out_dir / "index.jsonl"
     index.write_text("".join(json.dumps(entry) + "\n" for entry in entries))
     return index
+
+
+def make_tiny_qwen3_5_model(
+    out_dir: str | Path,
+    *,
+    num_layers: int = 4,
+    num_experts: int = 8,
+    top_k: int = 2,
+    hidden_size: int = 64,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    head_dim: int = 32,
+    moe_intermediate_size: int = 48,
+    shared_expert_intermediate_size: int = 96,
+    linear_heads: tuple[int, int] = (2, 4),
+    linear_head_dim: int = 16,
+    vision_depth: int = 2,
+    vision_hidden: int = 32,
+    vision_heads: int = 2,
+    mtp_layers: int = 1,
+    fused_experts: bool = False,
+    dtype: str = "bfloat16",
+    seed: int = 0,
+) -> Path:
+    """Write a random Qwen3.5-MoE model directory (transformers 5's own ``Qwen3_5MoeForConditionalGeneration``,
+    saved by ``save_pretrained``; config, tokenizer, processor) with an MTP head's tensors added in a file of their
+    own (``mtp.safetensors``; transformers has no MTP module) and return its path. Layers follow transformers'
+    default ``layer_types`` (every 4th full attention); ``linear_heads`` is (key heads, value heads) of the linear
+    attention. ``fused_experts`` rewrites every routed expert tensor, the MTP head's too, in the fused layout the
+    released checkpoints use (``mlp.experts.gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``). The same arguments
+    always give the same weights (:func:`fill_text_weights`, :func:`draw_weight` for the MTP tensors)."""
+    from transformers import Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration
+
+    from dist_quant.models import qwen3_5_moe_sizes as sizes
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = train_tokenizer()
+    rotary = head_dim // 4  # partial_rotary_factor 0.25
+    text_config = dict(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=num_layers,
+        num_attention_heads=num_heads, num_key_value_heads=num_kv_heads, head_dim=head_dim,
+        linear_conv_kernel_dim=4, linear_key_head_dim=linear_head_dim, linear_value_head_dim=linear_head_dim,
+        linear_num_key_heads=linear_heads[0], linear_num_value_heads=linear_heads[1],
+        moe_intermediate_size=moe_intermediate_size, shared_expert_intermediate_size=shared_expert_intermediate_size,
+        num_experts=num_experts, num_experts_per_tok=top_k, max_position_embeddings=4096,
+        rope_parameters=dict(rope_type="default", rope_theta=ROPE_THETA, partial_rotary_factor=0.25,
+                             mrope_section=mrope_section(rotary),
+                             mrope_interleaved=True),
+        initializer_range=INIT_STD, mtp_num_hidden_layers=mtp_layers,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    vision_config = dict(depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
+                         num_heads=vision_heads, patch_size=PATCH_SIZE, temporal_patch_size=TEMPORAL_PATCH_SIZE,
+                         spatial_merge_size=MERGE_SIZE, out_hidden_size=hidden_size, num_position_embeddings=64,
+                         initializer_range=INIT_STD)
+    config = Qwen3_5MoeConfig(text_config=text_config, vision_config=vision_config, tie_word_embeddings=False,
+                              **special_token_ids(tokenizer))
+    model = Qwen3_5MoeForConditionalGeneration(config)
+    fill_text_weights(model, seed)
+    save_weights(model.to(DTYPES[dtype]), out_dir, None)
+    raw = json.loads((out_dir / "config.json").read_text())
+    mtp = {key: draw_weight(key, shape, seed).to(DTYPES[dtype])
+           for key, shape in sizes.mtp_tensors(sizes.load_sizes_config(raw)).items()}
+    save_file(mtp, str(out_dir / "mtp.safetensors"), metadata={"format": "pt"})
+    files = sorted(p.name for p in out_dir.glob("*.safetensors"))
+    weight_map = {}
+    for name in files:
+        with safe_open(str(out_dir / name), framework="pt") as f:
+            weight_map.update(dict.fromkeys(f.keys(), name))
+    if fused_experts:
+        weight_map = _fuse_experts(out_dir, files, num_experts)
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    tokenizer.save_pretrained(out_dir)
+    save_image_processor(out_dir)
+    return out_dir
+
+
+def _fuse_experts(out_dir: Path, files: list[str], num_experts: int) -> dict[str, str]:
+    """Rewrite the per-expert routed expert tensors of every file as the fused ones (gate rows then up rows per
+    expert in ``gate_up_proj``); returns the new weight map."""
+    import re
+
+    pattern = re.compile(r"(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+    weight_map = {}
+    for name in files:
+        with safe_open(str(out_dir / name), framework="pt") as f:
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+        blocks: dict[str, dict[tuple[int, str], torch.Tensor]] = {}
+        for key in [k for k in tensors if pattern.match(k)]:
+            prefix, expert, proj = pattern.match(key).groups()
+            blocks.setdefault(prefix, {})[(int(expert), proj)] = tensors.pop(key)
+        for prefix, parts in blocks.items():
+            tensors[f"{prefix}.gate_up_proj"] = torch.stack([torch.cat([parts[(e, "gate_proj")], parts[(e, "up_proj")]])
+                                                             for e in range(num_experts)])
+            tensors[f"{prefix}.down_proj"] = torch.stack([parts[(e, "down_proj")] for e in range(num_experts)])
+        save_file(tensors, str(out_dir / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, name))
+    return weight_map

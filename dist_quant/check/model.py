@@ -74,7 +74,8 @@ class Model:
         self.linears: dict[str, Linear] = {}
         for name in names:
             out, inp = shapes[f"{name}.weight"]
-            split = "row" if family.splits_input(name) else ("replicated" if name.endswith(".mlp.gate") else "column")
+            split = ("row" if family.splits_input(name) else
+                     "replicated" if name.endswith(tuple(family.REPLICATED_LINEARS)) else "column")
             self.linears[name] = Linear(name, out, inp, f"{name}.bias" in shapes, split=split)
         self.num_experts = tc.num_experts
         self.fused_expert_keys = {k for k, shape in shapes.items() if shape is None}

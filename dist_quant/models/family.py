@@ -25,6 +25,7 @@ from dist_quant.errors import CheckpointError
 FAMILIES = {
     "qwen3_vl_moe": ("dist_quant.models.qwen3_vl_moe", "Qwen3-VL-MoE", "dist_quant.models.qwen3_vl_moe_sizes"),
     "qwen3_moe": ("dist_quant.models.qwen3_moe", "Qwen3-MoE", "dist_quant.models.qwen3_moe_sizes"),
+    "qwen3_5_moe": ("dist_quant.models.qwen3_5_moe", "Qwen3.5-MoE", "dist_quant.models.qwen3_5_moe_sizes"),
 }
 
 IMAGE_AND_TEXT, TEXT_ONLY = "image+text", "text"  # what a family's calibration samples hold (FamilySizes.CALIBRATION)
@@ -40,6 +41,8 @@ class FamilySizes(Protocol):
     # vision tower, run on the images, then quantized) only for a family with one; "embed", "layer", "experts", "head"
     UNIT_KINDS: tuple[str, ...]
     CALIBRATION: str  # IMAGE_AND_TEXT or TEXT_ONLY: what a calibration sample holds
+    OUTLIER_SUPPRESSION: bool  # whether QuaRot and smoothing have points in its layers (else a recipe is refused)
+    REPLICATED_LINEARS: tuple[str, ...]  # name suffixes of the linears vLLM replicates on every rank (the router)
     EMBED_KEY: str
     NORM_KEY: str
     LM_HEAD_KEY: str
@@ -56,6 +59,7 @@ class FamilySizes(Protocol):
     def layer_prefix(self, layer_idx: int) -> str: ...
     def expert_key(self, layer_idx: int, expert: int, proj: str) -> str: ...  # the output's per-expert module
     def is_moe_layer(self, text_config, layer_idx: int) -> bool: ...
+    def carried(self, reader, config) -> list: ...  # source tensors written unchanged (moe_decoder.Carried)
     def splits_input(self, name: str) -> bool: ...  # a row-parallel linear in vLLM
     def expected_tensors(self, config) -> dict[str, Optional[tuple[int, ...]]]: ...  # the source checkpoint's
     def expert_shapes(self, config) -> tuple[tuple[int, int], ...]: ...

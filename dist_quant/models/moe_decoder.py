@@ -128,6 +128,22 @@ def read_expert_weights(reader: CheckpointReader, decoder: Decoder, config, laye
                   for proj in EXPERT_PROJS) for e in range(first, stop)]
 
 
+@dataclass(frozen=True)
+class Carried:
+    """Source tensors a family carries into the output unchanged, float, in their stored dtype (the head unit writes
+    them): ``read()`` returns a list holding one tuple of tensors, of ``shapes``, for ``keys`` (the output's keys)."""
+
+    keys: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    dtype: torch.dtype
+    read: Callable[[], list[tuple[torch.Tensor, ...]]]
+
+
+def carried(reader: CheckpointReader, config) -> list[Carried]:
+    """Nothing: a family whose checkpoint holds only the modules it quantizes."""
+    return []
+
+
 # --- building pieces ------------------------------------------------------------------------------------------------
 
 def materialize(module: nn.Module, read: Callable[..., torch.Tensor], prefix: str, dtype: torch.dtype) -> nn.Module:

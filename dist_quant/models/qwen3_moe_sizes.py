@@ -19,6 +19,7 @@ from dist_quant.models.decoder_sizes import (  # noqa: F401
     EXPERT_PROJS,
     FLOAT_DTYPE_BYTES,
     FUSED_GROUPS,
+    REPLICATED_LINEARS,
     Decoder,
     Shape,
     TextSizes,
@@ -35,6 +36,7 @@ from dist_quant.models.family import TEXT_ONLY
 MODEL_TYPE = "qwen3_moe"
 NAME = "Qwen3-MoE"
 UNIT_KINDS = ("embed", "layer", "experts", "head")
+OUTLIER_SUPPRESSION = True  # QuaRot and smoothing have points in the layers (the family module's tables)
 CALIBRATION = TEXT_ONLY
 TEXT = "model"
 VISUAL = None

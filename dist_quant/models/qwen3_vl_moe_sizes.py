@@ -23,6 +23,7 @@ from dist_quant.models.decoder_sizes import (  # noqa: F401
     FLOAT_DTYPE_BYTES,
     FUSED_GROUPS,
     MAX_WIDTH,
+    REPLICATED_LINEARS,
     Decoder,
     Shape,
     TextSizes,
@@ -39,6 +40,7 @@ from dist_quant.models.family import IMAGE_AND_TEXT
 MODEL_TYPE = "qwen3_vl_moe"
 NAME = "Qwen3-VL-MoE"
 UNIT_KINDS = ("images", "vision", "embed", "layer", "experts", "head")
+OUTLIER_SUPPRESSION = True  # QuaRot and smoothing have points in the layers (the family module's tables)
 CALIBRATION = IMAGE_AND_TEXT
 TEXT = "model.language_model"
 VISUAL = "model.visual"
@@ -219,10 +221,10 @@ def _vision_modules(vc) -> list[tuple[str, dict[str, int], dict[str, tuple[int, 
     return ([(f"{VISUAL}.blocks.{b}", {"norm1": h, "norm2": h}, block) for b in range(vc.depth)]
             + [(f"{VISUAL}.merger", {"norm": h}, merger)]
             + [(f"{VISUAL}.deepstack_merger_list.{k}", {"norm": merged}, merger)
-               for k in range(len(vc.deepstack_visual_indexes))])
+               for k in range(len(getattr(vc, "deepstack_visual_indexes", ())))])  # Qwen3.5's tower has none
 
 
-def _vision_tensors(config) -> dict[str, Shape]:
+def vision_tensors(config) -> dict[str, Shape]:
     """The vision tower's tensors: the patch embedding (a Conv3d with bias), the position table, then each block and
     merger (LayerNorms with bias, linears with bias)."""
     vc = config.vision_config
@@ -245,12 +247,12 @@ def vision_linears(config) -> dict[str, int]:
 
 def vision_param_count(config) -> int:
     """The vision tower's parameters."""
-    return sum(math.prod(shape) for shape in _vision_tensors(config).values())
+    return sum(math.prod(shape) for shape in vision_tensors(config).values())
 
 
 def expected_tensors(config) -> dict[str, Optional[Shape]]:
     """Every tensor a Hugging Face checkpoint of this config holds, with its shape (None for the fused expert
     tensors, whose orientation depends on the transformers that wrote them). Call only once the sizes are checked
     (:func:`size_errors`; the layer and block counts size what is listed here)."""
-    return {**_vision_tensors(config),
+    return {**vision_tensors(config),
             **DECODER.tensors(config, lambda layer_idx: dict.fromkeys(fused_expert_keys(layer_prefix(layer_idx))))}

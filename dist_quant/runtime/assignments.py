@@ -104,6 +104,9 @@ def check_recipe_for_model(recipe: Recipe, config) -> None:
                                                 if family.is_moe_layer(text, layer)
                                                 for name in family.expert_linears(config, layer, 0, text.num_experts)))
     smooth = recipe.smooth
+    if not family.OUTLIER_SUPPRESSION and (recipe.quarot is not None or smooth is not None):
+        raise RecipeError(f"recipe {recipe.path}: {family.NAME} has no QuaRot or smoothing points in dist-quant "
+                          "(msModelSlim's recipes for it use neither): remove the quarot and iter_smooth processes")
     if smooth is not None and not any(smooth.selects(name) for name in decoder):
         raise RecipeError(f"recipe {recipe.path}: iter_smooth with include {list(smooth.include)} and exclude "
                           f"{list(smooth.exclude)} selects no linear of this model's decoder layers, so nothing "

@@ -93,6 +93,11 @@ class Emitter:
         for proj, weight, hessian in zip(self.family.EXPERT_PROJS, weights, hessians):
             self.linear(self.family.expert_key(layer_idx, expert, proj), weight, None, None, hessian)
 
+    def carry(self, keys: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> None:
+        """Source tensors the family carries unchanged (its ``carried``): FLOAT, in their own dtype."""
+        for key, tensor in zip(keys, tensors):
+            self.sink.add(key, tensor.detach().to("cpu"), schemes.FLOAT)
+
     def head(self, norm: torch.Tensor, lm_head: torch.Tensor) -> None:
         """The final norm and lm_head: never quantized (vLLM Ascend serves them in float)."""
         self.float(self.family.NORM_KEY, norm)

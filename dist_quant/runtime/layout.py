@@ -82,5 +82,7 @@ def unit_entries(family, reader, config, recipe: Recipe, plan: list[Unit],
                     emit.expert(unit.layer, expert, tuple(torch.empty(s, dtype=compute_dtype) for s in shapes))
             elif unit.kind is Kind.HEAD:
                 emit.head(read(family.NORM_KEY), read(family.LM_HEAD_KEY))
+                for carried in family.carried(reader, config):
+                    emit.carry(carried.keys, tuple(torch.empty(s, dtype=carried.dtype) for s in carried.shapes))
             layout.append((unit.id, recorder.entries))  # Kind.IMAGES writes nothing
     return layout

@@ -340,7 +340,8 @@ class Worker:
 
     @torch.no_grad()
     def head(self) -> None:
-        """Final norm and lm_head: never quantized (vLLM Ascend serves them in float)."""
+        """Final norm and lm_head: never quantized (vLLM Ascend serves them in float); then the tensors the family
+        carries unchanged."""
         norm = self._read(self.family.NORM_KEY)
 
         def rotate(rows: torch.Tensor, first: int) -> torch.Tensor:
@@ -351,3 +352,7 @@ class Worker:
 
         lm_head = self._float_rows(self.family.LM_HEAD_KEY, rotate)
         self.emit.head(torch.ones_like(norm) if self.rotation is not None else norm, lm_head)
+        for carried in self.family.carried(self.reader, self.config):  # e.g. Qwen3.5's MTP head, as stored
+            with self._loading():
+                tensors = carried.read()[0]
+            self.emit.carry(carried.keys, tensors)
