@@ -333,6 +333,8 @@ class CheckpointWriter:
         missing = [key for key in self.layout.weight_map() if key not in self._quant_types]
         if missing:
             raise OutputError(f"{len(missing)} tensors of the checkpoint were never written ({missing[:3]}); a bug")
+        # in the layout's (the plan's) order, not the order units finished in: the same bytes for any worker count
+        self._quant_types = {**{key: self._quant_types[key] for key in self.layout.weight_map()}, **self._quant_types}
         source = Path(source_model_dir)
         self._finish_parts()
         self._write_config(source)

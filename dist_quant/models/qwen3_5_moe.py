@@ -69,6 +69,7 @@ from dist_quant.models.qwen3_5_moe_sizes import (  # noqa: F401
     UNIT_KINDS,
     VISUAL,
     architecture_errors,
+    checkpoint_tensors,
     expected_tensors,
     expert_key,
     expert_linears,
@@ -162,7 +163,7 @@ def check_config_against_weights(config: Qwen3_5MoeConfig, reader: CheckpointRea
         ("vision_config.depth", vc.depth, f"{VISUAL}.blocks", "vision blocks"),
         ("text_config.mtp_num_hidden_layers", tc.mtp_num_hidden_layers, f"{MTP}.layers", "MTP layers")])
     fused = has_fused_experts(reader)
-    moe_decoder.check_tensors(reader, config, DECODER, expected_tensors(config, fused), NAME)
+    moe_decoder.check_tensors(reader, config, DECODER, checkpoint_tensors(config, fused), NAME)
     if fused:
         prefixes = [layer_prefix(i) for i in range(tc.num_hidden_layers)]
         for prefix in prefixes + [mtp_layer_prefix(i) for i in range(tc.mtp_num_hidden_layers)]:
@@ -193,24 +194,26 @@ def read_experts(reader: CheckpointReader, config, layer_idx: int, first: int, s
 
 
 def carried(reader: CheckpointReader, config) -> list[Carried]:
-    """The MTP head's tensors, for the head unit to carry into the output unchanged, in their stored dtype: fused
-    experts are split per expert (the trunk's naming, which vLLM loads), one read of each expert's rows."""
+    """The MTP head's tensors, for the head unit to carry into the output unchanged, in their stored dtype, sorted
+    by output key: its experts per expert (the trunk's naming, which vLLM loads), one read of each expert's rows
+    whether they are stored fused or per expert, so both layouts give the same output."""
     tc = config.text_config
-    entries, fused = [], set()
+    entries, experts = [], set()
     for index in range(tc.mtp_num_hidden_layers):
         prefix = mtp_layer_prefix(index)
-        if fused_expert_keys(prefix)[0] not in reader:
-            continue
-        fused.update(fused_expert_keys(prefix))
-        dtype = reader.dtype(fused_expert_keys(prefix)[0])
-        for expert in range(tc.num_experts):
-            entries.append(Carried(
-                tuple(f"{mtp_expert_key(index, expert, proj)}.weight" for proj in EXPERT_PROJS), expert_shapes(config),
-                dtype, functools.partial(_read_block_experts, reader, config, prefix, expert, expert + 1, dtype)))
-    singles = [Carried((key,), (reader.shape(key),), reader.dtype(key),
-                       functools.partial(lambda key: [(reader.get(key, dtype=reader.dtype(key)),)], key))
-               for key in reader.keys() if key.startswith(f"{MTP}.") and key not in fused]
-    return singles + entries
+        fused = fused_expert_keys(prefix)
+        stored = fused if fused[0] in reader else [f"{mtp_expert_key(index, e, p)}.weight"
+                                                   for e in range(tc.num_experts) for p in EXPERT_PROJS]
+        experts.update(stored)
+        dtype = reader.dtype(stored[0])
+        entries += [Carried(tuple(f"{mtp_expert_key(index, expert, proj)}.weight" for proj in EXPERT_PROJS),
+                            expert_shapes(config), dtype,
+                            functools.partial(_read_block_experts, reader, config, prefix, expert, expert + 1, dtype))
+                    for expert in range(tc.num_experts)]
+    entries += [Carried((key,), (reader.shape(key),), reader.dtype(key),
+                        functools.partial(lambda key: [(reader.get(key, dtype=reader.dtype(key)),)], key))
+                for key in reader.keys() if key.startswith(f"{MTP}.") and key not in experts]
+    return sorted(entries, key=lambda entry: entry.keys[0])
 
 
 # --- building pieces ------------------------------------------------------------------------------------------------
@@ -372,4 +375,4 @@ def config_differences(quantized, reference) -> list[str]:
 
 def served_shapes(config, reader: CheckpointReader) -> dict[str, tuple[int, ...]]:
     """Every tensor the quantized checkpoint of this float model holds, with its shape (experts per expert)."""
-    return {key: shape for key, shape in expected_tensors(config, fused=False).items()}
+    return {key: shape for key, shape in expected_tensors(config).items()}

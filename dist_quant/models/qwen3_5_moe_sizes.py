@@ -365,7 +365,13 @@ def mtp_tensors(config, fused: bool = False) -> dict[str, Optional[Shape]]:
     return shapes
 
 
-def expected_tensors(config, fused: bool = False) -> dict[str, Optional[Shape]]:
+def expected_tensors(config) -> dict[str, Optional[Shape]]:
+    """Every tensor a checkpoint of this config holds with its experts per expert (as transformers 5 saves them, and
+    the quantized checkpoint), with its shape. Call only once the sizes are checked."""
+    return checkpoint_tensors(config, fused=False)
+
+
+def checkpoint_tensors(config, fused: bool) -> dict[str, Optional[Shape]]:
     """Every tensor a checkpoint of this config holds, with its shape: the vision tower, each decoder layer (its
     routed experts per expert, or fused when ``fused``), the embeddings, head and final norm, and the MTP head when
     the config has one. Call only once the sizes are checked."""

@@ -1,0 +1,175 @@
+"""Qwen3.5-MoE end to end (transformers 5 only): a tiny model built by transformers 5's own classes, with an MTP head's
+tensors added to its files, quantized with msModelSlim's Qwen3.5 W8A8 recipe unchanged (``group`` processor
+included) on one card and on 2 Ray workers to identical checkpoints; types follow the recipe, every expert's codes
+are within half a step of the float weights read from the source files, the MTP tensors equal the source byte for
+byte, ``check`` accepts it. The family's pieces chained reproduce transformers' forward (hybrid linear and full
+attention, shared expert, mRoPE with an image); experts stored fused give the same checkpoint as per expert."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+pytest.importorskip("transformers.models.qwen3_5_moe", reason="Qwen3.5-MoE needs transformers 5")
+
+from transformers import Qwen3_5MoeForConditionalGeneration  # noqa: E402
+
+from dist_quant.calib.dataset import CalibSample, load_samples  # noqa: E402
+from dist_quant.calib.inputs import build_model_inputs  # noqa: E402
+from dist_quant.check import check_checkpoint, format_report  # noqa: E402
+from dist_quant.cli import main  # noqa: E402
+from dist_quant.errors import RecipeError  # noqa: E402
+from dist_quant.models.family import load_checked  # noqa: E402
+from dist_quant.recipe import load_recipe  # noqa: E402
+from dist_quant.runtime.assignments import check_recipe_for_model  # noqa: E402
+from dist_quant.synthetic import make_calibration_set, make_tiny_qwen3_5_model  # noqa: E402
+from helpers import read_checkpoint  # noqa: E402
+
+MSMODELSLIM = Path(__file__).parent / "data" / "msmodelslim"
+W8A8 = MSMODELSLIM / "qwen3_5_235B_w8a8.yaml"  # verified on Qwen3.5-397B-A17B: vision blocks too
+TEXT = "model.language_model"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(per-expert model, the same model with its experts fused, calibration set)."""
+    root = tmp_path_factory.mktemp("qwen3_5")
+    return (make_tiny_qwen3_5_model(root / "model"), make_tiny_qwen3_5_model(root / "fused", fused_experts=True),
+            make_calibration_set(root / "calib", num_images=2))
+
+
+def quant(model, calib, save, *extra, recipe=W8A8) -> Path:
+    assert main(["quant", "--model_path", str(model), "--save_path", str(save), "--device", "cpu", "--dataset",
+                 str(calib), "--quiet", "--config_path", str(recipe), "--expert_group_size", "4", *extra]) == 0
+    return save
+
+
+@pytest.fixture(scope="module")
+def single(tiny, tmp_path_factory):
+    return quant(tiny[0], tiny[2], tmp_path_factory.mktemp("q35_single") / "q")
+
+
+def source_tensors(model: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for part in sorted(model.glob("*.safetensors")):
+        with safe_open(str(part), "pt") as f:
+            tensors.update({k: f.get_tensor(k) for k in f.keys()})
+    return tensors
+
+
+def test_types_follow_msmodelslims_recipe(single, tiny):
+    """Full attention's q/k/v and the vision blocks' qkv, proj and fc1 are W8A8_DYNAMIC, routed experts too; o_proj,
+    the linear attention, the shared expert and its gate, the router, linear_fc2, the merger and the MTP head stay
+    FLOAT."""
+    _, description, _ = read_checkpoint(single)
+    _, _, config = load_checked(tiny[0])
+    types = config.text_config.layer_types
+    full, linear = f"{TEXT}.layers.{types.index('full_attention')}", f"{TEXT}.layers.{types.index('linear_attention')}"
+    dynamic = [f"{full}.self_attn.{p}_proj" for p in "qkv"] + [f"{linear}.mlp.experts.3.down_proj",
+                                                               "model.visual.blocks.0.attn.qkv",
+                                                               "model.visual.blocks.1.mlp.linear_fc1",
+                                                               "model.visual.blocks.0.attn.proj"]
+    floats = [f"{full}.self_attn.o_proj", f"{linear}.linear_attn.in_proj_qkv", f"{linear}.linear_attn.out_proj",
+              f"{linear}.mlp.shared_expert.gate_proj", f"{linear}.mlp.shared_expert_gate", f"{linear}.mlp.gate",
+              "model.visual.blocks.0.mlp.linear_fc2", "model.visual.merger.linear_fc1", "mtp.fc",
+              "mtp.layers.0.self_attn.q_proj", "mtp.layers.0.mlp.experts.0.gate_proj"]
+    assert {n: description[f"{n}.weight"] for n in dynamic} == dict.fromkeys(dynamic, "W8A8_DYNAMIC")
+    assert {n: description[f"{n}.weight"] for n in floats} == dict.fromkeys(floats, "FLOAT")
+    assert description[f"{linear}.linear_attn.A_log"] == description[f"{linear}.linear_attn.conv1d.weight"] == "FLOAT"
+
+
+def test_every_expert_is_within_half_a_step_of_the_float_weight(single, tiny):
+    """Codes against the source file's weights (read here, per expert) and a scale computed here from them."""
+    tensors, description, _ = read_checkpoint(single)
+    source = source_tensors(tiny[0])
+    experts = [k for k, t in description.items() if ".mlp.experts." in k and k.endswith(".weight")
+               and t == "W8A8_DYNAMIC"]
+    assert len(experts) == 4 * 8 * 3
+    for key in experts:
+        weight = source[key].to(torch.float64)
+        scale = weight.abs().amax(dim=1, keepdim=True) / 127  # per output channel, symmetric: computed here
+        stored = tensors[f"{key[:-len('.weight')]}.weight_scale"].to(torch.float64).reshape(-1, 1)
+        assert torch.allclose(stored, scale, rtol=1e-6, atol=0), key
+        assert bool(((tensors[key].to(torch.float64) * scale - weight).abs() <= scale / 2 * (1 + 1e-5)).all()), key
+
+
+def test_the_mtp_head_is_carried_byte_for_byte_and_described(single, tiny):
+    tensors, description, _ = read_checkpoint(single)
+    source = {k: v for k, v in source_tensors(tiny[0]).items() if k.startswith("mtp.")}
+    assert source and {k: v for k, v in tensors.items() if k.startswith("mtp.")}.keys() == source.keys()
+    for key, tensor in source.items():
+        assert tensors[key].dtype == tensor.dtype and torch.equal(tensors[key].view(torch.uint8),
+                                                                  tensor.view(torch.uint8)), key
+        assert description[key] == "FLOAT", key
+
+
+def test_check_accepts_it(single):
+    report = check_checkpoint(single)
+    assert report.ok, format_report(report)
+
+
+def test_two_ray_workers_and_fused_experts_write_the_same_bytes(single, tiny, cluster, tmp_path):
+    """2 workers on a Ray cluster, and the source with every expert fused (the released layout: the trunk's and
+    the MTP head's), give the single card's checkpoint file for file."""
+    ray = quant(tiny[0], tiny[2], tmp_path / "ray", "--workers", "2", "--ray_address", cluster.address)
+    fused = quant(tiny[1], tiny[2], tmp_path / "fused")
+    names = sorted(p.name for p in single.glob("*.safetensors")) + ["quant_model_description.json", "config.json"]
+    for folder in (ray, fused):
+        for name in names:
+            assert (folder / name).read_bytes() == (single / name).read_bytes(), (folder, name)
+
+
+def test_the_pieces_chained_reproduce_transformers_forward(tiny):
+    """Vision tower, embeddings with the image placed, each hybrid layer (mixer and shared expert), the routed
+    experts, the final (1 + w) norm and lm_head, against transformers' own forward in float32, for an image sample
+    and a text-only one."""
+    model_dir, _, calib = tiny
+    family, reader, config = load_checked(model_dir)
+    hf_model = Qwen3_5MoeForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+    samples = load_samples(calib)
+    inputs = build_model_inputs(model_dir, [samples[0], CalibSample(None, "Describe the weather in words.")])
+
+    def read(key, shape=None):
+        return reader.get(key, dtype=torch.float32, shape=shape)
+
+    tc = config.text_config
+    rotary = family.build_text_rotary(config)
+    visual = family.build_vision(config, read, torch.float32)
+    embed, norm, lm_head = read(family.EMBED_KEY), read(family.NORM_KEY), read(family.LM_HEAD_KEY)
+    act = family.activation(config)
+    compared = 0
+    for sample in inputs:
+        vision = None
+        if sample.pixel_values is not None:
+            vision = family.vision_forward(visual, sample.pixel_values, sample.image_grid_thw)
+        with torch.no_grad():
+            hidden = family.place_images(config, embed[sample.input_ids], sample.input_ids, vision)
+            ctx = family.sample_context(config, rotary, sample, vision, torch.float32, "cpu")
+            for layer_idx in range(tc.num_hidden_layers):
+                block = family.build_layer(config, layer_idx, read, torch.float32)
+                streams, x = family.layer_forward(block, [hidden], [ctx], True)
+                ids, weights = family.route(family.router_logits(block, x), tc.num_experts_per_tok, x.dtype)
+                experts = family.read_experts(reader, config, layer_idx, 0, tc.num_experts, torch.float32)
+                routed = family.expert_group_forward(x, ids, weights, [family.float_expert(*e, act) for e in experts],
+                                                     0)
+                hidden = streams[0] + routed.reshape(streams[0].shape)
+            logits = family.rms_norm(hidden, norm, tc.rms_norm_eps) @ lm_head.T
+            kwargs = {"input_ids": sample.input_ids, "attention_mask": sample.attention_mask}
+            if sample.pixel_values is not None:
+                kwargs.update(pixel_values=sample.pixel_values, image_grid_thw=sample.image_grid_thw,
+                              mm_token_type_ids=(sample.input_ids == config.image_token_id).to(torch.int32))
+            expected = hf_model(**kwargs).logits
+        assert torch.allclose(logits, expected, atol=1e-4, rtol=1e-4), (logits - expected).abs().max()
+        compared += sample.pixel_values is not None
+    assert compared == 1  # one sample with an image, one without
+
+
+def test_msmodelslims_recipes_are_accepted_and_outlier_suppression_refused(tiny, tmp_path):
+    _, _, config = load_checked(tiny[0])
+    for name in ("qwen3_5_235B_w8a8.yaml", "qwen3_5_moe_w8a8.yaml", "qwen3.5_moe_w4a8.yaml"):
+        check_recipe_for_model(load_recipe(MSMODELSLIM / name), config)
+    # the bundled Qwen3-VL-MoE recipe runs QuaRot and smoothing: this family has no points for them
+    with pytest.raises(RecipeError, match="Qwen3.5-MoE has no QuaRot or smoothing points"):
+        check_recipe_for_model(load_recipe(Path(__file__).parents[1] / "dist_quant" / "configs"
+                                           / "qwen3_vl_moe_w8a8.yaml"), config)
