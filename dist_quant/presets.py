@@ -53,6 +53,22 @@ PRESETS = (
     Preset("Qwen3-30B-A3B", "w4a8", BUNDLED_CONFIGS / "qwen3_moe_w4a8.yaml",
            "the same W4A8 recipe: check with dist-quant eval", "qwen3_moe"),
 )
+PRESETS += tuple(
+    Preset(model, quant, BUNDLED_CONFIGS / recipe, note, "qwen3_5_moe") for model, quant, recipe, note in (
+        ("Qwen3.5-397B-A17B", "w8a8", "qwen3_5_moe_w8a8_vision.yaml",
+         "msModelSlim's verified recipe for this model: dynamic W8A8 full-attention q/k/v, vision blocks and routed "
+         "experts; linear attention, shared expert and MTP head in float"),
+        ("Qwen3.5-122B-A10B", "w8a8", "qwen3_5_moe_w8a8.yaml",
+         "msModelSlim's recipe listed for this model: dynamic W8A8 full-attention q/k/v and routed experts"),
+        ("Qwen3.5-35B-A3B", "w8a8", "qwen3_5_moe_w8a8.yaml",
+         "msModelSlim's recipe listed for this model: dynamic W8A8 full-attention q/k/v and routed experts"),
+        ("Qwen3.5-397B-A17B", "w4a8", "qwen3_5_moe_w4a8.yaml",
+         "msModelSlim's W4A8 recipe for this model with GPTQ rounding of the int4 experts (it uses ssz alone): "
+         "check with dist-quant eval"),
+        ("Qwen3.5-122B-A10B", "w4a8", "qwen3_5_moe_w4a8.yaml", "the same W4A8 recipe: check with dist-quant eval"),
+        ("Qwen3.5-35B-A3B", "w4a8", "qwen3_5_moe_w4a8.yaml", "the same W4A8 recipe: check with dist-quant eval"),
+    ))
+
 # msModelSlim's own names for models with presets (its config.ini): --model_type takes them too
 MODEL_TYPE_ALIASES = {"Qwen3-235B": "Qwen3-235B-A22B", "Qwen3-30B": "Qwen3-30B-A3B"}
 MODEL_TYPES = tuple(dict.fromkeys(p.model_type for p in PRESETS)) + tuple(MODEL_TYPE_ALIASES)
@@ -61,7 +77,10 @@ QUANT_TYPES = tuple(dict.fromkeys(p.quant_type for p in PRESETS))
 DEFAULT_MODEL_TYPE, DEFAULT_QUANT_TYPE = "Qwen3-VL-235B-A22B", "w8a8"
 # (layers, routed experts, hidden size) of each model type, from its config.json (shared/reference-configs)
 MODEL_SHAPES = {"Qwen3-VL-235B-A22B": (94, 128, 4096), "Qwen3-VL-30B-A3B": (48, 128, 2048),
-                "Qwen3-235B-A22B": (94, 128, 4096), "Qwen3-30B-A3B": (48, 128, 2048)}
+                "Qwen3-235B-A22B": (94, 128, 4096), "Qwen3-30B-A3B": (48, 128, 2048),
+                # Qwen3.5: the 397B reference config; 122B and 35B from their published dimensions (unverified here)
+                "Qwen3.5-397B-A17B": (60, 512, 4096), "Qwen3.5-122B-A10B": (48, 256, 3072),
+                "Qwen3.5-35B-A3B": (40, 256, 2048)}
 
 
 def _shape(config: dict) -> tuple:

@@ -253,6 +253,11 @@ def expert_shapes(config) -> tuple[tuple[int, int], ...]:
     return ((tc.moe_intermediate_size, tc.hidden_size),) * 2 + ((tc.hidden_size, tc.moe_intermediate_size),)
 
 
+def carried_param_count(config) -> int:
+    """Nothing is carried: the checkpoint holds only the modules the family quantizes."""
+    return 0
+
+
 def expert_param_count(config) -> int:
     """Parameters of one expert (gate, up and down; no biases)."""
     return sum(out * inputs for out, inputs in expert_shapes(config))

@@ -68,6 +68,7 @@ class FamilySizes(Protocol):
     def vision_param_count(self, config) -> int: ...  # 0 without a vision tower
     def layer_param_count(self, config, layer_idx: int) -> int: ...
     def expert_param_count(self, config) -> int: ...
+    def carried_param_count(self, config) -> int: ...  # the tensors the head unit carries unchanged (Family.carried)
     def tp_errors(self, config, tp: int) -> list[str]: ...  # what a tensor-parallel size does not divide
 
 

@@ -69,6 +69,7 @@ from dist_quant.models.qwen3_5_moe_sizes import (  # noqa: F401
     UNIT_KINDS,
     VISUAL,
     architecture_errors,
+    carried_param_count,
     checkpoint_tensors,
     expected_tensors,
     expert_key,

@@ -365,6 +365,11 @@ def mtp_tensors(config, fused: bool = False) -> dict[str, Optional[Shape]]:
     return shapes
 
 
+def carried_param_count(config) -> int:
+    """The MTP head's parameters, which the head unit carries unchanged."""
+    return sum(math.prod(shape) for shape in mtp_tensors(config).values())
+
+
 def expected_tensors(config) -> dict[str, Optional[Shape]]:
     """Every tensor a checkpoint of this config holds with its experts per expert (as transformers 5 saves them, and
     the quantized checkpoint), with its shape. Call only once the sizes are checked."""

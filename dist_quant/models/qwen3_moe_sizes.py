@@ -23,6 +23,7 @@ from dist_quant.models.decoder_sizes import (  # noqa: F401
     Decoder,
     Shape,
     TextSizes,
+    carried_param_count,
     expert_param_count,
     expert_shapes,
     is_int,

@@ -74,6 +74,7 @@ from dist_quant.models.qwen3_vl_moe_sizes import (  # noqa: F401
     UNIT_KINDS,
     VISUAL,
     architecture_errors,
+    carried_param_count,
     expected_tensors,
     expert_key,
     expert_linears,

@@ -159,7 +159,7 @@ def unit_params(config, unit: Unit) -> int:
         return family.layer_param_count(config, unit.layer)
     if unit.kind is Kind.EXPERTS:
         return (unit.stop_expert - unit.first_expert) * family.expert_param_count(config)
-    return tc.vocab_size * tc.hidden_size + tc.hidden_size
+    return tc.vocab_size * tc.hidden_size + tc.hidden_size + family.carried_param_count(config)
 
 
 def unit_linears(config, unit: Unit) -> dict[str, int]:
