@@ -265,7 +265,7 @@ def idle_text(timeline: list, actor: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--width", choices=["235b", "30b", "small"], default="235b")
+    parser.add_argument("--width", choices=["235b", "30b", "397b", "small"], default="235b")
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("/tmp/bench"))
     parser.add_argument("--workers", type=int, nargs="*", default=[1, 2], help="Ray runs (none: single card only)")

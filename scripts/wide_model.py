@@ -1,7 +1,13 @@
-"""A random Qwen3-VL-MoE with the exact widths of a real one (tests/data/<name>.config.json), N decoder layers,
-written shard by shard as the Hub stores it: never more than one tensor in memory.
+"""A random Qwen3-VL-MoE (or Qwen3.5-MoE) with the exact widths of a real one (tests/data/<name>.config.json), N
+decoder layers, written shard by shard as the Hub stores it: never more than one tensor in memory.
 
     python scripts/wide_model.py /tmp/wide235 --width 235b --layers 2
+    .venv5/bin/python scripts/wide_model.py /tmp/wide397 --width 397b --layers 2   # transformers 5
+
+Qwen3.5-397B-A17B's layers alternate linear and full attention here (layer_types ["linear_attention",
+"full_attention", ...]) so that two layers measure one of each; its experts are stored fused, as the release appears
+to store them (docs/qwen3_5-moe-facts.md 1.3), and the MTP head is left out (mtp_num_hidden_layers 0: the head unit
+copies its 13 GB without computing on it).
 
 The tensors are listed from the transformers model built on the meta device (so names, shapes and the fused 3-D
 expert layout are the ones save_pretrained gives), filled with seeded random bf16 (linears ~N(0, 0.02), norm weights
@@ -19,6 +25,7 @@ import zlib
 from pathlib import Path
 
 import torch
+import transformers
 from safetensors.torch import save_file
 from transformers import Qwen2VLImageProcessor, Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
 
@@ -27,27 +34,36 @@ sys.path.insert(0, str(ROOT))
 from dist_quant.synthetic import special_token_ids, train_tokenizer  # noqa: E402
 
 CONFIGS = {"235b": ROOT / "tests/data/Qwen3-VL-235B-A22B.config.json",
-           "30b": ROOT / "tests/data/Qwen3-VL-30B-A3B.config.json"}
+           "30b": ROOT / "tests/data/Qwen3-VL-30B-A3B.config.json",
+           "397b": ROOT / "tests/data/Qwen3.5-397B-A17B.config.json"}
 # The real Qwen3-VL preprocessor_config.json: size {"shortest_edge": 65536, "longest_edge": 16777216}, patch 16.
 REAL_PROCESSOR = dict(patch_size=16, temporal_patch_size=2, merge_size=2, min_pixels=65536, max_pixels=16777216,
                       image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
 GB = 1e9
 
 
-def wide_config(width: str, layers: int) -> Qwen3VLMoeConfig:
+def wide_config(width: str, layers: int):
     raw = json.loads(CONFIGS[width].read_text())
     raw["text_config"]["num_hidden_layers"] = layers
     raw.update(special_token_ids(train_tokenizer()))
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         raw.pop(key, None)
         raw["text_config"].pop(key, None)
+    if raw["model_type"] == "qwen3_5_moe":
+        raw["text_config"]["layer_types"] = [("linear_attention", "full_attention")[i % 2] for i in range(layers)]
+        raw["text_config"]["mtp_num_hidden_layers"] = 0
+        return transformers.Qwen3_5MoeConfig(**{k: v for k, v in raw.items()
+                                                if k not in ("model_type", "transformers_version")})
     return Qwen3VLMoeConfig(**{k: v for k, v in raw.items() if k not in ("model_type", "transformers_version")})
 
 
-def meta_tensors(config: Qwen3VLMoeConfig) -> list[tuple[str, tuple[int, ...]]]:
-    """(name, shape) of every tensor save_pretrained would write, in its order."""
+def meta_tensors(config) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of every tensor save_pretrained would write, in its order (experts fused as the model holds
+    them)."""
+    model_class = (Qwen3VLMoeForConditionalGeneration if isinstance(config, Qwen3VLMoeConfig)
+                   else transformers.Qwen3_5MoeForConditionalGeneration)
     with torch.device("meta"):
-        model = Qwen3VLMoeForConditionalGeneration(config)
+        model = model_class(config)
     state = model.state_dict()
     tied = getattr(config, "tie_word_embeddings", False) or getattr(config.text_config, "tie_word_embeddings", False)
     return [(name, tuple(t.shape)) for name, t in state.items() if not (tied and name == "lm_head.weight")]
@@ -104,7 +120,7 @@ def make_wide_model(out: Path, width: str, layers: int, *, shard_gb: float = 2.0
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path)
-    parser.add_argument("--width", choices=sorted(CONFIGS), default="235b")
+    parser.add_argument("--width", choices=sorted(CONFIGS), default="235b", help="397b: Qwen3.5, transformers 5")
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--shard-gb", type=float, default=2.0)
     parser.add_argument("--seed", type=int, default=0)

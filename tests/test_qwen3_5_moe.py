@@ -173,3 +173,38 @@ def test_msmodelslims_recipes_are_accepted_and_outlier_suppression_refused(tiny,
     with pytest.raises(RecipeError, match="Qwen3.5-MoE has no QuaRot or smoothing points"):
         check_recipe_for_model(load_recipe(Path(__file__).parents[1] / "dist_quant" / "configs"
                                            / "qwen3_vl_moe_w8a8.yaml"), config)
+
+
+def _layer(tiny, kind: str) -> str:
+    _, _, config = load_checked(tiny[0])
+    return f"{TEXT}.layers.{config.text_config.layer_types.index(kind)}"
+
+
+@pytest.mark.parametrize("rule, what, options", [
+    ("R8", "the shared expert's gate quantized (vLLM builds it without a quant config)", {}),
+    ("R10", "in_proj_qkv and in_proj_z (vLLM Ascend's in_proj_qkvz) split over two types", {}),
+    ("R24", "an MTP tensor without its description entry", {}),
+    ("R17", "a tensor-parallel size that does not divide the linear attention's 2 key heads", {"tp": 4}),
+])
+def test_a_qwen3_5_mutation_trips_its_rule(single, tiny, tmp_path, rule, what, options):
+    from helpers import drop, mutate, set_types
+
+    linear = _layer(tiny, "linear_attention")
+    changes = {"R8": set_types(f"{linear}.mlp.shared_expert_gate", "W4A8_DYNAMIC"),
+               "R10": set_types(f"{linear}.linear_attn.in_proj_z", "W8A8_DYNAMIC"),
+               "R24": drop("mtp.layers.0.mlp.experts.5.up_proj.weight"), "R17": None}
+    report = check_checkpoint(mutate(single, tmp_path, description=changes[rule]), **options)
+    assert report.failed() == [rule], f"{what}:\n{format_report(report)}"
+
+
+def test_a_recipe_quantizing_the_shared_expert_gate_is_refused(tiny, tmp_path):
+    import yaml
+
+    doc = yaml.safe_load(W8A8.read_text())
+    doc["spec"]["process"][0]["configs"][0]["include"].append("*mlp.shared_expert*")
+    path = tmp_path / "gate.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    _, _, config = load_checked(tiny[0])
+    with pytest.raises(RecipeError, match=r"shared_expert_gate gets W8A8_DYNAMIC, but vLLM builds it without a quant "
+                                          "config"):
+        check_recipe_for_model(load_recipe(path), config)

@@ -352,8 +352,10 @@ def vision_param_count(config) -> int:
 def mtp_tensors(config, fused: bool = False) -> dict[str, Optional[Shape]]:
     """The MTP head's tensors: ``mtp.fc`` [H, 2H] (embedding ‖ hidden), its two pre-fc norms and final norm, and
     ``mtp_num_hidden_layers`` full-attention decoder layers with a complete MoE block each (docs/qwen3_5-moe-facts.md
-    2)."""
+    2); none when that count is 0 (or config.json does not give it)."""
     tc = config.get_text_config()
+    if not tc.mtp_num_hidden_layers:
+        return {}  # no MTP head
     h = tc.hidden_size
     shapes: dict[str, Optional[Shape]] = {f"{MTP}.fc.weight": (h, 2 * h)}
     for index in range(tc.mtp_num_hidden_layers):
