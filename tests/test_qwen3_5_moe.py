@@ -208,3 +208,15 @@ def test_a_recipe_quantizing_the_shared_expert_gate_is_refused(tiny, tmp_path):
     with pytest.raises(RecipeError, match=r"shared_expert_gate gets W8A8_DYNAMIC, but vLLM builds it without a quant "
                                           "config"):
         check_recipe_for_model(load_recipe(path), config)
+
+
+def test_eval_runs_the_hybrid_model(single, tiny):
+    """``dist-quant eval`` chains the vision tower, the hybrid layers with their shared expert and the routed experts
+    on both sides, served with the card's integer math: every piece is compared, close but not equal."""
+    from dist_quant.evaluate import evaluate
+
+    inputs = build_model_inputs(tiny[0], load_samples(tiny[2]))
+    report = evaluate(str(tiny[0]), str(single), inputs)
+    assert 0 < report.kl_divergence < 1 and 0.5 < report.top1_agreement <= 1 and report.tokens > 0
+    text = report.table()
+    assert all(f"layer {i}" in text for i in range(4)) and "vision" in text
