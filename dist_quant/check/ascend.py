@@ -74,7 +74,7 @@ RULES = {r.id: r for r in (
     Rule("R7", "every layer vLLM builds has its .weight entry (experts: expert 0's)",
          f"{_SRC_MS} get_linear_quant_type"),
     Rule("R8", "each described type has a vLLM Ascend method for its layer kind (none but FLOAT for the linears vLLM "
-               "builds without a quant config: the router, Qwen3.5's shared_expert_gate)",
+               "builds without a quant config: Qwen3.5's router and shared_expert_gate)",
          "vllm-ascend methods/registry.py get_scheme_class; vllm ReplicatedLinear(quant_config=None)"),
     Rule("R9", "embed_tokens.weight and lm_head.weight are described, FLOAT", f"{_SRC_MS} get_quant_method"),
     Rule("R10", "q/k/v (and a dense gate/up) of a layer share one type", f"{_SRC_MS} is_layer_skipped_ascend"),
@@ -277,9 +277,9 @@ class Checker:
         bad = []
         for name, kind in self.model.lookups():
             quant_type = self.entries.get(f"{name}.weight")
-            replicated = name in self.model.linears and self.model.linears[name].split == "replicated"
-            kind = "replicated (unquantized)" if replicated else kind
-            methods = MOE_METHODS if kind == "moe" else () if replicated else LINEAR_METHODS
+            unquantized = name.endswith(tuple(self.model.family.UNQUANTIZED_LINEARS))
+            kind = "unquantized" if unquantized else kind
+            methods = MOE_METHODS if kind == "moe" else () if unquantized else LINEAR_METHODS
             if quant_type is not None and quant_type != FLOAT and quant_type not in methods:
                 bad.append(f"{name}.weight: {quant_type} (no {kind} method)")
         return bad

@@ -36,7 +36,8 @@ FUSED_GROUPS = (  # linears vLLM loads as one fused parameter: they must share a
     ("mlp.experts.0.gate_proj", "mlp.experts.0.up_proj", "mlp.experts.0.down_proj"),
 )
 INPUT_SPLIT_LINEARS = ("self_attn.o_proj", "down_proj")  # the decoder's row-parallel linears in vLLM
-REPLICATED_LINEARS = (".mlp.gate",)  # the router: vLLM's ReplicatedLinear
+REPLICATED_LINEARS = (".mlp.gate",)  # the router: vLLM's ReplicatedLinear (built with the quant config)
+UNQUANTIZED_LINEARS = ()  # linears vLLM builds without a quant config (docs/ascend-loader-rules.md): none here
 
 
 # --- config.json -----------------------------------------------------------------------------------------------------

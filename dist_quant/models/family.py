@@ -43,6 +43,7 @@ class FamilySizes(Protocol):
     CALIBRATION: str  # IMAGE_AND_TEXT or TEXT_ONLY: what a calibration sample holds
     OUTLIER_SUPPRESSION: bool  # whether QuaRot and smoothing have points in its layers (else a recipe is refused)
     REPLICATED_LINEARS: tuple[str, ...]  # name suffixes of the linears vLLM replicates on every rank (the router)
+    UNQUANTIZED_LINEARS: tuple[str, ...]  # name suffixes of the linears vLLM builds without a quant config: FLOAT
     EMBED_KEY: str
     NORM_KEY: str
     LM_HEAD_KEY: str

@@ -67,6 +67,7 @@ from dist_quant.models.qwen3_5_moe_sizes import (  # noqa: F401
     TEXT,
     TOKEN_FIELDS,
     UNIT_KINDS,
+    UNQUANTIZED_LINEARS,
     VISUAL,
     architecture_errors,
     carried_param_count,
@@ -159,17 +160,23 @@ def check_config_against_weights(config: Qwen3_5MoeConfig, reader: CheckpointRea
     block and MTP layer counts, any tensor it does not expect or expects but is missing (experts per expert or fused,
     as layer 0 stores them), any shape or dtype other than the config's."""
     tc, vc = config.text_config, config.vision_config
+    if tc.mtp_num_hidden_layers and not any(key.startswith(f"{MTP}.") for key in reader.keys()):
+        raise CheckpointError(
+            f"{reader.model_dir / 'config.json'} says text_config.mtp_num_hidden_layers={tc.mtp_num_hidden_layers}, "
+            "but the weights hold no mtp.* tensor (transformers drops the MTP head when it loads and re-saves a "
+            "model): set mtp_num_hidden_layers to 0 in config.json, or add the MTP tensors of the original release")
     moe_decoder.check_counts(reader, [
         ("text_config.num_hidden_layers", tc.num_hidden_layers, f"{TEXT}.layers", "text layers"),
         ("vision_config.depth", vc.depth, f"{VISUAL}.blocks", "vision blocks"),
         ("text_config.mtp_num_hidden_layers", tc.mtp_num_hidden_layers, f"{MTP}.layers", "MTP layers")])
     fused = has_fused_experts(reader)
-    moe_decoder.check_tensors(reader, config, DECODER, checkpoint_tensors(config, fused), NAME)
-    if fused:
-        prefixes = [layer_prefix(i) for i in range(tc.num_hidden_layers)]
-        for prefix in prefixes + [mtp_layer_prefix(i) for i in range(tc.mtp_num_hidden_layers)]:
-            expert_layout(reader, prefix, num_experts=tc.num_experts, hidden=tc.hidden_size,
-                          intermediate=tc.moe_intermediate_size)
+    mtp_fused = fused_expert_keys(mtp_layer_prefix(0))[0] in reader if tc.mtp_num_hidden_layers else None
+    moe_decoder.check_tensors(reader, config, DECODER, checkpoint_tensors(config, fused, mtp_fused), NAME)
+    prefixes = [layer_prefix(i) for i in range(tc.num_hidden_layers)] if fused else []
+    prefixes += [mtp_layer_prefix(i) for i in range(tc.mtp_num_hidden_layers)] if mtp_fused else []
+    for prefix in prefixes:
+        expert_layout(reader, prefix, num_experts=tc.num_experts, hidden=tc.hidden_size,
+                      intermediate=tc.moe_intermediate_size)
 
 
 def load_checked(model_path: str | Path) -> tuple[CheckpointReader, Qwen3_5MoeConfig]:

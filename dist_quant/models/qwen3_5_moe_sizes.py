@@ -57,7 +57,8 @@ FUSED_GROUPS = (  # linears vLLM (Ascend) loads as one parameter (modelslim_conf
     ("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj"),
     ("mlp.experts.0.gate_proj", "mlp.experts.0.up_proj", "mlp.experts.0.down_proj"),
 )
-REPLICATED_LINEARS = (".mlp.gate", ".mlp.shared_expert_gate")  # vLLM's ReplicatedLinear, no quant config
+REPLICATED_LINEARS = (".mlp.gate", ".mlp.shared_expert_gate")  # vLLM's ReplicatedLinear
+UNQUANTIZED_LINEARS = REPLICATED_LINEARS  # built with quant_config=None (Qwen3NextSparseMoeBlock): FLOAT only
 # row-parallel in vLLM: attention outputs, the shared expert's and experts' down projections, the vision tower's
 INPUT_SPLIT_LINEARS = ("self_attn.o_proj", "linear_attn.out_proj", "down_proj", "attn.proj", "linear_fc2")
 
@@ -141,11 +142,10 @@ def load_sizes_config(raw: dict, source: str = "config.json") -> SizesConfig:
     text = decoder_sizes.section_of(raw, "text_config", source)
     vision = decoder_sizes.section_of(raw, "vision_config", source)
     values = {**TEXT_DEFAULTS, **{f.name: text[f.name] for f in fields(TextSizes) if f.name in text}}
+    interval = text.get("full_attention_interval", FULL_ATTENTION_INTERVAL)
     if values["layer_types"] is None and is_int(values["num_hidden_layers"]) \
-            and 0 < values["num_hidden_layers"] <= decoder_sizes.MAX_LAYERS:
-        interval = text.get("full_attention_interval", FULL_ATTENTION_INTERVAL)
-        values["layer_types"] = default_layer_types(values["num_hidden_layers"],
-                                                    interval if is_int(interval) and interval > 0 else 0)
+            and 0 < values["num_hidden_layers"] <= decoder_sizes.MAX_LAYERS and is_int(interval) and interval > 0:
+        values["layer_types"] = default_layer_types(values["num_hidden_layers"], interval)
     config = SizesConfig(TextSizes(**values),
                          VisionSizes(**{f.name: vision[f.name] for f in fields(VisionSizes)
                                         if f.name in vision and f.name != "deepstack_visual_indexes"}),
@@ -192,7 +192,7 @@ def size_errors(config) -> list[str]:
     if not isinstance(types, list) or len(types) != tc.num_hidden_layers or not all(
             t in (LINEAR_ATTENTION, FULL_ATTENTION) for t in types):
         errors.append(f"{p}layer_types must name {LINEAR_ATTENTION!r} or {FULL_ATTENTION!r} for each of the "
-                      f"{tc.num_hidden_layers} layers")
+                      f"{tc.num_hidden_layers} layers (or be left out, with a positive full_attention_interval)")
     return errors
 
 
@@ -378,10 +378,11 @@ def expected_tensors(config) -> dict[str, Optional[Shape]]:
     return checkpoint_tensors(config, fused=False)
 
 
-def checkpoint_tensors(config, fused: bool) -> dict[str, Optional[Shape]]:
+def checkpoint_tensors(config, fused: bool, mtp_fused: Optional[bool] = None) -> dict[str, Optional[Shape]]:
     """Every tensor a checkpoint of this config holds, with its shape: the vision tower, each decoder layer (its
     routed experts per expert, or fused when ``fused``), the embeddings, head and final norm, and the MTP head when
-    the config has one. Call only once the sizes are checked."""
+    the config has one (its experts as ``mtp_fused`` says, else as the trunk's). Call only once the sizes are
+    checked."""
     tc = config.get_text_config()
     shapes = dict(qwen3_vl_moe_sizes.vision_tensors(config))
     for layer_idx in range(tc.num_hidden_layers):
@@ -391,4 +392,4 @@ def checkpoint_tensors(config, fused: bool) -> dict[str, Optional[Shape]]:
         shapes.update(_expert_tensors(config, prefix, fused))
     shapes[EMBED_KEY] = shapes[LM_HEAD_KEY] = (tc.vocab_size, tc.hidden_size)
     shapes[NORM_KEY] = (tc.hidden_size,)
-    return {**shapes, **mtp_tensors(config, fused)}
+    return {**shapes, **mtp_tensors(config, fused if mtp_fused is None else mtp_fused)}

@@ -20,6 +20,7 @@ from dist_quant.models.decoder_sizes import (  # noqa: F401
     FLOAT_DTYPE_BYTES,
     FUSED_GROUPS,
     REPLICATED_LINEARS,
+    UNQUANTIZED_LINEARS,
     Decoder,
     Shape,
     TextSizes,

@@ -72,6 +72,7 @@ from dist_quant.models.qwen3_vl_moe_sizes import (  # noqa: F401
     TEXT,
     TOKEN_FIELDS,
     UNIT_KINDS,
+    UNQUANTIZED_LINEARS,
     VISUAL,
     architecture_errors,
     carried_param_count,

@@ -24,6 +24,7 @@ from dist_quant.models.decoder_sizes import (  # noqa: F401
     FUSED_GROUPS,
     MAX_WIDTH,
     REPLICATED_LINEARS,
+    UNQUANTIZED_LINEARS,
     Decoder,
     Shape,
     TextSizes,

@@ -114,8 +114,8 @@ def check_recipe_for_model(recipe: Recipe, config) -> None:
     problem = formats.for_saver(recipe.saver).unsupported([*map(recipe.quant_type, linears), *expert_types])
     if problem:
         raise RecipeError(f"recipe {recipe.path}: {problem}")
-    replicated = [name for name in linears if name.endswith(tuple(family.REPLICATED_LINEARS))]
-    quantized = [name for name in replicated if recipe.quant_type(name) != schemes.FLOAT]
+    unquantized = [name for name in linears if name.endswith(tuple(family.UNQUANTIZED_LINEARS))]
+    quantized = [name for name in unquantized if recipe.quant_type(name) != schemes.FLOAT]
     if quantized:
         raise RecipeError(f"recipe {recipe.path}: {quantized[0]} gets {recipe.quant_type(quantized[0])}, but vLLM "
                           "builds it without a quant config (it loads a float weight): exclude it from the recipe's "
