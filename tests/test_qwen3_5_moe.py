@@ -5,6 +5,7 @@ are within half a step of the float weights read from the source files, the MTP 
 byte, ``check`` accepts it. The family's pieces chained reproduce transformers' forward (hybrid linear and full
 attention, shared expert, mRoPE with an image); experts stored fused give the same checkpoint as per expert."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -224,3 +225,19 @@ def test_eval_runs_the_hybrid_model(single, tiny):
     assert 0 < report.kl_divergence < 1 and 0.5 < report.top1_agreement <= 1 and report.tokens > 0
     text = report.table()
     assert all(f"layer {i}" in text for i in range(4)) and "vision" in text
+
+
+def test_a_model_resaved_without_its_mtp_head_is_refused_with_the_reason(tiny, tmp_path):
+    """transformers drops mtp.* when it loads a model and writes mtp_num_hidden_layers back when it saves it."""
+    import shutil
+
+    from dist_quant.errors import CheckpointError
+
+    model = tmp_path / "resaved"
+    shutil.copytree(tiny[0], model)
+    (model / "mtp.safetensors").unlink()
+    index = json.loads((model / "model.safetensors.index.json").read_text())
+    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if not k.startswith("mtp.")}
+    (model / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="mtp_num_hidden_layers=1, but the weights hold no mtp.* tensor"):
+        load_checked(model)

@@ -97,3 +97,14 @@ def test_closed_form_shapes_are_transformers_own():
     fused = {k for k, shape in closed.items() if shape is None}
     assert set(built) == set(closed)
     assert {k: s for k, s in built.items() if k not in fused} == {k: s for k, s in closed.items() if k not in fused}
+
+
+@pytest.mark.parametrize("interval", [0, True, "4", -1])
+def test_a_bad_full_attention_interval_is_refused(interval):
+    raw = json.loads(REFERENCE.read_text())
+    del raw["text_config"]["layer_types"]
+    raw["text_config"]["full_attention_interval"] = interval
+    with pytest.raises(CheckpointError, match="layer_types must name .* positive full_attention_interval"):
+        sizes.load_sizes_config(raw)
+    raw["text_config"]["full_attention_interval"] = 4
+    assert sizes.load_sizes_config(raw).text_config.layer_types[:4] == ["linear_attention"] * 3 + ["full_attention"]
