@@ -241,3 +241,24 @@ def test_a_model_resaved_without_its_mtp_head_is_refused_with_the_reason(tiny, t
     (model / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match="mtp_num_hidden_layers=1, but the weights hold no mtp.* tensor"):
         load_checked(model)
+
+
+def test_a_killed_run_resumes_to_the_same_bytes_and_reports(single, tiny, tmp_path):
+    """Killed in the middle of an expert group, then ``--resume``: the single card's checkpoint, and its report
+    page and calibration coverage are written as for the first family."""
+    import os
+    import subprocess
+    import sys
+
+    save = tmp_path / "killed"
+    cmd = ["quant", "--model_path", str(tiny[0]), "--save_path", str(save), "--device", "cpu", "--dataset",
+           str(tiny[2]), "--quiet", "--config_path", str(W8A8), "--expert_group_size", "4"]
+    env = {**{k: v for k, v in os.environ.items() if k != "DIST_QUANT_KILL_AT"}, "DIST_QUANT_KILL_AT": "experts:5"}
+    child = subprocess.run([sys.executable, "-m", "dist_quant.cli", *cmd], env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, timeout=600)
+    assert child.returncode == -9 and not (save / "quant_model_description.json").exists()
+    assert main([*cmd, "--resume"]) == 0
+    for name in [*sorted(p.name for p in single.glob("*.safetensors")), "quant_model_description.json"]:
+        assert (save / name).read_bytes() == (single / name).read_bytes(), name
+    coverage = json.loads((save / "calibration_coverage.json").read_text())
+    assert coverage and (save / "report.html").exists()
