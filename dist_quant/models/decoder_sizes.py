@@ -141,15 +141,22 @@ def text_size_errors(tc, prefix: str) -> list[str]:
               + positive_errors(prefix, tc, ["num_experts"], MAX_EXPERTS))
     if errors:  # the checks below compute with these
         return errors
+    errors = routing_and_bias_errors(tc, prefix)
+    layers = tc.mlp_only_layers
+    if not isinstance(layers, list) or not all(is_int(i) and 0 <= i < tc.num_hidden_layers for i in layers):
+        errors.append(f"{prefix}mlp_only_layers must list layer indices from 0 to num_hidden_layers - 1 "
+                      f"({tc.num_hidden_layers - 1})")
+    return errors
+
+
+def routing_and_bias_errors(tc, prefix: str) -> list[str]:
+    """The router's top-k against the expert count (both checked positive first) and attention_bias a boolean."""
+    errors = []
     if not is_int(tc.num_experts_per_tok) or not 1 <= tc.num_experts_per_tok <= tc.num_experts:
         errors.append(f"{prefix}num_experts_per_tok is {show(tc.num_experts_per_tok)}; the router picks between 1 "
                       f"and num_experts ({tc.num_experts}) experts per token")
     if not isinstance(tc.attention_bias, bool):
         errors.append(f"{prefix}attention_bias is {show(tc.attention_bias)}, not true or false")
-    layers = tc.mlp_only_layers
-    if not isinstance(layers, list) or not all(is_int(i) and 0 <= i < tc.num_hidden_layers for i in layers):
-        errors.append(f"{prefix}mlp_only_layers must list layer indices from 0 to num_hidden_layers - 1 "
-                      f"({tc.num_hidden_layers - 1})")
     return errors
 
 

@@ -96,6 +96,7 @@ from dist_quant.models.qwen3_5_moe_sizes import (  # noqa: F401
     vision_linears,
     vision_param_count,
 )
+from dist_quant.models.qwen3_vl_moe import image_costs, place_images  # noqa: F401 (the same tower output, placed alike)
 from dist_quant.models.qwen3_vl_moe_experts import expert_layout
 from dist_quant.models.qwen3_vl_moe_experts import read_experts as read_fused_experts
 
@@ -270,13 +271,6 @@ def vision_forward(visual: nn.Module, pixel_values: torch.Tensor, grid_thw: torc
     return VisionOutput(out.pooler_output, [])
 
 
-def image_costs(inputs: list, config) -> list[int]:
-    """The vision tower's multiply-adds per block for each sample (0 without an image)."""
-    h, i = config.vision_config.hidden_size, config.vision_config.intermediate_size
-    patches = [0 if s.pixel_values is None else int(s.pixel_values.shape[0]) for s in inputs]
-    return [p * (4 * h * h + 2 * h * i) + 2 * p * p * h for p in patches]
-
-
 class _RopeIndex:
     """Just enough of ``Qwen3_5MoeModel`` to call its own ``get_rope_index`` (it reads only the config)."""
 
@@ -297,17 +291,6 @@ def text_position_ids(config, input_ids: torch.Tensor, image_grid_thw, attention
     position_ids, _ = _RopeIndex(config).get_rope_index(input_ids, mm_token_type_ids, image_grid_thw=image_grid_thw,
                                                          attention_mask=attention_mask)
     return position_ids
-
-
-def place_images(config, embeds: torch.Tensor, input_ids: torch.Tensor,
-                 vision: Optional[VisionOutput]) -> torch.Tensor:
-    """Token embeddings with the sample's image features at its image tokens, as the HF model does."""
-    if vision is None:
-        return embeds
-    mask = input_ids == config.image_token_id
-    if int(mask.sum()) != vision.image_embeds.shape[0]:
-        raise ValueError(f"{int(mask.sum())} image tokens but {vision.image_embeds.shape[0]} image features")
-    return embeds.masked_scatter(mask[..., None].expand_as(embeds), vision.image_embeds.to(embeds.device, embeds.dtype))
 
 
 def sample_context(config, rotary: nn.Module, inputs, vision: Optional[VisionOutput], dtype: torch.dtype,

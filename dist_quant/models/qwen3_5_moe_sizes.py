@@ -22,7 +22,6 @@ from typing import Optional
 from dist_quant.models import decoder_sizes, qwen3_vl_moe_sizes
 from dist_quant.models.decoder_sizes import (  # noqa: F401
     EXPERT_PROJS,
-    FLOAT_DTYPE_BYTES,
     MAX_WIDTH,
     Decoder,
     Shape,
@@ -176,18 +175,10 @@ def size_errors(config) -> list[str]:
     if not is_int(mtp) or not 0 <= mtp <= MAX_MTP_LAYERS:
         errors.append(f"{p}mtp_num_hidden_layers is {decoder_sizes.show(mtp)}, not a layer count from 0 to "
                       f"{MAX_MTP_LAYERS}")
-    vision = decoder_sizes.positive_errors(
-        "vision_config.", vc, ["hidden_size", "intermediate_size", "num_heads", "in_channels", "patch_size",
-                               "temporal_patch_size", "spatial_merge_size", "out_hidden_size",
-                               "num_position_embeddings"], MAX_WIDTH)
-    vision += decoder_sizes.positive_errors("vision_config.", vc, ["depth"], qwen3_vl_moe_sizes.MAX_VISION_DEPTH)
+    vision = qwen3_vl_moe_sizes.vision_size_errors(vc)
     if errors or vision:  # the checks below compute with these
         return errors + vision
-    if not is_int(tc.num_experts_per_tok) or not 1 <= tc.num_experts_per_tok <= tc.num_experts:
-        errors.append(f"{p}num_experts_per_tok is {decoder_sizes.show(tc.num_experts_per_tok)}; the router picks "
-                      f"between 1 and num_experts ({tc.num_experts}) experts per token")
-    if not isinstance(tc.attention_bias, bool):
-        errors.append(f"{p}attention_bias is {decoder_sizes.show(tc.attention_bias)}, not true or false")
+    errors = decoder_sizes.routing_and_bias_errors(tc, p)
     types = tc.layer_types
     if not isinstance(types, list) or len(types) != tc.num_hidden_layers or not all(
             t in (LINEAR_ATTENTION, FULL_ATTENTION) for t in types):
@@ -208,15 +199,7 @@ def architecture_errors(config, raw: dict) -> list[str]:
                       f"linear_num_key_heads ({tc.linear_num_key_heads}): each key head serves whole value heads")
     if tc.head_dim % 2:
         errors.append(f"text_config.head_dim ({tc.head_dim}) is odd; rotary embeddings need an even head size")
-    if vc.hidden_size % vc.num_heads or (vc.hidden_size // vc.num_heads) % 4:
-        errors.append(f"vision_config.hidden_size ({vc.hidden_size}) / num_heads ({vc.num_heads}) must be a whole "
-                      "head size divisible by 4 (2-D rotary embeddings)")
-    if math.isqrt(vc.num_position_embeddings) ** 2 != vc.num_position_embeddings:
-        errors.append(f"vision_config.num_position_embeddings ({vc.num_position_embeddings}) is not a square: the "
-                      "position table is a square grid")
-    if vc.out_hidden_size != tc.hidden_size:
-        errors.append(f"vision_config.out_hidden_size ({vc.out_hidden_size}) differs from text_config.hidden_size "
-                      f"({tc.hidden_size}): image features are placed in the text embeddings")
+    errors += qwen3_vl_moe_sizes.vision_architecture_errors(vc, tc.hidden_size)
     return errors + decoder_sizes.token_errors(config, TOKEN_FIELDS, tc.vocab_size)
 
 
@@ -234,13 +217,9 @@ def tp_errors(config, tp: int) -> list[str]:
     return errors
 
 
-def source_dtype_name(raw_config: dict) -> str:
-    """The checkpoint's float dtype as config.json states it (text_config's first; bf16 when it does not say)."""
-    return decoder_sizes.dtype_name(raw_config.get("text_config"), raw_config)
-
-
-def source_bytes(raw_config: dict) -> int:
-    return FLOAT_DTYPE_BYTES[source_dtype_name(raw_config)]
+# the dtype as a multimodal config.json states it (text_config's first): Qwen3-VL-MoE's reading
+source_dtype_name = qwen3_vl_moe_sizes.source_dtype_name
+source_bytes = qwen3_vl_moe_sizes.source_bytes
 
 
 # --- key names and layer kinds --------------------------------------------------------------------------------------

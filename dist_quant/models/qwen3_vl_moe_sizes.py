@@ -133,11 +133,7 @@ def size_errors(config) -> list[str]:
     too: qwen3_vl_moe_config.check_config starts with these)."""
     vc = config.vision_config
     errors = decoder_sizes.text_size_errors(config.text_config, "text_config.")
-    vision = decoder_sizes.positive_errors(
-        "vision_config.", vc, ["hidden_size", "intermediate_size", "num_heads", "in_channels", "patch_size",
-                               "temporal_patch_size", "spatial_merge_size", "out_hidden_size",
-                               "num_position_embeddings"], MAX_WIDTH)
-    vision += decoder_sizes.positive_errors("vision_config.", vc, ["depth"], MAX_VISION_DEPTH)
+    vision = vision_size_errors(vc)
     if vision:  # the check below computes with these
         return errors + vision
     deepstack = vc.deepstack_visual_indexes
@@ -145,6 +141,31 @@ def size_errors(config) -> list[str]:
             or len(set(deepstack)) != len(deepstack):
         errors.append(f"vision_config.deepstack_visual_indexes must list distinct vision block indices from 0 to "
                       f"depth - 1 ({vc.depth - 1})")
+    return errors
+
+
+def vision_size_errors(vc) -> list[str]:
+    """The vision tower's widths and depth, each a positive integer within bounds (Qwen3.5-MoE's tower too)."""
+    return (decoder_sizes.positive_errors(
+        "vision_config.", vc, ["hidden_size", "intermediate_size", "num_heads", "in_channels", "patch_size",
+                               "temporal_patch_size", "spatial_merge_size", "out_hidden_size",
+                               "num_position_embeddings"], MAX_WIDTH)
+            + decoder_sizes.positive_errors("vision_config.", vc, ["depth"], MAX_VISION_DEPTH))
+
+
+def vision_architecture_errors(vc, text_hidden: int) -> list[str]:
+    """Every way vision sizes that :func:`vision_size_errors` passes still break the tower's shapes: its 2-D rotary
+    head size, its square position table, its output width against the text model's ``text_hidden``."""
+    errors = []
+    if vc.hidden_size % vc.num_heads or (vc.hidden_size // vc.num_heads) % 4:
+        errors.append(f"vision_config.hidden_size ({vc.hidden_size}) / num_heads ({vc.num_heads}) must be a whole "
+                      "head size divisible by 4 (2-D rotary embeddings)")
+    if math.isqrt(vc.num_position_embeddings) ** 2 != vc.num_position_embeddings:
+        errors.append(f"vision_config.num_position_embeddings ({vc.num_position_embeddings}) is not a square: the "
+                      "position table is a square grid")
+    if vc.out_hidden_size != text_hidden:
+        errors.append(f"vision_config.out_hidden_size ({vc.out_hidden_size}) differs from text_config.hidden_size "
+                      f"({text_hidden}): image features are placed in the text embeddings")
     return errors
 
 
@@ -156,15 +177,7 @@ def architecture_errors(config, raw: dict) -> list[str]:
     text = raw.get("text_config")
     errors = decoder_sizes.text_architecture_errors(
         tc, "text_config.", (text if isinstance(text, dict) else {}).get("head_dim") is not None)
-    if vc.hidden_size % vc.num_heads or (vc.hidden_size // vc.num_heads) % 4:
-        errors.append(f"vision_config.hidden_size ({vc.hidden_size}) / num_heads ({vc.num_heads}) must be a whole "
-                      "head size divisible by 4 (2-D rotary embeddings)")
-    if math.isqrt(vc.num_position_embeddings) ** 2 != vc.num_position_embeddings:
-        errors.append(f"vision_config.num_position_embeddings ({vc.num_position_embeddings}) is not a square: the "
-                      "position table is a square grid")
-    if vc.out_hidden_size != tc.hidden_size:
-        errors.append(f"vision_config.out_hidden_size ({vc.out_hidden_size}) differs from text_config.hidden_size "
-                      f"({tc.hidden_size}): image features are placed in the text embeddings")
+    errors += vision_architecture_errors(vc, tc.hidden_size)
     return errors + decoder_sizes.token_errors(config, TOKEN_FIELDS, tc.vocab_size)
 
 
