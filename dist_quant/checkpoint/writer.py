@@ -330,11 +330,12 @@ class CheckpointWriter:
             return self.resume_publish()
         if self.layout is None or not self._quant_types:
             raise OutputError(f"no tensors were added for {self.save_path}; nothing to publish")
-        missing = [key for key in self.layout.weight_map() if key not in self._quant_types]
+        order = self.layout.weight_map()
+        missing = [key for key in order if key not in self._quant_types]
         if missing:
             raise OutputError(f"{len(missing)} tensors of the checkpoint were never written ({missing[:3]}); a bug")
         # in the layout's (the plan's) order, not the order units finished in: the same bytes for any worker count
-        self._quant_types = {**{key: self._quant_types[key] for key in self.layout.weight_map()}, **self._quant_types}
+        self._quant_types = {**{key: self._quant_types[key] for key in order}, **self._quant_types}
         source = Path(source_model_dir)
         self._finish_parts()
         self._write_config(source)

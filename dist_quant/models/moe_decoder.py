@@ -119,12 +119,12 @@ def load_checked(model_path: str | Path, load_config: Callable, check_config_aga
     return reader, config
 
 
-def read_expert_weights(reader: CheckpointReader, decoder: Decoder, config, layer_idx: int, first: int, stop: int,
+def read_expert_weights(reader: CheckpointReader, layer_prefix: str, config, first: int, stop: int,
                         dtype: torch.dtype) -> list[ExpertWeights]:
-    """(gate, up, down) nn.Linear weights of experts ``first..stop-1`` of a MoE layer stored per expert
-    (``...mlp.experts.E.gate_proj.weight``), each checked against the config's shape."""
+    """(gate, up, down) nn.Linear weights of experts ``first..stop-1`` of the MoE block of ``layer_prefix`` stored
+    per expert (``{layer_prefix}.mlp.experts.E.gate_proj.weight``), each checked against the config's shape."""
     shapes = dict(zip(EXPERT_PROJS, expert_shapes(config)))
-    return [tuple(reader.get(f"{decoder.expert_key(layer_idx, e, proj)}.weight", dtype=dtype, shape=shapes[proj])
+    return [tuple(reader.get(f"{layer_prefix}.mlp.experts.{e}.{proj}.weight", dtype=dtype, shape=shapes[proj])
                   for proj in EXPERT_PROJS) for e in range(first, stop)]
 
 

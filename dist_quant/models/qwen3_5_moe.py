@@ -192,9 +192,7 @@ def _read_block_experts(reader: CheckpointReader, config, prefix: str, first: in
     if fused_expert_keys(prefix)[0] in reader:
         return read_fused_experts(reader, prefix, first, stop, num_experts=tc.num_experts, hidden=tc.hidden_size,
                                   intermediate=tc.moe_intermediate_size, dtype=dtype)
-    shapes = dict(zip(EXPERT_PROJS, expert_shapes(config)))
-    return [tuple(reader.get(f"{prefix}.mlp.experts.{e}.{proj}.weight", dtype=dtype, shape=shapes[proj])
-                  for proj in EXPERT_PROJS) for e in range(first, stop)]
+    return moe_decoder.read_expert_weights(reader, prefix, config, first, stop, dtype)
 
 
 def read_experts(reader: CheckpointReader, config, layer_idx: int, first: int, stop: int,

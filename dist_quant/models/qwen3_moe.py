@@ -169,7 +169,7 @@ def read_experts(reader: CheckpointReader, config: Qwen3MoeConfig, layer_idx: in
                  dtype: torch.dtype) -> list[ExpertWeights]:
     """(gate, up, down) nn.Linear weights of experts ``first..stop-1`` of a MoE layer, each read from its own
     tensors (transformers 4.57 and 5.x both save Qwen3-MoE's experts per expert)."""
-    return moe_decoder.read_expert_weights(reader, DECODER, config, layer_idx, first, stop, dtype)
+    return moe_decoder.read_expert_weights(reader, layer_prefix(layer_idx), config, first, stop, dtype)
 
 
 # --- building pieces ------------------------------------------------------------------------------------------------

@@ -96,13 +96,12 @@ def check_recipe_for_model(recipe: Recipe, config) -> None:
     module): ``plan`` runs it too."""
     family = sizes_for(config.model_type)
     text = config.get_text_config()
-    expert_types = [_layer_expert_type(recipe, layer, family.expert_linears(config, layer, 0, text.num_experts))
-                    for layer in range(text.num_hidden_layers) if family.is_moe_layer(text, layer)]
+    experts = {layer: family.expert_linears(config, layer, 0, text.num_experts)
+               for layer in range(text.num_hidden_layers) if family.is_moe_layer(text, layer)}
+    expert_types = [_layer_expert_type(recipe, layer, names) for layer, names in experts.items()]
     decoder = [name for layer_idx in range(text.num_hidden_layers) for name in family.layer_linears(config, layer_idx)]
     linears = [*family.vision_linears(config), *decoder]
-    check_linear_quants_apply(recipe, linears, (name for layer in range(text.num_hidden_layers)
-                                                if family.is_moe_layer(text, layer)
-                                                for name in family.expert_linears(config, layer, 0, text.num_experts)))
+    check_linear_quants_apply(recipe, linears, (name for names in experts.values() for name in names))
     smooth = recipe.smooth
     if not family.OUTLIER_SUPPRESSION and (recipe.quarot is not None or smooth is not None):
         raise RecipeError(f"recipe {recipe.path}: {family.NAME} has no QuaRot or smoothing points in dist-quant "
