@@ -194,19 +194,20 @@ def fill_text_weights(model: torch.nn.Module, seed: int) -> None:
 OUTLIER_CHANNELS = 3  # real LLMs have a handful of "massive activation" channels in the residual stream
 
 
-def plant_outliers(model: torch.nn.Module, scale: float, seed: int) -> list[int]:
+def plant_outliers(model: torch.nn.Module, scale: float, seed: int, norm_offset: float = 0.0) -> list[int]:
     """Make a few hidden channels ``scale`` times larger, as real LLMs have them: in the token embeddings (the stream
-    carries them from the start) and in every input/post-attention norm weight (they survive normalisation).
+    carries them from the start) and in every input/post-attention norm's gain (they survive normalisation).
     Per-tensor int8 of the q/k/v and expert inputs then wastes almost all its levels on those channels, which is
-    exactly what QuaRot and smoothing exist to fix. Returns the outlier channels."""
+    exactly what QuaRot and smoothing exist to fix. ``norm_offset`` is 1 for norms whose gain is ``1 + weight``
+    (Qwen3.5's), so that the gain, not the stored weight, is scaled. Returns the outlier channels."""
     text = model.get_decoder()
     generator = torch.Generator().manual_seed(seed + 7)
     channels = torch.randperm(text.config.hidden_size, generator=generator)[:OUTLIER_CHANNELS].tolist()
     with torch.no_grad():
         text.embed_tokens.weight[:, channels] *= scale
         for layer in text.layers:
-            layer.input_layernorm.weight[channels] *= scale
-            layer.post_attention_layernorm.weight[channels] *= scale
+            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+                norm.weight[channels] = (norm.weight[channels] + norm_offset) * scale - norm_offset
     return channels
 
 
@@ -464,6 +465,7 @@ def make_tiny_qwen3_5_model(
     mtp_layers: int = 1,
     fused_experts: bool = False,
     dtype: str = "bfloat16",
+    outliers: float = 0.0,
     seed: int = 0,
 ) -> Path:
     """Write a random Qwen3.5-MoE model directory (transformers 5's own ``Qwen3_5MoeForConditionalGeneration``,
@@ -472,7 +474,8 @@ def make_tiny_qwen3_5_model(
     default ``layer_types`` (every 4th full attention); ``linear_heads`` is (key heads, value heads) of the linear
     attention. ``fused_experts`` rewrites every routed expert tensor, the MTP head's too, in the fused layout the
     released checkpoints use (``mlp.experts.gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``). The same arguments
-    always give the same weights (:func:`fill_text_weights`, :func:`draw_weight` for the MTP tensors)."""
+    always give the same weights (:func:`fill_text_weights`, :func:`draw_weight` for the MTP tensors). ``outliers``
+    plants outlier channels as :func:`make_tiny_model` does, scaling the ``1 + weight`` gains of the norms."""
     from transformers import Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration
 
     from dist_quant.models import qwen3_5_moe_sizes as sizes
@@ -503,6 +506,12 @@ def make_tiny_qwen3_5_model(
                               **special_token_ids(tokenizer))
     model = Qwen3_5MoeForConditionalGeneration(config)
     fill_text_weights(model, seed)
+    with torch.no_grad():  # gains 1 + weight: drawn around 1 like the other families' (draw_weight gives 1 + 0.1 N)
+        for module in model.modules():
+            if type(module).__name__ == "Qwen3_5MoeRMSNorm":
+                module.weight -= 1.0
+    if outliers:
+        plant_outliers(model, outliers, seed, norm_offset=1.0)
     save_weights(model.to(DTYPES[dtype]), out_dir, None)
     raw = json.loads((out_dir / "config.json").read_text())
     mtp = {key: draw_weight(key, shape, seed).to(DTYPES[dtype])

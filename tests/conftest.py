@@ -167,6 +167,17 @@ def cluster():
 
 
 @pytest.fixture
+def private_cluster(monkeypatch):
+    """ray.cluster_utils.Cluster writes its address to /tmp/ray/ray_current_cluster, where every ray.init() on the
+    machine (other sessions' tests included) would find and join it, and removes that file when it shuts down:
+    keep both to this test."""
+    import ray
+
+    monkeypatch.setattr(ray._private.utils, "write_ray_address", lambda *args, **kwargs: None)
+    monkeypatch.setattr(ray._common.utils, "reset_ray_address", lambda *args, **kwargs: None)
+
+
+@pytest.fixture
 def local_ray():
     """A private local Ray with 3 CPUs for one test ("local": never another session's cluster), auth pinned off."""
     import ray

@@ -37,15 +37,6 @@ def reference(model, calib_index, tmp_path_factory):
     return read_checkpoint(save)
 
 
-@pytest.fixture
-def private_cluster(monkeypatch):
-    """ray.cluster_utils.Cluster writes its address to /tmp/ray/ray_current_cluster, where every ray.init() on the
-    machine (other sessions' tests included) would find and join it, and removes that file when it shuts down:
-    keep both to this test."""
-    monkeypatch.setattr(ray._private.utils, "write_ray_address", lambda *args, **kwargs: None)
-    monkeypatch.setattr(ray._common.utils, "reset_ray_address", lambda *args, **kwargs: None)
-
-
 def run(model, calib_index, save, workers, **kwargs):
     return quantize_distributed(str(model), str(save), load_recipe(), workers=workers, dataset=str(calib_index),
                                 progress=False, expert_group_size=GROUP, **kwargs)

@@ -6,6 +6,9 @@ byte, ``check`` accepts it. The family's pieces chained reproduce transformers' 
 attention, shared expert, mRoPE with an image); experts stored fused give the same checkpoint as per expert."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,13 +25,16 @@ from dist_quant.check import check_checkpoint, format_report  # noqa: E402
 from dist_quant.cli import main  # noqa: E402
 from dist_quant.errors import RecipeError  # noqa: E402
 from dist_quant.models.family import load_checked  # noqa: E402
+from dist_quant.presets import find_preset  # noqa: E402
 from dist_quant.recipe import load_recipe  # noqa: E402
 from dist_quant.runtime.assignments import check_recipe_for_model  # noqa: E402
+from dist_quant.runtime.ray_driver import quantize_distributed  # noqa: E402
 from dist_quant.synthetic import make_calibration_set, make_tiny_qwen3_5_model  # noqa: E402
 from helpers import read_checkpoint  # noqa: E402
 
 MSMODELSLIM = Path(__file__).parent / "data" / "msmodelslim"
 W8A8 = MSMODELSLIM / "qwen3_5_235B_w8a8.yaml"  # verified on Qwen3.5-397B-A17B: vision blocks too
+W4A8_PRESET = find_preset("Qwen3.5-397B-A17B", "w4a8").recipe  # GPTQ: codes depend on the calibration forward
 TEXT = "model.language_model"
 
 
@@ -246,10 +252,6 @@ def test_a_model_resaved_without_its_mtp_head_is_refused_with_the_reason(tiny, t
 def test_a_killed_run_resumes_to_the_same_bytes_and_reports(single, tiny, tmp_path):
     """Killed in the middle of an expert group, then ``--resume``: the single card's checkpoint, and its report
     page and calibration coverage are written as for the first family."""
-    import os
-    import subprocess
-    import sys
-
     save = tmp_path / "killed"
     cmd = ["quant", "--model_path", str(tiny[0]), "--save_path", str(save), "--device", "cpu", "--dataset",
            str(tiny[2]), "--quiet", "--config_path", str(W8A8), "--expert_group_size", "4"]
@@ -262,3 +264,49 @@ def test_a_killed_run_resumes_to_the_same_bytes_and_reports(single, tiny, tmp_pa
         assert (save / name).read_bytes() == (single / name).read_bytes(), name
     coverage = json.loads((save / "calibration_coverage.json").read_text())
     assert coverage and (save / "report.html").exists()
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    """(model, calibration set): hidden 512, so that torch splits its GEMMs and reductions over threads; top-3 of 8
+    experts in groups of 2, so that the order the groups' partial sums are added in shows in the bits; 4 layers, 3
+    Gated DeltaNet and one full attention."""
+    root = tmp_path_factory.mktemp("qwen3_5_wide")
+    model = make_tiny_qwen3_5_model(root / "model", hidden_size=512, num_heads=8, num_kv_heads=2, head_dim=64, top_k=3,
+                                    moe_intermediate_size=192, shared_expert_intermediate_size=256,
+                                    linear_heads=(4, 8), linear_head_dim=64, vision_hidden=128)
+    return model, make_calibration_set(root / "calib", num_images=2)
+
+
+@pytest.mark.ray
+def test_a_two_node_cluster_writes_the_single_cards_bytes(wide, private_cluster, tmp_path):
+    """2 workers on a two-node ``ray.cluster_utils.Cluster`` (one CPU each) against a single card in a process whose
+    torch starts with 2 threads: the same checkpoint file for file, with an actor on each node. With the W4A8 preset:
+    GPTQ rounds each expert against the Gram matrix of its routed calibration tokens, so the bits depend on every
+    forward before it (msModelSlim's W8A8 is all dynamic, its weights' codes data-free). On this model a single card
+    at 1 and at 2 compute threads differ (measured), so the same bits here are not a matter of luck."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    model, calib = wide
+    single = tmp_path / "single"
+    env = {**{k: v for k, v in os.environ.items() if k != "DIST_QUANT_KILL_AT"}, "OMP_NUM_THREADS": "2"}
+    cmd = ["quant", "--model_path", str(model), "--save_path", str(single), "--device", "cpu", "--dataset",
+           str(calib), "--quiet", "--config_path", str(W4A8_PRESET), "--expert_group_size", "2"]
+    child = subprocess.run([sys.executable, "-m", "dist_quant.cli", *cmd], env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, timeout=600)
+    assert child.returncode == 0, child.stderr.decode()[-2000:]
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    try:
+        summary = quantize_distributed(str(model), str(tmp_path / "ray"), load_recipe(W4A8_PRESET), workers=2,
+                                       dataset=str(calib), progress=False, expert_group_size=2,
+                                       ray_address=cluster.address)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    assert len({node for actor in summary.actors for node in actor.node_ids}) == 2, "actors were not on both nodes"
+    names = [*sorted(p.name for p in single.glob("*.safetensors")), "quant_model_description.json"]
+    for name in names:
+        assert (tmp_path / "ray" / name).read_bytes() == (single / name).read_bytes(), name
