@@ -116,6 +116,46 @@ def test_check_accepts_it(single):
     assert report.ok, format_report(report)
 
 
+def test_a_float32_a_log_in_a_bfloat16_model_is_written_in_float32(single, tiny, tmp_path):
+    """A norm or ``A_log`` stored in float32 beside bfloat16 weights keeps its float32 values (vLLM creates A_log in
+    float32 whatever the model dtype and copies the checkpoint's values in); the bfloat16 ones stay bfloat16."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    model = tmp_path / "mixed"
+    shutil.copytree(tiny[0], model)
+    key = f"{TEXT}.layers.0.linear_attn.A_log"
+    part = model / json.loads((model / "model.safetensors.index.json").read_text())["weight_map"][key]
+    with safe_open(str(part), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    a_log = torch.linspace(-1.3, 2.9, tensors[key].numel(), dtype=torch.float32)  # values bfloat16 cannot hold
+    assert not torch.equal(a_log.to(torch.bfloat16).float(), a_log)
+    tensors[key] = a_log
+    save_file(tensors, str(part), metadata={"format": "pt"})
+    out = quant(model, tiny[2], tmp_path / "q")
+    written, before = read_checkpoint(out)[0], read_checkpoint(single)[0]
+    assert written[key].dtype == torch.float32 and torch.equal(written[key], a_log)
+    dt_bias = f"{TEXT}.layers.0.linear_attn.dt_bias"
+    assert written[dt_bias].dtype == torch.bfloat16 and torch.equal(written[dt_bias], before[dt_bias])
+    assert all(torch.equal(t, before[k]) for k, t in written.items() if k != key)
+    report = check_checkpoint(out)
+    assert report.ok, format_report(report)
+
+
+def test_fused_experts_are_read_in_qwen3_5s_layout_whatever_transformers_version_says(tiny, tmp_path):
+    """With 2I == hidden the fused gate_up_proj's shape is the same in both layouts; a release's config.json naming a
+    transformers 4.x (whose Qwen3-VL writes the Hub layout) must not change how Qwen3.5's experts are read: the
+    checkpoint equals the one from the same experts stored per expert."""
+    per_expert = make_tiny_qwen3_5_model(tmp_path / "per_expert", moe_intermediate_size=32)
+    fused = make_tiny_qwen3_5_model(tmp_path / "fused", moe_intermediate_size=32, fused_experts=True)
+    config = json.loads((fused / "config.json").read_text())
+    (fused / "config.json").write_text(json.dumps({**config, "transformers_version": "4.57.1"}))
+    one, other = quant(per_expert, tiny[2], tmp_path / "q1"), quant(fused, tiny[2], tmp_path / "q2")
+    for name in [*sorted(p.name for p in one.glob("*.safetensors")), "quant_model_description.json"]:
+        assert (one / name).read_bytes() == (other / name).read_bytes(), name
+
+
 def test_two_ray_workers_and_fused_experts_write_the_same_bytes(single, tiny, cluster, tmp_path):
     """2 workers on a Ray cluster, and the source with every expert fused (the released layout: the trunk's and
     the MTP head's), give the single card's checkpoint file for file."""

@@ -186,6 +186,10 @@ class CheckpointReader:
     def dtype(self, key: str) -> torch.dtype:
         return _DTYPES[self._slice(key).dtype]
 
+    def stored_dtype(self, key: str) -> torch.dtype | None:
+        """The dtype ``key`` is stored in; None when the checkpoint has no such tensor."""
+        return self.dtype(key) if key in self else None
+
     def check(
         self,
         key: str,

@@ -177,11 +177,17 @@ def check_config_against_weights(config: Qwen3_5MoeConfig, reader: CheckpointRea
     prefixes += [mtp_layer_prefix(i) for i in range(tc.mtp_num_hidden_layers)] if mtp_fused else []
     for prefix in prefixes:
         expert_layout(reader, prefix, num_experts=tc.num_experts, hidden=tc.hidden_size,
-                      intermediate=tc.moe_intermediate_size)
+                      intermediate=tc.moe_intermediate_size, only=FUSED_LAYOUT)
 
 
 def load_checked(model_path: str | Path) -> tuple[CheckpointReader, Qwen3_5MoeConfig]:
     return moe_decoder.load_checked(model_path, load_config, check_config_against_weights)
+
+
+# Qwen3.5's fused experts are [E, 2I, H] and [E, H, I], whatever transformers_version config.json names (vLLM's
+# Qwen3.5 loader splits gate_up_proj on dim -2 without a transpose): with sizes where 2I == H or I == H the shapes
+# alone cannot tell, and a release's 4.x transformers_version must not make it read the Hub layout of Qwen3-VL
+FUSED_LAYOUT = "transposed"
 
 
 def _read_block_experts(reader: CheckpointReader, config, prefix: str, first: int, stop: int,
@@ -191,7 +197,7 @@ def _read_block_experts(reader: CheckpointReader, config, prefix: str, first: in
     tc = config.text_config
     if fused_expert_keys(prefix)[0] in reader:
         return read_fused_experts(reader, prefix, first, stop, num_experts=tc.num_experts, hidden=tc.hidden_size,
-                                  intermediate=tc.moe_intermediate_size, dtype=dtype)
+                                  intermediate=tc.moe_intermediate_size, dtype=dtype, only=FUSED_LAYOUT)
     return moe_decoder.read_expert_weights(reader, prefix, config, first, stop, dtype)
 
 

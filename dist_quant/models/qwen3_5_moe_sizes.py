@@ -45,7 +45,8 @@ DECODER = Decoder(TEXT)
 EMBED_KEY, NORM_KEY, LM_HEAD_KEY = DECODER.embed_key, DECODER.norm_key, DECODER.lm_head_key
 TOKEN_FIELDS = qwen3_vl_moe_sizes.TOKEN_FIELDS
 # vLLM's Qwen3_5MoeForConditionalGeneration inherits Qwen3-VL's hf_to_vllm_mapper; its MTP drafter (Qwen3_5MTP)
-# loads mtp.* under the same names
+# names its parameters model.* but builds its modules under mtp.*, the prefixes its quant config looks up (VA's
+# quant_prefix_mapper maps the drafter's lm_head to the trunk's; docs/qwen3_5-moe-facts.md §3.2)
 SERVED_PREFIXES = qwen3_vl_moe_sizes.SERVED_PREFIXES + ((f"{MTP}.", f"{MTP}."),)
 LINEAR_ATTENTION, FULL_ATTENTION = "linear_attention", "full_attention"  # text_config.layer_types values
 FULL_ATTENTION_INTERVAL = 4  # transformers' default: layer i is full attention when (i + 1) % 4 == 0

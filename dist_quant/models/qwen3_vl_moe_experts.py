@@ -34,20 +34,33 @@ def detect_expert_layout(
     hidden: int,
     intermediate: int,
     transformers_version: object = None,
+    only: Optional[ExpertLayout] = None,
 ) -> ExpertLayout:
     """Tell the transformers 4.57 / Hub layout from the transformers 5.x one, which share tensor names.
 
     hub: gate_up (E, hidden, 2I), down (E, I, hidden); transposed: gate_up (E, 2I, hidden), down (E, hidden, I).
     When 2I == hidden (or I == hidden) one of the two tensors has the same shape in both layouts, so the shapes alone
     would leave its orientation a guess: then the ``transformers_version`` config.json records decides, and the
-    other tensor's shape must agree with it.
+    other tensor's shape must agree with it. ``only``: the one layout a family's checkpoints have (the shapes must
+    fit it; transformers_version is not asked).
     """
     gate_up_shape, down_shape = tuple(gate_up_shape), tuple(down_shape)
     expected = {
         "hub": ((num_experts, hidden, 2 * intermediate), (num_experts, intermediate, hidden)),
         "transposed": ((num_experts, 2 * intermediate, hidden), (num_experts, hidden, intermediate)),
     }
+    if only is not None:
+        expected = {only: expected[only]}
     fitting = [layout for layout, shapes in expected.items() if shapes == (gate_up_shape, down_shape)]
+    if only is not None and not fitting:
+        raise CheckpointError(
+            f"expert tensors have shapes gate_up_proj {gate_up_shape} and down_proj {down_shape}, but the config "
+            f"(num_experts={num_experts}, hidden_size={hidden}, moe_intermediate_size={intermediate}) expects "
+            f"{expected[only][0]} and {expected[only][1]}, the only fused layout of this model family; check that "
+            "config.json belongs to these weights"
+        )
+    if only is not None:
+        return only
     if not fitting:
         raise CheckpointError(
             f"expert tensors have shapes gate_up_proj {gate_up_shape} and down_proj {down_shape}, but the config "
@@ -77,13 +90,14 @@ def detect_expert_layout(
 
 
 def expert_layout(reader: CheckpointReader, layer_prefix: str, *, num_experts: int, hidden: int,
-                  intermediate: int) -> ExpertLayout:
+                  intermediate: int, only: Optional[ExpertLayout] = None) -> ExpertLayout:
     """The layout of one MoE layer's fused expert tensors, from their header shapes (and, when the sizes make the
-    shapes ambiguous, config.json's transformers_version); errors name the layer and its files."""
+    shapes ambiguous, config.json's transformers_version; ``only``: the family's one layout); errors name the layer
+    and its files."""
     gate_up_key, down_key = fused_expert_keys(layer_prefix)
     try:
         return detect_expert_layout(reader.shape(gate_up_key), reader.shape(down_key), num_experts, hidden,
-                                    intermediate, reader.config.get("transformers_version"))
+                                    intermediate, reader.config.get("transformers_version"), only)
     except CheckpointError as error:
         files = " and ".join(sorted({str(reader.file_of(gate_up_key)), str(reader.file_of(down_key))}))
         raise CheckpointError(f"{layer_prefix}.mlp.experts in {files}: {error}") from None
@@ -99,13 +113,16 @@ def read_experts(
     hidden: int,
     intermediate: int,
     dtype: torch.dtype = torch.float32,
+    only: Optional[ExpertLayout] = None,
 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """(gate, up, down) nn.Linear weights [out, in] of experts start..stop-1 of one MoE layer.
+    """(gate, up, down) nn.Linear weights [out, in] of experts start..stop-1 of one MoE layer (``only``: as for
+    :func:`expert_layout`).
 
     gate and up are the first and second halves of the fused 2I dimension of `gate_up_proj`.
     """
     gate_up_key, down_key = fused_expert_keys(layer_prefix)
-    layout = expert_layout(reader, layer_prefix, num_experts=num_experts, hidden=hidden, intermediate=intermediate)
+    layout = expert_layout(reader, layer_prefix, num_experts=num_experts, hidden=hidden, intermediate=intermediate,
+                           only=only)
     for key in (gate_up_key, down_key):
         reader.check(key)  # floating weights, not codes that a cast would pass off as weights
     gate_up = reader.get_slice(gate_up_key, start, stop)  # as stored: transposed before the (exact) conversion,

@@ -1,7 +1,8 @@
 """The emitter: turns a unit's float pieces into the checkpoint's entries, tensor by tensor.
 
 Each linear is quantized with the recipe's scheme for it and encoded by the output format (checkpoint/formats/);
-everything else (norms, embeddings, the router under a FLOAT type) is written FLOAT in the model's dtype. The worker
+everything else (norms, embeddings, the router under a FLOAT type) is written FLOAT in the model's dtype, or in the
+dtype the source stores it in where that is a wider float (a float32 ``A_log`` in a bfloat16 release). The worker
 emits real tensors through it; ``runtime/layout.py`` emits fake ones (shapes only) through the same code, so the
 layout the writer plans and the tensors the worker writes cannot drift.
 """
@@ -35,6 +36,15 @@ def scheme_quantize(scheme: schemes.Scheme, weight: torch.Tensor, bias: Optional
     return scheme.quantize(weight, bias, spec)
 
 
+def wider_float(model_dtype: torch.dtype, stored: Optional[torch.dtype]) -> torch.dtype:
+    """The dtype a FLOAT tensor is written in: the model's, unless the source stores it in a float type of more bits,
+    then float32 (vLLM creates some parameters in float32 whatever the model dtype, Gated DeltaNet's ``A_log`` among
+    them, and copies the checkpoint's values into them; float64 is no dtype a loader takes for a parameter)."""
+    if stored is None or not stored.is_floating_point or stored.itemsize <= model_dtype.itemsize:
+        return model_dtype
+    return torch.float32
+
+
 class Emitter:
     """Writes a unit's tensors to ``sink`` as the recipe and the output format say (``family``: a module of models/,
     for key names and which linears split their input in vLLM). ``quantize`` quantizes a linear with its scheme (the
@@ -42,16 +52,20 @@ class Emitter:
     "quantize" phase when given."""
 
     def __init__(self, family, recipe: Recipe, model_dtype: torch.dtype, sink: TensorSink,
-                 quantize: Quantize = scheme_quantize, times: Optional[PhaseTimes] = None):
+                 quantize: Quantize = scheme_quantize, times: Optional[PhaseTimes] = None,
+                 stored_dtype: Callable[[str], Optional[torch.dtype]] = lambda key: None):
         self.family, self.recipe, self.model_dtype, self.sink = family, recipe, model_dtype, sink
         self.output_format = formats.for_saver(recipe.saver)
-        self._quantize, self._times = quantize, times
+        self._quantize, self._times, self._stored_dtype = quantize, times, stored_dtype
 
     def scheme(self, name: str) -> schemes.Scheme:
         return schemes.get(self.recipe.quant_type(name))
 
     def float(self, key: str, tensor: torch.Tensor) -> None:
-        self.sink.add(key, tensor.detach().to("cpu", self.model_dtype), schemes.FLOAT)
+        """A tensor written FLOAT: in the model's dtype, or in its stored dtype where that is wider (``stored_dtype``:
+        the source's dtype of a key, None for a key the source does not have)."""
+        self.sink.add(key, tensor.detach().to("cpu", wider_float(self.model_dtype, self._stored_dtype(key))),
+                      schemes.FLOAT)
 
     def linear(self, name: str, weight: torch.Tensor, bias: Optional[torch.Tensor], ranges: Optional[InputRanges],
                hessian: Optional[Hessian] = None) -> str:

@@ -60,7 +60,8 @@ def unit_entries(family, reader, config, recipe: Recipe, plan: list[Unit],
     """[(unit id, [(key, dtype, shape), ...]), ...]: what each unit of ``plan`` writes, in the order it writes them,
     for a checkpoint (``reader``, its checked ``config``, its ``family`` module) and a recipe."""
     recorder = _Recorder()
-    emit = Emitter(family, recipe, reader.dtype(family.EMBED_KEY), recorder, _KindShapes())
+    emit = Emitter(family, recipe, reader.dtype(family.EMBED_KEY), recorder, _KindShapes(),
+                   stored_dtype=reader.stored_dtype)
     layout = []
     with FakeTensorMode():
         def read(key: str, shape: Optional[tuple[int, ...]] = None) -> torch.Tensor:

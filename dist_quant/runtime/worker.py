@@ -109,7 +109,8 @@ class Worker:
         self.compute_dtype = compute_dtype
         self.model_dtype = self.reader.dtype(self.family.EMBED_KEY)
         self.times = PhaseTimes()  # seconds per phase (timing.PHASES)
-        self.emit = Emitter(self.family, recipe, self.model_dtype, sink, times=self.times)
+        self.emit = Emitter(self.family, recipe, self.model_dtype, sink, times=self.times,
+                            stored_dtype=self.reader.stored_dtype)
         self._rotary = self.family.build_text_rotary(self.config).to(device)
         self.rotation = stream_rotation(recipe, self.config)
         if self.rotation is not None:
