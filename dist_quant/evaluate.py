@@ -296,6 +296,11 @@ class ModelRunner:
                             for h in hidden])
         return hidden, logits
 
+    @staticmethod
+    def carried(unit: Unit) -> None:
+        """The carried tensors (Qwen3.5's MTP head) take no part in the model's forward."""
+        return None
+
 
 def evaluate(float_path: str, quant_path: str, inputs: list[ModelInputs],
              progress: Callable[[str], None] = lambda name: None,

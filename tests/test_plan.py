@@ -318,3 +318,16 @@ def test_plan_refuses_a_recipe_that_selects_nothing_as_quant_does(tmp_path, caps
     typo.write_text(yaml.safe_dump(doc))
     assert main(["plan", "--model_path", str(tmp_path), "--config_path", str(typo)]) == 2
     assert "include ['*exprts*'] and exclude [] selects no linear of this model" in capsys.readouterr().err
+
+
+def test_carried_shares_hold_every_tensor_once_in_order_and_evenly():
+    """``carried_share``: consecutive tensors, each in exactly one share, no share more than an even cut plus one
+    tensor; a share may be empty when one tensor spans several cuts."""
+    from dist_quant.runtime.plan import carried_share
+
+    sizes = [5, 100, 3, 3, 50, 1, 1, 70]
+    for shares in (1, 2, 3, 5, 8, 12):
+        got = [list(carried_share(sizes, share, shares)) for share in range(shares)]
+        assert sum(got, []) == list(range(len(sizes)))
+        assert all(sum(sizes[i] for i in share) <= sum(sizes) / shares + max(sizes) for share in got)
+    assert list(carried_share([], 0, 1)) == []

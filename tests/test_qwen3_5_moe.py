@@ -156,6 +156,25 @@ def test_fused_experts_are_read_in_qwen3_5s_layout_whatever_transformers_version
         assert (one / name).read_bytes() == (other / name).read_bytes(), name
 
 
+def test_the_mtp_head_in_many_carried_units_gives_the_same_bytes(single, tiny, cluster, tmp_path, monkeypatch):
+    """The MTP head is carried by units of at most CARRIED_SHARE_PARAMS parameters (1 GiB of bfloat16 at 397B: 13
+    units); cut in several, on one card and on 2 Ray workers, the checkpoint is the one-unit checkpoint."""
+    from dist_quant.runtime import plan
+
+    monkeypatch.setattr(plan, "CARRIED_SHARE_PARAMS", 16384)
+    shares = plan.carried_shares(load_checked(tiny[0])[2])
+    assert shares >= 3
+    units = plan.plan_units(load_checked(tiny[0])[2])
+    assert [u.id for u in units if u.kind is plan.Kind.CARRIED] == [f"carried-{i}-of-{shares}"
+                                                                     for i in range(1, shares + 1)]
+    one = quant(tiny[0], tiny[2], tmp_path / "one")
+    ray = quant(tiny[0], tiny[2], tmp_path / "ray", "--workers", "2", "--ray_address", cluster.address)
+    names = sorted(p.name for p in single.glob("*.safetensors")) + ["quant_model_description.json"]
+    for folder in (one, ray):
+        for name in names:
+            assert (folder / name).read_bytes() == (single / name).read_bytes(), (folder, name)
+
+
 def test_two_ray_workers_and_fused_experts_write_the_same_bytes(single, tiny, cluster, tmp_path):
     """2 workers on a Ray cluster, and the source with every expert fused (the released layout: the trunk's and
     the MTP head's), give the single card's checkpoint file for file."""

@@ -130,13 +130,18 @@ def read_expert_weights(reader: CheckpointReader, layer_prefix: str, config, fir
 
 @dataclass(frozen=True)
 class Carried:
-    """Source tensors a family carries into the output unchanged, float, in their stored dtype (the head unit writes
-    them): ``read()`` returns a list holding one tuple of tensors, of ``shapes``, for ``keys`` (the output's keys)."""
+    """Source tensors a family carries into the output unchanged, float, in their stored dtype (the carried units
+    write them, ``runtime/plan.py`` ``carried_share``): ``read()`` returns a list holding one tuple of tensors, of
+    ``shapes``, for ``keys`` (the output's keys)."""
 
     keys: tuple[str, ...]
     shapes: tuple[tuple[int, ...], ...]
     dtype: torch.dtype
     read: Callable[[], list[tuple[torch.Tensor, ...]]]
+
+    @property
+    def params(self) -> int:
+        return sum(math.prod(shape) for shape in self.shapes)
 
 
 def carried(reader: CheckpointReader, config) -> list[Carried]:

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from dist_quant.schemes import QSpec
 
 GB = 1e9  # storage and link figures are decimal (GB/s), as vendors state them
-PARALLEL = (Kind.IMAGES, Kind.EXPERTS)  # units that run side by side on every actor
+PARALLEL = (Kind.IMAGES, Kind.EXPERTS, Kind.CARRIED)  # units that run side by side on every actor
 
 # --- host-side rounding, measured --------------------------------------------------------------------------------
 # Seconds of ONE host thread of the development machine per expert of Qwen3-VL-235B-A22B's width (gate and up

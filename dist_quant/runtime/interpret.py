@@ -45,6 +45,8 @@ class UnitCalls(Protocol):
 
     def head(self, unit: Unit, contexts, hidden, *partials, combine: bool) -> Any: ...  # result
 
+    def carried(self, unit: Unit) -> Any: ...  # result (no input: the tensors are written as they are stored)
+
 
 def interpret(units: Sequence[Unit], start, inputs, calls: UnitCalls,
               put: Callable[[Any], Any] = lambda value: value) -> Iterator[tuple[Unit, Any]]:
@@ -74,6 +76,8 @@ def interpret(units: Sequence[Unit], start, inputs, calls: UnitCalls,
         elif unit.kind is Kind.EXPERTS:
             partial, result = calls.experts(unit, moe)
             partials = calls.gather(partials, partial)
+        elif unit.kind is Kind.CARRIED:
+            result = calls.carried(unit)
         else:
             result = calls.head(unit, contexts, hidden, *partials, combine=combine)
         yield unit, result

@@ -16,7 +16,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from dist_quant import schemes
 from dist_quant.recipe import Recipe
 from dist_quant.runtime.emit import Emitter
-from dist_quant.runtime.plan import Kind, Unit
+from dist_quant.runtime.plan import Kind, Unit, carried_share
 
 Entry = tuple[str, torch.dtype, tuple[int, ...]]
 
@@ -63,6 +63,7 @@ def unit_entries(family, reader, config, recipe: Recipe, plan: list[Unit],
     emit = Emitter(family, recipe, reader.dtype(family.EMBED_KEY), recorder, _KindShapes(),
                    stored_dtype=reader.stored_dtype)
     layout = []
+    carried = family.carried(reader, config) if any(u.kind is Kind.CARRIED for u in plan) else []
     with FakeTensorMode():
         def read(key: str, shape: Optional[tuple[int, ...]] = None) -> torch.Tensor:
             reader.check(key, shape)
@@ -83,7 +84,9 @@ def unit_entries(family, reader, config, recipe: Recipe, plan: list[Unit],
                     emit.expert(unit.layer, expert, tuple(torch.empty(s, dtype=compute_dtype) for s in shapes))
             elif unit.kind is Kind.HEAD:
                 emit.head(read(family.NORM_KEY), read(family.LM_HEAD_KEY))
-                for carried in family.carried(reader, config):
-                    emit.carry(carried.keys, tuple(torch.empty(s, dtype=carried.dtype) for s in carried.shapes))
+            elif unit.kind is Kind.CARRIED:
+                for index in carried_share([entry.params for entry in carried], unit.share, unit.shares):
+                    entry = carried[index]
+                    emit.carry(entry.keys, tuple(torch.empty(s, dtype=entry.dtype) for s in entry.shapes))
             layout.append((unit.id, recorder.entries))  # Kind.IMAGES writes nothing
     return layout

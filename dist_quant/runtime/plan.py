@@ -33,6 +33,7 @@ RUNTIME_OVERHEAD = int(0.7 * 1024**3)
 # store, whose pages stay mapped in the actor: 0.35-0.36 GiB measured at 30B width, 0.41-0.64 GiB at 235B, i.e.
 # about this many float32 copies of the calibration token stream [tokens, hidden]
 OBJECT_STORE_STREAMS = 14
+CARRIED_SHARE_PARAMS = 2**29  # parameters of one carried unit at most (1 GiB in bfloat16)
 ROW_CHUNK = 8192  # rows of the embeddings and lm_head in float32 at a time (runtime/worker.py)
 # GPTQ's working set per entry of an expert's input Gram matrix [hidden, hidden] (float32 Gram in act order, its
 # damped reversed copy and float32 factor on the host, the feedback matrix, a weight's working copies). Before the
@@ -53,6 +54,7 @@ class Kind(Enum):
     LAYER = "layer"  # a decoder layer without its experts: attention, norms, and the router or the dense MLP
     EXPERTS = "experts"  # a group of a MoE layer's experts
     HEAD = "head"  # the final norm and lm_head
+    CARRIED = "carried"  # a share of the tensors the family carries unchanged (Qwen3.5's MTP head)
 
 
 @dataclass(frozen=True)
@@ -61,23 +63,23 @@ class Unit:
     layer: int = -1
     first_expert: int = 0
     stop_expert: int = 0
-    share: int = 0  # images: which share of the calibration images (``image_share``), of ``shares``
+    share: int = 0  # images, carried: which share of the images (``image_share``) or tensors, of ``shares``
     shares: int = 1
 
     @property
     def name(self) -> str:
-        """For people: "layer 3", "layer 3 experts 0-15", "vision", "images 1/2"."""
-        if self.kind is Kind.IMAGES:
-            return f"images {self.share + 1}/{self.shares}"
+        """For people: "layer 3", "layer 3 experts 0-15", "vision", "images 1/2", "carried 1/13"."""
+        if self.kind in (Kind.IMAGES, Kind.CARRIED):
+            return f"{self.kind.value} {self.share + 1}/{self.shares}"
         experts = f" experts {self.first_expert}-{self.stop_expert - 1}" if self.kind is Kind.EXPERTS else ""
         return f"layer {self.layer}{experts}" if self.layer >= 0 else self.kind.value
 
     @property
     def id(self) -> str:
         """A file-name-safe identifier, stable across runs: "L003", "L003-experts-0000-0016", "vision",
-        "images-1-of-2"."""
-        if self.kind is Kind.IMAGES:
-            return f"images-{self.share + 1}-of-{self.shares}"
+        "images-1-of-2", "carried-1-of-13"."""
+        if self.kind in (Kind.IMAGES, Kind.CARRIED):
+            return f"{self.kind.value}-{self.share + 1}-of-{self.shares}"
         experts = f"-experts-{self.first_expert:04d}-{self.stop_expert:04d}" if self.kind is Kind.EXPERTS else ""
         return f"L{self.layer:03d}{experts}" if self.layer >= 0 else self.kind.value
 
@@ -98,6 +100,25 @@ def image_share(costs: list[int], share: int, shares: int) -> list[int]:
     return [index for index in range(len(costs)) if owner[index] == share]
 
 
+def carried_share(sizes: list[int], share: int, shares: int) -> range:
+    """The items (by index, in order) of share ``share`` of ``shares`` of the carried tensors, ``sizes`` their
+    parameter counts: consecutive items, an item to the share its first parameter falls in when the total is cut in
+    ``shares`` equal parts. The same for every actor and for the layout."""
+    total, start, owners = sum(sizes), 0, []
+    for size in sizes:
+        owners.append(min(shares - 1, start * shares // max(total, 1)))
+        start += size
+    chosen = [i for i, owner in enumerate(owners) if owner == share]
+    return range(chosen[0], chosen[-1] + 1) if chosen else range(0)
+
+
+def carried_shares(config) -> int:
+    """How many units carry the family's carried tensors (none for a family that carries nothing): each at most
+    ``CARRIED_SHARE_PARAMS`` of them, so no actor holds the whole MTP head (12.3 GiB at Qwen3.5-397B) at once."""
+    params = sizes_for(config.model_type).carried_param_count(config)
+    return -(-params // CARRIED_SHARE_PARAMS)
+
+
 def samples_of(unit: Unit, inputs, family, config) -> list[int]:
     """The samples whose images the images unit ``unit`` runs (the same on every actor and in the evaluator), by
     the vision tower's work per sample (``family.image_costs``)."""
@@ -108,7 +129,7 @@ def plan_units(config, group_size: int = DEFAULT_EXPERT_GROUP_SIZE, image_shares
     """Every unit of a model in plan order, of the kinds its family has (``FamilySizes.UNIT_KINDS``): the vision
     forward in ``image_shares`` shares of the images (one per actor: the tower's input ranges of the shares are
     merged exactly, by min and max, so the checkpoint is the same for any number), the vision tower, embeddings,
-    each layer and its expert groups, head."""
+    each layer and its expert groups, the carried tensors' shares (``carried_shares``), head."""
     family = sizes_for(config.model_type)
     kinds = {Kind(kind) for kind in family.UNIT_KINDS}
     units = [Unit(Kind.IMAGES, share=s, shares=image_shares) for s in range(image_shares)] \
@@ -119,7 +140,8 @@ def plan_units(config, group_size: int = DEFAULT_EXPERT_GROUP_SIZE, image_shares
         units.append(Unit(Kind.LAYER, layer_idx))
         if family.is_moe_layer(tc, layer_idx):
             units += [Unit(Kind.EXPERTS, layer_idx, a, b) for a, b in expert_groups(tc.num_experts, group_size)]
-    return units + [Unit(Kind.HEAD)]
+    shares = carried_shares(config)
+    return units + [Unit(Kind.CARRIED, share=s, shares=shares) for s in range(shares)] + [Unit(Kind.HEAD)]
 
 
 def assign_units(plan: list[Unit], workers: int) -> list[int]:
@@ -127,11 +149,14 @@ def assign_units(plan: list[Unit], workers: int) -> list[int]:
     and go round, so every actor gets an even share of the experts and the sequential layer chain moves from actor
     to actor. Share s of the images goes to actor s; the vision tower to actor 0 and the embeddings (which need only
     the images' outputs) to actor 1, side by side; the head to the last actor (it needs no input: the Ray executor
-    runs it while actor 0 has the vision tower and the first layer)."""
+    runs it while actor 0 has the vision tower and the first layer), and carried share s to the s-th actor counted
+    back from the last (no input either)."""
     assignment = []
     for unit in plan:
         if unit.kind is Kind.IMAGES:
             assignment.append(unit.share % workers)
+        elif unit.kind is Kind.CARRIED:
+            assignment.append((workers - 1 - unit.share) % workers)
         elif unit.kind is Kind.VISION:
             assignment.append(0)
         elif unit.kind is Kind.EMBED:
@@ -159,7 +184,9 @@ def unit_params(config, unit: Unit) -> int:
         return family.layer_param_count(config, unit.layer)
     if unit.kind is Kind.EXPERTS:
         return (unit.stop_expert - unit.first_expert) * family.expert_param_count(config)
-    return tc.vocab_size * tc.hidden_size + tc.hidden_size + family.carried_param_count(config)
+    if unit.kind is Kind.CARRIED:  # an even share (the real shares are cut at whole tensors)
+        return family.carried_param_count(config) // unit.shares
+    return tc.vocab_size * tc.hidden_size + tc.hidden_size
 
 
 def unit_linears(config, unit: Unit) -> dict[str, int]:
@@ -217,7 +244,7 @@ def unit_activation_bytes(config, unit: Unit, calib_tokens: int) -> int:
         return 8 * calib_tokens * config.vision_config.hidden_size * COMPUTE_BYTES // unit.shares
     if unit.kind is Kind.VISION:  # every image's embeddings and deepstack features
         return 4 * calib_tokens * tc.hidden_size * COMPUTE_BYTES
-    if unit.kind is Kind.HEAD:
+    if unit.kind in (Kind.HEAD, Kind.CARRIED):
         return 0
     return 5 * calib_tokens * tc.hidden_size * COMPUTE_BYTES
 
@@ -246,6 +273,8 @@ def unit_peak_bytes(config, unit: Unit, params: int, output: int, source_bytes: 
     tc = config.get_text_config()
     if unit.kind in (Kind.EMBED, Kind.HEAD):
         weights = 3 * min(ROW_CHUNK, tc.vocab_size) * tc.hidden_size * COMPUTE_BYTES
+    elif unit.kind is Kind.CARRIED:  # read as stored and written as read: only its output is held
+        weights = 0
     else:
         weights = params * COMPUTE_BYTES
     reading = prefetched_params * (COMPUTE_BYTES + source_bytes)

@@ -135,13 +135,18 @@ class RayCalls:
         """The quantizing head needs no hidden states: the last layer's refs are not passed (nor waited for)."""
         return self._call(unit, "head", 1)
 
+    def carried(self, unit):
+        return self._call(unit, "carried", 1)
+
 
 def submission_order(units: list[Unit]) -> list[Unit]:
-    """The units in the order their calls are submitted: plan order, but the quantizing head, which needs no input
-    (``RayCalls.head``), right after the embeddings, so that its actor runs it while it would otherwise wait for the
-    vision tower and the first layer, not after everything (a resumed run, without embeddings, keeps plan order)."""
-    head = [u for u in units if u.kind is Kind.HEAD]
-    rest = [u for u in units if u.kind is not Kind.HEAD]
+    """The units in the order their calls are submitted: plan order, but the quantizing head and the carried
+    tensors' shares, which need no input (``RayCalls.head``, ``RayCalls.carried``), right after the embeddings, so
+    that their actors run them while they would otherwise wait for the vision tower and the first layer, not after
+    everything (a resumed run, without embeddings, keeps plan order)."""
+    early = (Kind.HEAD, Kind.CARRIED)
+    head = [u for u in units if u.kind in early]
+    rest = [u for u in units if u.kind not in early]
     first = next((i + 1 for i, u in enumerate(rest) if u.kind is Kind.EMBED), len(rest))
     return rest[:first] + head + rest[first:]
 

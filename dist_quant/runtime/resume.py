@@ -280,8 +280,9 @@ def resume_point(private_dir: Path, plan: list[Unit], finished: dict[str, UnitRe
 
 
 def remaining_units(plan: list[Unit], point: Optional[ResumePoint], finished: dict[str, UnitRecord]) -> list[Unit]:
-    """Units still to run: everything after the resume point, except a head that already finished."""
+    """Units still to run: everything after the resume point, except a head or carried share that already
+    finished."""
     if point is None:
         return list(plan)
     return [u for u in plan if (u.kind in (Kind.LAYER, Kind.EXPERTS) and u.layer > point.layer)
-            or (u.kind is Kind.HEAD and u.id not in finished)]
+            or (u.kind in (Kind.HEAD, Kind.CARRIED) and u.id not in finished)]

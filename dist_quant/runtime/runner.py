@@ -160,5 +160,10 @@ class UnitRunner:
         self.worker.head()
         return self.reporter.report(unit, started)
 
+    def carried(self, unit: Unit):
+        started = self._start(unit)
+        self.worker.carried(unit.share, unit.shares)
+        return self.reporter.report(unit, started)
+
 
 __all__ = ["UnitReport", "UnitRunner", "can_see", "pin_to_cpu_share", "ray_node_id"]

@@ -28,7 +28,7 @@ from dist_quant.recipe import Recipe
 from dist_quant.runtime.device import DEFAULT_COMPUTE_THREADS, set_compute_threads
 from dist_quant.runtime.emit import Emitter, TensorSink
 from dist_quant.runtime.interpret import sample_contexts, sample_outputs
-from dist_quant.runtime.plan import ROW_CHUNK, Kind
+from dist_quant.runtime.plan import ROW_CHUNK, Kind, carried_share
 from dist_quant.runtime.rotation import head_rotation, stream_rotation
 from dist_quant.runtime.timing import PhaseTimes
 
@@ -341,8 +341,7 @@ class Worker:
 
     @torch.no_grad()
     def head(self) -> None:
-        """Final norm and lm_head: never quantized (vLLM Ascend serves them in float); then the tensors the family
-        carries unchanged."""
+        """Final norm and lm_head: never quantized (vLLM Ascend serves them in float)."""
         norm = self._read(self.family.NORM_KEY)
 
         def rotate(rows: torch.Tensor, first: int) -> torch.Tensor:
@@ -353,7 +352,12 @@ class Worker:
 
         lm_head = self._float_rows(self.family.LM_HEAD_KEY, rotate)
         self.emit.head(torch.ones_like(norm) if self.rotation is not None else norm, lm_head)
-        for carried in self.family.carried(self.reader, self.config):  # e.g. Qwen3.5's MTP head, as stored
+
+    def carried(self, share: int, shares: int) -> None:
+        """Share ``share`` of ``shares`` of the tensors the family carries unchanged (Qwen3.5's MTP head), as
+        stored, one entry (a tensor, or an expert's three) at a time."""
+        entries = self.family.carried(self.reader, self.config)
+        for index in carried_share([entry.params for entry in entries], share, shares):
             with self._loading():
-                tensors = carried.read()[0]
-            self.emit.carry(carried.keys, tensors)
+                tensors = entries[index].read()[0]
+            self.emit.carry(entries[index].keys, tensors)
