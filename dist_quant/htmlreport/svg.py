@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 # viridis at 9 stops (matplotlib's), interpolated linearly
 VIRIDIS = ("#440154", "#472d7b", "#3b528b", "#2c728e", "#21918c", "#28ae80", "#5ec962", "#addc30", "#fde725")
 KIND_COLOURS = {"images": "#E69F00", "vision": "#56B4E9", "embed": "#009E73", "layer": "#0072B2",
-                "experts": "#D55E00", "head": "#CC79A7"}  # Okabe-Ito
+                "experts": "#D55E00", "head": "#CC79A7", "carried": "#000000"}  # Okabe-Ito
 
 
 def _mix(a: str, b: str, t: float) -> str:

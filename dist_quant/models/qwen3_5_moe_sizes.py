@@ -35,7 +35,7 @@ from dist_quant.models.family import IMAGE_AND_TEXT
 
 MODEL_TYPE = "qwen3_5_moe"
 NAME = "Qwen3.5-MoE"
-UNIT_KINDS = ("images", "vision", "embed", "layer", "experts", "head")
+UNIT_KINDS = ("images", "vision", "embed", "layer", "experts", "carried", "head")  # carried: the MTP head
 CALIBRATION = IMAGE_AND_TEXT
 OUTLIER_SUPPRESSION = False  # no QuaRot or smoothing points (msModelSlim's recipes use none): refused
 TEXT = "model.language_model"

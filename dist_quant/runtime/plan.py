@@ -53,8 +53,8 @@ class Kind(Enum):
     EMBED = "embed"  # the input embeddings
     LAYER = "layer"  # a decoder layer without its experts: attention, norms, and the router or the dense MLP
     EXPERTS = "experts"  # a group of a MoE layer's experts
-    HEAD = "head"  # the final norm and lm_head
     CARRIED = "carried"  # a share of the tensors the family carries unchanged (Qwen3.5's MTP head)
+    HEAD = "head"  # the final norm and lm_head
 
 
 @dataclass(frozen=True)
