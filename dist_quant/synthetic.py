@@ -477,6 +477,7 @@ def make_tiny_qwen3_5_model(
     always give the same weights (:func:`fill_text_weights`, :func:`draw_weight` for the MTP tensors). ``outliers``
     plants outlier channels as :func:`make_tiny_model` does, scaling the ``1 + weight`` gains of the norms."""
     from transformers import Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration
+    from transformers.models.qwen3_5_moe.modeling_qwen3_5_moe import Qwen3_5MoeRMSNorm
 
     from dist_quant.models import qwen3_5_moe_sizes as sizes
 
@@ -508,7 +509,7 @@ def make_tiny_qwen3_5_model(
     fill_text_weights(model, seed)
     with torch.no_grad():  # gains 1 + weight: drawn around 1 like the other families' (draw_weight gives 1 + 0.1 N)
         for module in model.modules():
-            if type(module).__name__ == "Qwen3_5MoeRMSNorm":
+            if isinstance(module, Qwen3_5MoeRMSNorm):
                 module.weight -= 1.0
     if outliers:
         plant_outliers(model, outliers, seed, norm_offset=1.0)

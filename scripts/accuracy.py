@@ -156,7 +156,7 @@ def main() -> None:
             group = baseline(name)
             ratio = f"{kl[name] / kl[group]:.2f}x" if group in kl else ""
             held_ratio = f"{held[name] / held[group]:.2f}x" if group in held else ""
-            if name != group and ("W4A8" in name or "MXFP8" in name) and group in held:
+            if ("W4A8" in name or "MXFP8" in name) and group in held:
                 held_ratios.setdefault(name, {})[f"{seed}/{scale:g}"] = held[name] / held[group]
             last = report.rows[-1]
             print(f"| {seed} | {scale:g} | {name} | {kl[name]:.2e} | {ratio} | {100 * report.top1_agreement:.1f}% "

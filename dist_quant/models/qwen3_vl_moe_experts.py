@@ -27,6 +27,9 @@ def layout_written_by(transformers_version: object) -> Optional[ExpertLayout]:
     return "hub" if int(match.group(1)) < 5 else "transposed"
 
 
+LAYOUT_NAMES = {"hub": "transformers 4.57 / Hub layout", "transposed": "transformers 5.x layout"}
+
+
 def detect_expert_layout(
     gate_up_shape: tuple[int, ...],
     down_shape: tuple[int, ...],
@@ -45,31 +48,21 @@ def detect_expert_layout(
     fit it; transformers_version is not asked).
     """
     gate_up_shape, down_shape = tuple(gate_up_shape), tuple(down_shape)
-    expected = {
+    shapes = {
         "hub": ((num_experts, hidden, 2 * intermediate), (num_experts, intermediate, hidden)),
         "transposed": ((num_experts, 2 * intermediate, hidden), (num_experts, hidden, intermediate)),
     }
-    if only is not None:
-        expected = {only: expected[only]}
-    fitting = [layout for layout, shapes in expected.items() if shapes == (gate_up_shape, down_shape)]
-    if only is not None and not fitting:
-        raise CheckpointError(
-            f"expert tensors have shapes gate_up_proj {gate_up_shape} and down_proj {down_shape}, but the config "
-            f"(num_experts={num_experts}, hidden_size={hidden}, moe_intermediate_size={intermediate}) expects "
-            f"{expected[only][0]} and {expected[only][1]}, the only fused layout of this model family; check that "
-            "config.json belongs to these weights"
-        )
-    if only is not None:
-        return only
+    expected = {layout: shapes[layout] for layout in ((only,) if only is not None else shapes)}
+    fitting = [layout for layout, pair in expected.items() if pair == (gate_up_shape, down_shape)]
     if not fitting:
+        choices = " or ".join(f"{gate_up} and {down} ({LAYOUT_NAMES[layout]})"
+                              for layout, (gate_up, down) in expected.items())
         raise CheckpointError(
             f"expert tensors have shapes gate_up_proj {gate_up_shape} and down_proj {down_shape}, but the config "
             f"(num_experts={num_experts}, hidden_size={hidden}, moe_intermediate_size={intermediate}) expects "
-            f"either {expected['hub'][0]} and {expected['hub'][1]} (transformers 4.57 / Hub layout) or "
-            f"{expected['transposed'][0]} and {expected['transposed'][1]} (transformers 5.x layout); "
-            "check that config.json belongs to these weights"
+            f"{'either ' if len(expected) > 1 else ''}{choices}; check that config.json belongs to these weights"
         )
-    if 2 * intermediate != hidden and intermediate != hidden:
+    if only is not None or (2 * intermediate != hidden and intermediate != hidden):
         return fitting[0]
     written = layout_written_by(transformers_version)
     if written is None:

@@ -144,11 +144,11 @@ def submission_order(units: list[Unit]) -> list[Unit]:
     tensors' shares, which need no input (``RayCalls.head``, ``RayCalls.carried``), right after the embeddings, so
     that their actors run them while they would otherwise wait for the vision tower and the first layer, not after
     everything (a resumed run, without embeddings, keeps plan order)."""
-    early = (Kind.HEAD, Kind.CARRIED)
-    head = [u for u in units if u.kind in early]
-    rest = [u for u in units if u.kind not in early]
+    no_input = (Kind.HEAD, Kind.CARRIED)
+    early = [u for u in units if u.kind in no_input]
+    rest = [u for u in units if u.kind not in no_input]
     first = next((i + 1 for i, u in enumerate(rest) if u.kind is Kind.EMBED), len(rest))
-    return rest[:first] + head + rest[first:]
+    return rest[:first] + early + rest[first:]
 
 
 class RayExecutor:
